@@ -1,0 +1,1 @@
+//! Baker's ambassador: a local HAProxy kept live from the directory

@@ -1,0 +1,1 @@
+//! Baker's benchmark harness

@@ -1,0 +1,290 @@
+//! The directory's HTTP client, used by the registrar, the ambassador, the CLI and the tests.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::{Stream, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::model::{
+    ErrorBody, Instance, InstanceSpec, RouteResponse, RoutesResponse, ServiceResponse,
+    ServicesResponse, WatchEvent,
+};
+
+/// Default directory address when neither a flag nor `BAKER_DIRECTORY` names one.
+pub const DEFAULT_DIRECTORY: &str = "http://127.0.0.1:7700";
+/// A watch stream that delivers nothing (not even a ping) for this long is considered dead.
+pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest line accepted on the watch stream.
+const MAX_WATCH_LINE: usize = 64 * 1024 * 1024;
+
+/// What can go wrong talking to the directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("directory address {0:?} is not an http:// URL")]
+    BadUrl(String),
+    #[error("cannot reach the directory at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the directory refused the request ({status}): {message}")]
+    Refused { status: StatusCode, message: String },
+    #[error("the directory sent a response that could not be read")]
+    Decode(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the watch stream went silent for {0:?}")]
+    Idle(Duration),
+    #[error("the watch stream ended")]
+    Ended,
+}
+
+impl ClientError {
+    /// The HTTP status, when the directory answered with an error.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one directory. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DirectoryClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl DirectoryClient {
+    /// A client for `base` (`http://host:port`), sending `token` as a bearer token if given.
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !base.starts_with("http://") || reqwest::Url::parse(&base).is_err() {
+            return Err(ClientError::BadUrl(base));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                url: base.clone(),
+                source: e,
+            })?;
+        Ok(Self {
+            base,
+            token: token.filter(|t| !t.is_empty()),
+            http,
+        })
+    }
+
+    /// The directory's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = req
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                source: e,
+            })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            source: e,
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
+            return Err(ClientError::Refused { status, message });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(Box::new(e)))
+    }
+
+    async fn send_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(self.request(method, path).json(body)).await
+    }
+
+    /// Registers an instance, or heartbeats it if already registered.
+    pub async fn register(
+        &self,
+        service: &str,
+        id: &str,
+        spec: &InstanceSpec,
+    ) -> Result<Instance, ClientError> {
+        self.send_json(
+            Method::PUT,
+            &format!("/v1/services/{service}/instances/{id}"),
+            spec,
+        )
+        .await
+    }
+
+    /// Deregisters an instance now. Deregistering an unknown instance is not an error.
+    pub async fn deregister(&self, service: &str, id: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/services/{service}/instances/{id}");
+        match self
+            .send::<serde_json::Value>(self.request(Method::DELETE, &path))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(ClientError::Refused {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every service and its live instances.
+    pub async fn services(&self) -> Result<ServicesResponse, ClientError> {
+        self.send(self.request(Method::GET, "/v1/services")).await
+    }
+
+    /// One service's live instances and route.
+    pub async fn service(&self, service: &str) -> Result<ServiceResponse, ClientError> {
+        self.send(self.request(Method::GET, &format!("/v1/services/{service}")))
+            .await
+    }
+
+    /// Every route.
+    pub async fn routes(&self) -> Result<RoutesResponse, ClientError> {
+        self.send(self.request(Method::GET, "/v1/routes")).await
+    }
+
+    /// Sets a service's canary split (`{"1": 90, "2": 10}`).
+    pub async fn set_route(
+        &self,
+        service: &str,
+        splits: &BTreeMap<String, u64>,
+    ) -> Result<RouteResponse, ClientError> {
+        self.send_json(Method::PUT, &format!("/v1/routes/{service}"), splits)
+            .await
+    }
+
+    /// Clears a service's canary split.
+    pub async fn clear_route(&self, service: &str) -> Result<RouteResponse, ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/v1/routes/{service}")))
+            .await
+    }
+
+    /// The directory's liveness endpoint.
+    pub async fn healthz(&self) -> Result<(), ClientError> {
+        let resp = self
+            .request(Method::GET, "/healthz")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                source: e,
+            })?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(ClientError::Refused {
+                status: resp.status(),
+                message: "not healthy".into(),
+            })
+        }
+    }
+
+    /// Opens `GET /v1/watch`: the stream yields the snapshot, then one event per change.
+    ///
+    /// The stream ends with an error when the connection breaks or stays silent for
+    /// [`WATCH_IDLE_TIMEOUT`]; callers reconnect and receive a fresh snapshot.
+    pub async fn watch(
+        &self,
+    ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static, ClientError>
+    {
+        let resp = self
+            .request(Method::GET, "/v1/watch")
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                source: e,
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<ErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or(body);
+            return Err(ClientError::Refused { status, message });
+        }
+        let url = self.base.clone();
+        let body = resp.bytes_stream();
+        let state = (Box::pin(body), BytesMut::new(), url, false);
+        Ok(futures_util::stream::unfold(
+            state,
+            |(mut body, mut buf, url, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                        let line = buf.split_to(pos + 1);
+                        let line = &line[..pos];
+                        if line.iter().all(u8::is_ascii_whitespace) {
+                            continue;
+                        }
+                        let item = serde_json::from_slice::<WatchEvent>(line)
+                            .map_err(|e| ClientError::Decode(Box::new(e)));
+                        let failed = item.is_err();
+                        return Some((item, (body, buf, url, failed)));
+                    }
+                    if buf.len() > MAX_WATCH_LINE {
+                        let err = ClientError::Decode("watch line too long".into());
+                        return Some((Err(err), (body, buf, url, true)));
+                    }
+                    match tokio::time::timeout(WATCH_IDLE_TIMEOUT, body.next()).await {
+                        Err(_) => {
+                            return Some((
+                                Err(ClientError::Idle(WATCH_IDLE_TIMEOUT)),
+                                (body, buf, url, true),
+                            ))
+                        }
+                        Ok(None) => return Some((Err(ClientError::Ended), (body, buf, url, true))),
+                        Ok(Some(Err(e))) => {
+                            let err = ClientError::Unreachable {
+                                url: url.clone(),
+                                source: e,
+                            };
+                            return Some((Err(err), (body, buf, url, true)));
+                        }
+                        Ok(Some(Ok(chunk))) => {
+                            buf.extend_from_slice(chunk.chunk());
+                        }
+                    }
+                }
+            },
+        ))
+    }
+}

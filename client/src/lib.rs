@@ -1,0 +1,19 @@
+//! Baker's client library: what every part of Baker shares.
+//!
+//! - [`model`]: the wire types (instances, routes, watch events) and the validation that keeps
+//!   anything unchecked out of HAProxy's configuration.
+//! - [`api`]: [`api::DirectoryClient`], the directory's HTTP client, including the watch stream.
+//! - [`links`]: Docker-link style variables (`EMITTER_PORT_8000_TCP=tcp://...`), rendered and parsed.
+//! - [`config`]: reading `BAKER_*` variables and reporting every bad one at once.
+//! - [`backoff`]: capped, jittered backoff for loops that retry forever.
+//!
+//! The `baker` operator CLI is this crate's binary.
+
+pub mod api;
+pub mod backoff;
+pub mod config;
+pub mod links;
+pub mod model;
+
+pub use api::{ClientError, DirectoryClient};
+pub use model::{Instance, InstanceSpec, Route, Source, State, WatchEvent};

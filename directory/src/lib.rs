@@ -1,0 +1,1 @@
+//! Baker's directory: the rendezvous of live instances and canary routes

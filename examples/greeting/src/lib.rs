@@ -1,0 +1,1 @@
+//! The Greeting example service, for demos and tests

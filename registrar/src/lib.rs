@@ -1,0 +1,1 @@
+//! Baker's registrar: the sidecar that probes one app and keeps it registered
