@@ -1,0 +1,119 @@
+//! A real `baker-directory` for end-to-end tests: on an ephemeral port, with its own data
+//! directory that survives [`TestDirectory::restart`] and [`TestDirectory::kill9`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use baker_client::DirectoryClient;
+
+use crate::Proc;
+
+/// A running directory (`baker-directory`) with a temporary `BAKER_DATA`.
+///
+/// The directory listens on `127.0.0.1:0` the first time; [`restart`](Self::restart) brings it
+/// back on the same address, with the same data directory and variables, so clients and
+/// ambassadors pointed at [`url`](Self::url) find it again. Docker discovery is off
+/// (`BAKER_DOCKER=off`) unless `extra_env` says otherwise.
+pub struct TestDirectory {
+    /// The running process.
+    pub proc: Proc,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// A client of this directory, with the `BAKER_TOKEN` of `extra_env` if one was given.
+    pub client: DirectoryClient,
+    env: Vec<(String, String)>,
+    data: tempfile::TempDir,
+    running: bool,
+}
+
+impl TestDirectory {
+    /// Starts a directory with `extra_env` added to (or overriding) the defaults
+    /// `BAKER_LISTEN=127.0.0.1:0`, `BAKER_DATA=<temp dir>`, `BAKER_DOCKER=off`.
+    pub async fn start(extra_env: &[(&str, &str)]) -> TestDirectory {
+        let data = tempfile::Builder::new()
+            .prefix("baker-directory-")
+            .tempdir()
+            .expect("creating a temporary BAKER_DATA");
+        let mut env: Vec<(String, String)> = vec![
+            ("BAKER_LISTEN".into(), "127.0.0.1:0".into()),
+            ("BAKER_DATA".into(), data.path().display().to_string()),
+            ("BAKER_DOCKER".into(), "off".into()),
+        ];
+        for (k, v) in extra_env {
+            env.retain(|(key, _)| key != k);
+            env.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        let mut proc = spawn(&env);
+        let addr = proc.listen_addr().await;
+        let url = format!("http://{addr}");
+        let token = env
+            .iter()
+            .find(|(k, _)| k == "BAKER_TOKEN")
+            .map(|(_, v)| v.clone());
+        let client = DirectoryClient::new(&url, token).expect("directory client");
+        // From now on the directory comes back on the same address.
+        for (k, v) in env.iter_mut() {
+            if k == "BAKER_LISTEN" {
+                *v = addr.to_string();
+            }
+        }
+        TestDirectory {
+            proc,
+            url,
+            addr,
+            client,
+            env,
+            data,
+            running: true,
+        }
+    }
+
+    /// The directory's `BAKER_DATA` (where `routes.json` lives).
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// A client of this directory with another token (or none).
+    pub fn client_with_token(&self, token: Option<&str>) -> DirectoryClient {
+        DirectoryClient::new(&self.url, token.map(str::to_owned)).expect("directory client")
+    }
+
+    /// Sends SIGTERM and waits for the directory to exit (it must within 5 s).
+    pub async fn stop(&mut self) -> ExitStatus {
+        self.proc.term();
+        let status = self.proc.wait_exit(Duration::from_secs(5)).await;
+        self.running = false;
+        status
+    }
+
+    /// Kills the directory with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+        self.running = false;
+    }
+
+    /// Stops the directory if it runs (SIGTERM), then starts it again on the same address with
+    /// the same data directory and variables; returns once it listens.
+    pub async fn restart(&mut self) {
+        if self.running {
+            self.stop().await;
+        }
+        let mut proc = spawn(&self.env);
+        let addr = proc.listen_addr().await;
+        assert_eq!(
+            addr, self.addr,
+            "the restarted directory should listen where it did before"
+        );
+        self.proc = proc;
+        self.running = true;
+    }
+}
+
+fn spawn(env: &[(String, String)]) -> Proc {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proc::baker("directory", "baker-directory", &env)
+}
