@@ -1,0 +1,83 @@
+//! A real `baker-greeting` process for end-to-end tests: the app a registrar probes and an
+//! ambassador routes to.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::Proc;
+
+/// One running `baker-greeting` on an ephemeral loopback port.
+pub struct Greeting {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Greeting {
+    /// Starts a greeting reporting `version` and `instance`, and waits until it listens.
+    pub async fn start(version: &str, instance: &str) -> Greeting {
+        Self::start_with(version, instance, &[]).await
+    }
+
+    /// Like [`Greeting::start`], with extra environment variables.
+    pub async fn start_with(version: &str, instance: &str, env: &[(&str, &str)]) -> Greeting {
+        let mut vars = vec![
+            ("BAKER_LISTEN", "127.0.0.1:0"),
+            ("BAKER_VERSION", version),
+            ("BAKER_INSTANCE", instance),
+        ];
+        vars.extend_from_slice(env);
+        let mut proc = Proc::baker(&format!("greeting-{instance}"), "baker-greeting", &vars);
+        let addr = proc.listen_addr().await;
+        Greeting { proc, addr }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Makes `GET /health` answer 200 (`ok`), 503 (`fail`), or never (`hang`).
+    pub async fn set_health(&self, mode: &str) {
+        let resp = http()
+            .put(format!("{}/control/health", self.url()))
+            .body(mode.to_owned())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("setting {} health to {mode}: {e}", self.proc.name));
+        assert!(
+            resp.status().is_success(),
+            "setting {} health to {mode}: {}",
+            self.proc.name,
+            resp.status()
+        );
+    }
+
+    /// One `GET /greeting`, decoded.
+    pub async fn greeting(&self) -> serde_json::Value {
+        http()
+            .get(format!("{}/greeting", self.url()))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("GET /greeting from {}: {e}", self.proc.name))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("decoding a greeting from {}: {e}", self.proc.name))
+    }
+
+    /// Asks the process to exit (`POST /control/exit`) and waits until it has.
+    pub async fn exit(&mut self) {
+        let _ = http()
+            .post(format!("{}/control/exit", self.url()))
+            .send()
+            .await;
+        self.proc.wait_exit(Duration::from_secs(10)).await;
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("building an HTTP client")
+}
