@@ -10,6 +10,7 @@
 //! command builds them first (`cargo build --workspace --bins`).
 
 pub mod directory;
+pub mod greeting;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
