@@ -1,4 +1,7 @@
-fn main() {
-    eprintln!("baker: the operator CLI is not built yet");
-    std::process::exit(1);
+//! `baker`, the operator CLI: parse the command line, run it, map failure to an exit code.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

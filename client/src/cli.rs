@@ -1,0 +1,131 @@
+//! The `baker` operator CLI: look at and change what the directory knows.
+//!
+//! - [`args`]: the command line (clap derive) and the parsers of its values (`1=90`,
+//!   `emitter=amb:8000/udp`).
+//! - [`failure`]: what can go wrong, how it is told to the user, and the exit codes.
+//! - [`table`]: aligned, header-first tables for humans.
+//! - [`human`]: one-line renderings of instances, routes and ages.
+//! - [`services`]: `baker services` and `baker instances`.
+//! - [`route`]: `baker route set|list|clear`.
+//! - [`register`]: `baker register` and `baker deregister`.
+//! - [`watch`]: `baker watch`, the live event stream, reconnecting with backoff.
+//! - [`links`]: `baker links`, the Docker-link variables block.
+//!
+//! Every command prints a table or a line for humans by default and JSON with `--json`.
+
+mod args;
+mod failure;
+mod human;
+mod links;
+mod register;
+mod route;
+mod services;
+mod table;
+mod watch;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use baker_client::model::printable;
+use baker_client::DirectoryClient;
+use clap::Parser;
+use serde::Serialize;
+
+pub use args::{Cli, Command, Global, RouteCommand};
+pub use failure::Failure;
+
+/// Parses the command line, runs the command, and reports a failure on stderr.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(failure::EXIT_FAILURE);
+        }
+    };
+    let ctx = Ctx {
+        global: cli.global.clone(),
+    };
+    match runtime.block_on(run(&ctx, cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => failure::report(&err, &ctx.global),
+    }
+}
+
+/// Runs one command.
+pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Services => services::services(ctx).await,
+        Command::Instances { service } => services::instances(ctx, service.as_deref()).await,
+        Command::Route(RouteCommand::Set { service, splits }) => {
+            route::set(ctx, &service, &splits).await
+        }
+        Command::Route(RouteCommand::List) => route::list(ctx).await,
+        Command::Route(RouteCommand::Clear { service }) => route::clear(ctx, &service).await,
+        Command::Watch { timestamps } => watch::watch(ctx, timestamps).await,
+        Command::Register(reg) => register::register(ctx, &reg).await,
+        Command::Deregister { service, id } => register::deregister(ctx, &service, &id).await,
+        Command::Links { links, export } => links::links(ctx, &links, export),
+    }
+}
+
+/// What every command needs: the global options and the way out to stdout.
+pub struct Ctx {
+    pub global: Global,
+}
+
+impl Ctx {
+    /// A client of the directory named by `--directory` / `BAKER_DIRECTORY`.
+    pub fn client(&self) -> Result<DirectoryClient, Failure> {
+        DirectoryClient::new(&self.global.directory, self.global.token.clone()).map_err(|_| {
+            Failure::Config(format!(
+                "--directory / BAKER_DIRECTORY must be an http:// URL such as {}, got {:?}",
+                baker_client::api::DEFAULT_DIRECTORY,
+                printable(&self.global.directory)
+            ))
+        })
+    }
+
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.global.json
+    }
+
+    /// Prints `text` to stdout (a newline is added when missing) and flushes.
+    pub fn print(&self, text: &str) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        let result = out.write_all(text.as_bytes()).and_then(|()| {
+            if !text.ends_with('\n') {
+                out.write_all(b"\n")?;
+            }
+            out.flush()
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                Err(Failure::ClosedOutput.into())
+            }
+            Err(e) => Err(e).context("writing to stdout"),
+        }
+    }
+
+    /// Prints `value` as indented JSON.
+    pub fn print_json<T: Serialize>(&self, value: &T) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(value).context("encoding JSON output")?;
+        self.print(&text)
+    }
+
+    /// Prints a table, or a note on stderr when it has no rows.
+    pub fn print_table(&self, table: &table::Table, empty: &str) -> anyhow::Result<()> {
+        if table.is_empty() {
+            eprintln!("{empty}");
+            return Ok(());
+        }
+        self.print(&table.render(!self.global.no_headers))
+    }
+}

@@ -1,0 +1,402 @@
+//! The command line, and the parsers of its values.
+//!
+//! Everything that names a service, an instance or a version is checked here with the same
+//! validators the directory uses, so a typo is a usage error (exit 2) before any request is sent.
+
+use baker_client::api::DEFAULT_DIRECTORY;
+use baker_client::model::{printable, validate_address, validate_name};
+use clap::{Args, Parser, Subcommand};
+
+const AFTER_HELP: &str = "\
+Examples:
+  baker services
+  baker instances emitter
+  baker route set emitter 1=90 2=10
+  baker watch
+  baker links emitter=emitter-amb:8000
+
+Exit codes: 0 ok, 1 the command failed (the directory refused it, or answered oddly),
+2 bad usage or input (nothing was sent), 64 bad configuration (--directory),
+69 the directory could not be reached.";
+
+/// Operate Baker: list services and instances, set canary routes, watch changes.
+#[derive(Debug, Parser)]
+#[command(
+    name = "baker",
+    version,
+    after_help = AFTER_HELP,
+    disable_help_subcommand = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// The directory's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "BAKER_DIRECTORY",
+        default_value = DEFAULT_DIRECTORY,
+        value_name = "URL"
+    )]
+    pub directory: String,
+
+    /// Bearer token for changes, when the directory has BAKER_TOKEN set (prefer the variable:
+    /// a flag shows in the process list).
+    #[arg(
+        long,
+        global = true,
+        env = "BAKER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// Print JSON for programs instead of tables and lines for humans.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Leave out table headers.
+    #[arg(long, global = true)]
+    pub no_headers: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List services: live instances, their versions, and the route.
+    #[command(visible_alias = "svc")]
+    Services,
+
+    /// List the live instances of a service (of every service when none is named).
+    #[command(visible_alias = "inst")]
+    Instances {
+        /// The service.
+        #[arg(value_parser = service_name)]
+        service: Option<String>,
+    },
+
+    /// Show, set or clear canary routes (version → percent of traffic).
+    #[command(subcommand)]
+    Route(RouteCommand),
+
+    /// Follow changes live: instances coming and going, weights, routes.
+    ///
+    /// Prints the current state first, then one line per change. Reconnects with backoff when
+    /// the directory goes away, saying so on stderr, and prints only what changed meanwhile.
+    /// With --json, prints the directory's events as they come (NDJSON, pings included).
+    Watch {
+        /// Start each line with the time it was printed (RFC 3339, UTC).
+        #[arg(short = 't', long)]
+        timestamps: bool,
+    },
+
+    /// Register an instance (or heartbeat it again). It expires after its TTL unless
+    /// registered again; a registrar sidecar does this for you.
+    Register(RegisterArgs),
+
+    /// Deregister an instance now.
+    Deregister {
+        /// The service.
+        #[arg(value_parser = service_name)]
+        service: String,
+        /// The instance id.
+        #[arg(value_parser = instance_id)]
+        id: String,
+    },
+
+    /// Print the variables Docker would inject for `--link` (no directory needed).
+    ///
+    /// `baker links emitter=emitter-amb:8000` prints EMITTER_PORT=tcp://emitter-amb:8000,
+    /// EMITTER_PORT_8000_TCP=..., ..._ADDR, ..._PORT and ..._PROTO, ready for an env file.
+    Links {
+        /// Links as ALIAS=HOST:PORT, with /udp for UDP ([v6]:PORT for IPv6).
+        #[arg(required = true, value_parser = link_spec, value_name = "ALIAS=HOST:PORT[/udp]")]
+        links: Vec<LinkSpec>,
+        /// Start each line with `export `, for `eval "$(baker links --export ...)"`.
+        #[arg(long)]
+        export: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Split a service's traffic between versions, in percent summing to 100.
+    ///
+    /// `baker route set emitter 1=90 2=10` sends 90 % to version 1 and 10 % to version 2;
+    /// versions not named get nothing.
+    Set {
+        /// The service.
+        #[arg(value_parser = service_name)]
+        service: String,
+        /// VERSION=PERCENT pairs, separated by spaces or commas.
+        #[arg(
+            required = true,
+            value_parser = split,
+            value_delimiter = ',',
+            value_name = "VERSION=PERCENT"
+        )]
+        splits: Vec<(String, u64)>,
+    },
+    /// List every route.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Remove a service's route: traffic follows the instances' weights again.
+    #[command(visible_aliases = ["rm", "delete"])]
+    Clear {
+        /// The service.
+        #[arg(value_parser = service_name)]
+        service: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    /// The service.
+    #[arg(value_parser = service_name)]
+    pub service: String,
+    /// The instance id, unique within the service.
+    #[arg(value_parser = instance_id)]
+    pub id: String,
+    /// Where clients connect: an IP address or a DNS name.
+    #[arg(long)]
+    pub address: String,
+    /// Where clients connect: the port.
+    #[arg(long)]
+    pub port: u64,
+    /// The instance's version [default: 1].
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Share of traffic relative to the other instances, 1-256 [default: 100].
+    #[arg(long)]
+    pub weight: Option<u64>,
+    /// A tag (repeat the flag or separate with commas).
+    #[arg(long = "tag", value_delimiter = ',', value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// How long the registration lives without being renewed, e.g. 30s, 5m, 1h [default: 6s].
+    #[arg(long, value_parser = ttl, value_name = "DURATION")]
+    pub ttl: Option<u64>,
+}
+
+/// One `ALIAS=HOST:PORT[/PROTO]` of `baker links`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSpec {
+    pub alias: String,
+    pub host: String,
+    pub port: u16,
+    pub proto: String,
+}
+
+fn service_name(value: &str) -> Result<String, String> {
+    validate_name("service", value)
+        .map(|()| value.to_owned())
+        .map_err(|e| e.message)
+}
+
+fn instance_id(value: &str) -> Result<String, String> {
+    validate_name("id", value)
+        .map(|()| value.to_owned())
+        .map_err(|e| e.message)
+}
+
+/// Parses `VERSION=PERCENT` (`1=90`). The whole route is checked later, all problems at once.
+pub fn split(value: &str) -> Result<(String, u64), String> {
+    let (version, pct) = value
+        .split_once('=')
+        .ok_or_else(|| "expected VERSION=PERCENT, such as 1=90".to_owned())?;
+    let version = version.trim();
+    validate_name("version", version).map_err(|e| format!("version {}", e.message))?;
+    let pct = pct.trim().trim_end_matches('%');
+    let pct: u64 = pct.parse().map_err(|_| {
+        format!(
+            "percent of version {version} must be a whole number from 0 to 100, got {:?}",
+            printable(pct)
+        )
+    })?;
+    Ok((version.to_owned(), pct))
+}
+
+/// Parses a TTL such as `30s` into milliseconds.
+fn ttl(value: &str) -> Result<u64, String> {
+    let d = baker_client::config::parse_duration(value)?;
+    u64::try_from(d.as_millis()).map_err(|_| "is too long".to_owned())
+}
+
+/// Parses `ALIAS=HOST:PORT[/PROTO]`, with `[v6]:PORT` for IPv6 hosts.
+pub fn link_spec(value: &str) -> Result<LinkSpec, String> {
+    let usage = "expected ALIAS=HOST:PORT or ALIAS=HOST:PORT/udp, such as emitter=emitter-amb:8000";
+    let (alias, target) = value.split_once('=').ok_or(usage)?;
+    let (target, proto) = match target.rsplit_once('/') {
+        Some((t, p)) => (t, p.to_ascii_lowercase()),
+        None => (target, "tcp".to_owned()),
+    };
+    if proto != "tcp" && proto != "udp" {
+        return Err(format!(
+            "protocol must be tcp or udp, got {:?}",
+            printable(&proto)
+        ));
+    }
+    let (host, port) = if let Some(v6) = target.strip_prefix('[') {
+        v6.split_once("]:").ok_or(usage)?
+    } else {
+        target.rsplit_once(':').ok_or(usage)?
+    };
+    if host.contains(':') && !target.starts_with('[') {
+        return Err(format!(
+            "write an IPv6 address in brackets, such as [fd00::1]:8000, got {:?}",
+            printable(target)
+        ));
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+        format!(
+            "port must be between 1 and 65535, got {:?}",
+            printable(port)
+        )
+    })?;
+    validate_address("host", host).map_err(|e| e.to_string())?;
+    if alias.is_empty() {
+        return Err(format!("the alias is missing: {usage}"));
+    }
+    Ok(LinkSpec {
+        alias: alias.to_owned(),
+        host: host.to_owned(),
+        port,
+        proto,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("baker").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn splits() {
+        assert_eq!(split("1=90").unwrap(), ("1".into(), 90));
+        assert_eq!(split("v2.1=10%").unwrap(), ("v2.1".into(), 10));
+        assert_eq!(split(" 2 = 0 ").unwrap(), ("2".into(), 0));
+        assert!(split("1:90").unwrap_err().contains("VERSION=PERCENT"));
+        assert!(split("1=ninety").unwrap_err().contains("whole number"));
+        assert!(split("1=-5").is_err());
+        assert!(split("V1=90").unwrap_err().starts_with("version "));
+        assert!(split("=90").is_err());
+    }
+
+    #[test]
+    fn route_set_takes_spaces_and_commas() {
+        let cli = parse(&["route", "set", "emitter", "1=80,2=10", "3=10"]).unwrap();
+        match cli.command {
+            Command::Route(RouteCommand::Set { service, splits }) => {
+                assert_eq!(service, "emitter");
+                assert_eq!(
+                    splits,
+                    [("1".into(), 80), ("2".into(), 10), ("3".into(), 10)]
+                );
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let err = parse(&["route", "set", "emitter"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+        let err = parse(&["route", "set", "emitter", "1:90"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn names_are_checked_before_anything_is_sent() {
+        let err = parse(&["instances", "Emitter"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("lowercase"), "{err}");
+        assert!(parse(&["deregister", "emitter", "a/b"]).is_err());
+        assert!(parse(&["route", "clear", "../x"]).is_err());
+    }
+
+    #[test]
+    fn globals_go_anywhere() {
+        let cli = parse(&["services", "--json", "--directory", "http://10.0.0.1:7700"]).unwrap();
+        assert!(cli.global.json);
+        assert_eq!(cli.global.directory, "http://10.0.0.1:7700");
+        let cli = parse(&["--no-headers", "route", "ls"]).unwrap();
+        assert!(cli.global.no_headers);
+        assert!(matches!(cli.command, Command::Route(RouteCommand::List)));
+    }
+
+    #[test]
+    fn register_args() {
+        let cli = parse(&[
+            "register",
+            "emitter",
+            "a",
+            "--address",
+            "10.0.0.1",
+            "--port",
+            "8080",
+            "--tag",
+            "x,y",
+            "--tag",
+            "z",
+            "--ttl",
+            "1m",
+        ])
+        .unwrap();
+        let Command::Register(r) = cli.command else {
+            panic!("not a register");
+        };
+        assert_eq!(r.tags, ["x", "y", "z"]);
+        assert_eq!(r.ttl, Some(60_000));
+        assert_eq!((r.version, r.weight), (None, None));
+        assert!(parse(&["register", "emitter", "a", "--port", "1"]).is_err());
+        assert!(parse(&[
+            "register",
+            "emitter",
+            "a",
+            "--address",
+            "h",
+            "--port",
+            "1",
+            "--ttl",
+            "5"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn link_specs() {
+        assert_eq!(
+            link_spec("emitter=emitter-amb:8000").unwrap(),
+            LinkSpec {
+                alias: "emitter".into(),
+                host: "emitter-amb".into(),
+                port: 8000,
+                proto: "tcp".into()
+            }
+        );
+        let udp = link_spec("dns=[fd00::1]:53/udp").unwrap();
+        assert_eq!(
+            (udp.host.as_str(), udp.port, udp.proto.as_str()),
+            ("fd00::1", 53, "udp")
+        );
+        assert!(link_spec("emitter").is_err());
+        assert!(link_spec("emitter=amb").is_err());
+        assert!(link_spec("emitter=amb:0").is_err());
+        assert!(link_spec("emitter=amb:8000/sctp").is_err());
+        assert!(link_spec("emitter=a b:8000").is_err());
+        assert!(link_spec("=amb:8000").is_err());
+        assert!(link_spec("x=fd00::1:53").unwrap_err().contains("brackets"));
+    }
+}

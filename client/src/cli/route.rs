@@ -1,0 +1,167 @@
+//! `baker route set|list|clear`.
+
+use std::collections::BTreeMap;
+
+use baker_client::api::ClientError;
+use baker_client::model::{validate_route, Route, RouteResponse};
+use reqwest::StatusCode;
+
+use super::human::route_text;
+use super::table::Table;
+use super::{Ctx, Failure};
+
+/// Turns `1=90 2=10` into the route to send, checked as the directory will check it; every
+/// problem is reported at once.
+pub fn build_route(
+    service: &str,
+    splits: &[(String, u64)],
+) -> Result<BTreeMap<String, u64>, Failure> {
+    let mut route = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (version, pct) in splits {
+        if route.insert(version.clone(), *pct).is_some() {
+            problems.push(format!("version {version} is named more than once"));
+        }
+    }
+    if let Err(errors) = validate_route(&route) {
+        problems.extend(errors.iter().map(ToString::to_string));
+    }
+    if problems.is_empty() {
+        Ok(route)
+    } else {
+        Err(Failure::Usage(format!(
+            "the route for {service} is not valid, nothing was changed: {}",
+            problems.join("; ")
+        )))
+    }
+}
+
+pub async fn set(ctx: &Ctx, service: &str, splits: &[(String, u64)]) -> anyhow::Result<()> {
+    let route = build_route(service, splits)?;
+    let client = ctx.client()?;
+    let resp = client
+        .set_route(service, &route)
+        .await
+        .map_err(|e| Failure::from_client(&client, &format!("set the route of {service}"), e))?;
+    if ctx.json() {
+        ctx.print_json(&resp)?;
+    } else {
+        ctx.print(&set_line(&resp))?;
+    }
+    // Best effort: a version with no live instance gives its share to the others, which is
+    // worth knowing right away.
+    if let (Some(route), Ok(current)) = (&resp.route, client.service(service).await) {
+        for version in idle_versions(route, &current.instances) {
+            eprintln!(
+                "warning: no live instance of {service} has version {version}; its share goes \
+                 to the other versions until one registers"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn set_line(resp: &RouteResponse) -> String {
+    match &resp.route {
+        Some(r) => format!("route of {} set: {}", resp.service, route_text(r)),
+        None => format!("route of {} cleared", resp.service),
+    }
+}
+
+/// Versions a route gives traffic to that no live instance has.
+pub fn idle_versions(route: &Route, instances: &[baker_client::Instance]) -> Vec<String> {
+    route
+        .iter()
+        .filter(|(v, pct)| **pct > 0 && !instances.iter().any(|i| &i.version == *v))
+        .map(|(v, _)| v.clone())
+        .collect()
+}
+
+pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
+    let client = ctx.client()?;
+    let routes = client
+        .routes()
+        .await
+        .map_err(|e| Failure::from_client(&client, "list routes", e))?;
+    if ctx.json() {
+        return ctx.print_json(&routes);
+    }
+    let mut t = Table::new(&["service", "route"]);
+    for (service, route) in &routes.routes {
+        t.row(vec![service.clone(), route_text(route)]);
+    }
+    ctx.print_table(
+        &t,
+        "no routes: every service's traffic follows its instances' weights",
+    )
+}
+
+pub async fn clear(ctx: &Ctx, service: &str) -> anyhow::Result<()> {
+    let client = ctx.client()?;
+    let resp = match client.clear_route(service).await {
+        Ok(resp) => resp,
+        // Clearing is idempotent: no route is what was asked for.
+        Err(ClientError::Refused {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) => RouteResponse {
+            index: 0,
+            service: service.to_owned(),
+            route: None,
+        },
+        Err(e) => {
+            return Err(
+                Failure::from_client(&client, &format!("clear the route of {service}"), e).into(),
+            )
+        }
+    };
+    if ctx.json() {
+        return ctx.print_json(&resp);
+    }
+    ctx.print(&format!(
+        "route of {service} cleared: traffic follows the instances' weights"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+        pairs.iter().map(|(v, p)| (v.to_string(), *p)).collect()
+    }
+
+    #[test]
+    fn builds_valid_routes() {
+        let r = build_route("emitter", &s(&[("1", 90), ("2", 10)])).unwrap();
+        assert_eq!(r, [("1".into(), 90), ("2".into(), 10)].into());
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let err = build_route("emitter", &s(&[("1", 50), ("1", 40), ("2", 101)])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("the route for emitter is not valid, nothing was changed: "),
+            "{text}"
+        );
+        assert!(text.contains("version 1 is named more than once"), "{text}");
+        assert!(
+            text.contains("route.2: must be a percentage between 0 and 100, got 101"),
+            "{text}"
+        );
+        assert_eq!(err.exit_code(), 2);
+        let err = build_route("emitter", &s(&[("1", 80), ("2", 10)])).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("route: percentages must sum to 100, got 90"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn idle_versions_ignore_zero_shares() {
+        let route: Route = [("1".into(), 90), ("2".into(), 10), ("3".into(), 0)].into();
+        assert_eq!(idle_versions(&route, &[]), ["1", "2"]);
+    }
+}

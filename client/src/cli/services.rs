@@ -1,0 +1,236 @@
+//! `baker services` and `baker instances`.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use baker_client::model::{Instance, Route, ServiceResponse};
+use reqwest::StatusCode;
+use serde::Serialize;
+
+use super::human::{ago, authority, ms, route_text, versions};
+use super::table::Table;
+use super::{Ctx, Failure};
+use baker_client::api::ClientError;
+
+/// One row of `baker services`, also its JSON form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceSummary {
+    pub service: String,
+    pub instances: usize,
+    pub versions: Vec<String>,
+    pub route: Option<Route>,
+}
+
+/// `baker services --json`.
+#[derive(Debug, Serialize)]
+struct ServicesOutput {
+    index: u64,
+    services: Vec<ServiceSummary>,
+}
+
+/// Every service with live instances or a route, in name order.
+pub fn summarize(
+    services: &BTreeMap<String, Vec<Instance>>,
+    routes: &BTreeMap<String, Route>,
+) -> Vec<ServiceSummary> {
+    let mut names: Vec<&String> = services
+        .iter()
+        .filter(|(_, i)| !i.is_empty())
+        .map(|(name, _)| name)
+        .chain(routes.keys())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let instances = services.get(name).map(Vec::as_slice).unwrap_or_default();
+            ServiceSummary {
+                service: name.clone(),
+                instances: instances.len(),
+                versions: versions(instances),
+                route: routes.get(name).cloned(),
+            }
+        })
+        .collect()
+}
+
+/// The `baker services` table.
+pub fn services_table(rows: &[ServiceSummary]) -> Table {
+    let mut t = Table::new(&["service", "instances", "versions", "route"]);
+    for s in rows {
+        t.row(vec![
+            s.service.clone(),
+            s.instances.to_string(),
+            s.versions.join(","),
+            s.route.as_ref().map(route_text).unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+pub async fn services(ctx: &Ctx) -> anyhow::Result<()> {
+    let client = ctx.client()?;
+    let fail = |e| Failure::from_client(&client, "list services", e);
+    let (services, routes) =
+        tokio::try_join!(async { client.services().await.map_err(fail) }, async {
+            client.routes().await.map_err(fail)
+        },)?;
+    let rows = summarize(&services.services, &routes.routes);
+    if ctx.json() {
+        return ctx.print_json(&ServicesOutput {
+            index: services.index.max(routes.index),
+            services: rows,
+        });
+    }
+    ctx.print_table(&services_table(&rows), "no services")
+}
+
+/// The `baker instances` table; with `with_service`, a SERVICE column comes first.
+pub fn instances_table<'a>(
+    instances: impl IntoIterator<Item = &'a Instance>,
+    with_service: bool,
+    now: SystemTime,
+) -> Table {
+    let mut headers = vec![
+        "id", "address", "version", "weight", "source", "tags", "ttl", "seen",
+    ];
+    if with_service {
+        headers.insert(0, "service");
+    }
+    let mut t = Table::new(&headers);
+    let mut instances: Vec<&Instance> = instances.into_iter().collect();
+    instances.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
+    for i in instances {
+        let mut row = vec![
+            i.id.clone(),
+            authority(&i.address, i.port),
+            i.version.clone(),
+            i.weight.to_string(),
+            i.source.to_string(),
+            i.tags.join(","),
+            ms(i.ttl_ms),
+            ago(i.last_seen, now),
+        ];
+        if with_service {
+            row.insert(0, i.service.clone());
+        }
+        t.row(row);
+    }
+    t
+}
+
+pub async fn instances(ctx: &Ctx, service: Option<&str>) -> anyhow::Result<()> {
+    let client = ctx.client()?;
+    let Some(service) = service else {
+        let all = client
+            .services()
+            .await
+            .map_err(|e| Failure::from_client(&client, "list services", e))?;
+        if ctx.json() {
+            return ctx.print_json(&all);
+        }
+        let table = instances_table(all.services.values().flatten(), true, SystemTime::now());
+        return ctx.print_table(&table, "no live instances");
+    };
+    let action = format!("list the instances of {service}");
+    let resp = match client.service(service).await {
+        Ok(r) => r,
+        // Services are soft state: one with no live instance is simply empty.
+        Err(ClientError::Refused {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) => ServiceResponse {
+            index: 0,
+            service: service.to_owned(),
+            instances: Vec::new(),
+            route: None,
+        },
+        Err(e) => return Err(Failure::from_client(&client, &action, e).into()),
+    };
+    if ctx.json() {
+        return ctx.print_json(&resp);
+    }
+    let table = instances_table(&resp.instances, false, SystemTime::now());
+    ctx.print_table(&table, &format!("no live instances of {service}"))?;
+    if let Some(route) = &resp.route {
+        eprintln!("route: {}", route_text(route));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baker_client::model::Source;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn inst(service: &str, id: &str, version: &str) -> Instance {
+        Instance {
+            service: service.into(),
+            id: id.into(),
+            address: "10.0.0.1".into(),
+            port: 8080,
+            version: version.into(),
+            weight: 100,
+            tags: vec![],
+            source: Source::Registrar,
+            ttl_ms: 6000,
+            last_seen: 1_000_000,
+        }
+    }
+
+    #[test]
+    fn services_table_lists_instances_and_routes() {
+        let services: BTreeMap<String, Vec<Instance>> = [
+            (
+                "emitter".to_owned(),
+                vec![
+                    inst("emitter", "a", "1"),
+                    inst("emitter", "b", "2"),
+                    inst("emitter", "c", "1"),
+                ],
+            ),
+            ("gone".to_owned(), vec![]),
+        ]
+        .into();
+        let routes: BTreeMap<String, Route> = [
+            (
+                "emitter".to_owned(),
+                [("1".into(), 90), ("2".into(), 10)].into(),
+            ),
+            ("idle".to_owned(), [("3".into(), 100)].into()),
+        ]
+        .into();
+        let rows = summarize(&services, &routes);
+        assert_eq!(
+            services_table(&rows).render(true),
+            "SERVICE   INSTANCES   VERSIONS   ROUTE\n\
+             emitter   3           1,2        1=90 2=10\n\
+             idle      0           -          3=100\n"
+        );
+        assert_eq!(
+            serde_json::to_value(&rows[1]).unwrap(),
+            serde_json::json!({"service":"idle","instances":0,"versions":[],"route":{"3":100}})
+        );
+    }
+
+    #[test]
+    fn instances_table_columns() {
+        let mut b = inst("emitter", "b", "2");
+        b.tags = vec!["canary".into()];
+        b.weight = 10;
+        b.address = "fd00::2".into();
+        let now = UNIX_EPOCH + Duration::from_millis(1_003_000);
+        let list = [b, inst("emitter", "a", "1")];
+        assert_eq!(
+            instances_table(&list, false, now).render(true),
+            "ID   ADDRESS          VERSION   WEIGHT   SOURCE      TAGS     TTL   SEEN\n\
+             a    10.0.0.1:8080    1         100      registrar   -        6s    3s ago\n\
+             b    [fd00::2]:8080   2         10       registrar   canary   6s    3s ago\n"
+        );
+        assert!(instances_table(&list, true, now)
+            .render(false)
+            .starts_with("emitter   a   10.0.0.1:8080"));
+    }
+}
