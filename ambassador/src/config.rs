@@ -1,0 +1,509 @@
+//! The ambassador's configuration: `BAKER_*` variables, parsed and checked all at once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baker_client::config::{parse_duration, ConfigErrors};
+use baker_client::model::validate_name;
+use serde::Deserialize;
+
+/// Default admin port: HAProxy's stats page, its Prometheus exporter and the ambassador's own
+/// metrics.
+pub const DEFAULT_ADMIN_PORT: u16 = 8404;
+/// Default directory for the rendered configuration and the sockets.
+pub const DEFAULT_RUN_DIR: &str = "/run/baker";
+/// Default time a removed server may finish its connections before it is deleted.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time HAProxy may finish in-flight requests when stopping or after a reload.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The raw variables, as read from the environment (`BAKER_` prefix stripped).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct Env {
+    pub directory: Option<String>,
+    pub token: Option<String>,
+    pub routes: Option<String>,
+    pub http_port: Option<String>,
+    pub admin: Option<String>,
+    pub template: Option<String>,
+    pub haproxy: Option<String>,
+    pub bind: Option<String>,
+    pub run_dir: Option<String>,
+    pub checks: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub stop_timeout: Option<String>,
+    pub grace: Option<String>,
+    pub bench_force_reload: Option<String>,
+}
+
+/// How HAProxy talks to one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Http,
+    Tcp,
+}
+
+/// One service the ambassador exposes locally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRoute {
+    /// The service's name in the directory (also HAProxy's backend name).
+    pub name: String,
+    /// Its own local port; `None` when it is reached only through the shared HTTP port.
+    pub port: Option<u16>,
+    pub mode: Mode,
+}
+
+/// Active health checks of the ambassador's HAProxy (off by default: the registrars probe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checks {
+    /// No periodic probing: HAProxy watches live traffic and probes only a server it marked down.
+    Off,
+    /// A TCP connect every 2 s.
+    Tcp,
+    /// An HTTP GET of this path every 2 s (TCP services get a TCP connect).
+    Http(String),
+}
+
+/// The ambassador's validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub directory: String,
+    pub token: Option<String>,
+    pub services: Vec<ServiceRoute>,
+    pub http_port: Option<u16>,
+    /// Address of the admin listener; `None` with `BAKER_ADMIN=off`.
+    pub admin: Option<SocketAddr>,
+    /// The template's text and where it came from (`None`: the embedded default).
+    pub template: Option<(PathBuf, String)>,
+    pub haproxy: PathBuf,
+    pub bind: IpAddr,
+    pub run_dir: PathBuf,
+    pub checks: Checks,
+    pub drain_timeout: Duration,
+    pub stop_timeout: Duration,
+    /// Grace before removals from a fresh directory snapshot apply; `None`: the longest TTL seen.
+    pub grace: Option<Duration>,
+    /// Apply every change by reloading HAProxy (for benchmark comparisons only).
+    pub force_reload: bool,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but the services (tests start from this).
+    pub fn new(services: Vec<ServiceRoute>) -> Self {
+        Config {
+            directory: baker_client::api::DEFAULT_DIRECTORY.to_owned(),
+            token: None,
+            services,
+            http_port: None,
+            admin: Some(SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))),
+            template: None,
+            haproxy: default_haproxy(),
+            bind: IpAddr::from([0, 0, 0, 0]),
+            run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+            checks: Checks::Off,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+            grace: None,
+            force_reload: false,
+        }
+    }
+
+    /// Parses and checks every variable, reporting all problems at once.
+    pub fn from_env(env: Env) -> Result<Config, ConfigErrors> {
+        let mut errs = ConfigErrors::default();
+        let directory = env
+            .directory
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .unwrap_or(baker_client::api::DEFAULT_DIRECTORY)
+            .to_owned();
+        if let Err(e) = baker_client::DirectoryClient::new(&directory, None) {
+            errs.push("BAKER_DIRECTORY", e.to_string());
+        }
+        let http_port = errs.parse("BAKER_HTTP_PORT", env.http_port.as_deref(), parse_port);
+        let services = match env.routes.as_deref().map(str::trim) {
+            None | Some("") => {
+                errs.push(
+                    "BAKER_ROUTES",
+                    "must name the services to expose, e.g. emitter=8000,transform=8001",
+                );
+                Vec::new()
+            }
+            Some(v) => match parse_routes(v, http_port.is_some()) {
+                Ok(s) => s,
+                Err(problems) => {
+                    for p in problems {
+                        errs.push("BAKER_ROUTES", p);
+                    }
+                    Vec::new()
+                }
+            },
+        };
+        let bind: IpAddr = errs.value(
+            "BAKER_BIND",
+            env.bind.as_deref(),
+            IpAddr::from([0, 0, 0, 0]),
+        );
+        let admin = match env.admin.as_deref().map(str::trim) {
+            None | Some("") => Some(SocketAddr::new(bind, DEFAULT_ADMIN_PORT)),
+            Some("off") => None,
+            Some(v) => errs.parse("BAKER_ADMIN", Some(v), |v| parse_admin(v, bind)),
+        };
+        let template = env
+            .template
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .and_then(|p| match read_template(Path::new(p.trim())) {
+                Ok(t) => Some((PathBuf::from(p.trim()), t)),
+                Err(e) => {
+                    errs.push("BAKER_TEMPLATE", e);
+                    None
+                }
+            });
+        let haproxy = env
+            .haproxy
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(default_haproxy);
+        if !is_executable(&haproxy) {
+            errs.push(
+                "BAKER_HAPROXY",
+                format!(
+                    "{} is not an executable file; install HAProxy 2.6 or later or name its binary",
+                    haproxy.display()
+                ),
+            );
+        }
+        let run_dir = env
+            .run_dir
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(default_run_dir);
+        // Unix socket paths are limited to 107 bytes; keep room for the socket names.
+        if run_dir.as_os_str().len() > 80 {
+            errs.push(
+                "BAKER_RUN_DIR",
+                "must be a path of at most 80 bytes (it holds unix sockets)",
+            );
+        }
+        let checks = errs
+            .parse("BAKER_CHECKS", env.checks.as_deref(), parse_checks)
+            .unwrap_or(Checks::Off);
+        let drain_timeout = errs.duration(
+            "BAKER_DRAIN_TIMEOUT",
+            env.drain_timeout.as_deref(),
+            DEFAULT_DRAIN_TIMEOUT,
+        );
+        let stop_timeout = errs.duration(
+            "BAKER_STOP_TIMEOUT",
+            env.stop_timeout.as_deref(),
+            DEFAULT_STOP_TIMEOUT,
+        );
+        let grace = errs.parse("BAKER_GRACE", env.grace.as_deref(), parse_duration);
+        let force_reload = errs
+            .parse(
+                "BAKER_BENCH_FORCE_RELOAD",
+                env.bench_force_reload.as_deref(),
+                parse_bool,
+            )
+            .unwrap_or(false);
+
+        let mut ports: Vec<(u16, String)> = services
+            .iter()
+            .filter_map(|s| s.port.map(|p| (p, format!("service {}", s.name))))
+            .collect();
+        ports.extend(http_port.map(|p| (p, "BAKER_HTTP_PORT".to_owned())));
+        ports.extend(admin.map(|a| (a.port(), "BAKER_ADMIN".to_owned())));
+        ports.sort();
+        for w in ports.windows(2) {
+            if w[0].0 == w[1].0 {
+                errs.push(
+                    "BAKER_ROUTES",
+                    format!("port {} is used twice ({} and {})", w[0].0, w[0].1, w[1].1),
+                );
+            }
+        }
+        let token = env.token.filter(|t| !t.is_empty());
+        errs.finish(Config {
+            directory,
+            token,
+            services,
+            http_port,
+            admin,
+            template,
+            haproxy,
+            bind,
+            run_dir,
+            checks,
+            drain_timeout,
+            stop_timeout,
+            grace,
+            force_reload,
+        })
+    }
+}
+
+/// Parses `emitter=8000,transform=8001,db=5432=tcp`; a name alone is reached through the shared
+/// HTTP port only.
+pub fn parse_routes(value: &str, have_http_port: bool) -> Result<Vec<ServiceRoute>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut out: Vec<ServiceRoute> = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let mut parts = item.split('=').map(str::trim);
+        let name = parts.next().unwrap_or_default();
+        let port = parts.next();
+        let mode = parts.next();
+        if parts.next().is_some() {
+            problems.push(format!(
+                "{:?} has too many '=': write service=port or service=port=tcp",
+                baker_client::model::printable(item)
+            ));
+            continue;
+        }
+        if let Err(e) = validate_name("service", name) {
+            problems.push(format!(
+                "service name {:?}: {}",
+                baker_client::model::printable(name),
+                e.message
+            ));
+            continue;
+        }
+        let port = match port.map(parse_port).transpose() {
+            Ok(p) => p,
+            Err(e) => {
+                problems.push(format!("{name}: port {e}"));
+                continue;
+            }
+        };
+        let mode = match mode {
+            None | Some("http") => Mode::Http,
+            Some("tcp") => Mode::Tcp,
+            Some(other) => {
+                problems.push(format!(
+                    "{name}: mode must be http or tcp, got {:?}",
+                    baker_client::model::printable(other)
+                ));
+                continue;
+            }
+        };
+        if port.is_none() && !have_http_port {
+            problems.push(format!(
+                "{name} has no port: write {name}=<port>, or set BAKER_HTTP_PORT to reach it as /{name}/"
+            ));
+            continue;
+        }
+        if port.is_none() && mode == Mode::Tcp {
+            problems.push(format!("{name}: a tcp service needs its own port"));
+            continue;
+        }
+        if out.iter().any(|s| s.name == name) {
+            problems.push(format!("{name} is named twice"));
+            continue;
+        }
+        out.push(ServiceRoute {
+            name: name.to_owned(),
+            port,
+            mode,
+        });
+    }
+    if out.is_empty() && problems.is_empty() {
+        problems.push("must name at least one service, e.g. emitter=8000".into());
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+fn parse_port(v: &str) -> Result<u16, String> {
+    match v.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err("must be a port between 1 and 65535".into()),
+    }
+}
+
+fn parse_admin(v: &str, bind: IpAddr) -> Result<SocketAddr, String> {
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            return Err("must name a port between 1 and 65535".into());
+        }
+        return Ok(a);
+    }
+    parse_port(v)
+        .map(|p| SocketAddr::new(bind, p))
+        .map_err(|_| "must be a port, an ip:port, or off".into())
+}
+
+fn parse_checks(v: &str) -> Result<Checks, String> {
+    match v {
+        "off" | "0" | "false" | "no" => Ok(Checks::Off),
+        "on" | "tcp" | "1" | "true" | "yes" => Ok(Checks::Tcp),
+        _ => {
+            let path = v
+                .strip_prefix("http:")
+                .ok_or_else(|| "must be off, tcp, or http:/<path>".to_string())?;
+            let ok = path.starts_with('/')
+                && path.len() <= 200
+                && path
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/-._~%?=&".contains(c));
+            if ok {
+                Ok(Checks::Http(path.to_owned()))
+            } else {
+                Err("the check path must start with '/' and hold only letters, digits and /-._~%?=&".into())
+            }
+        }
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err("must be 1 or 0".into()),
+    }
+}
+
+/// Reads a template file and checks that Tera can parse it.
+pub fn read_template(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    crate::render::Renderer::new(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text)
+}
+
+/// `haproxy` from `PATH`, else `/usr/sbin/haproxy`.
+pub fn default_haproxy() -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("haproxy");
+        if !dir.is_empty() && is_executable(&p) {
+            return p;
+        }
+    }
+    PathBuf::from("/usr/sbin/haproxy")
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let p = if p.components().count() == 1 {
+        // A bare name: look it up in PATH.
+        match std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .map(|d| Path::new(d).join(p))
+            .find(|c| c.is_file())
+        {
+            Some(c) => c,
+            None => return false,
+        }
+    } else {
+        p.to_path_buf()
+    };
+    std::fs::metadata(&p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// `/run/baker` when it can be created, else a directory under the system's temp dir.
+fn default_run_dir() -> PathBuf {
+    let preferred = PathBuf::from(DEFAULT_RUN_DIR);
+    if std::fs::create_dir_all(&preferred).is_ok() {
+        return preferred;
+    }
+    std::env::temp_dir().join(format!("baker-ambassador-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        baker_client::config::read_env_from(
+            pairs
+                .iter()
+                .map(|(k, v)| (format!("BAKER_{k}"), v.to_string())),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn routes_parse() {
+        let r = parse_routes("emitter=8000, transform=8001,db=5432=tcp", false).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].name, "emitter");
+        assert_eq!(r[0].port, Some(8000));
+        assert_eq!(r[2].mode, Mode::Tcp);
+        let r = parse_routes("emitter", true).unwrap();
+        assert_eq!(r[0].port, None);
+        assert!(parse_routes("emitter", false).is_err());
+        let errs = parse_routes("Bad=1,x=0,y=1=udp,z=1,z=2,a=1=tcp=x", false).unwrap_err();
+        assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    #[test]
+    fn every_bad_variable_at_once() {
+        let e = Config::from_env(env(&[
+            ("ROUTES", "Emitter=8000"),
+            ("HTTP_PORT", "x"),
+            ("ADMIN", "99999"),
+            ("BIND", "nowhere"),
+            ("CHECKS", "maybe"),
+            ("DRAIN_TIMEOUT", "5"),
+            ("HAPROXY", "/nonexistent/haproxy"),
+            ("DIRECTORY", "ftp://x"),
+            ("TEMPLATE", "/nonexistent.tera"),
+            ("BENCH_FORCE_RELOAD", "perhaps"),
+        ]))
+        .unwrap_err();
+        let vars: Vec<_> = e.0.iter().map(|(v, _)| v.as_str()).collect();
+        for v in [
+            "BAKER_ROUTES",
+            "BAKER_HTTP_PORT",
+            "BAKER_ADMIN",
+            "BAKER_BIND",
+            "BAKER_CHECKS",
+            "BAKER_DRAIN_TIMEOUT",
+            "BAKER_HAPROXY",
+            "BAKER_DIRECTORY",
+            "BAKER_TEMPLATE",
+            "BAKER_BENCH_FORCE_RELOAD",
+        ] {
+            assert!(vars.contains(&v), "{v} missing from {e}");
+        }
+    }
+
+    #[test]
+    fn port_clash_is_reported() {
+        let e = Config::from_env(env(&[
+            ("ROUTES", "a=8000,b=8001"),
+            ("HTTP_PORT", "8001"),
+            ("HAPROXY", "/bin/sh"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("port 8001 is used twice"), "{e}");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_env(env(&[
+            ("ROUTES", "a=8000"),
+            ("HAPROXY", "/bin/sh"),
+            ("RUN_DIR", "/tmp/x"),
+            ("CHECKS", "http:/health"),
+        ]))
+        .unwrap();
+        assert_eq!(c.admin.unwrap().port(), DEFAULT_ADMIN_PORT);
+        assert_eq!(c.checks, Checks::Http("/health".into()));
+        assert!(!c.force_reload);
+        assert_eq!(c.directory, "http://127.0.0.1:7700");
+    }
+}

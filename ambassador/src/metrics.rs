@@ -1,0 +1,159 @@
+//! The ambassador's own counters, served on a unix socket that HAProxy's admin port exposes as
+//! `/ambassador/metrics` (Prometheus text) and `/ambassador/status` (JSON).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::State as AxumState;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::plan::Desired;
+
+/// Every counter the ambassador keeps.
+pub struct Metrics {
+    registry: Registry,
+    pub reloads: Counter,
+    pub reload_failures: Counter,
+    pub refused_configs: Counter,
+    pub runtime_commands: Counter,
+    pub runtime_failures: Counter,
+    pub haproxy_restarts: Counter,
+    pub watch_events: Counter,
+    pub directory_reconnects: Counter,
+    pub directory_connected: Gauge,
+    pub servers: Family<Vec<(String, String)>, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("baker_ambassador");
+        let m = Metrics {
+            reloads: Counter::default(),
+            reload_failures: Counter::default(),
+            refused_configs: Counter::default(),
+            runtime_commands: Counter::default(),
+            runtime_failures: Counter::default(),
+            haproxy_restarts: Counter::default(),
+            watch_events: Counter::default(),
+            directory_reconnects: Counter::default(),
+            directory_connected: Gauge::default(),
+            servers: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "reloads",
+            "HAProxy reloads (seamless, through the master CLI)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "reload_failures",
+            "HAProxy reloads that failed (the previous worker kept serving)",
+            m.reload_failures.clone(),
+        );
+        registry.register(
+            "refused_configs",
+            "Rendered configurations refused by haproxy -c",
+            m.refused_configs.clone(),
+        );
+        registry.register(
+            "runtime_commands",
+            "Commands sent over HAProxy's runtime API",
+            m.runtime_commands.clone(),
+        );
+        registry.register(
+            "runtime_failures",
+            "Runtime API commands HAProxy refused",
+            m.runtime_failures.clone(),
+        );
+        registry.register(
+            "haproxy_restarts",
+            "Times HAProxy died and was started again",
+            m.haproxy_restarts.clone(),
+        );
+        registry.register(
+            "watch_events",
+            "Changes received from the directory",
+            m.watch_events.clone(),
+        );
+        registry.register(
+            "directory_reconnects",
+            "Times the directory's watch stream was reopened",
+            m.directory_reconnects.clone(),
+        );
+        registry.register(
+            "directory_connected",
+            "1 while the directory's watch stream is open",
+            m.directory_connected.clone(),
+        );
+        registry.register("servers", "Servers planned per service", m.servers.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    metrics: Arc<Metrics>,
+    desired: watch::Receiver<Desired>,
+}
+
+/// Serves `/ambassador/metrics` and `/ambassador/status` on the unix socket at `path`.
+pub async fn serve(
+    path: &Path,
+    metrics: Arc<Metrics>,
+    desired: watch::Receiver<Desired>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let app = Router::new()
+        .route("/ambassador/metrics", get(metrics_page))
+        .route("/ambassador/status", get(status_page))
+        .with_state(Shared { metrics, desired });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok(())
+}
+
+async fn metrics_page(AxumState(s): AxumState<Shared>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn status_page(AxumState(s): AxumState<Shared>) -> impl IntoResponse {
+    let m = &s.metrics;
+    Json(serde_json::json!({
+        "reloads": m.reloads.get(),
+        "reload_failures": m.reload_failures.get(),
+        "runtime_commands": m.runtime_commands.get(),
+        "haproxy_restarts": m.haproxy_restarts.get(),
+        "directory_connected": m.directory_connected.get() == 1,
+        "backends": *s.desired.borrow(),
+    }))
+}

@@ -1,0 +1,272 @@
+//! Which servers each backend should have, at which weight: a pure function of the directory's
+//! state and the configured services.
+//!
+//! With no route, every instance serves in proportion to its own weight. With a route
+//! (`{"1": 90, "2": 10}`) each version receives its percentage of the traffic whatever its
+//! number of instances, shared among its instances by their weights; a version with no live
+//! instance gives its share to the other named versions, and versions the route does not name
+//! get weight 0 (kept as servers, so that a later route change is a weight change).
+
+use std::collections::BTreeMap;
+
+use baker_client::model::{validate_address, validate_name, Instance, Route, State, MAX_WEIGHT};
+use serde::Serialize;
+
+use crate::config::ServiceRoute;
+
+/// One server HAProxy should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DesiredServer {
+    /// HAProxy's server name: the instance id (validated, so it is a safe HAProxy name).
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    /// HAProxy weight, 0..=256.
+    pub weight: u16,
+    pub version: String,
+}
+
+/// A backend's servers by name.
+pub type Backend = BTreeMap<String, DesiredServer>;
+
+/// Every configured service's backend, by service name.
+pub type Desired = BTreeMap<String, Backend>;
+
+/// Plans every configured service's servers from the directory's state.
+pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
+    let mut desired = Desired::new();
+    for svc in services {
+        let instances: Vec<&Instance> = state
+            .services
+            .get(&svc.name)
+            .map(|v| v.iter().filter(|i| is_safe(i)).collect())
+            .unwrap_or_default();
+        let weights = weights(&instances, state.routes.get(&svc.name));
+        let backend = instances
+            .iter()
+            .zip(weights)
+            .map(|(i, w)| {
+                (
+                    i.id.clone(),
+                    DesiredServer {
+                        name: i.id.clone(),
+                        address: i.address.clone(),
+                        port: i.port,
+                        weight: w,
+                        version: i.version.clone(),
+                    },
+                )
+            })
+            .collect();
+        desired.insert(svc.name.clone(), backend);
+    }
+    desired
+}
+
+/// Whether an instance's fields are safe to hand to HAProxy (the directory validates them too;
+/// the ambassador does not rely on it).
+fn is_safe(i: &Instance) -> bool {
+    let ok = validate_name("id", &i.id).is_ok()
+        && validate_address("address", &i.address).is_ok()
+        && validate_name("version", &i.version).is_ok()
+        && i.port != 0;
+    if !ok {
+        tracing::warn!(
+            service = %baker_client::model::printable(&i.service),
+            id = %baker_client::model::printable(&i.id),
+            "ignoring an instance with an invalid id, address, version or port"
+        );
+    }
+    ok
+}
+
+/// HAProxy weights for `instances` (same order), following `route` if there is one.
+pub fn weights(instances: &[&Instance], route: Option<&Route>) -> Vec<u16> {
+    let Some(route) = route else {
+        return instances.iter().map(|i| i.weight.min(MAX_WEIGHT)).collect();
+    };
+    // Each live named version's share, renormalised over the versions that have instances.
+    let mut live: BTreeMap<&str, (f64, Vec<usize>)> = BTreeMap::new();
+    for (idx, i) in instances.iter().enumerate() {
+        if let Some(&pct) = route.get(&i.version) {
+            if pct > 0 {
+                live.entry(i.version.as_str())
+                    .or_insert((f64::from(pct), Vec::new()))
+                    .1
+                    .push(idx);
+            }
+        }
+    }
+    let mut out = vec![0u16; instances.len()];
+    let total_pct: f64 = live.values().map(|(p, _)| p).sum();
+    if total_pct <= 0.0 {
+        return out;
+    }
+    // The real-valued weight of each instance (all of them sum to 1).
+    let mut real = vec![0f64; instances.len()];
+    for (pct, members) in live.values() {
+        let share = pct / total_pct;
+        let sum_w: f64 = members
+            .iter()
+            .map(|&m| f64::from(instances[m].weight.max(1)))
+            .sum();
+        for &m in members {
+            real[m] = share * f64::from(instances[m].weight.max(1)) / sum_w;
+        }
+    }
+    // Scale so the heaviest instance gets the maximum weight: the most resolution HAProxy has.
+    let max = real.iter().cloned().fold(0f64, f64::max);
+    let k = f64::from(MAX_WEIGHT) / max;
+    for (pct, members) in live.values() {
+        // Round each version's total first, then split it among its instances by largest
+        // remainder, so that rounding errors do not add up across a version's instances.
+        let share = pct / total_pct;
+        let target = (share * k).round().max(members.len() as f64);
+        let exact: Vec<f64> = {
+            let sum: f64 = members.iter().map(|&m| real[m]).sum();
+            members.iter().map(|&m| real[m] / sum * target).collect()
+        };
+        let mut ints: Vec<u16> = exact.iter().map(|x| x.floor() as u16).collect();
+        let mut left = target as i64 - ints.iter().map(|&x| i64::from(x)).sum::<i64>();
+        let mut order: Vec<usize> = (0..members.len()).collect();
+        order.sort_by(|&a, &b| {
+            let ra = exact[a] - exact[a].floor();
+            let rb = exact[b] - exact[b].floor();
+            rb.total_cmp(&ra).then(a.cmp(&b))
+        });
+        for &o in order.iter().cycle().take(members.len() * 2) {
+            if left <= 0 {
+                break;
+            }
+            if ints[o] < MAX_WEIGHT {
+                ints[o] += 1;
+                left -= 1;
+            }
+        }
+        for (pos, &m) in members.iter().enumerate() {
+            out[m] = ints[pos].clamp(1, MAX_WEIGHT);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use baker_client::model::Source;
+
+    fn inst(id: &str, version: &str, weight: u16) -> Instance {
+        Instance {
+            service: "svc".into(),
+            id: id.into(),
+            address: "10.0.0.1".into(),
+            port: 8080,
+            version: version.into(),
+            weight,
+            tags: vec![],
+            source: Source::Registrar,
+            ttl_ms: 6000,
+            last_seen: 0,
+        }
+    }
+
+    fn route(pairs: &[(&str, u8)]) -> Route {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    /// Each version's share of the total weight, in percent.
+    fn shares(instances: &[Instance], w: &[u16]) -> BTreeMap<String, f64> {
+        let total: f64 = w.iter().map(|&x| f64::from(x)).sum();
+        let mut out = BTreeMap::new();
+        for (i, &x) in instances.iter().zip(w) {
+            *out.entry(i.version.clone()).or_insert(0.0) += f64::from(x) * 100.0 / total;
+        }
+        out
+    }
+
+    #[test]
+    fn no_route_uses_instance_weights() {
+        let v = [inst("a", "1", 100), inst("b", "1", 50), inst("c", "2", 256)];
+        let refs: Vec<_> = v.iter().collect();
+        assert_eq!(weights(&refs, None), vec![100, 50, 256]);
+    }
+
+    #[test]
+    fn canary_split_ignores_instance_counts() {
+        for (n1, n2) in [(1, 1), (1, 9), (9, 1), (3, 2), (10, 10), (1, 30), (50, 1)] {
+            let mut v: Vec<Instance> = (0..n1).map(|i| inst(&format!("a{i}"), "1", 100)).collect();
+            v.extend((0..n2).map(|i| inst(&format!("b{i}"), "2", 100)));
+            let refs: Vec<_> = v.iter().collect();
+            let w = weights(&refs, Some(&route(&[("1", 90), ("2", 10)])));
+            assert!(w.iter().all(|&x| (1..=256).contains(&x)), "{w:?}");
+            let s = shares(&v, &w);
+            assert!((s["1"] - 90.0).abs() <= 1.0, "{n1}/{n2}: {s:?} {w:?}");
+            assert!((s["2"] - 10.0).abs() <= 1.0, "{n1}/{n2}: {s:?} {w:?}");
+        }
+    }
+
+    #[test]
+    fn canary_respects_instance_weights_within_a_version() {
+        let v = [inst("a", "1", 100), inst("b", "1", 50), inst("c", "2", 100)];
+        let refs: Vec<_> = v.iter().collect();
+        let w = weights(&refs, Some(&route(&[("1", 50), ("2", 50)])));
+        let s = shares(&v, &w);
+        assert!((s["1"] - 50.0).abs() <= 1.0, "{w:?}");
+        assert!(
+            (f64::from(w[0]) / f64::from(w[1]) - 2.0).abs() < 0.05,
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn missing_version_gives_its_share_away_and_unnamed_get_none() {
+        let v = [
+            inst("a", "1", 100),
+            inst("b", "3", 100),
+            inst("c", "1", 100),
+        ];
+        let refs: Vec<_> = v.iter().collect();
+        let w = weights(&refs, Some(&route(&[("1", 90), ("2", 10)])));
+        assert_eq!(w[1], 0, "version 3 is not named");
+        assert!(w[0] > 0 && w[0] == w[2], "{w:?}");
+        let w = weights(&refs, Some(&route(&[("1", 0), ("3", 100)])));
+        assert_eq!((w[0], w[2]), (0, 0));
+        assert!(w[1] > 0);
+        let w = weights(&refs, Some(&route(&[("2", 100)])));
+        assert_eq!(w, vec![0, 0, 0], "no live named version: nothing routes");
+    }
+
+    #[test]
+    fn plan_builds_backends_for_configured_services_only() {
+        let mut state = State::default();
+        state.services.insert(
+            "svc".into(),
+            vec![inst("a", "1", 100), inst("B!", "1", 100)],
+        );
+        state
+            .services
+            .insert("other".into(), vec![inst("x", "1", 100)]);
+        let services = vec![
+            ServiceRoute {
+                name: "svc".into(),
+                port: Some(8000),
+                mode: Mode::Http,
+            },
+            ServiceRoute {
+                name: "none".into(),
+                port: Some(8001),
+                mode: Mode::Tcp,
+            },
+        ];
+        let d = plan(&state, &services);
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            d["svc"].keys().collect::<Vec<_>>(),
+            ["a"],
+            "invalid id skipped"
+        );
+        assert_eq!(d["svc"]["a"].weight, 100);
+        assert!(d["none"].is_empty());
+    }
+}

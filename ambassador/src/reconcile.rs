@@ -1,0 +1,470 @@
+//! The one task that owns HAProxy: it renders and checks configurations, starts, restarts,
+//! reloads and stops HAProxy, and turns each new plan into runtime API commands.
+//!
+//! Other tasks only send it the desired servers over a `watch` channel, so a burst of directory
+//! events collapses into the latest plan, applied once after a short pause.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baker_client::backoff::Backoff;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::diff::{diff, Command};
+use crate::haproxy::{Haproxy, HaproxyError};
+use crate::metrics::Metrics;
+use crate::plan::Desired;
+use crate::reaper::Exit;
+use crate::render::{context, server_options, Renderer};
+
+/// Pause after a change before applying, so a burst of events becomes one update.
+const COALESCE: Duration = Duration::from_millis(20);
+/// How often the running servers are compared with the plan when nothing else happens.
+const RESYNC: Duration = Duration::from_secs(5);
+/// How often draining servers are checked for idleness.
+const DRAIN_POLL: Duration = Duration::from_millis(250);
+
+/// What the owner was asked to do besides following the plan.
+#[derive(Debug)]
+pub enum Request {
+    /// Read the template file again and reload if it still renders a valid configuration.
+    ReloadTemplate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the rendered HAProxy configuration is invalid ({path})")]
+    Template {
+        path: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    #[error("cannot prepare {path}")]
+    RunDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HAProxy did not start")]
+    Haproxy(#[source] HaproxyError),
+}
+
+pub struct Owner {
+    config: Arc<Config>,
+    haproxy: Haproxy,
+    renderer: Renderer,
+    metrics: Arc<Metrics>,
+    /// Draining servers and when their drain began.
+    drains: BTreeMap<(String, String), Instant>,
+    /// The last plan applied (with addresses resolved).
+    applied: Option<Desired>,
+    warned_dns: HashSet<String>,
+    options: BTreeMap<String, String>,
+}
+
+impl Owner {
+    pub fn new(
+        config: Arc<Config>,
+        haproxy: Haproxy,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StartError> {
+        let text = crate::render::template_text(&config);
+        let renderer = Renderer::new(text).map_err(|e| StartError::Template {
+            path: template_name(&config),
+            source: e.into(),
+        })?;
+        let options = config
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), server_options(s.mode, &config.checks, 5)))
+            .collect();
+        Ok(Owner {
+            config,
+            haproxy,
+            renderer,
+            metrics,
+            drains: BTreeMap::new(),
+            applied: None,
+            warned_dns: HashSet::new(),
+            options,
+        })
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.config.run_dir.join("server-state")
+    }
+
+    /// Renders `desired` with the current template, checks it, and installs it as the file
+    /// HAProxy starts and reloads from. A refused file leaves the installed one in place.
+    async fn install(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
+        let text = self.renderer.render(&context(&self.config, desired))?;
+        let path = self.haproxy.config_path().to_path_buf();
+        let tmp = path.with_extension("cfg.new");
+        std::fs::write(&tmp, text)?;
+        if let Err(e) = self.haproxy.check(&tmp).await {
+            self.metrics.refused_configs.inc();
+            return Err(e.into());
+        }
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Starts HAProxy for the first time.
+    pub async fn start(&mut self, desired: &Desired) -> Result<(), StartError> {
+        let dir = &self.config.run_dir;
+        std::fs::create_dir_all(dir).map_err(|e| StartError::RunDir {
+            path: dir.display().to_string(),
+            source: e,
+        })?;
+        self.haproxy.stop_stale().await;
+        let _ = std::fs::write(self.state_file(), "");
+        let resolved = self.resolve(desired).await;
+        self.install(&resolved)
+            .await
+            .map_err(|e| StartError::Template {
+                path: template_name(&self.config),
+                source: e,
+            })?;
+        self.haproxy.start().await.map_err(StartError::Haproxy)?;
+        self.applied = Some(resolved);
+        Ok(())
+    }
+
+    /// Follows the plan until `shutdown`, then stops HAProxy and returns its exit.
+    pub async fn run(
+        mut self,
+        mut desired_rx: watch::Receiver<Desired>,
+        mut requests: mpsc::Receiver<Request>,
+        shutdown: CancellationToken,
+    ) -> Option<Exit> {
+        let mut restart_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut next_sync = Instant::now();
+        loop {
+            let wake = if self.drains.is_empty() {
+                next_sync
+            } else {
+                next_sync.min(Instant::now() + DRAIN_POLL)
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    tracing::info!("stopping HAProxy");
+                    let exit = self.haproxy.stop(self.config.stop_timeout).await;
+                    return exit;
+                }
+                exit = self.haproxy.exited() => {
+                    self.metrics.haproxy_restarts.inc();
+                    let delay = restart_backoff.next_delay();
+                    tracing::error!("HAProxy exited unexpectedly ({exit}); starting it again in {delay:?}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Some(exit),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    let desired = desired_rx.borrow_and_update().clone();
+                    if let Err(e) = self.restart(&desired).await {
+                        tracing::error!("restarting HAProxy failed: {e:#}");
+                    } else {
+                        restart_backoff.reset();
+                    }
+                    continue;
+                }
+                changed = desired_rx.changed() => {
+                    if changed.is_err() {
+                        // The watcher stopped: only shutdown remains.
+                        shutdown.cancelled().await;
+                        continue;
+                    }
+                    tokio::time::sleep(COALESCE).await;
+                }
+                Some(req) = requests.recv() => {
+                    match req {
+                        Request::ReloadTemplate => self.reload_template(&desired_rx.borrow().clone()).await,
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            let desired = desired_rx.borrow_and_update().clone();
+            self.apply(&desired).await;
+            next_sync = Instant::now() + RESYNC;
+        }
+    }
+
+    async fn restart(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
+        let resolved = self.resolve(desired).await;
+        self.install(&resolved).await?;
+        self.haproxy.start().await?;
+        self.drains.clear();
+        self.applied = Some(resolved);
+        tracing::info!("HAProxy is running again");
+        Ok(())
+    }
+
+    /// Brings HAProxy to `desired`: over the runtime API, or by a reload when asked to.
+    async fn apply(&mut self, desired: &Desired) {
+        if self.haproxy.pid().is_none() {
+            return;
+        }
+        let resolved = self.resolve(desired).await;
+        self.publish_counts(&resolved);
+        if self.config.force_reload && self.applied.as_ref() != Some(&resolved) {
+            if let Err(e) = self
+                .reload(&resolved, "a change (BAKER_BENCH_FORCE_RELOAD)")
+                .await
+            {
+                tracing::error!("{}", chain(&*e));
+            }
+            return;
+        }
+        if let Err(e) = self.apply_runtime(&resolved).await {
+            tracing::warn!(
+                "updating HAProxy over its runtime API failed: {e:#}; reloading instead"
+            );
+            if let Err(e) = self.reload(&resolved, "a failed runtime update").await {
+                tracing::error!("{}", chain(&*e));
+            }
+        }
+    }
+
+    async fn apply_runtime(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
+        let running = self.haproxy.admin.servers_state().await?;
+        let now = Instant::now();
+        // Forget drains of servers that are gone or serve again.
+        self.drains.retain(|(be, srv), _| {
+            running
+                .get(be)
+                .and_then(|b| b.get(srv))
+                .is_some_and(|s| s.drain)
+                && !desired.get(be).is_some_and(|b| b.contains_key(srv))
+        });
+        let mut removable = BTreeSet::new();
+        let draining: Vec<(String, String)> = running
+            .iter()
+            .filter(|(be, _)| desired.contains_key(*be))
+            .flat_map(|(be, b)| {
+                b.values()
+                    .filter(|s| s.drain && !desired[be].contains_key(&s.name))
+                    .map(move |s| (be.clone(), s.name.clone()))
+            })
+            .collect();
+        if !draining.is_empty() {
+            let sessions = self.haproxy.admin.sessions().await.unwrap_or_default();
+            for key in draining {
+                let since = *self.drains.entry(key.clone()).or_insert(now);
+                let idle = sessions.get(&key).copied().unwrap_or(0) == 0;
+                if idle || now.duration_since(since) >= self.config.drain_timeout {
+                    if !idle {
+                        tracing::warn!(backend = %key.0, server = %key.1, "drain timed out; closing its remaining sessions");
+                        let _ = self
+                            .haproxy
+                            .admin
+                            .command(&format!("shutdown sessions server {}/{}", key.0, key.1))
+                            .await;
+                    }
+                    removable.insert(key);
+                }
+            }
+        }
+        let commands = diff(desired, &running, &self.options, &removable);
+        let mut failed_structure = None;
+        for cmd in &commands {
+            for (line, ok) in cmd.lines() {
+                self.metrics.runtime_commands.inc();
+                if let Err(e) = self.haproxy.admin.expect(&line, ok).await {
+                    self.metrics.runtime_failures.inc();
+                    match cmd {
+                        // A server still holding connections: try again on the next pass.
+                        Command::Delete { .. } => {
+                            tracing::debug!("{}", chain(&e));
+                        }
+                        Command::Add { .. } | Command::SetAddr { .. } => {
+                            failed_structure = Some(e);
+                        }
+                        _ => tracing::warn!("{}", chain(&e)),
+                    }
+                    break;
+                }
+            }
+            match cmd {
+                Command::Drain { backend, server } => {
+                    self.drains.insert((backend.clone(), server.clone()), now);
+                    tracing::info!(%backend, %server, "draining a server that left the directory");
+                }
+                Command::Delete { backend, server } => {
+                    tracing::info!(%backend, %server, "removed a drained server");
+                }
+                Command::Add {
+                    backend, server, ..
+                } => {
+                    tracing::info!(%backend, server = %server.name, address = %server.address, port = server.port, weight = server.weight, "added a server");
+                }
+                Command::SetWeight {
+                    backend,
+                    server,
+                    weight,
+                } => {
+                    tracing::info!(%backend, %server, weight, "changed a server's weight");
+                }
+                _ => {}
+            }
+        }
+        if let Some(e) = failed_structure {
+            return Err(e.into());
+        }
+        self.applied = Some(desired.clone());
+        Ok(())
+    }
+
+    /// Renders, checks and installs `desired`, then reloads HAProxy seamlessly.
+    async fn reload(
+        &mut self,
+        desired: &Desired,
+        why: &str,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Err(e) = self.install(desired).await {
+            return Err(format!(
+                "refused the new HAProxy configuration; the running one stays: {}",
+                chain(&*e)
+            )
+            .into());
+        }
+        let state_file = self.state_file();
+        match self.haproxy.reload(&state_file).await {
+            Ok(info) => {
+                self.metrics.reloads.inc();
+                tracing::info!(
+                    reloads = self.metrics.reloads.get(),
+                    worker = info.workers.first().copied().unwrap_or(0),
+                    "reloaded HAProxy after {why}"
+                );
+                self.drains.clear();
+                self.applied = Some(desired.clone());
+                // The reloaded worker may lack runtime changes made meanwhile: converge now.
+                if let Err(e) = self.apply_runtime(desired).await {
+                    tracing::warn!("after the reload: {}", chain(&*e));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload_failures.inc();
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn reload_template(&mut self, desired: &Desired) {
+        let Some((path, _)) = self.config.template.clone() else {
+            tracing::info!("reloading HAProxy with the embedded template");
+            let resolved = self.resolve(desired).await;
+            if let Err(e) = self.reload(&resolved, "SIGHUP").await {
+                tracing::error!("{}", chain(&*e));
+            }
+            return;
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(
+                    "cannot read the template {}: {e}; the running configuration stays",
+                    path.display()
+                );
+                return;
+            }
+        };
+        let renderer = match Renderer::new(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.refused_configs.inc();
+                tracing::error!(
+                    "refused the template {}: {e}; the running configuration stays",
+                    path.display()
+                );
+                return;
+            }
+        };
+        let old = std::mem::replace(&mut self.renderer, renderer);
+        let resolved = self.resolve(desired).await;
+        match self.reload(&resolved, "SIGHUP (template re-read)").await {
+            Ok(()) => {
+                let mut config = (*self.config).clone();
+                config.template = Some((path, text));
+                self.config = Arc::new(config);
+            }
+            Err(e) => {
+                self.renderer = old;
+                tracing::error!("template {}: {}", path.display(), chain(&*e));
+            }
+        }
+    }
+
+    fn publish_counts(&self, desired: &Desired) {
+        for (svc, b) in desired {
+            self.metrics
+                .servers
+                .get_or_create(&vec![("service".to_string(), svc.clone())])
+                .set(b.len() as i64);
+        }
+    }
+
+    /// Replaces DNS names with addresses (HAProxy gets IPs only; it would block resolving).
+    /// A name that does not resolve leaves its server out, with one warning.
+    async fn resolve(&mut self, desired: &Desired) -> Desired {
+        let mut out = desired.clone();
+        for backend in out.values_mut() {
+            let mut gone = Vec::new();
+            for (name, srv) in backend.iter_mut() {
+                if srv.address.parse::<IpAddr>().is_ok() {
+                    continue;
+                }
+                let host = srv.address.clone();
+                let lookup = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::lookup_host((host.as_str(), srv.port)),
+                )
+                .await;
+                let addrs: Vec<_> = match lookup {
+                    Ok(Ok(a)) => a.collect(),
+                    _ => Vec::new(),
+                };
+                let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first());
+                match pick {
+                    Some(a) => srv.address = a.ip().to_string(),
+                    None => {
+                        if self.warned_dns.insert(srv.address.clone()) {
+                            tracing::warn!(server = %name, address = %srv.address, "cannot resolve this address; leaving the server out");
+                        }
+                        gone.push(name.clone());
+                    }
+                }
+            }
+            for g in gone {
+                backend.remove(&g);
+            }
+        }
+        out
+    }
+}
+
+fn template_name(config: &Config) -> String {
+    config
+        .template
+        .as_ref()
+        .map(|(p, _)| p.display().to_string())
+        .unwrap_or_else(|| "embedded template".into())
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}

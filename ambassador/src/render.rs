@@ -1,0 +1,348 @@
+//! Rendering HAProxy's configuration from a Tera template (the embedded default, or the user's
+//! `BAKER_TEMPLATE`) and the documented context.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::{Checks, Config, Mode};
+use crate::plan::Desired;
+
+/// The embedded default template.
+pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/haproxy.cfg.tera");
+
+const NAME: &str = "haproxy.cfg";
+
+/// What went wrong rendering.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("the template does not parse: {0}")]
+    Parse(String),
+    #[error("the template fails to render: {0}")]
+    Render(String),
+}
+
+/// A parsed template.
+#[derive(Debug)]
+pub struct Renderer {
+    tera: tera::Tera,
+}
+
+/// Tera's message with the chain of causes, which hold the useful part.
+fn chain(e: &tera::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+impl Renderer {
+    pub fn new(template: &str) -> Result<Self, RenderError> {
+        let mut tera = tera::Tera::default();
+        tera.autoescape_on(vec![]);
+        tera.add_raw_template(NAME, template)
+            .map_err(|e| RenderError::Parse(chain(&e)))?;
+        Ok(Renderer { tera })
+    }
+
+    pub fn render(&self, ctx: &Context) -> Result<String, RenderError> {
+        let ctx = tera::Context::from_serialize(ctx).map_err(|e| RenderError::Render(chain(&e)))?;
+        self.tera
+            .render(NAME, &ctx)
+            .map_err(|e| RenderError::Render(chain(&e)))
+    }
+}
+
+/// Everything a template can use.
+#[derive(Debug, Clone, Serialize)]
+pub struct Context {
+    /// Address the service ports bind (`BAKER_BIND`).
+    pub bind: String,
+    pub services: Vec<ServiceContext>,
+    /// The shared HTTP port (`BAKER_HTTP_PORT`), if any.
+    pub http_port: Option<u16>,
+    /// Services reachable through the shared HTTP port (every HTTP-mode service).
+    pub http_services: Vec<String>,
+    pub admin: Option<AdminContext>,
+    /// HAProxy's admin-level stats socket (the runtime API the ambassador drives).
+    pub admin_socket: String,
+    /// The master CLI socket (given to HAProxy on its command line with `-S`).
+    pub master_socket: String,
+    /// Where server state is saved before a reload.
+    pub state_file: String,
+    /// The ambassador's own HTTP endpoint (metrics, status), a unix socket.
+    pub ambassador_socket: String,
+    pub checks: ChecksContext,
+    pub defaults: Defaults,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceContext {
+    pub name: String,
+    pub port: Option<u16>,
+    pub mode: Mode,
+    pub servers: Vec<ServerContext>,
+    /// Options every server line of this backend carries; the ambassador uses the same ones on
+    /// `add server`, so servers added at run time match those in the file.
+    pub server_options: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerContext {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub weight: u16,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminContext {
+    pub address: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChecksContext {
+    /// `off`, `tcp` or `http`.
+    pub mode: String,
+    pub http_path: Option<String>,
+}
+
+/// Timeouts and retry settings of the default template.
+#[derive(Debug, Clone, Serialize)]
+pub struct Defaults {
+    pub timeout_connect: String,
+    pub timeout_client: String,
+    pub timeout_server: String,
+    pub timeout_http_request: String,
+    pub timeout_http_keep_alive: String,
+    pub timeout_queue: String,
+    pub retries: u32,
+    pub hard_stop_after: String,
+    pub error_limit: u32,
+}
+
+/// HAProxy's spelling of an address to bind or dial (IPv6 needs no brackets: the last colon
+/// separates the port).
+fn host(ip: IpAddr) -> String {
+    ip.to_string()
+}
+
+fn millis(d: std::time::Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// The options of every server line for a service in `mode`.
+pub fn server_options(mode: Mode, checks: &Checks, error_limit: u32) -> String {
+    let observe = match mode {
+        Mode::Http => "layer7",
+        Mode::Tcp => "layer4",
+    };
+    let check = match checks {
+        // No periodic probe while a server is up (`inter 1h`): traffic is watched instead, and
+        // a server marked down after `error-limit` consecutive errors is probed every second
+        // until it answers again.
+        Checks::Off => "check inter 1h fastinter 1s downinter 1s rise 2 fall 1",
+        Checks::Tcp | Checks::Http(_) => "check inter 2s fastinter 1s downinter 1s rise 2 fall 2",
+    };
+    format!("{check} observe {observe} error-limit {error_limit} on-error mark-down")
+}
+
+/// Builds the context from the configuration and the servers to run.
+pub fn context(config: &Config, desired: &Desired) -> Context {
+    let defaults = Defaults {
+        timeout_connect: "500ms".into(),
+        timeout_client: "1m".into(),
+        timeout_server: "1m".into(),
+        timeout_http_request: "10s".into(),
+        timeout_http_keep_alive: "10s".into(),
+        timeout_queue: "5s".into(),
+        retries: 3,
+        hard_stop_after: millis(config.stop_timeout),
+        error_limit: 5,
+    };
+    let services = config
+        .services
+        .iter()
+        .map(|s| ServiceContext {
+            name: s.name.clone(),
+            port: s.port,
+            mode: s.mode,
+            servers: desired
+                .get(&s.name)
+                .map(|b| {
+                    b.values()
+                        .map(|d| ServerContext {
+                            name: d.name.clone(),
+                            address: d.address.clone(),
+                            port: d.port,
+                            weight: d.weight,
+                            version: d.version.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            server_options: server_options(s.mode, &config.checks, defaults.error_limit),
+        })
+        .collect();
+    let path = |name: &str| config.run_dir.join(name).display().to_string();
+    Context {
+        bind: host(config.bind),
+        services,
+        http_port: config.http_port,
+        http_services: config
+            .services
+            .iter()
+            .filter(|s| s.mode == Mode::Http)
+            .map(|s| s.name.clone())
+            .collect(),
+        admin: config.admin.map(|a| AdminContext {
+            address: host(a.ip()),
+            port: a.port(),
+        }),
+        admin_socket: path("admin.sock"),
+        master_socket: path("master.sock"),
+        state_file: path("server-state"),
+        ambassador_socket: path("ambassador.sock"),
+        checks: ChecksContext {
+            mode: match config.checks {
+                Checks::Off => "off",
+                Checks::Tcp => "tcp",
+                Checks::Http(_) => "http",
+            }
+            .into(),
+            http_path: match &config.checks {
+                Checks::Http(p) => Some(p.clone()),
+                _ => None,
+            },
+        },
+        defaults,
+    }
+}
+
+/// The template text to use: the user's file, or the embedded default.
+pub fn template_text(config: &Config) -> &str {
+    config
+        .template
+        .as_ref()
+        .map(|(_, t)| t.as_str())
+        .unwrap_or(DEFAULT_TEMPLATE)
+}
+
+/// Where the rendered file goes.
+pub fn config_path(run_dir: &Path) -> std::path::PathBuf {
+    run_dir.join("haproxy.cfg")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServiceRoute;
+    use crate::plan::DesiredServer;
+
+    pub(crate) fn sample() -> (Config, Desired) {
+        let mut c = Config::new(vec![
+            ServiceRoute {
+                name: "emitter".into(),
+                port: Some(8000),
+                mode: Mode::Http,
+            },
+            ServiceRoute {
+                name: "transform".into(),
+                port: None,
+                mode: Mode::Http,
+            },
+            ServiceRoute {
+                name: "db".into(),
+                port: Some(5432),
+                mode: Mode::Tcp,
+            },
+        ]);
+        c.http_port = Some(8080);
+        c.run_dir = "/run/baker".into();
+        let mut d = Desired::new();
+        let srv = |name: &str, port, weight, version: &str| DesiredServer {
+            name: name.into(),
+            address: "10.0.0.2".into(),
+            port,
+            weight,
+            version: version.into(),
+        };
+        d.insert(
+            "emitter".into(),
+            [
+                ("a".into(), srv("a", 8080, 231, "1")),
+                ("b".into(), srv("b", 8081, 26, "2")),
+            ]
+            .into(),
+        );
+        d.insert("transform".into(), Default::default());
+        d.insert(
+            "db".into(),
+            [("db-1".into(), srv("db-1", 5432, 100, "1"))].into(),
+        );
+        (c, d)
+    }
+
+    #[test]
+    fn default_rendering_matches_golden_file() {
+        let (c, d) = sample();
+        let out = Renderer::new(DEFAULT_TEMPLATE)
+            .unwrap()
+            .render(&context(&c, &d))
+            .unwrap();
+        let golden_path = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/default.cfg");
+        if std::env::var_os("BAKER_BLESS").is_some() {
+            std::fs::write(golden_path, &out).unwrap();
+        }
+        let golden = std::fs::read_to_string(golden_path).unwrap();
+        assert_eq!(
+            out, golden,
+            "rendering changed; BAKER_BLESS=1 rewrites testdata/default.cfg"
+        );
+    }
+
+    #[test]
+    fn golden_file_is_valid_haproxy_configuration() {
+        let bin = crate::config::default_haproxy();
+        if !bin.exists() {
+            panic!("this test needs HAProxy at {}", bin.display());
+        }
+        let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/default.cfg");
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(golden)
+            .unwrap()
+            .replace("/run/baker/", &format!("{}/", dir.path().display()));
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new(bin)
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn bad_templates_are_reported() {
+        assert!(matches!(
+            Renderer::new("{% for %}"),
+            Err(RenderError::Parse(_))
+        ));
+        let r = Renderer::new("{{ nosuch.field }}").unwrap();
+        let (c, d) = sample();
+        let e = r.render(&context(&c, &d)).unwrap_err();
+        assert!(e.to_string().contains("nosuch"), "{e}");
+    }
+}

@@ -1,0 +1,322 @@
+//! HAProxy's runtime API over a unix socket (the admin stats socket, or the master CLI), and
+//! parsers for the answers the ambassador reads.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// How long one command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot talk to HAProxy on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HAProxy did not answer {command:?} on {path} in time")]
+    Timeout { path: String, command: String },
+    #[error("HAProxy refused {command:?}: {answer}")]
+    Refused { command: String, answer: String },
+    #[error("cannot read HAProxy's answer to {command:?}: {message}")]
+    Parse { command: String, message: String },
+}
+
+/// A socket speaking HAProxy's CLI: one command per connection.
+#[derive(Debug, Clone)]
+pub struct Socket {
+    path: PathBuf,
+}
+
+impl Socket {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Socket { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends `command` and returns the whole answer. The write half is closed after the
+    /// command, which the master CLI needs before it answers.
+    pub async fn command(&self, command: &str) -> Result<String, ApiError> {
+        let io = |source| ApiError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let fut = async {
+            let mut s = UnixStream::connect(&self.path).await.map_err(io)?;
+            s.write_all(format!("{command}\n").as_bytes())
+                .await
+                .map_err(io)?;
+            s.shutdown().await.map_err(io)?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.map_err(io)?;
+            Ok(out)
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, fut)
+            .await
+            .map_err(|_| ApiError::Timeout {
+                path: self.path.display().to_string(),
+                command: command.to_owned(),
+            })?
+    }
+
+    /// Sends a command whose success is an empty answer or one of `ok` answers.
+    pub async fn expect(&self, command: &str, ok: &[&str]) -> Result<(), ApiError> {
+        let answer = self.command(command).await?;
+        let a = answer.trim();
+        if a.is_empty() || ok.iter().any(|o| a.starts_with(o)) {
+            Ok(())
+        } else {
+            Err(ApiError::Refused {
+                command: command.to_owned(),
+                answer: a.to_owned(),
+            })
+        }
+    }
+
+    /// `show servers state`, parsed.
+    pub async fn servers_state(&self) -> Result<Running, ApiError> {
+        let cmd = "show servers state";
+        let text = self.command(cmd).await?;
+        parse_servers_state(&text).map_err(|message| ApiError::Parse {
+            command: cmd.into(),
+            message,
+        })
+    }
+
+    /// Current sessions per server (`show stat`).
+    pub async fn sessions(&self) -> Result<BTreeMap<(String, String), u64>, ApiError> {
+        let cmd = "show stat -1 4 -1";
+        let text = self.command(cmd).await?;
+        parse_stat_sessions(&text).map_err(|message| ApiError::Parse {
+            command: cmd.into(),
+            message,
+        })
+    }
+
+    /// `show proc` on the master CLI, parsed.
+    pub async fn proc_info(&self) -> Result<ProcInfo, ApiError> {
+        let cmd = "show proc";
+        let text = self.command(cmd).await?;
+        parse_show_proc(&text).map_err(|message| ApiError::Parse {
+            command: cmd.into(),
+            message,
+        })
+    }
+}
+
+/// A server as HAProxy runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningServer {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    /// The user weight (what `set server ... weight` changes).
+    pub weight: u16,
+    /// In maintenance (forced, inherited, or from the configuration).
+    pub maint: bool,
+    /// Draining: no new traffic, existing connections continue.
+    pub drain: bool,
+    /// Operationally up (HAProxy's own view: checks, observed errors).
+    pub up: bool,
+}
+
+/// Every backend's servers, as HAProxy runs them.
+pub type Running = BTreeMap<String, BTreeMap<String, RunningServer>>;
+
+// srv_admin_state bits (HAProxy's `enum srv_admin`).
+const ADMF_FMAINT: u32 = 0x01;
+const ADMF_IMAINT: u32 = 0x02;
+const ADMF_CMAINT: u32 = 0x04;
+const ADMF_FDRAIN: u32 = 0x08;
+const ADMF_IDRAIN: u32 = 0x10;
+const ADMF_RMAINT: u32 = 0x20;
+
+/// Parses `show servers state` (format version 1).
+pub fn parse_servers_state(text: &str) -> Result<Running, String> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    match lines.next().map(str::trim) {
+        Some("1") => {}
+        Some(other) => return Err(format!("unknown format version {other:?}")),
+        None => return Err("empty answer".into()),
+    }
+    let mut out = Running::new();
+    for line in lines {
+        if line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 19 {
+            return Err(format!("short line {line:?}"));
+        }
+        let num = |i: usize| -> Result<u32, String> {
+            f[i].parse()
+                .map_err(|_| format!("bad number {:?} in {line:?}", f[i]))
+        };
+        let admin = num(6)?;
+        let server = RunningServer {
+            name: f[3].to_owned(),
+            address: f[4].to_owned(),
+            port: num(18)? as u16,
+            weight: num(7)? as u16,
+            maint: admin & (ADMF_FMAINT | ADMF_IMAINT | ADMF_CMAINT | ADMF_RMAINT) != 0,
+            drain: admin & (ADMF_FDRAIN | ADMF_IDRAIN) != 0,
+            up: num(5)? == 2,
+        };
+        out.entry(f[1].to_owned())
+            .or_default()
+            .insert(server.name.clone(), server);
+    }
+    Ok(out)
+}
+
+/// Parses the CSV of `show stat` into current sessions per (backend, server).
+pub fn parse_stat_sessions(text: &str) -> Result<BTreeMap<(String, String), u64>, String> {
+    let mut lines = text.lines();
+    let header = lines.next().ok_or("empty answer")?;
+    let cols: Vec<&str> = header.trim_start_matches("# ").split(',').collect();
+    let scur = cols
+        .iter()
+        .position(|c| *c == "scur")
+        .ok_or("no scur column")?;
+    let mut out = BTreeMap::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() <= scur || f[1] == "BACKEND" || f[1] == "FRONTEND" {
+            continue;
+        }
+        let n = f[scur].parse().unwrap_or(0);
+        out.insert((f[0].to_owned(), f[1].to_owned()), n);
+    }
+    Ok(out)
+}
+
+/// The master's view of its processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub master_pid: u32,
+    /// Reloads since the master started.
+    pub reloads: u64,
+    /// Reloads that failed (the previous worker kept running).
+    pub failed_reloads: u64,
+    /// Current workers' pids.
+    pub workers: Vec<u32>,
+    /// Workers of a previous generation still finishing their connections.
+    pub old_workers: Vec<u32>,
+}
+
+/// Parses `show proc` from the master CLI.
+pub fn parse_show_proc(text: &str) -> Result<ProcInfo, String> {
+    let mut info = ProcInfo {
+        master_pid: 0,
+        reloads: 0,
+        failed_reloads: 0,
+        workers: vec![],
+        old_workers: vec![],
+    };
+    let mut section = "";
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("#<PID>") || t.is_empty() {
+            continue;
+        }
+        if let Some(s) = t.strip_prefix('#') {
+            section = match s.trim() {
+                "workers" => "workers",
+                "old workers" => "old",
+                _ => "other",
+            };
+            continue;
+        }
+        let f: Vec<&str> = t.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        let pid: u32 = f[0].parse().map_err(|_| format!("bad pid in {t:?}"))?;
+        match (f[1], section) {
+            ("master", _) => {
+                info.master_pid = pid;
+                info.reloads = f[2].parse().map_err(|_| format!("bad reloads in {t:?}"))?;
+                if let Some(i) = t.find("failed:") {
+                    let rest = t[i + 7..].trim_start();
+                    let n: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    info.failed_reloads = n.parse().unwrap_or(0);
+                }
+            }
+            ("worker", "old") => info.old_workers.push(pid),
+            ("worker", _) => info.workers.push(pid),
+            _ => {}
+        }
+    }
+    if info.master_pid == 0 {
+        return Err("no master line".into());
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATE: &str = "1
+# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port
+3 b 1 a 127.0.0.1 2 0 10 10 0 6 3 2 6 0 0 0 - 18100 - 0 0 - - 0
+3 b 2 x 127.0.0.1 2 8 20 20 1 6 3 2 6 0 0 0 - 18101 - 0 0 - - 0
+3 b 3 y 127.0.0.1 0 1 20 20 1 8 2 0 6 0 0 0 - 18102 - 0 0 - - 0
+5 c 1 z ::1 2 0 1 1 1 8 2 0 6 0 0 0 - 80 - 0 0 - - 0
+";
+
+    #[test]
+    fn servers_state() {
+        let r = parse_servers_state(STATE).unwrap();
+        assert_eq!(r["b"].len(), 3);
+        let a = &r["b"]["a"];
+        assert_eq!(
+            (a.port, a.weight, a.maint, a.drain, a.up),
+            (18100, 10, false, false, true)
+        );
+        assert!(r["b"]["x"].drain && !r["b"]["x"].maint);
+        assert!(r["b"]["y"].maint && !r["b"]["y"].up);
+        assert_eq!(r["c"]["z"].address, "::1");
+        assert!(parse_servers_state("1\n").unwrap().is_empty());
+        assert!(parse_servers_state("Unknown command\n").is_err());
+    }
+
+    #[test]
+    fn show_proc() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>
+12833           master          2 [failed: 1]   0d00h00m21s     2.6.12-1+deb12u4
+# workers
+14187           worker          0               0d00h00m00s     2.6.12-1+deb12u4
+# old workers
+14004           worker          1               0d00h00m10s     2.6.12-1+deb12u4
+# programs
+";
+        let p = parse_show_proc(text).unwrap();
+        assert_eq!(
+            p,
+            ProcInfo {
+                master_pid: 12833,
+                reloads: 2,
+                failed_reloads: 1,
+                workers: vec![14187],
+                old_workers: vec![14004]
+            }
+        );
+    }
+
+    #[test]
+    fn stat_sessions() {
+        let text = "# pxname,svname,qcur,qmax,scur,smax\nb,a,0,0,3,5\nb,BACKEND,0,0,3,5\n";
+        let s = parse_stat_sessions(text).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[&("b".to_string(), "a".to_string())], 3);
+    }
+}
