@@ -91,7 +91,7 @@ pub enum Command {
     /// the directory goes away, saying so on stderr, and prints only what changed meanwhile.
     /// With --json, prints the directory's events as they come (NDJSON, pings included).
     Watch {
-        /// Start each line with the time it was printed (RFC 3339, UTC).
+        /// Start each human line with the time it was printed (RFC 3339, UTC).
         #[arg(short = 't', long)]
         timestamps: bool,
     },

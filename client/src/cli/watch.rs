@@ -197,7 +197,8 @@ fn emit(
     if lines.is_empty() {
         return Ok(());
     }
-    let stamp = if timestamps {
+    // NDJSON stays NDJSON: the events carry their own order (`index`).
+    let stamp = if timestamps && !ctx.json() {
         format!("{} ", humantime::format_rfc3339_seconds(SystemTime::now()))
     } else {
         String::new()
