@@ -1,0 +1,301 @@
+//! Keeping the directory in step with the app's health: register and heartbeat while it is up,
+//! deregister the moment it goes down and before the registrar stops, and retry forever (capped,
+//! jittered backoff) while the directory is away.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use baker_client::backoff::Backoff;
+use baker_client::model::InstanceSpec;
+use baker_client::{ClientError, DirectoryClient};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::health::Status;
+use crate::probe::chain;
+use crate::target::{authority, Advertise};
+
+/// How long a stopping registrar keeps trying to deregister before it gives up (and leaves the
+/// registration to expire with its TTL). Below Docker's default stop grace of 10 s.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
+/// First retry delay when the directory cannot be reached; the delay doubles up to the probe
+/// interval, so the registration is back within one interval of the directory being back.
+pub const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// The registration of one instance, and the client that keeps it.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    client: DirectoryClient,
+    service: String,
+    id: String,
+    advertise: Advertise,
+    version: String,
+    weight: u16,
+    tags: Vec<String>,
+    ttl: Duration,
+    interval: Duration,
+    request_timeout: Duration,
+}
+
+impl Registration {
+    pub fn new(config: &Config) -> Result<Self, ClientError> {
+        Ok(Self {
+            client: DirectoryClient::new(&config.directory, config.token.clone())?,
+            service: config.service.clone(),
+            id: config.id.clone(),
+            advertise: config.advertise.clone(),
+            version: config.version.clone(),
+            weight: config.weight,
+            tags: config.tags.clone(),
+            ttl: config.ttl(),
+            interval: config.interval,
+            request_timeout: config
+                .interval
+                .clamp(Duration::from_secs(1), Duration::from_secs(5)),
+        })
+    }
+
+    /// `<service>/<id>`, as logs name the instance.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.service, self.id)
+    }
+
+    /// The address to register: the advertised host, resolved to an IP when it is a name the
+    /// registrar was told to resolve (IPv4 preferred).
+    async fn address(&self) -> Result<String, String> {
+        if !self.advertise.resolve {
+            return Ok(self.advertise.host.clone());
+        }
+        let addrs: Vec<IpAddr> =
+            tokio::net::lookup_host((self.advertise.host.as_str(), self.advertise.port))
+                .await
+                .map_err(|e| format!("cannot resolve {}: {e}", self.advertise.host))?
+                .map(|a| a.ip())
+                .collect();
+        addrs
+            .iter()
+            .find(|ip| ip.is_ipv4())
+            .or_else(|| addrs.first())
+            .map(IpAddr::to_string)
+            .ok_or_else(|| format!("{} resolves to no address", self.advertise.host))
+    }
+
+    fn spec(&self, address: String) -> InstanceSpec {
+        InstanceSpec {
+            address,
+            port: u64::from(self.advertise.port),
+            version: Some(self.version.clone()),
+            weight: Some(u64::from(self.weight)),
+            tags: self.tags.clone(),
+            ttl_ms: Some(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+
+    /// One register-or-heartbeat; returns the registered address.
+    async fn register(&self) -> Result<String, String> {
+        let address = self.address().await?;
+        let spec = self.spec(address.clone());
+        match tokio::time::timeout(
+            self.request_timeout,
+            self.client.register(&self.service, &self.id, &spec),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(address),
+            Ok(Err(e)) => Err(chain(&e)),
+            Err(_) => Err(format!("no answer within {:?}", self.request_timeout)),
+        }
+    }
+
+    async fn deregister(&self) -> Result<(), String> {
+        match tokio::time::timeout(
+            self.request_timeout,
+            self.client.deregister(&self.service, &self.id),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(chain(&e)),
+            Err(_) => Err(format!("no answer within {:?}", self.request_timeout)),
+        }
+    }
+
+    /// Follows `status` until `shutdown`: registers and heartbeats every interval while it is
+    /// `Up`, deregisters once each time it turns `Down`; then, if anything may be registered,
+    /// deregisters before returning.
+    pub async fn run(self, mut status: watch::Receiver<Status>, shutdown: CancellationToken) {
+        let name = self.name();
+        let directory = self.client.base().to_owned();
+        let mut backoff = Backoff::new(FIRST_RETRY, self.interval.max(FIRST_RETRY));
+        let mut outage = Outage::default();
+        // The address the directory holds for us, when the last PUT succeeded.
+        let mut registered: Option<String> = None;
+        // A PUT was sent since the last successful DELETE: the directory may hold us.
+        let mut maybe_registered = false;
+        let mut delete_pending = false;
+        let mut last = Status::Starting;
+
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let now_status = *status.borrow_and_update();
+            if now_status == Status::Down && last != Status::Down {
+                delete_pending = true;
+            }
+            last = now_status;
+
+            let mut next: Option<Instant> = None;
+            match now_status {
+                Status::Up => {
+                    maybe_registered = true;
+                    let attempt = tokio::select! {
+                        r = self.register() => Some(r),
+                        changed = status.changed() => {
+                            if changed.is_err() {
+                                break;
+                            }
+                            None
+                        }
+                        () = shutdown.cancelled() => break,
+                    };
+                    match attempt {
+                        Some(Ok(address)) => {
+                            outage.recovered(&directory);
+                            if registered.as_deref() != Some(address.as_str()) {
+                                tracing::info!(
+                                    "registered {name} at {} with {directory} (version {}, weight {}, ttl {:?})",
+                                    authority(&address, self.advertise.port),
+                                    self.version,
+                                    self.weight,
+                                    self.ttl
+                                );
+                            }
+                            registered = Some(address);
+                            backoff.reset();
+                            next = Some(Instant::now() + jitter(self.interval, 0.9, 1.0));
+                        }
+                        Some(Err(e)) => {
+                            registered = None;
+                            outage.failed(&format!("cannot register {name} with {directory}"), e);
+                            next = Some(Instant::now() + backoff.next_delay());
+                        }
+                        None => continue,
+                    }
+                }
+                Status::Down if delete_pending => {
+                    registered = None;
+                    let attempt = tokio::select! {
+                        r = self.deregister() => r,
+                        () = shutdown.cancelled() => break,
+                    };
+                    match attempt {
+                        Ok(()) => {
+                            outage.recovered(&directory);
+                            tracing::info!("deregistered {name} from {directory}");
+                            delete_pending = false;
+                            maybe_registered = false;
+                            backoff.reset();
+                        }
+                        Err(e) => {
+                            outage.failed(&format!("cannot deregister {name} from {directory}"), e);
+                            next = Some(Instant::now() + backoff.next_delay());
+                        }
+                    }
+                }
+                Status::Down | Status::Starting => {}
+            }
+
+            let wait = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                () = wait => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+
+        if maybe_registered || delete_pending {
+            self.deregister_before_stop(&name, &directory).await;
+        }
+    }
+
+    async fn deregister_before_stop(&self, name: &str, directory: &str) {
+        tracing::info!("stopping: deregistering {name} from {directory}");
+        let deadline = Instant::now() + STOP_DEADLINE;
+        let mut backoff = Backoff::new(FIRST_RETRY, Duration::from_secs(1));
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = match tokio::time::timeout(left, self.deregister()).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {STOP_DEADLINE:?}")),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!("deregistered {name} from {directory}");
+                    return;
+                }
+                Err(e) if Instant::now() + FIRST_RETRY >= deadline => {
+                    tracing::warn!(
+                        "could not deregister {name} from {directory} within {STOP_DEADLINE:?} ({e}): \
+                         the directory drops it when its ttl of {:?} runs out",
+                        self.ttl
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("deregistering {name}: {e}; retrying");
+                    let delay = backoff
+                        .next_delay()
+                        .min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+/// Logs a failing directory once per distinct error, not once per retry.
+#[derive(Debug, Default)]
+struct Outage {
+    error: Option<String>,
+    attempts: u32,
+}
+
+impl Outage {
+    fn failed(&mut self, what: &str, error: String) {
+        self.attempts += 1;
+        if self.error.as_deref() != Some(error.as_str()) {
+            tracing::warn!("{what}: {error}; retrying");
+            self.error = Some(error);
+        } else {
+            tracing::debug!("{what}: {error}; retrying (attempt {})", self.attempts);
+        }
+    }
+
+    fn recovered(&mut self, directory: &str) {
+        if self.error.take().is_some() {
+            tracing::info!(
+                "the directory at {directory} answers again (after {} failed attempts)",
+                self.attempts
+            );
+        }
+        self.attempts = 0;
+    }
+}
+
+/// `d` scaled by a random factor in `lo..hi`, so that registrars started together spread out.
+pub fn jitter(d: Duration, lo: f64, hi: f64) -> Duration {
+    use rand::Rng;
+    d.mul_f64(rand::rng().random_range(lo..hi))
+}
