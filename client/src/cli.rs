@@ -82,7 +82,11 @@ pub struct Ctx {
 impl Ctx {
     /// A client of the directory named by `--directory` / `BAKER_DIRECTORY`.
     pub fn client(&self) -> Result<DirectoryClient, Failure> {
-        DirectoryClient::new(&self.global.directory, self.global.token.clone()).map_err(|_| {
+        let directory = match self.global.directory.trim() {
+            "" => baker_client::api::DEFAULT_DIRECTORY,
+            d => d,
+        };
+        DirectoryClient::new(directory, self.global.token.clone()).map_err(|_| {
             Failure::Config(format!(
                 "--directory / BAKER_DIRECTORY must be an http:// URL such as {}, got {:?}",
                 baker_client::api::DEFAULT_DIRECTORY,

@@ -37,7 +37,7 @@ pub struct Cli {
 /// Options every command accepts.
 #[derive(Debug, Clone, Args)]
 pub struct Global {
-    /// The directory's URL.
+    /// The directory's URL (empty means the default).
     #[arg(
         long,
         global = true,
@@ -96,8 +96,10 @@ pub enum Command {
         timestamps: bool,
     },
 
-    /// Register an instance (or heartbeat it again). It expires after its TTL unless
-    /// registered again; a registrar sidecar does this for you.
+    /// Register an instance, or renew its registration.
+    ///
+    /// The instance expires after its TTL (--ttl, 6s by default) unless registered again; a
+    /// registrar sidecar does this for you. Registering an existing id replaces its fields.
     Register(RegisterArgs),
 
     /// Deregister an instance now.
