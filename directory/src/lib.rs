@@ -1,1 +1,97 @@
-//! Baker's directory: the rendezvous of live instances and canary routes
+//! Baker's directory: the rendezvous of live instances and canary routes.
+//!
+//! Registrars register instances over HTTP and renew them with heartbeats; instances that fall
+//! silent expire after their TTL. Operators set canary routes, which persist across restarts.
+//! Ambassadors watch the table as an NDJSON stream: a snapshot, then one event per change.
+//!
+//! - [`config`]: `BAKER_*` variables into a [`Config`].
+//! - [`registry`]: the table of instances and routes, its index, TTL timer and event feed.
+//! - [`routes`]: `routes.json`, written atomically, loaded at start.
+//! - [`watch`]: the watch stream, with bounded per-watcher queues.
+//! - [`api`]: HTTP handlers, bearer-token checks, body limits and JSON errors.
+//! - [`server`]: the accept loop (connection limit, header timeout, graceful shutdown).
+//! - [`metrics`]: Prometheus metrics for `GET /metrics`.
+//! - [`docker`]: discovery of containers labelled `baker.service`, from the Docker API.
+//!
+//! [`run`] ties them together; the `baker-directory` binary only reads the configuration,
+//! binds the listener and handles signals.
+
+pub mod api;
+pub mod config;
+pub mod docker;
+pub mod metrics;
+pub mod registry;
+pub mod routes;
+pub mod server;
+pub mod watch;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, DockerMode};
+pub use registry::Registry;
+
+/// What can stop the directory from running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot load the routes")]
+    Routes(#[from] routes::StoreError),
+    #[error("cannot read the listener's address")]
+    Listener(#[source] std::io::Error),
+}
+
+/// Runs the directory on `listener` until `shutdown` is cancelled.
+///
+/// Loads the persisted routes from `config.data` first: a corrupt `routes.json` is an error
+/// returned before anything is served. On shutdown, stops accepting, ends every watch stream,
+/// lets in-flight requests finish within `config.shutdown_grace`, and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let store = routes::RouteStore::open(&config.data)?;
+    let loaded = store.load()?;
+    tracing::info!(
+        "{} route(s) loaded from {}",
+        loaded.len(),
+        store.path().display()
+    );
+    let metrics = Arc::new(metrics::Metrics::new());
+    let registry = Registry::new(store, loaded, metrics, config.watch_backlog_lines);
+    let discovery = docker::enabled(config.docker).then(|| {
+        tokio::spawn(docker::run(registry.clone(), config.docker_network.clone(), shutdown.clone()))
+    });
+    if config.token.is_none() {
+        tracing::info!("no BAKER_TOKEN: mutating calls need no token");
+    }
+    let expiry = tokio::spawn(registry.clone().run_expiry(shutdown.clone()));
+    let state = api::AppState {
+        registry,
+        token: config.token.as_deref().map(Arc::from),
+        watch: watch::Limits {
+            ping: config.watch_ping,
+            backlog_lines: config.watch_backlog_lines,
+            backlog_bytes: config.watch_backlog_bytes,
+        },
+        shutdown: shutdown.clone(),
+    };
+    let app = api::router(state, config.request_timeout);
+    let addr = listener.local_addr().map_err(Error::Listener)?;
+    tracing::info!("listening on {addr}");
+    let limits = server::Limits {
+        max_connections: config.max_connections,
+        header_timeout: config.request_timeout,
+        grace: config.shutdown_grace,
+    };
+    server::serve(listener, app, limits, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = expiry.await;
+    if let Some(discovery) = discovery {
+        let _ = discovery.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

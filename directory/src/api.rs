@@ -1,0 +1,358 @@
+//! The HTTP API: routes, handlers, authentication, request bodies and JSON errors.
+//!
+//! Client mistakes get a 4xx with `{"error": "..."}` naming the field at fault; internal faults
+//! get a bare 500 and are logged. Every mutating call checks the bearer token first (when one
+//! is configured), then the names in the path, then the body.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE,
+};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Extension, Json, Router};
+use baker_client::model::{
+    validate_name, validate_route, ErrorBody, Instance, InstanceSpec, RouteResponse,
+    RoutesResponse, ServiceResponse, ServicesResponse, Source, ValidationError,
+};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::Registry;
+use crate::server::ConnInfo;
+use crate::watch;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    /// The bearer token mutating calls need, if any.
+    pub token: Option<Arc<str>>,
+    pub watch: watch::Limits,
+    /// Cancelled when the directory shuts down: watch streams end.
+    pub shutdown: CancellationToken,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized(&'static str),
+    NotFound(String),
+    MethodNotAllowed(String),
+    TooLarge,
+    Timeout(Duration),
+    /// A fault of the directory: logged, answered with a bare 500.
+    Internal(anyhow::Error),
+}
+
+impl ApiError {
+    fn invalid(errors: Vec<ValidationError>) -> ApiError {
+        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        ApiError::BadRequest(list.join("; "))
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::BadRequest(format!("bad path: {}", r.body_text()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unauthorized(m) => {
+                let body = Json(ErrorBody { error: m.into() });
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(WWW_AUTHENTICATE, "Bearer")],
+                    body,
+                )
+                    .into_response();
+            }
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
+            ApiError::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {} KiB", MAX_BODY / 1024),
+            ),
+            ApiError::Timeout(d) => (
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request took longer than {d:?}"),
+            ),
+            ApiError::Internal(e) => {
+                tracing::error!("internal error: {e:#}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+            }
+        };
+        (status, Json(ErrorBody { error: message })).into_response()
+    }
+}
+
+/// The directory's routes (the watch stream is exempt from the request timeout).
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let timed = Router::new()
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{service}", get(get_service))
+        .route(
+            "/v1/services/{service}/instances/{id}",
+            put(put_instance).delete(delete_instance),
+        )
+        .route("/v1/routes", get(list_routes))
+        .route(
+            "/v1/routes/{service}",
+            get(get_route).put(put_route).delete(delete_route),
+        )
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(request_timeout, deadline));
+    Router::new()
+        .route("/v1/watch", get(watch))
+        .merge(timed)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Timeout(limit).into_response(),
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no such endpoint: {method} {} (names in paths are single segments: `/` is not allowed)",
+        uri.path()
+    ))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+impl AppState {
+    /// Checks the bearer token of a mutating call, in constant time.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let Some(value) = headers.get(AUTHORIZATION) else {
+            return Err(ApiError::Unauthorized(
+                "missing bearer token: send `Authorization: Bearer <BAKER_TOKEN>`",
+            ));
+        };
+        let value = value.as_bytes();
+        let presented = match value.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => value[7..].trim_ascii(),
+            _ => {
+                return Err(ApiError::Unauthorized(
+                    "the Authorization header must be `Bearer <BAKER_TOKEN>`",
+                ))
+            }
+        };
+        if bool::from(presented.ct_eq(token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized("wrong bearer token"))
+        }
+    }
+}
+
+/// Checks the names taken from the path, reporting every bad one.
+fn check_names(names: &[(&str, &str)]) -> Result<(), ApiError> {
+    let errors: Vec<ValidationError> = names
+        .iter()
+        .filter_map(|(field, value)| validate_name(field, value).err())
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(errors))
+    }
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes.
+async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(ApiError::TooLarge);
+    }
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(ApiError::TooLarge),
+        Err(e) => {
+            return Err(ApiError::BadRequest(format!(
+                "could not read the request body: {e}"
+            )))
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "the request body is empty: a JSON object is expected".into(),
+        ));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+async fn put_instance(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Instance>, ApiError> {
+    app.authorize(&headers)?;
+    let Path((service, id)) = path?;
+    check_names(&[("service", &service), ("id", &id)])?;
+    let spec: InstanceSpec = read_json(&headers, body).await?;
+    let spec = spec.validate().map_err(ApiError::invalid)?;
+    Ok(Json(app.registry.upsert(
+        &service,
+        &id,
+        spec,
+        Source::Registrar,
+    )))
+}
+
+async fn delete_instance(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<Instance>, ApiError> {
+    app.authorize(&headers)?;
+    let Path((service, id)) = path?;
+    check_names(&[("service", &service), ("id", &id)])?;
+    app.registry
+        .take(&service, &id)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no instance {id} of service {service}")))
+}
+
+async fn list_services(State(app): State<AppState>) -> Json<ServicesResponse> {
+    Json(app.registry.services())
+}
+
+async fn get_service(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<ServiceResponse>, ApiError> {
+    let Path(service) = path?;
+    check_names(&[("service", &service)])?;
+    app.registry.service(&service).map(Json).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no service {service}: it has no live instance and no route"
+        ))
+    })
+}
+
+async fn list_routes(State(app): State<AppState>) -> Json<RoutesResponse> {
+    Json(app.registry.routes())
+}
+
+async fn get_route(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<RouteResponse>, ApiError> {
+    let Path(service) = path?;
+    check_names(&[("service", &service)])?;
+    let routes = app.registry.routes();
+    match routes.routes.get(&service) {
+        Some(route) => Ok(Json(RouteResponse {
+            index: routes.index,
+            service,
+            route: Some(route.clone()),
+        })),
+        None => Err(ApiError::NotFound(format!(
+            "service {service} has no route"
+        ))),
+    }
+}
+
+async fn put_route(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<RouteResponse>, ApiError> {
+    app.authorize(&headers)?;
+    let Path(service) = path?;
+    check_names(&[("service", &service)])?;
+    let splits: BTreeMap<String, u64> = read_json(&headers, body).await?;
+    let route = validate_route(&splits).map_err(ApiError::invalid)?;
+    match app.registry.set_route(&service, Some(route)).await {
+        Ok(Some(resp)) => Ok(Json(resp)),
+        Ok(None) => Err(ApiError::Internal(anyhow::anyhow!(
+            "setting the route of {service} reported no route"
+        ))),
+        Err(e) => Err(ApiError::Internal(
+            anyhow::Error::new(e).context(format!("saving the route of {service}")),
+        )),
+    }
+}
+
+async fn delete_route(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<RouteResponse>, ApiError> {
+    app.authorize(&headers)?;
+    let Path(service) = path?;
+    check_names(&[("service", &service)])?;
+    match app.registry.set_route(&service, None).await {
+        Ok(Some(resp)) => Ok(Json(resp)),
+        Ok(None) => Err(ApiError::NotFound(format!(
+            "service {service} has no route"
+        ))),
+        Err(e) => Err(ApiError::Internal(
+            anyhow::Error::new(e).context(format!("clearing the route of {service}")),
+        )),
+    }
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        app.registry.metrics().encode(),
+    )
+        .into_response()
+}
+
+async fn watch(State(app): State<AppState>, conn: Option<Extension<ConnInfo>>) -> Response {
+    let (close, peer) = match conn {
+        Some(Extension(c)) => (c.close, c.peer.to_string()),
+        None => (CancellationToken::new(), "unknown".to_owned()),
+    };
+    let body = watch::open(&app.registry, app.watch, close, app.shutdown.clone(), peer);
+    (
+        [
+            (CONTENT_TYPE, watch::CONTENT_TYPE),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,161 @@
+//! The directory's Prometheus metrics, served as OpenMetrics text on `GET /metrics`.
+
+use baker_client::model::Source;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Content type of the `/metrics` answer.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
+impl From<Source> for SourceLabel {
+    fn from(s: Source) -> Self {
+        SourceLabel {
+            source: match s {
+                Source::Registrar => "registrar",
+                Source::Docker => "docker",
+            },
+        }
+    }
+}
+
+/// Every metric, updated where the thing it counts happens. Cheap atomics; share by `Arc`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Live instances per service (the label disappears with the service's last instance).
+    pub instances: Family<ServiceLabel, Gauge>,
+    /// Instances that appeared, by source.
+    pub registrations: Family<SourceLabel, Counter>,
+    /// Instances removed on request (or because the Docker engine said so), by source.
+    pub deregistrations: Family<SourceLabel, Counter>,
+    /// Instances removed because their TTL ran out.
+    pub expiries: Counter,
+    /// Upserts of an instance that was already registered.
+    pub heartbeats: Counter,
+    /// Changes to the table (the index).
+    pub changes: Counter,
+    /// Routes currently set.
+    pub routes: Gauge,
+    /// Open watch streams.
+    pub watchers: Gauge,
+    /// Watchers disconnected because they did not keep up.
+    pub watchers_dropped: Counter,
+    /// Lines (snapshots, events, pings) handed to watch streams.
+    pub watch_events: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("baker_directory");
+        let m = Metrics {
+            instances: Family::default(),
+            registrations: Family::default(),
+            deregistrations: Family::default(),
+            expiries: Counter::default(),
+            heartbeats: Counter::default(),
+            changes: Counter::default(),
+            routes: Gauge::default(),
+            watchers: Gauge::default(),
+            watchers_dropped: Counter::default(),
+            watch_events: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "instances",
+            "Live instances per service",
+            m.instances.clone(),
+        );
+        registry.register(
+            "registrations",
+            "Instances that appeared, by source",
+            m.registrations.clone(),
+        );
+        registry.register(
+            "deregistrations",
+            "Instances removed on request or by the Docker engine, by source",
+            m.deregistrations.clone(),
+        );
+        registry.register(
+            "expiries",
+            "Instances removed because their TTL ran out",
+            m.expiries.clone(),
+        );
+        registry.register(
+            "heartbeats",
+            "Registrations of an instance that was already registered",
+            m.heartbeats.clone(),
+        );
+        registry.register(
+            "changes",
+            "Changes to the table of instances and routes",
+            m.changes.clone(),
+        );
+        registry.register("routes", "Routes currently set", m.routes.clone());
+        registry.register("watchers", "Open watch streams", m.watchers.clone());
+        registry.register(
+            "watchers_dropped",
+            "Watch streams disconnected because the watcher did not keep up",
+            m.watchers_dropped.clone(),
+        );
+        registry.register(
+            "watch_events",
+            "Lines (snapshots, events, pings) sent to watch streams",
+            m.watch_events.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_named_metrics() {
+        let m = Metrics::new();
+        m.instances
+            .get_or_create(&ServiceLabel {
+                service: "emitter".into(),
+            })
+            .set(2);
+        m.registrations.get_or_create(&Source::Docker.into()).inc();
+        m.expiries.inc();
+        let text = m.encode();
+        for needle in [
+            "baker_directory_instances{service=\"emitter\"} 2",
+            "baker_directory_registrations_total{source=\"docker\"} 1",
+            "baker_directory_expiries_total 1",
+            "baker_directory_watchers 0",
+            "# EOF",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,865 @@
+//! The table of live instances and routes: its change index, its TTL timer and its event feed.
+//!
+//! [`Registry`] is a cheap, cloneable handle. The HTTP API and Docker discovery change the
+//! table only through it, and every real change does three things under one lock: bump the
+//! index, record the change, and publish one watch line (the service's whole new instance list,
+//! or its route). A heartbeat that changes nothing but `last_seen` is not a change: it bumps no
+//! index and publishes nothing, so the `last_seen` carried by a watch event is the time of the
+//! instance's last change, while `GET /v1/services` shows the time of its last heartbeat.
+//!
+//! Instances registered over the API ([`Source::Registrar`]) expire when no heartbeat renews
+//! them within their `ttl_ms`; [`Registry::run_expiry`] sleeps until the earliest deadline, it
+//! is not driven by reads. Instances from Docker never expire by TTL: the engine says when they
+//! go ([`Registry::remove`], [`Registry::sync_source`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use baker_client::model::{
+    Instance, Route, RouteResponse, RoutesResponse, ServiceResponse, ServicesResponse, Source,
+    ValidSpec, WatchEvent,
+};
+use bytes::Bytes;
+use tokio::sync::{broadcast, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, ServiceLabel};
+use crate::routes::{RouteStore, StoreError};
+
+/// One NDJSON line of the watch stream, serialized once and shared by every watcher.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// The index the line brings a watcher to.
+    pub index: u64,
+    /// The JSON text, newline included.
+    pub bytes: Bytes,
+}
+
+impl Line {
+    fn of(event: &WatchEvent) -> Line {
+        // Serializing strings, integers and maps of them cannot fail.
+        let mut bytes = serde_json::to_vec(event).expect("watch events always serialize");
+        bytes.push(b'\n');
+        Line {
+            index: event.index(),
+            bytes: Bytes::from(bytes),
+        }
+    }
+}
+
+/// A handle on the directory's table. Clones share the same table.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The table. A std mutex: it is never held across an await, only for in-memory updates.
+    table: Mutex<Table>,
+    /// Every change, in index order. Sent while `table` is locked, so a subscriber that takes a
+    /// snapshot under the same lock sees each change exactly once.
+    events: broadcast::Sender<Line>,
+    /// Wakes the expiry timer when a deadline earlier than all others appears.
+    wake: Notify,
+    metrics: Arc<Metrics>,
+    store: RouteStore,
+    /// Serializes route writes, so that each one persists the routes as the previous one left them.
+    route_writes: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Table {
+    index: u64,
+    services: BTreeMap<String, BTreeMap<String, Entry>>,
+    routes: BTreeMap<String, Route>,
+    /// TTL deadlines of expiring instances, earliest first.
+    deadlines: BTreeSet<(Instant, String, String)>,
+}
+
+struct Entry {
+    instance: Instance,
+    deadline: Option<Instant>,
+}
+
+/// What an upsert did to the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// A new instance.
+    Added,
+    /// An existing instance whose address, port, version, weight, tags, TTL or source changed.
+    Changed,
+    /// A heartbeat: only `last_seen` (and the TTL deadline) moved.
+    Renewed,
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Whether two instances differ in anything a consumer acts on (all but `last_seen`).
+fn same_but_last_seen(a: &Instance, b: &Instance) -> bool {
+    a.address == b.address
+        && a.port == b.port
+        && a.version == b.version
+        && a.weight == b.weight
+        && a.tags == b.tags
+        && a.source == b.source
+        && a.ttl_ms == b.ttl_ms
+}
+
+impl Table {
+    fn put(
+        &mut self,
+        service: &str,
+        id: &str,
+        spec: ValidSpec,
+        source: Source,
+        now: Instant,
+    ) -> (Instance, Outcome) {
+        let instance = Instance {
+            service: service.to_owned(),
+            id: id.to_owned(),
+            address: spec.address,
+            port: spec.port,
+            version: spec.version,
+            weight: spec.weight,
+            tags: spec.tags,
+            source,
+            ttl_ms: spec.ttl_ms,
+            last_seen: unix_millis(),
+        };
+        let deadline = match source {
+            Source::Registrar => Some(now + Duration::from_millis(spec.ttl_ms)),
+            Source::Docker => None,
+        };
+        let entries = self.services.entry(service.to_owned()).or_default();
+        let outcome = match entries.get_mut(id) {
+            Some(entry) => {
+                let outcome = if same_but_last_seen(&entry.instance, &instance) {
+                    Outcome::Renewed
+                } else {
+                    Outcome::Changed
+                };
+                if let Some(old) = entry.deadline {
+                    self.deadlines
+                        .remove(&(old, service.to_owned(), id.to_owned()));
+                }
+                entry.instance = instance.clone();
+                entry.deadline = deadline;
+                outcome
+            }
+            None => {
+                entries.insert(
+                    id.to_owned(),
+                    Entry {
+                        instance: instance.clone(),
+                        deadline,
+                    },
+                );
+                Outcome::Added
+            }
+        };
+        if let Some(d) = deadline {
+            self.deadlines
+                .insert((d, service.to_owned(), id.to_owned()));
+        }
+        (instance, outcome)
+    }
+
+    fn take(&mut self, service: &str, id: &str) -> Option<Instance> {
+        let entries = self.services.get_mut(service)?;
+        let entry = entries.remove(id)?;
+        if let Some(d) = entry.deadline {
+            self.deadlines
+                .remove(&(d, service.to_owned(), id.to_owned()));
+        }
+        Some(entry.instance)
+    }
+
+    fn instances(&self, service: &str) -> Vec<Instance> {
+        self.services
+            .get(service)
+            .map(|m| m.values().map(|e| e.instance.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    fn all_instances(&self) -> BTreeMap<String, Vec<Instance>> {
+        self.services
+            .iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(s, m)| (s.clone(), m.values().map(|e| e.instance.clone()).collect()))
+            .collect()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(d, _, _)| *d)
+    }
+}
+
+impl Registry {
+    /// A registry holding `routes` (as loaded from `store`), persisting route changes to `store`.
+    ///
+    /// `event_capacity` bounds the feed between the table and the watchers' own queues.
+    pub fn new(
+        store: RouteStore,
+        routes: BTreeMap<String, Route>,
+        metrics: Arc<Metrics>,
+        event_capacity: usize,
+    ) -> Registry {
+        let (events, _) = broadcast::channel(event_capacity.max(16));
+        metrics.routes.set(routes.len() as i64);
+        Registry {
+            inner: Arc::new(Inner {
+                table: Mutex::new(Table {
+                    routes,
+                    ..Table::default()
+                }),
+                events,
+                wake: Notify::new(),
+                metrics,
+                store,
+                route_writes: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock leaves a consistent table (each change is applied
+        // before it is published), so a poisoned lock is still usable.
+        self.inner
+            .table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The metrics this registry updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Bumps the index and publishes `service`'s whole instance list. Called with the lock held.
+    fn publish_service(&self, t: &mut Table, service: &str) {
+        let instances = t.instances(service);
+        if instances.is_empty() {
+            t.services.remove(service);
+            self.inner.metrics.instances.remove(&ServiceLabel {
+                service: service.to_owned(),
+            });
+        } else {
+            self.inner
+                .metrics
+                .instances
+                .get_or_create(&ServiceLabel {
+                    service: service.to_owned(),
+                })
+                .set(instances.len() as i64);
+        }
+        t.index += 1;
+        self.inner.metrics.changes.inc();
+        let line = Line::of(&WatchEvent::Service {
+            index: t.index,
+            service: service.to_owned(),
+            instances,
+        });
+        // No receiver is fine: nobody is watching.
+        let _ = self.inner.events.send(line);
+    }
+
+    /// Wakes the expiry timer if `after` is earlier than `before`.
+    fn rearm(&self, before: Option<Instant>, after: Option<Instant>) {
+        if let Some(a) = after {
+            if before.is_none_or(|b| a < b) {
+                self.inner.wake.notify_one();
+            }
+        }
+    }
+
+    /// Registers or renews `service`/`id` (idempotent). Names must have passed
+    /// [`validate_name`](baker_client::model::validate_name).
+    ///
+    /// A new instance, or one whose address, port, version, weight, tags, TTL or source
+    /// changed, is published to watchers; a plain heartbeat only renews the TTL and `last_seen`.
+    pub fn upsert(&self, service: &str, id: &str, spec: ValidSpec, source: Source) -> Instance {
+        let mut t = self.lock();
+        let before = t.next_deadline();
+        let (instance, outcome) = t.put(service, id, spec, source, Instant::now());
+        self.rearm(before, t.next_deadline());
+        let m = &self.inner.metrics;
+        match outcome {
+            Outcome::Added => {
+                m.registrations.get_or_create(&source.into()).inc();
+                tracing::info!(
+                    "registered {service}/{id} at {}:{} (version {}, weight {}, {source})",
+                    instance.address,
+                    instance.port,
+                    instance.version,
+                    instance.weight
+                );
+                self.publish_service(&mut t, service);
+            }
+            Outcome::Changed => {
+                m.heartbeats.inc();
+                tracing::info!(
+                    "updated {service}/{id}: now at {}:{} (version {}, weight {}, {source})",
+                    instance.address,
+                    instance.port,
+                    instance.version,
+                    instance.weight
+                );
+                self.publish_service(&mut t, service);
+            }
+            Outcome::Renewed => {
+                m.heartbeats.inc();
+                tracing::trace!("heartbeat from {service}/{id}");
+            }
+        }
+        instance
+    }
+
+    /// Removes `service`/`id` now, returning the instance if it was registered.
+    pub fn take(&self, service: &str, id: &str) -> Option<Instance> {
+        let mut t = self.lock();
+        let instance = t.take(service, id)?;
+        self.inner
+            .metrics
+            .deregistrations
+            .get_or_create(&instance.source.into())
+            .inc();
+        tracing::info!("deregistered {service}/{id} ({})", instance.source);
+        self.publish_service(&mut t, service);
+        Some(instance)
+    }
+
+    /// Removes `service`/`id` now; `false` if it was not registered.
+    pub fn remove(&self, service: &str, id: &str) -> bool {
+        self.take(service, id).is_some()
+    }
+
+    /// Makes the instances of `source` exactly `instances` (service, id, spec): adds and updates
+    /// those listed, removes those of `source` not listed, and leaves other sources alone.
+    /// Publishes one event per service that changed, none for services that did not.
+    pub fn sync_source(&self, source: Source, instances: Vec<(String, String, ValidSpec)>) {
+        let mut t = self.lock();
+        let before = t.next_deadline();
+        let now = Instant::now();
+        let desired: BTreeMap<(String, String), ValidSpec> = instances
+            .into_iter()
+            .map(|(s, id, spec)| ((s, id), spec))
+            .collect();
+        let stale: Vec<(String, String)> = t
+            .services
+            .iter()
+            .flat_map(|(s, entries)| {
+                entries
+                    .iter()
+                    .filter(|(_, e)| e.instance.source == source)
+                    .map(move |(id, _)| (s.clone(), id.clone()))
+            })
+            .filter(|key| !desired.contains_key(key))
+            .collect();
+        let m = Arc::clone(&self.inner.metrics);
+        let mut changed = BTreeSet::new();
+        for (service, id) in stale {
+            if t.take(&service, &id).is_some() {
+                m.deregistrations.get_or_create(&source.into()).inc();
+                tracing::info!("deregistered {service}/{id} ({source}, gone on resync)");
+                changed.insert(service);
+            }
+        }
+        for ((service, id), spec) in desired {
+            let (instance, outcome) = t.put(&service, &id, spec, source, now);
+            match outcome {
+                Outcome::Added => {
+                    m.registrations.get_or_create(&source.into()).inc();
+                    tracing::info!(
+                        "registered {service}/{id} at {}:{} (version {}, weight {}, {source})",
+                        instance.address,
+                        instance.port,
+                        instance.version,
+                        instance.weight
+                    );
+                    changed.insert(service);
+                }
+                Outcome::Changed => {
+                    tracing::info!(
+                        "updated {service}/{id}: now at {}:{} (version {}, weight {}, {source})",
+                        instance.address,
+                        instance.port,
+                        instance.version,
+                        instance.weight
+                    );
+                    changed.insert(service);
+                }
+                Outcome::Renewed => {}
+            }
+        }
+        self.rearm(before, t.next_deadline());
+        for service in changed {
+            self.publish_service(&mut t, &service);
+        }
+    }
+
+    /// Removes every expiring instance whose deadline is at or before `now`; returns how many.
+    pub fn expire_due(&self, now: Instant) -> usize {
+        let mut t = self.lock();
+        let mut changed = BTreeSet::new();
+        let mut count = 0;
+        while let Some((deadline, service, id)) = t.deadlines.first().cloned() {
+            if deadline > now {
+                break;
+            }
+            t.deadlines.pop_first();
+            if let Some(entries) = t.services.get_mut(&service) {
+                if let Some(entry) = entries.remove(&id) {
+                    count += 1;
+                    self.inner.metrics.expiries.inc();
+                    tracing::info!(
+                        "expired {service}/{id}: no heartbeat for {} ms",
+                        entry.instance.ttl_ms
+                    );
+                    changed.insert(service);
+                }
+            }
+        }
+        for service in changed {
+            self.publish_service(&mut t, &service);
+        }
+        count
+    }
+
+    /// The earliest TTL deadline, if any instance can expire.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.lock().next_deadline()
+    }
+
+    /// Expires instances as their deadlines pass, until `shutdown` is cancelled.
+    pub async fn run_expiry(self, shutdown: CancellationToken) {
+        loop {
+            let next = self.next_deadline();
+            let woken = self.inner.wake.notified();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = woken => {}
+                _ = sleep_until(next) => {
+                    self.expire_due(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// The current change index.
+    pub fn index(&self) -> u64 {
+        self.lock().index
+    }
+
+    /// Every service with its live instances.
+    pub fn services(&self) -> ServicesResponse {
+        let t = self.lock();
+        ServicesResponse {
+            index: t.index,
+            services: t.all_instances(),
+        }
+    }
+
+    /// One service's instances and route; `None` when it has neither.
+    pub fn service(&self, service: &str) -> Option<ServiceResponse> {
+        let t = self.lock();
+        let instances = t.instances(service);
+        let route = t.routes.get(service).cloned();
+        if instances.is_empty() && route.is_none() {
+            return None;
+        }
+        Some(ServiceResponse {
+            index: t.index,
+            service: service.to_owned(),
+            instances,
+            route,
+        })
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> RoutesResponse {
+        let t = self.lock();
+        RoutesResponse {
+            index: t.index,
+            routes: t.routes.clone(),
+        }
+    }
+
+    /// A snapshot line of the whole table, and a receiver of every change after it.
+    pub fn subscribe(&self) -> (Line, broadcast::Receiver<Line>) {
+        let t = self.lock();
+        let rx = self.inner.events.subscribe();
+        let snapshot = Line::of(&WatchEvent::Snapshot {
+            index: t.index,
+            services: t.all_instances(),
+            routes: t.routes.clone(),
+        });
+        (snapshot, rx)
+    }
+
+    /// Sets (`Some`) or clears (`None`) `service`'s route: persisted first, then applied and
+    /// published. Returns `Ok(None)` when clearing a route that does not exist. Setting the
+    /// route a service already has changes nothing.
+    pub async fn set_route(
+        &self,
+        service: &str,
+        route: Option<Route>,
+    ) -> Result<Option<RouteResponse>, StoreError> {
+        let _writing = self.inner.route_writes.lock().await;
+        let mut routes = {
+            let t = self.lock();
+            let current = t.routes.get(service);
+            if current == route.as_ref() {
+                return Ok(current.is_some().then(|| RouteResponse {
+                    index: t.index,
+                    service: service.to_owned(),
+                    route: current.cloned(),
+                }));
+            }
+            t.routes.clone()
+        };
+        match &route {
+            Some(r) => routes.insert(service.to_owned(), r.clone()),
+            None => routes.remove(service),
+        };
+        let store = self.inner.store.clone();
+        let to_save = routes.clone();
+        tokio::task::spawn_blocking(move || store.save(&to_save))
+            .await
+            .map_err(|e| StoreError::Write {
+                path: self.inner.store.path(),
+                source: std::io::Error::other(e),
+            })??;
+        let mut t = self.lock();
+        t.routes = routes;
+        t.index += 1;
+        self.inner.metrics.changes.inc();
+        self.inner.metrics.routes.set(t.routes.len() as i64);
+        match &route {
+            Some(r) => tracing::info!("route of {service} set to {}", describe(r)),
+            None => tracing::info!("route of {service} cleared"),
+        }
+        let _ = self.inner.events.send(Line::of(&WatchEvent::Route {
+            index: t.index,
+            service: service.to_owned(),
+            route: route.clone(),
+        }));
+        Ok(Some(RouteResponse {
+            index: t.index,
+            service: service.to_owned(),
+            route,
+        }))
+    }
+}
+
+/// `1=90%, 2=10%`.
+fn describe(route: &Route) -> String {
+    route
+        .iter()
+        .map(|(v, p)| format!("{v}={p}%"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(port: u16, ttl_ms: u64) -> ValidSpec {
+        ValidSpec {
+            address: "10.0.0.1".into(),
+            port,
+            version: "1".into(),
+            weight: 100,
+            tags: vec![],
+            ttl_ms,
+        }
+    }
+
+    fn registry() -> (Registry, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RouteStore::open(dir.path()).unwrap();
+        let routes = store.load().unwrap();
+        (
+            Registry::new(store, routes, Arc::new(Metrics::new()), 64),
+            dir,
+        )
+    }
+
+    fn events(rx: &mut broadcast::Receiver<Line>) -> Vec<WatchEvent> {
+        let mut out = Vec::new();
+        while let Ok(line) = rx.try_recv() {
+            out.push(serde_json::from_slice(&line.bytes).unwrap());
+        }
+        out
+    }
+
+    fn ids(event: &WatchEvent) -> (u64, String, Vec<String>) {
+        match event {
+            WatchEvent::Service {
+                index,
+                service,
+                instances,
+            } => (
+                *index,
+                service.clone(),
+                instances.iter().map(|i| i.id.clone()).collect(),
+            ),
+            other => panic!("not a service event: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_publish_nothing_but_changes_do() {
+        let (r, _dir) = registry();
+        let (snapshot, mut rx) = r.subscribe();
+        assert_eq!(snapshot.index, 0);
+        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
+        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
+        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
+        assert_eq!(r.index(), 1);
+        let mut heavier = spec(80, 1000);
+        heavier.weight = 50;
+        r.upsert("emitter", "a", heavier, Source::Registrar);
+        r.upsert("emitter", "b", spec(81, 1000), Source::Registrar);
+        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        assert_eq!(
+            got,
+            [
+                (1, "emitter".into(), vec!["a".into()]),
+                (2, "emitter".into(), vec!["a".into()]),
+                (3, "emitter".into(), vec!["a".into(), "b".into()]),
+            ]
+        );
+        assert_eq!(r.metrics().heartbeats.get(), 3);
+        assert_eq!(r.services().services["emitter"][0].weight, 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_expires_on_the_timer_and_heartbeats_keep_alive() {
+        let (r, _dir) = registry();
+        let shutdown = CancellationToken::new();
+        let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
+        let (_, mut rx) = r.subscribe();
+        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
+        r.upsert("emitter", "b", spec(81, 3000), Source::Registrar);
+        // Keep `a` alive for 5 s with a heartbeat every 500 ms.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
+        }
+        // `b` went silent at t=0 and expired at t=3 s, with no read to drive it.
+        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        assert_eq!(
+            got,
+            [
+                (1, "emitter".into(), vec!["a".into()]),
+                (2, "emitter".into(), vec!["a".into(), "b".into()]),
+                (3, "emitter".into(), vec!["a".into()]),
+            ]
+        );
+        // Now `a` goes silent: it expires 1 s after its last heartbeat, not before.
+        tokio::time::sleep(Duration::from_millis(990)).await;
+        assert_eq!(r.services().services["emitter"].len(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(r.services().services.is_empty());
+        assert!(r.service("emitter").is_none());
+        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        assert_eq!(got, [(4, "emitter".into(), vec![])]);
+        assert_eq!(r.metrics().expiries.get(), 2);
+        shutdown.cancel();
+        timer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_ttl_rearms_the_timer() {
+        let (r, _dir) = registry();
+        let shutdown = CancellationToken::new();
+        let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
+        r.upsert("s", "long", spec(80, 60_000), Source::Registrar);
+        tokio::task::yield_now().await;
+        r.upsert("s", "short", spec(81, 200), Source::Registrar);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let left: Vec<_> = r.services().services["s"]
+            .iter()
+            .map(|i| i.id.clone())
+            .collect();
+        assert_eq!(left, ["long"]);
+        shutdown.cancel();
+        timer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn docker_instances_never_expire_by_ttl() {
+        let (r, _dir) = registry();
+        r.upsert("web", "c1", spec(80, 100), Source::Docker);
+        assert_eq!(r.next_deadline(), None);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(r.expire_due(Instant::now()), 0);
+        assert_eq!(r.services().services["web"].len(), 1);
+        // The same id re-registered by a registrar does expire.
+        r.upsert("web", "c1", spec(80, 100), Source::Registrar);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(r.expire_due(Instant::now()), 1);
+    }
+
+    #[tokio::test]
+    async fn deregister_removes_at_once() {
+        let (r, _dir) = registry();
+        let (_, mut rx) = r.subscribe();
+        r.upsert("emitter", "a", spec(80, 6000), Source::Registrar);
+        assert!(r.remove("emitter", "a"));
+        assert!(!r.remove("emitter", "a"));
+        assert!(r.services().services.is_empty());
+        assert_eq!(r.next_deadline(), None);
+        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        assert_eq!(
+            got,
+            [
+                (1, "emitter".into(), vec!["a".into()]),
+                (2, "emitter".into(), vec![])
+            ]
+        );
+        assert_eq!(
+            r.metrics()
+                .deregistrations
+                .get_or_create(&Source::Registrar.into())
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn sync_source_replaces_exactly_that_source_and_publishes_only_changes() {
+        let (r, _dir) = registry();
+        r.upsert("web", "by-hand", spec(80, 6000), Source::Registrar);
+        r.sync_source(
+            Source::Docker,
+            vec![
+                ("web".into(), "c1".into(), spec(81, 6000)),
+                ("web".into(), "c2".into(), spec(82, 6000)),
+                ("db".into(), "c3".into(), spec(5432, 6000)),
+            ],
+        );
+        let (snapshot, mut rx) = r.subscribe();
+        assert_eq!(snapshot.index, 3);
+        // Same set again: nothing changes, nothing is published.
+        r.sync_source(
+            Source::Docker,
+            vec![
+                ("web".into(), "c1".into(), spec(81, 6000)),
+                ("web".into(), "c2".into(), spec(82, 6000)),
+                ("db".into(), "c3".into(), spec(5432, 6000)),
+            ],
+        );
+        assert!(events(&mut rx).is_empty());
+        // c2 gone, db unchanged, a new service appears.
+        r.sync_source(
+            Source::Docker,
+            vec![
+                ("web".into(), "c1".into(), spec(81, 6000)),
+                ("db".into(), "c3".into(), spec(5432, 6000)),
+                ("cache".into(), "c4".into(), spec(6379, 6000)),
+            ],
+        );
+        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        assert_eq!(
+            got,
+            [
+                (4, "cache".into(), vec!["c4".into()]),
+                (5, "web".into(), vec!["by-hand".into(), "c1".into()]),
+            ]
+        );
+        // An empty sync removes every Docker instance and leaves the registrar's.
+        r.sync_source(Source::Docker, vec![]);
+        let all = r.services().services;
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(all["web"][0].id, "by-hand");
+    }
+
+    #[tokio::test]
+    async fn routes_persist_publish_and_ignore_no_ops() {
+        let (r, dir) = registry();
+        let (_, mut rx) = r.subscribe();
+        let route: Route = [("1".to_owned(), 90), ("2".to_owned(), 10)].into();
+        let set = r
+            .set_route("emitter", Some(route.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((set.index, set.route.as_ref()), (1, Some(&route)));
+        let again = r
+            .set_route("emitter", Some(route.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.index, 1);
+        // It is on disk, and a new registry starts with it.
+        let store = RouteStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap()["emitter"], route);
+        let cleared = r.set_route("emitter", None).await.unwrap().unwrap();
+        assert_eq!((cleared.index, cleared.route), (2, None));
+        assert!(r.set_route("emitter", None).await.unwrap().is_none());
+        assert!(store.load().unwrap().is_empty());
+        let got = events(&mut rx);
+        assert_eq!(
+            got,
+            [
+                WatchEvent::Route {
+                    index: 1,
+                    service: "emitter".into(),
+                    route: Some(route)
+                },
+                WatchEvent::Route {
+                    index: 2,
+                    service: "emitter".into(),
+                    route: None
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_route_write_changes_nothing() {
+        let (r, dir) = registry();
+        // Make the data directory unwritable by replacing it with a file.
+        let data = dir.path().to_owned();
+        drop(dir);
+        std::fs::write(&data, "not a directory").unwrap();
+        let route: Route = [("1".to_owned(), 100)].into();
+        assert!(r.set_route("emitter", Some(route)).await.is_err());
+        assert!(r.routes().routes.is_empty());
+        assert_eq!(r.index(), 0);
+        std::fs::remove_file(&data).unwrap();
+    }
+
+    #[tokio::test]
+    async fn snapshot_and_feed_do_not_overlap() {
+        let (r, _dir) = registry();
+        r.upsert("a", "1", spec(80, 6000), Source::Registrar);
+        let (snapshot, mut rx) = r.subscribe();
+        r.upsert("b", "1", spec(80, 6000), Source::Registrar);
+        let snap: WatchEvent = serde_json::from_slice(&snapshot.bytes).unwrap();
+        let mut state = baker_client::State::default();
+        state.apply(snap);
+        for e in events(&mut rx) {
+            assert!(e.index() > state.index);
+            state.apply(e);
+        }
+        assert_eq!(state.services, r.services().services);
+        assert_eq!(state.index, r.index());
+    }
+}
