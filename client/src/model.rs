@@ -51,13 +51,13 @@ pub fn validate_name(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.is_empty() {
         return err("must not be empty");
     }
-    if value.len() > MAX_NAME_LEN {
+    // Counted in characters: a short name of multi-byte characters is rejected below for its
+    // characters, not with a length message that would contradict its visible length.
+    let chars = value.chars().count();
+    if chars > MAX_NAME_LEN {
         return Err(ValidationError::new(
             field,
-            format!(
-                "must be at most {MAX_NAME_LEN} characters, got {}",
-                value.chars().count()
-            ),
+            format!("must be at most {MAX_NAME_LEN} characters, got {chars}"),
         ));
     }
     let mut chars = value.chars();
