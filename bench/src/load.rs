@@ -1,0 +1,350 @@
+//! The load generator: HTTP/1.1 keep-alive connections on hyper, driven closed-loop (N
+//! connections, each sending its next request when the previous answer arrives) or open-loop
+//! (requests scheduled at a fixed rate, latency counted from the scheduled send time so that a
+//! stalled server cannot hide its stall by slowing the generator: no coordinated omission).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::stats::{Samples, Summary};
+
+/// Longest a single request may take before it counts as failed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("connect")]
+    Connect(#[source] std::io::Error),
+    #[error("handshake")]
+    Handshake(#[source] hyper::Error),
+    #[error("closed or reset")]
+    Send(#[source] hyper::Error),
+    #[error("body")]
+    Body(#[source] hyper::Error),
+    #[error("timeout")]
+    Timeout,
+}
+
+/// What to send: one method and path to one address, with an optional body.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub method: Method,
+    pub path: String,
+    pub body: Bytes,
+}
+
+impl Target {
+    pub fn get(addr: SocketAddr, path: &str) -> Self {
+        Target {
+            addr,
+            method: Method::GET,
+            path: path.to_owned(),
+            body: Bytes::new(),
+        }
+    }
+
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut req = Request::builder()
+            .method(self.method.clone())
+            .uri(self.path.as_str())
+            .header(hyper::header::HOST, self.addr.to_string());
+        if !self.body.is_empty() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        req.body(Full::new(self.body.clone()))
+            .expect("a request built from a valid path")
+    }
+}
+
+/// One keep-alive connection that reconnects after a failure.
+pub struct Conn {
+    addr: SocketAddr,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl Conn {
+    pub fn new(addr: SocketAddr) -> Self {
+        Conn { addr, sender: None }
+    }
+
+    async fn connect(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, RequestError> {
+        let usable = self
+            .sender
+            .as_ref()
+            .is_some_and(|s| !s.is_closed() && s.is_ready());
+        if !usable {
+            self.sender = None;
+            let stream = TcpStream::connect(self.addr)
+                .await
+                .map_err(RequestError::Connect)?;
+            let _ = stream.set_nodelay(true);
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(RequestError::Handshake)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            self.sender = Some(sender);
+        }
+        Ok(self.sender.as_mut().expect("connected just above"))
+    }
+
+    /// Sends `req` and reads the whole answer; on any failure the connection is dropped.
+    pub async fn send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), RequestError> {
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let sender = self.connect().await?;
+            let resp = sender.send_request(req).await.map_err(RequestError::Send)?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(RequestError::Body)?
+                .to_bytes();
+            Ok((status, body))
+        })
+        .await
+        .unwrap_or(Err(RequestError::Timeout));
+        if result.is_err() {
+            self.sender = None;
+        }
+        result
+    }
+
+    /// Sends the target's request.
+    pub async fn call(&mut self, target: &Target) -> Result<(StatusCode, Bytes), RequestError> {
+        self.send(target.request()).await
+    }
+}
+
+/// What a load run produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub ok: u64,
+    /// Failed requests by reason (`http 503`, `closed or reset`, `connect`, ...).
+    pub failed: BTreeMap<String, u64>,
+    pub latency: Samples,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn failed_total(&self) -> u64 {
+        self.failed.values().sum()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.ok + self.failed_total()
+    }
+
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn record(&mut self, result: &Result<(StatusCode, Bytes), RequestError>, took: Duration) {
+        match result {
+            Ok((status, _)) if status.is_success() => {
+                self.ok += 1;
+                self.latency.push(took);
+            }
+            Ok((status, _)) => {
+                *self
+                    .failed
+                    .entry(format!("http {}", status.as_u16()))
+                    .or_default() += 1
+            }
+            Err(e) => *self.failed.entry(e.to_string()).or_default() += 1,
+        }
+    }
+
+    fn merge(&mut self, other: Outcome) {
+        self.ok += other.ok;
+        for (k, v) in other.failed {
+            *self.failed.entry(k).or_default() += v;
+        }
+        self.latency.extend(other.latency);
+    }
+
+    /// The serializable figures.
+    pub fn report(&self) -> LoadReport {
+        LoadReport {
+            ok: self.ok,
+            failed: self.failed_total(),
+            failed_by_reason: self.failed.clone(),
+            rps: self.rps(),
+            seconds: self.elapsed.as_secs_f64(),
+            latency: self.latency.summary(),
+        }
+    }
+}
+
+/// Figures of one load run, as written to JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub failed_by_reason: BTreeMap<String, u64>,
+    pub rps: f64,
+    pub seconds: f64,
+    pub latency: Summary,
+}
+
+/// After a failed request, a worker pauses this long before the next so that a refused port
+/// does not turn the generator into a busy loop.
+const FAILURE_PAUSE: Duration = Duration::from_millis(5);
+
+/// `conns` connections, each sending back-to-back requests for `duration`.
+pub async fn closed_loop(target: &Target, conns: usize, duration: Duration) -> Outcome {
+    let start = Instant::now();
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..conns.max(1) {
+        let target = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Outcome::default();
+            let mut conn = Conn::new(target.addr);
+            while Instant::now() < end {
+                let sent = Instant::now();
+                let result = conn.call(&target).await;
+                out.record(&result, sent.elapsed());
+                if result.is_err() {
+                    tokio::time::sleep(FAILURE_PAUSE).await;
+                }
+            }
+            out
+        }));
+    }
+    collect(tasks, start).await
+}
+
+/// Requests at `rate` per second for `duration`, over up to `conns` keep-alive connections.
+///
+/// Each request has a scheduled send time. A connection that is free before its next slot
+/// waits for it and the latency counts from the actual send (the generator's timer is not the
+/// server's fault); a connection still busy at its slot sends late and the latency counts from
+/// the slot, so time spent queued behind a slow answer is charged to the system under test.
+pub async fn open_loop(target: &Target, rate: f64, duration: Duration, conns: usize) -> Outcome {
+    let slots = (duration.as_secs_f64() * rate).round() as u64;
+    open_loop_until(target, rate, conns, Some(slots), CancellationToken::new()).await
+}
+
+async fn open_loop_until(
+    target: &Target,
+    rate: f64,
+    conns: usize,
+    slots: Option<u64>,
+    stop: CancellationToken,
+) -> Outcome {
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conns.max(1) {
+        let target = target.clone();
+        let next = next.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Outcome::default();
+            let mut conn = Conn::new(target.addr);
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if slots.is_some_and(|s| k >= s) || stop.is_cancelled() {
+                    break;
+                }
+                let slot = start + interval.mul_f64(k as f64);
+                let origin = if Instant::now() < slot {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(slot) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    Instant::now()
+                } else {
+                    slot
+                };
+                let result = conn.call(&target).await;
+                out.record(&result, origin.elapsed());
+                if result.is_err() {
+                    tokio::time::sleep(FAILURE_PAUSE).await;
+                }
+            }
+            out
+        }));
+    }
+    collect(tasks, start).await
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Outcome>>, start: Instant) -> Outcome {
+    let mut total = Outcome::default();
+    for t in tasks {
+        if let Ok(o) = t.await {
+            total.merge(o);
+        }
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// Steady load that runs in the background until stopped; for scenarios that change things
+/// underneath it.
+pub struct Background {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Outcome>,
+}
+
+impl Background {
+    /// Starts open-loop load at `rate` per second over `conns` connections.
+    pub fn start(target: Target, rate: f64, conns: usize) -> Self {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task =
+            tokio::spawn(async move { open_loop_until(&target, rate, conns, None, token).await });
+        Background { stop, task }
+    }
+
+    /// Stops the load and returns what it saw (requests in flight complete first).
+    pub async fn finish(self) -> Outcome {
+        self.stop.cancel();
+        self.task.await.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_counts_failures_by_reason() {
+        let mut o = Outcome::default();
+        o.record(
+            &Ok((StatusCode::OK, Bytes::new())),
+            Duration::from_millis(1),
+        );
+        o.record(
+            &Ok((StatusCode::SERVICE_UNAVAILABLE, Bytes::new())),
+            Duration::from_millis(1),
+        );
+        o.record(&Err(RequestError::Timeout), Duration::from_millis(1));
+        o.record(&Err(RequestError::Timeout), Duration::from_millis(1));
+        assert_eq!((o.ok, o.failed_total(), o.total()), (1, 3, 4));
+        assert_eq!(o.failed["http 503"], 1);
+        assert_eq!(o.failed["timeout"], 2);
+        assert_eq!(o.latency.len(), 1);
+    }
+}

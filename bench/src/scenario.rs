@@ -1,0 +1,79 @@
+//! The scenarios, one module each, and what they share.
+
+use crate::daemons::Bins;
+use crate::report::Report;
+
+pub mod churn;
+pub mod convergence;
+pub mod directory_scale;
+pub mod docker;
+pub mod footprint;
+pub mod request_path;
+pub mod rolling;
+
+/// What every scenario gets.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub bins: Bins,
+    /// Short runs: a smoke test of the harness.
+    pub quick: bool,
+}
+
+impl Ctx {
+    /// `full` normally, `quick` with `--quick`.
+    pub fn pick<T>(&self, full: T, quick: T) -> T {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
+/// One benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    RequestPath,
+    Convergence,
+    Churn,
+    Rolling,
+    Directory,
+    Footprint,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::RequestPath,
+        Scenario::Convergence,
+        Scenario::Churn,
+        Scenario::Rolling,
+        Scenario::Directory,
+        Scenario::Footprint,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::RequestPath => "request-path",
+            Scenario::Convergence => "convergence",
+            Scenario::Churn => "churn",
+            Scenario::Rolling => "rolling",
+            Scenario::Directory => "directory",
+            Scenario::Footprint => "footprint",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    pub async fn run(self, ctx: &Ctx) -> anyhow::Result<Report> {
+        match self {
+            Scenario::RequestPath => request_path::run(ctx).await,
+            Scenario::Convergence => convergence::run(ctx).await,
+            Scenario::Churn => churn::run(ctx).await,
+            Scenario::Rolling => rolling::run(ctx).await,
+            Scenario::Directory => directory_scale::run(ctx).await,
+            Scenario::Footprint => footprint::run(ctx).await,
+        }
+    }
+}
