@@ -1,0 +1,525 @@
+//! The directory binary end to end: registration, heartbeats and expiry, input validation,
+//! authentication, durable routes, configuration errors and shutdown.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use baker_client::model::{ErrorBody, InstanceSpec, WatchEvent};
+use baker_tests::directory::TestDirectory;
+use baker_tests::{eventually, Proc};
+use futures_util::StreamExt;
+use reqwest::{Method, StatusCode};
+
+fn spec(port: u64, ttl_ms: Option<u64>) -> InstanceSpec {
+    InstanceSpec {
+        address: "127.0.0.1".into(),
+        port,
+        version: None,
+        weight: None,
+        tags: vec![],
+        ttl_ms,
+    }
+}
+
+/// One raw call: status and the `error` of a JSON error body (or the raw body).
+async fn call(
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (StatusCode, String) {
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .timeout(Duration::from_secs(10));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
+    let resp = req.send().await.expect("the directory answers");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<ErrorBody>(&text)
+        .map(|e| e.error)
+        .unwrap_or(text);
+    (status, message)
+}
+
+fn ids(services: &BTreeMap<String, Vec<baker_client::Instance>>, service: &str) -> Vec<String> {
+    services
+        .get(service)
+        .map(|v| v.iter().map(|i| i.id.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn register_heartbeat_expire_and_deregister() {
+    let dir = TestDirectory::start(&[]).await;
+    let c = &dir.client;
+    let inst = c
+        .register("emitter", "a", &spec(8000, Some(1000)))
+        .await
+        .unwrap();
+    assert_eq!((inst.port, inst.ttl_ms), (8000, 1000));
+    assert_eq!(ids(&c.services().await.unwrap().services, "emitter"), ["a"]);
+
+    // Heartbeats every 300 ms keep it for well past its TTL.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        c.register("emitter", "a", &spec(8000, Some(1000)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            ids(&c.services().await.unwrap().services, "emitter"),
+            ["a"],
+            "a heartbeated instance must stay"
+        );
+    }
+
+    // Silence: gone within TTL + 1 s of the last heartbeat, not before the TTL.
+    c.register("emitter", "a", &spec(8000, Some(1000)))
+        .await
+        .unwrap();
+    let silent = Instant::now();
+    eventually(
+        Duration::from_secs(3),
+        "the silent instance to expire",
+        || async {
+            c.services()
+                .await
+                .unwrap()
+                .services
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let took = silent.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(2000),
+        "expired after {took:?}, TTL is 1 s"
+    );
+    let (status, message) = call(
+        Method::GET,
+        &format!("{}/v1/services/emitter", dir.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{message}");
+    assert!(message.contains("emitter"), "{message}");
+
+    // Deregistration takes effect at once.
+    c.register("emitter", "b", &spec(8001, None)).await.unwrap();
+    assert_eq!(ids(&c.services().await.unwrap().services, "emitter"), ["b"]);
+    let (status, body) = call(
+        Method::DELETE,
+        &format!("{}/v1/services/emitter/instances/b", dir.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(c.services().await.unwrap().services.is_empty());
+    let (status, message) = call(
+        Method::DELETE,
+        &format!("{}/v1/services/emitter/instances/b", dir.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        message.contains("no instance b of service emitter"),
+        "{message}"
+    );
+}
+
+/// A call that must fail: method, URL, token, body, status, words the error must contain.
+type Case<'a> = (
+    Method,
+    String,
+    Option<&'a str>,
+    Option<Vec<u8>>,
+    u16,
+    &'a str,
+);
+
+#[tokio::test]
+async fn bad_input_is_rejected_with_a_message_and_changes_nothing() {
+    let token = "s3cret-token";
+    let dir = TestDirectory::start(&[("BAKER_TOKEN", token)]).await;
+    let c = &dir.client;
+    c.register("emitter", "good", &spec(8000, Some(60_000)))
+        .await
+        .unwrap();
+    let route: BTreeMap<String, u64> = [("1".to_owned(), 90), ("2".to_owned(), 10)].into();
+    c.set_route("emitter", &route).await.unwrap();
+    let before = (c.services().await.unwrap(), c.routes().await.unwrap());
+
+    let long = "a".repeat(64);
+    let inst =
+        |service: &str, id: &str| format!("{}/v1/services/{service}/instances/{id}", dir.url);
+    let good = br#"{"address":"10.0.0.1","port":8080}"#.to_vec();
+    let body = |s: &str| Some(s.as_bytes().to_vec());
+    // (method, url, token, body, status, words the error must contain)
+    let mut cases: Vec<Case> = Vec::new();
+    for (bad, what) in [
+        ("Emitter", "lowercase"),
+        ("a%20b", "' '"),
+        ("a%0Ab", "'\\n'"),
+        ("a%23b", "'#'"),
+        ("a%2Fb", "'/'"),
+        (long.as_str(), "at most 63"),
+    ] {
+        cases.push((
+            Method::PUT,
+            inst(bad, "x"),
+            Some(token),
+            Some(good.clone()),
+            400,
+            "service",
+        ));
+        cases.push((
+            Method::PUT,
+            inst("emitter", bad),
+            Some(token),
+            Some(good.clone()),
+            400,
+            "id",
+        ));
+        cases.push((
+            Method::PUT,
+            inst(bad, "x"),
+            Some(token),
+            Some(good.clone()),
+            400,
+            what,
+        ));
+        cases.push((
+            Method::DELETE,
+            inst("emitter", bad),
+            Some(token),
+            None,
+            400,
+            "id",
+        ));
+        cases.push((
+            Method::PUT,
+            format!("{}/v1/routes/{bad}", dir.url),
+            Some(token),
+            body(r#"{"1":100}"#),
+            400,
+            "service",
+        ));
+        cases.push((
+            Method::GET,
+            format!("{}/v1/services/{bad}", dir.url),
+            None,
+            None,
+            400,
+            "service",
+        ));
+    }
+    // A raw `/` makes another path: no such endpoint.
+    cases.push((
+        Method::PUT,
+        inst("a/b", "x"),
+        Some(token),
+        Some(good.clone()),
+        404,
+        "no such endpoint",
+    ));
+    let put = |json: &str| (Method::PUT, inst("emitter", "new"), Some(token), body(json));
+    for (json, words) in [
+        (
+            r#"{"address":"10.0.0.1","port":0}"#,
+            "port: must be between 1 and 65535, got 0",
+        ),
+        (
+            r#"{"address":"10.0.0.1","port":70000}"#,
+            "port: must be between 1 and 65535, got 70000",
+        ),
+        (
+            r#"{"address":"10.0.0.1","port":80,"weight":0}"#,
+            "weight: must be between 1 and 256, got 0",
+        ),
+        (
+            r#"{"address":"10.0.0.1","port":80,"weight":257}"#,
+            "weight: must be between 1 and 256, got 257",
+        ),
+        (r#"{"address":"bad address","port":80}"#, "address"),
+        (
+            r#"{"address":"10.0.0.1","port":80,"version":"V2"}"#,
+            "version",
+        ),
+        (
+            r#"{"address":"10.0.0.1","port":80,"tags":["ok","No"]}"#,
+            "tags[1]",
+        ),
+        (r#"{"address":"10.0.0.1","port":80,"ttl_ms":1}"#, "ttl_ms"),
+        (
+            r#"{"address":"10.0.0.1","port":80,"evil":1}"#,
+            "unknown field `evil`",
+        ),
+        (r#"{"address":"10.0.0.1"}"#, "missing field `port`"),
+        (
+            r#"{"address":"10.0.0.1","port":80"#,
+            "invalid JSON body: EOF",
+        ),
+        (r#"{address: 10.0.0.1}"#, "invalid JSON body"),
+        (r#"{"address":"10.0.0.1","port":"80"}"#, "invalid type"),
+        ("", "empty"),
+    ] {
+        let (m, u, t, b) = put(json);
+        cases.push((m, u, t, b, 400, words));
+    }
+    let route_url = format!("{}/v1/routes/emitter", dir.url);
+    for (json, words) in [
+        (r#"{"1":90}"#, "sum to 100, got 90"),
+        (r#"{"1":90,"2":20}"#, "sum to 100, got 110"),
+        (r#"{"1":90,"B#":10}"#, "route.B#"),
+        (r#"{"1":300}"#, "route.1"),
+        (r#"{}"#, "at least one version"),
+        (r#"[90,10]"#, "invalid JSON body"),
+        (r#"{"1":90,"2":10"#, "invalid JSON body: EOF"),
+    ] {
+        cases.push((
+            Method::PUT,
+            route_url.clone(),
+            Some(token),
+            body(json),
+            400,
+            words,
+        ));
+    }
+    let huge = vec![b' '; 1024 * 1024];
+    cases.push((
+        Method::PUT,
+        inst("emitter", "new"),
+        Some(token),
+        Some(huge.clone()),
+        413,
+        "64 KiB",
+    ));
+    cases.push((
+        Method::PUT,
+        route_url.clone(),
+        Some(token),
+        Some(huge),
+        413,
+        "64 KiB",
+    ));
+    for (t, words) in [
+        (None, "missing bearer token"),
+        (Some("wrong"), "wrong bearer token"),
+    ] {
+        cases.push((
+            Method::PUT,
+            inst("emitter", "new"),
+            t,
+            Some(good.clone()),
+            401,
+            words,
+        ));
+        cases.push((Method::DELETE, inst("emitter", "good"), t, None, 401, words));
+        cases.push((
+            Method::PUT,
+            route_url.clone(),
+            t,
+            body(r#"{"1":100}"#),
+            401,
+            words,
+        ));
+        cases.push((Method::DELETE, route_url.clone(), t, None, 401, words));
+    }
+
+    for (method, url, t, b, status, words) in cases {
+        let what = format!(
+            "{method} {url} token={t:?} body={:?}",
+            b.as_ref()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(80)]).into_owned())
+        );
+        let (got, message) = call(method, &url, t, b).await;
+        assert_eq!(got.as_u16(), status, "{what}: {message}");
+        assert!(
+            message.contains(words),
+            "{what}: error {message:?} should contain {words:?}"
+        );
+    }
+    let after = (c.services().await.unwrap(), c.routes().await.unwrap());
+    assert_eq!(before, after, "rejected calls must change nothing");
+
+    // The right token works.
+    let (status, _) = call(
+        Method::PUT,
+        &inst("emitter", "new"),
+        Some(token),
+        Some(good),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn routes_survive_kill_9_and_restart() {
+    let mut dir = TestDirectory::start(&[]).await;
+    let c = dir.client.clone();
+    let split: BTreeMap<String, u64> = [("1".to_owned(), 90), ("2".to_owned(), 10)].into();
+    c.set_route("emitter", &split).await.unwrap();
+    c.set_route("transform", &[("3".to_owned(), 100)].into())
+        .await
+        .unwrap();
+    c.clear_route("transform").await.unwrap();
+    c.register("emitter", "a", &spec(8000, None)).await.unwrap();
+    let routes = c.routes().await.unwrap().routes;
+
+    dir.kill9();
+    dir.restart().await;
+    assert_eq!(c.routes().await.unwrap().routes, routes);
+    // No registration came back, but the route is served.
+    let svc = c.service("emitter").await.unwrap();
+    assert!(svc.instances.is_empty());
+    assert_eq!(svc.route, routes.get("emitter").cloned());
+    let mut watch = Box::pin(c.watch().await.unwrap());
+    match watch.next().await.unwrap().unwrap() {
+        WatchEvent::Snapshot {
+            services,
+            routes: r,
+            ..
+        } => {
+            assert!(services.is_empty());
+            assert_eq!(r, routes);
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+    drop(watch);
+
+    // And across a clean restart too.
+    dir.restart().await;
+    assert_eq!(c.routes().await.unwrap().routes, routes);
+}
+
+#[tokio::test]
+async fn a_corrupt_routes_file_stops_the_start_with_a_clear_error() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(
+        data.path().join("routes.json"),
+        "{\"routes\": {\"emitter\": ",
+    )
+    .unwrap();
+    let data_path = data.path().display().to_string();
+    let mut p = Proc::baker(
+        "directory",
+        "baker-directory",
+        &[
+            ("BAKER_LISTEN", "127.0.0.1:0"),
+            ("BAKER_DATA", &data_path),
+            ("BAKER_DOCKER", "off"),
+        ],
+    );
+    let status = p.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        !status.success(),
+        "a corrupt routes.json must stop the start"
+    );
+    let log = p.log_text();
+    assert!(
+        log.contains("routes.json is corrupt") && log.contains("fix or remove it"),
+        "{log}"
+    );
+    // The file is left as it was.
+    let kept = std::fs::read_to_string(data.path().join("routes.json")).unwrap();
+    assert_eq!(kept, "{\"routes\": {\"emitter\": ");
+}
+
+#[tokio::test]
+async fn bad_variables_are_all_named_and_exit_64() {
+    let mut p = Proc::baker(
+        "directory",
+        "baker-directory",
+        &[
+            ("BAKER_LISTEN", "nowhere:port"),
+            ("BAKER_DOCKER", "sometimes"),
+            ("BAKER_DOCKER_NETWORK", "no/slash"),
+            ("BAKER_TOKEN", "has space"),
+            ("BAKER_MAX_CONNECTIONS", "many"),
+            ("BAKER_REQUEST_TIMEOUT", "10"),
+        ],
+    );
+    let status = p.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(64), "{}", p.log_text());
+    let log = p.log_text();
+    for var in [
+        "BAKER_LISTEN",
+        "BAKER_DOCKER:",
+        "BAKER_DOCKER_NETWORK",
+        "BAKER_TOKEN",
+        "BAKER_MAX_CONNECTIONS",
+        "BAKER_REQUEST_TIMEOUT",
+    ] {
+        assert!(log.contains(var), "{var} missing from:\n{log}");
+    }
+    assert!(log.contains("6 problems"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_ends_watch_streams_and_exits_at_once() {
+    let mut dir = TestDirectory::start(&[]).await;
+    let mut watch = Box::pin(dir.client.watch().await.unwrap());
+    assert!(matches!(
+        watch.next().await.unwrap().unwrap(),
+        WatchEvent::Snapshot { .. }
+    ));
+    let started = Instant::now();
+    let status = dir.stop().await;
+    let took = started.elapsed();
+    assert!(status.success(), "{status}: {}", dir.proc.log_text());
+    assert!(took < Duration::from_secs(1), "took {took:?} to stop");
+    // The stream ended (cleanly), it did not hang until the idle timeout.
+    let end = tokio::time::timeout(Duration::from_secs(2), watch.next())
+        .await
+        .expect("the watch stream ends with the directory");
+    assert!(
+        matches!(end, Some(Err(baker_client::ClientError::Ended)) | None),
+        "{end:?}"
+    );
+    assert!(dir.proc.log_text().contains("SIGTERM received"));
+}
+
+#[tokio::test]
+async fn healthz_and_metrics() {
+    let dir = TestDirectory::start(&[]).await;
+    dir.client.healthz().await.unwrap();
+    dir.client
+        .register("emitter", "a", &spec(8000, None))
+        .await
+        .unwrap();
+    dir.client
+        .register("emitter", "a", &spec(8000, None))
+        .await
+        .unwrap();
+    dir.client
+        .register("emitter", "b", &spec(8001, None))
+        .await
+        .unwrap();
+    dir.client.deregister("emitter", "b").await.unwrap();
+    let resp = reqwest::get(format!("{}/metrics", dir.url)).await.unwrap();
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let text = resp.text().await.unwrap();
+    for needle in [
+        "baker_directory_instances{service=\"emitter\"} 1",
+        "baker_directory_registrations_total{source=\"registrar\"} 2",
+        "baker_directory_deregistrations_total{source=\"registrar\"} 1",
+        "baker_directory_heartbeats_total 1",
+        "baker_directory_expiries_total 0",
+        "baker_directory_watchers 0",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+}
