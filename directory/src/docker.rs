@@ -1,0 +1,891 @@
+//! Docker discovery: containers labelled `baker.service` are registered without a registrar.
+//!
+//! The directory lists the engine's labelled containers when it connects, then follows the
+//! events stream (start, die, stop, kill, pause, unpause, health status, network connect and
+//! disconnect) and re-reads a container whenever one of its events arrives. A container counts
+//! while it runs, is not paused, and, when it has a HEALTHCHECK, only while Docker reports it
+//! healthy. `docker stop` takes it out at the `kill` event, before the process has exited, so it
+//! drains the way a registrar's deregistration does.
+//!
+//! Labels: `baker.service` (required), `baker.port` (default: the only exposed TCP port),
+//! `baker.version` (default `1`), `baker.weight` (1-256, default 100), `baker.network` (whose
+//! address to register; default `BAKER_DOCKER_NETWORK`, else the container's only network).
+//! A container with a bad label is logged once, naming the label, and left out; nothing
+//! crashes. The instance id is the container's name, lower-cased.
+//!
+//! When the stream breaks (engine restarted, socket gone), discovery reconnects with capped
+//! backoff and resynchronises ([`Registry::sync_source`]). The API version is negotiated, so
+//! engines from 20.10 (API 1.41) to current ones work.
+//!
+//! [`verdict`] (container → what to register) and [`classify`] (event → what to do) are pure;
+//! [`run`] is the I/O around them.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use baker_client::backoff::Backoff;
+use baker_client::model::{validate_name, validate_port, InstanceSpec, Source, ValidSpec};
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ContainerInspectResponse, EventMessage, EventMessageTypeEnum, HealthStatusEnum,
+};
+use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
+use bollard::Docker;
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DockerMode;
+use crate::registry::Registry;
+
+/// The label that makes a container Baker's.
+pub const SERVICE_LABEL: &str = "baker.service";
+pub const PORT_LABEL: &str = "baker.port";
+pub const VERSION_LABEL: &str = "baker.version";
+pub const WEIGHT_LABEL: &str = "baker.weight";
+pub const NETWORK_LABEL: &str = "baker.network";
+
+/// Where the engine listens when `DOCKER_HOST` is not set.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+
+/// Whether discovery runs: `on`, or `auto` with `DOCKER_HOST` set or the socket present.
+pub fn enabled(mode: DockerMode) -> bool {
+    match mode {
+        DockerMode::On => true,
+        DockerMode::Off => false,
+        DockerMode::Auto => {
+            std::env::var_os("DOCKER_HOST").is_some() || Path::new(DEFAULT_SOCKET).exists()
+        }
+    }
+}
+
+/// What to do with one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No `baker.service` label: not Baker's business.
+    Unlabelled,
+    /// Labelled, and to be registered as `service`/`id`.
+    Register {
+        service: String,
+        id: String,
+        spec: ValidSpec,
+    },
+    /// Labelled, but not to be registered now (stopped, paused, not healthy, no address).
+    Absent { id: String, reason: String },
+    /// Labelled wrongly; `message` names the label and what is wrong.
+    Invalid { id: String, message: String },
+}
+
+/// The instance id of a container: its name without the leading `/`, lower-cased, any other
+/// character than `a-z0-9._-` turned into `-`, at most 63 characters.
+pub fn instance_id(name: &str, container_id: &str) -> String {
+    let name = name.trim_start_matches('/');
+    let base = if name.is_empty() {
+        container_id.get(..12).unwrap_or(container_id)
+    } else {
+        name
+    };
+    let mut id: String = base
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.' | '_' | '-') => c,
+            _ => '-',
+        })
+        .take(63)
+        .collect();
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        id.replace_range(..1, "c");
+    }
+    id
+}
+
+/// Decides what a container (as `docker inspect` shows it) means for the directory.
+///
+/// `default_network` is `BAKER_DOCKER_NETWORK`: the network whose address is registered when
+/// the container has no `baker.network` label.
+pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> Verdict {
+    let empty = HashMap::new();
+    let labels = c
+        .config
+        .as_ref()
+        .and_then(|cfg| cfg.labels.as_ref())
+        .unwrap_or(&empty);
+    let Some(service) = labels.get(SERVICE_LABEL) else {
+        return Verdict::Unlabelled;
+    };
+    let id = instance_id(
+        c.name.as_deref().unwrap_or_default(),
+        c.id.as_deref().unwrap_or_default(),
+    );
+    let mut problems = Vec::new();
+    if let Err(e) = validate_name(SERVICE_LABEL, service) {
+        problems.push(e.to_string());
+    }
+    let port = match labels.get(PORT_LABEL) {
+        Some(p) => p
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{PORT_LABEL}: must be a port number, got {p:?}"))
+            .and_then(|p| validate_port(PORT_LABEL, p).map_err(|e| e.to_string())),
+        None => only_exposed_port(c),
+    };
+    let port = port.map_err(|e| problems.push(e)).unwrap_or(0);
+    let weight = match labels.get(WEIGHT_LABEL) {
+        Some(w) => match w.trim().parse::<u64>() {
+            Ok(w) => Some(w),
+            Err(_) => {
+                problems.push(format!(
+                    "{WEIGHT_LABEL}: must be a number between 1 and 256, got {w:?}"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    if !problems.is_empty() {
+        return Verdict::Invalid {
+            id,
+            message: problems.join("; "),
+        };
+    }
+
+    let absent = |reason: String| Verdict::Absent {
+        id: id.clone(),
+        reason,
+    };
+    let state = c.state.clone().unwrap_or_default();
+    if state.running != Some(true) {
+        return absent("it is not running".into());
+    }
+    if state.paused == Some(true) {
+        return absent("it is paused".into());
+    }
+    if state.restarting == Some(true) {
+        return absent("it is restarting".into());
+    }
+    match state.health.and_then(|h| h.status) {
+        Some(HealthStatusEnum::STARTING) => {
+            return absent("its HEALTHCHECK has not passed yet (starting)".into())
+        }
+        Some(HealthStatusEnum::UNHEALTHY) => {
+            return absent("its HEALTHCHECK reports it unhealthy".into())
+        }
+        _ => {}
+    }
+
+    let address = match address(
+        c,
+        labels.get(NETWORK_LABEL).map(String::as_str),
+        default_network,
+    ) {
+        Ok(a) => a,
+        Err(Problem::Absent(reason)) => return absent(reason),
+        Err(Problem::Invalid(message)) => return Verdict::Invalid { id, message },
+    };
+    let spec = InstanceSpec {
+        address,
+        port: u64::from(port),
+        version: labels.get(VERSION_LABEL).map(|v| v.trim().to_owned()),
+        weight,
+        tags: Vec::new(),
+        ttl_ms: None,
+    };
+    match spec.validate() {
+        Ok(spec) => Verdict::Register {
+            service: service.clone(),
+            id,
+            spec,
+        },
+        Err(errors) => Verdict::Invalid {
+            id,
+            message: errors
+                .iter()
+                .map(|e| match e.field.as_str() {
+                    "version" => format!("{VERSION_LABEL}: {}", e.message),
+                    "weight" => format!("{WEIGHT_LABEL}: {}", e.message),
+                    _ => e.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        },
+    }
+}
+
+enum Problem {
+    Absent(String),
+    Invalid(String),
+}
+
+/// The port when `baker.port` is missing: the container's only exposed TCP port.
+fn only_exposed_port(c: &ContainerInspectResponse) -> Result<u16, String> {
+    let exposed: Vec<u16> = c
+        .config
+        .as_ref()
+        .and_then(|cfg| cfg.exposed_ports.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.strip_suffix("/tcp").unwrap_or(p).parse().ok())
+        .collect();
+    match exposed.as_slice() {
+        [port] => Ok(*port),
+        [] => Err(format!(
+            "{PORT_LABEL}: missing, and the container exposes no TCP port to default to"
+        )),
+        many => Err(format!(
+            "{PORT_LABEL}: missing, and the container exposes {} TCP ports: say which one",
+            many.len()
+        )),
+    }
+}
+
+/// The container's address on the chosen network.
+fn address(
+    c: &ContainerInspectResponse,
+    label: Option<&str>,
+    default_network: Option<&str>,
+) -> Result<String, Problem> {
+    let networks = c
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.clone())
+        .unwrap_or_default();
+    let ip_of = |e: &bollard::models::EndpointSettings| {
+        [e.ip_address.as_deref(), e.global_ipv6_address.as_deref()]
+            .into_iter()
+            .flatten()
+            .find(|ip| !ip.is_empty())
+            .map(str::to_owned)
+    };
+    let wanted = label.map(str::trim).filter(|n| !n.is_empty());
+    if let Some(name) = wanted.or(default_network) {
+        let source = if wanted.is_some() {
+            format!("label {NETWORK_LABEL}")
+        } else {
+            "BAKER_DOCKER_NETWORK".to_owned()
+        };
+        return match networks.get(name) {
+            None => Err(Problem::Absent(format!(
+                "it is not on network {name:?} ({source})"
+            ))),
+            Some(e) => ip_of(e).ok_or_else(|| {
+                Problem::Absent(format!("it has no address on network {name:?} yet"))
+            }),
+        };
+    }
+    let mut with_ip: Vec<(&String, String)> = networks
+        .iter()
+        .filter_map(|(name, e)| ip_of(e).map(|ip| (name, ip)))
+        .collect();
+    with_ip.sort();
+    match with_ip.len() {
+        0 => Err(Problem::Absent(
+            "it has no address on any network (network mode host or none?)".into(),
+        )),
+        1 => Ok(with_ip.remove(0).1),
+        _ => Err(Problem::Invalid(format!(
+            "{NETWORK_LABEL}: missing, and the container is on several networks ({}): say \
+             which one's address to register (or set BAKER_DOCKER_NETWORK)",
+            with_ip
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// What an event asks of discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing (another object, or an action that changes nothing Baker reads).
+    Ignore,
+    /// Read the container again and follow what it says now.
+    Refresh(String),
+    /// The container is being stopped: take it out now and keep it out until it starts again.
+    Stopping(String),
+    /// The container no longer exists.
+    Gone(String),
+}
+
+/// Signals after which a container is going away (TERM, KILL, INT, QUIT).
+const STOP_SIGNALS: [&str; 8] = [
+    "15", "9", "2", "3", "SIGTERM", "SIGKILL", "SIGINT", "SIGQUIT",
+];
+
+/// Decides what one engine event means; `known` says whether the container is one discovery
+/// has seen labelled (its events matter even when the event carries no labels).
+pub fn classify(event: &EventMessage, known: impl Fn(&str) -> bool) -> Action {
+    let action = event.action.as_deref().unwrap_or_default();
+    let empty = HashMap::new();
+    let actor = event.actor.as_ref();
+    let attributes = actor.and_then(|a| a.attributes.as_ref()).unwrap_or(&empty);
+    match event.typ {
+        Some(EventMessageTypeEnum::CONTAINER) => {
+            let Some(id) = actor.and_then(|a| a.id.clone()) else {
+                return Action::Ignore;
+            };
+            if !attributes.contains_key(SERVICE_LABEL) && !known(&id) {
+                return Action::Ignore;
+            }
+            match action {
+                "destroy" => Action::Gone(id),
+                "kill" => match attributes.get("signal") {
+                    Some(s) if STOP_SIGNALS.contains(&s.as_str()) => Action::Stopping(id),
+                    _ => Action::Refresh(id),
+                },
+                "stop" | "die" | "oom" => Action::Stopping(id),
+                "start" | "restart" | "pause" | "unpause" | "rename" | "update" => {
+                    Action::Refresh(id)
+                }
+                a if a.starts_with("health_status") => Action::Refresh(id),
+                _ => Action::Ignore,
+            }
+        }
+        Some(EventMessageTypeEnum::NETWORK) if action == "connect" || action == "disconnect" => {
+            match attributes.get("container") {
+                Some(id) => Action::Refresh(id.clone()),
+                None => Action::Ignore,
+            }
+        }
+        _ => Action::Ignore,
+    }
+}
+
+/// What discovery remembers between events.
+#[derive(Debug, Default)]
+struct Tracker {
+    /// Container id → the service and instance id registered for it.
+    registered: HashMap<String, (String, String)>,
+    /// Containers seen with the label (registered or not).
+    labelled: HashSet<String>,
+    /// Containers being stopped: kept out until they start again.
+    stopping: HashSet<String>,
+    /// The last reason logged for each container, so each is logged once.
+    noted: HashMap<String, String>,
+}
+
+impl Tracker {
+    fn note(&mut self, container: &str, level: tracing::Level, text: String) {
+        if self.noted.get(container) == Some(&text) {
+            return;
+        }
+        if level == tracing::Level::WARN {
+            tracing::warn!("{text}");
+        } else {
+            tracing::info!("{text}");
+        }
+        self.noted.insert(container.to_owned(), text);
+    }
+
+    fn forget(&mut self, container: &str) {
+        self.labelled.remove(container);
+        self.stopping.remove(container);
+        self.noted.remove(container);
+    }
+
+    /// Takes a container's instance out of the registry, if it has one.
+    fn deregister(&mut self, registry: &Registry, container: &str) {
+        if let Some((service, id)) = self.registered.remove(container) {
+            registry.remove(&service, &id);
+        }
+    }
+
+    /// Follows one container's verdict: registers it, or takes it out.
+    fn apply(&mut self, registry: &Registry, container: &str, verdict: Verdict) {
+        match verdict {
+            Verdict::Unlabelled => {
+                self.deregister(registry, container);
+                self.forget(container);
+            }
+            Verdict::Register { service, id, spec } => {
+                self.labelled.insert(container.to_owned());
+                if self.stopping.contains(container) {
+                    return;
+                }
+                if let Some(old) = self.registered.get(container) {
+                    if *old != (service.clone(), id.clone()) {
+                        self.deregister(registry, container);
+                    }
+                }
+                self.noted.remove(container);
+                registry.upsert(&service, &id, spec, Source::Docker);
+                self.registered.insert(container.to_owned(), (service, id));
+            }
+            Verdict::Absent { id, reason } => {
+                self.labelled.insert(container.to_owned());
+                self.deregister(registry, container);
+                self.note(
+                    container,
+                    tracing::Level::INFO,
+                    format!("container {id} is not registered: {reason}"),
+                );
+            }
+            Verdict::Invalid { id, message } => {
+                self.labelled.insert(container.to_owned());
+                self.deregister(registry, container);
+                self.note(
+                    container,
+                    tracing::Level::WARN,
+                    format!("container {id} has bad labels and is left out: {message}"),
+                );
+            }
+        }
+    }
+}
+
+/// Why a discovery session ended (it reconnects after each).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot reach the Docker engine")]
+    Connect(#[source] DockerError),
+    #[error("the Docker engine answered with an error")]
+    Api(#[source] DockerError),
+    #[error("the Docker events stream failed")]
+    Stream(#[source] DockerError),
+    #[error("the Docker engine closed the events stream")]
+    StreamEnded,
+}
+
+/// Follows the Docker engine until `shutdown`, keeping the registry's Docker-sourced instances
+/// equal to the labelled containers that count; reconnects and resyncs after any failure.
+pub async fn run(registry: Registry, network: Option<String>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    let mut tracker = Tracker::default();
+    let mut failures = 0u32;
+    loop {
+        let result = session(
+            &registry,
+            network.as_deref(),
+            &mut tracker,
+            &shutdown,
+            || {
+                backoff.reset();
+                failures = 0;
+            },
+        )
+        .await;
+        let err = match result {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        failures += 1;
+        let delay = backoff.next_delay();
+        let hint = match &err {
+            SessionError::Connect(DockerError::IOError { err })
+                if err.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                " (permission denied on the Docker socket: run the directory as root or in the \
+                 socket's group, e.g. docker run --group-add $(stat -c %g /var/run/docker.sock))"
+            }
+            _ => "",
+        };
+        let cause = std::error::Error::source(&err)
+            .map(|s| format!(": {s}"))
+            .unwrap_or_default();
+        if failures <= 3 || failures.is_power_of_two() {
+            tracing::warn!("docker discovery: {err}{cause}{hint}; retrying in {delay:?}");
+        } else {
+            tracing::debug!("docker discovery: {err}{cause}; retrying in {delay:?}");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One connection: list and sync, then follow events until an error or `shutdown`.
+async fn session(
+    registry: &Registry,
+    network: Option<&str>,
+    tracker: &mut Tracker,
+    shutdown: &CancellationToken,
+    synced: impl FnOnce(),
+) -> Result<(), SessionError> {
+    let docker = Docker::connect_with_defaults().map_err(SessionError::Connect)?;
+    let docker = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        d = docker.negotiate_version() => d.map_err(SessionError::Connect)?,
+    };
+    // Events from one second before the listing on: nothing between the two is missed, and a
+    // replayed event only makes discovery read a container again.
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs().saturating_sub(1))
+        .unwrap_or_default()
+        .to_string();
+    let filters = HashMap::from([("type", vec!["container", "network"])]);
+    let mut events = docker.events(Some(
+        EventsOptionsBuilder::new()
+            .since(&since)
+            .filters(&filters)
+            .build(),
+    ));
+
+    let label_filter = HashMap::from([("label", vec![SERVICE_LABEL])]);
+    let listed = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        l = docker.list_containers(Some(
+            ListContainersOptionsBuilder::new().all(true).filters(&label_filter).build(),
+        )) => l.map_err(SessionError::Api)?,
+    };
+    let mut desired = Vec::new();
+    let mut registered = HashMap::new();
+    let mut seen = HashSet::new();
+    for summary in listed {
+        let Some(cid) = summary.id else { continue };
+        let c = match docker.inspect_container(&cid, None).await {
+            Ok(c) => c,
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => continue,
+            Err(e) => return Err(SessionError::Api(e)),
+        };
+        seen.insert(cid.clone());
+        match verdict(&c, network) {
+            Verdict::Register { service, id, spec } if !tracker.stopping.contains(&cid) => {
+                tracker.labelled.insert(cid.clone());
+                tracker.noted.remove(&cid);
+                registered.insert(cid, (service.clone(), id.clone()));
+                desired.push((service, id, spec));
+            }
+            Verdict::Register { .. } => {}
+            other => tracker.apply(registry, &cid, other),
+        }
+    }
+    tracker.labelled.retain(|c| seen.contains(c));
+    tracker.stopping.retain(|c| seen.contains(c));
+    tracker.noted.retain(|c, _| seen.contains(c));
+    tracker.registered = registered;
+    let count = desired.len();
+    registry.sync_source(Source::Docker, desired);
+    tracing::info!(
+        "docker discovery: following engine API {}, {} labelled container(s), {count} registered",
+        docker.client_version(),
+        seen.len()
+    );
+    synced();
+
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            e = events.next() => e,
+        };
+        let event = match event {
+            None => return Err(SessionError::StreamEnded),
+            Some(Err(e)) => return Err(SessionError::Stream(e)),
+            Some(Ok(e)) => e,
+        };
+        match classify(&event, |id| tracker.labelled.contains(id)) {
+            Action::Ignore => {}
+            Action::Gone(cid) => {
+                tracker.deregister(registry, &cid);
+                tracker.forget(&cid);
+            }
+            Action::Stopping(cid) => {
+                tracker.stopping.insert(cid.clone());
+                tracker.deregister(registry, &cid);
+            }
+            Action::Refresh(cid) => {
+                // A container that starts again (also by its restart policy) counts again.
+                if matches!(event.action.as_deref(), Some("start" | "restart")) {
+                    tracker.stopping.remove(&cid);
+                }
+                match docker.inspect_container(&cid, None).await {
+                    Ok(c) => tracker.apply(registry, &cid, verdict(&c, network)),
+                    Err(DockerError::DockerResponseServerError {
+                        status_code: 404, ..
+                    }) => {
+                        tracker.deregister(registry, &cid);
+                        tracker.forget(&cid);
+                    }
+                    Err(e) => return Err(SessionError::Api(e)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::{
+        ContainerConfig, ContainerState, EndpointSettings, EventActor, Health, NetworkSettings,
+    };
+
+    fn container(labels: &[(&str, &str)], networks: &[(&str, &str)]) -> ContainerInspectResponse {
+        ContainerInspectResponse {
+            id: Some("0123456789abcdef0123".into()),
+            name: Some("/Orders_1".into()),
+            config: Some(ContainerConfig {
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                exposed_ports: Some(vec!["8080/tcp".into()]),
+                ..Default::default()
+            }),
+            state: Some(ContainerState {
+                running: Some(true),
+                paused: Some(false),
+                restarting: Some(false),
+                ..Default::default()
+            }),
+            network_settings: Some(NetworkSettings {
+                networks: Some(
+                    networks
+                        .iter()
+                        .map(|(n, ip)| {
+                            (
+                                (*n).to_owned(),
+                                EndpointSettings {
+                                    ip_address: Some((*ip).to_owned()),
+                                    ..Default::default()
+                                },
+                            )
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn with_health(
+        mut c: ContainerInspectResponse,
+        status: HealthStatusEnum,
+    ) -> ContainerInspectResponse {
+        c.state.as_mut().unwrap().health = Some(Health {
+            status: Some(status),
+            ..Default::default()
+        });
+        c
+    }
+
+    fn registered(v: Verdict) -> (String, String, ValidSpec) {
+        match v {
+            Verdict::Register { service, id, spec } => (service, id, spec),
+            other => panic!("expected a registration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn labelled_running_container_is_registered() {
+        let c = container(
+            &[
+                ("baker.service", "orders"),
+                ("baker.port", "9000"),
+                ("baker.version", "2"),
+                ("baker.weight", "50"),
+            ],
+            &[("appnet", "10.0.0.5")],
+        );
+        let (service, id, spec) = registered(verdict(&c, None));
+        assert_eq!((service.as_str(), id.as_str()), ("orders", "orders_1"));
+        assert_eq!(spec.address, "10.0.0.5");
+        assert_eq!(
+            (spec.port, spec.version.as_str(), spec.weight),
+            (9000, "2", 50)
+        );
+    }
+
+    #[test]
+    fn defaults_come_from_the_image() {
+        let c = container(&[("baker.service", "orders")], &[("bridge", "172.17.0.3")]);
+        let (_, _, spec) = registered(verdict(&c, None));
+        assert_eq!(
+            (spec.port, spec.version.as_str(), spec.weight),
+            (8080, "1", 100)
+        );
+        let mut two = c.clone();
+        two.config.as_mut().unwrap().exposed_ports = Some(vec!["80/tcp".into(), "443/tcp".into()]);
+        assert!(
+            matches!(verdict(&two, None), Verdict::Invalid { message, .. } if message.contains("2 TCP ports"))
+        );
+    }
+
+    #[test]
+    fn unlabelled_containers_are_not_ours() {
+        let c = container(&[("other", "x")], &[("bridge", "172.17.0.3")]);
+        assert_eq!(verdict(&c, None), Verdict::Unlabelled);
+    }
+
+    #[test]
+    fn bad_labels_are_named_all_at_once() {
+        let c = container(
+            &[
+                ("baker.service", "Orders!"),
+                ("baker.port", "http"),
+                ("baker.weight", "heavy"),
+            ],
+            &[("bridge", "172.17.0.3")],
+        );
+        let Verdict::Invalid { message, .. } = verdict(&c, None) else {
+            panic!("expected invalid");
+        };
+        for label in ["baker.service", "baker.port", "baker.weight"] {
+            assert!(message.contains(label), "{message}");
+        }
+        let c = container(
+            &[
+                ("baker.service", "orders"),
+                ("baker.port", "70000"),
+                ("baker.version", "V 2"),
+            ],
+            &[("bridge", "172.17.0.3")],
+        );
+        let Verdict::Invalid { message, .. } = verdict(&c, None) else {
+            panic!("expected invalid");
+        };
+        assert!(message.contains("baker.port"), "{message}");
+        let c = container(
+            &[
+                ("baker.service", "orders"),
+                ("baker.version", "V 2"),
+                ("baker.weight", "300"),
+            ],
+            &[("bridge", "172.17.0.3")],
+        );
+        let Verdict::Invalid { message, .. } = verdict(&c, None) else {
+            panic!("expected invalid");
+        };
+        assert!(
+            message.contains("baker.version") && message.contains("baker.weight"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn only_running_healthy_containers_count() {
+        let c = container(&[("baker.service", "orders")], &[("bridge", "172.17.0.3")]);
+        for status in [HealthStatusEnum::STARTING, HealthStatusEnum::UNHEALTHY] {
+            assert!(matches!(
+                verdict(&with_health(c.clone(), status), None),
+                Verdict::Absent { .. }
+            ));
+        }
+        for status in [HealthStatusEnum::HEALTHY, HealthStatusEnum::NONE] {
+            registered(verdict(&with_health(c.clone(), status), None));
+        }
+        let mut stopped = c.clone();
+        stopped.state.as_mut().unwrap().running = Some(false);
+        assert!(
+            matches!(verdict(&stopped, None), Verdict::Absent { reason, .. } if reason.contains("not running"))
+        );
+        let mut paused = c.clone();
+        paused.state.as_mut().unwrap().paused = Some(true);
+        assert!(
+            matches!(verdict(&paused, None), Verdict::Absent { reason, .. } if reason.contains("paused"))
+        );
+    }
+
+    #[test]
+    fn network_choice() {
+        let two = [("front", "10.1.0.2"), ("back", "10.2.0.2")];
+        let c = container(&[("baker.service", "orders")], &two);
+        assert!(
+            matches!(verdict(&c, None), Verdict::Invalid { message, .. } if message.contains("back, front"))
+        );
+        assert_eq!(registered(verdict(&c, Some("back"))).2.address, "10.2.0.2");
+        let labelled = container(
+            &[("baker.service", "orders"), ("baker.network", "front")],
+            &two,
+        );
+        assert_eq!(
+            registered(verdict(&labelled, Some("back"))).2.address,
+            "10.1.0.2"
+        );
+        assert!(
+            matches!(verdict(&c, Some("other")), Verdict::Absent { reason, .. } if reason.contains("\"other\""))
+        );
+        let host = container(&[("baker.service", "orders")], &[("host", "")]);
+        assert!(matches!(verdict(&host, None), Verdict::Absent { .. }));
+    }
+
+    #[test]
+    fn instance_ids_from_names() {
+        assert_eq!(instance_id("/web_1", "abc"), "web_1");
+        assert_eq!(instance_id("/My.App", "abc"), "my.app");
+        assert_eq!(instance_id("", "0123456789abcdef"), "0123456789ab");
+        assert_eq!(instance_id("/_x", "abc"), "cx");
+        assert_eq!(
+            instance_id(&format!("/{}", "a".repeat(80)), "abc").len(),
+            63
+        );
+        for name in ["/web_1", "/My.App", "/_x", "/ünï"] {
+            let id = instance_id(name, "abc");
+            validate_name("id", &id).unwrap_or_else(|e| panic!("{name} → {id}: {e}"));
+        }
+    }
+
+    fn event(
+        typ: EventMessageTypeEnum,
+        action: &str,
+        id: &str,
+        attrs: &[(&str, &str)],
+    ) -> EventMessage {
+        EventMessage {
+            typ: Some(typ),
+            action: Some(action.into()),
+            actor: Some(EventActor {
+                id: Some(id.into()),
+                attributes: Some(
+                    attrs
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn events_are_classified() {
+        use EventMessageTypeEnum::{CONTAINER, IMAGE, NETWORK};
+        let label = [("baker.service", "orders")];
+        let unknown = |_: &str| false;
+        let c = |a: &str| classify(&event(CONTAINER, a, "c1", &label), unknown);
+        assert_eq!(c("start"), Action::Refresh("c1".into()));
+        assert_eq!(c("health_status: healthy"), Action::Refresh("c1".into()));
+        assert_eq!(c("unpause"), Action::Refresh("c1".into()));
+        assert_eq!(c("die"), Action::Stopping("c1".into()));
+        assert_eq!(c("destroy"), Action::Gone("c1".into()));
+        assert_eq!(c("exec_start: /usr/local/bin/baker-probe"), Action::Ignore);
+        let kill = |sig: &str| {
+            classify(
+                &event(
+                    CONTAINER,
+                    "kill",
+                    "c1",
+                    &[("baker.service", "o"), ("signal", sig)],
+                ),
+                unknown,
+            )
+        };
+        assert_eq!(kill("15"), Action::Stopping("c1".into()));
+        assert_eq!(kill("1"), Action::Refresh("c1".into()));
+        // Unlabelled containers are ignored unless discovery knows them.
+        assert_eq!(
+            classify(&event(CONTAINER, "start", "c2", &[]), unknown),
+            Action::Ignore
+        );
+        assert_eq!(
+            classify(&event(CONTAINER, "die", "c2", &[]), |id| id == "c2"),
+            Action::Stopping("c2".into())
+        );
+        let net = event(NETWORK, "connect", "n1", &[("container", "c3")]);
+        assert_eq!(classify(&net, unknown), Action::Refresh("c3".into()));
+        assert_eq!(
+            classify(&event(NETWORK, "create", "n1", &[]), unknown),
+            Action::Ignore
+        );
+        assert_eq!(
+            classify(&event(IMAGE, "pull", "i", &label), unknown),
+            Action::Ignore
+        );
+    }
+}
