@@ -62,7 +62,11 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::new());
     let registry = Registry::new(store, loaded, metrics, config.watch_backlog_lines);
     let discovery = docker::enabled(config.docker).then(|| {
-        tokio::spawn(docker::run(registry.clone(), config.docker_network.clone(), shutdown.clone()))
+        tokio::spawn(docker::run(
+            registry.clone(),
+            config.docker_network.clone(),
+            shutdown.clone(),
+        ))
     });
     if config.token.is_none() {
         tracing::info!("no BAKER_TOKEN: mutating calls need no token");
