@@ -10,6 +10,7 @@
 //! command builds them first (`cargo build --workspace --bins`).
 
 pub mod directory;
+pub mod docker;
 pub mod greeting;
 
 use std::future::Future;
