@@ -420,6 +420,8 @@ async fn a_corrupt_routes_file_stops_the_start_with_a_clear_error() {
             ("BAKER_DOCKER", "off"),
         ],
     );
+    p.wait_for_log("routes.json is corrupt", Duration::from_secs(10))
+        .await;
     let status = p.wait_exit(Duration::from_secs(10)).await;
     assert!(
         !status.success(),
@@ -449,6 +451,9 @@ async fn bad_variables_are_all_named_and_exit_64() {
             ("BAKER_REQUEST_TIMEOUT", "10"),
         ],
     );
+    // The last variable reported: every line before it has been collected too.
+    p.wait_for_log("BAKER_REQUEST_TIMEOUT", Duration::from_secs(10))
+        .await;
     let status = p.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(64), "{}", p.log_text());
     let log = p.log_text();
@@ -522,4 +527,68 @@ async fn healthz_and_metrics() {
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
+}
+
+/// Reads from a raw connection until it closes; returns what came, or panics after `within`.
+fn read_until_closed(mut stream: std::net::TcpStream, within: Duration) -> String {
+    use std::io::Read;
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    match stream.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!(
+            "the directory did not close a slow connection within {within:?} ({e}); got {:?}",
+            String::from_utf8_lossy(&got)
+        ),
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn slow_clients_time_out_and_connections_are_limited() {
+    use std::io::Write;
+    let dir = TestDirectory::start(&[
+        ("BAKER_REQUEST_TIMEOUT", "1s"),
+        ("BAKER_MAX_CONNECTIONS", "2"),
+    ])
+    .await;
+    let addr = dir.addr;
+    let (headers, body) = tokio::task::spawn_blocking(move || {
+        // Headers that never finish: the connection is closed.
+        let mut a = std::net::TcpStream::connect(addr).unwrap();
+        a.write_all(b"GET /v1/servi").unwrap();
+        // A body that never finishes: 408 with a JSON error.
+        let mut b = std::net::TcpStream::connect(addr).unwrap();
+        b.write_all(
+            b"PUT /v1/services/emitter/instances/a HTTP/1.1\r\nHost: d\r\n\
+              Content-Length: 100\r\n\r\n{\"address\":",
+        )
+        .unwrap();
+        let b = std::thread::spawn(move || read_until_closed(b, Duration::from_secs(5)));
+        let a = read_until_closed(a, Duration::from_secs(5));
+        (a, b.join().unwrap())
+    })
+    .await
+    .unwrap();
+    assert!(!headers.contains("200 OK"), "{headers}");
+    assert!(body.starts_with("HTTP/1.1 408"), "{body}");
+    assert!(body.contains("request took longer than 1s"), "{body}");
+    assert!(dir.client.services().await.unwrap().services.is_empty());
+
+    // Two idle connections fill the limit: a third call waits until the header timeout frees
+    // a slot, then succeeds.
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    // A new client: the shared one may hold a pooled connection that already has a slot.
+    dir.client_with_token(None).healthz().await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(4),
+        "the call waited {waited:?} for a connection slot"
+    );
+    drop(idle);
 }
