@@ -171,14 +171,25 @@ async fn call(http: &reqwest::Client, url: &str) -> Result<Greeting, String> {
         .get(url)
         .send()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| format!("{url}: {}", chain(&e)))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("{url}: status {status}"));
     }
     resp.json::<Greeting>()
         .await
-        .map_err(|e| format!("{url}: not a greeting: {e}"))
+        .map_err(|e| format!("{url}: not a greeting: {}", chain(&e)))
+}
+
+/// An error with its causes (reqwest's own message leaves out "connection refused" and such).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

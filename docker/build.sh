@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Builds Baker's release binaries and its four images, FROM scratch, with no registry access:
+#
+#   baker/directory   baker-directory, the `baker` CLI, baker-probe
+#   baker/registrar   baker-registrar, baker-probe
+#   baker/ambassador  baker-ambassador, HAProxy (/usr/sbin/haproxy), baker-probe
+#   baker/greeting    baker-greeting, baker-greeting-client, baker-probe
+#
+# Each image holds only its binaries, the shared libraries `ldd` names for them (and the
+# dynamic loader), /etc/passwd and /etc/group with a `baker` user (uid/gid 65532), and a
+# writable /tmp. Nothing is pulled: the legacy builder is used and there is no base image.
+#
+# Usage: docker/build.sh [IMAGE...]     (default: all four; e.g. `docker/build.sh greeting`)
+#
+# Idempotent: when neither the sources nor these files changed, cargo and Docker's layer cache
+# make a second run take a few seconds. Installs nothing except HAProxy (with apt-get, saying
+# so) when it is missing, because the ambassador image carries the host's HAProxy.
+#
+# Variables: CARGO_TARGET_DIR (where cargo builds), BAKER_IMAGE_TAG (extra tag, default the
+# workspace version), BAKER_HAPROXY (the HAProxy binary to copy, default /usr/sbin/haproxy).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+all_images=(directory registrar ambassador greeting)
+
+die() { printf 'docker/build.sh: error: %s\n' "$*" >&2; exit 1; }
+say() { printf '==> %s\n' "$*" >&2; }
+
+images=("$@")
+[[ ${#images[@]} -gt 0 ]] || images=("${all_images[@]}")
+for image in "${images[@]}"; do
+    [[ " ${all_images[*]} " == *" $image "* ]] ||
+        die "unknown image '$image' (known: ${all_images[*]})"
+done
+
+# --- tools -----------------------------------------------------------------------------------
+command -v docker >/dev/null ||
+    die "the docker command is missing: install Docker Engine (https://docs.docker.com/engine/install/)"
+if ! docker_err=$(docker version --format '{{.Server.APIVersion}}' 2>&1 >/dev/null); then
+    die "the Docker engine is not reachable (is it running, may this user use /var/run/docker.sock?):
+  $docker_err"
+fi
+command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup (https://rustup.rs)"
+command -v ldd >/dev/null || die "ldd is missing (it comes with the C library's tools, e.g. Debian's libc-bin)"
+
+haproxy=${BAKER_HAPROXY:-/usr/sbin/haproxy}
+if [[ " ${images[*]} " == *" ambassador "* && ! -x $haproxy ]]; then
+    if [[ -z ${BAKER_HAPROXY:-} ]] && command -v haproxy >/dev/null; then
+        haproxy=$(command -v haproxy)
+    elif [[ -z ${BAKER_HAPROXY:-} ]] && command -v apt-get >/dev/null; then
+        say "HAProxy is missing and the ambassador image carries it: installing it with apt-get"
+        sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+        "${sudo[@]}" apt-get update -qq
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+    else
+        die "HAProxy is missing ($haproxy): install it (Debian/Ubuntu: apt-get install haproxy) or set BAKER_HAPROXY"
+    fi
+fi
+
+# --- binaries --------------------------------------------------------------------------------
+declare -A bins=(
+    [directory]="baker-directory baker baker-probe"
+    [registrar]="baker-registrar baker-probe"
+    [ambassador]="baker-ambassador baker-probe"
+    [greeting]="baker-greeting baker-greeting-client baker-probe"
+)
+declare -A packages=(
+    [baker-directory]=baker-directory [baker]=baker-client [baker-probe]=baker-probe
+    [baker-registrar]=baker-registrar [baker-ambassador]=baker-ambassador
+    [baker-greeting]=baker-greeting [baker-greeting-client]=baker-greeting-client
+)
+cargo_args=()
+declare -A seen=()
+for image in "${images[@]}"; do
+    for b in ${bins[$image]}; do
+        p=${packages[$b]}
+        [[ -n ${seen[$p]:-} ]] && continue
+        seen[$p]=1
+        cargo_args+=(-p "$p")
+    done
+done
+
+say "building release binaries (cargo build --release ${cargo_args[*]} --bins)"
+(cd "$repo" && cargo build --release "${cargo_args[@]}" --bins) ||
+    die "cargo build failed (see above)"
+
+target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+[[ -n $target_dir && -d $target_dir/release ]] || die "cannot find cargo's target directory"
+release=$target_dir/release
+version=$(cd "$repo" && cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"name":"baker-directory","version":"\([^"]*\)".*/\1/p')
+tag=${BAKER_IMAGE_TAG:-${version:-latest}}
+
+# --- root file systems -----------------------------------------------------------------------
+# Copies $1 to $2/$1's path (following symlinks), keeping the file's mode.
+put() {
+    local src=$1 root=$2 dest=${3:-$1}
+    mkdir -p "$root$(dirname "$dest")"
+    cp -L --preserve=mode "$src" "$root$dest"
+}
+
+# Copies every shared library `ldd` names for the executable $1 (and the loader) into $2.
+put_libs() {
+    local exe=$1 root=$2 out line lib
+    out=$(ldd "$exe" 2>&1) || die "ldd $exe failed: $out"
+    while read -r line; do
+        case $line in
+            *"=> not found"*) die "$exe needs a library this machine lacks: $line" ;;
+            *"=> /"*) lib=${line#*=> }; lib=${lib%% (*} ;;
+            /*) lib=${line%% (*} ;;
+            *) continue ;; # linux-vdso and friends live in the kernel
+        esac
+        [[ -e $root$lib ]] || put "$lib" "$root"
+    done <<<"$out"
+}
+
+stage() {
+    local image=$1 root=$2 b
+    rm -rf "$root"
+    mkdir -p "$root/usr/local/bin" "$root/etc" "$root/tmp"
+    chmod 1777 "$root/tmp"
+    for b in ${bins[$image]}; do
+        [[ -x $release/$b ]] || die "$release/$b was not built"
+        put "$release/$b" "$root" "/usr/local/bin/$b"
+        put_libs "$release/$b" "$root"
+    done
+    if [[ $image == ambassador ]]; then
+        put "$haproxy" "$root" /usr/sbin/haproxy
+        put_libs "$haproxy" "$root"
+        # glibc loads libgcc_s at run time to unwind threads (pthread_cancel/exit).
+        for lib in /lib/x86_64-linux-gnu/libgcc_s.so.1 /usr/lib/x86_64-linux-gnu/libgcc_s.so.1; do
+            [[ -e $lib ]] && { [[ -e $root$lib ]] || put "$lib" "$root"; break; }
+        done
+    fi
+    cat >"$root/etc/passwd" <<'PASSWD'
+root:x:0:0:root:/root:/sbin/nologin
+baker:x:65532:65532:baker:/home/baker:/sbin/nologin
+nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin
+PASSWD
+    cat >"$root/etc/group" <<'GROUP'
+root:x:0:
+baker:x:65532:
+nogroup:x:65534:
+GROUP
+    printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
+}
+
+stage_dir=$target_dir/docker
+for image in "${images[@]}"; do
+    ctx=$stage_dir/$image
+    rm -rf "$ctx" && mkdir -p "$ctx"
+    stage "$image" "$ctx/rootfs"
+    # An empty directory, copied by the Dockerfiles with --chown to make the `baker` user's
+    # writable directories (/var/lib/baker, /run/baker).
+    mkdir -p "$ctx/empty"
+    say "building image baker/$image"
+    if ! out=$(DOCKER_BUILDKIT=0 docker build -q -f "$here/$image.Dockerfile" \
+        -t "baker/$image:latest" -t "baker/$image:$tag" "$ctx" 2>&1); then
+        printf '%s\n' "$out" >&2
+        die "docker build of baker/$image failed"
+    fi
+done
+
+# --- report ----------------------------------------------------------------------------------
+for image in "${images[@]}"; do
+    docker image inspect --format "baker/$image:latest {{.Id}} {{.Size}}" "baker/$image:latest" |
+        awk '{ printf "%-24s %s  %.1f MB\n", $1, substr($2, 8, 12), $3 / 1000000 }'
+done
