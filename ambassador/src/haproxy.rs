@@ -28,13 +28,13 @@ pub enum HaproxyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("HAProxy refused the configuration:\n{0}")]
+    #[error("HAProxy refused the configuration: {0}")]
     Invalid(String),
-    #[error("HAProxy exited ({exit}) while starting:\n{log}")]
+    #[error("HAProxy exited ({exit}) while starting: {log}")]
     Exited { exit: Exit, log: String },
     #[error("HAProxy did not become ready within {0:?}")]
     NotReady(Duration),
-    #[error("the reload failed; the previous worker keeps serving:\n{0}")]
+    #[error("the reload failed; the previous worker keeps serving: {0}")]
     ReloadFailed(String),
     #[error(transparent)]
     Api(#[from] crate::runtime_api::ApiError),
@@ -84,7 +84,6 @@ impl Haproxy {
     pub async fn check(&self, path: &Path) -> Result<(), HaproxyError> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("-c")
-            .arg("-q")
             .arg("-f")
             .arg(path)
             .stdin(Stdio::null())
@@ -134,7 +133,7 @@ impl Haproxy {
             Err(HaproxyError::Invalid(if msg.is_empty() {
                 format!("haproxy -c failed ({exit}) with no message")
             } else {
-                msg.join("\n")
+                msg.join(" | ")
             }))
         }
     }
@@ -330,9 +329,9 @@ impl Haproxy {
             .filter(|l| l.contains("ALERT") || l.contains("WARNING") || l.contains("failure"))
             .collect();
         if picked.is_empty() {
-            lines.iter().cloned().collect::<Vec<_>>().join("\n")
+            lines.iter().cloned().collect::<Vec<_>>().join(" | ")
         } else {
-            picked.join("\n")
+            picked.join(" | ")
         }
     }
 }

@@ -123,7 +123,8 @@ impl Owner {
             source: e,
         })?;
         self.haproxy.stop_stale().await;
-        let _ = std::fs::write(self.state_file(), "");
+        // An empty state (format version 1) until the first reload saves a real one.
+        let _ = std::fs::write(self.state_file(), "1\n");
         let resolved = self.resolve(desired).await;
         self.install(&resolved)
             .await

@@ -9,6 +9,7 @@
 //! The binaries are found beside the test executable (`target/<profile>/`); the README's test
 //! command builds them first (`cargo build --workspace --bins`).
 
+pub mod ambassador;
 pub mod directory;
 pub mod docker;
 pub mod greeting;

@@ -1,0 +1,203 @@
+//! A real `baker-ambassador` (with its real HAProxy) for end-to-end tests, on free ports, with
+//! its own run directory; plus helpers to query HAProxy's master and admin sockets.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::{free_port, Proc};
+
+/// A running ambassador. Dropping it stops it with SIGTERM (so its HAProxy stops too).
+pub struct TestAmbassador {
+    pub proc: Proc,
+    /// Local port of each service, by name.
+    pub ports: BTreeMap<String, u16>,
+    pub http_port: u16,
+    pub admin: SocketAddr,
+    run_dir: tempfile::TempDir,
+}
+
+/// The master's view of HAProxy's processes (`show proc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub reloads: u64,
+    pub worker: u32,
+}
+
+impl TestAmbassador {
+    /// Starts an ambassador for `services` (`"emitter"` or `"db=tcp"`) against `directory`,
+    /// each on a free port, with a shared HTTP port and an admin port, bound to 127.0.0.1.
+    pub async fn start(directory: &str, services: &[&str], extra_env: &[(&str, &str)]) -> Self {
+        let ports: BTreeMap<String, u16> = services
+            .iter()
+            .map(|s| (s.split('=').next().unwrap_or(s).to_owned(), free_port()))
+            .collect();
+        Self::start_on(directory, services, ports, free_port(), extra_env).await
+    }
+
+    /// Like [`start`](Self::start), on the given ports.
+    pub async fn start_on(
+        directory: &str,
+        services: &[&str],
+        ports: BTreeMap<String, u16>,
+        http_port: u16,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let run_dir = tempfile::Builder::new()
+            .prefix("baker-amb-")
+            .tempdir()
+            .expect("creating a run directory");
+        let routes: Vec<String> = services
+            .iter()
+            .map(|s| {
+                let name = s.split('=').next().unwrap_or(s);
+                let mode = s
+                    .split('=')
+                    .nth(1)
+                    .map(|m| format!("={m}"))
+                    .unwrap_or_default();
+                format!("{name}={}{mode}", ports[name])
+            })
+            .collect();
+        let routes = routes.join(",");
+        let admin_port = free_port().to_string();
+        let http = http_port.to_string();
+        let run = run_dir.path().display().to_string();
+        let mut env = vec![
+            ("BAKER_DIRECTORY", directory),
+            ("BAKER_ROUTES", routes.as_str()),
+            ("BAKER_HTTP_PORT", http.as_str()),
+            ("BAKER_ADMIN", admin_port.as_str()),
+            ("BAKER_BIND", "127.0.0.1"),
+            ("BAKER_RUN_DIR", run.as_str()),
+        ];
+        let haproxy = crate::haproxy_bin();
+        env.push(("BAKER_HAPROXY", haproxy.as_str()));
+        for (k, v) in extra_env {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v));
+        }
+        let mut proc = Proc::baker("ambassador", "baker-ambassador", &env);
+        let admin = proc.listen_addr().await;
+        TestAmbassador {
+            proc,
+            ports,
+            http_port,
+            admin,
+            run_dir,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>` of a service's own port.
+    pub fn url(&self, service: &str) -> String {
+        format!("http://127.0.0.1:{}", self.ports[service])
+    }
+
+    /// `http://127.0.0.1:<shared http port>`.
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
+    /// One command on HAProxy's admin socket.
+    pub fn admin_command(&self, command: &str) -> String {
+        socket_command(&self.run_dir.path().join("admin.sock"), command)
+    }
+
+    /// One command on HAProxy's master CLI.
+    pub fn master_command(&self, command: &str) -> String {
+        socket_command(&self.run_dir.path().join("master.sock"), command)
+    }
+
+    /// Reload count and current worker pid, from the master's `show proc`.
+    pub fn proc_info(&self) -> ProcInfo {
+        let text = self.master_command("show proc");
+        let mut reloads = None;
+        let mut worker = None;
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() >= 3 && f[1] == "master" {
+                reloads = f[2].parse().ok();
+            }
+            if f.len() >= 3 && f[1] == "worker" && worker.is_none() {
+                worker = f[0].parse().ok();
+            }
+        }
+        ProcInfo {
+            reloads: reloads.unwrap_or_else(|| panic!("no master line in show proc: {text}")),
+            worker: worker.unwrap_or_else(|| panic!("no worker in show proc: {text}")),
+        }
+    }
+
+    /// Server names HAProxy runs in `backend`, with their admin state (`show servers state`).
+    pub fn servers(&self, backend: &str) -> BTreeMap<String, String> {
+        let text = self.admin_command(&format!("show servers state {backend}"));
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 6)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let admin = match f[6].parse::<u32>().unwrap_or(0) {
+                    0 => "ready",
+                    a if a & 0x08 != 0 => "drain",
+                    _ => "maint",
+                };
+                (f[3].to_owned(), admin.to_owned())
+            })
+            .collect()
+    }
+
+    /// Stops the ambassador with SIGTERM and returns its exit status.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        self.proc.term();
+        self.proc.wait_exit(Duration::from_secs(15)).await
+    }
+
+    fn haproxy_pid_file(&self) -> PathBuf {
+        self.run_dir.path().join("haproxy.pid")
+    }
+}
+
+impl Drop for TestAmbassador {
+    fn drop(&mut self) {
+        if self.proc.try_status().is_none() {
+            self.proc.term();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.proc.try_status().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Never leave an HAProxy behind, even if the ambassador was killed.
+        if let Ok(pid) = std::fs::read_to_string(self.haproxy_pid_file()) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline)
+                    .contains(&*self.run_dir.path().to_string_lossy())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Sends one command to an HAProxy CLI socket and returns the answer.
+pub fn socket_command(path: &Path, command: &str) -> String {
+    let mut s = UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(format!("{command}\n").as_bytes())
+        .expect("writing a command");
+    s.shutdown(std::net::Shutdown::Write).ok();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("reading an answer");
+    out
+}
