@@ -191,8 +191,18 @@ impl Drop for TestAmbassador {
 
 /// Sends one command to an HAProxy CLI socket and returns the answer.
 pub fn socket_command(path: &Path, command: &str) -> String {
-    let mut s = UnixStream::connect(path)
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
+    // The master CLI is briefly away while the master re-executes itself for a reload.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connecting to {}: {e}", path.display()),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
     s.write_all(format!("{command}\n").as_bytes())
         .expect("writing a command");

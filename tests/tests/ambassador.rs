@@ -610,3 +610,66 @@ async fn bad_configuration_is_reported_all_at_once() {
         assert!(log.contains(v), "{v} missing from:\n{log}");
     }
 }
+
+#[tokio::test]
+async fn haproxy_killed_is_restarted() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let dir = TestDirectory::start(&[]).await;
+    let g = Greeting::start("1", "g").await;
+    register(&dir.client, "emitter", &g, "g", "1", TTL_MS).await;
+    let mut amb = TestAmbassador::start(&dir.url, &["emitter"], &[]).await;
+    let url = format!("{}/greeting", amb.url("emitter"));
+    let c = http(false);
+    eventually(Duration::from_secs(5), "traffic", || async {
+        greet(&c, &url).await.ok()
+    })
+    .await;
+    let pid: i32 = std::fs::read_to_string(amb.run_dir().join("haproxy.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    amb.proc
+        .wait_for_log("HAProxy is running again", Duration::from_secs(15))
+        .await;
+    eventually(Duration::from_secs(5), "traffic again", || async {
+        greet(&c, &url).await.ok()
+    })
+    .await;
+    let status = amb.stop().await;
+    assert!(status.success(), "{status}\n{}", amb.proc.log_text());
+}
+
+#[tokio::test]
+async fn forced_reloads_for_benchmarks() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let dir = TestDirectory::start(&[]).await;
+    let a = Greeting::start("1", "a").await;
+    let b = Greeting::start("1", "b").await;
+    register(&dir.client, "emitter", &a, "a", "1", TTL_MS).await;
+    let amb =
+        TestAmbassador::start(&dir.url, &["emitter"], &[("BAKER_BENCH_FORCE_RELOAD", "1")]).await;
+    let url = format!("{}/greeting", amb.url("emitter"));
+    eventually(Duration::from_secs(5), "traffic", || async {
+        spread(&url, 2).await.contains_key("a").then_some(())
+    })
+    .await;
+    let before = amb.proc_info();
+    register(&dir.client, "emitter", &b, "b", "1", TTL_MS).await;
+    eventually(Duration::from_secs(5), "the new instance", || async {
+        spread(&url, 4).await.contains_key("b").then_some(())
+    })
+    .await;
+    let after = amb.proc_info();
+    assert_eq!(after.reloads, before.reloads + 1, "one reload per change");
+    assert_ne!(after.worker, before.worker);
+}
