@@ -223,8 +223,9 @@ impl Config {
         let weight = errs
             .parse("BAKER_WEIGHT", opt(&env.weight), |v| {
                 v.parse::<u64>()
-                    .map_err(|_| "must be a whole number from 1 to 256".to_owned())
-                    .and_then(|w| validate_weight("weight", w).map_err(|e| e.message))
+                    .ok()
+                    .and_then(|w| validate_weight("weight", w).ok())
+                    .ok_or("must be a whole number from 1 to 256")
             })
             .unwrap_or(DEFAULT_WEIGHT);
         let tags = errs

@@ -104,7 +104,7 @@ impl Registration {
         .await
         {
             Ok(Ok(_)) => Ok(address),
-            Ok(Err(e)) => Err(chain(&e)),
+            Ok(Err(e)) => Err(describe(&e)),
             Err(_) => Err(format!("no answer within {:?}", self.request_timeout)),
         }
     }
@@ -117,7 +117,7 @@ impl Registration {
         .await
         {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(chain(&e)),
+            Ok(Err(e)) => Err(describe(&e)),
             Err(_) => Err(format!("no answer within {:?}", self.request_timeout)),
         }
     }
@@ -179,7 +179,7 @@ impl Registration {
                         }
                         Some(Err(e)) => {
                             registered = None;
-                            outage.failed(&format!("cannot register {name} with {directory}"), e);
+                            outage.failed(&format!("cannot register {name}"), e);
                             next = Some(Instant::now() + backoff.next_delay());
                         }
                         None => continue,
@@ -200,7 +200,7 @@ impl Registration {
                             backoff.reset();
                         }
                         Err(e) => {
-                            outage.failed(&format!("cannot deregister {name} from {directory}"), e);
+                            outage.failed(&format!("cannot deregister {name}"), e);
                             next = Some(Instant::now() + backoff.next_delay());
                         }
                     }
@@ -292,6 +292,23 @@ impl Outage {
         }
         self.attempts = 0;
     }
+}
+
+/// A directory error in a few words: the innermost I/O error says more than the layers above.
+fn describe(e: &ClientError) -> String {
+    if let ClientError::Unreachable { source, .. } = e {
+        let mut cause: Option<&dyn std::error::Error> = Some(source);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                return format!("{e}: {io}");
+            }
+            cause = c.source();
+        }
+        if source.is_timeout() {
+            return format!("{e}: timed out");
+        }
+    }
+    chain(e)
 }
 
 /// `d` scaled by a random factor in `lo..hi`, so that registrars started together spread out.
