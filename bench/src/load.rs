@@ -348,3 +348,102 @@ mod tests {
         assert_eq!(o.latency.len(), 1);
     }
 }
+
+/// What `wrk` reported for one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct WrkReport {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+/// Runs Debian's `wrk` (closed loop, `conns` connections, one thread) against `url`, as a
+/// cross-check of the hyper generator; `None` when wrk is not installed or fails.
+pub async fn wrk(url: &str, conns: usize, duration: Duration) -> Option<WrkReport> {
+    let out = tokio::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{}s", duration.as_secs().max(1)),
+            "--latency",
+            url,
+        ])
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_wrk_time(v: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|n| n * scale)
+}
+
+fn parse_wrk(text: &str) -> Option<WrkReport> {
+    let mut r = WrkReport::default();
+    let mut got_rps = false;
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        match cols.as_slice() {
+            ["50%", v] => r.p50_ms = parse_wrk_time(v)?,
+            ["99%", v] => r.p99_ms = parse_wrk_time(v)?,
+            ["Requests/sec:", v] => {
+                r.rps = v.parse().ok()?;
+                got_rps = true;
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                r.errors += rest
+                    .iter()
+                    .filter_map(|c| c.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    got_rps.then_some(r)
+}
+
+#[cfg(test)]
+mod wrk_tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let text = "Running 1s test @ http://127.0.0.1:1/greeting
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   610.17us  200.00us   5.00ms   90.00%
+  Latency Distribution
+     50%  550.00us
+     75%  700.00us
+     90%    0.90ms
+     99%    1.20ms
+  25000 requests in 1.00s, 4.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  25000.50
+Transfer/sec:      4.00MB
+";
+        let r = parse_wrk(text).unwrap();
+        assert_eq!(r.rps, 25000.5);
+        assert!((r.p50_ms - 0.55).abs() < 1e-9);
+        assert!((r.p99_ms - 1.2).abs() < 1e-9);
+        assert_eq!(r.errors, 7);
+        assert_eq!(parse_wrk("nothing"), None);
+    }
+}

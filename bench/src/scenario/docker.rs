@@ -112,6 +112,30 @@ impl Container {
         .await
         .map(|_| ())
     }
+
+    /// When the container last turned healthy at or after `since`: the end of its first passing
+    /// HEALTHCHECK probe from `docker inspect`. `None` without a HEALTHCHECK.
+    pub async fn healthy_since(
+        &self,
+        since: std::time::SystemTime,
+    ) -> Option<std::time::SystemTime> {
+        let json = docker_async(vec![
+            "inspect".into(),
+            "--format".into(),
+            "{{json .State.Health}}".into(),
+            self.name.clone(),
+        ])
+        .await
+        .ok()?;
+        let health: serde_json::Value = serde_json::from_str(&json).ok()?;
+        health["Log"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["ExitCode"].as_i64() == Some(0))
+            .filter_map(|e| humantime::parse_rfc3339_weak(e["End"].as_str()?).ok())
+            .filter(|&t| t >= since)
+            .min()
+    }
 }
 
 impl Drop for Container {
@@ -138,12 +162,5 @@ pub async fn convergence(ctx: &Ctx, trials: usize) -> anyhow::Result<DockerConve
         daemons::stop(p, Duration::from_secs(10)).await;
     }
     drop(container);
-    let r = result?;
-    if r.trials > 0 && r.timeouts_up() == r.trials as u64 {
-        bail!(
-            "the directory never routed the labelled container (Docker discovery missing or \
-             the container unreachable from the host)"
-        );
-    }
-    Ok(r)
+    result
 }
