@@ -304,7 +304,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let (probe_ok, probe_failed) = prober.failed();
     prober.finish().await;
 
-    let docker_result = docker::convergence(ctx, trials.min(ctx.pick(50, 5))).await;
+    let docker_result = docker::convergence(ctx, trials.min(ctx.pick(20, 5))).await;
 
     for p in [
         &mut trial_reg,
