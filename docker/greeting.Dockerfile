@@ -9,7 +9,7 @@ USER 65532:65532
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 # Exec form (there is no shell): set HEALTHCHECK_URL when BAKER_LISTEN moves the port.
-HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=2 CMD ["/usr/local/bin/baker-probe"]
+HEALTHCHECK --interval=2s --timeout=2s --start-period=5s --retries=2 CMD ["/usr/local/bin/baker-probe"]
 ENTRYPOINT ["/usr/local/bin/baker-greeting"]
 LABEL org.opencontainers.image.title="baker/greeting" \
       org.opencontainers.image.description="Baker's Greeting example service (GET /greeting, GET /health) and baker-greeting-client" \

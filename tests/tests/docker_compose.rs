@@ -1,0 +1,60 @@
+//! The compose topologies of `compose/` on the real engine: the quick start comes up and its
+//! client, which knows only `GREETING_PORT_8000_TCP`, reaches both Greeting instances through
+//! the ambassador; the canary file sends part of the traffic to version 2.
+
+use std::time::Duration;
+
+use baker_tests::docker::{require_images, Compose};
+use baker_tests::eventually;
+
+const PUBLISH_ANY: [(&str, &str); 2] = [
+    ("BAKER_DIRECTORY_PUBLISH", "127.0.0.1:0"),
+    ("BAKER_GREETING_PUBLISH", "127.0.0.1:0"),
+];
+
+#[tokio::test]
+async fn quickstart_client_reaches_both_instances_through_the_ambassador() {
+    if !require_images() {
+        return;
+    }
+    let project = Compose::new("qs", &["compose/quickstart.yml"], &PUBLISH_ANY);
+    project.up();
+    eventually(
+        Duration::from_secs(60),
+        "the quick start's client to be answered by greeting-1 and greeting-2",
+        || async {
+            let logs = project.logs("client");
+            (logs.contains("instance=greeting-1") && logs.contains("instance=greeting-2"))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn canary_route_sends_part_of_the_traffic_to_version_2() {
+    if !require_images() {
+        return;
+    }
+    let project = Compose::new(
+        "canary",
+        &["compose/quickstart.yml", "compose/canary.yml"],
+        &PUBLISH_ANY,
+    );
+    project.up();
+    eventually(
+        Duration::from_secs(60),
+        "the canary route to be set and version 2 to answer the client",
+        || async {
+            let logs = project.logs("client");
+            logs.contains("instance=greeting-v2 version=2")
+                .then_some(())
+        },
+    )
+    .await;
+    // The route holds: version 1 keeps answering most requests.
+    let routes = project.run_ok(&["exec", "-T", "directory", "baker", "route", "ls"]);
+    assert!(routes.contains("greeting"), "{routes}");
+    let logs = project.logs("client");
+    assert!(logs.contains("version=1"), "{logs}");
+}
