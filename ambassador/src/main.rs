@@ -1,11 +1,10 @@
 use anyhow::Context;
 use baker_ambassador::config::{Config, Env};
 use baker_client::config::{read_env, EXIT_BAD_CONFIG};
-use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
-    init_tracing();
+    baker_client::daemon::init_tracing();
     let config = match read_env::<Env>().and_then(Config::from_env) {
         Ok(c) => c,
         Err(e) => {
@@ -28,16 +27,8 @@ fn main() {
 
 async fn serve(config: Config) -> anyhow::Result<i32> {
     let shutdown = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        }
-        stop.cancel();
-    });
+    baker_client::daemon::cancel_on_signals(shutdown.clone())
+        .context("installing the signal handlers")?;
     match baker_ambassador::run(config, shutdown).await {
         Ok(code) => Ok(code),
         Err(e) if e.is_config() => {
@@ -46,17 +37,4 @@ async fn serve(config: Config) -> anyhow::Result<i32> {
         }
         Err(e) => Err(e).context("the ambassador failed"),
     }
-}
-
-fn init_tracing() {
-    use std::io::IsTerminal;
-    let ansi = std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
 }

@@ -6,12 +6,14 @@
 //! - [`links`]: Docker-link style variables (`EMITTER_PORT_8000_TCP=tcp://...`), rendered and parsed.
 //! - [`config`]: reading `BAKER_*` variables and reporting every bad one at once.
 //! - [`backoff`]: capped, jittered backoff for loops that retry forever.
+//! - [`daemon`]: logging and stop-signal handling shared by the daemons.
 //!
 //! The `baker` operator CLI is this crate's binary.
 
 pub mod api;
 pub mod backoff;
 pub mod config;
+pub mod daemon;
 pub mod links;
 pub mod model;
 
