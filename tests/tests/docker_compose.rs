@@ -58,3 +58,35 @@ async fn canary_route_sends_part_of_the_traffic_to_version_2() {
     let logs = project.logs("client");
     assert!(logs.contains("version=1"), "{logs}");
 }
+
+#[tokio::test]
+async fn labels_file_discovers_containers_without_registrars() {
+    if !require_images() {
+        return;
+    }
+    let network = baker_tests::docker::unique("labels");
+    let mut env = PUBLISH_ANY.to_vec();
+    env.push(("BAKER_NETWORK", &network));
+    let project = Compose::new("labels", &["compose/labels.yml"], &env);
+    project.up();
+    eventually(
+        Duration::from_secs(60),
+        "the labels file's client to be answered by greeting-1 and greeting-2",
+        || async {
+            let logs = project.logs("client");
+            (logs.contains("instance=greeting-1") && logs.contains("instance=greeting-2"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Registered by the directory itself, from the labels: no registrar runs in this file.
+    let logs = project.logs("directory");
+    for instance in ["greeting-1", "greeting-2"] {
+        assert!(
+            logs.lines().any(|l| l.contains("registered greeting/")
+                && l.contains(instance)
+                && l.contains(", docker)")),
+            "{logs}"
+        );
+    }
+}
