@@ -224,9 +224,19 @@ impl Ambassador {
             .collect()
     }
 
-    /// How many times HAProxy's master has reloaded, from `show proc` on the master socket.
+    /// How many times HAProxy's master has reloaded, from `show proc` on the master socket
+    /// (asked up to five times: the master does not answer while it is reloading).
     pub async fn reloads(&self) -> anyhow::Result<u64> {
-        crate::haproxy::master_reloads(&self.run_dir.path().join("master.sock")).await
+        let socket = self.run_dir.path().join("master.sock");
+        let mut last = None;
+        for _ in 0..5 {
+            match crate::haproxy::master_reloads(&socket).await {
+                Ok(n) => return Ok(n),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(last.expect("at least one attempt"))
     }
 }
 

@@ -47,6 +47,7 @@ struct Seen {
     by_instance: BTreeMap<String, Vec<SystemTime>>,
     by_version: BTreeMap<String, Vec<SystemTime>>,
     failed: u64,
+    failed_by_reason: BTreeMap<String, u64>,
     ok: u64,
 }
 
@@ -70,6 +71,11 @@ impl Prober {
                     while !stop.is_cancelled() {
                         let result = conn.call(&target).await;
                         let now = SystemTime::now();
+                        let reason = match &result {
+                            Ok((s, _)) if s.is_success() => None,
+                            Ok((s, _)) => Some(format!("http {}", s.as_u16())),
+                            Err(e) => Some(e.to_string()),
+                        };
                         let parsed = result
                             .ok()
                             .filter(|(s, _)| s.is_success())
@@ -82,7 +88,11 @@ impl Prober {
                                     s.by_instance.entry(g.instance).or_default().push(now);
                                     s.by_version.entry(g.version).or_default().push(now);
                                 }
-                                None => s.failed += 1,
+                                None => {
+                                    s.failed += 1;
+                                    let why = reason.unwrap_or_else(|| "unreadable body".into());
+                                    *s.failed_by_reason.entry(why).or_default() += 1;
+                                }
                             }
                         }
                         // A short pause keeps the prober from starving the daemons it measures
@@ -105,9 +115,9 @@ impl Prober {
         key.pick(&s, who)?.last().copied()
     }
 
-    fn failed(&self) -> (u64, u64) {
+    fn failed(&self) -> (u64, u64, BTreeMap<String, u64>) {
         let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        (s.ok, s.failed)
+        (s.ok, s.failed, s.failed_by_reason.clone())
     }
 
     async fn finish(self) {
@@ -301,7 +311,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             _ => route.timeouts += 1,
         }
     }
-    let (probe_ok, probe_failed) = prober.failed();
+    let (probe_ok, probe_failed, probe_reasons) = prober.failed();
     prober.finish().await;
 
     let docker_result = docker::convergence(ctx, trials.min(ctx.pick(20, 5))).await;
@@ -339,6 +349,11 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
                 d.down.samples.summary(),
                 d.down.timeouts,
             ));
+            rows.push((
+                "docker: start -> healthy (HEALTHCHECK delay, excluded above)".to_owned(),
+                d.health_wait,
+                0,
+            ));
             None
         }
         Err(why) => Some(why.to_string()),
@@ -355,7 +370,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     }
     text += &t.render();
     text +=
-        &format!("prober: {probe_ok} answers, {probe_failed} failed requests during the trials\n");
+        &format!("prober: {probe_ok} answers, {probe_failed} failed requests during the trials {probe_reasons:?}\n");
     if let Some(why) = &docker_rows {
         text += &format!("docker-labelled container: not measured ({why})\n");
     }
@@ -413,7 +428,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         "up_to_first_routed": {"latency": us, "timeouts": up.timeouts},
         "down_to_last_routed": {"latency": ds, "timeouts": down.timeouts},
         "route_change_in_effect": {"latency": rs, "timeouts": route.timeouts},
-        "prober": {"ok": probe_ok, "failed": probe_failed},
+        "prober": {"ok": probe_ok, "failed": probe_failed, "failed_by_reason": probe_reasons},
         "docker": match &docker_result {
             Ok(d) => json!({
                 "trials": d.trials,

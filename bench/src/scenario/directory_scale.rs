@@ -131,6 +131,56 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     }
     let register_seconds = registered.elapsed().as_secs_f64();
 
+    // Heartbeats at the rate 10,000 instances every 2 s need, open loop over the pool, from
+    // right after registration (instances must not expire while the watchers connect); only
+    // those sent in the measured window are counted.
+    let hb_start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let hb_stop = CancellationToken::new();
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CONNS {
+        let (reqs, next) = (reqs.clone(), next.clone());
+        let (hb_stop, measuring) = (hb_stop.clone(), measuring.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr);
+            let (mut ok, mut failed, mut latency, mut max_late) =
+                (0u64, 0u64, Samples::new(), Duration::ZERO);
+            while !hb_stop.is_cancelled() {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let slot = hb_start + interval.mul_f64(k as f64);
+                let counted = measuring.load(Ordering::Relaxed);
+                // As in the load generator: a late slot is charged from its scheduled time.
+                let origin = if Instant::now() < slot {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(slot) => {}
+                        _ = hb_stop.cancelled() => break,
+                    }
+                    Instant::now()
+                } else {
+                    if counted {
+                        max_late = max_late.max(slot.elapsed());
+                    }
+                    slot
+                };
+                let (path, body) = &reqs[k as usize % reqs.len()];
+                let result = conn.send(put(addr, path, body.clone())).await;
+                if !counted {
+                    continue;
+                }
+                match result {
+                    Ok((s, _)) if s.is_success() => {
+                        ok += 1;
+                        latency.push(origin.elapsed());
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed, latency, max_late)
+        }));
+    }
+
     // Watchers: each notes when it first sees each probe instance.
     let stop = CancellationToken::new();
     let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
@@ -199,46 +249,11 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Heartbeats at the rate 10,000 instances every 2 s need, open loop over the pool.
+    // The measured window starts once every watcher is connected.
     let dir_pid = dir.pid();
     let sampler = Sampler::start(Duration::from_millis(500), move || vec![dir_pid]);
+    measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let slots = (duration.as_secs_f64() * rate) as u64;
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNS {
-        let (reqs, next) = (reqs.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::new(addr);
-            let (mut ok, mut failed, mut latency, mut max_late) =
-                (0u64, 0u64, Samples::new(), Duration::ZERO);
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= slots {
-                    break;
-                }
-                let slot = start + interval.mul_f64(k as f64);
-                // As in the load generator: a late slot is charged from its scheduled time.
-                let origin = if Instant::now() < slot {
-                    tokio::time::sleep_until(slot).await;
-                    Instant::now()
-                } else {
-                    max_late = max_late.max(slot.elapsed());
-                    slot
-                };
-                let (path, body) = &reqs[k as usize % reqs.len()];
-                match conn.send(put(addr, path, body.clone())).await {
-                    Ok((s, _)) if s.is_success() => {
-                        ok += 1;
-                        latency.push(origin.elapsed());
-                    }
-                    _ => failed += 1,
-                }
-            }
-            (ok, failed, latency, max_late)
-        }));
-    }
     // The fan-out probe, alongside.
     let client = DirectoryClient::new(&url, None)?;
     let probe_stop = CancellationToken::new();
@@ -280,6 +295,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             (k, errors)
         })
     };
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    hb_stop.cancel();
     let (mut ok, mut failed, mut latency, mut max_late) = (0, 0, Samples::new(), Duration::ZERO);
     for t in tasks {
         let (o, f, l, m) = t.await.context("a heartbeat worker")?;
@@ -288,7 +307,6 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         latency.extend(l);
         max_late = max_late.max(m);
     }
-    let elapsed = start.elapsed().as_secs_f64();
     probe_stop.cancel();
     let (probes, probe_errors) = probe.await.unwrap_or((0, 0));
     // Let the last probe reach every watcher.
