@@ -2,7 +2,7 @@
 //! deregister the moment it goes down and before the registrar stops, and retry forever (capped,
 //! jittered backoff) while the directory is away.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use baker_client::backoff::Backoff;
@@ -64,22 +64,46 @@ impl Registration {
 
     /// The address to register: the advertised host, resolved to an IP when it is a name the
     /// registrar was told to resolve (IPv4 preferred).
+    ///
+    /// A loopback address taken from the target (a registrar in its app's network namespace
+    /// probing 127.0.0.1) is replaced by the address this host uses towards the directory,
+    /// which is where others can reach the app too; it stays loopback when the directory
+    /// itself is on loopback.
     async fn address(&self) -> Result<String, String> {
-        if !self.advertise.resolve {
-            return Ok(self.advertise.host.clone());
+        let ip = if self.advertise.resolve {
+            resolve(&self.advertise.host, self.advertise.port).await?
+        } else {
+            match self.advertise.host.parse::<IpAddr>() {
+                Ok(ip) => ip,
+                Err(_) => return Ok(self.advertise.host.clone()),
+            }
+        };
+        if self.advertise.from_target && ip.is_loopback() {
+            if let Some(own) = self.address_towards_directory().await {
+                return Ok(own.to_string());
+            }
         }
-        let addrs: Vec<IpAddr> =
-            tokio::net::lookup_host((self.advertise.host.as_str(), self.advertise.port))
-                .await
-                .map_err(|e| format!("cannot resolve {}: {e}", self.advertise.host))?
-                .map(|a| a.ip())
-                .collect();
-        addrs
-            .iter()
-            .find(|ip| ip.is_ipv4())
-            .or_else(|| addrs.first())
-            .map(IpAddr::to_string)
-            .ok_or_else(|| format!("{} resolves to no address", self.advertise.host))
+        Ok(ip.to_string())
+    }
+
+    /// The local address the kernel picks to reach the directory (a connected UDP socket sends
+    /// nothing); `None` when it cannot be told.
+    async fn address_towards_directory(&self) -> Option<IpAddr> {
+        let url = reqwest::Url::parse(self.client.base()).ok()?;
+        let dir = resolve(url.host_str()?, url.port_or_known_default()?)
+            .await
+            .ok()?;
+        let bind: SocketAddr = if dir.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let socket = tokio::net::UdpSocket::bind(bind).await.ok()?;
+        socket
+            .connect((dir, url.port_or_known_default()?))
+            .await
+            .ok()?;
+        Some(socket.local_addr().ok()?.ip())
     }
 
     fn spec(&self, address: String) -> InstanceSpec {
@@ -295,6 +319,22 @@ impl Outage {
 }
 
 /// A directory error in a few words: the innermost I/O error says more than the layers above.
+/// Resolves `host` to one IP, IPv4 preferred (`host` may be an IP literal).
+async fn resolve(host: &str, port: u16) -> Result<IpAddr, String> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<IpAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .map(|a| a.ip())
+        .collect();
+    addrs
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{host} resolves to no address"))
+}
+
 fn describe(e: &ClientError) -> String {
     if let ClientError::Unreachable { source, .. } = e {
         let mut cause: Option<&dyn std::error::Error> = Some(source);

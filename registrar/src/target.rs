@@ -88,6 +88,11 @@ pub struct Advertise {
     pub port: u16,
     /// Resolve `host` to an IP before registering, rather than registering the name itself.
     pub resolve: bool,
+    /// Taken from the target rather than from `BAKER_ADVERTISE`: a loopback address is then
+    /// replaced by this host's own address towards the directory (see
+    /// [`crate::registration`]), since a registrar sharing its app's network namespace
+    /// probes it on 127.0.0.1, an address no one else can dial.
+    pub from_target: bool,
 }
 
 impl Advertise {
@@ -99,6 +104,7 @@ impl Advertise {
             host: target.host.clone(),
             port: target.port,
             resolve: target.host.parse::<IpAddr>().is_err(),
+            from_target: true,
         }
     }
 
@@ -110,6 +116,7 @@ impl Advertise {
             host,
             port: port.unwrap_or(default_port),
             resolve: false,
+            from_target: false,
         })
     }
 

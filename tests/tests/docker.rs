@@ -437,3 +437,51 @@ async fn stopping_a_registrar_deregisters_first_and_the_ambassador_stops_fast() 
         "docker stop of the greeting took {took:?}"
     );
 }
+
+/// A registrar sharing its app's network namespace (`network_mode: service:app`) probes the
+/// app on 127.0.0.1, and registers the address others can dial: the namespace's own address
+/// towards the directory, not loopback.
+#[tokio::test]
+async fn a_registrar_in_the_apps_network_namespace_registers_a_dialable_address() {
+    if !require_images() {
+        return;
+    }
+    let service = unique("ns");
+    let directory = Container::run("dir", &["-e", "BAKER_DOCKER=off", "baker/directory"]);
+    let dir_url = format!("http://{}:7700", directory.ip("bridge"));
+    let client = DirectoryClient::new(&dir_url, None).expect("directory client");
+    let app = Container::run("app", &["-e", "BAKER_INSTANCE=ns-app", "baker/greeting"]);
+    let _registrar = Container::run(
+        "reg",
+        &[
+            "--network",
+            &format!("container:{}", app.name),
+            "-e",
+            "BAKER_TARGET=http://127.0.0.1:8080",
+            "-e",
+            &format!("BAKER_SERVICE={service}"),
+            "-e",
+            &format!("BAKER_DIRECTORY={dir_url}"),
+            "-e",
+            "BAKER_INTERVAL=200ms",
+            "baker/registrar",
+        ],
+    );
+    let want = app.ip("bridge");
+    let got = eventually(
+        WAIT,
+        "the app registered by the registrar in its namespace",
+        || async {
+            let inst = client
+                .service(&service)
+                .await
+                .ok()?
+                .instances
+                .into_iter()
+                .next()?;
+            Some((inst.address, inst.port))
+        },
+    )
+    .await;
+    assert_eq!(got, (want, 8080), "registered a loopback or wrong address");
+}
