@@ -16,9 +16,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use baker_client::{DirectoryClient, InstanceSpec, WatchEvent};
 use baker_tests::Proc;
-use bytes::Bytes;
-use futures_util::StreamExt;
-use http_body_util::Full;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -87,6 +87,53 @@ fn heartbeats(instances: usize) -> Vec<(String, Bytes)> {
             )
         })
         .collect()
+}
+
+/// Opens `GET /v1/watch` on its own connection and returns the streaming body.
+///
+/// The watchers read lines as bytes and decode only the probe service's events: 500 watchers
+/// each decoding every 10,000-instance snapshot would make this process, not the directory,
+/// the bottleneck on a two-core machine.
+/// The request sender is returned with the body, to be held while the stream is read.
+async fn open_watch(
+    addr: SocketAddr,
+) -> anyhow::Result<(SendRequest<Full<Bytes>>, hyper::body::Incoming)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = hyper::Request::get("/v1/watch")
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    if !resp.status().is_success() {
+        bail!("GET /v1/watch: {}", resp.status());
+    }
+    Ok((sender, resp.into_body()))
+}
+
+/// The probe instances (`p<k>`) named by a watch line, if it is an event of the probe service.
+fn probe_ids(line: &[u8]) -> Vec<u64> {
+    let is_probe = |l: &[u8]| {
+        let needle = format!(r#""service":"{PROBE_SERVICE}""#);
+        l.starts_with(br#"{"type":"service""#)
+            && l.windows(needle.len()).any(|w| w == needle.as_bytes())
+    };
+    if !is_probe(line) {
+        return Vec::new();
+    }
+    match serde_json::from_slice::<WatchEvent>(line.trim_ascii_end()) {
+        Ok(WatchEvent::Service {
+            service, instances, ..
+        }) if service == PROBE_SERVICE => instances
+            .iter()
+            .filter_map(|i| i.id.strip_prefix('p')?.parse().ok())
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
@@ -191,12 +238,11 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     for _ in 0..watchers {
         let (stop, sent, fanout) = (stop.clone(), sent.clone(), fanout.clone());
         let (reconnects, connected) = (reconnects.clone(), connected.clone());
-        let client = DirectoryClient::new(&url, None)?;
         watch_tasks.push(tokio::spawn(async move {
             let mut seen = std::collections::HashSet::<u64>::new();
             let mut first = true;
             while !stop.is_cancelled() {
-                let Ok(stream) = client.watch().await else {
+                let Ok((_sender, mut body)) = open_watch(addr).await else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
@@ -206,34 +252,39 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
                 } else {
                     reconnects.fetch_add(1, Ordering::Relaxed);
                 }
-                let mut stream = std::pin::pin!(stream);
+                let mut buf = BytesMut::new();
+                let mut scanned = 0;
                 loop {
-                    let event = tokio::select! {
-                        e = stream.next() => e,
+                    let frame = tokio::select! {
+                        f = body.frame() => f,
                         _ = stop.cancelled() => return,
                     };
-                    let instances = match event {
-                        Some(Ok(WatchEvent::Service {
-                            service, instances, ..
-                        })) if service == PROBE_SERVICE => instances,
-                        Some(Ok(_)) => continue,
-                        _ => break,
+                    let Some(Ok(frame)) = frame else { break };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
                     };
-                    let now = Instant::now();
-                    for inst in instances {
-                        let Some(k) = inst.id.strip_prefix('p').and_then(|k| k.parse().ok()) else {
-                            continue;
-                        };
-                        if seen.insert(k) {
-                            if let Some(t0) = sent.lock().unwrap_or_else(|p| p.into_inner()).get(&k)
-                            {
-                                fanout
+                    buf.extend_from_slice(&data);
+                    while let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n') {
+                        let line = buf.split_to(scanned + pos + 1);
+                        scanned = 0;
+                        let now = Instant::now();
+                        for k in probe_ids(&line) {
+                            if seen.insert(k) {
+                                let t0 = sent
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
-                                    .push(now.saturating_duration_since(*t0));
+                                    .get(&k)
+                                    .copied();
+                                if let Some(t0) = t0 {
+                                    fanout
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .push(now.saturating_duration_since(t0));
+                                }
                             }
                         }
                     }
+                    scanned = buf.len();
                 }
             }
         }));
@@ -416,4 +467,31 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "initial_registration_seconds": register_seconds,
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_probe_ids_only_in_probe_service_events() {
+        let inst = |id: &str| {
+            format!(
+                r#"{{"service":"fanout","id":"{id}","address":"127.0.0.1","port":1,"version":"1","weight":100,"tags":[],"source":"registrar","ttl_ms":60000,"last_seen":1}}"#
+            )
+        };
+        let line = format!(
+            r#"{{"type":"service","index":7,"service":"fanout","instances":[{},{}]}}"#,
+            inst("p3"),
+            inst("p4")
+        );
+        assert_eq!(probe_ids(format!("{line}\n").as_bytes()), vec![3, 4]);
+        let other = line.replace(
+            r#""service":"fanout","instances""#,
+            r#""service":"s001","instances""#,
+        );
+        assert!(probe_ids(other.as_bytes()).is_empty());
+        let snapshot = r#"{"type":"snapshot","index":7,"services":{"fanout":[]},"routes":{}}"#;
+        assert!(probe_ids(snapshot.as_bytes()).is_empty());
+    }
 }
