@@ -137,8 +137,16 @@ fn probe_ids(line: &[u8]) -> Vec<u64> {
 }
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
-    let instances = ctx.pick(10_000, 1_000);
-    let watchers = ctx.pick(500, 50);
+    // BAKER_BENCH_INSTANCES and BAKER_BENCH_WATCHERS override the sizes, to find where a
+    // limit lies.
+    let size = |var: &str, default: usize| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let instances = size("BAKER_BENCH_INSTANCES", ctx.pick(10_000, 1_000)).max(1);
+    let watchers = size("BAKER_BENCH_WATCHERS", ctx.pick(500, 50));
     let duration = Duration::from_secs(ctx.pick(60, 15));
     let rate = instances as f64 / HEARTBEAT_EVERY.as_secs_f64();
 
