@@ -81,8 +81,11 @@ for image in "${images[@]}"; do
     done
 done
 
-say "building release binaries (cargo build --release ${cargo_args[*]} --bins)"
-(cd "$repo" && cargo build --release "${cargo_args[@]}" --bins) ||
+# The whole workspace's binaries, not only these packages: one feature set for every build, so
+# this and `cargo build --release --workspace --bins` (the test command) share their artifacts
+# instead of rebuilding each other's.
+say "building release binaries (cargo build --release --workspace --bins; images need ${cargo_args[*]})"
+(cd "$repo" && cargo build --release --workspace --bins) ||
     die "cargo build failed (see above)"
 
 target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps |

@@ -67,6 +67,10 @@ struct Inner {
     store: RouteStore,
     /// Serializes route writes, so that each one persists the routes as the previous one left them.
     route_writes: tokio::sync::Mutex<()>,
+    /// The newest snapshot line built, shared by every watcher that subscribes at its index:
+    /// hundreds of watchers reconnecting together cost one serialization, not hundreds, and
+    /// none of it happens under the table's lock.
+    snapshot: Mutex<Option<Line>>,
 }
 
 #[derive(Default)]
@@ -224,6 +228,7 @@ impl Registry {
                 metrics,
                 store,
                 route_writes: tokio::sync::Mutex::new(()),
+                snapshot: Mutex::new(None),
             }),
         }
     }
@@ -492,15 +497,42 @@ impl Registry {
     }
 
     /// A snapshot line of the whole table, and a receiver of every change after it.
+    ///
+    /// The receiver is taken under the table's lock together with the snapshot's index, so the
+    /// watcher sees each later change exactly once; the snapshot itself is serialized outside
+    /// the lock, once per index.
     pub fn subscribe(&self) -> (Line, broadcast::Receiver<Line>) {
-        let t = self.lock();
-        let rx = self.inner.events.subscribe();
-        let snapshot = Line::of(&WatchEvent::Snapshot {
-            index: t.index,
-            services: t.all_instances(),
-            routes: t.routes.clone(),
+        let (index, services, routes, rx) = {
+            let t = self.lock();
+            let rx = self.inner.events.subscribe();
+            if let Some(line) = self.cached_snapshot(t.index) {
+                return (line, rx);
+            }
+            (t.index, t.all_instances(), t.routes.clone(), rx)
+        };
+        let line = Line::of(&WatchEvent::Snapshot {
+            index,
+            services,
+            routes,
         });
-        (snapshot, rx)
+        let mut cache = self
+            .inner
+            .snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if cache.as_ref().is_none_or(|c| c.index < index) {
+            *cache = Some(line.clone());
+        }
+        (line, rx)
+    }
+
+    fn cached_snapshot(&self, index: u64) -> Option<Line> {
+        let cache = self
+            .inner
+            .snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache.as_ref().filter(|c| c.index == index).cloned()
     }
 
     /// Sets (`Some`) or clears (`None`) `service`'s route: persisted first, then applied and
