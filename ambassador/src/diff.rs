@@ -137,6 +137,10 @@ pub fn diff(
 ) -> Vec<Command> {
     let empty = BTreeMap::new();
     let (mut adds, mut changes, mut drains, mut deletes) = (vec![], vec![], vec![], vec![]);
+    // Weight decreases go after every increase: HAProxy applies commands one at a time, and a
+    // request arriving between "v1 to 0" and "v2 to 256" of a route flip would find every
+    // server at weight 0 and get a 503.
+    let mut lowers = vec![];
     for (backend, servers) in desired {
         let run = running.get(backend).unwrap_or(&empty);
         for (name, want) in servers {
@@ -158,7 +162,12 @@ pub fn diff(
                 });
             }
             if have.weight != want.weight {
-                changes.push(Command::SetWeight {
+                let to = if want.weight < have.weight {
+                    &mut lowers
+                } else {
+                    &mut changes
+                };
+                to.push(Command::SetWeight {
                     backend: b.clone(),
                     server: name.clone(),
                     weight: want.weight,
@@ -191,6 +200,7 @@ pub fn diff(
     }
     adds.into_iter()
         .chain(changes)
+        .chain(lowers)
         .chain(drains)
         .chain(deletes)
         .collect()
@@ -247,6 +257,26 @@ mod tests {
 
     fn opts() -> BTreeMap<String, String> {
         [("be".to_string(), "check".to_string())].into()
+    }
+
+    #[test]
+    fn a_route_flip_raises_weights_before_lowering_any() {
+        // v1 (a) 256 -> 0 and v2 (b) 0 -> 256: "a" sorts first, yet "b" must be raised first,
+        // or a request in between would find no server with weight.
+        let cmds = diff(
+            &desired(&[want("a", 80, 0), want("b", 81, 256)]),
+            &running(&[have("a", 80, 256), have("b", 81, 0)]),
+            &opts(),
+            &BTreeSet::new(),
+        );
+        let weights: Vec<_> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::SetWeight { server, weight, .. } => Some((server.as_str(), *weight)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(weights, [("b", 256), ("a", 0)]);
     }
 
     #[test]
