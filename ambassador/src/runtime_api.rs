@@ -34,10 +34,12 @@ pub struct Socket {
 }
 
 impl Socket {
+    /// The CLI socket at `path` (nothing is opened until a command is sent).
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Socket { path: path.into() }
     }
 
+    /// Where the socket lives.
     pub fn path(&self) -> &Path {
         &self.path
     }

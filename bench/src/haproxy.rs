@@ -3,11 +3,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::Context;
+use baker_ambassador::runtime_api::Socket;
 use baker_tests::Proc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A static configuration with the ambassador's default template settings (global, defaults,
 /// retry policy, server options) minus everything dynamic: no runtime API socket, no server
@@ -58,56 +57,21 @@ pub fn spawn_static(haproxy: &Path, cfg: &Path) -> Proc {
 
 /// The master's reload count: the `<reloads>` column of the master line of `show proc`.
 pub async fn master_reloads(socket: &Path) -> anyhow::Result<u64> {
-    let text = master_command(socket, "show proc").await?;
-    parse_master_reloads(&text).with_context(|| format!("reading `show proc`: {text:?}"))
-}
-
-/// Sends one command to a master CLI socket (it answers after the client half-closes).
-pub async fn master_command(socket: &Path, cmd: &str) -> anyhow::Result<String> {
-    let fut = async {
-        let mut s = tokio::net::UnixStream::connect(socket)
-            .await
-            .with_context(|| format!("connecting to {}", socket.display()))?;
-        s.write_all(format!("{cmd}\n").as_bytes()).await?;
-        s.shutdown().await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        anyhow::Ok(out)
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut)
+    let info = Socket::new(socket)
+        .proc_info()
         .await
-        .context("the master socket did not answer within 5 s")?
-}
-
-fn parse_master_reloads(text: &str) -> Option<u64> {
-    text.lines()
-        .map(str::split_whitespace)
-        .find_map(|mut cols| {
-            let _pid = cols.next()?;
-            (cols.next()? == "master").then_some(())?;
-            cols.next()?.parse().ok()
-        })
+        .context("reading `show proc` from the master socket")?;
+    Ok(info.reloads)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baker_ambassador::haproxy::Haproxy;
+    use baker_ambassador::reaper::Reaper;
 
-    #[test]
-    fn reads_the_master_reload_count() {
-        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>
-4242            master          7 [failed: 0]   0d00h01m02s     2.6.12-1+deb12u4
-# workers
-4300            worker          0               0d00h00m10s     2.6.12-1+deb12u4
-# old workers
-4290            worker          1               0d00h00m20s     2.6.12-1+deb12u4
-";
-        assert_eq!(parse_master_reloads(text), Some(7));
-        assert_eq!(parse_master_reloads("Unknown command.\n"), None);
-    }
-
-    #[test]
-    fn static_config_passes_haproxy_check() {
+    #[tokio::test]
+    async fn static_config_passes_haproxy_check() {
         let Some(haproxy) = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -124,15 +88,10 @@ mod tests {
             ),
         )
         .unwrap();
-        let out = std::process::Command::new(haproxy)
-            .args(["-c", "-f"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let reaper = Reaper::start().unwrap();
+        let check = Haproxy::new(haproxy.into(), dir.path(), reaper)
+            .check(&cfg)
+            .await;
+        assert!(check.is_ok(), "{check:?}");
     }
 }
