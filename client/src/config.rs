@@ -116,6 +116,18 @@ pub fn read_env_from<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Reads `T` from `(name, value)` pairs, for tests and tools: variables given without their
+/// `BAKER_` prefix (`("LISTEN", "127.0.0.1:0")` is `BAKER_LISTEN`).
+pub fn read_env_pairs<T: serde::de::DeserializeOwned>(
+    pairs: &[(&str, &str)],
+) -> Result<T, ConfigErrors> {
+    read_env_from(
+        pairs
+            .iter()
+            .map(|(k, v)| (format!("BAKER_{k}"), (*v).to_owned())),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

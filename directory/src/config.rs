@@ -198,12 +198,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Env {
-        baker_client::config::read_env_from(
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        )
-        .expect("reading variables")
+        baker_client::config::read_env_pairs(pairs).expect("reading variables")
     }
 
     #[test]
@@ -219,13 +214,13 @@ mod tests {
     #[test]
     fn parses_every_variable() {
         let c = Config::from_env(&env(&[
-            ("BAKER_LISTEN", "127.0.0.1:0"),
-            ("BAKER_TOKEN", "s3cret"),
-            ("BAKER_DATA", "/tmp/x"),
-            ("BAKER_DOCKER", "OFF"),
-            ("BAKER_DOCKER_NETWORK", "baker_net"),
-            ("BAKER_MAX_CONNECTIONS", "10"),
-            ("BAKER_REQUEST_TIMEOUT", "2s"),
+            ("LISTEN", "127.0.0.1:0"),
+            ("TOKEN", "s3cret"),
+            ("DATA", "/tmp/x"),
+            ("DOCKER", "OFF"),
+            ("DOCKER_NETWORK", "baker_net"),
+            ("MAX_CONNECTIONS", "10"),
+            ("REQUEST_TIMEOUT", "2s"),
         ]))
         .unwrap();
         assert_eq!(c.listen.port(), 0);
@@ -235,20 +230,20 @@ mod tests {
         assert_eq!(c.docker_network.as_deref(), Some("baker_net"));
         assert_eq!(c.max_connections, 10);
         assert_eq!(c.request_timeout, Duration::from_secs(2));
-        let empty = Config::from_env(&env(&[("BAKER_TOKEN", "")])).unwrap();
+        let empty = Config::from_env(&env(&[("TOKEN", "")])).unwrap();
         assert_eq!(empty.token, None);
     }
 
     #[test]
     fn reports_every_bad_variable() {
         let errs = Config::from_env(&env(&[
-            ("BAKER_LISTEN", "nowhere"),
-            ("BAKER_TOKEN", "two words"),
-            ("BAKER_DATA", ""),
-            ("BAKER_DOCKER", "maybe"),
-            ("BAKER_DOCKER_NETWORK", "bad/net"),
-            ("BAKER_MAX_CONNECTIONS", "0"),
-            ("BAKER_REQUEST_TIMEOUT", "10"),
+            ("LISTEN", "nowhere"),
+            ("TOKEN", "two words"),
+            ("DATA", ""),
+            ("DOCKER", "maybe"),
+            ("DOCKER_NETWORK", "bad/net"),
+            ("MAX_CONNECTIONS", "0"),
+            ("REQUEST_TIMEOUT", "10"),
         ]))
         .unwrap_err();
         let vars: Vec<_> = errs.0.iter().map(|(v, _)| v.as_str()).collect();

@@ -359,12 +359,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Env {
-        baker_client::config::read_env_from(
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        )
-        .unwrap()
+        baker_client::config::read_env_pairs(pairs).unwrap()
     }
 
     fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
@@ -373,11 +368,7 @@ mod tests {
 
     #[test]
     fn defaults_need_only_service_and_target() {
-        let c = parse(&[
-            ("BAKER_SERVICE", "emitter"),
-            ("BAKER_TARGET", "http://10.0.0.5:8080"),
-        ])
-        .unwrap();
+        let c = parse(&[("SERVICE", "emitter"), ("TARGET", "http://10.0.0.5:8080")]).unwrap();
         assert_eq!(c.directory, "http://127.0.0.1:7700");
         assert_eq!(c.id, "web-01-8080");
         assert_eq!(c.advertise.authority(), "10.0.0.5:8080");
@@ -401,22 +392,22 @@ mod tests {
     #[test]
     fn every_setting() {
         let c = parse(&[
-            ("BAKER_DIRECTORY", "http://directory:7700/"),
-            ("BAKER_TOKEN", "s3cret"),
-            ("BAKER_SERVICE", "emitter"),
-            ("BAKER_ID", "vm101"),
-            ("BAKER_TARGET", "http://app:8080"),
-            ("BAKER_ADVERTISE", "192.168.0.10:18080"),
-            ("BAKER_CHECK", "http:/ready"),
-            ("BAKER_CHECK_CODES", "200,204"),
-            ("BAKER_CHECK_BODY", "\"ok\""),
-            ("BAKER_TIMEOUT", "300ms"),
-            ("BAKER_INTERVAL", "500ms"),
-            ("BAKER_RISE", "3"),
-            ("BAKER_FALL", "1"),
-            ("BAKER_VERSION", "2"),
-            ("BAKER_WEIGHT", "50"),
-            ("BAKER_TAGS", "canary, eu-west"),
+            ("DIRECTORY", "http://directory:7700/"),
+            ("TOKEN", "s3cret"),
+            ("SERVICE", "emitter"),
+            ("ID", "vm101"),
+            ("TARGET", "http://app:8080"),
+            ("ADVERTISE", "192.168.0.10:18080"),
+            ("CHECK", "http:/ready"),
+            ("CHECK_CODES", "200,204"),
+            ("CHECK_BODY", "\"ok\""),
+            ("TIMEOUT", "300ms"),
+            ("INTERVAL", "500ms"),
+            ("RISE", "3"),
+            ("FALL", "1"),
+            ("VERSION", "2"),
+            ("WEIGHT", "50"),
+            ("TAGS", "canary, eu-west"),
         ])
         .unwrap();
         assert_eq!(c.directory, "http://directory:7700");
@@ -446,16 +437,12 @@ mod tests {
 
     #[test]
     fn a_tcp_target_defaults_to_a_tcp_check() {
-        let c = parse(&[
-            ("BAKER_SERVICE", "db"),
-            ("BAKER_TARGET", "tcp://10.0.0.7:5432"),
-        ])
-        .unwrap();
+        let c = parse(&[("SERVICE", "db"), ("TARGET", "tcp://10.0.0.7:5432")]).unwrap();
         assert_eq!(c.check, Check::Tcp);
         let c = parse(&[
-            ("BAKER_SERVICE", "db"),
-            ("BAKER_TARGET", "tcp://10.0.0.7:5432"),
-            ("BAKER_CHECK", "http:/health"),
+            ("SERVICE", "db"),
+            ("TARGET", "tcp://10.0.0.7:5432"),
+            ("CHECK", "http:/health"),
         ])
         .unwrap();
         assert!(matches!(c.check, Check::Http { .. }));
@@ -464,8 +451,8 @@ mod tests {
     #[test]
     fn target_from_link_variables() {
         let c = parse(&[
-            ("BAKER_SERVICE", "emitter"),
-            ("BAKER_DIRECTORY", "http://directory:7700"),
+            ("SERVICE", "emitter"),
+            ("DIRECTORY", "http://directory:7700"),
             ("DIRECTORY_PORT_7700_TCP", "tcp://172.17.0.2:7700"),
             ("APP_PORT_8080_TCP", "tcp://172.17.0.5:8080"),
             ("APP_PORT_8080_TCP_ADDR", "172.17.0.5"),
@@ -483,8 +470,8 @@ mod tests {
 
         // BAKER_TARGET wins over links.
         let c = parse(&[
-            ("BAKER_SERVICE", "emitter"),
-            ("BAKER_TARGET", "http://127.0.0.1:9000"),
+            ("SERVICE", "emitter"),
+            ("TARGET", "http://127.0.0.1:9000"),
             ("APP_PORT_8080_TCP", "tcp://172.17.0.5:8080"),
         ])
         .unwrap();
@@ -502,20 +489,20 @@ mod tests {
     #[test]
     fn every_bad_variable_is_reported_at_once() {
         let errs = parse(&[
-            ("BAKER_DIRECTORY", "directory:7700"),
-            ("BAKER_SERVICE", "Emitter"),
-            ("BAKER_ID", "vm 101"),
-            ("BAKER_TARGET", "http://app"),
-            ("BAKER_ADVERTISE", "a;b:1"),
-            ("BAKER_CHECK", "health"),
-            ("BAKER_CHECK_CODES", "2xx"),
-            ("BAKER_TIMEOUT", "1"),
-            ("BAKER_INTERVAL", "10ms"),
-            ("BAKER_RISE", "0"),
-            ("BAKER_FALL", "many"),
-            ("BAKER_VERSION", "V2"),
-            ("BAKER_WEIGHT", "300"),
-            ("BAKER_TAGS", "ok,Not Ok"),
+            ("DIRECTORY", "directory:7700"),
+            ("SERVICE", "Emitter"),
+            ("ID", "vm 101"),
+            ("TARGET", "http://app"),
+            ("ADVERTISE", "a;b:1"),
+            ("CHECK", "health"),
+            ("CHECK_CODES", "2xx"),
+            ("TIMEOUT", "1"),
+            ("INTERVAL", "10ms"),
+            ("RISE", "0"),
+            ("FALL", "many"),
+            ("VERSION", "V2"),
+            ("WEIGHT", "300"),
+            ("TAGS", "ok,Not Ok"),
         ])
         .unwrap_err();
         let vars: Vec<_> = errs.0.iter().map(|(v, _)| v.as_str()).collect();
@@ -543,10 +530,10 @@ mod tests {
     #[test]
     fn codes_and_body_need_an_http_check() {
         let errs = parse(&[
-            ("BAKER_SERVICE", "db"),
-            ("BAKER_TARGET", "tcp://10.0.0.7:5432"),
-            ("BAKER_CHECK_CODES", "200"),
-            ("BAKER_CHECK_BODY", "ok"),
+            ("SERVICE", "db"),
+            ("TARGET", "tcp://10.0.0.7:5432"),
+            ("CHECK_CODES", "200"),
+            ("CHECK_BODY", "ok"),
         ])
         .unwrap_err();
         let vars: Vec<_> = errs.0.iter().map(|(v, _)| v.as_str()).collect();

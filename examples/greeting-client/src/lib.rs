@@ -197,12 +197,7 @@ mod tests {
     use super::*;
 
     fn raw(pairs: &[(&str, &str)]) -> RawConfig {
-        baker_client::config::read_env_from(
-            pairs
-                .iter()
-                .map(|(k, v)| (format!("BAKER_{k}"), v.to_string())),
-        )
-        .unwrap()
+        baker_client::config::read_env_pairs(pairs).unwrap()
     }
 
     #[test]
