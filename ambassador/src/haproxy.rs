@@ -97,19 +97,7 @@ impl Haproxy {
                 source: e,
             })?;
         let mut readers = Vec::new();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for stream in take_output(&mut child) {
             readers.push(tokio::task::spawn_blocking(move || {
                 let mut text = String::new();
                 let mut s = stream;
@@ -190,19 +178,7 @@ impl Haproxy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for stream in take_output(&mut child) {
             let recent = self.recent.clone();
             std::thread::spawn(move || forward_log(stream, &recent));
         }
@@ -356,4 +332,21 @@ fn forward_log(stream: Box<dyn Read + Send>, recent: &Mutex<VecDeque<String>>) {
         }
         r.push_back(line);
     }
+}
+
+/// The child's piped stdout and stderr, taken so that each can be read on its own thread.
+fn take_output(child: &mut std::process::Child) -> Vec<Box<dyn Read + Send>> {
+    [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
