@@ -154,20 +154,12 @@ pub fn weights(instances: &[&Instance], route: Option<&Route>) -> Vec<u16> {
 mod tests {
     use super::*;
     use crate::config::Mode;
-    use baker_client::model::Source;
 
     fn inst(id: &str, version: &str, weight: u16) -> Instance {
         Instance {
-            service: "svc".into(),
-            id: id.into(),
-            address: "10.0.0.1".into(),
-            port: 8080,
             version: version.into(),
             weight,
-            tags: vec![],
-            source: Source::Registrar,
-            ttl_ms: 6000,
-            last_seen: 0,
+            ..Instance::sample("svc", id)
         }
     }
 

@@ -244,20 +244,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baker_client::model::Source;
 
     fn inst(id: &str) -> Instance {
         Instance {
-            service: "svc".into(),
-            id: id.into(),
-            address: "10.0.0.1".into(),
             port: 80,
-            version: "1".into(),
-            weight: 100,
-            tags: vec![],
-            source: Source::Registrar,
             ttl_ms: 3000,
-            last_seen: 0,
+            ..Instance::sample("svc", id)
         }
     }
 

@@ -255,6 +255,26 @@ pub struct Instance {
     pub last_seen: u64,
 }
 
+impl Instance {
+    /// An instance with everyday values (10.0.0.1:8080, version 1, weight 100, from a
+    /// registrar, 6 s TTL, last seen at 0), for tests to adjust with struct update syntax.
+    #[doc(hidden)]
+    pub fn sample(service: &str, id: &str) -> Instance {
+        Instance {
+            service: service.into(),
+            id: id.into(),
+            address: "10.0.0.1".into(),
+            port: 8080,
+            version: "1".into(),
+            weight: 100,
+            tags: vec![],
+            source: Source::Registrar,
+            ttl_ms: 6000,
+            last_seen: 0,
+        }
+    }
+}
+
 /// A canary split: version → percent of the service's traffic; the percentages sum to 100.
 pub type Route = BTreeMap<String, u8>;
 
@@ -552,16 +572,9 @@ mod tests {
     #[test]
     fn watch_events_round_trip_and_apply() {
         let inst = Instance {
-            service: "emitter".into(),
-            id: "a".into(),
-            address: "10.0.0.1".into(),
             port: 80,
-            version: "1".into(),
-            weight: 100,
-            tags: vec![],
-            source: Source::Registrar,
-            ttl_ms: 6000,
             last_seen: 1,
+            ..Instance::sample("emitter", "a")
         };
         let events = vec![
             WatchEvent::Snapshot {

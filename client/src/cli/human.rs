@@ -131,18 +131,7 @@ mod tests {
     use super::*;
 
     fn inst() -> Instance {
-        Instance {
-            service: "emitter".into(),
-            id: "a".into(),
-            address: "10.0.0.1".into(),
-            port: 8080,
-            version: "1".into(),
-            weight: 100,
-            tags: vec![],
-            source: Source::Registrar,
-            ttl_ms: 6000,
-            last_seen: 0,
-        }
+        Instance::sample("emitter", "a")
     }
 
     #[test]

@@ -162,21 +162,13 @@ pub async fn instances(ctx: &Ctx, service: Option<&str>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baker_client::model::Source;
     use std::time::{Duration, UNIX_EPOCH};
 
     fn inst(service: &str, id: &str, version: &str) -> Instance {
         Instance {
-            service: service.into(),
-            id: id.into(),
-            address: "10.0.0.1".into(),
-            port: 8080,
             version: version.into(),
-            weight: 100,
-            tags: vec![],
-            source: Source::Registrar,
-            ttl_ms: 6000,
             last_seen: 1_000_000,
+            ..Instance::sample(service, id)
         }
     }
 

@@ -210,20 +210,12 @@ fn emit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baker_client::model::Source;
 
     fn inst(id: &str, weight: u16) -> Instance {
         Instance {
-            service: "emitter".into(),
-            id: id.into(),
-            address: "10.0.0.1".into(),
-            port: 8080,
-            version: "1".into(),
             weight,
-            tags: vec![],
-            source: Source::Registrar,
-            ttl_ms: 6000,
             last_seen: 1,
+            ..Instance::sample("emitter", id)
         }
     }
 
