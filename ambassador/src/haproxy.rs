@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,22 +80,22 @@ impl Haproxy {
         self.child.as_ref().map(|m| m.pid)
     }
 
+    /// Starts HAProxy as `cmd` says, with stdin closed and both outputs piped.
+    fn spawn(&self, cmd: &mut Command) -> Result<(Child, oneshot::Receiver<Exit>), HaproxyError> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        self.reaper.spawn(cmd).map_err(|e| HaproxyError::Spawn {
+            bin: self.bin.display().to_string(),
+            source: e,
+        })
+    }
+
     /// Checks a configuration file with `haproxy -c`; the error holds HAProxy's own words.
     pub async fn check(&self, path: &Path) -> Result<(), HaproxyError> {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("-c")
-            .arg("-f")
-            .arg(path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let (mut child, exit) = self
-            .reaper
-            .spawn(&mut cmd)
-            .map_err(|e| HaproxyError::Spawn {
-                bin: self.bin.display().to_string(),
-                source: e,
-            })?;
+        cmd.arg("-c").arg("-f").arg(path);
+        let (mut child, exit) = self.spawn(&mut cmd)?;
         let mut readers = Vec::new();
         for stream in take_output(&mut child) {
             readers.push(tokio::task::spawn_blocking(move || {
@@ -163,17 +163,8 @@ impl Haproxy {
             .arg("-p")
             .arg(&self.pid_file)
             .arg("-S")
-            .arg(format!("{},mode,600", self.master.path().display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let (mut child, exit) = self
-            .reaper
-            .spawn(&mut cmd)
-            .map_err(|e| HaproxyError::Spawn {
-                bin: self.bin.display().to_string(),
-                source: e,
-            })?;
+            .arg(format!("{},mode,600", self.master.path().display()));
+        let (mut child, exit) = self.spawn(&mut cmd)?;
         self.recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -335,7 +326,7 @@ fn forward_log(stream: Box<dyn Read + Send>, recent: &Mutex<VecDeque<String>>) {
 }
 
 /// The child's piped stdout and stderr, taken so that each can be read on its own thread.
-fn take_output(child: &mut std::process::Child) -> Vec<Box<dyn Read + Send>> {
+fn take_output(child: &mut Child) -> Vec<Box<dyn Read + Send>> {
     [
         child
             .stdout
