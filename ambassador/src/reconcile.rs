@@ -4,6 +4,7 @@
 //! Other tasks only send it the desired servers over a `watch` channel, so a burst of directory
 //! events collapses into the latest plan, applied once after a short pause.
 
+use baker_client::errors::chain;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -457,15 +458,4 @@ fn template_name(config: &Config) -> String {
         .as_ref()
         .map(|(p, _)| p.display().to_string())
         .unwrap_or_else(|| "embedded template".into())
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }

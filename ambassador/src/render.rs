@@ -1,6 +1,7 @@
 //! Rendering HAProxy's configuration from a Tera template (the embedded default, or the user's
 //! `BAKER_TEMPLATE`) and the documented context.
 
+use baker_client::errors::chain;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -27,18 +28,6 @@ pub enum RenderError {
 #[derive(Debug)]
 pub struct Renderer {
     tera: tera::Tera,
-}
-
-/// Tera's message with the chain of causes, which hold the useful part.
-fn chain(e: &tera::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 impl Renderer {

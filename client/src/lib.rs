@@ -6,6 +6,7 @@
 //! - [`links`]: Docker-link style variables (`EMITTER_PORT_8000_TCP=tcp://...`), rendered and parsed.
 //! - [`config`]: reading `BAKER_*` variables and reporting every bad one at once.
 //! - [`backoff`]: capped, jittered backoff for loops that retry forever.
+//! - [`errors`]: an error and its causes on one line.
 //! - [`daemon`]: logging and stop-signal handling shared by the daemons.
 //!
 //! The `baker` operator CLI is this crate's binary.
@@ -14,6 +15,7 @@ pub mod api;
 pub mod backoff;
 pub mod config;
 pub mod daemon;
+pub mod errors;
 pub mod links;
 pub mod model;
 

@@ -1,6 +1,7 @@
 //! One probe of the app: an HTTP GET of a path, or a TCP connect, under a timeout so that a
 //! hung app counts as a failure and never stalls the registrar.
 
+use baker_client::errors::chain;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -202,21 +203,6 @@ fn classify(e: &reqwest::Error, timeout: Duration) -> ProbeError {
         source = s.source();
     }
     ProbeError::Http(chain(e))
-}
-
-/// An error and its causes on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 impl fmt::Display for Check {

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::health::Status;
-use crate::probe::chain;
 use crate::target::{authority, Advertise};
+use baker_client::errors::chain;
 
 /// How long a stopping registrar keeps trying to deregister before it gives up (and leaves the
 /// registration to expire with its TTL). Below Docker's default stop grace of 10 s.

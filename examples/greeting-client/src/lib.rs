@@ -6,6 +6,7 @@
 //! - [`Config`]: `BAKER_LINK`, `BAKER_LINK_PORT`, `BAKER_PATH`, `BAKER_INTERVAL`, `BAKER_COUNT`.
 //! - [`run`]: the request loop, until `BAKER_COUNT` answers or shutdown.
 
+use baker_client::errors::chain;
 use std::time::Duration;
 
 use baker_client::config::ConfigErrors;
@@ -179,17 +180,6 @@ async fn call(http: &reqwest::Client, url: &str) -> Result<Greeting, String> {
     resp.json::<Greeting>()
         .await
         .map_err(|e| format!("{url}: not a greeting: {}", chain(&e)))
-}
-
-/// An error with its causes (reqwest's own message leaves out "connection refused" and such).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
