@@ -87,6 +87,33 @@ struct Entry {
     deadline: Option<Instant>,
 }
 
+/// Counts and logs what a `put` did to `instance`; true when watchers must hear of it.
+fn record(m: &Metrics, outcome: Outcome, instance: &Instance) -> bool {
+    let Instance {
+        service,
+        id,
+        address,
+        port,
+        version,
+        weight,
+        source,
+        ..
+    } = instance;
+    match outcome {
+        Outcome::Added => {
+            m.registrations.get_or_create(&(*source).into()).inc();
+            tracing::info!(
+                "registered {service}/{id} at {address}:{port} (version {version}, weight {weight}, {source})"
+            );
+        }
+        Outcome::Changed => tracing::info!(
+            "updated {service}/{id}: now at {address}:{port} (version {version}, weight {weight}, {source})"
+        ),
+        Outcome::Renewed => return false,
+    }
+    true
+}
+
 /// What an upsert did to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -294,34 +321,13 @@ impl Registry {
         let before = t.next_deadline();
         let (instance, outcome) = t.put(service, id, spec, source, Instant::now());
         self.rearm(before, t.next_deadline());
-        let m = &self.inner.metrics;
-        match outcome {
-            Outcome::Added => {
-                m.registrations.get_or_create(&source.into()).inc();
-                tracing::info!(
-                    "registered {service}/{id} at {}:{} (version {}, weight {}, {source})",
-                    instance.address,
-                    instance.port,
-                    instance.version,
-                    instance.weight
-                );
-                self.publish_service(&mut t, service);
-            }
-            Outcome::Changed => {
-                m.heartbeats.inc();
-                tracing::info!(
-                    "updated {service}/{id}: now at {}:{} (version {}, weight {}, {source})",
-                    instance.address,
-                    instance.port,
-                    instance.version,
-                    instance.weight
-                );
-                self.publish_service(&mut t, service);
-            }
-            Outcome::Renewed => {
-                m.heartbeats.inc();
-                tracing::trace!("heartbeat from {service}/{id}");
-            }
+        if outcome != Outcome::Added {
+            self.inner.metrics.heartbeats.inc();
+        }
+        if record(&self.inner.metrics, outcome, &instance) {
+            self.publish_service(&mut t, service);
+        } else {
+            tracing::trace!("heartbeat from {service}/{id}");
         }
         instance
     }
@@ -378,29 +384,8 @@ impl Registry {
         }
         for ((service, id), spec) in desired {
             let (instance, outcome) = t.put(&service, &id, spec, source, now);
-            match outcome {
-                Outcome::Added => {
-                    m.registrations.get_or_create(&source.into()).inc();
-                    tracing::info!(
-                        "registered {service}/{id} at {}:{} (version {}, weight {}, {source})",
-                        instance.address,
-                        instance.port,
-                        instance.version,
-                        instance.weight
-                    );
-                    changed.insert(service);
-                }
-                Outcome::Changed => {
-                    tracing::info!(
-                        "updated {service}/{id}: now at {}:{} (version {}, weight {}, {source})",
-                        instance.address,
-                        instance.port,
-                        instance.version,
-                        instance.weight
-                    );
-                    changed.insert(service);
-                }
-                Outcome::Renewed => {}
+            if record(&m, outcome, &instance) {
+                changed.insert(service);
             }
         }
         self.rearm(before, t.next_deadline());
