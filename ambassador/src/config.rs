@@ -4,19 +4,25 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baker_client::config::{parse_duration, ConfigErrors};
+use baker_client::config::ConfigErrors;
 use baker_client::model::validate_name;
 use serde::Deserialize;
 
 /// Default admin port: HAProxy's stats page, its Prometheus exporter and the ambassador's own
 /// metrics.
 pub const DEFAULT_ADMIN_PORT: u16 = 8404;
+/// Where the admin port binds unless `BAKER_ADMIN` names an address: it has no authentication
+/// and shows every backend's address, so it stays on the loopback interface.
+pub const DEFAULT_ADMIN_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 /// Default directory for the rendered configuration and the sockets.
 pub const DEFAULT_RUN_DIR: &str = "/run/baker";
 /// Default time a removed server may finish its connections before it is deleted.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time HAProxy may finish in-flight requests when stopping or after a reload.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default cap of the grace period: the longest an instance missing from a fresh directory
+/// snapshot is kept, whatever its service's TTL.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// The raw variables, as read from the environment (`BAKER_` prefix stripped).
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -74,7 +80,8 @@ pub struct Config {
     pub token: Option<String>,
     pub services: Vec<ServiceRoute>,
     pub http_port: Option<u16>,
-    /// Address of the admin listener; `None` with `BAKER_ADMIN=off`.
+    /// Address of the admin listener (loopback unless `BAKER_ADMIN` names an address); `None`
+    /// with `BAKER_ADMIN=off`.
     pub admin: Option<SocketAddr>,
     /// The template's text and where it came from (`None`: the embedded default).
     pub template: Option<(PathBuf, String)>,
@@ -84,8 +91,10 @@ pub struct Config {
     pub checks: Checks,
     pub drain_timeout: Duration,
     pub stop_timeout: Duration,
-    /// Grace before removals from a fresh directory snapshot apply; `None`: the longest TTL seen.
-    pub grace: Option<Duration>,
+    /// The cap of the grace period after a fresh directory snapshot: per service, instances it
+    /// lacks are kept until the directory has been up for the service's longest TTL, and never
+    /// longer than this.
+    pub grace: Duration,
     /// Apply every change by reloading HAProxy (for benchmark comparisons only).
     pub force_reload: bool,
 }
@@ -98,7 +107,7 @@ impl Config {
             token: None,
             services,
             http_port: None,
-            admin: Some(SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))),
+            admin: Some(SocketAddr::new(DEFAULT_ADMIN_IP, DEFAULT_ADMIN_PORT)),
             template: None,
             haproxy: default_haproxy(),
             bind: IpAddr::from([0, 0, 0, 0]),
@@ -106,7 +115,7 @@ impl Config {
             checks: Checks::Off,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
-            grace: None,
+            grace: DEFAULT_GRACE,
             force_reload: false,
         }
     }
@@ -149,9 +158,9 @@ impl Config {
             IpAddr::from([0, 0, 0, 0]),
         );
         let admin = match env.admin.as_deref().map(str::trim) {
-            None | Some("") => Some(SocketAddr::new(bind, DEFAULT_ADMIN_PORT)),
+            None | Some("") => Some(SocketAddr::new(DEFAULT_ADMIN_IP, DEFAULT_ADMIN_PORT)),
             Some("off") => None,
-            Some(v) => errs.parse("BAKER_ADMIN", Some(v), |v| parse_admin(v, bind)),
+            Some(v) => errs.parse("BAKER_ADMIN", Some(v), parse_admin),
         };
         let template = env
             .template
@@ -207,7 +216,7 @@ impl Config {
             env.stop_timeout.as_deref(),
             DEFAULT_STOP_TIMEOUT,
         );
-        let grace = errs.parse("BAKER_GRACE", env.grace.as_deref(), parse_duration);
+        let grace = errs.duration("BAKER_GRACE", env.grace.as_deref(), DEFAULT_GRACE);
         let force_reload = errs
             .parse(
                 "BAKER_BENCH_FORCE_RELOAD",
@@ -331,7 +340,8 @@ fn parse_port(v: &str) -> Result<u16, String> {
     }
 }
 
-fn parse_admin(v: &str, bind: IpAddr) -> Result<SocketAddr, String> {
+/// `ip:port`, or a bare port on the loopback interface.
+fn parse_admin(v: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = v.parse::<SocketAddr>() {
         if a.port() == 0 {
             return Err("must name a port between 1 and 65535".into());
@@ -339,7 +349,7 @@ fn parse_admin(v: &str, bind: IpAddr) -> Result<SocketAddr, String> {
         return Ok(a);
     }
     parse_port(v)
-        .map(|p| SocketAddr::new(bind, p))
+        .map(|p| SocketAddr::new(DEFAULT_ADMIN_IP, p))
         .map_err(|_| "must be a port, an ip:port, or off".into())
 }
 
@@ -496,9 +506,36 @@ mod tests {
             ("CHECKS", "http:/health"),
         ]))
         .unwrap();
-        assert_eq!(c.admin.unwrap().port(), DEFAULT_ADMIN_PORT);
+        assert_eq!(c.admin, Some("127.0.0.1:8404".parse().unwrap()));
+        assert_eq!(c.grace, DEFAULT_GRACE);
         assert_eq!(c.checks, Checks::Http("/health".into()));
         assert!(!c.force_reload);
         assert_eq!(c.directory, "http://127.0.0.1:7700");
+    }
+
+    #[test]
+    fn the_admin_port_is_on_loopback_unless_an_address_is_given() {
+        let admin = |pairs: &[(&str, &str)]| {
+            let mut all = vec![
+                ("ROUTES", "a=8000"),
+                ("HAPROXY", "/bin/sh"),
+                ("RUN_DIR", "/tmp/x"),
+            ];
+            all.extend_from_slice(pairs);
+            Config::from_env(env(&all)).unwrap().admin
+        };
+        let lo = |port| Some(SocketAddr::from(([127, 0, 0, 1], port)));
+        // Service ports on every interface do not take the admin port with them.
+        assert_eq!(admin(&[("BIND", "0.0.0.0")]), lo(8404));
+        assert_eq!(admin(&[("BIND", "0.0.0.0"), ("ADMIN", "9000")]), lo(9000));
+        assert_eq!(
+            admin(&[("ADMIN", "0.0.0.0:9000")]),
+            Some("0.0.0.0:9000".parse().unwrap())
+        );
+        assert_eq!(
+            admin(&[("ADMIN", "[::]:9000")]),
+            Some("[::]:9000".parse().unwrap())
+        );
+        assert_eq!(admin(&[("ADMIN", "off")]), None);
     }
 }

@@ -40,9 +40,69 @@ pub enum HaproxyError {
     Api(#[from] crate::runtime_api::ApiError),
 }
 
-struct Master {
-    pid: i32,
-    exit: oneshot::Receiver<Exit>,
+/// How often a master that is not our child is checked for being still alive.
+const ADOPTED_POLL: Duration = Duration::from_millis(200);
+
+/// The running master process.
+enum Master {
+    /// Started by this ambassador: the reaper delivers its exit.
+    Child {
+        pid: i32,
+        exit: oneshot::Receiver<Exit>,
+    },
+    /// Started by a previous ambassador and taken over: not our child, so its exit status goes
+    /// to its parent and we can only poll whether it still runs.
+    Adopted { pid: i32 },
+}
+
+impl Master {
+    fn pid(&self) -> i32 {
+        match self {
+            Master::Child { pid, .. } | Master::Adopted { pid } => *pid,
+        }
+    }
+}
+
+/// What to do with an HAProxy found running on the run directory at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftover {
+    /// Nothing of ours runs there.
+    None,
+    /// A master that answers on its CLI with a worker: take it over (reload, then manage it).
+    Adopt(i32),
+    /// A process running our configuration that cannot be managed: stop it.
+    Stop(i32),
+}
+
+/// Decides about the process named by the pid file (`pid_text`), from its command line
+/// (`None` when it does not run) and the master CLI's `show proc` (`None` when it does not
+/// answer). Only a process started with this run directory's configuration file counts, so a
+/// reused pid is left alone.
+pub fn leftover(
+    pid_text: Option<&str>,
+    cmdline: Option<&str>,
+    cfg: &Path,
+    master: Option<&ProcInfo>,
+) -> Leftover {
+    let Some(pid) = pid_text.and_then(|t| t.trim().parse::<i32>().ok()) else {
+        return Leftover::None;
+    };
+    if pid <= 1 || !cmdline.is_some_and(|c| c.contains(&*cfg.to_string_lossy())) {
+        return Leftover::None;
+    }
+    match master {
+        Some(info) if i64::from(info.master_pid) == i64::from(pid) && !info.workers.is_empty() => {
+            Leftover::Adopt(pid)
+        }
+        _ => Leftover::Stop(pid),
+    }
+}
+
+/// A process's command line with spaces between arguments; `None` when it does not run (a
+/// zombie has an empty one).
+fn cmdline(pid: i32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (!raw.is_empty()).then(|| String::from_utf8_lossy(&raw).replace('\0', " "))
 }
 
 /// One HAProxy master-worker process, started and restarted from one configuration file.
@@ -77,7 +137,12 @@ impl Haproxy {
 
     /// The master's pid, while it runs.
     pub fn pid(&self) -> Option<i32> {
-        self.child.as_ref().map(|m| m.pid)
+        self.child.as_ref().map(Master::pid)
+    }
+
+    /// Whether the running master was started by a previous ambassador.
+    pub fn is_adopted(&self) -> bool {
+        matches!(self.child, Some(Master::Adopted { .. }))
     }
 
     /// Starts HAProxy as `cmd` says, with stdin closed and both outputs piped.
@@ -126,28 +191,56 @@ impl Haproxy {
         }
     }
 
-    /// Stops a master left behind by an ambassador that was killed (its pid file names it).
-    pub async fn stop_stale(&self) {
-        let Ok(text) = std::fs::read_to_string(&self.pid_file) else {
-            return;
+    /// What runs on this run directory already: a master left by an ambassador that was
+    /// killed (the pid file names it), and whether it answers on its master CLI.
+    pub async fn leftover(&self) -> Leftover {
+        let pid_text = std::fs::read_to_string(&self.pid_file).ok();
+        let pid = pid_text
+            .as_deref()
+            .and_then(|t| t.trim().parse::<i32>().ok());
+        let cmd = pid.and_then(cmdline);
+        let master = match cmd {
+            Some(_) => self.master.proc_info().await.ok(),
+            None => None,
         };
-        let Ok(pid) = text.trim().parse::<i32>() else {
-            return;
-        };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if !cmdline.contains(&*self.cfg.to_string_lossy()) {
-            return;
-        }
+        leftover(
+            pid_text.as_deref(),
+            cmd.as_deref(),
+            &self.cfg,
+            master.as_ref(),
+        )
+    }
+
+    /// Takes over a running master (see [`leftover`]): from now on it is managed through its
+    /// master CLI and watched by polling, as it is not our child. Its output still goes where
+    /// the previous ambassador had it.
+    pub fn adopt(&mut self, pid: i32) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.child = Some(Master::Adopted { pid });
+    }
+
+    /// Stops a process left running on this run directory that cannot be taken over.
+    pub async fn stop_stale(&self, pid: i32) {
         tracing::warn!(
             pid,
             "stopping an HAProxy left running by a previous ambassador"
         );
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && kill(Pid::from_raw(pid), None).is_ok() {
+        while Instant::now() < deadline && self.runs(pid) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if self.runs(pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    /// Whether `pid` still runs this run directory's configuration.
+    fn runs(&self, pid: i32) -> bool {
+        cmdline(pid).is_some_and(|c| c.contains(&*self.cfg.to_string_lossy()))
     }
 
     /// Starts the master-worker process and waits until its worker answers on the admin socket.
@@ -174,7 +267,7 @@ impl Haproxy {
             std::thread::spawn(move || forward_log(stream, &recent));
         }
         let pid = child.id() as i32;
-        self.child = Some(Master { pid, exit });
+        self.child = Some(Master::Child { pid, exit });
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(exit) = self.try_exit() {
@@ -199,26 +292,37 @@ impl Haproxy {
 
     /// The master's exit, if it has exited.
     fn try_exit(&mut self) -> Option<Exit> {
-        let m = self.child.as_mut()?;
-        match m.exit.try_recv() {
-            Ok(e) => {
-                self.child = None;
-                Some(e)
+        let exit = match self.child.as_mut()? {
+            Master::Child { exit, .. } => match exit.try_recv() {
+                Ok(e) => e,
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+                Err(oneshot::error::TryRecvError::Closed) => Exit::Code(-1),
+            },
+            Master::Adopted { pid } => {
+                let pid = *pid;
+                if self.runs(pid) {
+                    return None;
+                }
+                Exit::Unknown
             }
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => {
-                self.child = None;
-                Some(Exit::Code(-1))
-            }
-        }
+        };
+        self.child = None;
+        Some(exit)
     }
 
     /// Waits until the master exits (forever when none runs).
     pub async fn exited(&mut self) -> Exit {
-        let Some(m) = self.child.as_mut() else {
-            return std::future::pending().await;
+        let e = match self.child.as_mut() {
+            None => return std::future::pending().await,
+            Some(Master::Child { exit, .. }) => exit.await.unwrap_or(Exit::Code(-1)),
+            Some(Master::Adopted { pid }) => {
+                let pid = *pid;
+                while self.runs(pid) {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                Exit::Unknown
+            }
         };
-        let e = (&mut m.exit).await.unwrap_or(Exit::Code(-1));
         self.child = None;
         e
     }
@@ -267,7 +371,7 @@ impl Haproxy {
     /// Sends a signal to the master.
     pub fn signal(&self, sig: Signal) {
         if let Some(m) = &self.child {
-            let _ = kill(Pid::from_raw(m.pid), sig);
+            let _ = kill(Pid::from_raw(m.pid()), sig);
         }
     }
 
@@ -340,4 +444,63 @@ fn take_output(child: &mut Child) -> Vec<Box<dyn Read + Send>> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(master_pid: u32, workers: Vec<u32>) -> ProcInfo {
+        ProcInfo {
+            master_pid,
+            reloads: 0,
+            failed_reloads: 0,
+            workers,
+            old_workers: vec![],
+        }
+    }
+
+    #[test]
+    fn a_master_that_answers_is_taken_over_and_anything_else_of_ours_stopped() {
+        let cfg = Path::new("/run/baker/haproxy.cfg");
+        let ours = "/usr/sbin/haproxy -W -db -f /run/baker/haproxy.cfg -p /run/baker/haproxy.pid";
+        let up = info(42, vec![43]);
+        assert_eq!(
+            leftover(Some("42\n"), Some(ours), cfg, Some(&up)),
+            Leftover::Adopt(42)
+        );
+        // Not answering, answering for another pid, or without a worker: not manageable.
+        assert_eq!(
+            leftover(Some("42"), Some(ours), cfg, None),
+            Leftover::Stop(42)
+        );
+        assert_eq!(
+            leftover(Some("42"), Some(ours), cfg, Some(&info(7, vec![8]))),
+            Leftover::Stop(42)
+        );
+        assert_eq!(
+            leftover(Some("42"), Some(ours), cfg, Some(&info(42, vec![]))),
+            Leftover::Stop(42)
+        );
+        // No pid file, a bad one, a gone process, or a reused pid: nothing of ours runs.
+        assert_eq!(leftover(None, None, cfg, None), Leftover::None);
+        assert_eq!(
+            leftover(Some("x"), Some(ours), cfg, Some(&up)),
+            Leftover::None
+        );
+        assert_eq!(
+            leftover(Some("1"), Some(ours), cfg, Some(&up)),
+            Leftover::None
+        );
+        assert_eq!(leftover(Some("42"), None, cfg, Some(&up)), Leftover::None);
+        assert_eq!(
+            leftover(Some("42"), Some("/usr/bin/vim notes"), cfg, Some(&up)),
+            Leftover::None
+        );
+        let other = Path::new("/run/other/haproxy.cfg");
+        assert_eq!(
+            leftover(Some("42"), Some(ours), other, Some(&up)),
+            Leftover::None
+        );
+    }
 }

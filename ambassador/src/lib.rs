@@ -98,11 +98,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     ));
 
     // Start with the directory's servers already in the file when it answers quickly.
-    let _ = tokio::time::timeout(FIRST_SNAPSHOT_WAIT, desired_rx.changed()).await;
+    let planned = tokio::time::timeout(FIRST_SNAPSHOT_WAIT, desired_rx.changed())
+        .await
+        .is_ok_and(|r| r.is_ok());
     let first = desired_rx.borrow_and_update().clone();
     let haproxy = haproxy::Haproxy::new(config.haproxy.clone(), &config.run_dir, reaper);
     let mut owner = Owner::new(config.clone(), haproxy, metrics.clone())?;
-    if let Err(e) = owner.start(&first).await {
+    if let Err(e) = owner.start(&first, planned).await {
         inner.cancel();
         tasks.close();
         tasks.wait().await;
@@ -151,8 +153,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     tasks.wait().await;
     let code = match exit {
         Some(reaper::Exit::Code(c)) => c,
-        // Stopped by our own signals after a requested stop.
-        Some(reaper::Exit::Signal(_)) if shutdown.is_cancelled() => 0,
+        // Stopped by our own signals after a requested stop (a master taken over from a
+        // previous ambassador is not our child: we only see it go).
+        Some(reaper::Exit::Signal(_) | reaper::Exit::Unknown) if shutdown.is_cancelled() => 0,
         Some(e) => e.code(),
         None => 1,
     };

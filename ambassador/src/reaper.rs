@@ -22,6 +22,8 @@ use tokio::sync::oneshot;
 pub enum Exit {
     Code(i32),
     Signal(i32),
+    /// A process that is not our child ended: only its parent saw how.
+    Unknown,
 }
 
 impl Exit {
@@ -30,6 +32,7 @@ impl Exit {
         match self {
             Exit::Code(c) => c,
             Exit::Signal(s) => 128 + s,
+            Exit::Unknown => 1,
         }
     }
 }
@@ -42,6 +45,7 @@ impl std::fmt::Display for Exit {
                 Ok(sig) => write!(f, "signal {sig}"),
                 Err(_) => write!(f, "signal {s}"),
             },
+            Exit::Unknown => write!(f, "status unknown: not our child"),
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::diff::{diff, Command};
-use crate::haproxy::{Haproxy, HaproxyError};
+use crate::haproxy::{Haproxy, HaproxyError, Leftover};
 use crate::metrics::Metrics;
 use crate::plan::Desired;
 use crate::reaper::Exit;
@@ -67,6 +67,10 @@ pub struct Owner {
     applied: Option<Desired>,
     warned_dns: HashSet<String>,
     options: BTreeMap<String, String>,
+    /// HAProxy was taken over from a previous ambassador before the directory answered: it
+    /// keeps its servers, and is reloaded with this ambassador's configuration once the
+    /// first plan arrives.
+    takeover_pending: bool,
 }
 
 impl Owner {
@@ -94,6 +98,7 @@ impl Owner {
             applied: None,
             warned_dns: HashSet::new(),
             options,
+            takeover_pending: false,
         })
     }
 
@@ -116,14 +121,45 @@ impl Owner {
         Ok(())
     }
 
-    /// Starts HAProxy for the first time.
-    pub async fn start(&mut self, desired: &Desired) -> Result<(), StartError> {
+    /// Starts HAProxy, or takes over the one a previous ambassador left running on the run
+    /// directory, so that restarting the ambassador never interrupts traffic. `planned` says
+    /// whether `desired` comes from the directory: a taken-over HAProxy keeps its servers until
+    /// it does.
+    pub async fn start(&mut self, desired: &Desired, planned: bool) -> Result<(), StartError> {
         let dir = &self.config.run_dir;
         std::fs::create_dir_all(dir).map_err(|e| StartError::RunDir {
             path: dir.display().to_string(),
             source: e,
         })?;
-        self.haproxy.stop_stale().await;
+        match self.haproxy.leftover().await {
+            Leftover::None => {}
+            Leftover::Stop(pid) => self.haproxy.stop_stale(pid).await,
+            Leftover::Adopt(pid) => {
+                self.haproxy.adopt(pid);
+                if !planned {
+                    tracing::info!(
+                        pid,
+                        "took over the HAProxy a previous ambassador left running; it keeps its servers until the directory answers"
+                    );
+                    self.takeover_pending = true;
+                    return Ok(());
+                }
+                match self.take_over(desired).await {
+                    Ok(()) => return Ok(()),
+                    Err(e @ StartError::Template { .. }) => {
+                        self.haproxy.stop(self.config.stop_timeout).await;
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            cause = %chain(&e),
+                            "cannot take over the running HAProxy; replacing it"
+                        );
+                        self.haproxy.stop(self.config.stop_timeout).await;
+                    }
+                }
+            }
+        }
         // An empty state (format version 1) until the first reload saves a real one.
         let _ = std::fs::write(self.state_file(), "1\n");
         let resolved = self.resolve(desired).await;
@@ -135,6 +171,37 @@ impl Owner {
             })?;
         self.haproxy.start().await.map_err(StartError::Haproxy)?;
         self.applied = Some(resolved);
+        Ok(())
+    }
+
+    /// Reloads a taken-over HAProxy with this ambassador's configuration and `desired`'s
+    /// servers: the master passes its listening sockets to the new worker, so no connection
+    /// is refused, and the old worker finishes its requests.
+    async fn take_over(&mut self, desired: &Desired) -> Result<(), StartError> {
+        let resolved = self.resolve(desired).await;
+        self.install(&resolved)
+            .await
+            .map_err(|e| StartError::Template {
+                path: template_name(&self.config),
+                source: e,
+            })?;
+        let info = self
+            .haproxy
+            .reload(&self.state_file())
+            .await
+            .map_err(StartError::Haproxy)?;
+        self.metrics.reloads.inc();
+        tracing::info!(
+            pid = info.master_pid,
+            worker = info.workers.first().copied().unwrap_or(0),
+            "took over the HAProxy a previous ambassador left running, reloaded with this configuration"
+        );
+        self.takeover_pending = false;
+        self.applied = Some(resolved.clone());
+        // The new worker starts from the file: converge the runtime state now.
+        if let Err(e) = self.apply_runtime(&resolved).await {
+            tracing::warn!("after taking over HAProxy: {}", chain(&*e));
+        }
         Ok(())
     }
 
@@ -153,6 +220,7 @@ impl Owner {
             } else {
                 next_sync.min(Instant::now() + DRAIN_POLL)
             };
+            let mut plan_changed = false;
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     tracing::info!("stopping HAProxy");
@@ -181,19 +249,34 @@ impl Owner {
                         shutdown.cancelled().await;
                         continue;
                     }
+                    plan_changed = true;
                     tokio::time::sleep(COALESCE).await;
                 }
                 Some(req) = requests.recv() => {
                     match req {
+                        Request::ReloadTemplate if self.takeover_pending => {
+                            tracing::warn!("ignoring SIGHUP: HAProxy is reloaded with the template once the directory answers");
+                        }
                         Request::ReloadTemplate => self.reload_template(&desired_rx.borrow().clone()).await,
                     }
                     continue;
                 }
                 _ = tokio::time::sleep_until(wake) => {}
             }
+            next_sync = Instant::now() + RESYNC;
+            if self.takeover_pending {
+                // The taken-over HAProxy keeps its servers until the directory answers.
+                if plan_changed {
+                    let desired = desired_rx.borrow_and_update().clone();
+                    if let Err(e) = self.take_over(&desired).await {
+                        tracing::error!(cause = %chain(&e), "cannot reload the HAProxy taken over; it keeps its configuration");
+                        self.takeover_pending = false;
+                    }
+                }
+                continue;
+            }
             let desired = desired_rx.borrow_and_update().clone();
             self.apply(&desired).await;
-            next_sync = Instant::now() + RESYNC;
         }
     }
 
@@ -202,6 +285,7 @@ impl Owner {
         self.install(&resolved).await?;
         self.haproxy.start().await?;
         self.drains.clear();
+        self.takeover_pending = false;
         self.applied = Some(resolved);
         tracing::info!("HAProxy is running again");
         Ok(())

@@ -18,6 +18,7 @@ pub struct TestAmbassador {
     pub http_port: u16,
     pub admin: SocketAddr,
     run_dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
 }
 
 /// The master's view of HAProxy's processes (`show proc`).
@@ -80,15 +81,31 @@ impl TestAmbassador {
             env.retain(|(key, _)| key != k);
             env.push((k, v));
         }
-        let mut proc = Proc::baker("ambassador", "baker-ambassador", &env);
-        let admin = proc.listen_addr().await;
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let (proc, admin) = spawn(&env).await;
         TestAmbassador {
             proc,
             ports,
             http_port,
             admin,
             run_dir,
+            env,
         }
+    }
+
+    /// Starts a new ambassador process with the same variables and run directory (after the
+    /// previous one stopped or was killed), and waits until it is ready.
+    pub async fn respawn(&mut self) {
+        assert!(
+            self.proc.try_status().is_some(),
+            "the previous ambassador still runs"
+        );
+        let (proc, admin) = spawn(&self.env).await;
+        self.proc = proc;
+        self.admin = admin;
     }
 
     /// `http://127.0.0.1:<port>` of a service's own port.
@@ -158,6 +175,33 @@ impl TestAmbassador {
         self.proc.wait_exit(Duration::from_secs(15)).await
     }
 
+    /// Pids of the HAProxy processes running this run directory's configuration: the
+    /// masters (whose parent is not one of them) and all of them, masters and workers.
+    pub fn haproxy_processes(&self) -> (Vec<u32>, Vec<u32>) {
+        let cfg = self
+            .run_dir
+            .path()
+            .join("haproxy.cfg")
+            .display()
+            .to_string();
+        let all: Vec<u32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(&cfg)
+            })
+            .collect();
+        let masters = all
+            .iter()
+            .copied()
+            .filter(|pid| !parent(*pid).is_some_and(|p| all.contains(&p)))
+            .collect();
+        (masters, all)
+    }
+
     fn haproxy_pid_file(&self) -> PathBuf {
         self.run_dir.path().join("haproxy.pid")
     }
@@ -187,6 +231,22 @@ impl Drop for TestAmbassador {
             }
         }
     }
+}
+
+/// A process's parent pid (`/proc/<pid>/status`).
+fn parent(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn spawn(env: &[(String, String)]) -> (Proc, SocketAddr) {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut proc = Proc::baker("ambassador", "baker-ambassador", &env);
+    let admin = proc.listen_addr().await;
+    (proc, admin)
 }
 
 /// Sends one command to an HAProxy CLI socket and returns the answer.

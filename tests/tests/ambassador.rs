@@ -673,3 +673,183 @@ async fn forced_reloads_for_benchmarks() {
     assert_eq!(after.reloads, before.reloads + 1, "one reload per change");
     assert_ne!(after.worker, before.worker);
 }
+
+#[tokio::test]
+async fn grace_is_per_service_and_ends_one_ttl_after_the_directory_is_back() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let mut dir = TestDirectory::start(&[]).await;
+    let a = Greeting::start("1", "a").await;
+    let b = Greeting::start("1", "b").await;
+    // A day-long TTL in a service this ambassador does not route must not matter.
+    let far = Greeting::start("1", "far").await;
+    register(&dir.client, "elsewhere", &far, "far", "1", 86_400_000).await;
+    const EMITTER_TTL: Duration = Duration::from_millis(2000);
+    let spec = |g: &Greeting| InstanceSpec {
+        address: g.addr.ip().to_string(),
+        port: u64::from(g.addr.port()),
+        version: None,
+        weight: None,
+        tags: vec![],
+        ttl_ms: Some(EMITTER_TTL.as_millis() as u64),
+    };
+    let beating: Arc<Mutex<Vec<(String, InstanceSpec)>>> = Arc::new(Mutex::new(vec![
+        ("a".into(), spec(&a)),
+        ("b".into(), spec(&b)),
+    ]));
+    let stop_beating = Arc::new(AtomicBool::new(false));
+    let heartbeat = {
+        let (client, beating, stop) = (dir.client.clone(), beating.clone(), stop_beating.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let list = beating.lock().unwrap().clone();
+                for (id, spec) in list {
+                    let _ = client.register("emitter", &id, &spec).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let amb = TestAmbassador::start(&dir.url, &["emitter"], &[]).await;
+    let url = format!("{}/greeting", amb.url("emitter"));
+    eventually(Duration::from_secs(5), "two instances", || async {
+        (spread(&url, 4).await.len() == 2).then_some(())
+    })
+    .await;
+
+    // "b" stops with the directory; the restarted directory hears only of "a".
+    beating.lock().unwrap().retain(|(id, _)| id != "b");
+    dir.kill9();
+    dir.restart().await;
+    let back = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the instance that did not come back to be drained",
+        || async {
+            (amb.servers("emitter").get("b").map(String::as_str) != Some("ready")).then_some(())
+        },
+    )
+    .await;
+    let held = back.elapsed();
+    eprintln!("held for {held:?} after the directory came back");
+    assert!(
+        held >= EMITTER_TTL * 3 / 4,
+        "dropped after {held:?}, before the directory had been up for the service's TTL"
+    );
+    assert_eq!(
+        amb.servers("emitter").get("a").map(String::as_str),
+        Some("ready")
+    );
+    stop_beating.store(true, Ordering::Relaxed);
+    let _ = heartbeat.await;
+    let log = amb.proc.log_text();
+    assert!(log.contains("keeping it for the grace period"), "{log}");
+}
+
+#[tokio::test]
+async fn a_restarted_ambassador_takes_over_the_running_haproxy() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let dir = TestDirectory::start(&[]).await;
+    let a = Greeting::start("1", "a").await;
+    let b = Greeting::start("1", "b").await;
+    register(&dir.client, "emitter", &a, "a", "1", TTL_MS).await;
+    register(&dir.client, "emitter", &b, "b", "1", TTL_MS).await;
+    let mut amb = TestAmbassador::start(&dir.url, &["emitter"], &[]).await;
+    let url = format!("{}/greeting", amb.url("emitter"));
+    eventually(Duration::from_secs(5), "both instances", || async {
+        (spread(&url, 4).await.len() == 2).then_some(())
+    })
+    .await;
+    let (masters, _) = amb.haproxy_processes();
+    assert_eq!(masters.len(), 1, "{masters:?}");
+
+    let load = Load::start(url.clone());
+    load.more(300).await;
+    amb.proc.kill9();
+    // HAProxy serves on its own meanwhile.
+    load.more(300).await;
+    amb.respawn().await;
+    load.more(500).await;
+    // The new ambassador manages the HAProxy it took over: a new instance gets traffic.
+    let c = Greeting::start("1", "c").await;
+    register(&dir.client, "emitter", &c, "c", "1", TTL_MS).await;
+    eventually(Duration::from_secs(5), "the new instance", || async {
+        spread(&url, 3).await.contains_key("c").then_some(())
+    })
+    .await;
+    load.more(300).await;
+    let (ok, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(5)]
+    );
+    amb.proc
+        .wait_for_log("took over the HAProxy", Duration::from_secs(1))
+        .await;
+    // One master, the same one; the old worker leaves once its connections are done.
+    eventually(
+        Duration::from_secs(15),
+        "one HAProxy master and one worker",
+        || async {
+            let (m, all) = amb.haproxy_processes();
+            (m == masters && all.len() == 2).then_some(())
+        },
+    )
+    .await;
+    let status = amb.stop().await;
+    assert!(status.success(), "{status}\n{}", amb.proc.log_text());
+    eventually(Duration::from_secs(10), "no HAProxy left", || async {
+        amb.haproxy_processes().1.is_empty().then_some(())
+    })
+    .await;
+}
+
+/// Addresses listening on TCP `port` (IPv4 dotted, IPv6 as the kernel's hex), from /proc/net.
+fn tcp_listeners(port: u16) -> Vec<String> {
+    let mut out = Vec::new();
+    for (file, v4) in [("/proc/net/tcp", true), ("/proc/net/tcp6", false)] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let Some((addr, p)) = f.get(1).and_then(|a| a.split_once(':')) else {
+                continue;
+            };
+            if f.get(3) != Some(&"0A") || u16::from_str_radix(p, 16) != Ok(port) {
+                continue;
+            }
+            out.push(match (v4, u32::from_str_radix(addr, 16)) {
+                (true, Ok(x)) => std::net::Ipv4Addr::from(x.to_le_bytes()).to_string(),
+                _ => addr.to_owned(),
+            });
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[tokio::test]
+async fn the_admin_port_listens_on_loopback_only() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let dir = TestDirectory::start(&[]).await;
+    // Service ports on every interface; the admin port given as a bare port, as by default.
+    let amb = TestAmbassador::start(&dir.url, &["emitter"], &[("BAKER_BIND", "0.0.0.0")]).await;
+    assert_eq!(amb.admin.ip().to_string(), "127.0.0.1", "{}", amb.admin);
+    assert_eq!(tcp_listeners(amb.admin.port()), ["127.0.0.1"]);
+    assert_eq!(tcp_listeners(amb.ports["emitter"]), ["0.0.0.0"]);
+    let status = http(false)
+        .get(format!("http://{}/ambassador/status", amb.admin))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+}
