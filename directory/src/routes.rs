@@ -39,6 +39,13 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot rename {from} to {to}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The file's layout: `{"routes": {"emitter": {"1": 90, "2": 10}}}`.
@@ -117,15 +124,24 @@ impl RouteStore {
             source: io::Error::other(e),
         })?;
         text.push(b'\n');
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            drop(f);
-            fs::rename(&tmp, &path)?;
-            File::open(&self.dir)?.sync_all()
+        // Each step's error names the file it failed on: the temporary file, the rename onto
+        // `routes.json`, or the data directory's own sync.
+        let on = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Write { path, source }
         };
-        write().map_err(|source| StoreError::Write { path, source })
+        let mut f = File::create(&tmp).map_err(on(&tmp))?;
+        f.write_all(&text).map_err(on(&tmp))?;
+        f.sync_all().map_err(on(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(|source| StoreError::Rename {
+            from: tmp.clone(),
+            to: path.clone(),
+            source,
+        })?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(on(&self.dir))
     }
 }
 
@@ -182,6 +198,32 @@ mod tests {
             assert!(matches!(err, StoreError::Corrupt { .. }), "{bad}: {err}");
             assert!(err.to_string().contains("routes.json"), "{err}");
         }
+    }
+
+    #[test]
+    fn write_errors_name_the_file_that_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = RouteStore::open(tmp.path()).unwrap();
+        let routes: BTreeMap<_, _> = [("a".to_owned(), route(&[("1", 100)]))].into();
+        // The temporary file cannot be created: a directory is in its way.
+        fs::create_dir(tmp.path().join("routes.json.tmp")).unwrap();
+        let err = store.save(&routes).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Write { path, .. } if path.ends_with("routes.json.tmp")),
+            "{err:?}"
+        );
+        assert!(err.to_string().ends_with("routes.json.tmp"), "{err}");
+        fs::remove_dir(tmp.path().join("routes.json.tmp")).unwrap();
+        // The rename cannot replace routes.json: a non-empty directory is in its way.
+        fs::create_dir_all(tmp.path().join("routes.json/x")).unwrap();
+        let err = store.save(&routes).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cannot rename ")
+                && text.contains("routes.json.tmp to ")
+                && text.ends_with("routes.json"),
+            "{text}"
+        );
     }
 
     #[test]
