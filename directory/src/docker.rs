@@ -11,7 +11,8 @@
 //! `baker.version` (default `1`), `baker.weight` (1-256, default 100), `baker.network` (whose
 //! address to register; default `BAKER_DOCKER_NETWORK`, else the container's only network).
 //! A container with a bad label is logged once, naming the label, and left out; nothing
-//! crashes. The instance id is the container's name, lower-cased.
+//! crashes. The instance id is the container's name, made unique when it has to be lower-cased
+//! or shortened ([`instance_id`]).
 //!
 //! When the stream breaks (engine restarted, socket gone), discovery reconnects with capped
 //! backoff and resynchronises ([`Registry::sync_source`]). The API version is negotiated, so
@@ -25,7 +26,10 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baker_client::backoff::Backoff;
-use baker_client::model::{validate_name, validate_port, InstanceSpec, Source, ValidSpec};
+use baker_client::errors::chain;
+use baker_client::model::{
+    printable, validate_name, validate_port, InstanceSpec, Source, ValidSpec, MAX_NAME_LEN,
+};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerInspectResponse, EventMessage, EventMessageTypeEnum, HealthStatusEnum,
@@ -72,31 +76,57 @@ pub enum Verdict {
     },
     /// Labelled, but not to be registered now (stopped, paused, not healthy, no address).
     Absent { id: String, reason: String },
+    /// Labelled, running, but not on the network discovery registers addresses of
+    /// (`BAKER_DOCKER_NETWORK` or its `baker.network` label): left out, with a warning.
+    OffNetwork { id: String, reason: String },
     /// Labelled wrongly; `message` names the label and what is wrong.
     Invalid { id: String, message: String },
 }
 
-/// The instance id of a container: its name without the leading `/`, lower-cased, any other
-/// character than `a-z0-9._-` turned into `-`, at most 63 characters.
-pub fn instance_id(name: &str, container_id: &str) -> String {
+/// How many characters of the container id an instance id carries when the name alone would
+/// not be unique (12, as `docker ps` shows it).
+pub const SHORT_ID_LEN: usize = 12;
+
+/// The instance id of a container, unique per container and stable for its lifetime.
+///
+/// A name that is already a valid id (lowercase, at most 63 characters) is the id as it is:
+/// `/orders_1` → `orders_1`. Any other name is lower-cased, every character outside
+/// `a-z0-9._-` becomes `-`, it is cut to leave room, and `-` plus the first 12 characters of
+/// the container id is appended: `/Orders_1` → `orders_1-0123456789ab`. Docker names are unique
+/// but case-sensitive and unbounded, so two containers whose names differ only in case or after
+/// 63 characters still get two ids. A container without a name gets its short id alone.
+///
+/// Fails only when the engine reports neither a usable name nor an id.
+pub fn instance_id(name: &str, container_id: &str) -> Result<String, String> {
     let name = name.trim_start_matches('/');
-    let base = if name.is_empty() {
-        container_id.get(..12).unwrap_or(container_id)
-    } else {
-        name
-    };
-    let mut id: String = base
-        .chars()
-        .map(|c| match c.to_ascii_lowercase() {
-            c @ ('a'..='z' | '0'..='9' | '.' | '_' | '-') => c,
-            _ => '-',
-        })
-        .take(63)
-        .collect();
-    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        id.replace_range(..1, "c");
+    if validate_name("id", name).is_ok() {
+        return Ok(name.to_owned());
     }
-    id
+    let short: String = sanitize(container_id).take(SHORT_ID_LEN).collect();
+    if short.is_empty() || !short.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!(
+            "the engine reported container {:?} with no usable id ({:?})",
+            printable(name),
+            printable(container_id)
+        ));
+    }
+    let room = MAX_NAME_LEN - 1 - short.len();
+    let base: String = sanitize(name)
+        .skip_while(|c| !c.is_ascii_alphanumeric())
+        .take(room)
+        .collect();
+    if base.is_empty() {
+        return Ok(short);
+    }
+    Ok(format!("{base}-{short}"))
+}
+
+/// `s` lower-cased, with every character outside `a-z0-9._-` turned into `-`.
+fn sanitize(s: &str) -> impl Iterator<Item = char> + '_ {
+    s.chars().map(|c| match c.to_ascii_lowercase() {
+        c @ ('a'..='z' | '0'..='9' | '.' | '_' | '-') => c,
+        _ => '-',
+    })
 }
 
 /// Decides what a container (as `docker inspect` shows it) means for the directory.
@@ -113,10 +143,18 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
     let Some(service) = labels.get(SERVICE_LABEL) else {
         return Verdict::Unlabelled;
     };
-    let id = instance_id(
+    let id = match instance_id(
         c.name.as_deref().unwrap_or_default(),
         c.id.as_deref().unwrap_or_default(),
-    );
+    ) {
+        Ok(id) => id,
+        Err(message) => {
+            return Verdict::Invalid {
+                id: "(unnamed)".to_owned(),
+                message,
+            }
+        }
+    };
     let mut problems = Vec::new();
     if let Err(e) = validate_name(SERVICE_LABEL, service) {
         problems.push(e.to_string());
@@ -180,6 +218,7 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
     ) {
         Ok(a) => a,
         Err(Problem::Absent(reason)) => return absent(reason),
+        Err(Problem::OffNetwork(reason)) => return Verdict::OffNetwork { id, reason },
         Err(Problem::Invalid(message)) => return Verdict::Invalid { id, message },
     };
     let spec = InstanceSpec {
@@ -213,6 +252,7 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
 
 enum Problem {
     Absent(String),
+    OffNetwork(String),
     Invalid(String),
 }
 
@@ -264,9 +304,19 @@ fn address(
             "BAKER_DOCKER_NETWORK".to_owned()
         };
         return match networks.get(name) {
-            None => Err(Problem::Absent(format!(
-                "it is not on network {name:?} ({source})"
-            ))),
+            None => {
+                let mut on: Vec<&str> = networks.keys().map(String::as_str).collect();
+                on.sort_unstable();
+                Err(Problem::OffNetwork(format!(
+                    "it is not on network {name:?} ({source}) but on {}: connect it (docker \
+                     network connect {name} <container>) or label it {NETWORK_LABEL}=<network>",
+                    if on.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        on.join(", ")
+                    }
+                )))
+            }
             Some(e) => ip_of(e).ok_or_else(|| {
                 Problem::Absent(format!("it has no address on network {name:?} yet"))
             }),
@@ -321,7 +371,7 @@ pub fn classify(event: &EventMessage, known: impl Fn(&str) -> bool) -> Action {
     let attributes = actor.and_then(|a| a.attributes.as_ref()).unwrap_or(&empty);
     match event.typ {
         Some(EventMessageTypeEnum::CONTAINER) => {
-            let Some(id) = actor.and_then(|a| a.id.clone()) else {
+            let Some(id) = actor.and_then(|a| a.id.clone()).filter(|id| !id.is_empty()) else {
                 return Action::Ignore;
             };
             if !attributes.contains_key(SERVICE_LABEL) && !known(&id) {
@@ -343,8 +393,8 @@ pub fn classify(event: &EventMessage, known: impl Fn(&str) -> bool) -> Action {
         }
         Some(EventMessageTypeEnum::NETWORK) if action == "connect" || action == "disconnect" => {
             match attributes.get("container") {
-                Some(id) => Action::Refresh(id.clone()),
-                None => Action::Ignore,
+                Some(id) if !id.is_empty() => Action::Refresh(id.clone()),
+                _ => Action::Ignore,
             }
         }
         _ => Action::Ignore,
@@ -365,9 +415,11 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn note(&mut self, container: &str, level: tracing::Level, text: String) {
+    /// Logs `text` about `container` unless it was the last thing logged about it; true when
+    /// it logged.
+    fn note(&mut self, container: &str, level: tracing::Level, text: String) -> bool {
         if self.noted.get(container) == Some(&text) {
-            return;
+            return false;
         }
         if level == tracing::Level::WARN {
             tracing::warn!("{text}");
@@ -375,6 +427,7 @@ impl Tracker {
             tracing::info!("{text}");
         }
         self.noted.insert(container.to_owned(), text);
+        true
     }
 
     fn forget(&mut self, container: &str) {
@@ -388,6 +441,35 @@ impl Tracker {
         if let Some((service, id)) = self.registered.remove(container) {
             registry.remove(&service, &id);
         }
+    }
+
+    /// Makes the registry's Docker instances follow a full listing (container id, verdict), as
+    /// after connecting; returns how many are registered. A container's note is logged again
+    /// only if it changed since the last listing.
+    fn resync(&mut self, registry: &Registry, listed: Vec<(String, Verdict)>) -> usize {
+        let mut desired = Vec::new();
+        let mut registered = HashMap::new();
+        let mut seen = HashSet::new();
+        for (cid, verdict) in listed {
+            seen.insert(cid.clone());
+            match verdict {
+                Verdict::Register { service, id, spec } if !self.stopping.contains(&cid) => {
+                    self.labelled.insert(cid.clone());
+                    self.noted.remove(&cid);
+                    registered.insert(cid, (service.clone(), id.clone()));
+                    desired.push((service, id, spec));
+                }
+                Verdict::Register { .. } => {}
+                other => self.apply(registry, &cid, other),
+            }
+        }
+        self.labelled.retain(|c| seen.contains(c));
+        self.stopping.retain(|c| seen.contains(c));
+        self.noted.retain(|c, _| seen.contains(c));
+        self.registered = registered;
+        let count = desired.len();
+        registry.sync_source(Source::Docker, desired);
+        count
     }
 
     /// Follows one container's verdict: registers it, or takes it out.
@@ -420,6 +502,15 @@ impl Tracker {
                     format!("container {id} is not registered: {reason}"),
                 );
             }
+            Verdict::OffNetwork { id, reason } => {
+                self.labelled.insert(container.to_owned());
+                self.deregister(registry, container);
+                self.note(
+                    container,
+                    tracing::Level::WARN,
+                    format!("container {id} is left out: {reason}"),
+                );
+            }
             Verdict::Invalid { id, message } => {
                 self.labelled.insert(container.to_owned());
                 self.deregister(registry, container);
@@ -446,6 +537,38 @@ enum SessionError {
     StreamEnded,
 }
 
+/// What to tell the user to do about a failed session, when the failure has a known fix.
+fn advice(err: &SessionError) -> Option<&'static str> {
+    match err {
+        SessionError::Connect(e) if permission_denied(e) => Some(
+            "permission denied on the Docker socket: the directory's user may not use it; run \
+             the directory in the socket's group (docker run --group-add \
+             \"$(stat -c %g /var/run/docker.sock)\" ...) or as root (--user root)",
+        ),
+        _ => None,
+    }
+}
+
+/// Whether an error, or any of its causes, is an I/O error of kind `PermissionDenied` (a
+/// refused connection to the socket shows as `client error (Connect)` with it as its cause).
+pub fn permission_denied(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        // bollard's `IOError` is transparent: it shows its I/O error's causes, not the error.
+        let io = e
+            .downcast_ref::<std::io::Error>()
+            .or(match e.downcast_ref() {
+                Some(DockerError::IOError { err }) => Some(err),
+                _ => None,
+            });
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Follows the Docker engine until `shutdown`, keeping the registry's Docker-sourced instances
 /// equal to the labelled containers that count; reconnects and resyncs after any failure.
 pub async fn run(registry: Registry, network: Option<String>, shutdown: CancellationToken) {
@@ -470,22 +593,20 @@ pub async fn run(registry: Registry, network: Option<String>, shutdown: Cancella
         };
         failures += 1;
         let delay = backoff.next_delay();
-        let hint = match &err {
-            SessionError::Connect(DockerError::IOError { err })
-                if err.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                " (permission denied on the Docker socket: run the directory as root or in the \
-                 socket's group, e.g. docker run --group-add $(stat -c %g /var/run/docker.sock))"
-            }
-            _ => "",
-        };
-        let cause = std::error::Error::source(&err)
-            .map(|s| format!(": {s}"))
-            .unwrap_or_default();
+        let cause = chain(&err);
         if failures <= 3 || failures.is_power_of_two() {
-            tracing::warn!("docker discovery: {err}{cause}{hint}; retrying in {delay:?}");
+            match advice(&err) {
+                Some(advice) => tracing::warn!(
+                    cause = %cause,
+                    retry_in = ?delay,
+                    "docker discovery: {advice}"
+                ),
+                None => {
+                    tracing::warn!(cause = %cause, retry_in = ?delay, "docker discovery failed")
+                }
+            }
         } else {
-            tracing::debug!("docker discovery: {err}{cause}; retrying in {delay:?}");
+            tracing::debug!(cause = %cause, retry_in = ?delay, "docker discovery failed");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -529,11 +650,11 @@ async fn session(
             ListContainersOptionsBuilder::new().all(true).filters(&label_filter).build(),
         )) => l.map_err(SessionError::Api)?,
     };
-    let mut desired = Vec::new();
-    let mut registered = HashMap::new();
-    let mut seen = HashSet::new();
+    let mut verdicts = Vec::new();
     for summary in listed {
-        let Some(cid) = summary.id else { continue };
+        let Some(cid) = summary.id.filter(|id| !id.is_empty()) else {
+            continue;
+        };
         let c = match docker.inspect_container(&cid, None).await {
             Ok(c) => c,
             Err(DockerError::DockerResponseServerError {
@@ -541,28 +662,13 @@ async fn session(
             }) => continue,
             Err(e) => return Err(SessionError::Api(e)),
         };
-        seen.insert(cid.clone());
-        match verdict(&c, network) {
-            Verdict::Register { service, id, spec } if !tracker.stopping.contains(&cid) => {
-                tracker.labelled.insert(cid.clone());
-                tracker.noted.remove(&cid);
-                registered.insert(cid, (service.clone(), id.clone()));
-                desired.push((service, id, spec));
-            }
-            Verdict::Register { .. } => {}
-            other => tracker.apply(registry, &cid, other),
-        }
+        verdicts.push((cid, verdict(&c, network)));
     }
-    tracker.labelled.retain(|c| seen.contains(c));
-    tracker.stopping.retain(|c| seen.contains(c));
-    tracker.noted.retain(|c, _| seen.contains(c));
-    tracker.registered = registered;
-    let count = desired.len();
-    registry.sync_source(Source::Docker, desired);
+    let labelled = verdicts.len();
+    let count = tracker.resync(registry, verdicts);
     tracing::info!(
-        "docker discovery: following engine API {}, {} labelled container(s), {count} registered",
+        "docker discovery: following engine API {}, {labelled} labelled container(s), {count} registered",
         docker.client_version(),
-        seen.len()
     );
     synced();
 
@@ -612,6 +718,7 @@ mod tests {
     use bollard::models::{
         ContainerConfig, ContainerState, EndpointSettings, EventActor, Health, NetworkSettings,
     };
+    use std::error::Error as _;
 
     fn container(labels: &[(&str, &str)], networks: &[(&str, &str)]) -> ContainerInspectResponse {
         ContainerInspectResponse {
@@ -684,7 +791,10 @@ mod tests {
             &[("appnet", "10.0.0.5")],
         );
         let (service, id, spec) = registered(verdict(&c, None));
-        assert_eq!((service.as_str(), id.as_str()), ("orders", "orders_1"));
+        assert_eq!(
+            (service.as_str(), id.as_str()),
+            ("orders", "orders_1-0123456789ab")
+        );
         assert_eq!(spec.address, "10.0.0.5");
         assert_eq!(
             (spec.port, spec.version.as_str(), spec.weight),
@@ -799,7 +909,7 @@ mod tests {
             "10.1.0.2"
         );
         assert!(
-            matches!(verdict(&c, Some("other")), Verdict::Absent { reason, .. } if reason.contains("\"other\""))
+            matches!(verdict(&c, Some("other")), Verdict::OffNetwork { reason, .. } if reason.contains("\"other\"") && reason.contains("back, front"))
         );
         let host = container(&[("baker.service", "orders")], &[("host", "")]);
         assert!(matches!(verdict(&host, None), Verdict::Absent { .. }));
@@ -807,18 +917,167 @@ mod tests {
 
     #[test]
     fn instance_ids_from_names() {
-        assert_eq!(instance_id("/web_1", "abc"), "web_1");
-        assert_eq!(instance_id("/My.App", "abc"), "my.app");
-        assert_eq!(instance_id("", "0123456789abcdef"), "0123456789ab");
-        assert_eq!(instance_id("/_x", "abc"), "cx");
-        assert_eq!(
-            instance_id(&format!("/{}", "a".repeat(80)), "abc").len(),
-            63
-        );
-        for name in ["/web_1", "/My.App", "/_x", "/ünï"] {
-            let id = instance_id(name, "abc");
+        let cid = "0123456789abcdef0123";
+        assert_eq!(instance_id("/web_1", cid).unwrap(), "web_1");
+        assert_eq!(instance_id("/My.App", cid).unwrap(), "my.app-0123456789ab");
+        assert_eq!(instance_id("", cid).unwrap(), "0123456789ab");
+        assert_eq!(instance_id("/", cid).unwrap(), "0123456789ab");
+        assert_eq!(instance_id("/_x", cid).unwrap(), "x-0123456789ab");
+        let long = instance_id(&format!("/{}", "a".repeat(80)), cid).unwrap();
+        assert_eq!(long.len(), 63);
+        assert!(long.ends_with("-0123456789ab"), "{long}");
+        for name in ["/web_1", "/My.App", "/_x", "/ünï", "/-", "/ABC", ""] {
+            let id = instance_id(name, cid).unwrap();
             validate_name("id", &id).unwrap_or_else(|e| panic!("{name} → {id}: {e}"));
         }
+    }
+
+    #[test]
+    fn instance_ids_are_unique_per_container_and_stable() {
+        let long = "b".repeat(63);
+        // Names Docker tells apart, that lower-casing or cutting at 63 characters would merge.
+        let pairs = [
+            (("/adv-Web", "aaaa00000000"), ("/adv-web", "bbbb00000000")),
+            (("/ADV-WEB", "aaaa00000000"), ("/adv-Web", "bbbb00000000")),
+            (
+                (&*format!("/{long}x"), "aaaa00000000"),
+                (&*format!("/{long}y"), "bbbb00000000"),
+            ),
+            (
+                (&*format!("/{long}"), "aaaa00000000"),
+                (&*format!("/{long}z"), "bbbb00000000"),
+            ),
+        ];
+        for ((n1, c1), (n2, c2)) in pairs {
+            let (a, b) = (instance_id(n1, c1).unwrap(), instance_id(n2, c2).unwrap());
+            assert_ne!(a, b, "{n1} and {n2}");
+            assert_eq!(instance_id(n1, c1).unwrap(), a, "stable");
+        }
+    }
+
+    #[test]
+    fn containers_without_a_usable_id_are_refused_not_panicked_on() {
+        assert!(instance_id("", "").is_err());
+        assert!(instance_id("/Web", "").is_err());
+        assert!(instance_id("/", "---").is_err());
+        let mut c = container(&[("baker.service", "orders")], &[("bridge", "172.17.0.3")]);
+        c.id = Some(String::new());
+        c.name = Some(String::new());
+        assert!(
+            matches!(verdict(&c, None), Verdict::Invalid { message, .. } if message.contains("no usable id"))
+        );
+        c.id = None;
+        c.name = None;
+        assert!(matches!(verdict(&c, None), Verdict::Invalid { .. }));
+        // A valid name needs no container id.
+        c.name = Some("/orders".into());
+        assert_eq!(registered(verdict(&c, None)).1, "orders");
+    }
+
+    /// What `f` logs, as text.
+    fn logs(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = sink.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    fn test_registry() -> (Registry, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::routes::RouteStore::open(dir.path()).unwrap();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        (Registry::new(store, Default::default(), metrics, 64), dir)
+    }
+
+    #[test]
+    fn a_container_on_another_network_is_warned_about_once() {
+        let (registry, _dir) = test_registry();
+        let c = container(
+            &[("baker.service", "orders")],
+            &[("shop_default", "10.9.0.2")],
+        );
+        let mut tracker = Tracker::default();
+        let text = logs(|| {
+            // Listed at every resync, and read again at each of its events.
+            for _ in 0..3 {
+                tracker.resync(&registry, vec![("c1".into(), verdict(&c, Some("baker")))]);
+                tracker.apply(&registry, "c1", verdict(&c, Some("baker")));
+            }
+        });
+        assert_eq!(text.matches(" WARN ").count(), 1, "{text}");
+        assert!(
+            text.contains("container orders_1-0123456789ab is left out: it is not on network \"baker\" (BAKER_DOCKER_NETWORK) but on shop_default"),
+            "{text}"
+        );
+        assert!(registry.services().services.is_empty());
+        // Once it is on the network it is registered; leaving it again warns again.
+        let mut joined = c.clone();
+        joined.network_settings = container(&[], &[("baker", "10.1.0.2")]).network_settings;
+        let text = logs(|| {
+            tracker.apply(&registry, "c1", verdict(&joined, Some("baker")));
+            tracker.apply(&registry, "c1", verdict(&c, Some("baker")));
+        });
+        assert_eq!(text.matches(" WARN ").count(), 1, "{text}");
+    }
+
+    /// The error bollard reports when connecting fails with `kind`, made the way bollard makes
+    /// it: hyper's legacy client around a connector that fails.
+    async fn connect_error(kind: std::io::ErrorKind) -> DockerError {
+        use hyper_util::client::legacy::Client;
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let connector = tower::service_fn(move |_: hyper::Uri| {
+            std::future::ready(Err::<TokioIo<tokio::net::TcpStream>, _>(
+                std::io::Error::from(kind),
+            ))
+        });
+        let client = Client::builder(TokioExecutor::new())
+            .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+        let err = client
+            .get(hyper::Uri::from_static("http://docker/version"))
+            .await
+            .unwrap_err();
+        DockerError::HyperLegacyError { err }
+    }
+
+    #[tokio::test]
+    async fn a_refused_socket_is_told_with_what_to_run() {
+        use std::io::ErrorKind::{ConnectionRefused, PermissionDenied};
+        let denied = SessionError::Connect(connect_error(PermissionDenied).await);
+        // What users saw before: the outer message says nothing of permissions.
+        assert!(denied
+            .source()
+            .unwrap()
+            .to_string()
+            .contains("client error (Connect)"));
+        let text = advice(&denied).expect("advice for a permission error");
+        assert!(
+            text.contains("permission denied on the Docker socket"),
+            "{text}"
+        );
+        assert!(text.contains("--group-add"), "{text}");
+        let direct = SessionError::Connect(DockerError::IOError {
+            err: std::io::Error::from(PermissionDenied),
+        });
+        assert!(advice(&direct).is_some());
+        let refused = SessionError::Connect(connect_error(ConnectionRefused).await);
+        assert_eq!(advice(&refused), None);
+        assert_eq!(advice(&SessionError::StreamEnded), None);
     }
 
     fn event(

@@ -12,6 +12,7 @@
 //! - [`server`]: the accept loop (connection limit, header timeout, graceful shutdown).
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`.
 //! - [`docker`]: discovery of containers labelled `baker.service`, from the Docker API.
+//! - [`supervise`]: restarts a long-lived task that panics or returns before shutdown.
 //!
 //! [`run`] ties them together; the `baker-directory` binary only reads the configuration,
 //! binds the listener and handles signals.
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod registry;
 pub mod routes;
 pub mod server;
+pub mod supervise;
 pub mod watch;
 
 use std::sync::Arc;
@@ -62,16 +64,28 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::new());
     let registry = Registry::new(store, loaded, metrics, config.watch_backlog_lines);
     let discovery = docker::enabled(config.docker).then(|| {
-        tokio::spawn(docker::run(
+        let (registry, network, shutdown) = (
             registry.clone(),
             config.docker_network.clone(),
             shutdown.clone(),
+        );
+        tokio::spawn(supervise::supervise(
+            "docker discovery",
+            shutdown.clone(),
+            move || docker::run(registry.clone(), network.clone(), shutdown.clone()),
         ))
     });
     if config.token.is_none() {
         tracing::info!("no BAKER_TOKEN: mutating calls need no token");
     }
-    let expiry = tokio::spawn(registry.clone().run_expiry(shutdown.clone()));
+    let expiry = {
+        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        tokio::spawn(supervise::supervise(
+            "ttl expiry",
+            shutdown.clone(),
+            move || registry.clone().run_expiry(shutdown.clone()),
+        ))
+    };
     let state = api::AppState {
         registry,
         token: config.token.as_deref().map(Arc::from),

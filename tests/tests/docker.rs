@@ -26,9 +26,15 @@ async fn instance_ids(client: &DirectoryClient, service: &str) -> Vec<String> {
     ids
 }
 
-/// What the directory makes of a container name: lowercase, other characters → `-`.
+/// What the directory makes of a container name: the name itself, when it is a valid id (as
+/// every name [`unique`] makes is).
 fn instance_id(container: &str) -> String {
-    container.to_ascii_lowercase()
+    assert_eq!(
+        container,
+        container.to_ascii_lowercase(),
+        "a lowercase name"
+    );
+    container.to_owned()
 }
 
 async fn put_health(ip: &str, mode: &str) {
