@@ -53,6 +53,8 @@ pub enum ApiError {
     Unauthorized(&'static str),
     NotFound(String),
     MethodNotAllowed(String),
+    /// The call contradicts the directory's state (409); the message says why.
+    Conflict(String),
     TooLarge,
     Timeout(Duration),
     /// A fault of the directory: logged, answered with a bare 500.
@@ -86,6 +88,7 @@ impl IntoResponse for ApiError {
                     .into_response();
             }
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
             ApiError::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -226,12 +229,10 @@ async fn put_instance(
     check_names(&[("service", &service), ("id", &id)])?;
     let spec: InstanceSpec = read_json(&headers, body).await?;
     let spec = spec.validate().map_err(ApiError::invalid)?;
-    Ok(Json(app.registry.upsert(
-        &service,
-        &id,
-        spec,
-        Source::Registrar,
-    )))
+    app.registry
+        .upsert(&service, &id, spec, Source::Registrar)
+        .map(Json)
+        .map_err(|e| ApiError::Conflict(e.to_string()))
 }
 
 async fn delete_instance(
@@ -242,10 +243,13 @@ async fn delete_instance(
     app.authorize(&headers)?;
     let Path((service, id)) = path?;
     check_names(&[("service", &service), ("id", &id)])?;
-    app.registry
-        .take(&service, &id)
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no instance {id} of service {service}")))
+    match app.registry.deregister(&service, &id) {
+        Ok(Some(instance)) => Ok(Json(instance)),
+        Ok(None) => Err(ApiError::NotFound(format!(
+            "no instance {id} of service {service}"
+        ))),
+        Err(e) => Err(ApiError::Conflict(e.to_string())),
+    }
 }
 
 async fn list_services(State(app): State<AppState>) -> Json<ServicesResponse> {

@@ -490,7 +490,8 @@ impl Tracker {
                     }
                 }
                 self.noted.remove(container);
-                registry.upsert(&service, &id, spec, Source::Docker);
+                // Docker's own registrations are never refused (only the API's are).
+                let _ = registry.upsert(&service, &id, spec, Source::Docker);
                 self.registered.insert(container.to_owned(), (service, id));
             }
             Verdict::Absent { id, reason } => {

@@ -11,14 +11,20 @@
 //! them within their `ttl_ms`; [`Registry::run_expiry`] sleeps until the earliest deadline, it
 //! is not driven by reads. Instances from Docker never expire by TTL: the engine says when they
 //! go ([`Registry::remove`], [`Registry::sync_source`]).
+//!
+//! Sources do not overwrite each other from the API: a registration or deregistration over the
+//! API of an instance that Docker discovered is refused ([`Conflict`]), since the API's
+//! short-lived copy would expire and leave the healthy container missing. Docker discovery, the
+//! engine's own account of a running container, takes over an API-registered instance of the
+//! same id instead (logged as a warning); the registrar's next heartbeat is then refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baker_client::model::{
-    Instance, Route, RouteResponse, RoutesResponse, ServiceResponse, ServicesResponse, Source,
-    ValidSpec, WatchEvent,
+    Instance, Route, RouteResponse, RoutesResponse, ServiceResponse,
+    ServicesResponse, Source, ValidSpec, WatchEvent,
 };
 use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
@@ -114,6 +120,18 @@ fn record(m: &Metrics, outcome: Outcome, instance: &Instance) -> bool {
     true
 }
 
+/// A call over the API that would change an instance another source owns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "instance {service}/{id} was discovered from Docker: the API may not replace or remove it \
+     (it leaves when its container stops or loses its baker.service label); register under \
+     another id"
+)]
+pub struct Conflict {
+    pub service: String,
+    pub id: String,
+}
+
 /// What an upsert did to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -200,6 +218,11 @@ impl Table {
                 .insert((d, service.to_owned(), id.to_owned()));
         }
         (instance, outcome)
+    }
+
+    /// Where the registered `service`/`id` came from, if it is registered.
+    fn source_of(&self, service: &str, id: &str) -> Option<Source> {
+        Some(self.services.get(service)?.get(id)?.instance.source)
     }
 
     fn take(&mut self, service: &str, id: &str) -> Option<Instance> {
@@ -316,8 +339,17 @@ impl Registry {
     ///
     /// A new instance, or one whose address, port, version, weight, tags, TTL or source
     /// changed, is published to watchers; a plain heartbeat only renews the TTL and `last_seen`.
-    pub fn upsert(&self, service: &str, id: &str, spec: ValidSpec, source: Source) -> Instance {
+    /// A registrar's registration of an instance Docker discovered is refused and changes
+    /// nothing; Docker's replaces a registrar's.
+    pub fn upsert(
+        &self,
+        service: &str,
+        id: &str,
+        spec: ValidSpec,
+        source: Source,
+    ) -> Result<Instance, Conflict> {
         let mut t = self.lock();
+        check_takeover(&t, service, id, source)?;
         let before = t.next_deadline();
         let (instance, outcome) = t.put(service, id, spec, source, Instant::now());
         self.rearm(before, t.next_deadline());
@@ -329,12 +361,30 @@ impl Registry {
         } else {
             tracing::trace!("heartbeat from {service}/{id}");
         }
-        instance
+        Ok(instance)
     }
 
-    /// Removes `service`/`id` now, returning the instance if it was registered.
-    pub fn take(&self, service: &str, id: &str) -> Option<Instance> {
+    /// Deregisters `service`/`id` on an API call: removes it now and returns it, `None` if it
+    /// was not registered. An instance Docker discovered is not the API's to remove.
+    pub fn deregister(&self, service: &str, id: &str) -> Result<Option<Instance>, Conflict> {
         let mut t = self.lock();
+        if t.source_of(service, id) == Some(Source::Docker) {
+            return Err(Conflict {
+                service: service.to_owned(),
+                id: id.to_owned(),
+            });
+        }
+        Ok(self.take(&mut t, service, id))
+    }
+
+    /// Removes `service`/`id` now, whatever its source; `false` if it was not registered.
+    pub fn remove(&self, service: &str, id: &str) -> bool {
+        let mut t = self.lock();
+        self.take(&mut t, service, id).is_some()
+    }
+
+    /// Removes `service`/`id` and publishes the change. Called with the lock held.
+    fn take(&self, t: &mut Table, service: &str, id: &str) -> Option<Instance> {
         let instance = t.take(service, id)?;
         self.inner
             .metrics
@@ -342,13 +392,8 @@ impl Registry {
             .get_or_create(&instance.source.into())
             .inc();
         tracing::info!("deregistered {service}/{id} ({})", instance.source);
-        self.publish_service(&mut t, service);
+        self.publish_service(t, service);
         Some(instance)
-    }
-
-    /// Removes `service`/`id` now; `false` if it was not registered.
-    pub fn remove(&self, service: &str, id: &str) -> bool {
-        self.take(service, id).is_some()
     }
 
     /// Makes the instances of `source` exactly `instances` (service, id, spec): adds and updates
@@ -383,6 +428,9 @@ impl Registry {
             }
         }
         for ((service, id), spec) in desired {
+            if check_takeover(&t, &service, &id, source).is_err() {
+                continue;
+            }
             let (instance, outcome) = t.put(&service, &id, spec, source, now);
             if record(&m, outcome, &instance) {
                 changed.insert(service);
@@ -575,6 +623,27 @@ impl Registry {
     }
 }
 
+/// Whether `source` may put `service`/`id`: a registrar may not replace a Docker instance;
+/// Docker replaces a registrar's, with a warning.
+fn check_takeover(t: &Table, service: &str, id: &str, source: Source) -> Result<(), Conflict> {
+    match (t.source_of(service, id), source) {
+        (Some(Source::Docker), Source::Registrar) => Err(Conflict {
+            service: service.to_owned(),
+            id: id.to_owned(),
+        }),
+        (Some(Source::Registrar), Source::Docker) => {
+            tracing::warn!(
+                service = %service,
+                id = %id,
+                "a Docker container takes over an instance registered over the API; \
+                 registrations of this id are refused while the container runs"
+            );
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `1=90%, 2=10%`.
 fn describe(route: &Route) -> String {
     route
@@ -644,14 +713,19 @@ mod tests {
         let (r, _dir) = registry();
         let (snapshot, mut rx) = r.subscribe();
         assert_eq!(snapshot.index, 0);
-        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
-        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
-        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
+        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
+            .unwrap();
+        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
+            .unwrap();
+        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
+            .unwrap();
         assert_eq!(r.index(), 1);
         let mut heavier = spec(80, 1000);
         heavier.weight = 50;
-        r.upsert("emitter", "a", heavier, Source::Registrar);
-        r.upsert("emitter", "b", spec(81, 1000), Source::Registrar);
+        r.upsert("emitter", "a", heavier, Source::Registrar)
+            .unwrap();
+        r.upsert("emitter", "b", spec(81, 1000), Source::Registrar)
+            .unwrap();
         let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
         assert_eq!(
             got,
@@ -671,12 +745,15 @@ mod tests {
         let shutdown = CancellationToken::new();
         let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
         let (_, mut rx) = r.subscribe();
-        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
-        r.upsert("emitter", "b", spec(81, 3000), Source::Registrar);
+        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
+            .unwrap();
+        r.upsert("emitter", "b", spec(81, 3000), Source::Registrar)
+            .unwrap();
         // Keep `a` alive for 5 s with a heartbeat every 500 ms.
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            r.upsert("emitter", "a", spec(80, 1000), Source::Registrar);
+            r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
+                .unwrap();
         }
         // `b` went silent at t=0 and expired at t=3 s, with no read to drive it.
         let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
@@ -706,9 +783,11 @@ mod tests {
         let (r, _dir) = registry();
         let shutdown = CancellationToken::new();
         let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
-        r.upsert("s", "long", spec(80, 60_000), Source::Registrar);
+        r.upsert("s", "long", spec(80, 60_000), Source::Registrar)
+            .unwrap();
         tokio::task::yield_now().await;
-        r.upsert("s", "short", spec(81, 200), Source::Registrar);
+        r.upsert("s", "short", spec(81, 200), Source::Registrar)
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
         let left: Vec<_> = r.services().services["s"]
             .iter()
@@ -722,22 +801,73 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn docker_instances_never_expire_by_ttl() {
         let (r, _dir) = registry();
-        r.upsert("web", "c1", spec(80, 100), Source::Docker);
+        r.upsert("web", "c1", spec(80, 100), Source::Docker)
+            .unwrap();
         assert_eq!(r.next_deadline(), None);
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert_eq!(r.expire_due(Instant::now()), 0);
         assert_eq!(r.services().services["web"].len(), 1);
-        // The same id re-registered by a registrar does expire.
-        r.upsert("web", "c1", spec(80, 100), Source::Registrar);
-        tokio::time::advance(Duration::from_millis(100)).await;
-        assert_eq!(r.expire_due(Instant::now()), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_api_cannot_take_over_a_docker_instance() {
+        let (r, _dir) = registry();
+        r.upsert("web", "c1", spec(80, 100), Source::Docker)
+            .unwrap();
+        let (_, mut rx) = r.subscribe();
+        // A short-lived registration of the same id is refused and changes nothing ...
+        let err = r
+            .upsert("web", "c1", spec(9999, 100), Source::Registrar)
+            .unwrap_err();
+        assert!(err.to_string().contains("discovered from Docker"), "{err}");
+        assert_eq!(r.deregister("web", "c1"), Err(err));
+        assert!(events(&mut rx).is_empty());
+        // ... so nothing expires, and the container's instance stays.
+        assert_eq!(r.next_deadline(), None);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(r.expire_due(Instant::now()), 0);
+        let web = &r.services().services["web"];
+        assert_eq!((web[0].port, web[0].source), (80, Source::Docker));
+        // Another id is fine.
+        r.upsert("web", "c2", spec(81, 100), Source::Registrar)
+            .unwrap();
+        assert_eq!(r.deregister("web", "c2").unwrap().unwrap().id, "c2");
+        assert_eq!(r.deregister("web", "c2"), Ok(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn docker_takes_over_an_api_instance_of_the_same_id() {
+        let (r, _dir) = registry();
+        r.upsert("web", "c1", spec(80, 100), Source::Registrar)
+            .unwrap();
+        r.sync_source(
+            Source::Docker,
+            vec![("web".into(), "c1".into(), spec(81, 100))],
+        );
+        assert_eq!(
+            r.next_deadline(),
+            None,
+            "the registrar's TTL no longer applies"
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(r.expire_due(Instant::now()), 0);
+        let web = &r.services().services["web"];
+        assert_eq!((web[0].port, web[0].source), (81, Source::Docker));
+        // The registrar's next heartbeat is refused; once the container is gone, it is not.
+        assert!(r
+            .upsert("web", "c1", spec(80, 100), Source::Registrar)
+            .is_err());
+        r.sync_source(Source::Docker, vec![]);
+        r.upsert("web", "c1", spec(80, 100), Source::Registrar)
+            .unwrap();
     }
 
     #[tokio::test]
     async fn deregister_removes_at_once() {
         let (r, _dir) = registry();
         let (_, mut rx) = r.subscribe();
-        r.upsert("emitter", "a", spec(80, 6000), Source::Registrar);
+        r.upsert("emitter", "a", spec(80, 6000), Source::Registrar)
+            .unwrap();
         assert!(r.remove("emitter", "a"));
         assert!(!r.remove("emitter", "a"));
         assert!(r.services().services.is_empty());
@@ -762,7 +892,8 @@ mod tests {
     #[tokio::test]
     async fn sync_source_replaces_exactly_that_source_and_publishes_only_changes() {
         let (r, _dir) = registry();
-        r.upsert("web", "by-hand", spec(80, 6000), Source::Registrar);
+        r.upsert("web", "by-hand", spec(80, 6000), Source::Registrar)
+            .unwrap();
         r.sync_source(
             Source::Docker,
             vec![
@@ -866,9 +997,11 @@ mod tests {
     #[tokio::test]
     async fn snapshot_and_feed_do_not_overlap() {
         let (r, _dir) = registry();
-        r.upsert("a", "1", spec(80, 6000), Source::Registrar);
+        r.upsert("a", "1", spec(80, 6000), Source::Registrar)
+            .unwrap();
         let (snapshot, mut rx) = r.subscribe();
-        r.upsert("b", "1", spec(80, 6000), Source::Registrar);
+        r.upsert("b", "1", spec(80, 6000), Source::Registrar)
+            .unwrap();
         let snap: WatchEvent = serde_json::from_slice(&snapshot.bytes).unwrap();
         let mut state = baker_client::State::default();
         state.apply(snap);

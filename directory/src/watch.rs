@@ -206,7 +206,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn snapshot_then_events_then_pings() {
         let (r, _dir) = registry();
-        r.upsert("a", "1", spec(0), Source::Registrar);
+        r.upsert("a", "1", spec(0), Source::Registrar).unwrap();
         let mut body = open(
             &r,
             LIMITS,
@@ -218,7 +218,7 @@ mod tests {
             next_event(&mut body).await,
             WatchEvent::Snapshot { index: 1, .. }
         ));
-        r.upsert("b", "1", spec(0), Source::Registrar);
+        r.upsert("b", "1", spec(0), Source::Registrar).unwrap();
         assert!(matches!(
             next_event(&mut body).await,
             WatchEvent::Service { index: 2, .. }
@@ -241,7 +241,8 @@ mod tests {
             "slow".into(),
         );
         for i in 0..20 {
-            r.upsert("a", &i.to_string(), spec(4), Source::Registrar);
+            r.upsert("a", &i.to_string(), spec(4), Source::Registrar)
+                .unwrap();
         }
         tokio::time::timeout(Duration::from_secs(5), connection.cancelled())
             .await
