@@ -1,8 +1,9 @@
 //! The ambassador's own counters, served on a unix socket that HAProxy's admin port exposes as
 //! `/ambassador/metrics` (Prometheus text) and `/ambassador/status` (JSON).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State as AxumState;
 use axum::http::header;
@@ -32,6 +33,12 @@ pub struct Metrics {
     pub directory_reconnects: Counter,
     pub directory_connected: Gauge,
     pub servers: Family<Vec<(String, String)>, Gauge>,
+    /// 1 while a service's route falls back to all its live instances (none of the versions it
+    /// routes to has a live instance), else 0.
+    pub route_fallback: Family<Vec<(String, String)>, Gauge>,
+    /// The services in fallback at the last [`note_fallbacks`](Self::note_fallbacks), so that
+    /// only changes are logged.
+    falling_back: Mutex<BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -48,6 +55,8 @@ impl Default for Metrics {
             directory_reconnects: Counter::default(),
             directory_connected: Gauge::default(),
             servers: Family::default(),
+            route_fallback: Family::default(),
+            falling_back: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -96,11 +105,42 @@ impl Default for Metrics {
             m.directory_connected.clone(),
         );
         registry.register("servers", "Servers planned per service", m.servers.clone());
+        registry.register(
+            "route_fallback",
+            "1 while a service's route falls back to all live instances: none of its versions has one",
+            m.route_fallback.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Records which services' routes fall back (from [`plan::fallbacks`](crate::plan::fallbacks))
+    /// and logs each service entering or leaving that state, once.
+    pub fn note_fallbacks(&self, fallbacks: &BTreeMap<String, bool>) {
+        let mut falling_back = self
+            .falling_back
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (service, &on) in fallbacks {
+            self.route_fallback
+                .get_or_create(&vec![("service".to_owned(), service.clone())])
+                .set(i64::from(on));
+            if on && falling_back.insert(service.clone()) {
+                tracing::warn!(
+                    service = %service,
+                    "no live instance has a version the route sends traffic to: falling back \
+                     to all live instances by their weights until one does"
+                );
+            } else if !on && falling_back.remove(service) {
+                tracing::info!(
+                    service = %service,
+                    "no longer falling back to all live instances"
+                );
+            }
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -156,4 +196,29 @@ async fn status_page(AxumState(s): AxumState<Shared>) -> impl IntoResponse {
         "directory_connected": m.directory_connected.get() == 1,
         "backends": *s.desired.borrow(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallbacks_are_gauges_per_service() {
+        let m = Metrics::default();
+        let f = |on: bool| BTreeMap::from([("svc".to_owned(), on), ("other".to_owned(), false)]);
+        m.note_fallbacks(&f(true));
+        let text = m.encode();
+        assert!(
+            text.contains("baker_ambassador_route_fallback{service=\"svc\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("baker_ambassador_route_fallback{service=\"other\"} 0"),
+            "{text}"
+        );
+        m.note_fallbacks(&f(false));
+        assert!(m
+            .encode()
+            .contains("baker_ambassador_route_fallback{service=\"svc\"} 0"));
+    }
 }

@@ -6,10 +6,17 @@
 //! number of instances, shared among its instances by their weights; a version with no live
 //! instance gives its share to the other named versions, and versions the route does not name
 //! get weight 0 (kept as servers, so that a later route change is a weight change).
+//!
+//! A route whose versions all lack live instances would leave no server with a weight: the
+//! service then falls back to all its live instances by their own weights, as with no route
+//! ([`route_falls_back`]), until an instance of a routed version appears. [`fallbacks`] says
+//! which services are in that state, for the log and metrics.
 
 use std::collections::BTreeMap;
 
-use baker_client::model::{validate_address, validate_name, Instance, Route, State, MAX_WEIGHT};
+use baker_client::model::{
+    route_falls_back, validate_address, validate_name, Instance, Route, State, MAX_WEIGHT,
+};
 use serde::Serialize;
 
 use crate::config::ServiceRoute;
@@ -36,11 +43,7 @@ pub type Desired = BTreeMap<String, Backend>;
 pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
     let mut desired = Desired::new();
     for svc in services {
-        let instances: Vec<&Instance> = state
-            .services
-            .get(&svc.name)
-            .map(|v| v.iter().filter(|i| is_safe(i)).collect())
-            .unwrap_or_default();
+        let instances = usable(state, &svc.name);
         let weights = weights(&instances, state.routes.get(&svc.name));
         let backend = instances
             .iter()
@@ -63,6 +66,30 @@ pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
     desired
 }
 
+/// Every configured service, and whether its route falls back to all live instances because
+/// none of the versions it routes to has a live one.
+pub fn fallbacks(state: &State, services: &[ServiceRoute]) -> BTreeMap<String, bool> {
+    services
+        .iter()
+        .map(|svc| {
+            let instances = usable(state, &svc.name);
+            let falls_back = state.routes.get(&svc.name).is_some_and(|route| {
+                route_falls_back(route, instances.iter().map(|i| i.version.as_str()))
+            });
+            (svc.name.clone(), falls_back)
+        })
+        .collect()
+}
+
+/// A service's instances that are safe to plan.
+fn usable<'a>(state: &'a State, service: &str) -> Vec<&'a Instance> {
+    state
+        .services
+        .get(service)
+        .map(|v| v.iter().filter(|i| is_safe(i)).collect())
+        .unwrap_or_default()
+}
+
 /// Whether an instance's fields are safe to hand to HAProxy (the directory validates them too;
 /// the ambassador does not rely on it).
 fn is_safe(i: &Instance) -> bool {
@@ -80,8 +107,11 @@ fn is_safe(i: &Instance) -> bool {
     ok
 }
 
-/// HAProxy weights for `instances` (same order), following `route` if there is one.
+/// HAProxy weights for `instances` (same order), following `route` if there is one and it
+/// does not fall back.
 pub fn weights(instances: &[&Instance], route: Option<&Route>) -> Vec<u16> {
+    let route =
+        route.filter(|r| !route_falls_back(r, instances.iter().map(|i| i.version.as_str())));
     let Some(route) = route else {
         return instances.iter().map(|i| i.weight.min(MAX_WEIGHT)).collect();
     };
@@ -225,8 +255,54 @@ mod tests {
         let w = weights(&refs, Some(&route(&[("1", 0), ("3", 100)])));
         assert_eq!((w[0], w[2]), (0, 0));
         assert!(w[1] > 0);
-        let w = weights(&refs, Some(&route(&[("2", 100)])));
-        assert_eq!(w, vec![0, 0, 0], "no live named version: nothing routes");
+    }
+
+    #[test]
+    fn a_route_with_no_live_version_falls_back_to_every_live_instance() {
+        let v = [inst("a", "1", 100), inst("b", "2", 50), inst("c", "1", 256)];
+        let refs: Vec<_> = v.iter().collect();
+        for r in [
+            route(&[("3", 100)]),
+            route(&[("1", 0), ("2", 0), ("3", 100)]),
+        ] {
+            assert_eq!(weights(&refs, Some(&r)), vec![100, 50, 256], "{r:?}");
+        }
+        // As soon as one routed version is live, the route applies again.
+        let mut back = v.to_vec();
+        back.push(inst("d", "3", 100));
+        let refs: Vec<_> = back.iter().collect();
+        assert_eq!(
+            weights(&refs, Some(&route(&[("3", 100)]))),
+            vec![0, 0, 0, 256]
+        );
+    }
+
+    #[test]
+    fn fallbacks_name_every_configured_service() {
+        let mut state = State::default();
+        state
+            .services
+            .insert("svc".into(), vec![inst("a", "1", 100)]);
+        state
+            .services
+            .insert("ok".into(), vec![inst("b", "2", 100)]);
+        state.routes.insert("svc".into(), route(&[("3", 100)]));
+        state.routes.insert("ok".into(), route(&[("2", 100)]));
+        state.routes.insert("empty".into(), route(&[("2", 100)]));
+        let services: Vec<ServiceRoute> = ["svc", "ok", "empty", "plain"]
+            .into_iter()
+            .map(|name| ServiceRoute {
+                name: name.into(),
+                port: None,
+                mode: Mode::Http,
+            })
+            .collect();
+        let f = fallbacks(&state, &services);
+        assert_eq!(
+            f.into_iter().filter(|(_, on)| *on).collect::<Vec<_>>(),
+            [("svc".to_owned(), true)]
+        );
+        assert_eq!(plan(&state, &services)["svc"]["a"].weight, 100);
     }
 
     #[test]

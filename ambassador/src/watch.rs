@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServiceRoute;
 use crate::metrics::Metrics;
-use crate::plan::{plan, Desired};
+use crate::plan::{fallbacks, plan, Desired};
 
 /// How long a routed service's instances missing from a fresh snapshot are held once the
 /// directory is up: the longest TTL among `instances` (the service's instances the ambassador
@@ -227,6 +227,7 @@ pub async fn run(
     let publish = |tracker: &mut Tracker, snapshot: bool| {
         let view = tracker.view(Instant::now());
         let d = plan(&view, &services);
+        metrics.note_fallbacks(&fallbacks(&view, &services));
         desired.send_if_modified(|cur| {
             let changed = *cur != d;
             *cur = d;

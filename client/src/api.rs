@@ -178,7 +178,9 @@ impl DirectoryClient {
         self.send(self.request(Method::GET, "/v1/routes")).await
     }
 
-    /// Sets a service's canary split (`{"1": 90, "2": 10}`).
+    /// Sets a service's canary split (`{"1": 90, "2": 10}`). The directory refuses (409) a
+    /// route for a service that has never had a live instance: see
+    /// [`set_route_forced`](Self::set_route_forced).
     pub async fn set_route(
         &self,
         service: &str,
@@ -186,6 +188,20 @@ impl DirectoryClient {
     ) -> Result<RouteResponse, ClientError> {
         self.send_json(Method::PUT, &format!("/v1/routes/{service}"), splits)
             .await
+    }
+
+    /// Sets a service's canary split even if the service has never had a live instance.
+    pub async fn set_route_forced(
+        &self,
+        service: &str,
+        splits: &BTreeMap<String, u64>,
+    ) -> Result<RouteResponse, ClientError> {
+        self.send_json(
+            Method::PUT,
+            &format!("/v1/routes/{service}?force=true"),
+            splits,
+        )
+        .await
     }
 
     /// Clears a service's canary split.

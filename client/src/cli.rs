@@ -62,9 +62,11 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Services => services::services(ctx).await,
         Command::Instances { service } => services::instances(ctx, service.as_deref()).await,
-        Command::Route(RouteCommand::Set { service, splits }) => {
-            route::set(ctx, &service, &splits).await
-        }
+        Command::Route(RouteCommand::Set {
+            service,
+            splits,
+            force,
+        }) => route::set(ctx, &service, &splits, force).await,
         Command::Route(RouteCommand::List) => route::list(ctx).await,
         Command::Route(RouteCommand::Clear { service }) => route::clear(ctx, &service).await,
         Command::Watch { timestamps } => watch::watch(ctx, timestamps).await,

@@ -326,6 +326,27 @@ pub fn validate_route(splits: &BTreeMap<String, u64>) -> Result<Route, Vec<Valid
     }
 }
 
+/// Whether `route` is set aside for now: some instance is live (`live_versions` holds each live
+/// instance's version) but none has a version the route gives a share to.
+///
+/// The service then falls back to all its live instances, by their own weights, as if it had no
+/// route, until an instance of a routed version registers: a route never leaves a service that
+/// has live instances with no server. The directory, the ambassador and the CLI all decide it
+/// here.
+pub fn route_falls_back<'a>(
+    route: &Route,
+    live_versions: impl IntoIterator<Item = &'a str>,
+) -> bool {
+    let mut any_live = false;
+    for version in live_versions {
+        if route.get(version).is_some_and(|&pct| pct > 0) {
+            return false;
+        }
+        any_live = true;
+    }
+    any_live
+}
+
 /// Renders a possibly hostile string for an error message: escaped and cut short.
 pub fn printable(value: &str) -> String {
     let escaped: String = value.escape_debug().collect();
@@ -609,5 +630,20 @@ mod tests {
             instances: vec![],
         });
         assert!(state.services.is_empty());
+    }
+
+    #[test]
+    fn a_route_falls_back_only_when_no_routed_version_is_live() {
+        let route: Route = [("1".into(), 0), ("2".into(), 90), ("3".into(), 10)].into();
+        assert!(
+            route_falls_back(&route, ["1", "4"]),
+            "only 0 % and unnamed versions live"
+        );
+        assert!(!route_falls_back(&route, ["1", "3"]));
+        assert!(!route_falls_back(&route, ["2"]));
+        assert!(
+            !route_falls_back(&route, []),
+            "nothing live: nothing to fall back to"
+        );
     }
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::header::{
     AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE,
 };
@@ -24,6 +24,7 @@ use baker_client::model::{
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -292,17 +293,40 @@ async fn get_route(
     }
 }
 
+/// The query of `PUT /v1/routes/{service}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteQuery {
+    /// Set the route even for a service the directory has never seen an instance of.
+    #[serde(default)]
+    force: bool,
+}
+
 async fn put_route(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<RouteQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<RouteResponse>, ApiError> {
     app.authorize(&headers)?;
     let Path(service) = path?;
     check_names(&[("service", &service)])?;
+    let Query(query) = query.map_err(|r| {
+        ApiError::BadRequest(format!(
+            "bad query: {} (the only parameter is force=true|false)",
+            r.body_text()
+        ))
+    })?;
     let splits: BTreeMap<String, u64> = read_json(&headers, body).await?;
     let route = validate_route(&splits).map_err(ApiError::invalid)?;
+    if !query.force && !app.registry.knows(&service) {
+        return Err(ApiError::Conflict(format!(
+            "service {service} has never had a live instance since the directory started, so \
+             the name may be a mistake: check it, or set the route anyway with force=true \
+             (baker route set --force)"
+        )));
+    }
     match app.registry.set_route(&service, Some(route)).await {
         Ok(Some(resp)) => Ok(Json(resp)),
         Ok(None) => Err(ApiError::Internal(anyhow::anyhow!(

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub changes: Counter,
     /// Routes currently set.
     pub routes: Gauge,
+    /// Services whose route falls back to all their live instances: none of the versions it
+    /// routes to has a live instance.
+    pub routes_falling_back: Gauge,
     /// Open watch streams.
     pub watchers: Gauge,
     /// Watchers disconnected because they did not keep up.
@@ -74,6 +77,7 @@ impl Metrics {
             heartbeats: Counter::default(),
             changes: Counter::default(),
             routes: Gauge::default(),
+            routes_falling_back: Gauge::default(),
             watchers: Gauge::default(),
             watchers_dropped: Counter::default(),
             watch_events: Counter::default(),
@@ -110,6 +114,11 @@ impl Metrics {
             m.changes.clone(),
         );
         registry.register("routes", "Routes currently set", m.routes.clone());
+        registry.register(
+            "routes_falling_back",
+            "Services whose route falls back to all live instances: none of its versions has one",
+            m.routes_falling_back.clone(),
+        );
         registry.register("watchers", "Open watch streams", m.watchers.clone());
         registry.register(
             "watchers_dropped",

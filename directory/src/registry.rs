@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baker_client::model::{
-    Instance, Route, RouteResponse, RoutesResponse, ServiceResponse,
+    route_falls_back, Instance, Route, RouteResponse, RoutesResponse, ServiceResponse,
     ServicesResponse, Source, ValidSpec, WatchEvent,
 };
 use bytes::Bytes;
@@ -86,6 +86,11 @@ struct Table {
     routes: BTreeMap<String, Route>,
     /// TTL deadlines of expiring instances, earliest first.
     deadlines: BTreeSet<(Instant, String, String)>,
+    /// Services that have had a live instance since the directory started.
+    known: BTreeSet<String>,
+    /// Services whose route falls back to all their live instances, because none of the
+    /// versions it routes to has one ([`route_falls_back`]).
+    falling_back: BTreeSet<String>,
 }
 
 struct Entry {
@@ -186,6 +191,9 @@ impl Table {
             Source::Registrar => Some(now + Duration::from_millis(spec.ttl_ms)),
             Source::Docker => None,
         };
+        if !self.known.contains(service) {
+            self.known.insert(service.to_owned());
+        }
         let entries = self.services.entry(service.to_owned()).or_default();
         let outcome = match entries.get_mut(id) {
             Some(entry) => {
@@ -323,6 +331,46 @@ impl Registry {
         });
         // No receiver is fine: nobody is watching.
         let _ = self.inner.events.send(line);
+        self.follow_fallback(t, service);
+    }
+
+    /// Notes whether `service`'s route now falls back to all its live instances, logging and
+    /// counting a change. Called with the lock held, after any change to its instances or route.
+    fn follow_fallback(&self, t: &mut Table, service: &str) {
+        let instances = t.services.get(service);
+        let versions = instances
+            .into_iter()
+            .flat_map(|m| m.values().map(|e| e.instance.version.as_str()));
+        let route = t.routes.get(service);
+        let now = route.is_some_and(|r| route_falls_back(r, versions));
+        if now == t.falling_back.contains(service) {
+            return;
+        }
+        if now {
+            let live = instances.map_or(0, BTreeMap::len);
+            tracing::warn!(
+                service = %service,
+                route = %route.map(describe).unwrap_or_default(),
+                live,
+                "no live instance has a version the route sends traffic to: the service falls \
+                 back to all its live instances by their weights until one does"
+            );
+            t.falling_back.insert(service.to_owned());
+        } else {
+            tracing::info!(service = %service, "no longer falling back to all live instances");
+            t.falling_back.remove(service);
+        }
+        self.inner
+            .metrics
+            .routes_falling_back
+            .set(t.falling_back.len() as i64);
+    }
+
+    /// Whether `service` has had a live instance since the directory started, or has a route.
+    /// A route for any other service needs `force`: its name is likely a mistake.
+    pub fn knows(&self, service: &str) -> bool {
+        let t = self.lock();
+        t.known.contains(service) || t.routes.contains_key(service)
     }
 
     /// Wakes the expiry timer if `after` is earlier than `before`.
@@ -615,6 +663,7 @@ impl Registry {
             service: service.to_owned(),
             route: route.clone(),
         }));
+        self.follow_fallback(&mut t, service);
         Ok(Some(RouteResponse {
             index: t.index,
             service: service.to_owned(),

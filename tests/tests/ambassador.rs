@@ -368,6 +368,86 @@ async fn canary_split_then_even_again() {
     assert_eq!(amb.proc_info().reloads, 0);
 }
 
+/// A page's text, or an empty string when it cannot be fetched.
+async fn page(url: &str) -> String {
+    match reqwest::get(url).await {
+        Ok(resp) => resp.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_route_to_a_version_with_no_instance_falls_back_to_the_live_ones() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let dir = TestDirectory::start(&[]).await;
+    let mut gs = Vec::new();
+    for (id, v) in [("v1", "1"), ("v2", "2")] {
+        let g = Greeting::start(v, id).await;
+        register(&dir.client, "emitter", &g, id, v, TTL_MS).await;
+        gs.push(g);
+    }
+    let amb = TestAmbassador::start(&dir.url, &["emitter"], &[]).await;
+    let url = format!("{}/greeting", amb.url("emitter"));
+    eventually(Duration::from_secs(5), "two instances", || async {
+        (spread(&url, 4).await.len() == 2).then_some(())
+    })
+    .await;
+
+    // Version 3 has no instance: the route is set aside rather than answering 503.
+    dir.client
+        .set_route("emitter", &[("3".to_owned(), 100)].into())
+        .await
+        .unwrap();
+    let own = format!("http://{}/ambassador/metrics", amb.admin);
+    eventually(
+        Duration::from_secs(5),
+        "the ambassador to fall back",
+        || async {
+            page(&own)
+                .await
+                .contains("baker_ambassador_route_fallback{service=\"emitter\"} 1")
+                .then_some(())
+        },
+    )
+    .await;
+    // Every request is answered (spread panics on a failure), by both live instances.
+    let s = spread(&url, 40).await;
+    assert_eq!(s.keys().collect::<Vec<_>>(), ["v1", "v2"], "{s:?}");
+    assert!(amb
+        .proc
+        .log_text()
+        .contains("falling back to all live instances"));
+    let metrics = page(&format!("{}/metrics", dir.url)).await;
+    assert!(
+        metrics.contains("baker_directory_routes_falling_back 1"),
+        "{metrics}"
+    );
+    assert!(dir
+        .proc
+        .log_text()
+        .contains("falls back to all its live instances"));
+
+    // Once version 3 registers, the route applies: it takes all the traffic.
+    let g = Greeting::start("3", "v3").await;
+    register(&dir.client, "emitter", &g, "v3", "3", TTL_MS).await;
+    gs.push(g);
+    eventually(Duration::from_secs(5), "version 3 only", || async {
+        (spread(&url, 10).await.keys().collect::<Vec<_>>() == ["v3"]).then_some(())
+    })
+    .await;
+    assert!(page(&own)
+        .await
+        .contains("baker_ambassador_route_fallback{service=\"emitter\"} 0"));
+    let metrics = page(&format!("{}/metrics", dir.url)).await;
+    assert!(
+        metrics.contains("baker_directory_routes_falling_back 0"),
+        "{metrics}"
+    );
+    assert_eq!(amb.proc_info().reloads, 0);
+}
+
 #[tokio::test]
 async fn directory_loss_and_empty_restart_keep_live_servers() {
     if !require(Needs::Haproxy) {

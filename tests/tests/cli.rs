@@ -234,10 +234,38 @@ async fn route_set_list_clear_round_trip() {
         BTreeMap::from([("1".to_owned(), 90), ("2".to_owned(), 10)])
     );
 
-    // Commas work too, and a second service lists in name order.
-    baker(url, None, &["route", "set", "alpha", "v1=100,v2=0"])
+    // A service that never had an instance needs --force: its name may be a typo.
+    let typo = baker(url, None, &["route", "set", "alpha", "v1=100,v2=0"]).await;
+    assert_eq!(typo.code, 1, "{typo:#?}");
+    assert!(
+        typo.stderr.starts_with(
+            "error: the directory refused to set the route of alpha (409 Conflict): service \
+             alpha has never had a live instance"
+        ),
+        "{typo:#?}"
+    );
+    assert!(typo.stderr.contains("--force"), "{typo:#?}");
+    assert!(!dir
+        .client
+        .routes()
         .await
-        .ok();
+        .unwrap()
+        .routes
+        .contains_key("alpha"));
+    // Commas work too, and a second service lists in name order.
+    let forced = baker(
+        url,
+        None,
+        &["route", "set", "--force", "alpha", "v1=100,v2=0"],
+    )
+    .await
+    .ok();
+    assert!(
+        forced
+            .stderr
+            .contains("warning: alpha has no live instance: nothing serves it"),
+        "{forced:#?}"
+    );
     let list = baker(url, None, &["route", "list"]).await.ok();
     assert_eq!(
         list.stdout,
@@ -289,9 +317,13 @@ async fn route_set_list_clear_round_trip() {
 async fn bad_route_is_rejected_with_a_message_and_changes_nothing() {
     let dir = TestDirectory::start(&[]).await;
     let url = dir.url.as_str();
-    baker(url, None, &["route", "set", "emitter", "1=90", "2=10"])
-        .await
-        .ok();
+    baker(
+        url,
+        None,
+        &["route", "set", "--force", "emitter", "1=90", "2=10"],
+    )
+    .await
+    .ok();
     let before = dir.client.routes().await.unwrap();
 
     let sum = baker(url, None, &["route", "set", "emitter", "1=80", "2=10"]).await;

@@ -368,8 +368,8 @@ async fn routes_survive_kill_9_and_restart() {
     let mut dir = TestDirectory::start(&[]).await;
     let c = dir.client.clone();
     let split: BTreeMap<String, u64> = [("1".to_owned(), 90), ("2".to_owned(), 10)].into();
-    c.set_route("emitter", &split).await.unwrap();
-    c.set_route("transform", &[("3".to_owned(), 100)].into())
+    c.set_route_forced("emitter", &split).await.unwrap();
+    c.set_route_forced("transform", &[("3".to_owned(), 100)].into())
         .await
         .unwrap();
     c.clear_route("transform").await.unwrap();
@@ -400,6 +400,41 @@ async fn routes_survive_kill_9_and_restart() {
     // And across a clean restart too.
     dir.restart().await;
     assert_eq!(c.routes().await.unwrap().routes, routes);
+}
+
+#[tokio::test]
+async fn a_route_for_a_service_never_seen_needs_force() {
+    let dir = TestDirectory::start(&[]).await;
+    let url = |query: &str| format!("{}/v1/routes/emiter{query}", dir.url);
+    let body = || Some(br#"{"1":100}"#.to_vec());
+    let (status, message) = call(Method::PUT, &url(""), None, body()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{message}");
+    assert!(
+        message.starts_with("service emiter has never had a live instance")
+            && message.contains("force=true"),
+        "{message}"
+    );
+    for bad in ["?force=yes", "?forse=true"] {
+        let (status, message) = call(Method::PUT, &url(bad), None, body()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {message}");
+        assert!(message.contains("force"), "{bad}: {message}");
+    }
+    assert!(dir.client.routes().await.unwrap().routes.is_empty());
+    let (status, message) = call(Method::PUT, &url("?force=true"), None, body()).await;
+    assert_eq!(status, StatusCode::OK, "{message}");
+    // Changing a route that exists needs no force, nor does a service that had an instance,
+    // even once it has none left.
+    let (status, _) = call(Method::PUT, &url(""), None, Some(br#"{"2":100}"#.to_vec())).await;
+    assert_eq!(status, StatusCode::OK);
+    dir.client
+        .register("emitter", "a", &spec(8000, None))
+        .await
+        .unwrap();
+    dir.client.deregister("emitter", "a").await.unwrap();
+    dir.client
+        .set_route("emitter", &[("1".to_owned(), 100)].into())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

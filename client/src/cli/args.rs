@@ -131,8 +131,13 @@ pub enum RouteCommand {
     /// Split a service's traffic between versions, in percent summing to 100.
     ///
     /// `baker route set emitter 1=90 2=10` sends 90 % to version 1 and 10 % to version 2;
-    /// versions not named get nothing.
+    /// versions not named get nothing. While none of the versions given a share has a live
+    /// instance, the route is set aside and every live instance serves, as with no route.
     Set {
+        /// Set the route even if the service has never had a live instance (the directory
+        /// refuses such a route otherwise: its name is likely a mistake).
+        #[arg(long)]
+        force: bool,
         /// The service.
         #[arg(value_parser = service_name)]
         service: String,
@@ -303,7 +308,12 @@ mod tests {
     fn route_set_takes_spaces_and_commas() {
         let cli = parse(&["route", "set", "emitter", "1=80,2=10", "3=10"]).unwrap();
         match cli.command {
-            Command::Route(RouteCommand::Set { service, splits }) => {
+            Command::Route(RouteCommand::Set {
+                service,
+                splits,
+                force,
+            }) => {
+                assert!(!force);
                 assert_eq!(service, "emitter");
                 assert_eq!(
                     splits,
@@ -312,6 +322,11 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+        let cli = parse(&["route", "set", "--force", "emitter", "3=100"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Route(RouteCommand::Set { force: true, .. })
+        ));
         let err = parse(&["route", "set", "emitter"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
         let err = parse(&["route", "set", "emitter", "1:90"]).unwrap_err();

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use baker_client::api::ClientError;
-use baker_client::model::{validate_route, Route, RouteResponse};
+use baker_client::model::{route_falls_back, validate_route, Route, RouteResponse};
 use reqwest::StatusCode;
 
 use super::human::route_text;
@@ -36,29 +36,62 @@ pub fn build_route(
     }
 }
 
-pub async fn set(ctx: &Ctx, service: &str, splits: &[(String, u64)]) -> anyhow::Result<()> {
+pub async fn set(
+    ctx: &Ctx,
+    service: &str,
+    splits: &[(String, u64)],
+    force: bool,
+) -> anyhow::Result<()> {
     let route = build_route(service, splits)?;
     let client = ctx.client()?;
-    let resp = client
-        .set_route(service, &route)
-        .await
-        .map_err(|e| Failure::from_client(&client, &format!("set the route of {service}"), e))?;
+    let sent = if force {
+        client.set_route_forced(service, &route).await
+    } else {
+        client.set_route(service, &route).await
+    };
+    let resp =
+        sent.map_err(|e| Failure::from_client(&client, &format!("set the route of {service}"), e))?;
     if ctx.json() {
         ctx.print_json(&resp)?;
     } else {
         ctx.print(&set_line(&resp))?;
     }
-    // Best effort: a version with no live instance gives its share to the others, which is
-    // worth knowing right away.
+    // Best effort: what the route does with the instances live now is worth knowing at once.
     if let (Some(route), Ok(current)) = (&resp.route, client.service(service).await) {
-        for version in idle_versions(route, &current.instances) {
-            eprintln!(
-                "warning: no live instance of {service} has version {version}; its share goes \
-                 to the other versions until one registers"
-            );
+        for line in warnings(service, route, &current.instances) {
+            eprintln!("warning: {line}");
         }
     }
     Ok(())
+}
+
+/// What a route does that its numbers alone do not say, given the live instances: a version
+/// with no instance gives its share to the others; with none of its versions live, the route
+/// is set aside and every live instance serves.
+pub fn warnings(service: &str, route: &Route, instances: &[baker_client::Instance]) -> Vec<String> {
+    let idle = idle_versions(route, instances);
+    if route_falls_back(route, instances.iter().map(|i| i.version.as_str())) {
+        return vec![format!(
+            "no live instance of {service} has a version this route sends traffic to ({}); \
+             until one registers, all {} live instance(s) serve by their weights, as with no \
+             route",
+            idle.join(", "),
+            instances.len()
+        )];
+    }
+    if instances.is_empty() {
+        return vec![format!(
+            "{service} has no live instance: nothing serves it until one registers"
+        )];
+    }
+    idle.iter()
+        .map(|version| {
+            format!(
+                "no live instance of {service} has version {version}; its share goes to the \
+                 other versions of the route until one registers"
+            )
+        })
+        .collect()
 }
 
 fn set_line(resp: &RouteResponse) -> String {
@@ -156,6 +189,38 @@ mod tests {
             err.to_string()
                 .ends_with("route: percentages must sum to 100, got 90"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn warnings_say_where_traffic_goes() {
+        let inst = |id: &str, version: &str| baker_client::Instance {
+            version: version.into(),
+            ..baker_client::Instance::sample("greeting", id)
+        };
+        let live = [inst("a", "1"), inst("b", "2")];
+        let r = |pairs: &[(&str, u8)]| -> Route {
+            pairs.iter().map(|(v, p)| ((*v).to_owned(), *p)).collect()
+        };
+        assert_eq!(
+            warnings("greeting", &r(&[("3", 100)]), &live),
+            [
+                "no live instance of greeting has a version this route sends traffic to (3); \
+              until one registers, all 2 live instance(s) serve by their weights, as with no \
+              route"
+            ]
+        );
+        assert_eq!(
+            warnings("greeting", &r(&[("1", 90), ("3", 10)]), &live),
+            [
+                "no live instance of greeting has version 3; its share goes to the other versions \
+              of the route until one registers"
+            ]
+        );
+        assert!(warnings("greeting", &r(&[("1", 90), ("2", 10)]), &live).is_empty());
+        assert_eq!(
+            warnings("greeting", &r(&[("1", 100)]), &[]),
+            ["greeting has no live instance: nothing serves it until one registers"]
         );
     }
 
