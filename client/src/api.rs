@@ -26,6 +26,8 @@ const MAX_WATCH_LINE: usize = 64 * 1024 * 1024;
 pub enum ClientError {
     #[error("directory address {0:?} is not an http:// URL")]
     BadUrl(String),
+    #[error("the token {0}")]
+    BadToken(&'static str),
     #[error("cannot reach the directory at {url}")]
     Unreachable {
         url: String,
@@ -52,6 +54,18 @@ impl ClientError {
     }
 }
 
+/// Checks a bearer token: printable ASCII without spaces, what an `Authorization` header can
+/// carry. The directory, the registrar, the ambassador and the CLI all apply this rule.
+pub fn parse_token(token: &str) -> Result<String, &'static str> {
+    if token.is_empty() {
+        Err("must not be empty")
+    } else if token.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(token.to_owned())
+    } else {
+        Err("must be printable ASCII without spaces")
+    }
+}
+
 /// A client of one directory. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct DirectoryClient {
@@ -61,11 +75,16 @@ pub struct DirectoryClient {
 }
 
 impl DirectoryClient {
-    /// A client for `base` (`http://host:port`), sending `token` as a bearer token if given.
+    /// A client for `base` (`http://host:port`), sending `token` as a bearer token if given
+    /// (an empty token is none; see [`parse_token`] for what a token may hold).
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") || reqwest::Url::parse(&base).is_err() {
             return Err(ClientError::BadUrl(base));
+        }
+        let token = token.filter(|t| !t.is_empty());
+        if let Some(t) = &token {
+            parse_token(t).map_err(ClientError::BadToken)?;
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
@@ -76,11 +95,7 @@ impl DirectoryClient {
                 url: base.clone(),
                 source: e,
             })?;
-        Ok(Self {
-            base,
-            token: token.filter(|t| !t.is_empty()),
-            http,
-        })
+        Ok(Self { base, token, http })
     }
 
     /// The directory's base URL.
@@ -302,5 +317,28 @@ impl DirectoryClient {
                 }
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_must_fit_in_a_header() {
+        assert_eq!(
+            parse_token("s3cret-Token_1.~").as_deref(),
+            Ok("s3cret-Token_1.~")
+        );
+        for bad in ["", "two words", "s3\u{7}cret", "tab\t", "é", "line\n"] {
+            assert!(parse_token(bad).is_err(), "{bad:?}");
+        }
+        let url = "http://127.0.0.1:7700";
+        assert!(DirectoryClient::new(url, Some(String::new())).is_ok());
+        assert!(DirectoryClient::new(url, Some("ok".into())).is_ok());
+        assert!(matches!(
+            DirectoryClient::new(url, Some("s3\u{7}cret".into())),
+            Err(ClientError::BadToken(_))
+        ));
     }
 }

@@ -28,7 +28,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use baker_client::model::printable;
-use baker_client::DirectoryClient;
+use baker_client::{ClientError, DirectoryClient};
 use clap::Parser;
 use serde::Serialize;
 
@@ -88,12 +88,15 @@ impl Ctx {
             "" => baker_client::api::DEFAULT_DIRECTORY,
             d => d,
         };
-        DirectoryClient::new(directory, self.global.token.clone()).map_err(|_| {
-            Failure::Config(format!(
+        DirectoryClient::new(directory, self.global.token.clone()).map_err(|e| match e {
+            ClientError::BadToken(why) => Failure::Config(format!(
+                "--token / BAKER_TOKEN {why}: it is sent in an Authorization header"
+            )),
+            _ => Failure::Config(format!(
                 "--directory / BAKER_DIRECTORY must be an http:// URL such as {}, got {:?}",
                 baker_client::api::DEFAULT_DIRECTORY,
                 printable(&self.global.directory)
-            ))
+            )),
         })
     }
 

@@ -522,6 +522,24 @@ async fn unreachable_directory_is_reported_with_its_own_exit_code() {
 }
 
 #[tokio::test]
+async fn a_token_that_cannot_be_sent_is_bad_configuration() {
+    // Nothing listens there: the token is refused before any request is tried.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for args in [&["services"][..], &["route", "list"], &["watch"]] {
+        let run = baker(&url, Some("s3\u{7}cret"), args).await;
+        assert_eq!(run.code, 64, "{args:?}: {run:#?}");
+        assert_eq!(
+            run.stderr.lines().next().unwrap_or_default(),
+            "error: --token / BAKER_TOKEN must be printable ASCII without spaces: it is sent \
+             in an Authorization header",
+            "{run:#?}"
+        );
+    }
+    let flag = baker(&url, None, &["--token", "two words", "services"]).await;
+    assert_eq!(flag.code, 64, "{flag:#?}");
+}
+
+#[tokio::test]
 async fn token_is_required_for_changes_and_accepted() {
     let dir = TestDirectory::start(&[("BAKER_TOKEN", "s3cret")]).await;
     let url = dir.url.as_str();

@@ -13,7 +13,8 @@ use super::args::Global;
 pub const EXIT_FAILURE: u8 = 1;
 /// Bad usage or input; nothing was sent (clap uses the same code for its own errors).
 pub const EXIT_USAGE: u8 = 2;
-/// Bad configuration, such as a `--directory` that is not an http:// URL (`EX_USAGE`, 64).
+/// Bad configuration, such as a `--directory` that is not an http:// URL or a token with a
+/// space in it (`EX_USAGE`, 64).
 pub const EXIT_BAD_CONFIG: u8 = baker_client::config::EXIT_BAD_CONFIG as u8;
 /// The directory could not be reached (`EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: u8 = 69;
@@ -24,7 +25,7 @@ pub enum Failure {
     /// Input that cannot be sent: the message names what is wrong.
     #[error("{0}")]
     Usage(String),
-    /// A bad `--directory` or `BAKER_DIRECTORY`.
+    /// A bad `--directory` / `BAKER_DIRECTORY` or `--token` / `BAKER_TOKEN`.
     #[error("{0}")]
     Config(String),
     /// No answer from the directory.
@@ -57,6 +58,7 @@ impl Failure {
             ClientError::BadUrl(u) => Failure::Config(format!(
                 "--directory / BAKER_DIRECTORY must be an http:// URL, got {u:?}"
             )),
+            ClientError::BadToken(why) => Failure::Config(format!("--token / BAKER_TOKEN {why}")),
             ClientError::Unreachable { url, source } => Failure::Unreachable {
                 url,
                 reason: unreachable_reason(&source),

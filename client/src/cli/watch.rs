@@ -124,7 +124,7 @@ fn route_diff(service: &str, old: Option<&Route>, new: Option<&Route>) -> Option
 fn retryable(err: &ClientError) -> bool {
     match err {
         ClientError::Refused { status, .. } => status.is_server_error(),
-        ClientError::BadUrl(_) => false,
+        ClientError::BadUrl(_) | ClientError::BadToken(_) => false,
         _ => true,
     }
 }
