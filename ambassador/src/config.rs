@@ -4,9 +4,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baker_client::config::ConfigErrors;
+use baker_client::api::parse_token;
+use baker_client::config::vars::{
+    self, ENV_ADMIN, ENV_BENCH_FORCE_RELOAD, ENV_BIND, ENV_CHECKS, ENV_DIRECTORY,
+    ENV_DRAIN_TIMEOUT, ENV_GRACE, ENV_HAPROXY, ENV_HTTP_PORT, ENV_ROUTES, ENV_RUN_DIR,
+    ENV_STOP_TIMEOUT, ENV_TEMPLATE, ENV_TOKEN,
+};
+use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::validate_name;
-use serde::Deserialize;
 
 /// Default admin port: HAProxy's stats page, its Prometheus exporter and the ambassador's own
 /// metrics.
@@ -23,26 +28,6 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default cap of the grace period: the longest an instance missing from a fresh directory
 /// snapshot is kept, whatever its service's TTL.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
-
-/// The raw variables, as read from the environment (`BAKER_` prefix stripped).
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(default)]
-pub struct Env {
-    pub directory: Option<String>,
-    pub token: Option<String>,
-    pub routes: Option<String>,
-    pub http_port: Option<String>,
-    pub admin: Option<String>,
-    pub template: Option<String>,
-    pub haproxy: Option<String>,
-    pub bind: Option<String>,
-    pub run_dir: Option<String>,
-    pub checks: Option<String>,
-    pub drain_timeout: Option<String>,
-    pub stop_timeout: Option<String>,
-    pub grace: Option<String>,
-    pub bench_force_reload: Option<String>,
-}
 
 /// How HAProxy talks to one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -121,127 +106,95 @@ impl Config {
     }
 
     /// Parses and checks every variable, reporting all problems at once.
-    pub fn from_env(env: Env) -> Result<Config, ConfigErrors> {
-        let mut errs = ConfigErrors::default();
-        let directory = env
-            .directory
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .unwrap_or(baker_client::api::DEFAULT_DIRECTORY)
-            .to_owned();
-        if let Err(e) = baker_client::DirectoryClient::new(&directory, None) {
-            errs.push("BAKER_DIRECTORY", e.to_string());
-        }
-        let http_port = errs.parse("BAKER_HTTP_PORT", env.http_port.as_deref(), parse_port);
-        let services = match env.routes.as_deref().map(str::trim) {
-            None | Some("") => {
-                errs.push(
-                    "BAKER_ROUTES",
+    pub fn from_env(env: &Environment) -> Result<Config, ConfigErrors> {
+        let mut r = Reader::new(&vars::AMBASSADOR, env);
+        let directory = r
+            .parse(ENV_DIRECTORY, |v| {
+                baker_client::DirectoryClient::new(v, None).map(|_| v.to_owned())
+            })
+            .unwrap_or_else(|| baker_client::api::DEFAULT_DIRECTORY.to_owned());
+        let token = r.parse(ENV_TOKEN, parse_token);
+        let http_port = r.parse(ENV_HTTP_PORT, parse_port);
+        let services = match r.get(ENV_ROUTES) {
+            None => {
+                r.push(
+                    ENV_ROUTES,
                     "must name the services to expose, e.g. emitter=8000,transform=8001",
                 );
                 Vec::new()
             }
-            Some(v) => match parse_routes(v, http_port.is_some()) {
+            Some(v) => match parse_routes(v.trim(), http_port.is_some()) {
                 Ok(s) => s,
                 Err(problems) => {
                     for p in problems {
-                        errs.push("BAKER_ROUTES", p);
+                        r.push(ENV_ROUTES, p);
                     }
                     Vec::new()
                 }
             },
         };
-        let bind: IpAddr = errs.value(
-            "BAKER_BIND",
-            env.bind.as_deref(),
-            IpAddr::from([0, 0, 0, 0]),
-        );
-        let admin = match env.admin.as_deref().map(str::trim) {
-            None | Some("") => Some(SocketAddr::new(DEFAULT_ADMIN_IP, DEFAULT_ADMIN_PORT)),
+        let bind: IpAddr = r.value(ENV_BIND, IpAddr::from([0, 0, 0, 0]));
+        let admin = match r.get(ENV_ADMIN).map(str::trim) {
+            None => Some(SocketAddr::new(DEFAULT_ADMIN_IP, DEFAULT_ADMIN_PORT)),
             Some("off") => None,
-            Some(v) => errs.parse("BAKER_ADMIN", Some(v), parse_admin),
+            Some(_) => r.parse(ENV_ADMIN, parse_admin),
         };
-        let template = env
-            .template
-            .as_deref()
-            .filter(|s| !s.trim().is_empty())
-            .and_then(|p| match read_template(Path::new(p.trim())) {
-                Ok(t) => Some((PathBuf::from(p.trim()), t)),
-                Err(e) => {
-                    errs.push("BAKER_TEMPLATE", e);
-                    None
-                }
-            });
-        let haproxy = env
-            .haproxy
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
+        let template =
+            r.get(ENV_TEMPLATE)
+                .map(str::trim)
+                .and_then(|p| match read_template(Path::new(p)) {
+                    Ok(t) => Some((PathBuf::from(p), t)),
+                    Err(e) => {
+                        r.push(ENV_TEMPLATE, e);
+                        None
+                    }
+                });
+        let haproxy = r
+            .get(ENV_HAPROXY)
+            .map(|s| PathBuf::from(s.trim()))
             .unwrap_or_else(default_haproxy);
         if !is_executable(&haproxy) {
-            errs.push(
-                "BAKER_HAPROXY",
+            r.push(
+                ENV_HAPROXY,
                 format!(
                     "{} is not an executable file; install HAProxy 2.6 or later or name its binary",
                     haproxy.display()
                 ),
             );
         }
-        let run_dir = env
-            .run_dir
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
+        let run_dir = r
+            .get(ENV_RUN_DIR)
+            .map(|s| PathBuf::from(s.trim()))
             .unwrap_or_else(default_run_dir);
         // Unix socket paths are limited to 107 bytes; keep room for the socket names.
         if run_dir.as_os_str().len() > 80 {
-            errs.push(
-                "BAKER_RUN_DIR",
+            r.push(
+                ENV_RUN_DIR,
                 "must be a path of at most 80 bytes (it holds unix sockets)",
             );
         }
-        let checks = errs
-            .parse("BAKER_CHECKS", env.checks.as_deref(), parse_checks)
-            .unwrap_or(Checks::Off);
-        let drain_timeout = errs.duration(
-            "BAKER_DRAIN_TIMEOUT",
-            env.drain_timeout.as_deref(),
-            DEFAULT_DRAIN_TIMEOUT,
-        );
-        let stop_timeout = errs.duration(
-            "BAKER_STOP_TIMEOUT",
-            env.stop_timeout.as_deref(),
-            DEFAULT_STOP_TIMEOUT,
-        );
-        let grace = errs.duration("BAKER_GRACE", env.grace.as_deref(), DEFAULT_GRACE);
-        let force_reload = errs
-            .parse(
-                "BAKER_BENCH_FORCE_RELOAD",
-                env.bench_force_reload.as_deref(),
-                parse_bool,
-            )
-            .unwrap_or(false);
+        let checks = r.parse(ENV_CHECKS, parse_checks).unwrap_or(Checks::Off);
+        let drain_timeout = r.duration(ENV_DRAIN_TIMEOUT, DEFAULT_DRAIN_TIMEOUT);
+        let stop_timeout = r.duration(ENV_STOP_TIMEOUT, DEFAULT_STOP_TIMEOUT);
+        let grace = r.duration(ENV_GRACE, DEFAULT_GRACE);
+        let force_reload = r.parse(ENV_BENCH_FORCE_RELOAD, parse_bool).unwrap_or(false);
 
         let mut ports: Vec<(u16, String)> = services
             .iter()
             .filter_map(|s| s.port.map(|p| (p, format!("service {}", s.name))))
             .collect();
-        ports.extend(http_port.map(|p| (p, "BAKER_HTTP_PORT".to_owned())));
-        ports.extend(admin.map(|a| (a.port(), "BAKER_ADMIN".to_owned())));
+        ports.extend(http_port.map(|p| (p, ENV_HTTP_PORT.to_owned())));
+        ports.extend(admin.map(|a| (a.port(), ENV_ADMIN.to_owned())));
         ports.sort();
         for w in ports.windows(2) {
             if w[0].0 == w[1].0 {
-                errs.push(
-                    "BAKER_ROUTES",
+                r.push(
+                    ENV_ROUTES,
                     format!("port {} is used twice ({} and {})", w[0].0, w[0].1, w[1].1),
                 );
             }
         }
-        let token = env.token.filter(|t| !t.is_empty());
-        errs.finish(Config {
+        r.finish(Config {
             directory,
             token,
             services,
@@ -436,8 +389,35 @@ fn default_run_dir() -> PathBuf {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> Env {
-        baker_client::config::read_env_pairs(pairs).unwrap()
+    fn env(pairs: &[(&str, &str)]) -> Environment {
+        Environment::from_pairs(pairs)
+    }
+
+    #[test]
+    fn reads_exactly_the_listed_variables() {
+        let errs = Config::from_env(&Environment::unreadable(&vars::AMBASSADOR)).unwrap_err();
+        let mut listed: Vec<&str> = vars::AMBASSADOR.vars.iter().map(|v| v.name).collect();
+        listed.sort_unstable();
+        assert_eq!(Environment::reported(&errs), listed);
+    }
+
+    #[test]
+    fn a_bad_token_or_unknown_name_is_refused_and_a_registrar_variable_ignored() {
+        let e = Config::from_env(&env(&[
+            ("BAKER_ROUTES", "a=8000"),
+            ("BAKER_HAPROXY", "/bin/sh"),
+            ("BAKER_RUN_DIR", "/tmp/x"),
+            ("BAKER_TOKEN", "two words"),
+            ("BAKER_ROUTS", "b=8001"),
+            ("BAKER_SERVICE", "emitter"),
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            e.0.iter().map(|(v, _)| v.as_str()).collect::<Vec<_>>(),
+            ["BAKER_TOKEN", "BAKER_ROUTS"],
+            "{e}"
+        );
+        assert!(e.to_string().contains("did you mean BAKER_ROUTES?"), "{e}");
     }
 
     #[test]
@@ -456,17 +436,17 @@ mod tests {
 
     #[test]
     fn every_bad_variable_at_once() {
-        let e = Config::from_env(env(&[
-            ("ROUTES", "Emitter=8000"),
-            ("HTTP_PORT", "x"),
-            ("ADMIN", "99999"),
-            ("BIND", "nowhere"),
-            ("CHECKS", "maybe"),
-            ("DRAIN_TIMEOUT", "5"),
-            ("HAPROXY", "/nonexistent/haproxy"),
-            ("DIRECTORY", "ftp://x"),
-            ("TEMPLATE", "/nonexistent.tera"),
-            ("BENCH_FORCE_RELOAD", "perhaps"),
+        let e = Config::from_env(&env(&[
+            ("BAKER_ROUTES", "Emitter=8000"),
+            ("BAKER_HTTP_PORT", "x"),
+            ("BAKER_ADMIN", "99999"),
+            ("BAKER_BIND", "nowhere"),
+            ("BAKER_CHECKS", "maybe"),
+            ("BAKER_DRAIN_TIMEOUT", "5"),
+            ("BAKER_HAPROXY", "/nonexistent/haproxy"),
+            ("BAKER_DIRECTORY", "ftp://x"),
+            ("BAKER_TEMPLATE", "/nonexistent.tera"),
+            ("BAKER_BENCH_FORCE_RELOAD", "perhaps"),
         ]))
         .unwrap_err();
         let vars: Vec<_> = e.0.iter().map(|(v, _)| v.as_str()).collect();
@@ -488,10 +468,10 @@ mod tests {
 
     #[test]
     fn port_clash_is_reported() {
-        let e = Config::from_env(env(&[
-            ("ROUTES", "a=8000,b=8001"),
-            ("HTTP_PORT", "8001"),
-            ("HAPROXY", "/bin/sh"),
+        let e = Config::from_env(&env(&[
+            ("BAKER_ROUTES", "a=8000,b=8001"),
+            ("BAKER_HTTP_PORT", "8001"),
+            ("BAKER_HAPROXY", "/bin/sh"),
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("port 8001 is used twice"), "{e}");
@@ -499,11 +479,11 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = Config::from_env(env(&[
-            ("ROUTES", "a=8000"),
-            ("HAPROXY", "/bin/sh"),
-            ("RUN_DIR", "/tmp/x"),
-            ("CHECKS", "http:/health"),
+        let c = Config::from_env(&env(&[
+            ("BAKER_ROUTES", "a=8000"),
+            ("BAKER_HAPROXY", "/bin/sh"),
+            ("BAKER_RUN_DIR", "/tmp/x"),
+            ("BAKER_CHECKS", "http:/health"),
         ]))
         .unwrap();
         assert_eq!(c.admin, Some("127.0.0.1:8404".parse().unwrap()));
@@ -517,25 +497,28 @@ mod tests {
     fn the_admin_port_is_on_loopback_unless_an_address_is_given() {
         let admin = |pairs: &[(&str, &str)]| {
             let mut all = vec![
-                ("ROUTES", "a=8000"),
-                ("HAPROXY", "/bin/sh"),
-                ("RUN_DIR", "/tmp/x"),
+                ("BAKER_ROUTES", "a=8000"),
+                ("BAKER_HAPROXY", "/bin/sh"),
+                ("BAKER_RUN_DIR", "/tmp/x"),
             ];
             all.extend_from_slice(pairs);
-            Config::from_env(env(&all)).unwrap().admin
+            Config::from_env(&env(&all)).unwrap().admin
         };
         let lo = |port| Some(SocketAddr::from(([127, 0, 0, 1], port)));
         // Service ports on every interface do not take the admin port with them.
-        assert_eq!(admin(&[("BIND", "0.0.0.0")]), lo(8404));
-        assert_eq!(admin(&[("BIND", "0.0.0.0"), ("ADMIN", "9000")]), lo(9000));
+        assert_eq!(admin(&[("BAKER_BIND", "0.0.0.0")]), lo(8404));
         assert_eq!(
-            admin(&[("ADMIN", "0.0.0.0:9000")]),
+            admin(&[("BAKER_BIND", "0.0.0.0"), ("BAKER_ADMIN", "9000")]),
+            lo(9000)
+        );
+        assert_eq!(
+            admin(&[("BAKER_ADMIN", "0.0.0.0:9000")]),
             Some("0.0.0.0:9000".parse().unwrap())
         );
         assert_eq!(
-            admin(&[("ADMIN", "[::]:9000")]),
+            admin(&[("BAKER_ADMIN", "[::]:9000")]),
             Some("[::]:9000".parse().unwrap())
         );
-        assert_eq!(admin(&[("ADMIN", "off")]), None);
+        assert_eq!(admin(&[("BAKER_ADMIN", "off")]), None);
     }
 }

@@ -1,11 +1,12 @@
 use anyhow::Context;
-use baker_ambassador::config::{Config, Env};
-use baker_client::config::{read_env, EXIT_BAD_CONFIG};
+use baker_ambassador::config::Config;
+use baker_client::config::{handle_command_line, vars, Environment, EXIT_BAD_CONFIG};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
+    handle_command_line(&vars::AMBASSADOR, env!("CARGO_PKG_VERSION"));
     baker_client::daemon::init_tracing();
-    let config = match read_env::<Env>().and_then(Config::from_env) {
+    let config = match Config::from_env(&Environment::from_process()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");

@@ -1,57 +1,49 @@
-//! Helpers every binary uses to read its `BAKER_*` variables and report all bad ones at once.
+//! One way to read the environment, shared by every Baker daemon.
 //!
-//! Each binary reads its variables with `envy::prefixed("BAKER_")` into a struct of
-//! `Option<String>` (which cannot fail), then parses every field through a [`ConfigErrors`]
-//! collector, so a user with three typos sees three messages in one run, and exits 64.
+//! A daemon reads the process's environment once into an [`Environment`] (with
+//! `std::env::vars_os`, so no value can make it panic), then parses each of its variables through
+//! a [`Reader`]: `reader.parse(ENV_LISTEN, parse_listen)`, with the names and defaults listed in
+//! [`vars`]. The reader applies the rules every daemon shares:
+//!
+//! - a variable set to nothing (or only spaces) counts as unset, so its default applies;
+//! - a value that is not valid UTF-8 is a bad variable;
+//! - a `BAKER_*` name no Baker program reads is a bad variable, reported with the closest name
+//!   the daemon does read (`BAKER_TOKN` … did you mean `BAKER_TOKEN`?);
+//! - a `BAKER_*` name of another Baker program (a shared env file) is ignored with a warning
+//!   naming that program;
+//! - every problem is collected into one [`ConfigErrors`], reported at once, and the daemon
+//!   exits 64 ([`EXIT_BAD_CONFIG`]) before opening any socket.
+//!
+//! [`command_line`] gives every daemon the same `--help` (with its variables and their
+//! defaults), `--version`, and exit 64 for any other argument.
 
+pub mod vars;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Exit code for bad configuration (`EX_USAGE`).
+use crate::model::printable;
+use vars::Program;
+
+/// Exit code for bad configuration or arguments (`EX_USAGE`).
 pub const EXIT_BAD_CONFIG: i32 = 64;
+/// The prefix of every Baker variable.
+pub const PREFIX: &str = "BAKER_";
 
 /// Every problem found in a configuration.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<(String, String)>);
 
 impl ConfigErrors {
-    /// Records that `var` is wrong, and why.
+    /// Records that `var` is wrong, and why (once: the same problem twice is recorded once).
     pub fn push(&mut self, var: impl Into<String>, message: impl Into<String>) {
-        self.0.push((var.into(), message.into()));
-    }
-
-    /// Parses `value` of `var` with `parse`, or records the error and returns `None`.
-    pub fn parse<T, E: fmt::Display>(
-        &mut self,
-        var: &str,
-        value: Option<&str>,
-        parse: impl FnOnce(&str) -> Result<T, E>,
-    ) -> Option<T> {
-        let value = value?;
-        match parse(value.trim()) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.push(
-                    var,
-                    format!("{e} (got {:?})", crate::model::printable(value)),
-                );
-                None
-            }
+        let entry = (var.into(), message.into());
+        if !self.0.contains(&entry) {
+            self.0.push(entry);
         }
-    }
-
-    /// Parses `value` with [`FromStr`], falling back to `default` when unset or invalid.
-    pub fn value<T: FromStr>(&mut self, var: &str, value: Option<&str>, default: T) -> T
-    where
-        T::Err: fmt::Display,
-    {
-        self.parse(var, value, T::from_str).unwrap_or(default)
-    }
-
-    /// Parses a duration (`500ms`, `2s`, `1m`), falling back to `default`.
-    pub fn duration(&mut self, var: &str, value: Option<&str>, default: Duration) -> Duration {
-        self.parse(var, value, parse_duration).unwrap_or(default)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -95,41 +87,362 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Reads the process's `BAKER_*` variables into `T` (a struct of `Option<String>` fields).
-///
-/// Values that are not valid Unicode are reported by name.
-pub fn read_env<T: serde::de::DeserializeOwned>() -> Result<T, ConfigErrors> {
-    read_env_from(std::env::vars_os().filter_map(|(k, v)| {
-        let k = k.into_string().ok()?;
-        Some((k, v.into_string().unwrap_or_else(|_| "\u{fffd}".into())))
-    }))
+/// A process's environment, read once.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// The `BAKER_*` variables by name; `None` for a value that is not valid UTF-8.
+    baker: BTreeMap<String, Option<String>>,
+    /// Every other variable whose name and value are valid UTF-8 (Docker-link variables).
+    other: Vec<(String, String)>,
 }
 
-/// Like [`read_env`], from an explicit list of variables (tests use this).
-pub fn read_env_from<T: serde::de::DeserializeOwned>(
-    vars: impl IntoIterator<Item = (String, String)>,
-) -> Result<T, ConfigErrors> {
-    envy::prefixed("BAKER_").from_iter(vars).map_err(|e| {
-        let mut errs = ConfigErrors::default();
-        errs.push("BAKER_*", e.to_string());
-        errs
-    })
+impl Environment {
+    /// The environment of this process.
+    pub fn from_process() -> Self {
+        Self::from_os(std::env::vars_os())
+    }
+
+    /// The environment made of `vars`, which may hold anything an OS string can.
+    pub fn from_os(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Self {
+        let mut env = Environment::default();
+        for (name, value) in vars {
+            let lossy = name.to_string_lossy();
+            if lossy.starts_with(PREFIX) {
+                env.baker
+                    .insert(lossy.into_owned(), value.into_string().ok());
+            } else if let (Ok(name), Ok(value)) = (name.into_string(), value.into_string()) {
+                env.other.push((name, value));
+            }
+        }
+        env
+    }
+
+    /// The environment made of `pairs` of full names and values (tests use this).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        Self::from_os(
+            pairs
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        )
+    }
+
+    /// For tests: every variable of `program` set to a value that is not valid UTF-8, so that a
+    /// configuration that reads them all reports each one (and no other).
+    pub fn unreadable(program: &Program) -> Self {
+        use std::os::unix::ffi::OsStringExt;
+        Self::from_os(
+            program
+                .vars
+                .iter()
+                .map(|v| (OsString::from(v.name), OsString::from_vec(vec![0xff]))),
+        )
+    }
+
+    /// The names `errs` reports, sorted and each once, for comparison with a program's list.
+    pub fn reported(errs: &ConfigErrors) -> Vec<&str> {
+        let mut names: Vec<&str> = errs.0.iter().map(|(v, _)| v.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// The variables whose names do not start with `BAKER_` (Docker-link variables), less any
+    /// that is not valid UTF-8.
+    pub fn others(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.other.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The names of the `BAKER_*` variables.
+    pub fn baker_names(&self) -> impl Iterator<Item = &str> {
+        self.baker.keys().map(String::as_str)
+    }
 }
 
-/// Reads `T` from `(name, value)` pairs, for tests and tools: variables given without their
-/// `BAKER_` prefix (`("LISTEN", "127.0.0.1:0")` is `BAKER_LISTEN`).
-pub fn read_env_pairs<T: serde::de::DeserializeOwned>(
-    pairs: &[(&str, &str)],
-) -> Result<T, ConfigErrors> {
-    read_env_from(
-        pairs
-            .iter()
-            .map(|(k, v)| (format!("BAKER_{k}"), (*v).to_owned())),
-    )
+/// Reads one program's variables from an [`Environment`], collecting every problem.
+#[derive(Debug)]
+pub struct Reader<'e> {
+    program: &'static Program,
+    env: &'e Environment,
+    errs: ConfigErrors,
+}
+
+impl<'e> Reader<'e> {
+    pub fn new(program: &'static Program, env: &'e Environment) -> Self {
+        Reader {
+            program,
+            env,
+            errs: ConfigErrors::default(),
+        }
+    }
+
+    /// The value of `name`, as set; `None` when unset, empty or only spaces (the default then
+    /// applies), or not valid UTF-8 (recorded as a problem).
+    pub fn get(&mut self, name: &str) -> Option<&'e str> {
+        debug_assert!(
+            self.program.reads(name),
+            "{name} is not listed as a variable of {} in baker_client::config::vars",
+            self.program.name
+        );
+        match self.env.baker.get(name)? {
+            None => {
+                self.errs
+                    .push(name, "is not valid UTF-8: write the value in UTF-8 text");
+                None
+            }
+            Some(v) if v.trim().is_empty() => None,
+            Some(v) => Some(v.as_str()),
+        }
+    }
+
+    /// Whether `name` has a value (see [`Reader::get`]).
+    pub fn is_set(&mut self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Parses the value of `name` (trimmed) with `parse`; `None` when unset or bad, a bad value
+    /// being recorded with the value quoted.
+    pub fn parse<T, E: fmt::Display>(
+        &mut self,
+        name: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Option<T> {
+        let value = self.get(name)?;
+        match parse(value.trim()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errs
+                    .push(name, format!("{e} (got {:?})", printable(value)));
+                None
+            }
+        }
+    }
+
+    /// Like [`Reader::parse`], and records that `name` is required when it is unset.
+    pub fn required<T, E: fmt::Display>(
+        &mut self,
+        name: &str,
+        what: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Option<T> {
+        if !self.is_set(name) {
+            self.push(name, format!("is required: {what}"));
+            return None;
+        }
+        self.parse(name, parse)
+    }
+
+    /// Parses the value of `name` with [`FromStr`], or `default` when unset or bad.
+    pub fn value<T: FromStr>(&mut self, name: &str, default: T) -> T
+    where
+        T::Err: fmt::Display,
+    {
+        self.parse(name, T::from_str).unwrap_or(default)
+    }
+
+    /// Parses a duration (`500ms`, `2s`, `1m`), or `default` when unset or bad.
+    pub fn duration(&mut self, name: &str, default: Duration) -> Duration {
+        self.parse(name, parse_duration).unwrap_or(default)
+    }
+
+    /// Records a problem with `name` found by the caller.
+    pub fn push(&mut self, name: &str, message: impl Into<String>) {
+        self.errs.push(name, message);
+    }
+
+    /// Checks the names of the environment's `BAKER_*` variables against the program's, then
+    /// returns `value`, or every problem found. A variable of another Baker program is logged
+    /// as a warning and otherwise ignored.
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        self.into_errors().finish(value)
+    }
+
+    /// Checks the names as [`Reader::finish`] does, and returns every problem found (for a
+    /// configuration that cannot be built, whose reason is already recorded).
+    pub fn into_errors(mut self) -> ConfigErrors {
+        for stray in strays(self.program, self.env.baker_names()) {
+            match &stray {
+                Stray::Unknown { name, .. } => self.errs.push(name, stray.message()),
+                Stray::Elsewhere { name, readers, .. } => tracing::warn!(
+                    variable = %name,
+                    read_by = %readers.join(", "),
+                    "ignoring a variable of another Baker program"
+                ),
+            }
+        }
+        self.errs
+    }
+}
+
+/// A `BAKER_*` variable a program does not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stray {
+    /// No Baker program reads it: a typo, most likely.
+    Unknown {
+        name: String,
+        program: &'static str,
+        /// The program's variable closest to it, when one is close.
+        suggestion: Option<&'static str>,
+    },
+    /// Another Baker program (or tool) reads it.
+    Elsewhere {
+        name: String,
+        program: &'static str,
+        readers: Vec<&'static str>,
+    },
+}
+
+impl Stray {
+    /// The variable's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Stray::Unknown { name, .. } | Stray::Elsewhere { name, .. } => name,
+        }
+    }
+
+    /// What is wrong, after the name: "is not a variable of baker-registrar; did you mean …?".
+    pub fn message(&self) -> String {
+        match self {
+            Stray::Unknown {
+                program,
+                suggestion: Some(s),
+                ..
+            } => format!("is not a variable of {program}; did you mean {s}?"),
+            Stray::Unknown { program, .. } => {
+                format!("is not a variable of {program} (`{program} --help` lists them)")
+            }
+            Stray::Elsewhere {
+                program, readers, ..
+            } => format!(
+                "is a variable of {}, not of {program}: ignored",
+                readers.join(" and ")
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Stray {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.name(), self.message())
+    }
+}
+
+/// The `BAKER_*` names in `names` that `program` does not read, and what they are.
+pub fn strays<'a>(
+    program: &'static Program,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<Stray> {
+    names
+        .into_iter()
+        .filter(|name| !program.reads(name))
+        .map(|name| {
+            let readers = vars::readers_of(name, program);
+            if readers.is_empty() {
+                Stray::Unknown {
+                    name: name.to_owned(),
+                    program: program.name,
+                    suggestion: closest(name, program),
+                }
+            } else {
+                Stray::Elsewhere {
+                    name: name.to_owned(),
+                    program: program.name,
+                    readers,
+                }
+            }
+        })
+        .collect()
+}
+
+/// The variable of `program` closest to `name` by edit distance (a transposition counting as
+/// one edit), if it is within a third of the name's length.
+fn closest(name: &str, program: &Program) -> Option<&'static str> {
+    let bare = name.strip_prefix(PREFIX).unwrap_or(name);
+    program
+        .vars
+        .iter()
+        .map(|v| {
+            let known = v.name.strip_prefix(PREFIX).unwrap_or(v.name);
+            (strsim::damerau_levenshtein(bare, known), v.name)
+        })
+        .filter(|(d, _)| *d <= (bare.chars().count() / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+/// What a daemon's command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invocation {
+    /// No arguments: run.
+    Run,
+    /// `--help` or `--version`: print this on stdout and exit 0.
+    Print(String),
+    /// Anything else: print this on stderr and exit 64.
+    Refuse(String),
+}
+
+/// Reads a daemon's arguments: it takes none but `--help` and `--version`, its settings being
+/// variables.
+pub fn command_line(
+    program: &'static Program,
+    version: &'static str,
+    args: impl IntoIterator<Item = OsString>,
+) -> Invocation {
+    let command = clap::Command::new(program.name)
+        .version(version)
+        .about(program.about)
+        .after_help(variables_help(program))
+        .disable_help_subcommand(true);
+    match command.try_get_matches_from(args) {
+        Ok(_) => Invocation::Run,
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                Invocation::Print(e.to_string())
+            }
+            _ => Invocation::Refuse(e.to_string()),
+        },
+    }
+}
+
+/// Applies [`command_line`] to this process's arguments: returns to run, or exits.
+pub fn handle_command_line(program: &'static Program, version: &'static str) {
+    match command_line(program, version, std::env::args_os()) {
+        Invocation::Run => {}
+        Invocation::Print(text) => {
+            print!("{text}");
+            std::process::exit(0);
+        }
+        Invocation::Refuse(text) => {
+            eprint!("{text}");
+            std::process::exit(EXIT_BAD_CONFIG);
+        }
+    }
+}
+
+/// The variables section of `--help`: every variable with its default, and the rules.
+pub fn variables_help(program: &Program) -> String {
+    let width = program.vars.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    let mut out = String::from("Variables (an empty value counts as unset):\n");
+    for v in program.vars {
+        let default = match v.default {
+            "required" => "[required]".to_owned(),
+            d => format!("[default: {d}]"),
+        };
+        out.push_str(&format!("  {:width$}  {} {default}\n", v.name, v.help));
+    }
+    out.push_str(&format!(
+        "\nA BAKER_* variable that no Baker program reads is an error (a typo, named with the\n\
+         closest variable); one that another Baker program reads is ignored with a warning.\n\
+         Every bad variable is reported at once, and {} exits 64.",
+        program.name
+    ));
+    out
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::ffi::OsStringExt;
+
+    use super::vars::*;
     use super::*;
 
     #[test]
@@ -145,16 +458,148 @@ mod tests {
 
     #[test]
     fn collects_every_error() {
-        let mut errs = ConfigErrors::default();
-        let a: u32 = errs.value("BAKER_A", Some("x"), 1);
-        let d = errs.duration("BAKER_D", Some("2"), Duration::from_secs(1));
-        let ok: u32 = errs.value("BAKER_OK", None, 7);
+        let env = Environment::from_pairs(&[
+            ("BAKER_MAX_CONNECTIONS", "x"),
+            ("BAKER_REQUEST_TIMEOUT", "2"),
+        ]);
+        let mut r = Reader::new(&DIRECTORY, &env);
+        let a: u32 = r.value(ENV_MAX_CONNECTIONS, 1);
+        let d = r.duration(ENV_REQUEST_TIMEOUT, Duration::from_secs(1));
+        let ok: u32 = r.value(ENV_LISTEN, 7);
         assert_eq!((a, d, ok), (1, Duration::from_secs(1), 7));
+        let errs = r.finish(()).unwrap_err();
         assert_eq!(errs.0.len(), 2);
         let text = errs.to_string();
         assert!(
-            text.contains("BAKER_A") && text.contains("BAKER_D"),
+            text.contains("BAKER_MAX_CONNECTIONS: invalid digit found in string (got \"x\")")
+                && text.contains("BAKER_REQUEST_TIMEOUT: must be a duration"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_empty_value_is_unset() {
+        let env = Environment::from_pairs(&[("BAKER_LISTEN", ""), ("BAKER_DATA", "  ")]);
+        let mut r = Reader::new(&DIRECTORY, &env);
+        assert_eq!(r.get(ENV_LISTEN), None);
+        assert!(!r.is_set(ENV_DATA));
+        assert_eq!(r.value(ENV_MAX_CONNECTIONS, 3u32), 3);
+        assert!(r.finish(()).is_ok());
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_a_bad_variable() {
+        let env = Environment::from_os([
+            (
+                OsString::from("BAKER_TOKEN"),
+                OsString::from_vec(b"s3\xffcret".to_vec()),
+            ),
+            (
+                OsString::from("APP_PORT_80_TCP"),
+                OsString::from_vec(b"\xfe".to_vec()),
+            ),
+            (OsString::from("HOME"), OsString::from("/root")),
+        ]);
+        assert_eq!(env.others().collect::<Vec<_>>(), [("HOME", "/root")]);
+        let mut r = Reader::new(&DIRECTORY, &env);
+        assert_eq!(r.get(ENV_TOKEN), None);
+        assert_eq!(r.get(ENV_TOKEN), None);
+        let errs = r.finish(()).unwrap_err();
+        assert_eq!(
+            errs.0,
+            [(
+                "BAKER_TOKEN".to_owned(),
+                "is not valid UTF-8: write the value in UTF-8 text".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn an_unknown_name_is_an_error_with_the_closest_name() {
+        let env = Environment::from_pairs(&[
+            ("BAKER_VERISON", "2"),
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_ZZZ", "1"),
+        ]);
+        let errs = Reader::new(&REGISTRAR, &env).finish(()).unwrap_err();
+        assert_eq!(
+            errs.to_string(),
+            "invalid configuration (2 problems):\n  \
+             BAKER_VERISON: is not a variable of baker-registrar; did you mean BAKER_VERSION?\n  \
+             BAKER_ZZZ: is not a variable of baker-registrar (`baker-registrar --help` lists them)"
+        );
+        let typo = |name: &str, program: &'static Program| match &strays(program, [name])[..] {
+            [Stray::Unknown { suggestion, .. }] => *suggestion,
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(typo("BAKER_TOKN", &DIRECTORY), Some("BAKER_TOKEN"));
+        assert_eq!(typo("BAKER_DIRECTROY", &REGISTRAR), Some("BAKER_DIRECTORY"));
+        assert_eq!(typo("BAKER_ROUTE", &AMBASSADOR), Some("BAKER_ROUTES"));
+        assert_eq!(typo("BAKER_LISTNE", &GREETING), Some("BAKER_LISTEN"));
+        assert_eq!(typo("BAKER_COUNTS", &GREETING_CLIENT), Some("BAKER_COUNT"));
+        assert_eq!(typo("BAKER_SOMETHING_ELSE", &DIRECTORY), None);
+    }
+
+    #[test]
+    fn a_name_of_another_program_is_a_warning_naming_it() {
+        let env = Environment::from_pairs(&[
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_TOKEN", "t"),
+            ("BAKER_TEST_LOG", "debug"),
+            ("BAKER_ROUTES", "a=1"),
+        ]);
+        let found = strays(&GREETING, env.baker_names());
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "BAKER_ROUTES is a variable of baker-ambassador, not of baker-greeting: ignored",
+                "BAKER_SERVICE is a variable of baker-registrar, not of baker-greeting: ignored",
+                "BAKER_TEST_LOG is a variable of the tests, not of baker-greeting: ignored",
+                "BAKER_TOKEN is a variable of baker-directory and baker-registrar and \
+                 baker-ambassador and baker, not of baker-greeting: ignored",
+            ]
+        );
+        assert!(Reader::new(&GREETING, &env).finish(()).is_ok());
+    }
+
+    #[test]
+    fn every_program_lists_each_variable_once() {
+        for p in PROGRAMS {
+            let mut names: Vec<_> = p.vars.iter().map(|v| v.name).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), p.vars.len(), "{}", p.name);
+            assert!(names.iter().all(|n| n.starts_with(PREFIX)), "{}", p.name);
+        }
+    }
+
+    #[test]
+    fn command_line_takes_only_help_and_version() {
+        let run = |args: &[&str]| {
+            command_line(
+                &DIRECTORY,
+                "1.2.3",
+                std::iter::once("baker-directory")
+                    .chain(args.iter().copied())
+                    .map(OsString::from),
+            )
+        };
+        assert_eq!(run(&[]), Invocation::Run);
+        assert_eq!(
+            run(&["--version"]),
+            Invocation::Print("baker-directory 1.2.3\n".into())
+        );
+        let Invocation::Print(help) = run(&["--help"]) else {
+            panic!("--help")
+        };
+        assert!(help.contains("BAKER_LISTEN"), "{help}");
+        assert!(help.contains("[default: 0.0.0.0:7700]"), "{help}");
+        for args in [&["baker", "services"][..], &["--listen", "x"], &["-x"]] {
+            assert!(
+                matches!(run(args), Invocation::Refuse(_)),
+                "{args:?} accepted"
+            );
+        }
     }
 }

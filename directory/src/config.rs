@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use baker_client::config::ConfigErrors;
-use serde::Deserialize;
+use baker_client::api::parse_token;
+use baker_client::config::vars::{
+    self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_LISTEN, ENV_MAX_CONNECTIONS,
+    ENV_REQUEST_TIMEOUT, ENV_TOKEN,
+};
+use baker_client::config::{ConfigErrors, Environment, Reader};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7700";
@@ -17,19 +21,6 @@ pub const DEFAULT_DATA: &str = "./data";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default time a non-watch request may take, body included.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The variables as the environment gives them; every field is parsed by [`Config::from_env`].
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(default)]
-pub struct Env {
-    pub listen: Option<String>,
-    pub token: Option<String>,
-    pub data: Option<String>,
-    pub docker: Option<String>,
-    pub docker_network: Option<String>,
-    pub max_connections: Option<String>,
-    pub request_timeout: Option<String>,
-}
 
 /// Whether the directory discovers labelled containers from the Docker engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,45 +106,23 @@ impl Default for Config {
 
 impl Config {
     /// Parses every variable, reporting all bad ones at once.
-    pub fn from_env(env: &Env) -> Result<Config, ConfigErrors> {
-        let mut errs = ConfigErrors::default();
+    pub fn from_env(env: &Environment) -> Result<Config, ConfigErrors> {
+        let mut r = Reader::new(&vars::DIRECTORY, env);
         let defaults = Config::default();
-        let listen = errs.parse("BAKER_LISTEN", env.listen.as_deref(), |s| {
+        let listen = r.parse(ENV_LISTEN, |s| {
             s.parse::<SocketAddr>()
                 .map_err(|_| "must be an address such as 0.0.0.0:7700 or [::]:7700")
         });
-        let token = errs
-            .parse("BAKER_TOKEN", env.token.as_deref(), parse_token)
-            .flatten();
-        let data = errs.parse("BAKER_DATA", env.data.as_deref(), |s| {
-            if s.is_empty() {
-                Err("must name a directory")
-            } else {
-                Ok(PathBuf::from(s))
-            }
+        let token = r.parse(ENV_TOKEN, parse_token);
+        let data = r.parse(ENV_DATA, |s| Ok::<_, String>(PathBuf::from(s)));
+        let docker = r.value(ENV_DOCKER, DockerMode::Auto);
+        let docker_network = r.parse(ENV_DOCKER_NETWORK, parse_network);
+        let max_connections = r.parse(ENV_MAX_CONNECTIONS, |s| match s.parse::<usize>() {
+            Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+            _ => Err("must be a number between 1 and 1000000"),
         });
-        let docker = errs.value("BAKER_DOCKER", env.docker.as_deref(), DockerMode::Auto);
-        let docker_network = errs
-            .parse(
-                "BAKER_DOCKER_NETWORK",
-                env.docker_network.as_deref(),
-                parse_network,
-            )
-            .flatten();
-        let max_connections = errs.parse(
-            "BAKER_MAX_CONNECTIONS",
-            env.max_connections.as_deref(),
-            |s| match s.parse::<usize>() {
-                Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
-                _ => Err("must be a number between 1 and 1000000"),
-            },
-        );
-        let request_timeout = errs.duration(
-            "BAKER_REQUEST_TIMEOUT",
-            env.request_timeout.as_deref(),
-            defaults.request_timeout,
-        );
-        errs.finish(Config {
+        let request_timeout = r.duration(ENV_REQUEST_TIMEOUT, defaults.request_timeout);
+        r.finish(Config {
             listen: listen.unwrap_or(defaults.listen),
             token,
             data: data.unwrap_or(defaults.data),
@@ -166,28 +135,14 @@ impl Config {
     }
 }
 
-/// A token must be something a client can put in an `Authorization` header; empty means none.
-fn parse_token(s: &str) -> Result<Option<String>, &'static str> {
-    if s.is_empty() {
-        return Ok(None);
-    }
-    if !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("must be printable ASCII without spaces");
-    }
-    Ok(Some(s.to_owned()))
-}
-
-/// Docker network names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`; empty means none.
-fn parse_network(s: &str) -> Result<Option<String>, &'static str> {
-    if s.is_empty() {
-        return Ok(None);
-    }
+/// Docker network names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn parse_network(s: &str) -> Result<String, &'static str> {
     let ok = s.len() <= 255
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if ok {
-        Ok(Some(s.to_owned()))
+        Ok(s.to_owned())
     } else {
         Err("must be a Docker network name (letters, digits, '_', '.', '-')")
     }
@@ -197,8 +152,8 @@ fn parse_network(s: &str) -> Result<Option<String>, &'static str> {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> Env {
-        baker_client::config::read_env_pairs(pairs).expect("reading variables")
+    fn env(pairs: &[(&str, &str)]) -> Environment {
+        Environment::from_pairs(pairs)
     }
 
     #[test]
@@ -214,13 +169,13 @@ mod tests {
     #[test]
     fn parses_every_variable() {
         let c = Config::from_env(&env(&[
-            ("LISTEN", "127.0.0.1:0"),
-            ("TOKEN", "s3cret"),
-            ("DATA", "/tmp/x"),
-            ("DOCKER", "OFF"),
-            ("DOCKER_NETWORK", "baker_net"),
-            ("MAX_CONNECTIONS", "10"),
-            ("REQUEST_TIMEOUT", "2s"),
+            ("BAKER_LISTEN", "127.0.0.1:0"),
+            ("BAKER_TOKEN", "s3cret"),
+            ("BAKER_DATA", "/tmp/x"),
+            ("BAKER_DOCKER", "OFF"),
+            ("BAKER_DOCKER_NETWORK", "baker_net"),
+            ("BAKER_MAX_CONNECTIONS", "10"),
+            ("BAKER_REQUEST_TIMEOUT", "2s"),
         ]))
         .unwrap();
         assert_eq!(c.listen.port(), 0);
@@ -230,20 +185,31 @@ mod tests {
         assert_eq!(c.docker_network.as_deref(), Some("baker_net"));
         assert_eq!(c.max_connections, 10);
         assert_eq!(c.request_timeout, Duration::from_secs(2));
-        let empty = Config::from_env(&env(&[("TOKEN", "")])).unwrap();
-        assert_eq!(empty.token, None);
+        let empty = Config::from_env(&env(&[("BAKER_TOKEN", ""), ("BAKER_DATA", " ")])).unwrap();
+        assert_eq!(
+            (empty.token, empty.data),
+            (None, PathBuf::from(DEFAULT_DATA))
+        );
+    }
+
+    #[test]
+    fn reads_exactly_the_listed_variables() {
+        let errs = Config::from_env(&Environment::unreadable(&vars::DIRECTORY)).unwrap_err();
+        let mut listed: Vec<&str> = vars::DIRECTORY.vars.iter().map(|v| v.name).collect();
+        listed.sort_unstable();
+        assert_eq!(Environment::reported(&errs), listed);
     }
 
     #[test]
     fn reports_every_bad_variable() {
         let errs = Config::from_env(&env(&[
-            ("LISTEN", "nowhere"),
-            ("TOKEN", "two words"),
-            ("DATA", ""),
-            ("DOCKER", "maybe"),
-            ("DOCKER_NETWORK", "bad/net"),
-            ("MAX_CONNECTIONS", "0"),
-            ("REQUEST_TIMEOUT", "10"),
+            ("BAKER_LISTEN", "nowhere"),
+            ("BAKER_TOKEN", "two words"),
+            ("BAKER_DOCKER", "maybe"),
+            ("BAKER_DOCKER_NETWORK", "bad/net"),
+            ("BAKER_MAX_CONNECTIONS", "0"),
+            ("BAKER_REQUEST_TIMEOUT", "10"),
+            ("BAKER_TOKN", "s3cret"),
         ]))
         .unwrap_err();
         let vars: Vec<_> = errs.0.iter().map(|(v, _)| v.as_str()).collect();
@@ -252,12 +218,16 @@ mod tests {
             [
                 "BAKER_LISTEN",
                 "BAKER_TOKEN",
-                "BAKER_DATA",
                 "BAKER_DOCKER",
                 "BAKER_DOCKER_NETWORK",
                 "BAKER_MAX_CONNECTIONS",
-                "BAKER_REQUEST_TIMEOUT"
+                "BAKER_REQUEST_TIMEOUT",
+                "BAKER_TOKN",
             ]
+        );
+        assert_eq!(
+            errs.0.last().unwrap().1,
+            "is not a variable of baker-directory; did you mean BAKER_TOKEN?"
         );
     }
 }

@@ -2,13 +2,17 @@
 
 use std::time::Duration;
 
-use baker_client::api::DEFAULT_DIRECTORY;
-use baker_client::config::ConfigErrors;
+use baker_client::api::{parse_token, DEFAULT_DIRECTORY};
+use baker_client::config::vars::{
+    self, ENV_ADVERTISE, ENV_CHECK, ENV_CHECK_BODY, ENV_CHECK_CODES, ENV_DIRECTORY, ENV_FALL,
+    ENV_ID, ENV_INTERVAL, ENV_RISE, ENV_SERVICE, ENV_TAGS, ENV_TARGET, ENV_TIMEOUT, ENV_TOKEN,
+    ENV_VERSION, ENV_WEIGHT,
+};
+use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::{
     printable, validate_name, validate_weight, DEFAULT_VERSION, DEFAULT_WEIGHT, MAX_NAME_LEN,
 };
 use baker_client::DirectoryClient;
-use serde::Deserialize;
 
 use crate::probe::{parse_codes, Check, CheckKind};
 use crate::target::{pick_link, Advertise, Scheme, Target};
@@ -23,28 +27,6 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 pub const MAX_THRESHOLD: u32 = 100;
 pub const MAX_TAGS: usize = 32;
-
-/// The variables as read from the environment, unparsed (`BAKER_CHECK_CODES` is `check_codes`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct Env {
-    pub directory: Option<String>,
-    pub token: Option<String>,
-    pub service: Option<String>,
-    pub id: Option<String>,
-    pub target: Option<String>,
-    pub advertise: Option<String>,
-    pub check: Option<String>,
-    pub check_codes: Option<String>,
-    pub check_body: Option<String>,
-    pub timeout: Option<String>,
-    pub interval: Option<String>,
-    pub rise: Option<String>,
-    pub fall: Option<String>,
-    pub version: Option<String>,
-    pub weight: Option<String>,
-    pub tags: Option<String>,
-}
 
 /// The registrar's parsed configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,77 +58,67 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses `env`, reporting every bad variable at once. `vars` is the whole environment
-    /// (for Docker-link variables); `hostname` makes the default id.
-    pub fn from_env<I, K, V>(env: &Env, vars: I, hostname: &str) -> Result<Config, ConfigErrors>
-    where
-        I: IntoIterator<Item = (K, V)>,
-        K: AsRef<str>,
-        V: AsRef<str>,
-    {
-        let mut errs = ConfigErrors::default();
+    /// Parses `env`, reporting every bad variable at once: its `BAKER_*` variables, and its
+    /// Docker-link variables when `BAKER_TARGET` is unset. `hostname` makes the default id.
+    pub fn from_env(env: &Environment, hostname: &str) -> Result<Config, ConfigErrors> {
+        let mut r = Reader::new(&vars::REGISTRAR, env);
 
-        let directory = errs
-            .parse("BAKER_DIRECTORY", opt(&env.directory), |v| {
+        let directory = r
+            .parse(ENV_DIRECTORY, |v| {
                 DirectoryClient::new(v, None)
                     .map(|c| c.base().to_owned())
                     .map_err(|_| "must be the directory's URL, such as http://directory:7700")
             })
             .unwrap_or_else(|| DEFAULT_DIRECTORY.to_owned());
-        let token = opt(&env.token).map(str::to_owned);
+        let token = r.parse(ENV_TOKEN, parse_token);
 
-        let service = match opt(&env.service) {
-            None => {
-                errs.push(
-                    "BAKER_SERVICE",
-                    "is required: the name to register the app under, such as emitter",
-                );
-                String::new()
-            }
-            Some(v) => errs
-                .parse("BAKER_SERVICE", Some(v), |v| {
+        let service = r
+            .required(
+                ENV_SERVICE,
+                "the name to register the app under, such as emitter",
+                |v| {
                     validate_name("service", v)
                         .map(|()| v.to_owned())
                         .map_err(|e| e.message)
-                })
-                .unwrap_or_default(),
-        };
+                },
+            )
+            .unwrap_or_default();
 
-        let (target, target_from) = match opt(&env.target) {
-            Some(v) => (
-                errs.parse("BAKER_TARGET", Some(v), str::parse::<Target>),
-                "BAKER_TARGET".to_owned(),
-            ),
-            None => {
-                let (dir_host, dir_port) = host_port_of(&directory);
-                match pick_link(vars, &dir_host, dir_port) {
-                    Some((link, n)) => {
-                        let mut from = format!(
-                            "link variable {}_PORT_{}_TCP",
-                            link.alias, link.exposed_port
-                        );
-                        if n > 1 {
-                            from.push_str(&format!(
-                                " (first of {n} links; set BAKER_TARGET to choose)"
-                            ));
-                        }
-                        (Some(Target::from_link(&link)), from)
+        let target_set = r.is_set(ENV_TARGET);
+        let (target, target_from) = if target_set {
+            (
+                r.parse(ENV_TARGET, str::parse::<Target>),
+                ENV_TARGET.to_owned(),
+            )
+        } else {
+            let (dir_host, dir_port) = host_port_of(&directory);
+            match pick_link(env.others(), &dir_host, dir_port) {
+                Some((link, n)) => {
+                    let mut from = format!(
+                        "link variable {}_PORT_{}_TCP",
+                        link.alias, link.exposed_port
+                    );
+                    if n > 1 {
+                        from.push_str(&format!(
+                            " (first of {n} links; set BAKER_TARGET to choose)"
+                        ));
                     }
-                    None => {
-                        errs.push(
-                            "BAKER_TARGET",
-                            "is not set and no Docker link variable (such as \
-                             APP_PORT_8080_TCP=tcp://172.17.0.5:8080) names the app: set \
-                             BAKER_TARGET=http://host:port or run with --link <app>:app",
-                        );
-                        (None, String::new())
-                    }
+                    (Some(Target::from_link(&link)), from)
+                }
+                None => {
+                    r.push(
+                        ENV_TARGET,
+                        "is not set and no Docker link variable (such as \
+                         APP_PORT_8080_TCP=tcp://172.17.0.5:8080) names the app: set \
+                         BAKER_TARGET=http://host:port or run with --link <app>:app",
+                    );
+                    (None, String::new())
                 }
             }
         };
 
-        let advertise = match (&target, opt(&env.advertise)) {
-            (_, Some(v)) => errs.parse("BAKER_ADVERTISE", Some(v), |v| {
+        let advertise = if r.is_set(ENV_ADVERTISE) {
+            r.parse(ENV_ADVERTISE, |v| {
                 Advertise::parse(v, target.as_ref().map_or(0, |t| t.port)).and_then(|a| {
                     if a.port == 0 {
                         Err("needs a port (host:port) when the target is unknown".into())
@@ -154,22 +126,23 @@ impl Config {
                         Ok(a)
                     }
                 })
-            }),
-            (Some(t), None) => Some(Advertise::from_target(t)),
-            (None, None) => None,
+            })
+        } else {
+            target.as_ref().map(Advertise::from_target)
         };
 
         // A tcp:// target given explicitly says the app does not speak HTTP; a link variable
         // is always tcp:// and says nothing, so the HTTP default holds there.
-        let default_kind = match (&target, env.target.is_some()) {
+        let default_kind = match (&target, target_set) {
             (Some(t), true) if t.scheme == Scheme::Tcp => CheckKind::Tcp,
             _ => CheckKind::Http("/health".into()),
         };
-        let kind = errs
-            .parse("BAKER_CHECK", opt(&env.check), str::parse::<CheckKind>)
+        let kind = r
+            .parse(ENV_CHECK, str::parse::<CheckKind>)
             .unwrap_or(default_kind);
-        let codes = errs.parse("BAKER_CHECK_CODES", opt(&env.check_codes), parse_codes);
-        let body = env.check_body.clone().filter(|b| !b.is_empty());
+        let codes_set = r.is_set(ENV_CHECK_CODES);
+        let codes = r.parse(ENV_CHECK_CODES, parse_codes);
+        let body = r.get(ENV_CHECK_BODY).map(str::to_owned);
         let check = match kind {
             CheckKind::Http(path) => Check::Http {
                 path,
@@ -178,20 +151,20 @@ impl Config {
             },
             CheckKind::Tcp => {
                 for (var, set) in [
-                    ("BAKER_CHECK_CODES", env.check_codes.is_some()),
-                    ("BAKER_CHECK_BODY", body.is_some()),
+                    (ENV_CHECK_CODES, codes_set),
+                    (ENV_CHECK_BODY, body.is_some()),
                 ] {
                     if set {
-                        errs.push(var, "applies only to http checks, and BAKER_CHECK is tcp");
+                        r.push(var, "applies only to http checks, and BAKER_CHECK is tcp");
                     }
                 }
                 Check::Tcp
             }
         };
 
-        let timeout = errs.duration("BAKER_TIMEOUT", opt(&env.timeout), DEFAULT_TIMEOUT);
-        let interval = errs
-            .parse("BAKER_INTERVAL", opt(&env.interval), |v| {
+        let timeout = r.duration(ENV_TIMEOUT, DEFAULT_TIMEOUT);
+        let interval = r
+            .parse(ENV_INTERVAL, |v| {
                 let d = baker_client::config::parse_duration(v)?;
                 if (MIN_INTERVAL..=MAX_INTERVAL).contains(&d) {
                     Ok(d)
@@ -206,45 +179,39 @@ impl Config {
             Ok(n) if (1..=MAX_THRESHOLD).contains(&n) => Ok(n),
             _ => Err(format!("must be a whole number from 1 to {MAX_THRESHOLD}")),
         };
-        let rise = errs
-            .parse("BAKER_RISE", opt(&env.rise), threshold)
-            .unwrap_or(DEFAULT_RISE);
-        let fall = errs
-            .parse("BAKER_FALL", opt(&env.fall), threshold)
-            .unwrap_or(DEFAULT_FALL);
+        let rise = r.parse(ENV_RISE, threshold).unwrap_or(DEFAULT_RISE);
+        let fall = r.parse(ENV_FALL, threshold).unwrap_or(DEFAULT_FALL);
 
-        let version = errs
-            .parse("BAKER_VERSION", opt(&env.version), |v| {
+        let version = r
+            .parse(ENV_VERSION, |v| {
                 validate_name("version", v)
                     .map(|()| v.to_owned())
                     .map_err(|e| e.message)
             })
             .unwrap_or_else(|| DEFAULT_VERSION.to_owned());
-        let weight = errs
-            .parse("BAKER_WEIGHT", opt(&env.weight), |v| {
+        let weight = r
+            .parse(ENV_WEIGHT, |v| {
                 v.parse::<u64>()
                     .ok()
                     .and_then(|w| validate_weight("weight", w).ok())
                     .ok_or("must be a whole number from 1 to 256")
             })
             .unwrap_or(DEFAULT_WEIGHT);
-        let tags = errs
-            .parse("BAKER_TAGS", env.tags.as_deref(), parse_tags)
-            .unwrap_or_default();
+        let tags = r.parse(ENV_TAGS, parse_tags).unwrap_or_default();
 
-        let id = match opt(&env.id) {
-            Some(v) => errs
-                .parse("BAKER_ID", Some(v), |v| {
-                    validate_name("id", v)
-                        .map(|()| v.to_owned())
-                        .map_err(|e| e.message)
-                })
-                .unwrap_or_default(),
-            None => default_id(hostname, advertise.as_ref().map_or(0, |a| a.port)),
+        let id = if r.is_set(ENV_ID) {
+            r.parse(ENV_ID, |v| {
+                validate_name("id", v)
+                    .map(|()| v.to_owned())
+                    .map_err(|e| e.message)
+            })
+            .unwrap_or_default()
+        } else {
+            default_id(hostname, advertise.as_ref().map_or(0, |a| a.port))
         };
 
         match (target, advertise) {
-            (Some(target), Some(advertise)) => errs.finish(Config {
+            (Some(target), Some(advertise)) => r.finish(Config {
                 directory,
                 token,
                 service,
@@ -261,7 +228,8 @@ impl Config {
                 weight,
                 tags,
             }),
-            _ => Err(errs),
+            // The reason there is no target or address to advertise is recorded already.
+            _ => Err(r.into_errors()),
         }
     }
 
@@ -269,11 +237,6 @@ impl Config {
     pub fn ttl(&self) -> Duration {
         self.interval * 3
     }
-}
-
-/// A variable's value, with set-but-empty taken as unset.
-fn opt(v: &Option<String>) -> Option<&str> {
-    v.as_deref().filter(|s| !s.trim().is_empty())
 }
 
 /// `BAKER_TAGS`: a comma-separated list of names.
@@ -358,17 +321,54 @@ pub fn hostname() -> String {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> Env {
-        baker_client::config::read_env_pairs(pairs).unwrap()
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        Config::from_env(&Environment::from_pairs(pairs), "web-01")
     }
 
-    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
-        Config::from_env(&env(pairs), pairs.iter().copied(), "web-01")
+    #[test]
+    fn reads_exactly_the_listed_variables() {
+        let errs = Config::from_env(&Environment::unreadable(&vars::REGISTRAR), "h").unwrap_err();
+        let mut listed: Vec<&str> = vars::REGISTRAR.vars.iter().map(|v| v.name).collect();
+        listed.sort_unstable();
+        assert_eq!(Environment::reported(&errs), listed);
+    }
+
+    #[test]
+    fn a_misspelt_variable_is_reported_with_the_right_name() {
+        let errs = parse(&[
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_TARGET", "http://10.0.0.5:8080"),
+            ("BAKER_VERISON", "2"),
+            ("BAKER_ROUTES", "emitter=8000"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            errs.to_string(),
+            "invalid configuration (1 problem):\n  BAKER_VERISON: is not a variable of \
+             baker-registrar; did you mean BAKER_VERSION?"
+        );
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_sent_is_refused() {
+        let errs = parse(&[
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_TARGET", "http://10.0.0.5:8080"),
+            ("BAKER_TOKEN", "s3\u{7}cret"),
+        ])
+        .unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].0, "BAKER_TOKEN");
+        assert!(errs.0[0].1.contains("printable ASCII"), "{errs}");
     }
 
     #[test]
     fn defaults_need_only_service_and_target() {
-        let c = parse(&[("SERVICE", "emitter"), ("TARGET", "http://10.0.0.5:8080")]).unwrap();
+        let c = parse(&[
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_TARGET", "http://10.0.0.5:8080"),
+        ])
+        .unwrap();
         assert_eq!(c.directory, "http://127.0.0.1:7700");
         assert_eq!(c.id, "web-01-8080");
         assert_eq!(c.advertise.authority(), "10.0.0.5:8080");
@@ -392,22 +392,22 @@ mod tests {
     #[test]
     fn every_setting() {
         let c = parse(&[
-            ("DIRECTORY", "http://directory:7700/"),
-            ("TOKEN", "s3cret"),
-            ("SERVICE", "emitter"),
-            ("ID", "vm101"),
-            ("TARGET", "http://app:8080"),
-            ("ADVERTISE", "192.168.0.10:18080"),
-            ("CHECK", "http:/ready"),
-            ("CHECK_CODES", "200,204"),
-            ("CHECK_BODY", "\"ok\""),
-            ("TIMEOUT", "300ms"),
-            ("INTERVAL", "500ms"),
-            ("RISE", "3"),
-            ("FALL", "1"),
-            ("VERSION", "2"),
-            ("WEIGHT", "50"),
-            ("TAGS", "canary, eu-west"),
+            ("BAKER_DIRECTORY", "http://directory:7700/"),
+            ("BAKER_TOKEN", "s3cret"),
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_ID", "vm101"),
+            ("BAKER_TARGET", "http://app:8080"),
+            ("BAKER_ADVERTISE", "192.168.0.10:18080"),
+            ("BAKER_CHECK", "http:/ready"),
+            ("BAKER_CHECK_CODES", "200,204"),
+            ("BAKER_CHECK_BODY", "\"ok\""),
+            ("BAKER_TIMEOUT", "300ms"),
+            ("BAKER_INTERVAL", "500ms"),
+            ("BAKER_RISE", "3"),
+            ("BAKER_FALL", "1"),
+            ("BAKER_VERSION", "2"),
+            ("BAKER_WEIGHT", "50"),
+            ("BAKER_TAGS", "canary, eu-west"),
         ])
         .unwrap();
         assert_eq!(c.directory, "http://directory:7700");
@@ -437,12 +437,16 @@ mod tests {
 
     #[test]
     fn a_tcp_target_defaults_to_a_tcp_check() {
-        let c = parse(&[("SERVICE", "db"), ("TARGET", "tcp://10.0.0.7:5432")]).unwrap();
+        let c = parse(&[
+            ("BAKER_SERVICE", "db"),
+            ("BAKER_TARGET", "tcp://10.0.0.7:5432"),
+        ])
+        .unwrap();
         assert_eq!(c.check, Check::Tcp);
         let c = parse(&[
-            ("SERVICE", "db"),
-            ("TARGET", "tcp://10.0.0.7:5432"),
-            ("CHECK", "http:/health"),
+            ("BAKER_SERVICE", "db"),
+            ("BAKER_TARGET", "tcp://10.0.0.7:5432"),
+            ("BAKER_CHECK", "http:/health"),
         ])
         .unwrap();
         assert!(matches!(c.check, Check::Http { .. }));
@@ -451,8 +455,8 @@ mod tests {
     #[test]
     fn target_from_link_variables() {
         let c = parse(&[
-            ("SERVICE", "emitter"),
-            ("DIRECTORY", "http://directory:7700"),
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_DIRECTORY", "http://directory:7700"),
             ("DIRECTORY_PORT_7700_TCP", "tcp://172.17.0.2:7700"),
             ("APP_PORT_8080_TCP", "tcp://172.17.0.5:8080"),
             ("APP_PORT_8080_TCP_ADDR", "172.17.0.5"),
@@ -470,8 +474,8 @@ mod tests {
 
         // BAKER_TARGET wins over links.
         let c = parse(&[
-            ("SERVICE", "emitter"),
-            ("TARGET", "http://127.0.0.1:9000"),
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_TARGET", "http://127.0.0.1:9000"),
             ("APP_PORT_8080_TCP", "tcp://172.17.0.5:8080"),
         ])
         .unwrap();
@@ -489,20 +493,20 @@ mod tests {
     #[test]
     fn every_bad_variable_is_reported_at_once() {
         let errs = parse(&[
-            ("DIRECTORY", "directory:7700"),
-            ("SERVICE", "Emitter"),
-            ("ID", "vm 101"),
-            ("TARGET", "http://app"),
-            ("ADVERTISE", "a;b:1"),
-            ("CHECK", "health"),
-            ("CHECK_CODES", "2xx"),
-            ("TIMEOUT", "1"),
-            ("INTERVAL", "10ms"),
-            ("RISE", "0"),
-            ("FALL", "many"),
-            ("VERSION", "V2"),
-            ("WEIGHT", "300"),
-            ("TAGS", "ok,Not Ok"),
+            ("BAKER_DIRECTORY", "directory:7700"),
+            ("BAKER_SERVICE", "Emitter"),
+            ("BAKER_ID", "vm 101"),
+            ("BAKER_TARGET", "http://app"),
+            ("BAKER_ADVERTISE", "a;b:1"),
+            ("BAKER_CHECK", "health"),
+            ("BAKER_CHECK_CODES", "2xx"),
+            ("BAKER_TIMEOUT", "1"),
+            ("BAKER_INTERVAL", "10ms"),
+            ("BAKER_RISE", "0"),
+            ("BAKER_FALL", "many"),
+            ("BAKER_VERSION", "V2"),
+            ("BAKER_WEIGHT", "300"),
+            ("BAKER_TAGS", "ok,Not Ok"),
         ])
         .unwrap_err();
         let vars: Vec<_> = errs.0.iter().map(|(v, _)| v.as_str()).collect();
@@ -530,10 +534,10 @@ mod tests {
     #[test]
     fn codes_and_body_need_an_http_check() {
         let errs = parse(&[
-            ("SERVICE", "db"),
-            ("TARGET", "tcp://10.0.0.7:5432"),
-            ("CHECK_CODES", "200"),
-            ("CHECK_BODY", "ok"),
+            ("BAKER_SERVICE", "db"),
+            ("BAKER_TARGET", "tcp://10.0.0.7:5432"),
+            ("BAKER_CHECK_CODES", "200"),
+            ("BAKER_CHECK_BODY", "ok"),
         ])
         .unwrap_err();
         let vars: Vec<_> = errs.0.iter().map(|(v, _)| v.as_str()).collect();

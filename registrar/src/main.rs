@@ -1,12 +1,12 @@
 use anyhow::Context;
-use baker_client::config::{read_env, EXIT_BAD_CONFIG};
-use baker_registrar::config::{hostname, Config, Env};
+use baker_client::config::{handle_command_line, vars, Environment, EXIT_BAD_CONFIG};
+use baker_registrar::config::{hostname, Config};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
+    handle_command_line(&vars::REGISTRAR, env!("CARGO_PKG_VERSION"));
     baker_client::daemon::init_tracing();
-    let config =
-        read_env::<Env>().and_then(|env| Config::from_env(&env, std::env::vars(), &hostname()));
+    let config = Config::from_env(&Environment::from_process(), &hostname());
     let config = match config {
         Ok(c) => c,
         Err(e) => {

@@ -9,21 +9,13 @@
 use baker_client::errors::chain;
 use std::time::Duration;
 
-use baker_client::config::ConfigErrors;
+use baker_client::config::vars::{
+    self, ENV_COUNT, ENV_INTERVAL, ENV_LINK, ENV_LINK_PORT, ENV_PATH,
+};
+use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::links::{self, Link};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
-
-/// The variables as read from the environment (all optional).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RawConfig {
-    pub link: Option<String>,
-    pub link_port: Option<String>,
-    pub path: Option<String>,
-    pub interval: Option<String>,
-    pub count: Option<String>,
-}
 
 /// What the client does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,35 +34,34 @@ pub struct Config {
 
 impl Config {
     /// Parses every variable, reporting all bad ones at once.
-    pub fn parse(raw: &RawConfig) -> Result<Config, ConfigErrors> {
-        let mut errs = ConfigErrors::default();
-        let link = raw.link.clone().unwrap_or_else(|| "greeting".into());
-        if links::render(&link, "localhost", 1, "tcp").is_err() {
-            errs.push(
-                "BAKER_LINK",
-                format!("must be a link alias (letters, digits, '-', '_'), got {link:?}"),
-            );
-        }
-        let link_port = errs.parse("BAKER_LINK_PORT", raw.link_port.as_deref(), |s| {
+    pub fn from_env(env: &Environment) -> Result<Config, ConfigErrors> {
+        let mut r = Reader::new(&vars::GREETING_CLIENT, env);
+        let link = r
+            .parse(ENV_LINK, |v| {
+                match links::render(v, "localhost", 1, "tcp") {
+                    Ok(_) => Ok(v.to_owned()),
+                    Err(_) => Err("must be a link alias (letters, digits, '-', '_')"),
+                }
+            })
+            .unwrap_or_else(|| "greeting".into());
+        let link_port = r.parse(ENV_LINK_PORT, |s| {
             s.parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or("must be a port between 1 and 65535")
         });
-        let path = raw.path.clone().unwrap_or_else(|| "/greeting".into());
-        if !path.starts_with('/') || path.contains(char::is_whitespace) {
-            errs.push(
-                "BAKER_PATH",
-                "must start with '/' and contain no whitespace",
-            );
-        }
-        let interval = errs.duration(
-            "BAKER_INTERVAL",
-            raw.interval.as_deref(),
-            Duration::from_secs(1),
-        );
-        let count = errs.value("BAKER_COUNT", raw.count.as_deref(), 0u64);
-        errs.finish(Config {
+        let path = r
+            .parse(ENV_PATH, |v| {
+                if v.starts_with('/') && !v.contains(char::is_whitespace) {
+                    Ok(v.to_owned())
+                } else {
+                    Err("must start with '/' and contain no whitespace")
+                }
+            })
+            .unwrap_or_else(|| "/greeting".into());
+        let interval = r.duration(ENV_INTERVAL, Duration::from_secs(1));
+        let count = r.value(ENV_COUNT, 0u64);
+        r.finish(Config {
             link,
             link_port: link_port.unwrap_or(8000),
             path,
@@ -186,23 +177,35 @@ async fn call(http: &reqwest::Client, url: &str) -> Result<Greeting, String> {
 mod tests {
     use super::*;
 
-    fn raw(pairs: &[(&str, &str)]) -> RawConfig {
-        baker_client::config::read_env_pairs(pairs).unwrap()
+    fn env(pairs: &[(&str, &str)]) -> Environment {
+        Environment::from_pairs(pairs)
+    }
+
+    #[test]
+    fn reads_exactly_the_listed_variables() {
+        let errs = Config::from_env(&Environment::unreadable(&vars::GREETING_CLIENT)).unwrap_err();
+        let mut listed: Vec<&str> = vars::GREETING_CLIENT.vars.iter().map(|v| v.name).collect();
+        listed.sort_unstable();
+        assert_eq!(Environment::reported(&errs), listed);
     }
 
     #[test]
     fn defaults_and_errors() {
-        let c = Config::parse(&raw(&[])).unwrap();
+        let c = Config::from_env(&env(&[])).unwrap();
         assert_eq!(c.variable(), "GREETING_PORT_8000_TCP");
         assert_eq!((c.path.as_str(), c.count), ("/greeting", 0));
-        let c = Config::parse(&raw(&[("LINK", "my-svc"), ("LINK_PORT", "9000")])).unwrap();
+        let c = Config::from_env(&env(&[
+            ("BAKER_LINK", "my-svc"),
+            ("BAKER_LINK_PORT", "9000"),
+        ]))
+        .unwrap();
         assert_eq!(c.variable(), "MY_SVC_PORT_9000_TCP");
-        let errs = Config::parse(&raw(&[
-            ("LINK", "bad alias"),
-            ("LINK_PORT", "0"),
-            ("PATH", "greeting"),
-            ("INTERVAL", "1"),
-            ("COUNT", "x"),
+        let errs = Config::from_env(&env(&[
+            ("BAKER_LINK", "bad alias"),
+            ("BAKER_LINK_PORT", "0"),
+            ("BAKER_PATH", "greeting"),
+            ("BAKER_INTERVAL", "1"),
+            ("BAKER_COUNT", "x"),
         ]))
         .unwrap_err();
         assert_eq!(errs.0.len(), 5, "{errs}");
@@ -210,7 +213,7 @@ mod tests {
 
     #[test]
     fn finds_the_link_or_says_how() {
-        let c = Config::parse(&raw(&[])).unwrap();
+        let c = Config::from_env(&env(&[])).unwrap();
         let vars = [("GREETING_PORT_8000_TCP", "tcp://ambassador:8000")];
         assert_eq!(find_link(&c, vars).unwrap().authority(), "ambassador:8000");
         let err = find_link(&c, [("OTHER_PORT_1_TCP", "tcp://x:1")]).unwrap_err();

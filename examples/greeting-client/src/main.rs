@@ -1,37 +1,32 @@
 use anyhow::Context;
-use baker_client::config::{read_env, EXIT_BAD_CONFIG};
-use baker_greeting_client::{find_link, run, Config, RawConfig};
+use baker_client::config::{handle_command_line, vars, Environment, EXIT_BAD_CONFIG};
+use baker_greeting_client::{find_link, run, Config};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(
-            std::env::var_os("NO_COLOR").is_none()
-                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let config = read_env::<RawConfig>().and_then(|raw| Config::parse(&raw));
-    let config = match config {
+fn main() -> anyhow::Result<()> {
+    handle_command_line(&vars::GREETING_CLIENT, env!("CARGO_PKG_VERSION"));
+    baker_client::daemon::init_tracing();
+    let env = Environment::from_process();
+    let config = match Config::from_env(&env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("baker-greeting-client: {e}");
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
-    let link = match find_link(&config, std::env::vars()) {
+    let link = match find_link(&config, env.others()) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("baker-greeting-client: {e}");
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
+    call(config, link)
+}
+
+#[tokio::main]
+async fn call(config: Config, link: baker_client::links::Link) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

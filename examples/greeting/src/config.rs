@@ -2,21 +2,12 @@
 
 use std::net::SocketAddr;
 
-use baker_client::config::ConfigErrors;
+use baker_client::config::vars::{self, ENV_INSTANCE, ENV_LISTEN, ENV_VERSION};
+use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::validate_name;
-use serde::Deserialize;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
-
-/// The variables as read from the environment, unparsed.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct Env {
-    pub listen: Option<String>,
-    pub version: Option<String>,
-    pub instance: Option<String>,
-}
 
 /// The greeting's parsed configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,27 +22,27 @@ pub struct Config {
 
 impl Config {
     /// Parses every variable, reporting all bad ones at once. `hostname` is the default instance.
-    pub fn from_env(env: &Env, hostname: &str) -> Result<Config, ConfigErrors> {
-        let mut errs = ConfigErrors::default();
-        let listen = errs
-            .parse("BAKER_LISTEN", env.listen.as_deref(), |v| {
+    pub fn from_env(env: &Environment, hostname: &str) -> Result<Config, ConfigErrors> {
+        let mut r = Reader::new(&vars::GREETING, env);
+        let listen = r
+            .parse(ENV_LISTEN, |v| {
                 v.parse::<SocketAddr>()
                     .map_err(|_| "must be an address such as 0.0.0.0:8080 or [::]:8080")
             })
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
-        let version = errs
-            .parse("BAKER_VERSION", env.version.as_deref(), |v| {
+        let version = r
+            .parse(ENV_VERSION, |v| {
                 validate_name("version", v)
                     .map(|()| v.to_owned())
                     .map_err(|e| e.message)
             })
             .unwrap_or_else(|| "1".to_owned());
-        let instance = errs
-            .parse("BAKER_INSTANCE", env.instance.as_deref(), |v| {
+        let instance = r
+            .parse(ENV_INSTANCE, |v| {
                 validate_instance(v).map(|()| v.to_owned())
             })
             .unwrap_or_else(|| hostname.to_owned());
-        errs.finish(Config {
+        r.finish(Config {
             listen,
             version,
             instance,
@@ -61,9 +52,7 @@ impl Config {
 
 /// An instance name is free text for humans, but short and printable.
 fn validate_instance(v: &str) -> Result<(), &'static str> {
-    if v.is_empty() {
-        Err("must not be empty")
-    } else if v.chars().count() > 253 {
+    if v.chars().count() > 253 {
         Err("must be at most 253 characters")
     } else if v.chars().any(char::is_control) {
         Err("must not contain control characters")
@@ -87,19 +76,21 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = Config::from_env(&Env::default(), "box").unwrap();
+        let c = Config::from_env(&Environment::default(), "box").unwrap();
         assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.version, "1");
         assert_eq!(c.instance, "box");
+        let empty = Environment::from_pairs(&[("BAKER_VERSION", ""), ("BAKER_INSTANCE", " ")]);
+        assert_eq!(Config::from_env(&empty, "box").unwrap(), c);
     }
 
     #[test]
     fn explicit_values() {
-        let env = Env {
-            listen: Some("127.0.0.1:0".into()),
-            version: Some("2".into()),
-            instance: Some("greeting-a".into()),
-        };
+        let env = Environment::from_pairs(&[
+            ("BAKER_LISTEN", "127.0.0.1:0"),
+            ("BAKER_VERSION", "2"),
+            ("BAKER_INSTANCE", "greeting-a"),
+        ]);
         let c = Config::from_env(&env, "box").unwrap();
         assert_eq!(c.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(
@@ -110,13 +101,30 @@ mod tests {
 
     #[test]
     fn every_bad_variable_is_reported() {
-        let env = Env {
-            listen: Some("localhost".into()),
-            version: Some("V2!".into()),
-            instance: Some("a\nb".into()),
-        };
+        let env = Environment::from_pairs(&[
+            ("BAKER_LISTEN", "localhost"),
+            ("BAKER_VERSION", "V2!"),
+            ("BAKER_INSTANCE", "a\nb"),
+            ("BAKER_VERSOIN", "2"),
+        ]);
         let errs = Config::from_env(&env, "box").unwrap_err();
         let vars: Vec<_> = errs.0.iter().map(|(v, _)| v.as_str()).collect();
-        assert_eq!(vars, ["BAKER_LISTEN", "BAKER_VERSION", "BAKER_INSTANCE"]);
+        assert_eq!(
+            vars,
+            [
+                "BAKER_LISTEN",
+                "BAKER_VERSION",
+                "BAKER_INSTANCE",
+                "BAKER_VERSOIN"
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_exactly_the_listed_variables() {
+        let errs = Config::from_env(&Environment::unreadable(&vars::GREETING), "h").unwrap_err();
+        let mut listed: Vec<&str> = vars::GREETING.vars.iter().map(|v| v.name).collect();
+        listed.sort_unstable();
+        assert_eq!(Environment::reported(&errs), listed);
     }
 }

@@ -1,11 +1,12 @@
 use anyhow::Context;
-use baker_client::config::{read_env, EXIT_BAD_CONFIG};
-use baker_greeting::config::{hostname, Config, Env};
+use baker_client::config::{handle_command_line, vars, Environment, EXIT_BAD_CONFIG};
+use baker_greeting::config::{hostname, Config};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
+    handle_command_line(&vars::GREETING, env!("CARGO_PKG_VERSION"));
     baker_client::daemon::init_tracing();
-    let config = match read_env::<Env>().and_then(|env| Config::from_env(&env, &hostname())) {
+    let config = match Config::from_env(&Environment::from_process(), &hostname()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("baker-greeting: {e}");
