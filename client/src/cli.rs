@@ -27,6 +27,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use baker_client::config::vars;
+use baker_client::config::{strays, Environment, Reader, Stray};
 use baker_client::model::printable;
 use baker_client::{ClientError, DirectoryClient};
 use clap::Parser;
@@ -37,6 +39,10 @@ pub use failure::Failure;
 
 /// Parses the command line, runs the command, and reports a failure on stderr.
 pub fn main() -> ExitCode {
+    if let Err(failure) = check_environment(&Environment::from_process()) {
+        eprintln!("error: {failure}");
+        return ExitCode::from(failure.exit_code());
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -54,6 +60,33 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(&ctx, cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => failure::report(&err, &ctx.global),
+    }
+}
+
+/// What clap cannot say about the `BAKER_*` variables: a value that is not UTF-8 is bad
+/// configuration (clap would call it a bad argument), and a name no Baker program reads is
+/// likely a typo, told as a warning with the closest name (the shell's environment is shared
+/// with other programs, so it does not stop the command).
+fn check_environment(env: &Environment) -> Result<(), Failure> {
+    let mut reader = Reader::new(&vars::CLI, env);
+    for var in vars::CLI.vars {
+        reader.get(var.name);
+    }
+    for stray in strays(&vars::CLI, env.baker_names()) {
+        if let Stray::Unknown { .. } = stray {
+            eprintln!("warning: {stray}");
+        }
+    }
+    let unreadable: Vec<String> = reader
+        .value_errors()
+        .0
+        .into_iter()
+        .map(|(var, message)| format!("{var} {message}"))
+        .collect();
+    if unreadable.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Config(unreadable.join("; ")))
     }
 }
 

@@ -256,6 +256,12 @@ impl<'e> Reader<'e> {
         self.into_errors().finish(value)
     }
 
+    /// The problems with the values read so far, without checking the names (for a program
+    /// whose environment is not only Baker's, such as the CLI in a shell).
+    pub fn value_errors(self) -> ConfigErrors {
+        self.errs
+    }
+
     /// Checks the names as [`Reader::finish`] does, and returns every problem found (for a
     /// configuration that cannot be built, whose reason is already recorded).
     pub fn into_errors(mut self) -> ConfigErrors {

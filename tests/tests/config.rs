@@ -235,3 +235,34 @@ async fn a_token_that_cannot_be_sent_is_refused_at_start() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_cli_refuses_a_value_that_is_not_utf8_and_warns_of_a_misspelt_name() {
+    let r = run(
+        "baker",
+        &["services"],
+        &[("BAKER_TOKEN", b"s3\xffcret")],
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(r.code, Some(64), "{r:#?}");
+    assert_eq!(
+        r.stderr, "error: BAKER_TOKEN is not valid UTF-8: write the value in UTF-8 text\n",
+        "{r:#?}"
+    );
+
+    // A shell's environment is not only Baker's: a misspelt name is a warning, not a failure.
+    let r = run(
+        "baker",
+        &["links", "a=b:1"],
+        &[("BAKER_TOKN", b"s3cret")],
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(r.code, Some(0), "{r:#?}");
+    assert_eq!(
+        r.stderr, "warning: BAKER_TOKN is not a variable of baker; did you mean BAKER_TOKEN?\n",
+        "{r:#?}"
+    );
+    assert!(r.stdout.starts_with("A_PORT=tcp://b:1\n"), "{r:#?}");
+}
