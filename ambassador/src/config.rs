@@ -394,6 +394,24 @@ mod tests {
     }
 
     #[test]
+    fn help_shows_the_defaults_in_use() {
+        let shown = |name| vars::AMBASSADOR.default_of(name).map(str::to_owned);
+        let d = |d: Duration| Some(format!("{}s", d.as_secs()));
+        assert_eq!(
+            shown(ENV_DIRECTORY).as_deref(),
+            Some(baker_client::api::DEFAULT_DIRECTORY)
+        );
+        assert_eq!(
+            shown(ENV_ADMIN),
+            Some(SocketAddr::new(DEFAULT_ADMIN_IP, DEFAULT_ADMIN_PORT).to_string())
+        );
+        assert_eq!(shown(ENV_RUN_DIR).as_deref(), Some(DEFAULT_RUN_DIR));
+        assert_eq!(shown(ENV_DRAIN_TIMEOUT), d(DEFAULT_DRAIN_TIMEOUT));
+        assert_eq!(shown(ENV_STOP_TIMEOUT), d(DEFAULT_STOP_TIMEOUT));
+        assert_eq!(shown(ENV_GRACE), d(DEFAULT_GRACE));
+    }
+
+    #[test]
     fn reads_exactly_the_listed_variables() {
         let errs = Config::from_env(&Environment::unreadable(&vars::AMBASSADOR)).unwrap_err();
         let mut listed: Vec<&str> = vars::AMBASSADOR.vars.iter().map(|v| v.name).collect();

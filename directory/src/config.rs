@@ -193,6 +193,20 @@ mod tests {
     }
 
     #[test]
+    fn help_shows_the_defaults_in_use() {
+        let shown = |name| vars::DIRECTORY.default_of(name).map(str::to_owned);
+        let d = |d: Duration| Some(format!("{}s", d.as_secs()));
+        assert_eq!(shown(ENV_LISTEN), Some(DEFAULT_LISTEN.to_owned()));
+        assert_eq!(shown(ENV_DATA), Some(DEFAULT_DATA.to_owned()));
+        assert_eq!(shown(ENV_DOCKER), Some(DockerMode::default().to_string()));
+        assert_eq!(
+            shown(ENV_MAX_CONNECTIONS),
+            Some(DEFAULT_MAX_CONNECTIONS.to_string())
+        );
+        assert_eq!(shown(ENV_REQUEST_TIMEOUT), d(DEFAULT_REQUEST_TIMEOUT));
+    }
+
+    #[test]
     fn reads_exactly_the_listed_variables() {
         let errs = Config::from_env(&Environment::unreadable(&vars::DIRECTORY)).unwrap_err();
         let mut listed: Vec<&str> = vars::DIRECTORY.vars.iter().map(|v| v.name).collect();

@@ -326,6 +326,19 @@ mod tests {
     }
 
     #[test]
+    fn help_shows_the_defaults_in_use() {
+        let shown = |name| vars::REGISTRAR.default_of(name).map(str::to_owned);
+        let d = |d: Duration| Some(format!("{}s", d.as_secs()));
+        assert_eq!(shown(ENV_DIRECTORY), Some(DEFAULT_DIRECTORY.to_owned()));
+        assert_eq!(shown(ENV_TIMEOUT), d(DEFAULT_TIMEOUT));
+        assert_eq!(shown(ENV_INTERVAL), d(DEFAULT_INTERVAL));
+        assert_eq!(shown(ENV_RISE), Some(DEFAULT_RISE.to_string()));
+        assert_eq!(shown(ENV_FALL), Some(DEFAULT_FALL.to_string()));
+        assert_eq!(shown(ENV_VERSION), Some(DEFAULT_VERSION.to_string()));
+        assert_eq!(shown(ENV_WEIGHT), Some(DEFAULT_WEIGHT.to_string()));
+    }
+
+    #[test]
     fn reads_exactly_the_listed_variables() {
         let errs = Config::from_env(&Environment::unreadable(&vars::REGISTRAR), "h").unwrap_err();
         let mut listed: Vec<&str> = vars::REGISTRAR.vars.iter().map(|v| v.name).collect();

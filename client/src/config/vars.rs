@@ -31,6 +31,12 @@ impl Program {
     pub fn reads(&self, name: &str) -> bool {
         self.vars.iter().any(|v| v.name == name)
     }
+
+    /// The default `--help` shows for `name` (each program's tests compare it with the
+    /// `DEFAULT_*` constant its configuration uses).
+    pub fn default_of(&self, name: &str) -> Option<&'static str> {
+        self.vars.iter().find(|v| v.name == name).map(|v| v.default)
+    }
 }
 
 pub const ENV_ADMIN: &str = "BAKER_ADMIN";
@@ -188,8 +194,8 @@ pub const AMBASSADOR: Program = Program {
         ),
         var(
             ENV_ADMIN,
-            "8404",
-            "stats, metrics and status port, ip:port, or off",
+            "127.0.0.1:8404",
+            "stats, metrics and status: a port (on loopback), ip:port, or off",
         ),
         var(ENV_BIND, "0.0.0.0", "address the service ports bind"),
         var(
@@ -224,8 +230,8 @@ pub const AMBASSADOR: Program = Program {
         ),
         var(
             ENV_GRACE,
-            "longest TTL seen",
-            "how long instances missing from a fresh snapshot stay",
+            "30s",
+            "longest instances missing from a fresh snapshot are kept",
         ),
         var(
             ENV_BENCH_FORCE_RELOAD,

@@ -121,6 +121,11 @@ mod tests {
     }
 
     #[test]
+    fn help_shows_the_defaults_in_use() {
+        assert_eq!(vars::GREETING.default_of(ENV_LISTEN), Some(DEFAULT_LISTEN));
+    }
+
+    #[test]
     fn reads_exactly_the_listed_variables() {
         let errs = Config::from_env(&Environment::unreadable(&vars::GREETING), "h").unwrap_err();
         let mut listed: Vec<&str> = vars::GREETING.vars.iter().map(|v| v.name).collect();
