@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
-use baker_client::model::Source;
-use baker_client::DirectoryClient;
+use baker_client::model::{InstanceSpec, Source};
+use baker_client::{ClientError, DirectoryClient};
 use baker_tests::directory::TestDirectory;
-use baker_tests::docker::{engine_major, require_images, unique, Container, Network};
+use baker_tests::docker::{docker_ok, engine_major, require_images, unique, Container, Network};
 use baker_tests::{bin, eventually};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -114,6 +114,97 @@ async fn labelled_container_is_registered_without_registrar_and_leaves_on_stop()
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn containers_named_alike_get_their_own_ids_and_the_api_cannot_take_one_over() {
+    if !require_images() {
+        return;
+    }
+    let net = Network::create("ids");
+    let mut dir =
+        TestDirectory::start(&[("BAKER_DOCKER", "on"), ("BAKER_DOCKER_NETWORK", &net.name)]).await;
+    let service = unique("svc");
+    let labels = |network: &str, name: &str| {
+        docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            network,
+            "--label",
+            &format!("baker.service={service}"),
+            "--label",
+            "baker.port=8080",
+            "--health-interval",
+            "300ms",
+            "baker/greeting",
+        ]);
+        Container {
+            name: name.to_owned(),
+        }
+    };
+    // Names Docker tells apart and lower-casing would not.
+    let base = unique("ids");
+    let upper = labels(&net.name, &format!("{base}-Web"));
+    let lower = labels(&net.name, &format!("{base}-web"));
+    let ids = eventually(WAIT, "both containers in the directory", || async {
+        let ids = instance_ids(&dir.client, &service).await;
+        (ids.len() == 2).then_some(ids)
+    })
+    .await;
+    let upper_id = ids
+        .iter()
+        .find(|id| **id != lower.name)
+        .expect("the other id")
+        .clone();
+    assert!(ids.contains(&lower.name), "{ids:?}");
+    assert!(
+        upper_id.starts_with(&format!("{}-", lower.name))
+            && upper_id.len() == lower.name.len() + 13,
+        "{upper_id}"
+    );
+
+    // The API cannot take a Docker instance over.
+    let spec = InstanceSpec {
+        address: "10.9.9.9".into(),
+        port: 80,
+        version: None,
+        weight: None,
+        tags: vec![],
+        ttl_ms: Some(200),
+    };
+    match dir.client.register(&service, &lower.name, &spec).await {
+        Err(ClientError::Refused { status, message }) => {
+            assert_eq!(status, 409, "{message}");
+            assert!(message.contains("discovered from Docker"), "{message}");
+        }
+        other => panic!("expected a 409, got {other:?}"),
+    }
+
+    // Stopping one leaves the other.
+    upper.stop(5);
+    eventually(WAIT, "only the other container left", || async {
+        (instance_ids(&dir.client, &service).await == [lower.name.clone()]).then_some(())
+    })
+    .await;
+
+    // A labelled container on another network is left out, with a warning naming it.
+    let other = Network::create("other");
+    let stray = labels(&other.name, &unique("stray"));
+    let line = dir
+        .proc
+        .wait_for_log(&format!("container {} is left out", stray.name), WAIT)
+        .await;
+    assert!(
+        line.contains("WARN") && line.contains(&other.name),
+        "{line}"
+    );
+    assert_eq!(
+        instance_ids(&dir.client, &service).await,
+        std::slice::from_ref(&lower.name)
+    );
 }
 
 #[tokio::test]
