@@ -1,11 +1,13 @@
-//! The runtime commands that turn the servers HAProxy runs into the planned ones: a pure
-//! function, so every case is unit-tested without a socket.
+//! The runtime commands that turn the servers HAProxy runs into the planned ones, and when a
+//! draining server may go: pure functions, so every case is unit-tested without a socket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
 
-use crate::plan::{Desired, DesiredServer};
-use crate::runtime_api::Running;
+use crate::plan::Desired;
+use crate::runtime_api::{AdminState, ApiCommand, Running};
 
 /// One change to a running HAProxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,13 +15,16 @@ pub enum Command {
     /// Add a server with the backend's server options, then enable its health and itself.
     Add {
         backend: String,
-        server: DesiredServer,
+        server: String,
+        address: IpAddr,
+        port: u16,
+        weight: u16,
         options: String,
     },
     SetAddr {
         backend: String,
         server: String,
-        address: String,
+        address: IpAddr,
         port: u16,
     },
     SetWeight {
@@ -36,60 +41,83 @@ pub enum Command {
 }
 
 impl Command {
-    /// The CLI lines that carry this command out, each with the answers that mean success
-    /// (besides an empty answer).
-    pub fn lines(&self) -> Vec<(String, &'static [&'static str])> {
+    /// The runtime API commands that carry this change out, in order; each needs the previous
+    /// one to have succeeded.
+    pub fn steps(&self) -> Vec<ApiCommand> {
+        let at = |backend: &String, server: &String| (backend.clone(), server.clone());
         match self {
             Command::Add {
                 backend,
                 server,
+                address,
+                port,
+                weight,
                 options,
             } => vec![
-                (
-                    format!(
-                        "add server {backend}/{} {}:{} weight {} {options}",
-                        server.name, server.address, server.port, server.weight
-                    ),
-                    &["New server registered."],
-                ),
-                (format!("enable health {backend}/{}", server.name), &[]),
-                (format!("enable server {backend}/{}", server.name), &[]),
+                ApiCommand::AddServer {
+                    backend: backend.clone(),
+                    server: server.clone(),
+                    address: *address,
+                    port: *port,
+                    weight: *weight,
+                    options: options.clone(),
+                },
+                ApiCommand::EnableHealth {
+                    backend: backend.clone(),
+                    server: server.clone(),
+                },
+                ApiCommand::EnableServer {
+                    backend: backend.clone(),
+                    server: server.clone(),
+                },
             ],
             Command::SetAddr {
                 backend,
                 server,
                 address,
                 port,
-            } => vec![(
-                format!("set server {backend}/{server} addr {address} port {port}"),
-                &[
-                    "IP changed",
-                    "no need to change",
-                    "port changed",
-                    "IP and port",
-                ],
-            )],
+            } => vec![ApiCommand::SetAddr {
+                backend: backend.clone(),
+                server: server.clone(),
+                address: *address,
+                port: *port,
+            }],
             Command::SetWeight {
                 backend,
                 server,
                 weight,
-            } => vec![(
-                format!("set server {backend}/{server} weight {weight}"),
-                &[],
-            )],
+            } => vec![ApiCommand::SetWeight {
+                backend: backend.clone(),
+                server: server.clone(),
+                weight: *weight,
+            }],
             Command::Ready { backend, server } => {
-                vec![(format!("set server {backend}/{server} state ready"), &[])]
+                let (backend, server) = at(backend, server);
+                vec![ApiCommand::SetState {
+                    backend,
+                    server,
+                    state: AdminState::Ready,
+                }]
             }
             Command::Drain { backend, server } => {
-                vec![(format!("set server {backend}/{server} state drain"), &[])]
+                let (backend, server) = at(backend, server);
+                vec![ApiCommand::SetState {
+                    backend,
+                    server,
+                    state: AdminState::Drain,
+                }]
             }
-            Command::Delete { backend, server } => vec![
-                (format!("set server {backend}/{server} state maint"), &[]),
-                (
-                    format!("del server {backend}/{server}"),
-                    &["Server deleted."],
-                ),
-            ],
+            Command::Delete { backend, server } => {
+                let (backend, server) = at(backend, server);
+                vec![
+                    ApiCommand::SetState {
+                        backend: backend.clone(),
+                        server: server.clone(),
+                        state: AdminState::Maint,
+                    },
+                    ApiCommand::DelServer { backend, server },
+                ]
+            }
         }
     }
 
@@ -106,8 +134,8 @@ impl Command {
 
     pub fn server(&self) -> &str {
         match self {
-            Command::Add { server, .. } => &server.name,
-            Command::SetAddr { server, .. }
+            Command::Add { server, .. }
+            | Command::SetAddr { server, .. }
             | Command::SetWeight { server, .. }
             | Command::Ready { server, .. }
             | Command::Drain { server, .. }
@@ -118,8 +146,34 @@ impl Command {
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let lines: Vec<String> = self.lines().into_iter().map(|(l, _)| l).collect();
+        let lines: Vec<String> = self.steps().iter().map(ApiCommand::to_string).collect();
         f.write_str(&lines.join("; "))
+    }
+}
+
+/// What to do now with a server that left the plan and is draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainVerdict {
+    /// Sessions remain, or their number is unknown, and the drain has not timed out: wait.
+    Wait,
+    /// No session left: delete it.
+    Delete,
+    /// The drain timed out with sessions left (or an unknown number): close them, then delete.
+    Expire,
+}
+
+/// Whether a server draining for `draining_for`, with `sessions` current sessions (`None` when
+/// HAProxy could not say), may be deleted. An unknown count never counts as idle: only the
+/// timeout ends such a drain.
+pub fn drain_verdict(
+    sessions: Option<u64>,
+    draining_for: Duration,
+    timeout: Duration,
+) -> DrainVerdict {
+    match sessions {
+        Some(0) => DrainVerdict::Delete,
+        _ if draining_for >= timeout => DrainVerdict::Expire,
+        _ => DrainVerdict::Wait,
     }
 }
 
@@ -145,19 +199,27 @@ pub fn diff(
         let run = running.get(backend).unwrap_or(&empty);
         for (name, want) in servers {
             let b = backend.clone();
+            // The owner plans with resolved addresses only; a name left here has no address.
+            let Ok(address) = want.address.parse::<IpAddr>() else {
+                continue;
+            };
             let Some(have) = run.get(name) else {
                 adds.push(Command::Add {
                     backend: b,
-                    server: want.clone(),
+                    server: name.clone(),
+                    address,
+                    port: want.port,
+                    weight: want.weight,
                     options: options.get(backend).cloned().unwrap_or_default(),
                 });
                 continue;
             };
-            if have.address != want.address || have.port != want.port {
+            // Compared as addresses: HAProxy reports the canonical spelling.
+            if have.address.parse::<IpAddr>().ok() != Some(address) || have.port != want.port {
                 changes.push(Command::SetAddr {
                     backend: b.clone(),
                     server: name.clone(),
-                    address: want.address.clone(),
+                    address,
                     port: want.port,
                 });
             }
@@ -209,6 +271,7 @@ pub fn diff(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::DesiredServer;
     use crate::runtime_api::RunningServer;
 
     fn want(name: &str, port: u16, weight: u16) -> DesiredServer {
@@ -349,5 +412,35 @@ mod tests {
         let cmds = diff(&d, &r, &opts(), &BTreeSet::new());
         assert_eq!(cmds.len(), 1);
         assert!(matches!(&cmds[0], Command::Delete { server, .. } if server == "x"));
+    }
+
+    #[test]
+    fn addresses_compare_as_addresses_not_spellings() {
+        let mut w = want("a", 80, 100);
+        w.address = "fd00:0::1".into();
+        let mut h = have("a", 80, 100);
+        h.address = "fd00::1".into();
+        assert!(diff(&desired(&[w]), &running(&[h]), &opts(), &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn a_server_without_an_address_is_not_added() {
+        let mut w = want("a", 80, 100);
+        w.address = "db.example".into();
+        assert!(diff(&desired(&[w]), &running(&[]), &opts(), &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn drain_ends_when_idle_or_timed_out_never_on_unknown() {
+        let timeout = Duration::from_secs(30);
+        let early = Duration::from_secs(1);
+        let late = Duration::from_secs(30);
+        assert_eq!(drain_verdict(Some(0), early, timeout), DrainVerdict::Delete);
+        assert_eq!(drain_verdict(Some(0), late, timeout), DrainVerdict::Delete);
+        assert_eq!(drain_verdict(Some(3), early, timeout), DrainVerdict::Wait);
+        assert_eq!(drain_verdict(Some(3), late, timeout), DrainVerdict::Expire);
+        // HAProxy could not say how many sessions remain: not idle.
+        assert_eq!(drain_verdict(None, early, timeout), DrainVerdict::Wait);
+        assert_eq!(drain_verdict(None, late, timeout), DrainVerdict::Expire);
     }
 }

@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
 use crate::reaper::{Exit, Reaper};
-use crate::runtime_api::{ProcInfo, Socket};
+use crate::runtime_api::{ApiCommand, ProcInfo, Socket};
 
 /// How long HAProxy may take to start or reload.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -278,7 +278,7 @@ impl Haproxy {
                     log: self.recent_problems(),
                 });
             }
-            if self.admin.command("show info").await.is_ok()
+            if self.admin.command(&ApiCommand::ShowInfo).await.is_ok()
                 && self.master.proc_info().await.is_ok()
             {
                 return Ok(());
@@ -332,7 +332,7 @@ impl Haproxy {
     /// The listening sockets pass to the new worker, so no connection is refused; the old
     /// worker finishes its connections (bounded by `hard-stop-after`).
     pub async fn reload(&mut self, state_file: &Path) -> Result<ProcInfo, HaproxyError> {
-        if let Ok(state) = self.admin.command("show servers state").await {
+        if let Ok(state) = self.admin.command(&ApiCommand::ShowServersState).await {
             let tmp = state_file.with_extension("tmp");
             if std::fs::write(&tmp, state).is_ok() {
                 let _ = std::fs::rename(&tmp, state_file);
@@ -344,7 +344,7 @@ impl Haproxy {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         // The master re-executes itself and drops the CLI connection: its answer is empty.
-        let _ = self.master.command("reload").await;
+        let _ = self.master.command(&ApiCommand::Reload).await;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -355,7 +355,7 @@ impl Haproxy {
                 if info.reloads > before.reloads && !info.workers.is_empty() {
                     let worker = info.workers[0];
                     // The admin socket must be served by the new worker before we use it.
-                    if let Ok(text) = self.admin.command("show info").await {
+                    if let Ok(text) = self.admin.command(&ApiCommand::ShowInfo).await {
                         if text.lines().any(|l| l.trim() == format!("Pid: {worker}")) {
                             return Ok(info);
                         }

@@ -17,6 +17,7 @@
 //! - [`reaper`]: reaping children (and orphans, as PID 1).
 //! - [`reconcile`]: the one task that owns HAProxy.
 //! - [`watch`]: following the directory, with a grace period after it restarts.
+//! - [`resolve`]: DNS names of instances turned into addresses, beside the watch, cached.
 //! - [`metrics`]: the ambassador's own counters, served behind HAProxy's admin port.
 
 pub mod config;
@@ -27,6 +28,7 @@ pub mod plan;
 pub mod reaper;
 pub mod reconcile;
 pub mod render;
+pub mod resolve;
 pub mod runtime_api;
 pub mod watch;
 
@@ -75,6 +77,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     std::fs::create_dir_all(&config.run_dir)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let initial = plan::plan(&State::default(), &config.services);
+    // The watch publishes plans; the resolver turns their DNS names into addresses for the
+    // owner of HAProxy.
+    let (plan_tx, plan_rx) = channel::channel(initial.clone());
     let (desired_tx, mut desired_rx) = channel::channel(initial);
     let tasks = TaskTracker::new();
     let inner = shutdown.child_token();
@@ -82,7 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     metrics::serve(
         &config.run_dir.join("ambassador.sock"),
         metrics.clone(),
-        desired_rx.clone(),
+        plan_rx.clone(),
         inner.clone(),
     )
     .await?;
@@ -92,10 +97,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
         client,
         config.services.clone(),
         config.grace,
-        desired_tx,
+        plan_tx,
         metrics.clone(),
         inner.clone(),
     ));
+    tasks.spawn(resolve::run(plan_rx, desired_tx, inner.clone()));
 
     // Start with the directory's servers already in the file when it answers quickly.
     let planned = tokio::time::timeout(FIRST_SNAPSHOT_WAIT, desired_rx.changed())

@@ -2,11 +2,12 @@
 //! reloads and stops HAProxy, and turns each new plan into runtime API commands.
 //!
 //! Other tasks only send it the desired servers over a `watch` channel, so a burst of directory
-//! events collapses into the latest plan, applied once after a short pause.
+//! events collapses into the latest plan, applied once after a short pause. The plans it
+//! receives hold IP addresses only ([`crate::resolve`] looks DNS names up beforehand), so
+//! nothing it awaits depends on DNS.
 
 use baker_client::errors::chain;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,12 +18,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::diff::{diff, Command};
+use crate::diff::{diff, drain_verdict, Command, DrainVerdict};
 use crate::haproxy::{Haproxy, HaproxyError, Leftover};
 use crate::metrics::Metrics;
 use crate::plan::Desired;
 use crate::reaper::Exit;
 use crate::render::{context, server_options, Renderer};
+use crate::runtime_api::{ApiCommand, ApiError, Session};
 
 /// Pause after a change before applying, so a burst of events becomes one update.
 const COALESCE: Duration = Duration::from_millis(20);
@@ -63,9 +65,8 @@ pub struct Owner {
     metrics: Arc<Metrics>,
     /// Draining servers and when their drain began.
     drains: BTreeMap<(String, String), Instant>,
-    /// The last plan applied (with addresses resolved).
+    /// The last plan applied.
     applied: Option<Desired>,
-    warned_dns: HashSet<String>,
     options: BTreeMap<String, String>,
     /// HAProxy was taken over from a previous ambassador before the directory answered: it
     /// keeps its servers, and is reloaded with this ambassador's configuration once the
@@ -96,7 +97,6 @@ impl Owner {
             metrics,
             drains: BTreeMap::new(),
             applied: None,
-            warned_dns: HashSet::new(),
             options,
             takeover_pending: false,
         })
@@ -162,15 +162,14 @@ impl Owner {
         }
         // An empty state (format version 1) until the first reload saves a real one.
         let _ = std::fs::write(self.state_file(), "1\n");
-        let resolved = self.resolve(desired).await;
-        self.install(&resolved)
+        self.install(desired)
             .await
             .map_err(|e| StartError::Template {
                 path: template_name(&self.config),
                 source: e,
             })?;
         self.haproxy.start().await.map_err(StartError::Haproxy)?;
-        self.applied = Some(resolved);
+        self.applied = Some(desired.clone());
         Ok(())
     }
 
@@ -178,8 +177,7 @@ impl Owner {
     /// servers: the master passes its listening sockets to the new worker, so no connection
     /// is refused, and the old worker finishes its requests.
     async fn take_over(&mut self, desired: &Desired) -> Result<(), StartError> {
-        let resolved = self.resolve(desired).await;
-        self.install(&resolved)
+        self.install(desired)
             .await
             .map_err(|e| StartError::Template {
                 path: template_name(&self.config),
@@ -197,9 +195,9 @@ impl Owner {
             "took over the HAProxy a previous ambassador left running, reloaded with this configuration"
         );
         self.takeover_pending = false;
-        self.applied = Some(resolved.clone());
+        self.applied = Some(desired.clone());
         // The new worker starts from the file: converge the runtime state now.
-        if let Err(e) = self.apply_runtime(&resolved).await {
+        if let Err(e) = self.apply_runtime(desired).await {
             tracing::warn!("after taking over HAProxy: {}", chain(&*e));
         }
         Ok(())
@@ -281,12 +279,11 @@ impl Owner {
     }
 
     async fn restart(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
-        let resolved = self.resolve(desired).await;
-        self.install(&resolved).await?;
+        self.install(desired).await?;
         self.haproxy.start().await?;
         self.drains.clear();
         self.takeover_pending = false;
-        self.applied = Some(resolved);
+        self.applied = Some(desired.clone());
         tracing::info!("HAProxy is running again");
         Ok(())
     }
@@ -296,29 +293,33 @@ impl Owner {
         if self.haproxy.pid().is_none() {
             return;
         }
-        let resolved = self.resolve(desired).await;
-        self.publish_counts(&resolved);
-        if self.config.force_reload && self.applied.as_ref() != Some(&resolved) {
+        self.publish_counts(desired);
+        if self.config.force_reload && self.applied.as_ref() != Some(desired) {
             if let Err(e) = self
-                .reload(&resolved, "a change (BAKER_BENCH_FORCE_RELOAD)")
+                .reload(desired, "a change (BAKER_BENCH_FORCE_RELOAD)")
                 .await
             {
                 tracing::error!("{}", chain(&*e));
             }
             return;
         }
-        if let Err(e) = self.apply_runtime(&resolved).await {
+        if let Err(e) = self.apply_runtime(desired).await {
             tracing::warn!(
                 "updating HAProxy over its runtime API failed: {e:#}; reloading instead"
             );
-            if let Err(e) = self.reload(&resolved, "a failed runtime update").await {
+            if let Err(e) = self.reload(desired, "a failed runtime update").await {
                 tracing::error!("{}", chain(&*e));
             }
         }
     }
 
+    /// One pass over the runtime API, on one connection: reads what runs, decides which drains
+    /// are over, and sends the changes. Bookkeeping and logs follow HAProxy's answers: a refused
+    /// change is tried again on the next pass, except a refused addition or address change,
+    /// returned as an error so that the caller reloads.
     async fn apply_runtime(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
-        let running = self.haproxy.admin.servers_state().await?;
+        let mut session = self.haproxy.admin.session().await?;
+        let running = session.servers_state().await?;
         let now = Instant::now();
         // Forget drains of servers that are gone or serve again.
         self.drains.retain(|(be, srv), _| {
@@ -328,82 +329,137 @@ impl Owner {
                 .is_some_and(|s| s.drain)
                 && !desired.get(be).is_some_and(|b| b.contains_key(srv))
         });
-        let mut removable = BTreeSet::new();
         let draining: Vec<(String, String)> = running
             .iter()
             .filter(|(be, _)| desired.contains_key(*be))
             .flat_map(|(be, b)| {
                 b.values()
-                    .filter(|s| s.drain && !desired[be].contains_key(&s.name))
+                    .filter(|s| s.drain && !s.maint && !desired[be].contains_key(&s.name))
                     .map(move |s| (be.clone(), s.name.clone()))
             })
             .collect();
+        let mut removable = BTreeSet::new();
         if !draining.is_empty() {
-            let sessions = self.haproxy.admin.sessions().await.unwrap_or_default();
+            let sessions = match session.sessions().await {
+                Ok(s) => Some(s),
+                Err(e) if e.is_refusal() => {
+                    tracing::warn!(cause = %chain(&e), "cannot read the draining servers' sessions; they stay until idle or the drain timeout");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
             for key in draining {
+                // A drain this owner did not start (before a reload or a restart) counts from now.
                 let since = *self.drains.entry(key.clone()).or_insert(now);
-                let idle = sessions.get(&key).copied().unwrap_or(0) == 0;
-                if idle || now.duration_since(since) >= self.config.drain_timeout {
-                    if !idle {
-                        tracing::warn!(backend = %key.0, server = %key.1, "drain timed out; closing its remaining sessions");
-                        let _ = self
-                            .haproxy
-                            .admin
-                            .command(&format!("shutdown sessions server {}/{}", key.0, key.1))
-                            .await;
+                let count = sessions.as_ref().and_then(|s| s.get(&key).copied());
+                match drain_verdict(count, now.duration_since(since), self.config.drain_timeout) {
+                    DrainVerdict::Wait => {}
+                    DrainVerdict::Delete => {
+                        removable.insert(key);
                     }
-                    removable.insert(key);
+                    DrainVerdict::Expire => {
+                        let (backend, server) = (&key.0, &key.1);
+                        let cmd = ApiCommand::ShutdownSessions {
+                            backend: backend.clone(),
+                            server: server.clone(),
+                        };
+                        self.metrics.runtime_commands.inc();
+                        match session.run(&cmd).await {
+                            Ok(()) => {
+                                tracing::warn!(%backend, %server, sessions = ?count, "drain timed out; closed its remaining sessions");
+                            }
+                            Err(e) if e.is_refusal() => {
+                                self.metrics.runtime_failures.inc();
+                                tracing::warn!(%backend, %server, cause = %chain(&e), "drain timed out; closing its remaining sessions failed");
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                        removable.insert(key);
+                    }
                 }
             }
         }
         let commands = diff(desired, &running, &self.options, &removable);
         let mut failed_structure = None;
+        let mut all_applied = true;
         for cmd in &commands {
-            for (line, ok) in cmd.lines() {
-                self.metrics.runtime_commands.inc();
-                if let Err(e) = self.haproxy.admin.expect(&line, ok).await {
-                    self.metrics.runtime_failures.inc();
-                    match cmd {
-                        // A server still holding connections: try again on the next pass.
-                        Command::Delete { .. } => {
-                            tracing::debug!("{}", chain(&e));
-                        }
-                        Command::Add { .. } | Command::SetAddr { .. } => {
-                            failed_structure = Some(e);
-                        }
-                        _ => tracing::warn!("{}", chain(&e)),
-                    }
-                    break;
+            let (backend, server) = (cmd.backend(), cmd.server());
+            let e = match self.send(&mut session, cmd).await {
+                Ok(()) => {
+                    self.applied_one(cmd, now);
+                    continue;
                 }
-            }
+                Err(e) if e.is_refusal() => e,
+                // The connection is gone: nothing more can be sent on it.
+                Err(e) => return Err(e.into()),
+            };
+            all_applied = false;
             match cmd {
-                Command::Drain { backend, server } => {
-                    self.drains.insert((backend.clone(), server.clone()), now);
-                    tracing::info!(%backend, %server, "draining a server that left the directory");
+                // Usually a server still holding connections: deleted on a later pass.
+                Command::Delete { .. } => {
+                    tracing::debug!(%backend, %server, cause = %chain(&e), "a drained server is not deleted yet; trying again on the next pass");
                 }
-                Command::Delete { backend, server } => {
-                    tracing::info!(%backend, %server, "removed a drained server");
+                Command::Add { .. } | Command::SetAddr { .. } => {
+                    tracing::warn!(%backend, %server, cause = %chain(&e), "HAProxy refused a server change");
+                    failed_structure.get_or_insert(e);
                 }
-                Command::Add {
-                    backend, server, ..
-                } => {
-                    tracing::info!(%backend, server = %server.name, address = %server.address, port = server.port, weight = server.weight, "added a server");
+                _ => {
+                    tracing::warn!(%backend, %server, cause = %chain(&e), "HAProxy refused a server change; trying again on the next pass");
                 }
-                Command::SetWeight {
-                    backend,
-                    server,
-                    weight,
-                } => {
-                    tracing::info!(%backend, %server, weight, "changed a server's weight");
-                }
-                _ => {}
             }
         }
         if let Some(e) = failed_structure {
             return Err(e.into());
         }
-        self.applied = Some(desired.clone());
+        if all_applied {
+            self.applied = Some(desired.clone());
+        }
         Ok(())
+    }
+
+    /// Sends the steps of `cmd` in order, stopping at the first that fails.
+    async fn send(&self, session: &mut Session, cmd: &Command) -> Result<(), ApiError> {
+        for step in cmd.steps() {
+            self.metrics.runtime_commands.inc();
+            if let Err(e) = session.run(&step).await {
+                self.metrics.runtime_failures.inc();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records and logs a change HAProxy accepted.
+    fn applied_one(&mut self, cmd: &Command, now: Instant) {
+        let (backend, server) = (cmd.backend(), cmd.server());
+        match cmd {
+            Command::Drain { .. } => {
+                self.drains
+                    .insert((backend.to_owned(), server.to_owned()), now);
+                tracing::info!(%backend, %server, "draining a server that left the directory");
+            }
+            Command::Delete { .. } => {
+                self.drains.remove(&(backend.to_owned(), server.to_owned()));
+                tracing::info!(%backend, %server, "removed a drained server");
+            }
+            Command::Add {
+                address,
+                port,
+                weight,
+                ..
+            } => {
+                tracing::info!(%backend, %server, %address, port, weight, "added a server");
+            }
+            Command::SetAddr { address, port, .. } => {
+                tracing::info!(%backend, %server, %address, port, "moved a server to a new address");
+            }
+            Command::SetWeight { weight, .. } => {
+                tracing::info!(%backend, %server, weight, "changed a server's weight");
+            }
+            Command::Ready { .. } => {
+                tracing::info!(%backend, %server, "a server serves again");
+            }
+        }
     }
 
     /// Renders, checks and installs `desired`, then reloads HAProxy seamlessly.
@@ -446,8 +502,7 @@ impl Owner {
     async fn reload_template(&mut self, desired: &Desired) {
         let Some((path, _)) = self.config.template.clone() else {
             tracing::info!("reloading HAProxy with the embedded template");
-            let resolved = self.resolve(desired).await;
-            if let Err(e) = self.reload(&resolved, "SIGHUP").await {
+            if let Err(e) = self.reload(desired, "SIGHUP").await {
                 tracing::error!("{}", chain(&*e));
             }
             return;
@@ -474,8 +529,7 @@ impl Owner {
             }
         };
         let old = std::mem::replace(&mut self.renderer, renderer);
-        let resolved = self.resolve(desired).await;
-        match self.reload(&resolved, "SIGHUP (template re-read)").await {
+        match self.reload(desired, "SIGHUP (template re-read)").await {
             Ok(()) => {
                 let mut config = (*self.config).clone();
                 config.template = Some((path, text));
@@ -495,44 +549,6 @@ impl Owner {
                 .get_or_create(&vec![("service".to_string(), svc.clone())])
                 .set(b.len() as i64);
         }
-    }
-
-    /// Replaces DNS names with addresses (HAProxy gets IPs only; it would block resolving).
-    /// A name that does not resolve leaves its server out, with one warning.
-    async fn resolve(&mut self, desired: &Desired) -> Desired {
-        let mut out = desired.clone();
-        for backend in out.values_mut() {
-            let mut gone = Vec::new();
-            for (name, srv) in backend.iter_mut() {
-                if srv.address.parse::<IpAddr>().is_ok() {
-                    continue;
-                }
-                let host = srv.address.clone();
-                let lookup = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tokio::net::lookup_host((host.as_str(), srv.port)),
-                )
-                .await;
-                let addrs: Vec<_> = match lookup {
-                    Ok(Ok(a)) => a.collect(),
-                    _ => Vec::new(),
-                };
-                let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first());
-                match pick {
-                    Some(a) => srv.address = a.ip().to_string(),
-                    None => {
-                        if self.warned_dns.insert(srv.address.clone()) {
-                            tracing::warn!(server = %name, address = %srv.address, "cannot resolve this address; leaving the server out");
-                        }
-                        gone.push(name.clone());
-                    }
-                }
-            }
-            for g in gone {
-                backend.remove(&g);
-            }
-        }
-        out
     }
 }
 

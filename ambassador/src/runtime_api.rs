@@ -1,7 +1,16 @@
 //! HAProxy's runtime API over a unix socket (the admin stats socket, or the master CLI), and
 //! parsers for the answers the ambassador reads.
+//!
+//! Every command Baker sends is an [`ApiCommand`], spelled in one place ([`ApiCommand::line`]);
+//! a line holding a `;`, a backslash or a control character is refused before it is sent, since
+//! HAProxy's CLI would read it as several commands. [`Socket::command`] sends one command per
+//! connection (what the master CLI needs); [`Socket::session`] opens one connection in HAProxy's
+//! interactive mode (`prompt`) over which a whole reconciliation pass is sent, each command
+//! answered before the next, so a refused command is reported with HAProxy's own words.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +19,8 @@ use tokio::net::UnixStream;
 
 /// How long one command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// What HAProxy's interactive mode prints after each answer: the prompt, on a line of its own.
+const PROMPT: &[u8] = b"\n> ";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -25,9 +36,199 @@ pub enum ApiError {
     Refused { command: String, answer: String },
     #[error("cannot read HAProxy's answer to {command:?}: {message}")]
     Parse { command: String, message: String },
+    #[error("refusing to send {command:?}: a ';', a backslash or a control character would make HAProxy read another command")]
+    Unsafe { command: String },
+    #[error("HAProxy closed the connection before answering {command:?}")]
+    Closed { command: String },
 }
 
-/// A socket speaking HAProxy's CLI: one command per connection.
+impl ApiError {
+    /// Whether HAProxy (or this client, for an unsafe line) refused one command while the
+    /// connection stays usable, as opposed to a connection that failed.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Refused { .. } | ApiError::Parse { .. } | ApiError::Unsafe { .. }
+        )
+    }
+}
+
+/// A server's administrative state, as `set server ... state` sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    /// Takes traffic.
+    Ready,
+    /// No new traffic; existing connections continue.
+    Drain,
+    /// No traffic at all; the state `del server` needs.
+    Maint,
+}
+
+impl AdminState {
+    fn word(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+}
+
+/// Every command Baker sends to HAProxy's CLI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiCommand {
+    /// `show info` (the worker's pid and counters).
+    ShowInfo,
+    /// `show proc`, on the master CLI.
+    ShowProc,
+    /// `show servers state`, every backend.
+    ShowServersState,
+    /// `show stat` of servers only (current sessions per server).
+    ShowServerStats,
+    /// `reload`, on the master CLI.
+    Reload,
+    /// A new server, in maintenance until enabled; `options` are the backend's server options.
+    AddServer {
+        backend: String,
+        server: String,
+        address: IpAddr,
+        port: u16,
+        weight: u16,
+        options: String,
+    },
+    EnableHealth {
+        backend: String,
+        server: String,
+    },
+    EnableServer {
+        backend: String,
+        server: String,
+    },
+    SetAddr {
+        backend: String,
+        server: String,
+        address: IpAddr,
+        port: u16,
+    },
+    SetWeight {
+        backend: String,
+        server: String,
+        weight: u16,
+    },
+    SetState {
+        backend: String,
+        server: String,
+        state: AdminState,
+    },
+    /// Deletes a server in maintenance with no connection left.
+    DelServer {
+        backend: String,
+        server: String,
+    },
+    /// Closes every session of a server (a drain that timed out).
+    ShutdownSessions {
+        backend: String,
+        server: String,
+    },
+}
+
+impl ApiCommand {
+    /// The line HAProxy reads, or [`ApiError::Unsafe`] if a value would end the command early.
+    pub fn line(&self) -> Result<String, ApiError> {
+        let line = self.to_string();
+        if line
+            .chars()
+            .any(|c| c == ';' || c == '\\' || c.is_control())
+        {
+            return Err(ApiError::Unsafe { command: line });
+        }
+        Ok(line)
+    }
+
+    /// Whether `answer` (trimmed) means the command succeeded. Commands that change something
+    /// answer nothing, or one of a few fixed sentences, when they succeed; queries always do.
+    pub fn succeeded(&self, answer: &str) -> bool {
+        let ok: &[&str] = match self {
+            ApiCommand::ShowInfo
+            | ApiCommand::ShowProc
+            | ApiCommand::ShowServersState
+            | ApiCommand::ShowServerStats
+            | ApiCommand::Reload => return true,
+            ApiCommand::AddServer { .. } => &["New server registered."],
+            ApiCommand::DelServer { .. } => &["Server deleted."],
+            ApiCommand::SetAddr { .. } => &[
+                "IP changed",
+                "no need to change",
+                "port changed",
+                "IP and port",
+            ],
+            ApiCommand::EnableHealth { .. }
+            | ApiCommand::EnableServer { .. }
+            | ApiCommand::SetWeight { .. }
+            | ApiCommand::SetState { .. }
+            | ApiCommand::ShutdownSessions { .. } => &[],
+        };
+        answer.is_empty() || ok.iter().any(|o| answer.starts_with(o))
+    }
+}
+
+/// HAProxy's spelling of each command (checked by [`ApiCommand::line`] before it is sent).
+impl fmt::Display for ApiCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiCommand::ShowInfo => f.write_str("show info"),
+            ApiCommand::ShowProc => f.write_str("show proc"),
+            ApiCommand::ShowServersState => f.write_str("show servers state"),
+            // Every proxy (-1), servers only (4), every server (-1).
+            ApiCommand::ShowServerStats => f.write_str("show stat -1 4 -1"),
+            ApiCommand::Reload => f.write_str("reload"),
+            ApiCommand::AddServer {
+                backend,
+                server,
+                address,
+                port,
+                weight,
+                options,
+            } => write!(
+                f,
+                "add server {backend}/{server} {address}:{port} weight {weight} {options}"
+            ),
+            ApiCommand::EnableHealth { backend, server } => {
+                write!(f, "enable health {backend}/{server}")
+            }
+            ApiCommand::EnableServer { backend, server } => {
+                write!(f, "enable server {backend}/{server}")
+            }
+            ApiCommand::SetAddr {
+                backend,
+                server,
+                address,
+                port,
+            } => write!(
+                f,
+                "set server {backend}/{server} addr {address} port {port}"
+            ),
+            ApiCommand::SetWeight {
+                backend,
+                server,
+                weight,
+            } => write!(f, "set server {backend}/{server} weight {weight}"),
+            ApiCommand::SetState {
+                backend,
+                server,
+                state,
+            } => write!(f, "set server {backend}/{server} state {}", state.word()),
+            ApiCommand::DelServer { backend, server } => {
+                write!(f, "del server {backend}/{server}")
+            }
+            ApiCommand::ShutdownSessions { backend, server } => {
+                write!(f, "shutdown sessions server {backend}/{server}")
+            }
+        }
+    }
+}
+
+/// A socket speaking HAProxy's CLI.
 #[derive(Debug, Clone)]
 pub struct Socket {
     path: PathBuf,
@@ -44,74 +245,162 @@ impl Socket {
         &self.path
     }
 
-    /// Sends `command` and returns the whole answer. The write half is closed after the
-    /// command, which the master CLI needs before it answers.
-    pub async fn command(&self, command: &str) -> Result<String, ApiError> {
-        let io = |source| ApiError::Io {
+    fn io(&self) -> impl Fn(std::io::Error) -> ApiError + '_ {
+        move |source| ApiError::Io {
             path: self.path.display().to_string(),
             source,
-        };
+        }
+    }
+
+    fn timeout(&self, command: &str) -> ApiError {
+        ApiError::Timeout {
+            path: self.path.display().to_string(),
+            command: command.to_owned(),
+        }
+    }
+
+    /// Sends `command` on a connection of its own and returns the whole answer. The write
+    /// half is closed after the command, which the master CLI needs before it answers.
+    pub async fn command(&self, command: &ApiCommand) -> Result<String, ApiError> {
+        let line = command.line()?;
+        let io = self.io();
         let fut = async {
-            let mut s = UnixStream::connect(&self.path).await.map_err(io)?;
-            s.write_all(format!("{command}\n").as_bytes())
+            let mut s = UnixStream::connect(&self.path).await.map_err(&io)?;
+            s.write_all(format!("{line}\n").as_bytes())
                 .await
-                .map_err(io)?;
-            s.shutdown().await.map_err(io)?;
+                .map_err(&io)?;
+            s.shutdown().await.map_err(&io)?;
             let mut out = String::new();
-            s.read_to_string(&mut out).await.map_err(io)?;
+            s.read_to_string(&mut out).await.map_err(&io)?;
             Ok(out)
         };
         tokio::time::timeout(COMMAND_TIMEOUT, fut)
             .await
-            .map_err(|_| ApiError::Timeout {
-                path: self.path.display().to_string(),
-                command: command.to_owned(),
-            })?
+            .map_err(|_| self.timeout(&line))?
     }
 
-    /// Sends a command whose success is an empty answer or one of `ok` answers.
-    pub async fn expect(&self, command: &str, ok: &[&str]) -> Result<(), ApiError> {
-        let answer = self.command(command).await?;
-        let a = answer.trim();
-        if a.is_empty() || ok.iter().any(|o| a.starts_with(o)) {
+    /// Opens one connection in interactive mode, for a series of commands.
+    pub async fn session(&self) -> Result<Session, ApiError> {
+        let io = self.io();
+        let stream = tokio::time::timeout(COMMAND_TIMEOUT, UnixStream::connect(&self.path))
+            .await
+            .map_err(|_| self.timeout("prompt"))?
+            .map_err(&io)?;
+        let mut session = Session {
+            socket: self.clone(),
+            stream,
+            buf: Vec::new(),
+        };
+        session.exchange("prompt").await?;
+        Ok(session)
+    }
+
+    /// `show servers state`, parsed.
+    pub async fn servers_state(&self) -> Result<Running, ApiError> {
+        let cmd = ApiCommand::ShowServersState;
+        let text = self.command(&cmd).await?;
+        parse(&cmd, &text, parse_servers_state)
+    }
+
+    /// `show proc` on the master CLI, parsed.
+    pub async fn proc_info(&self) -> Result<ProcInfo, ApiError> {
+        let cmd = ApiCommand::ShowProc;
+        let text = self.command(&cmd).await?;
+        parse(&cmd, &text, parse_show_proc)
+    }
+}
+
+fn parse<T>(
+    cmd: &ApiCommand,
+    text: &str,
+    parser: fn(&str) -> Result<T, String>,
+) -> Result<T, ApiError> {
+    parser(text).map_err(|message| ApiError::Parse {
+        command: cmd.to_string(),
+        message,
+    })
+}
+
+/// One connection to HAProxy's CLI in interactive mode: each command is answered before the
+/// next is sent. Dropping it closes the connection.
+#[derive(Debug)]
+pub struct Session {
+    socket: Socket,
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Session {
+    /// Sends `command` and returns HAProxy's answer, trimmed, whatever it says.
+    pub async fn ask(&mut self, command: &ApiCommand) -> Result<String, ApiError> {
+        let line = command.line()?;
+        self.exchange(&line).await
+    }
+
+    /// Sends a command that changes something; HAProxy's answer decides whether it succeeded.
+    pub async fn run(&mut self, command: &ApiCommand) -> Result<(), ApiError> {
+        let answer = self.ask(command).await?;
+        if command.succeeded(&answer) {
             Ok(())
         } else {
             Err(ApiError::Refused {
-                command: command.to_owned(),
-                answer: a.to_owned(),
+                command: command.to_string(),
+                answer,
             })
         }
     }
 
     /// `show servers state`, parsed.
-    pub async fn servers_state(&self) -> Result<Running, ApiError> {
-        let cmd = "show servers state";
-        let text = self.command(cmd).await?;
-        parse_servers_state(&text).map_err(|message| ApiError::Parse {
-            command: cmd.into(),
-            message,
-        })
+    pub async fn servers_state(&mut self) -> Result<Running, ApiError> {
+        let cmd = ApiCommand::ShowServersState;
+        let text = self.ask(&cmd).await?;
+        parse(&cmd, &text, parse_servers_state)
     }
 
     /// Current sessions per server (`show stat`).
-    pub async fn sessions(&self) -> Result<BTreeMap<(String, String), u64>, ApiError> {
-        let cmd = "show stat -1 4 -1";
-        let text = self.command(cmd).await?;
-        parse_stat_sessions(&text).map_err(|message| ApiError::Parse {
-            command: cmd.into(),
-            message,
-        })
+    pub async fn sessions(&mut self) -> Result<BTreeMap<(String, String), u64>, ApiError> {
+        let cmd = ApiCommand::ShowServerStats;
+        let text = self.ask(&cmd).await?;
+        parse(&cmd, &text, parse_stat_sessions)
     }
 
-    /// `show proc` on the master CLI, parsed.
-    pub async fn proc_info(&self) -> Result<ProcInfo, ApiError> {
-        let cmd = "show proc";
-        let text = self.command(cmd).await?;
-        parse_show_proc(&text).map_err(|message| ApiError::Parse {
-            command: cmd.into(),
-            message,
-        })
+    /// Writes `line` (already checked) and reads up to the next prompt.
+    async fn exchange(&mut self, line: &str) -> Result<String, ApiError> {
+        let socket = self.socket.clone();
+        let io = socket.io();
+        let fut = async {
+            self.stream
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .map_err(&io)?;
+            self.buf.clear();
+            let mut chunk = [0u8; 8192];
+            loop {
+                if let Some(len) = answer_len(&self.buf) {
+                    return Ok(String::from_utf8_lossy(&self.buf[..len]).trim().to_owned());
+                }
+                let n = self.stream.read(&mut chunk).await.map_err(&io)?;
+                if n == 0 {
+                    return Err(ApiError::Closed {
+                        command: line.to_owned(),
+                    });
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, fut)
+            .await
+            .map_err(|_| socket.timeout(line))?
     }
+}
+
+/// The length of a complete answer in `buf` (without its prompt), once the prompt came.
+///
+/// In interactive mode HAProxy prints the prompt (`"> "`, on a line of its own) once the
+/// command is done, and only then; most answers end with an empty line before it, some
+/// (`del server`) do not. No answer to a command Baker sends has a line starting with `"> "`.
+fn answer_len(buf: &[u8]) -> Option<usize> {
+    buf.ends_with(PROMPT).then(|| buf.len() - PROMPT.len())
 }
 
 /// A server as HAProxy runs it.
@@ -194,7 +483,9 @@ pub fn parse_stat_sessions(text: &str) -> Result<BTreeMap<(String, String), u64>
         if f.len() <= scur || f[1] == "BACKEND" || f[1] == "FRONTEND" {
             continue;
         }
-        let n = f[scur].parse().unwrap_or(0);
+        let n = f[scur]
+            .parse()
+            .map_err(|_| format!("bad session count {:?} in {line:?}", f[scur]))?;
         out.insert((f[0].to_owned(), f[1].to_owned()), n);
     }
     Ok(out)
@@ -320,5 +611,30 @@ mod tests {
         let s = parse_stat_sessions(text).unwrap();
         assert_eq!(s.len(), 1);
         assert_eq!(s[&("b".to_string(), "a".to_string())], 3);
+    }
+
+    #[test]
+    fn an_answer_ends_at_the_prompt() {
+        assert_eq!(answer_len(b"\n> "), Some(0));
+        assert_eq!(answer_len(b"No such server.\n\n> "), Some(16));
+        assert_eq!(answer_len(b"Server deleted.\n> "), Some(15));
+        assert_eq!(answer_len(b"1\n# be_id be_name"), None);
+        assert_eq!(answer_len(b""), None);
+    }
+
+    #[test]
+    fn lines_with_a_separator_are_refused() {
+        let cmd = |server: &str| ApiCommand::SetWeight {
+            backend: "be".into(),
+            server: server.into(),
+            weight: 1,
+        };
+        assert_eq!(cmd("a").line().unwrap(), "set server be/a weight 1");
+        for bad in ["a;show info", "a\nshow info", "a\\;b", "a\rb", "a\0b"] {
+            assert!(
+                matches!(cmd(bad).line(), Err(ApiError::Unsafe { .. })),
+                "{bad:?}"
+            );
+        }
     }
 }

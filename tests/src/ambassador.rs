@@ -19,6 +19,7 @@ pub struct TestAmbassador {
     pub admin: SocketAddr,
     run_dir: tempfile::TempDir,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 /// The master's view of HAProxy's processes (`show proc`).
@@ -39,6 +40,21 @@ impl TestAmbassador {
         Self::start_on(directory, services, ports, free_port(), extra_env).await
     }
 
+    /// Like [`start`](Self::start), with the ambassador's command line behind `wrapper` (a
+    /// program and its leading arguments, such as [`crate::dns::SilentResolver::wrapper`]).
+    pub async fn start_wrapped(
+        directory: &str,
+        services: &[&str],
+        extra_env: &[(&str, &str)],
+        wrapper: &[String],
+    ) -> Self {
+        let ports: BTreeMap<String, u16> = services
+            .iter()
+            .map(|s| (s.split('=').next().unwrap_or(s).to_owned(), free_port()))
+            .collect();
+        Self::launch(directory, services, ports, free_port(), extra_env, wrapper).await
+    }
+
     /// Like [`start`](Self::start), on the given ports.
     pub async fn start_on(
         directory: &str,
@@ -46,6 +62,17 @@ impl TestAmbassador {
         ports: BTreeMap<String, u16>,
         http_port: u16,
         extra_env: &[(&str, &str)],
+    ) -> Self {
+        Self::launch(directory, services, ports, http_port, extra_env, &[]).await
+    }
+
+    async fn launch(
+        directory: &str,
+        services: &[&str],
+        ports: BTreeMap<String, u16>,
+        http_port: u16,
+        extra_env: &[(&str, &str)],
+        wrapper: &[String],
     ) -> Self {
         let run_dir = tempfile::Builder::new()
             .prefix("baker-amb-")
@@ -85,7 +112,8 @@ impl TestAmbassador {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        let (proc, admin) = spawn(&env).await;
+        let wrapper = wrapper.to_vec();
+        let (proc, admin) = spawn(&env, &wrapper).await;
         TestAmbassador {
             proc,
             ports,
@@ -93,6 +121,7 @@ impl TestAmbassador {
             admin,
             run_dir,
             env,
+            wrapper,
         }
     }
 
@@ -103,7 +132,7 @@ impl TestAmbassador {
             self.proc.try_status().is_some(),
             "the previous ambassador still runs"
         );
-        let (proc, admin) = spawn(&self.env).await;
+        let (proc, admin) = spawn(&self.env, &self.wrapper).await;
         self.proc = proc;
         self.admin = admin;
     }
@@ -242,9 +271,17 @@ fn parent(pid: u32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn spawn(env: &[(String, String)]) -> (Proc, SocketAddr) {
+async fn spawn(env: &[(String, String)], wrapper: &[String]) -> (Proc, SocketAddr) {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut proc = Proc::baker("ambassador", "baker-ambassador", &env);
+    let mut proc = match wrapper.split_first() {
+        None => Proc::baker("ambassador", "baker-ambassador", &env),
+        Some((program, args)) => {
+            let bin = crate::bin("baker-ambassador").display().to_string();
+            let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+            args.push(&bin);
+            Proc::spawn("ambassador", program, &args, &env)
+        }
+    };
     let admin = proc.listen_addr().await;
     (proc, admin)
 }

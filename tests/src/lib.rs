@@ -3,6 +3,7 @@
 //!
 //! - [`Proc`] runs one of the workspace's binaries, keeps its log, and kills it when dropped.
 //! - [`eventually`] polls a condition until it holds or a deadline passes.
+//! - [`dns::SilentResolver`] gives a child process a DNS resolver that never answers.
 //! - [`require`] makes a test that needs HAProxy or Docker fail with a clear message when the
 //!   tool is missing (or return early only when the user opted out with `BAKER_TEST_SKIP`).
 //!
@@ -11,6 +12,7 @@
 
 pub mod ambassador;
 pub mod directory;
+pub mod dns;
 pub mod docker;
 pub mod greeting;
 

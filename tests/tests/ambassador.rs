@@ -9,6 +9,7 @@ use baker_client::model::InstanceSpec;
 use baker_client::DirectoryClient;
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::directory::TestDirectory;
+use baker_tests::dns::SilentResolver;
 use baker_tests::greeting::Greeting;
 use baker_tests::{eventually, require, Needs, Proc};
 
@@ -82,6 +83,11 @@ struct Load {
 
 impl Load {
     fn start(url: String) -> Load {
+        Load::paced(url, Duration::ZERO)
+    }
+
+    /// Like [`Load::start`], each client pausing `pause` after each request.
+    fn paced(url: String, pause: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -98,6 +104,9 @@ impl Load {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(e) => failures.lock().unwrap().push(e),
+                        }
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
                         }
                     }
                 })
@@ -932,4 +941,131 @@ async fn the_admin_port_listens_on_loopback_only() {
         .unwrap()
         .status();
     assert!(status.is_success(), "{status}");
+}
+
+/// Registers `service/id` at `address:port` (an IP or a DNS name).
+async fn register_at(client: &DirectoryClient, service: &str, id: &str, address: &str, port: u16) {
+    let spec = InstanceSpec {
+        address: address.to_owned(),
+        port: u64::from(port),
+        version: None,
+        weight: None,
+        tags: vec![],
+        ttl_ms: Some(TTL_MS),
+    };
+    client
+        .register(service, id, &spec)
+        .await
+        .unwrap_or_else(|e| panic!("registering {service}/{id}: {e}"));
+}
+
+/// What a stopped instance and a SIGKILLed HAProxy cost, measured from outside.
+#[derive(Debug)]
+struct Outage {
+    /// From deregistering an instance to HAProxy draining it.
+    drain: Duration,
+    /// From SIGKILLing HAProxy to the ambassador having started it again.
+    restart: Duration,
+    ok: u64,
+    failed: usize,
+}
+
+/// Two instances behind an ambassador (behind `wrapper`), then ten more at DNS names that do
+/// not resolve when `unresolvable`: deregisters one of the two, then SIGKILLs HAProxy under a
+/// paced load, and measures both.
+async fn stop_and_kill(unresolvable: bool, wrapper: &[String]) -> Outage {
+    let dir = TestDirectory::start(&[]).await;
+    let a = Greeting::start("1", "a").await;
+    let b = Greeting::start("1", "b").await;
+    register(&dir.client, "emitter", &a, "a", "1", TTL_MS).await;
+    register(&dir.client, "emitter", &b, "b", "1", TTL_MS).await;
+    let mut amb = TestAmbassador::start_wrapped(&dir.url, &["emitter"], &[], wrapper).await;
+    let url = format!("{}/greeting", amb.url("emitter"));
+    eventually(Duration::from_secs(10), "both instances", || async {
+        (spread(&url, 4).await.len() == 2).then_some(())
+    })
+    .await;
+    if unresolvable {
+        for i in 0..10 {
+            let id = format!("u{i}");
+            register_at(&dir.client, "emitter", &id, &format!("{id}.invalid"), 8000).await;
+        }
+    }
+
+    dir.client.deregister("emitter", "a").await.unwrap();
+    let stopped = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(3),
+        "the stopped instance to be drained",
+        || async {
+            (amb.servers("emitter").get("a").map(String::as_str) != Some("ready")).then_some(())
+        },
+    )
+    .await;
+    let drain = stopped.elapsed();
+
+    let load = Load::paced(url.clone(), Duration::from_millis(5));
+    load.more(200).await;
+    let pid: i32 = std::fs::read_to_string(amb.run_dir().join("haproxy.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = std::time::Instant::now();
+    amb.proc
+        .wait_for_log("HAProxy is running again", Duration::from_secs(60))
+        .await;
+    let restart = killed.elapsed();
+    let c = http(false);
+    eventually(
+        Duration::from_secs(10),
+        "a request through the restarted HAProxy",
+        || async { greet(&c, &url).await.ok() },
+    )
+    .await;
+    let target = load.ok() + 200;
+    eventually(Duration::from_secs(30), "the load to go on", || async {
+        (load.ok() >= target).then_some(())
+    })
+    .await;
+    let (ok, failures) = load.finish().await;
+    let outage = Outage {
+        drain,
+        restart,
+        ok,
+        failed: failures.len(),
+    };
+    eprintln!("unresolvable names: {unresolvable}; {outage:?}");
+    outage
+}
+
+#[tokio::test]
+async fn a_stopped_instance_and_a_killed_haproxy_cost_little() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let outage = stop_and_kill(false, &[]).await;
+    assert!(outage.restart < Duration::from_secs(3), "{outage:?}");
+    assert!(outage.failed < 1000 && outage.ok >= 400, "{outage:?}");
+}
+
+/// Ten instances at DNS names whose lookups never finish (the resolver does not answer) must
+/// change nothing: the lookups run beside the task that owns HAProxy, never in its way.
+#[tokio::test]
+async fn unresolvable_names_delay_neither_drains_nor_restarts() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let Some(dns) = SilentResolver::start() else {
+        return;
+    };
+    let outage = stop_and_kill(true, &dns.wrapper()).await;
+    assert!(outage.drain < Duration::from_secs(2), "{outage:?}");
+    assert!(outage.restart < Duration::from_secs(3), "{outage:?}");
+    assert!(outage.failed < 1000 && outage.ok >= 400, "{outage:?}");
 }
