@@ -3,11 +3,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::io::StreamReader;
 
 use crate::model::{
     ErrorBody, Instance, InstanceSpec, RouteResponse, RoutesResponse, ServiceResponse,
@@ -271,58 +273,155 @@ impl DirectoryClient {
             return Err(ClientError::Refused { status, message });
         }
         let url = self.base.clone();
-        let body = resp.bytes_stream();
-        let state = (Box::pin(body), BytesMut::new(), url, false);
-        Ok(futures_util::stream::unfold(
-            state,
-            |(mut body, mut buf, url, done)| async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-                        let line = buf.split_to(pos + 1);
-                        let line = &line[..pos];
-                        if line.iter().all(u8::is_ascii_whitespace) {
-                            continue;
-                        }
-                        let item = serde_json::from_slice::<WatchEvent>(line)
-                            .map_err(|e| ClientError::Decode(Box::new(e)));
-                        let failed = item.is_err();
-                        return Some((item, (body, buf, url, failed)));
-                    }
-                    if buf.len() > MAX_WATCH_LINE {
-                        let err = ClientError::Decode("watch line too long".into());
-                        return Some((Err(err), (body, buf, url, true)));
-                    }
-                    match tokio::time::timeout(WATCH_IDLE_TIMEOUT, body.next()).await {
-                        Err(_) => {
-                            return Some((
-                                Err(ClientError::Idle(WATCH_IDLE_TIMEOUT)),
-                                (body, buf, url, true),
-                            ))
-                        }
-                        Ok(None) => return Some((Err(ClientError::Ended), (body, buf, url, true))),
-                        Ok(Some(Err(e))) => {
-                            let err = ClientError::Unreachable {
-                                url: url.clone(),
-                                source: e,
-                            };
-                            return Some((Err(err), (body, buf, url, true)));
-                        }
-                        Ok(Some(Ok(chunk))) => {
-                            buf.extend_from_slice(chunk.chunk());
-                        }
-                    }
-                }
-            },
-        ))
+        let chunks = resp.bytes_stream().map(move |chunk| {
+            chunk.map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                source: e,
+            })
+        });
+        Ok(decode_watch(idle_after(chunks, WATCH_IDLE_TIMEOUT)))
     }
+}
+
+/// Ends `chunks` with [`ClientError::Idle`] when no chunk comes for `idle`.
+fn idle_after<S>(chunks: S, idle: Duration) -> impl Stream<Item = Result<Bytes, ClientError>>
+where
+    S: Stream<Item = Result<Bytes, ClientError>>,
+{
+    futures_util::stream::unfold(
+        (Box::pin(chunks), false),
+        move |(mut chunks, done)| async move {
+            if done {
+                return None;
+            }
+            match tokio::time::timeout(idle, chunks.next()).await {
+                Err(_) => Some((Err(ClientError::Idle(idle)), (chunks, true))),
+                Ok(Some(item)) => Some((item, (chunks, false))),
+                Ok(None) => None,
+            }
+        },
+    )
+}
+
+/// Decodes the watch stream's NDJSON from `chunks`: one event a line, blank lines skipped,
+/// lines longer than [`MAX_WATCH_LINE`] refused. Each byte is scanned once, however the lines
+/// are split into chunks. The stream ends after its first error, [`ClientError::Ended`] when
+/// the chunks end.
+pub fn decode_watch<S>(chunks: S) -> impl Stream<Item = Result<WatchEvent, ClientError>>
+where
+    S: Stream<Item = Result<Bytes, ClientError>>,
+{
+    // The codec reads through `io::Error`; the client's own errors travel inside one.
+    let reader = StreamReader::new(chunks.map(|c| c.map_err(std::io::Error::other)));
+    let lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_WATCH_LINE));
+    futures_util::stream::unfold((Box::pin(lines), false), |(mut lines, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            let item = match lines.next().await {
+                None => Err(ClientError::Ended),
+                Some(Ok(line)) if line.trim().is_empty() => continue,
+                Some(Ok(line)) => serde_json::from_str::<WatchEvent>(&line)
+                    .map_err(|e| ClientError::Decode(Box::new(e))),
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => Err(ClientError::Decode(
+                    format!("a watch line is longer than {MAX_WATCH_LINE} bytes").into(),
+                )),
+                Some(Err(LinesCodecError::Io(e))) => Err(client_error(e)),
+            };
+            let failed = item.is_err();
+            return Some((item, (lines, failed)));
+        }
+    })
+}
+
+/// The client's error carried through the codec, or the codec's own (invalid UTF-8).
+fn client_error(e: std::io::Error) -> ClientError {
+    if e.get_ref().is_some_and(|inner| inner.is::<ClientError>()) {
+        if let Some(inner) = e.into_inner() {
+            if let Ok(client) = inner.downcast::<ClientError>() {
+                return *client;
+            }
+        }
+        return ClientError::Ended;
+    }
+    ClientError::Decode(Box::new(e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+
+    fn chunks(text: &[u8], size: usize) -> impl Stream<Item = Result<Bytes, ClientError>> {
+        let parts: Vec<_> = text
+            .chunks(size)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        futures_util::stream::iter(parts)
+    }
+
+    #[tokio::test]
+    async fn lines_split_anywhere_decode_and_the_end_is_reported() {
+        let text = b"{\"type\":\"ping\",\"index\":1}\n\n{\"type\":\"ping\",\"index\":2}\r\n";
+        let events: Vec<_> = decode_watch(chunks(text, 3)).collect().await;
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(matches!(events[0], Ok(WatchEvent::Ping { index: 1 })));
+        assert!(matches!(events[1], Ok(WatchEvent::Ping { index: 2 })));
+        assert!(matches!(events[2], Err(ClientError::Ended)));
+    }
+
+    #[tokio::test]
+    async fn a_large_line_in_small_chunks_decodes_in_linear_time() {
+        // 20 MB in 8 KiB chunks: rescanning the partial line after each chunk would read
+        // about 25 GB; once per byte, it is a fraction of a second even unoptimised.
+        let mut text = b"{\"type\":\"ping\",\"index\":7,\"padding\":\"".to_vec();
+        text.resize(20_000_000, b'x');
+        text.extend_from_slice(b"\"}\n");
+        let start = Instant::now();
+        let mut events = std::pin::pin!(decode_watch(chunks(&text, 8192)));
+        let first = events.next().await;
+        let took = start.elapsed();
+        assert!(
+            matches!(first, Some(Ok(WatchEvent::Ping { index: 7 }))),
+            "{first:?}"
+        );
+        eprintln!("decoded a 20 MB line in 8 KiB chunks in {took:?}");
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn an_over_long_line_is_an_error_not_a_hang() {
+        let text = vec![b'x'; MAX_WATCH_LINE + 10];
+        let start = Instant::now();
+        let events: Vec<_> = decode_watch(chunks(&text, 1 << 20)).collect().await;
+        assert_eq!(events.len(), 1, "the stream ends after the error");
+        match &events[0] {
+            Err(ClientError::Decode(e)) => assert!(e.to_string().contains("longer than"), "{e}"),
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_transport_error_comes_through_as_itself() {
+        let parts: Vec<Result<Bytes, ClientError>> = vec![
+            Ok(Bytes::from_static(
+                b"{\"type\":\"ping\",\"index\":1}\n{\"ty",
+            )),
+            Err(ClientError::Idle(Duration::from_secs(15))),
+        ];
+        let events: Vec<_> = decode_watch(futures_util::stream::iter(parts))
+            .collect()
+            .await;
+        assert!(matches!(events[0], Ok(WatchEvent::Ping { index: 1 })));
+        assert!(
+            matches!(events[1], Err(ClientError::Idle(_))),
+            "{:?}",
+            events[1]
+        );
+        assert_eq!(events.len(), 2);
+    }
 
     #[test]
     fn a_token_must_fit_in_a_header() {
