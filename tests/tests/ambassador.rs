@@ -1069,3 +1069,39 @@ async fn unresolvable_names_delay_neither_drains_nor_restarts() {
     assert!(outage.restart < Duration::from_secs(3), "{outage:?}");
     assert!(outage.failed < 1000 && outage.ok >= 400, "{outage:?}");
 }
+
+/// A backend with a static algorithm (`balance source`) cannot take `add server`: HAProxy
+/// refuses it. The log says so in HAProxy's words, never "added a server", and the reload the
+/// design prescribes brings the new instance in.
+#[tokio::test]
+async fn a_refused_add_server_is_reported_not_claimed_and_reloads() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let template = tempfile::NamedTempFile::new().unwrap();
+    let text = custom_template().replace("    balance roundrobin\n", "    balance source\n");
+    std::fs::write(template.path(), text).unwrap();
+    let path = template.path().display().to_string();
+    let dir = TestDirectory::start(&[]).await;
+    let a = Greeting::start("1", "a").await;
+    let b = Greeting::start("1", "b").await;
+    register(&dir.client, "emitter", &a, "a", "1", TTL_MS).await;
+    let amb = TestAmbassador::start(&dir.url, &["emitter"], &[("BAKER_TEMPLATE", &path)]).await;
+    assert!(amb.servers("emitter").contains_key("a"));
+
+    register(&dir.client, "emitter", &b, "b", "1", TTL_MS).await;
+    eventually(Duration::from_secs(10), "the reload to bring b in", || async {
+        amb.servers("emitter").contains_key("b").then_some(())
+    })
+    .await;
+    let log = amb.proc.log_text();
+    assert!(
+        log.contains("HAProxy refused a server change") && log.contains("dynamic"),
+        "the refusal and HAProxy's answer are logged:\n{log}"
+    );
+    assert!(
+        !log.contains("added a server"),
+        "a refused add server is not reported as done:\n{log}"
+    );
+    assert!(amb.proc_info().reloads >= 1, "{log}");
+}
