@@ -1090,9 +1090,11 @@ async fn a_refused_add_server_is_reported_not_claimed_and_reloads() {
     assert!(amb.servers("emitter").contains_key("a"));
 
     register(&dir.client, "emitter", &b, "b", "1", TTL_MS).await;
-    eventually(Duration::from_secs(10), "the reload to bring b in", || async {
-        amb.servers("emitter").contains_key("b").then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the reload to bring b in",
+        || async { amb.servers("emitter").contains_key("b").then_some(()) },
+    )
     .await;
     let log = amb.proc.log_text();
     assert!(
