@@ -966,13 +966,15 @@ struct Outage {
     drain: Duration,
     /// From SIGKILLing HAProxy to the ambassador having started it again.
     restart: Duration,
+    /// From SIGTERM to the ambassador's exit.
+    stop: Duration,
     ok: u64,
     failed: usize,
 }
 
 /// Two instances behind an ambassador (behind `wrapper`), then ten more at DNS names that do
 /// not resolve when `unresolvable`: deregisters one of the two, then SIGKILLs HAProxy under a
-/// paced load, and measures both.
+/// paced load, and measures both, and how long the ambassador takes to stop.
 async fn stop_and_kill(unresolvable: bool, wrapper: &[String]) -> Outage {
     let dir = TestDirectory::start(&[]).await;
     let a = Greeting::start("1", "a").await;
@@ -1034,9 +1036,13 @@ async fn stop_and_kill(unresolvable: bool, wrapper: &[String]) -> Outage {
     })
     .await;
     let (ok, failures) = load.finish().await;
+    let stopping = std::time::Instant::now();
+    let status = amb.stop().await;
+    assert!(status.success(), "{status}\n{}", amb.proc.log_text());
     let outage = Outage {
         drain,
         restart,
+        stop: stopping.elapsed(),
         ok,
         failed: failures.len(),
     };
@@ -1055,7 +1061,8 @@ async fn a_stopped_instance_and_a_killed_haproxy_cost_little() {
 }
 
 /// Ten instances at DNS names whose lookups never finish (the resolver does not answer) must
-/// change nothing: the lookups run beside the task that owns HAProxy, never in its way.
+/// change nothing: the lookups run beside the task that owns HAProxy, never in its way, and
+/// shutdown does not wait for them.
 #[tokio::test]
 async fn unresolvable_names_delay_neither_drains_nor_restarts() {
     if !require(Needs::Haproxy) {
@@ -1067,6 +1074,7 @@ async fn unresolvable_names_delay_neither_drains_nor_restarts() {
     let outage = stop_and_kill(true, &dns.wrapper()).await;
     assert!(outage.drain < Duration::from_secs(2), "{outage:?}");
     assert!(outage.restart < Duration::from_secs(3), "{outage:?}");
+    assert!(outage.stop < Duration::from_secs(5), "{outage:?}");
     assert!(outage.failed < 1000 && outage.ok >= 400, "{outage:?}");
 }
 
