@@ -16,8 +16,17 @@
 //!
 //! [`command_line`] gives every daemon the same `--help` (with its variables and their
 //! defaults), `--version`, and exit 64 for any other argument.
+//!
+//! - [`vars`]: every program's variables (`ENV_*` names, defaults, meanings).
+//! - `strays`: the `BAKER_*` names a program does not read, and the closest it does.
+//! - `command_line`: `--help`, `--version`, and nothing else.
 
+mod command_line;
+mod strays;
 pub mod vars;
+
+pub use command_line::{command_line, handle_command_line, variables_help, Invocation};
+pub use strays::{strays, Stray};
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -279,171 +288,6 @@ impl<'e> Reader<'e> {
     }
 }
 
-/// A `BAKER_*` variable a program does not read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stray {
-    /// No Baker program reads it: a typo, most likely.
-    Unknown {
-        name: String,
-        program: &'static str,
-        /// The program's variable closest to it, when one is close.
-        suggestion: Option<&'static str>,
-    },
-    /// Another Baker program (or tool) reads it.
-    Elsewhere {
-        name: String,
-        program: &'static str,
-        readers: Vec<&'static str>,
-    },
-}
-
-impl Stray {
-    /// The variable's name.
-    pub fn name(&self) -> &str {
-        match self {
-            Stray::Unknown { name, .. } | Stray::Elsewhere { name, .. } => name,
-        }
-    }
-
-    /// What is wrong, after the name: "is not a variable of baker-registrar; did you mean …?".
-    pub fn message(&self) -> String {
-        match self {
-            Stray::Unknown {
-                program,
-                suggestion: Some(s),
-                ..
-            } => format!("is not a variable of {program}; did you mean {s}?"),
-            Stray::Unknown { program, .. } => {
-                format!("is not a variable of {program} (`{program} --help` lists them)")
-            }
-            Stray::Elsewhere {
-                program, readers, ..
-            } => format!(
-                "is a variable of {}, not of {program}: ignored",
-                readers.join(" and ")
-            ),
-        }
-    }
-}
-
-impl fmt::Display for Stray {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.name(), self.message())
-    }
-}
-
-/// The `BAKER_*` names in `names` that `program` does not read, and what they are.
-pub fn strays<'a>(
-    program: &'static Program,
-    names: impl IntoIterator<Item = &'a str>,
-) -> Vec<Stray> {
-    names
-        .into_iter()
-        .filter(|name| !program.reads(name))
-        .map(|name| {
-            let readers = vars::readers_of(name, program);
-            if readers.is_empty() {
-                Stray::Unknown {
-                    name: name.to_owned(),
-                    program: program.name,
-                    suggestion: closest(name, program),
-                }
-            } else {
-                Stray::Elsewhere {
-                    name: name.to_owned(),
-                    program: program.name,
-                    readers,
-                }
-            }
-        })
-        .collect()
-}
-
-/// The variable of `program` closest to `name` by edit distance (a transposition counting as
-/// one edit), if it is within a third of the name's length.
-fn closest(name: &str, program: &Program) -> Option<&'static str> {
-    let bare = name.strip_prefix(PREFIX).unwrap_or(name);
-    program
-        .vars
-        .iter()
-        .map(|v| {
-            let known = v.name.strip_prefix(PREFIX).unwrap_or(v.name);
-            (strsim::damerau_levenshtein(bare, known), v.name)
-        })
-        .filter(|(d, _)| *d <= (bare.chars().count() / 3).max(1))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, n)| n)
-}
-
-/// What a daemon's command line asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Invocation {
-    /// No arguments: run.
-    Run,
-    /// `--help` or `--version`: print this on stdout and exit 0.
-    Print(String),
-    /// Anything else: print this on stderr and exit 64.
-    Refuse(String),
-}
-
-/// Reads a daemon's arguments: it takes none but `--help` and `--version`, its settings being
-/// variables.
-pub fn command_line(
-    program: &'static Program,
-    version: &'static str,
-    args: impl IntoIterator<Item = OsString>,
-) -> Invocation {
-    let command = clap::Command::new(program.name)
-        .version(version)
-        .about(program.about)
-        .after_help(variables_help(program))
-        .disable_help_subcommand(true);
-    match command.try_get_matches_from(args) {
-        Ok(_) => Invocation::Run,
-        Err(e) => match e.kind() {
-            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                Invocation::Print(e.to_string())
-            }
-            _ => Invocation::Refuse(e.to_string()),
-        },
-    }
-}
-
-/// Applies [`command_line`] to this process's arguments: returns to run, or exits.
-pub fn handle_command_line(program: &'static Program, version: &'static str) {
-    match command_line(program, version, std::env::args_os()) {
-        Invocation::Run => {}
-        Invocation::Print(text) => {
-            print!("{text}");
-            std::process::exit(0);
-        }
-        Invocation::Refuse(text) => {
-            eprint!("{text}");
-            std::process::exit(EXIT_BAD_CONFIG);
-        }
-    }
-}
-
-/// The variables section of `--help`: every variable with its default, and the rules.
-pub fn variables_help(program: &Program) -> String {
-    let width = program.vars.iter().map(|v| v.name.len()).max().unwrap_or(0);
-    let mut out = String::from("Variables (an empty value counts as unset):\n");
-    for v in program.vars {
-        let default = match v.default {
-            "required" => "[required]".to_owned(),
-            d => format!("[default: {d}]"),
-        };
-        out.push_str(&format!("  {:width$}  {} {default}\n", v.name, v.help));
-    }
-    out.push_str(&format!(
-        "\nA BAKER_* variable that no Baker program reads is an error (a typo, named with the\n\
-         closest variable); one that another Baker program reads is ignored with a warning.\n\
-         Every bad variable is reported at once, and {} exits 64.",
-        program.name
-    ));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::ffi::OsStringExt;
@@ -521,55 +365,6 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_name_is_an_error_with_the_closest_name() {
-        let env = Environment::from_pairs(&[
-            ("BAKER_VERISON", "2"),
-            ("BAKER_SERVICE", "emitter"),
-            ("BAKER_ZZZ", "1"),
-        ]);
-        let errs = Reader::new(&REGISTRAR, &env).finish(()).unwrap_err();
-        assert_eq!(
-            errs.to_string(),
-            "invalid configuration (2 problems):\n  \
-             BAKER_VERISON: is not a variable of baker-registrar; did you mean BAKER_VERSION?\n  \
-             BAKER_ZZZ: is not a variable of baker-registrar (`baker-registrar --help` lists them)"
-        );
-        let typo = |name: &str, program: &'static Program| match &strays(program, [name])[..] {
-            [Stray::Unknown { suggestion, .. }] => *suggestion,
-            other => panic!("{name}: {other:?}"),
-        };
-        assert_eq!(typo("BAKER_TOKN", &DIRECTORY), Some("BAKER_TOKEN"));
-        assert_eq!(typo("BAKER_DIRECTROY", &REGISTRAR), Some("BAKER_DIRECTORY"));
-        assert_eq!(typo("BAKER_ROUTE", &AMBASSADOR), Some("BAKER_ROUTES"));
-        assert_eq!(typo("BAKER_LISTNE", &GREETING), Some("BAKER_LISTEN"));
-        assert_eq!(typo("BAKER_COUNTS", &GREETING_CLIENT), Some("BAKER_COUNT"));
-        assert_eq!(typo("BAKER_SOMETHING_ELSE", &DIRECTORY), None);
-    }
-
-    #[test]
-    fn a_name_of_another_program_is_a_warning_naming_it() {
-        let env = Environment::from_pairs(&[
-            ("BAKER_SERVICE", "emitter"),
-            ("BAKER_TOKEN", "t"),
-            ("BAKER_TEST_LOG", "debug"),
-            ("BAKER_ROUTES", "a=1"),
-        ]);
-        let found = strays(&GREETING, env.baker_names());
-        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            text,
-            [
-                "BAKER_ROUTES is a variable of baker-ambassador, not of baker-greeting: ignored",
-                "BAKER_SERVICE is a variable of baker-registrar, not of baker-greeting: ignored",
-                "BAKER_TEST_LOG is a variable of the tests, not of baker-greeting: ignored",
-                "BAKER_TOKEN is a variable of baker-directory and baker-registrar and \
-                 baker-ambassador and baker, not of baker-greeting: ignored",
-            ]
-        );
-        assert!(Reader::new(&GREETING, &env).finish(()).is_ok());
-    }
-
-    #[test]
     fn every_program_lists_each_variable_once() {
         for p in PROGRAMS {
             let mut names: Vec<_> = p.vars.iter().map(|v| v.name).collect();
@@ -577,35 +372,6 @@ mod tests {
             names.dedup();
             assert_eq!(names.len(), p.vars.len(), "{}", p.name);
             assert!(names.iter().all(|n| n.starts_with(PREFIX)), "{}", p.name);
-        }
-    }
-
-    #[test]
-    fn command_line_takes_only_help_and_version() {
-        let run = |args: &[&str]| {
-            command_line(
-                &DIRECTORY,
-                "1.2.3",
-                std::iter::once("baker-directory")
-                    .chain(args.iter().copied())
-                    .map(OsString::from),
-            )
-        };
-        assert_eq!(run(&[]), Invocation::Run);
-        assert_eq!(
-            run(&["--version"]),
-            Invocation::Print("baker-directory 1.2.3\n".into())
-        );
-        let Invocation::Print(help) = run(&["--help"]) else {
-            panic!("--help")
-        };
-        assert!(help.contains("BAKER_LISTEN"), "{help}");
-        assert!(help.contains("[default: 0.0.0.0:7700]"), "{help}");
-        for args in [&["baker", "services"][..], &["--listen", "x"], &["-x"]] {
-            assert!(
-                matches!(run(args), Invocation::Refuse(_)),
-                "{args:?} accepted"
-            );
         }
     }
 }
