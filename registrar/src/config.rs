@@ -62,15 +62,7 @@ impl Config {
     /// Docker-link variables when `BAKER_TARGET` is unset. `hostname` makes the default id.
     pub fn from_env(env: &Environment, hostname: &str) -> Result<Config, ConfigErrors> {
         let mut r = Reader::new(&vars::REGISTRAR, env);
-
-        let directory = r
-            .parse(ENV_DIRECTORY, |v| {
-                DirectoryClient::new(v, None)
-                    .map(|c| c.base().to_owned())
-                    .map_err(|_| "must be the directory's URL, such as http://directory:7700")
-            })
-            .unwrap_or_else(|| DEFAULT_DIRECTORY.to_owned());
-        let token = r.parse(ENV_TOKEN, parse_token);
+        let (directory, token) = directory_and_token(&mut r);
 
         let service = r
             .required(
@@ -239,6 +231,19 @@ impl Config {
     }
 }
 
+/// `BAKER_DIRECTORY` and `BAKER_TOKEN`, which every service of one registrar shares.
+pub fn directory_and_token(r: &mut Reader<'_>) -> (String, Option<String>) {
+    let directory = r
+        .parse(ENV_DIRECTORY, |v| {
+            DirectoryClient::new(v, None)
+                .map(|c| c.base().to_owned())
+                .map_err(|_| "must be the directory's URL, such as http://directory:7700")
+        })
+        .unwrap_or_else(|| DEFAULT_DIRECTORY.to_owned());
+    let token = r.parse(ENV_TOKEN, parse_token);
+    (directory, token)
+}
+
 /// `BAKER_TAGS`: a comma-separated list of names.
 fn parse_tags(v: &str) -> Result<Vec<String>, String> {
     let tags: Vec<String> = v
@@ -340,7 +345,8 @@ mod tests {
 
     #[test]
     fn reads_exactly_the_listed_variables() {
-        let errs = Config::from_env(&Environment::unreadable(&vars::REGISTRAR), "h").unwrap_err();
+        let env = Environment::unreadable(&vars::REGISTRAR);
+        let errs = crate::services::from_env(&env, "h", |_| panic!("unread")).unwrap_err();
         let mut listed: Vec<&str> = vars::REGISTRAR.vars.iter().map(|v| v.name).collect();
         listed.sort_unstable();
         assert_eq!(Environment::reported(&errs), listed);

@@ -1,13 +1,17 @@
-//! Baker's registrar: the sidecar that probes one app and keeps it registered in the directory
-//! while, and only while, it is healthy.
+//! Baker's registrar: probes apps and keeps each registered in the directory while, and only
+//! while, it is healthy. Beside one app it is a sidecar (`BAKER_SERVICE`); on a host without
+//! Docker one registrar announces every service of a file (`BAKER_CONFIG`).
 //!
-//! Two loops run side by side on one thread: the probe loop checks the app every interval and
-//! feeds the rise/fall state machine; the registration loop follows the resulting status over a
+//! Each service has a task of its own, so that one that fails or hangs never delays another.
+//! Two loops run side by side in it: the probe loop checks the app every interval and feeds
+//! the rise/fall state machine; the registration loop follows the resulting status over a
 //! `watch` channel, registering and heartbeating while the app is up, deregistering as soon as
 //! it is down, and retrying forever while the directory is away. A stopping registrar
-//! deregisters before it returns, so the instance drains before the app stops.
+//! deregisters every service, all at once, before it returns, so the instances drain before
+//! the apps stop.
 //!
 //! - [`config`]: `BAKER_*` variables and Docker-link variables into a [`Config`].
+//! - [`services`]: the services to announce, from the variables and the `BAKER_CONFIG` file.
 //! - [`target`]: the app's address (`BAKER_TARGET`, link variables) and the advertised one.
 //! - [`probe`]: one HTTP or TCP probe under a timeout.
 //! - [`health`]: the pure rise/fall state machine.
@@ -17,6 +21,7 @@ pub mod config;
 pub mod health;
 pub mod probe;
 pub mod registration;
+pub mod services;
 pub mod target;
 
 use std::future::Future;
@@ -25,6 +30,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use config::Config;
 use health::{Health, Status};
@@ -40,12 +47,35 @@ pub enum RunError {
     Probe(#[from] reqwest::Error),
 }
 
-/// Runs the registrar until `shutdown` is cancelled; returns once the instance is deregistered
-/// (or the directory could not be reached to deregister it within
-/// [`registration::STOP_DEADLINE`]).
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let prober = Prober::new(config.target.clone(), config.check.clone(), config.timeout)?;
-    let registration = Registration::new(&config)?;
+/// Runs the registrar for every service of `configs` until `shutdown` is cancelled; returns
+/// once each instance is deregistered (or the directory could not be reached to deregister it
+/// within [`registration::STOP_DEADLINE`]). Each service runs in a task and a span of its own.
+pub async fn run(configs: Vec<Config>, shutdown: CancellationToken) -> Result<(), RunError> {
+    let mut services = Vec::with_capacity(configs.len());
+    for config in &configs {
+        let prober = Prober::new(config.target.clone(), config.check.clone(), config.timeout)?;
+        services.push((config, prober, Registration::new(config)?));
+    }
+    let tasks = TaskTracker::new();
+    for (config, prober, registration) in services {
+        let span = tracing::info_span!("service", name = %registration.name());
+        tasks.spawn(
+            run_service(config.clone(), prober, registration, shutdown.clone()).instrument(span),
+        );
+    }
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Probes and registers one service until `shutdown`, then deregisters it.
+async fn run_service(
+    config: Config,
+    prober: Prober,
+    registration: Registration,
+    shutdown: CancellationToken,
+) {
     let name = registration.name();
     tracing::info!(
         "registrar for {name}: probing {} ({}) every {:?} with timeout {:?}, rise {}, fall {}; \
@@ -75,8 +105,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         shutdown.clone(),
     );
     tokio::join!(probing, registration.run(status_rx, shutdown));
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Probes every `interval` (jittered by ±10 %) until `shutdown`, feeding `health`, and

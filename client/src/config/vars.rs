@@ -47,6 +47,7 @@ pub const ENV_CHECK: &str = "BAKER_CHECK";
 pub const ENV_CHECK_BODY: &str = "BAKER_CHECK_BODY";
 pub const ENV_CHECK_CODES: &str = "BAKER_CHECK_CODES";
 pub const ENV_CHECKS: &str = "BAKER_CHECKS";
+pub const ENV_CONFIG: &str = "BAKER_CONFIG";
 pub const ENV_COUNT: &str = "BAKER_COUNT";
 pub const ENV_DATA: &str = "BAKER_DATA";
 pub const ENV_DIRECTORY: &str = "BAKER_DIRECTORY";
@@ -123,8 +124,13 @@ pub const DIRECTORY: Program = Program {
 
 pub const REGISTRAR: Program = Program {
     name: "baker-registrar",
-    about: "Baker's registrar: probes one app and keeps its registration in the directory true.",
+    about: "Baker's registrar: probes apps and keeps their registrations in the directory true.",
     vars: &[
+        var(
+            ENV_CONFIG,
+            "none",
+            "a TOML file with one table per service to register",
+        ),
         var(
             ENV_DIRECTORY,
             "http://127.0.0.1:7700",
