@@ -56,16 +56,19 @@ pub fn free_port() -> u16 {
 pub enum Needs {
     Haproxy,
     Docker,
+    /// `systemd-analyze`, to verify unit files (systemd need not be running).
+    Systemd,
 }
 
 /// Checks that the machine has what a test needs.
 ///
-/// Returns `false` only when the user opted out explicitly (`BAKER_TEST_SKIP=haproxy,docker`);
+/// Returns `false` only when the user opted out explicitly (`BAKER_TEST_SKIP=haproxy,docker,systemd`);
 /// the test should then return. A missing tool without an opt-out fails the test, naming it.
 pub fn require(needs: Needs) -> bool {
     let name = match needs {
         Needs::Haproxy => "haproxy",
         Needs::Docker => "docker",
+        Needs::Systemd => "systemd",
     };
     let skip = std::env::var("BAKER_TEST_SKIP").unwrap_or_default();
     if skip.split(',').any(|s| s.trim() == name) {
@@ -80,6 +83,11 @@ pub fn require(needs: Needs) -> bool {
             .unwrap_or(false),
         Needs::Docker => Command::new("docker")
             .args(["version", "--format", "{{.Server.APIVersion}}"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false),
+        Needs::Systemd => Command::new("systemd-analyze")
+            .arg("--version")
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false),
