@@ -39,7 +39,8 @@ pub fn from_env(
     let path = r.get(ENV_CONFIG).map(|p| p.trim().to_owned());
     let (directory, token) = directory_and_token(&mut r);
     let Some(path) = path else {
-        let mut errs = r.into_errors();
+        // Config::from_env checks the names of the variables, once.
+        let mut errs = r.value_errors();
         return match Config::from_env(env, hostname) {
             Ok(c) if errs.is_empty() => Ok(vec![c]),
             Ok(_) => Err(errs),
@@ -63,7 +64,12 @@ pub fn from_env(
             }
         }
     }
-    let mut errs = r.into_errors();
+    // Config::from_env checks the names when it runs; else they are checked here.
+    let mut errs = if env_service {
+        r.value_errors()
+    } else {
+        r.into_errors()
+    };
     if env_service {
         match Config::from_env(env, hostname) {
             Ok(c) => configs.push(c),

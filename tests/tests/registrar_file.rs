@@ -230,3 +230,41 @@ async fn a_bad_file_is_refused_with_every_problem_and_exit_64() {
         assert!(text.contains(place), "{place:?} not in:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_variable_of_another_program_is_warned_about_once() {
+    let dir = TestDirectory::start(&[]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let app = Greeting::start("1", "e").await;
+    let path = tmp.path().join("registrar.toml");
+    std::fs::write(&path, format!("[transform]\ntarget = \"{}\"\n", app.url())).unwrap();
+    let target = app.url();
+    let with_file = [
+        ("BAKER_DIRECTORY", dir.url.as_str()),
+        ("BAKER_CONFIG", path.to_str().unwrap()),
+        ("BAKER_ROUTES", "greeting=8000"),
+    ];
+    let with_both = [
+        ("BAKER_DIRECTORY", dir.url.as_str()),
+        ("BAKER_CONFIG", path.to_str().unwrap()),
+        ("BAKER_SERVICE", "emitter"),
+        ("BAKER_TARGET", target.as_str()),
+        ("BAKER_ROUTES", "greeting=8000"),
+    ];
+    let alone = [
+        ("BAKER_DIRECTORY", dir.url.as_str()),
+        ("BAKER_SERVICE", "emitter"),
+        ("BAKER_TARGET", target.as_str()),
+        ("BAKER_ROUTES", "greeting=8000"),
+    ];
+    for env in [&with_file[..], &with_both, &alone] {
+        let mut reg = Proc::baker("registrar-warned", "baker-registrar", env);
+        reg.wait_for_log("registrar for ", WAIT).await;
+        let warnings = reg
+            .log()
+            .iter()
+            .filter(|l| l.contains("ignoring a variable of another Baker program"))
+            .count();
+        assert_eq!(warnings, 1, "{env:?}:\n{}", reg.log_text());
+    }
+}
