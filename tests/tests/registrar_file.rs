@@ -268,3 +268,31 @@ async fn a_variable_of_another_program_is_warned_about_once() {
         assert_eq!(warnings, 1, "{env:?}:\n{}", reg.log_text());
     }
 }
+
+#[tokio::test]
+async fn services_deregister_side_by_side_when_the_directory_is_away() {
+    let mut dir = TestDirectory::start(&[]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let emitter = Greeting::start("1", "e").await;
+    let transform = Greeting::start("2", "t").await;
+    let mut reg = registrar(&dir, tmp.path(), &two_services(&emitter, &transform));
+    registered(&dir, "emitter", "e1").await;
+    registered(&dir, "transform", "t1").await;
+
+    // Each service tries to deregister for 5 s; one after the other would take 10.
+    dir.kill9();
+    let signalled = Instant::now();
+    reg.term();
+    let status = reg.wait_exit(Duration::from_secs(15)).await;
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", reg.log_text());
+    assert!(
+        took < Duration::from_secs(8),
+        "stopping took {took:?}:\n{}",
+        reg.log_text()
+    );
+    for name in ["emitter/e1", "transform/t1"] {
+        reg.wait_for_log(&format!("could not deregister {name}"), WAIT)
+            .await;
+    }
+}
