@@ -93,6 +93,12 @@ fn install_host_stages_the_tree_keeps_settings_and_uninstalls() {
         assert_eq!(mode(&root.join(format!("etc/baker/{d}.env"))), 0o600, "{d}");
     }
     assert_eq!(mode(&root.join("etc/baker/registrar.toml")), 0o644);
+    let template = root.join("etc/systemd/system/baker-registrar@.service");
+    let text = std::fs::read_to_string(&template).unwrap();
+    assert!(
+        text.contains("EnvironmentFile=/etc/baker/registrar-%i.env\n"),
+        "{text}"
+    );
 
     // A second install keeps what the user wrote.
     let env = root.join("etc/baker/registrar.env");
@@ -117,6 +123,7 @@ fn install_host_stages_the_tree_keeps_settings_and_uninstalls() {
             "{d}.env removed"
         );
     }
+    assert!(!template.exists());
 }
 
 #[test]
@@ -143,10 +150,14 @@ fn the_installed_units_pass_systemd_analyze_verify() {
         "--binaries",
         built.to_str().unwrap(),
     ]);
-    let files: Vec<PathBuf> = DAEMONS
+    let mut files: Vec<PathBuf> = DAEMONS
         .iter()
         .map(|d| units.join(format!("baker-{d}.service")))
         .collect();
+    // The template, as an instance of it.
+    let instance = units.join("baker-registrar@greeting.service");
+    std::os::unix::fs::symlink(units.join("baker-registrar@.service"), &instance).unwrap();
+    files.push(instance);
     let text = std::fs::read_to_string(&files[0]).unwrap();
     assert!(
         text.contains(&format!(
