@@ -16,10 +16,12 @@
 //! - [`haproxy`]: the HAProxy child process: check, start, reload, stop.
 //! - [`reaper`]: reaping children (and orphans, as PID 1).
 //! - [`reconcile`]: the one task that owns HAProxy.
+//! - [`coalesce`]: when a change of plan is applied: at once alone, batched in a burst.
 //! - [`watch`]: following the directory, with a grace period after it restarts.
 //! - [`resolve`]: DNS names of instances turned into addresses, beside the watch, cached.
 //! - [`metrics`]: the ambassador's own counters, served behind HAProxy's admin port.
 
+pub mod coalesce;
 pub mod config;
 pub mod diff;
 pub mod haproxy;

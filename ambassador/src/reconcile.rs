@@ -2,7 +2,8 @@
 //! reloads and stops HAProxy, and turns each new plan into runtime API commands.
 //!
 //! Other tasks only send it the desired servers over a `watch` channel, so a burst of directory
-//! events collapses into the latest plan, applied once after a short pause. The plans it
+//! events collapses into the latest plan. A lone change is applied at once; changes that come
+//! in a burst are applied together ([`crate::coalesce`]). The plans it
 //! receives hold IP addresses only ([`crate::resolve`] looks DNS names up beforehand), so
 //! nothing it awaits depends on DNS.
 
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::coalesce::{apply_at, Pending, CAP, WINDOW};
 use crate::config::Config;
 use crate::diff::{diff, drain_verdict, Command, DrainVerdict};
 use crate::haproxy::{Haproxy, HaproxyError, Leftover};
@@ -26,8 +28,6 @@ use crate::reaper::Exit;
 use crate::render::{context, server_options, Renderer};
 use crate::runtime_api::{ApiCommand, ApiError, Session};
 
-/// Pause after a change before applying, so a burst of events becomes one update.
-const COALESCE: Duration = Duration::from_millis(20);
 /// How often the running servers are compared with the plan when nothing else happens.
 const RESYNC: Duration = Duration::from_secs(5);
 /// How often draining servers are checked for idleness.
@@ -212,13 +212,18 @@ impl Owner {
     ) -> Option<Exit> {
         let mut restart_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut next_sync = Instant::now();
+        // Plan changes not applied yet, and when the last applied one arrived.
+        let mut pending: Option<Pending> = None;
+        let mut previous: Option<Instant> = None;
         loop {
-            let wake = if self.drains.is_empty() {
+            let mut wake = if self.drains.is_empty() {
                 next_sync
             } else {
                 next_sync.min(Instant::now() + DRAIN_POLL)
             };
-            let mut plan_changed = false;
+            if let Some(p) = pending {
+                wake = wake.min(apply_at(p, previous, WINDOW, CAP));
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     tracing::info!("stopping HAProxy");
@@ -234,6 +239,7 @@ impl Owner {
                         _ = tokio::time::sleep(delay) => {}
                     }
                     let desired = desired_rx.borrow_and_update().clone();
+                    pending = None;
                     if let Err(e) = self.restart(&desired).await {
                         tracing::error!("restarting HAProxy failed: {e:#}");
                     } else {
@@ -247,8 +253,12 @@ impl Owner {
                         shutdown.cancelled().await;
                         continue;
                     }
-                    plan_changed = true;
-                    tokio::time::sleep(COALESCE).await;
+                    let now = Instant::now();
+                    let p = pending.get_or_insert(Pending::new(now));
+                    p.add(now);
+                    if apply_at(*p, previous, WINDOW, CAP) > now {
+                        continue;
+                    }
                 }
                 Some(req) = requests.recv() => {
                     match req {
@@ -262,9 +272,17 @@ impl Owner {
                 _ = tokio::time::sleep_until(wake) => {}
             }
             next_sync = Instant::now() + RESYNC;
+            let batch = pending.take();
+            if let Some(p) = batch {
+                previous = Some(p.last);
+                tracing::debug!(
+                    waited_us = p.first.elapsed().as_micros() as u64,
+                    "applying the plan"
+                );
+            }
             if self.takeover_pending {
                 // The taken-over HAProxy keeps its servers until the directory answers.
-                if plan_changed {
+                if batch.is_some() {
                     let desired = desired_rx.borrow_and_update().clone();
                     if let Err(e) = self.take_over(&desired).await {
                         tracing::error!(cause = %chain(&e), "cannot reload the HAProxy taken over; it keeps its configuration");
@@ -274,7 +292,21 @@ impl Owner {
                 continue;
             }
             let desired = desired_rx.borrow_and_update().clone();
+            let started = Instant::now();
             self.apply(&desired).await;
+            if batch.is_some() {
+                tracing::debug!(
+                    took_us = started.elapsed().as_micros() as u64,
+                    "HAProxy answered the pass"
+                );
+            }
+            if desired_rx.has_changed().unwrap_or(false) {
+                // Changes came during the pass: a burst. Collect what else comes.
+                pending = Some(Pending {
+                    first: started,
+                    last: Instant::now(),
+                });
+            }
         }
     }
 

@@ -228,11 +228,10 @@ pub async fn run(
         let view = tracker.view(Instant::now());
         let d = plan(&view, &services);
         metrics.note_fallbacks(&fallbacks(&view, &services));
-        desired.send_if_modified(|cur| {
-            let changed = *cur != d;
-            *cur = d;
-            changed || snapshot
-        });
+        if snapshot || *desired.borrow() != d {
+            tracing::debug!(index = tracker.index(), "planned the servers");
+            desired.send_replace(d);
+        }
     };
     let mut was_connected = false;
     loop {
@@ -267,6 +266,12 @@ pub async fn run(
                                 first = false;
                             }
                             let ping = matches!(ev, WatchEvent::Ping { .. });
+                            if !ping {
+                                tracing::debug!(
+                                    index = ev.index(),
+                                    "received a change from the directory"
+                                );
+                            }
                             let snapshot = matches!(ev, WatchEvent::Snapshot { .. });
                             tracker.apply(ev, Instant::now());
                             if !ping {

@@ -132,6 +132,7 @@ async fn forward(
                 Ok(line) => {
                     index = line.index;
                     ok = queue.push(line.bytes);
+                    tracing::debug!(index, "sent a change to a watcher");
                     ping_at = Instant::now() + limits.ping;
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => ok = false,
