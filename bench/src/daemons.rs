@@ -78,18 +78,24 @@ pub async fn start(
 
 /// A directory on loopback with Docker discovery off (unless `docker` is true).
 pub async fn directory(bins: &Bins, data: &Path, docker: bool) -> anyhow::Result<(Proc, String)> {
+    directory_with(bins, data, docker, &[]).await
+}
+
+/// Like [`directory`], with extra variables (`RUST_LOG`, ...).
+pub async fn directory_with(
+    bins: &Bins,
+    data: &Path,
+    docker: bool,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(Proc, String)> {
     let data = data.display().to_string();
-    let (proc, addr) = start(
-        bins,
-        "directory",
-        "baker-directory",
-        &[
-            ("BAKER_LISTEN", "127.0.0.1:0"),
-            ("BAKER_DATA", &data),
-            ("BAKER_DOCKER", if docker { "on" } else { "off" }),
-        ],
-    )
-    .await?;
+    let mut env = vec![
+        ("BAKER_LISTEN", "127.0.0.1:0"),
+        ("BAKER_DATA", data.as_str()),
+        ("BAKER_DOCKER", if docker { "on" } else { "off" }),
+    ];
+    env.extend_from_slice(extra);
+    let (proc, addr) = start(bins, "directory", "baker-directory", &env).await?;
     Ok((proc, format!("http://{addr}")))
 }
 
@@ -170,6 +176,21 @@ impl Ambassador {
         services: &[&str],
         force_reload: bool,
     ) -> anyhow::Result<Ambassador> {
+        let extra: &[(&str, &str)] = if force_reload {
+            &[("BAKER_BENCH_FORCE_RELOAD", "1")]
+        } else {
+            &[]
+        };
+        Self::start_with(bins, directory, services, extra).await
+    }
+
+    /// Like [`start`](Self::start), with extra variables (`RUST_LOG`, ...).
+    pub async fn start_with(
+        bins: &Bins,
+        directory: &str,
+        services: &[&str],
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Ambassador> {
         let run_dir = tempfile::Builder::new()
             .prefix("bb-amb")
             .tempdir_in("/tmp")
@@ -194,9 +215,7 @@ impl Ambassador {
             ("BAKER_RUN_DIR", run.as_str()),
             ("BAKER_HAPROXY", haproxy.as_str()),
         ];
-        if force_reload {
-            env.push(("BAKER_BENCH_FORCE_RELOAD", "1"));
-        }
+        env.extend_from_slice(extra);
         let (proc, _) = start(bins, "ambassador", "baker-ambassador", &env).await?;
         Ok(Ambassador {
             proc,

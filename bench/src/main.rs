@@ -18,6 +18,10 @@ struct Args {
     /// Directory of the binaries under test (default: this executable's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Binaries of an earlier build to measure side by side (convergence: the directory-API
+    /// measures run on both, interleaved).
+    #[arg(long)]
+    baseline_bin_dir: Option<PathBuf>,
     /// HAProxy binary (default: `BAKER_HAPROXY`, `haproxy` on PATH, /usr/sbin/haproxy).
     #[arg(long)]
     haproxy: Option<PathBuf>,
@@ -47,6 +51,10 @@ async fn main() -> anyhow::Result<()> {
             )
         })?]
     };
+    let baseline = match args.baseline_bin_dir {
+        Some(dir) => Some(Bins::locate(Some(dir), args.haproxy.clone())?),
+        None => None,
+    };
     let bins = Bins::locate(args.bin_dir, args.haproxy)?;
     let machine = Machine::probe(&bins.haproxy);
     println!(
@@ -60,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
     let ctx = Ctx {
         bins,
         quick: args.quick,
+        baseline,
     };
     let mut failed = Vec::new();
     for s in scenarios {

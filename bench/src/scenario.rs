@@ -17,6 +17,9 @@ pub struct Ctx {
     pub bins: Bins,
     /// Short runs: a smoke test of the harness.
     pub quick: bool,
+    /// Binaries of an earlier build, measured side by side with `bins` where a scenario
+    /// supports it (convergence).
+    pub baseline: Option<Bins>,
 }
 
 impl Ctx {

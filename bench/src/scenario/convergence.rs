@@ -8,7 +8,9 @@
 //!
 //! Times on both sides are wall-clock: the registrar's log timestamp and the receipt time of
 //! each answer seen by a prober that sends requests back to back through the ambassador.
-//! The same (a) and (b) for a labelled container found by the directory's Docker discovery.
+//! The same (a) and (b) for a labelled container found by the directory's Docker discovery;
+//! and, in [`api`], the same changes made straight through the directory's API, side by side
+//! with an earlier build, cut into stages.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,6 +30,8 @@ use crate::report::{ms, Check, Report, Table};
 use crate::scenario::docker;
 use crate::scenario::Ctx;
 use crate::stats::{Samples, Summary};
+
+mod api;
 
 const SERVICE: &str = "greeting";
 /// After the last answer from an instance, this long without another means it gets no more.
@@ -314,6 +318,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let (probe_ok, probe_failed, probe_reasons) = prober.failed();
     prober.finish().await;
 
+    let api_builds = api::run(&ctx.bins, ctx.baseline.as_ref(), trials).await?;
+
     let docker_result = docker::convergence(ctx, trials.min(ctx.pick(20, 5))).await;
 
     for p in [
@@ -375,6 +381,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         text += &format!("docker-labelled container: not measured ({why})\n");
     }
 
+    let (api_text, api_checks, api_data) = api::report(&api_builds);
+    text += "\n";
+    text += &api_text;
+
     let (us, ds, rs) = (
         up.samples.summary(),
         down.samples.summary(),
@@ -422,7 +432,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             &why.to_string(),
         )),
     }
+    checks.extend(api_checks);
     let data = json!({
+        "api": api_data,
         "trials": trials,
         "registrar": {"interval_ms": probe.interval.as_millis() as u64, "rise": probe.rise, "fall": probe.fall},
         "up_to_first_routed": {"latency": us, "timeouts": up.timeouts},
