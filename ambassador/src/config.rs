@@ -113,7 +113,7 @@ impl Config {
                 baker_client::DirectoryClient::new(v, None).map(|_| v.to_owned())
             })
             .unwrap_or_else(|| baker_client::api::DEFAULT_DIRECTORY.to_owned());
-        let token = r.parse(ENV_TOKEN, parse_token);
+        let token = r.parse_secret(ENV_TOKEN, parse_token);
         let http_port = r.parse(ENV_HTTP_PORT, parse_port);
         let services = match r.get(ENV_ROUTES) {
             None => {

@@ -226,6 +226,23 @@ impl<'e> Reader<'e> {
         }
     }
 
+    /// Like [`Reader::parse`] for a secret (a token): a bad value is reported without quoting
+    /// it, so it does not end up in logs.
+    pub fn parse_secret<T, E: fmt::Display>(
+        &mut self,
+        name: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Option<T> {
+        let value = self.get(name)?;
+        match parse(value.trim()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errs.push(name, format!("{e} (value not shown)"));
+                None
+            }
+        }
+    }
+
     /// Like [`Reader::parse`], and records that `name` is required when it is unset.
     pub fn required<T, E: fmt::Display>(
         &mut self,
@@ -323,6 +340,26 @@ mod tests {
         assert!(
             text.contains("BAKER_MAX_CONNECTIONS: invalid digit found in string (got \"x\")")
                 && text.contains("BAKER_REQUEST_TIMEOUT: must be a duration"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_secret_is_not_quoted_in_errors() {
+        let env = Environment::from_pairs(&[("BAKER_TOKEN", "my secret")]);
+        let mut r = Reader::new(&DIRECTORY, &env);
+        let token = r.parse_secret(ENV_TOKEN, |t| {
+            if t.contains(' ') {
+                Err("must have no spaces")
+            } else {
+                Ok(t.to_owned())
+            }
+        });
+        assert_eq!(token, None);
+        let text = r.finish(()).unwrap_err().to_string();
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            text.ends_with("BAKER_TOKEN: must have no spaces (value not shown)"),
             "{text}"
         );
     }

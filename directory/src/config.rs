@@ -113,7 +113,7 @@ impl Config {
             s.parse::<SocketAddr>()
                 .map_err(|_| "must be an address such as 0.0.0.0:7700 or [::]:7700")
         });
-        let token = r.parse(ENV_TOKEN, parse_token);
+        let token = r.parse_secret(ENV_TOKEN, parse_token);
         let data = r.parse(ENV_DATA, |s| Ok::<_, String>(PathBuf::from(s)));
         let docker = r.value(ENV_DOCKER, DockerMode::Auto);
         let docker_network = r.parse(ENV_DOCKER_NETWORK, parse_network);

@@ -240,7 +240,7 @@ pub fn directory_and_token(r: &mut Reader<'_>) -> (String, Option<String>) {
                 .map_err(|_| "must be the directory's URL, such as http://directory:7700")
         })
         .unwrap_or_else(|| DEFAULT_DIRECTORY.to_owned());
-    let token = r.parse(ENV_TOKEN, parse_token);
+    let token = r.parse_secret(ENV_TOKEN, parse_token);
     (directory, token)
 }
 

@@ -233,6 +233,7 @@ async fn a_token_that_cannot_be_sent_is_refused_at_start() {
                 .contains("BAKER_TOKEN: must be printable ASCII without spaces"),
             "{r:#?}"
         );
+        assert!(!r.stderr.contains("cret"), "the token is shown: {r:#?}");
     }
 }
 
