@@ -3,7 +3,6 @@
 FROM scratch
 COPY rootfs/ /
 ENV PATH=/usr/local/bin \
-    BAKER_LISTEN=0.0.0.0:8080 \
     HEALTHCHECK_URL=http://127.0.0.1:8080/health
 USER 65532:65532
 EXPOSE 8080

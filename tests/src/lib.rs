@@ -13,6 +13,7 @@
 pub mod ambassador;
 pub mod directory;
 pub mod dns;
+pub mod doc;
 pub mod docker;
 pub mod greeting;
 

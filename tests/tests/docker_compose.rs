@@ -7,9 +7,10 @@ use std::time::Duration;
 use baker_tests::docker::{require_images, Compose};
 use baker_tests::eventually;
 
-const PUBLISH_ANY: [(&str, &str); 2] = [
+const PUBLISH_ANY: [(&str, &str); 3] = [
     ("BAKER_DIRECTORY_PUBLISH", "127.0.0.1:0"),
     ("BAKER_GREETING_PUBLISH", "127.0.0.1:0"),
+    ("BAKER_ADMIN_PUBLISH", "127.0.0.1:0"),
 ];
 
 #[tokio::test]
@@ -29,6 +30,16 @@ async fn quickstart_client_reaches_both_instances_through_the_ambassador() {
         },
     )
     .await;
+    // `stop` (and `down`) stop the registrars before the directory they depend on, so each
+    // deregisters at once instead of retrying against a directory that is gone.
+    project.run_ok(&["stop"]);
+    for registrar in ["registrar-1", "registrar-2"] {
+        let logs = project.logs(registrar);
+        assert!(
+            logs.contains("deregistered greeting/greeting-") && !logs.contains("cannot reach"),
+            "{registrar} did not deregister cleanly on stop:\n{logs}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -52,6 +63,16 @@ async fn canary_route_sends_part_of_the_traffic_to_version_2() {
         },
     )
     .await;
+    // The route container set the route on its first run (it waits for a healthy directory),
+    // so `up` shows its success rather than a failure followed by a restart it does not show.
+    let route = project.container("route");
+    let runs = baker_tests::docker::docker_ok(&[
+        "inspect",
+        "--format",
+        "{{.RestartCount}} {{.State.ExitCode}}",
+        &route,
+    ]);
+    assert_eq!(runs, "0 0", "restarts and exit code of the route container");
     // The route holds: version 1 keeps answering most requests.
     let routes = project.run_ok(&["exec", "-T", "directory", "baker", "route", "ls"]);
     assert!(routes.contains("greeting"), "{routes}");

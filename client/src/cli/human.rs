@@ -96,6 +96,10 @@ pub fn ms(millis: u64) -> String {
     if millis < 1000 {
         return format!("{millis}ms");
     }
+    // A registrar's TTL is three intervals: 500ms gives 1.5s, which `1s` would misstate.
+    if millis < 10_000 && millis % 1000 >= 100 {
+        return format!("{}.{}s", millis / 1000, millis % 1000 / 100);
+    }
     compact(Duration::from_millis(millis))
 }
 
@@ -183,6 +187,9 @@ mod tests {
     fn durations() {
         assert_eq!(ms(500), "500ms");
         assert_eq!(ms(6000), "6s");
+        assert_eq!(ms(1500), "1.5s");
+        assert_eq!(ms(9990), "9.9s");
+        assert_eq!(ms(10_500), "10s");
         assert_eq!(compact(Duration::from_secs(90)), "1m30s");
         assert_eq!(compact(Duration::from_secs(120)), "2m");
         assert_eq!(compact(Duration::from_secs(7200 + 300 + 7)), "2h5m");

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use baker_client::model::{Instance, Route, ServiceResponse};
+use baker_client::model::{Instance, Route, ServiceResponse, Source};
 use reqwest::StatusCode;
 use serde::Serialize;
 
@@ -109,7 +109,7 @@ pub fn instances_table<'a>(
             i.weight.to_string(),
             i.source.to_string(),
             i.tags.join(","),
-            ms(i.ttl_ms),
+            ttl(i),
             ago(i.last_seen, now),
         ];
         if with_service {
@@ -118,6 +118,15 @@ pub fn instances_table<'a>(
         t.row(row);
     }
     t
+}
+
+/// The TTL column: a Docker instance never expires by TTL (the engine says when it goes), so
+/// it shows `-` rather than the TTL the directory stores for it.
+fn ttl(i: &Instance) -> String {
+    match i.source {
+        Source::Docker => "-".to_owned(),
+        Source::Registrar => ms(i.ttl_ms),
+    }
 }
 
 pub async fn instances(ctx: &Ctx, service: Option<&str>) -> anyhow::Result<()> {
@@ -214,12 +223,15 @@ mod tests {
         b.weight = 10;
         b.address = "fd00::2".into();
         let now = UNIX_EPOCH + Duration::from_millis(1_003_000);
-        let list = [b, inst("emitter", "a", "1")];
+        let mut c = inst("emitter", "c", "1");
+        c.source = Source::Docker;
+        let list = [b, inst("emitter", "a", "1"), c];
         assert_eq!(
             instances_table(&list, false, now).render(true),
             "ID   ADDRESS          VERSION   WEIGHT   SOURCE      TAGS     TTL   SEEN\n\
              a    10.0.0.1:8080    1         100      registrar   -        6s    3s ago\n\
-             b    [fd00::2]:8080   2         10       registrar   canary   6s    3s ago\n"
+             b    [fd00::2]:8080   2         10       registrar   canary   6s    3s ago\n\
+             c    10.0.0.1:8080    1         100      docker      -        -     3s ago\n"
         );
         assert!(instances_table(&list, true, now)
             .render(false)
