@@ -11,7 +11,7 @@ use baker_client::config::vars::{
     ENV_STOP_TIMEOUT, ENV_TEMPLATE, ENV_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
-use baker_client::model::validate_name;
+use baker_client::model::ServiceName;
 
 /// Default admin port: HAProxy's stats page, its Prometheus exporter and the ambassador's own
 /// metrics.
@@ -41,7 +41,7 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRoute {
     /// The service's name in the directory (also HAProxy's backend name).
-    pub name: String,
+    pub name: ServiceName,
     /// Its own local port; `None` when it is reached only through the shared HTTP port.
     pub port: Option<u16>,
     pub mode: Mode,
@@ -230,14 +230,17 @@ pub fn parse_routes(value: &str, have_http_port: bool) -> Result<Vec<ServiceRout
             ));
             continue;
         }
-        if let Err(e) = validate_name("service", name) {
-            problems.push(format!(
-                "service name {:?}: {}",
-                baker_client::model::printable(name),
-                e.message
-            ));
-            continue;
-        }
+        let name = match name.parse::<ServiceName>() {
+            Ok(name) => name,
+            Err(e) => {
+                problems.push(format!(
+                    "service name {:?}: {}",
+                    baker_client::model::printable(name),
+                    e.message
+                ));
+                continue;
+            }
+        };
         let port = match port.map(parse_port).transpose() {
             Ok(p) => p,
             Err(e) => {
@@ -270,11 +273,7 @@ pub fn parse_routes(value: &str, have_http_port: bool) -> Result<Vec<ServiceRout
             problems.push(format!("{name} is named twice"));
             continue;
         }
-        out.push(ServiceRoute {
-            name: name.to_owned(),
-            port,
-            mode,
-        });
+        out.push(ServiceRoute { name, port, mode });
     }
     if out.is_empty() && problems.is_empty() {
         problems.push("must name at least one service, e.g. emitter=8000".into());

@@ -196,21 +196,21 @@ pub fn diff(
     // server at weight 0 and get a 503.
     let mut lowers = vec![];
     for (backend, servers) in desired {
-        let run = running.get(backend).unwrap_or(&empty);
+        let run = running.get(backend.as_str()).unwrap_or(&empty);
         for (name, want) in servers {
-            let b = backend.clone();
+            let b = backend.to_string();
             // The owner plans with resolved addresses only; a name left here has no address.
-            let Ok(address) = want.address.parse::<IpAddr>() else {
+            let Some(address) = want.address.ip() else {
                 continue;
             };
-            let Some(have) = run.get(name) else {
+            let Some(have) = run.get(name.as_str()) else {
                 adds.push(Command::Add {
                     backend: b,
-                    server: name.clone(),
+                    server: name.to_string(),
                     address,
                     port: want.port,
                     weight: want.weight,
-                    options: options.get(backend).cloned().unwrap_or_default(),
+                    options: options.get(backend.as_str()).cloned().unwrap_or_default(),
                 });
                 continue;
             };
@@ -218,7 +218,7 @@ pub fn diff(
             if have.address.parse::<IpAddr>().ok() != Some(address) || have.port != want.port {
                 changes.push(Command::SetAddr {
                     backend: b.clone(),
-                    server: name.clone(),
+                    server: name.to_string(),
                     address,
                     port: want.port,
                 });
@@ -231,22 +231,22 @@ pub fn diff(
                 };
                 to.push(Command::SetWeight {
                     backend: b.clone(),
-                    server: name.clone(),
+                    server: name.to_string(),
                     weight: want.weight,
                 });
             }
             if have.maint || have.drain {
                 changes.push(Command::Ready {
                     backend: b,
-                    server: name.clone(),
+                    server: name.to_string(),
                 });
             }
         }
         for (name, have) in run {
-            if servers.contains_key(name) {
+            if servers.contains_key(name.as_str()) {
                 continue;
             }
-            let key = (backend.clone(), name.clone());
+            let key = (backend.to_string(), name.clone());
             if have.maint || removable.contains(&key) {
                 deletes.push(Command::Delete {
                     backend: key.0,
@@ -276,18 +276,18 @@ mod tests {
 
     fn want(name: &str, port: u16, weight: u16) -> DesiredServer {
         DesiredServer {
-            name: name.into(),
-            address: "10.0.0.1".into(),
+            name: name.parse().unwrap(),
+            address: "10.0.0.1".parse().unwrap(),
             port,
             weight,
-            version: "1".into(),
+            version: "1".parse().unwrap(),
         }
     }
 
     fn have(name: &str, port: u16, weight: u16) -> RunningServer {
         RunningServer {
-            name: name.into(),
-            address: "10.0.0.1".into(),
+            name: name.parse().unwrap(),
+            address: "10.0.0.1".parse().unwrap(),
             port,
             weight,
             maint: false,
@@ -298,7 +298,7 @@ mod tests {
 
     fn desired(servers: &[DesiredServer]) -> Desired {
         [(
-            "be".to_string(),
+            "be".parse().unwrap(),
             servers
                 .iter()
                 .map(|s| (s.name.clone(), s.clone()))
@@ -406,7 +406,7 @@ mod tests {
         x.maint = true;
         let mut r = running(&[x]);
         r.insert(
-            "baker:ambassador".into(),
+            "baker:ambassador".parse().unwrap(),
             [("ambassador".to_string(), have("ambassador", 0, 1))].into(),
         );
         let cmds = diff(&d, &r, &opts(), &BTreeSet::new());
@@ -417,16 +417,52 @@ mod tests {
     #[test]
     fn addresses_compare_as_addresses_not_spellings() {
         let mut w = want("a", 80, 100);
-        w.address = "fd00:0::1".into();
+        w.address = "fd00:0::1".parse().unwrap();
         let mut h = have("a", 80, 100);
         h.address = "fd00::1".into();
         assert!(diff(&desired(&[w]), &running(&[h]), &opts(), &BTreeSet::new()).is_empty());
     }
 
     #[test]
+    fn a_registration_spelled_otherwise_than_haproxy_reports_moves_nothing() {
+        use baker_client::model::{InstanceSpec, State};
+
+        use crate::config::{Mode, ServiceRoute};
+        use crate::plan::plan;
+
+        // Registered as written by a user; HAProxy reports the canonical spelling.
+        for written in ["FD00::1", "fd00:0::1", "FD00:0000:0000::0001"] {
+            let body = format!(r#"{{"address":"{written}","port":80}}"#);
+            let spec: InstanceSpec = serde_json::from_str(&body).unwrap();
+            let spec = spec.validate().unwrap();
+            let instance = baker_client::Instance {
+                address: spec.address,
+                port: spec.port,
+                weight: spec.weight,
+                ..baker_client::Instance::sample("be", "a")
+            };
+            let state = State {
+                services: [("be".parse().unwrap(), vec![instance])].into(),
+                ..State::default()
+            };
+            let services = [ServiceRoute {
+                name: "be".parse().unwrap(),
+                port: Some(8000),
+                mode: Mode::Http,
+            }];
+            let desired = plan(&state, &services);
+            assert_eq!(desired["be"]["a"].address.as_str(), "fd00::1", "{written}");
+            let mut h = have("a", 80, 100);
+            h.address = "fd00::1".into();
+            let cmds = diff(&desired, &running(&[h]), &opts(), &BTreeSet::new());
+            assert!(cmds.is_empty(), "{written}: {cmds:?}");
+        }
+    }
+
+    #[test]
     fn a_server_without_an_address_is_not_added() {
         let mut w = want("a", 80, 100);
-        w.address = "db.example".into();
+        w.address = "db.example".parse().unwrap();
         assert!(diff(&desired(&[w]), &running(&[]), &opts(), &BTreeSet::new()).is_empty());
     }
 

@@ -133,7 +133,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     tracing::info!(
         services = %config.services.iter().map(|s| match s.port {
             Some(p) => format!("{}={p}", s.name),
-            None => s.name.clone(),
+            None => s.name.to_string(),
         }).collect::<Vec<_>>().join(","),
         http_port = config.http_port,
         run_dir = %config.run_dir.display(),

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use baker_client::model::{
-    route_falls_back, validate_address, validate_name, Instance, Route, State, MAX_WEIGHT,
+    route_falls_back, Address, Instance, InstanceId, Route, ServiceName, State, Version, MAX_WEIGHT,
 };
 use serde::Serialize;
 
@@ -24,20 +24,20 @@ use crate::config::ServiceRoute;
 /// One server HAProxy should run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DesiredServer {
-    /// HAProxy's server name: the instance id (validated, so it is a safe HAProxy name).
-    pub name: String,
-    pub address: String,
+    /// HAProxy's server name: the instance id (a name, so a safe HAProxy identifier).
+    pub name: InstanceId,
+    pub address: Address,
     pub port: u16,
     /// HAProxy weight, 0..=256.
     pub weight: u16,
-    pub version: String,
+    pub version: Version,
 }
 
 /// A backend's servers by name.
-pub type Backend = BTreeMap<String, DesiredServer>;
+pub type Backend = BTreeMap<InstanceId, DesiredServer>;
 
 /// Every configured service's backend, by service name.
-pub type Desired = BTreeMap<String, Backend>;
+pub type Desired = BTreeMap<ServiceName, Backend>;
 
 /// Plans every configured service's servers from the directory's state.
 pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
@@ -76,35 +76,19 @@ pub fn fallbacks(state: &State, services: &[ServiceRoute]) -> BTreeMap<String, b
             let falls_back = state.routes.get(&svc.name).is_some_and(|route| {
                 route_falls_back(route, instances.iter().map(|i| i.version.as_str()))
             });
-            (svc.name.clone(), falls_back)
+            (svc.name.to_string(), falls_back)
         })
         .collect()
 }
 
-/// A service's instances that are safe to plan.
-fn usable<'a>(state: &'a State, service: &str) -> Vec<&'a Instance> {
+/// A service's instances that can be planned: all of them (their names and addresses are
+/// valid by type) but any with port 0, the one value of an instance HAProxy would misread.
+fn usable<'a>(state: &'a State, service: &ServiceName) -> Vec<&'a Instance> {
     state
         .services
         .get(service)
-        .map(|v| v.iter().filter(|i| is_safe(i)).collect())
+        .map(|v| v.iter().filter(|i| i.port != 0).collect())
         .unwrap_or_default()
-}
-
-/// Whether an instance's fields are safe to hand to HAProxy (the directory validates them too;
-/// the ambassador does not rely on it).
-fn is_safe(i: &Instance) -> bool {
-    let ok = validate_name("id", &i.id).is_ok()
-        && validate_address("address", &i.address).is_ok()
-        && validate_name("version", &i.version).is_ok()
-        && i.port != 0;
-    if !ok {
-        tracing::warn!(
-            service = %baker_client::model::printable(&i.service),
-            id = %baker_client::model::printable(&i.id),
-            "ignoring an instance with an invalid id, address, version or port"
-        );
-    }
-    ok
 }
 
 /// HAProxy weights for `instances` (same order), following `route` if there is one and it
@@ -116,11 +100,11 @@ pub fn weights(instances: &[&Instance], route: Option<&Route>) -> Vec<u16> {
         return instances.iter().map(|i| i.weight.min(MAX_WEIGHT)).collect();
     };
     // Each live named version's share, renormalised over the versions that have instances.
-    let mut live: BTreeMap<&str, (f64, Vec<usize>)> = BTreeMap::new();
+    let mut live: BTreeMap<&Version, (f64, Vec<usize>)> = BTreeMap::new();
     for (idx, i) in instances.iter().enumerate() {
         if let Some(&pct) = route.get(&i.version) {
             if pct > 0 {
-                live.entry(i.version.as_str())
+                live.entry(&i.version)
                     .or_insert((f64::from(pct), Vec::new()))
                     .1
                     .push(idx);
@@ -187,14 +171,17 @@ mod tests {
 
     fn inst(id: &str, version: &str, weight: u16) -> Instance {
         Instance {
-            version: version.into(),
+            version: version.parse().unwrap(),
             weight,
             ..Instance::sample("svc", id)
         }
     }
 
     fn route(pairs: &[(&str, u8)]) -> Route {
-        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.parse().unwrap(), *v))
+            .collect()
     }
 
     /// Each version's share of the total weight, in percent.
@@ -202,7 +189,7 @@ mod tests {
         let total: f64 = w.iter().map(|&x| f64::from(x)).sum();
         let mut out = BTreeMap::new();
         for (i, &x) in instances.iter().zip(w) {
-            *out.entry(i.version.clone()).or_insert(0.0) += f64::from(x) * 100.0 / total;
+            *out.entry(i.version.to_string()).or_insert(0.0) += f64::from(x) * 100.0 / total;
         }
         out
     }
@@ -282,17 +269,23 @@ mod tests {
         let mut state = State::default();
         state
             .services
-            .insert("svc".into(), vec![inst("a", "1", 100)]);
+            .insert("svc".parse().unwrap(), vec![inst("a", "1", 100)]);
         state
             .services
-            .insert("ok".into(), vec![inst("b", "2", 100)]);
-        state.routes.insert("svc".into(), route(&[("3", 100)]));
-        state.routes.insert("ok".into(), route(&[("2", 100)]));
-        state.routes.insert("empty".into(), route(&[("2", 100)]));
+            .insert("ok".parse().unwrap(), vec![inst("b", "2", 100)]);
+        state
+            .routes
+            .insert("svc".parse().unwrap(), route(&[("3", 100)]));
+        state
+            .routes
+            .insert("ok".parse().unwrap(), route(&[("2", 100)]));
+        state
+            .routes
+            .insert("empty".parse().unwrap(), route(&[("2", 100)]));
         let services: Vec<ServiceRoute> = ["svc", "ok", "empty", "plain"]
             .into_iter()
             .map(|name| ServiceRoute {
-                name: name.into(),
+                name: name.parse().unwrap(),
                 port: None,
                 mode: Mode::Http,
             })
@@ -309,31 +302,33 @@ mod tests {
     fn plan_builds_backends_for_configured_services_only() {
         let mut state = State::default();
         state.services.insert(
-            "svc".into(),
-            vec![inst("a", "1", 100), inst("B!", "1", 100)],
+            "svc".parse().unwrap(),
+            vec![
+                inst("a", "1", 100),
+                Instance {
+                    port: 0,
+                    ..inst("b", "1", 100)
+                },
+            ],
         );
         state
             .services
-            .insert("other".into(), vec![inst("x", "1", 100)]);
+            .insert("other".parse().unwrap(), vec![inst("x", "1", 100)]);
         let services = vec![
             ServiceRoute {
-                name: "svc".into(),
+                name: "svc".parse().unwrap(),
                 port: Some(8000),
                 mode: Mode::Http,
             },
             ServiceRoute {
-                name: "none".into(),
+                name: "none".parse().unwrap(),
                 port: Some(8001),
                 mode: Mode::Tcp,
             },
         ];
         let d = plan(&state, &services);
         assert_eq!(d.len(), 2);
-        assert_eq!(
-            d["svc"].keys().collect::<Vec<_>>(),
-            ["a"],
-            "invalid id skipped"
-        );
+        assert_eq!(d["svc"].keys().collect::<Vec<_>>(), ["a"], "port 0 skipped");
         assert_eq!(d["svc"]["a"].weight, 100);
         assert!(d["none"].is_empty());
     }

@@ -88,7 +88,12 @@ impl Owner {
         let options = config
             .services
             .iter()
-            .map(|s| (s.name.clone(), server_options(s.mode, &config.checks, 5)))
+            .map(|s| {
+                (
+                    s.name.to_string(),
+                    server_options(s.mode, &config.checks, 5),
+                )
+            })
             .collect();
         Ok(Owner {
             config,
@@ -359,14 +364,18 @@ impl Owner {
                 .get(be)
                 .and_then(|b| b.get(srv))
                 .is_some_and(|s| s.drain)
-                && !desired.get(be).is_some_and(|b| b.contains_key(srv))
+                && !desired
+                    .get(be.as_str())
+                    .is_some_and(|b| b.contains_key(srv.as_str()))
         });
         let draining: Vec<(String, String)> = running
             .iter()
-            .filter(|(be, _)| desired.contains_key(*be))
+            .filter(|(be, _)| desired.contains_key(be.as_str()))
             .flat_map(|(be, b)| {
                 b.values()
-                    .filter(|s| s.drain && !s.maint && !desired[be].contains_key(&s.name))
+                    .filter(|s| {
+                        s.drain && !s.maint && !desired[be.as_str()].contains_key(s.name.as_str())
+                    })
                     .map(move |s| (be.clone(), s.name.clone()))
             })
             .collect();
@@ -578,7 +587,7 @@ impl Owner {
         for (svc, b) in desired {
             self.metrics
                 .servers
-                .get_or_create(&vec![("service".to_string(), svc.clone())])
+                .get_or_create(&vec![("service".to_string(), svc.to_string())])
                 .set(b.len() as i64);
         }
     }

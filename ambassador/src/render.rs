@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use baker_client::model::{Address, InstanceId, ServiceName, Version};
+
 use crate::config::{Checks, Config, Mode};
 use crate::plan::Desired;
 
@@ -56,7 +58,7 @@ pub struct Context {
     /// The shared HTTP port (`BAKER_HTTP_PORT`), if any.
     pub http_port: Option<u16>,
     /// Services reachable through the shared HTTP port (every HTTP-mode service).
-    pub http_services: Vec<String>,
+    pub http_services: Vec<ServiceName>,
     pub admin: Option<AdminContext>,
     /// HAProxy's admin-level stats socket (the runtime API the ambassador drives).
     pub admin_socket: String,
@@ -72,7 +74,7 @@ pub struct Context {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceContext {
-    pub name: String,
+    pub name: ServiceName,
     pub port: Option<u16>,
     pub mode: Mode,
     pub servers: Vec<ServerContext>,
@@ -83,11 +85,11 @@ pub struct ServiceContext {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerContext {
-    pub name: String,
-    pub address: String,
+    pub name: InstanceId,
+    pub address: Address,
     pub port: u16,
     pub weight: u16,
-    pub version: String,
+    pub version: Version,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -238,17 +240,17 @@ mod tests {
     pub(crate) fn sample() -> (Config, Desired) {
         let mut c = Config::new(vec![
             ServiceRoute {
-                name: "emitter".into(),
+                name: "emitter".parse().unwrap(),
                 port: Some(8000),
                 mode: Mode::Http,
             },
             ServiceRoute {
-                name: "transform".into(),
+                name: "transform".parse().unwrap(),
                 port: None,
                 mode: Mode::Http,
             },
             ServiceRoute {
-                name: "db".into(),
+                name: "db".parse().unwrap(),
                 port: Some(5432),
                 mode: Mode::Tcp,
             },
@@ -257,24 +259,24 @@ mod tests {
         c.run_dir = "/run/baker".into();
         let mut d = Desired::new();
         let srv = |name: &str, port, weight, version: &str| DesiredServer {
-            name: name.into(),
-            address: "10.0.0.2".into(),
+            name: name.parse().unwrap(),
+            address: "10.0.0.2".parse().unwrap(),
             port,
             weight,
-            version: version.into(),
+            version: version.parse().unwrap(),
         };
         d.insert(
-            "emitter".into(),
+            "emitter".parse().unwrap(),
             [
-                ("a".into(), srv("a", 8080, 231, "1")),
-                ("b".into(), srv("b", 8081, 26, "2")),
+                ("a".parse().unwrap(), srv("a", 8080, 231, "1")),
+                ("b".parse().unwrap(), srv("b", 8081, 26, "2")),
             ]
             .into(),
         );
-        d.insert("transform".into(), Default::default());
+        d.insert("transform".parse().unwrap(), Default::default());
         d.insert(
-            "db".into(),
-            [("db-1".into(), srv("db-1", 5432, 100, "1"))].into(),
+            "db".parse().unwrap(),
+            [("db-1".parse().unwrap(), srv("db-1", 5432, 100, "1"))].into(),
         );
         (c, d)
     }

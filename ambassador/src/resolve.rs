@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use baker_client::model::Address;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -61,26 +62,25 @@ impl Cache {
         let mut out = desired.clone();
         for backend in out.values_mut() {
             backend.retain(|_, server| {
-                if let Ok(ip) = server.address.parse::<IpAddr>() {
-                    server.address = ip.to_string();
+                let Some(name) = server.address.dns_name() else {
                     return true;
-                }
-                match self.entries.get(&server.address) {
+                };
+                match self.entries.get(name) {
                     Some(Entry::Found { ip, until }) => {
                         if *until <= now {
-                            lookups.insert(server.address.clone());
+                            lookups.insert(name.to_owned());
                         }
-                        server.address = ip.to_string();
+                        server.address = Address::from(*ip);
                         true
                     }
                     Some(Entry::Failed { until }) => {
                         if *until <= now {
-                            lookups.insert(server.address.clone());
+                            lookups.insert(name.to_owned());
                         }
                         false
                     }
                     None => {
-                        lookups.insert(server.address.clone());
+                        lookups.insert(name.to_owned());
                         false
                     }
                 }
@@ -113,8 +113,7 @@ fn names(desired: &Desired) -> impl Iterator<Item = &str> {
     desired
         .values()
         .flat_map(|b| b.values())
-        .map(|s| s.address.as_str())
-        .filter(|a| a.parse::<IpAddr>().is_err())
+        .filter_map(|s| s.address.dns_name())
 }
 
 /// Follows `plans` until `shutdown`, publishing each with its names resolved on `resolved`.
@@ -223,24 +222,24 @@ mod tests {
             .iter()
             .map(|(name, address)| {
                 (
-                    name.to_string(),
+                    name.parse().unwrap(),
                     DesiredServer {
-                        name: name.to_string(),
-                        address: address.to_string(),
+                        name: name.parse().unwrap(),
+                        address: address.parse().unwrap(),
                         port: 80,
                         weight: 100,
-                        version: "1".into(),
+                        version: "1".parse().unwrap(),
                     },
                 )
             })
             .collect();
-        [("be".to_string(), backend)].into()
+        [("be".parse().unwrap(), backend)].into()
     }
 
     fn addresses(d: &Desired) -> Vec<(String, String)> {
         d["be"]
             .values()
-            .map(|s| (s.name.clone(), s.address.clone()))
+            .map(|s| (s.name.to_string(), s.address.to_string()))
             .collect()
     }
 

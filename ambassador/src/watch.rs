@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baker_client::backoff::Backoff;
-use baker_client::model::{Instance, State, WatchEvent};
+use baker_client::model::{Instance, InstanceId, ServiceName, State, WatchEvent};
 use baker_client::DirectoryClient;
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -71,18 +71,18 @@ pub struct Tracker {
     state: State,
     seen_snapshot: bool,
     /// Services the ambassador routes: holds are kept (and graces computed) for these only.
-    routed: BTreeSet<String>,
+    routed: BTreeSet<ServiceName>,
     cap: Duration,
-    held: BTreeMap<(String, String), Hold>,
+    held: BTreeMap<(ServiceName, InstanceId), Hold>,
     /// Grace of each service with held instances, fixed by the snapshot that held them.
-    graces: BTreeMap<String, Duration>,
+    graces: BTreeMap<ServiceName, Duration>,
     /// Since when the directory has been streaming (its last snapshot); `None` while away.
     up_since: Option<Instant>,
 }
 
 impl Tracker {
     /// A tracker for the `routed` services whose holds last at most `cap`.
-    pub fn new(routed: impl IntoIterator<Item = String>, cap: Duration) -> Self {
+    pub fn new(routed: impl IntoIterator<Item = ServiceName>, cap: Duration) -> Self {
         Tracker {
             state: State::default(),
             seen_snapshot: false,
@@ -124,7 +124,7 @@ impl Tracker {
     }
 
     /// Holds the routed instances of `old` that the fresh snapshot just applied lacks.
-    fn hold_missing(&mut self, old: BTreeMap<String, Vec<Instance>>, now: Instant) {
+    fn hold_missing(&mut self, old: BTreeMap<ServiceName, Vec<Instance>>, now: Instant) {
         for (service, instances) in old {
             if !self.routed.contains(&service) {
                 continue;
@@ -165,14 +165,14 @@ impl Tracker {
         self.up_since = None;
     }
 
-    fn lists(&self, (service, id): &(String, String)) -> bool {
+    fn lists(&self, (service, id): &(ServiceName, InstanceId)) -> bool {
         self.state
             .services
             .get(service)
             .is_some_and(|v| v.iter().any(|i| &i.id == id))
     }
 
-    fn end_of(&self, (service, _): &(String, String), hold: &Hold) -> Instant {
+    fn end_of(&self, (service, _): &(ServiceName, InstanceId), hold: &Hold) -> Instant {
         let grace = self.graces.get(service).copied().unwrap_or(self.cap);
         hold_end(hold.since, self.up_since, grace, self.cap)
     }
@@ -329,10 +329,10 @@ mod tests {
 
     /// A snapshot of `svc` instances with a 3 s TTL, plus `extra` instances of any service.
     fn snapshot_with(index: u64, ids: &[&str], extra: &[Instance]) -> WatchEvent {
-        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        let mut services: BTreeMap<ServiceName, Vec<Instance>> = BTreeMap::new();
         for id in ids {
             services
-                .entry("svc".into())
+                .entry("svc".parse().unwrap())
                 .or_default()
                 .push(inst("svc", id, 3000));
         }
@@ -354,14 +354,14 @@ mod tests {
     }
 
     fn tracker() -> Tracker {
-        Tracker::new(["svc".to_string(), "other".to_string()], CAP)
+        Tracker::new(["svc".parse().unwrap(), "other".parse().unwrap()], CAP)
     }
 
     fn ids(state: &State, service: &str) -> Vec<String> {
         let mut v: Vec<String> = state
             .services
             .get(service)
-            .map(|v| v.iter().map(|i| i.id.clone()).collect())
+            .map(|v| v.iter().map(|i| i.id.to_string()).collect())
             .unwrap_or_default();
         v.sort();
         v
@@ -400,7 +400,7 @@ mod tests {
         t.apply(
             WatchEvent::Service {
                 index: 6,
-                service: "svc".into(),
+                service: "svc".parse().unwrap(),
                 instances: vec![inst("svc", "a", 3000)],
             },
             now,
@@ -430,7 +430,7 @@ mod tests {
         t.apply(
             WatchEvent::Service {
                 index: 2,
-                service: "svc".into(),
+                service: "svc".parse().unwrap(),
                 instances: vec![inst("svc", "a", 3000), inst("svc", "c", 3000)],
             },
             now,
@@ -519,7 +519,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_zero_cap_holds_nothing() {
-        let mut t = Tracker::new(["svc".to_string()], Duration::ZERO);
+        let mut t = Tracker::new(["svc".parse().unwrap()], Duration::ZERO);
         let now = Instant::now();
         t.apply(snapshot(10, &["a", "b"]), now);
         t.apply(snapshot(1, &["a"]), now);

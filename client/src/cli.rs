@@ -94,7 +94,7 @@ fn check_environment(env: &Environment) -> Result<(), Failure> {
 pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Services => services::services(ctx).await,
-        Command::Instances { service } => services::instances(ctx, service.as_deref()).await,
+        Command::Instances { service } => services::instances(ctx, service.as_ref()).await,
         Command::Route(RouteCommand::Set {
             service,
             splits,

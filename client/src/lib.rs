@@ -20,4 +20,7 @@ pub mod links;
 pub mod model;
 
 pub use api::{ClientError, DirectoryClient};
-pub use model::{Instance, InstanceSpec, Route, Source, State, WatchEvent};
+pub use model::{
+    Address, Instance, InstanceId, InstanceSpec, Route, ServiceName, Source, State, Tag, Version,
+    WatchEvent,
+};

@@ -64,7 +64,7 @@ pub fn render(alias: &str, host: &str, port: u16, proto: &str) -> Result<String,
             crate::model::printable(alias)
         )));
     }
-    crate::model::validate_address("host", host).map_err(|e| LinkError(e.to_string()))?;
+    crate::model::Address::parse_as("host", host).map_err(|e| LinkError(e.to_string()))?;
     if port == 0 {
         return Err(LinkError("port must be between 1 and 65535".into()));
     }

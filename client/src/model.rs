@@ -1,13 +1,17 @@
-//! Wire types shared by every part: instances, routes, watch events, and their validation.
+//! Wire types shared by every part: names, addresses, instances, routes, watch events.
 //!
-//! Everything that can reach an HAProxy configuration passes through the validators here, so
-//! the directory rejects bad input at the edge and the ambassador can trust what it renders.
+//! Everything that can reach an HAProxy configuration is one of the types here, parsed once at
+//! the edge ([`ServiceName`], [`InstanceId`], [`Version`], [`Tag`], [`Address`]): a value of
+//! such a type is valid by construction, so the directory rejects bad input where it arrives
+//! and the ambassador renders only what it could parse.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Longest service name, instance id, version or tag.
 pub const MAX_NAME_LEN: usize = 63;
@@ -45,70 +49,316 @@ impl ValidationError {
     }
 }
 
-/// Checks a service name, instance id, version or tag against `^[a-z0-9][a-z0-9._-]{0,62}$`.
-pub fn validate_name(field: &str, value: &str) -> Result<(), ValidationError> {
-    let err = |m: &str| Err(ValidationError::new(field, m));
-    if value.is_empty() {
-        return err("must not be empty");
-    }
+/// What is wrong with `value` as a name (`^[a-z0-9][a-z0-9._-]{0,62}$`), if anything.
+fn name_problem(value: &str) -> Option<String> {
+    let Some(first) = value.chars().next() else {
+        return Some("must not be empty".into());
+    };
     // Counted in characters: a short name of multi-byte characters is rejected below for its
     // characters, not with a length message that would contradict its visible length.
     let chars = value.chars().count();
     if chars > MAX_NAME_LEN {
-        return Err(ValidationError::new(
-            field,
-            format!("must be at most {MAX_NAME_LEN} characters, got {chars}"),
+        return Some(format!(
+            "must be at most {MAX_NAME_LEN} characters, got {chars}"
         ));
     }
-    let mut chars = value.chars();
-    let first = chars.next().unwrap_or_default();
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return Err(ValidationError::new(
-            field,
-            format!("must start with a lowercase letter or digit, got {first:?}"),
+        return Some(format!(
+            "must start with a lowercase letter or digit, got {first:?}"
         ));
     }
-    if let Some(bad) = value
+    value
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(ValidationError::new(
-            field,
-            format!("may contain only a-z, 0-9, '.', '_' and '-', got {bad:?}"),
-        ));
-    }
-    Ok(())
+        .map(|bad| format!("may contain only a-z, 0-9, '.', '_' and '-', got {bad:?}"))
 }
 
-/// Checks an address: an IPv4 or IPv6 literal, or a DNS name made of letters, digits, `-`, `.`.
-pub fn validate_address(field: &str, value: &str) -> Result<(), ValidationError> {
-    if value.is_empty() {
-        return Err(ValidationError::new(field, "must not be empty"));
+/// Defines a name type: a string matching `^[a-z0-9][a-z0-9._-]{0,62}$`, which makes it a safe
+/// HAProxy identifier and a safe configuration word.
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// The field an invalid value is reported as by [`FromStr`].
+            pub const FIELD: &'static str = $field;
+
+            /// Parses `value`, naming `field` in the error (`tags[1]`, `route.x`, a label...).
+            pub fn parse_as(field: &str, value: &str) -> Result<Self, ValidationError> {
+                match name_problem(value) {
+                    None => Ok(Self(value.to_owned())),
+                    Some(message) => Err(ValidationError::new(field, message)),
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ValidationError;
+
+            fn from_str(value: &str) -> Result<Self, ValidationError> {
+                Self::parse_as(Self::FIELD, value)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = ValidationError;
+
+            fn try_from(value: String) -> Result<Self, ValidationError> {
+                match name_problem(&value) {
+                    None => Ok(Self(value)),
+                    Some(message) => Err(ValidationError::new(Self::FIELD, message)),
+                }
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        /// Maps keyed by this type can be looked up with a `&str`.
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                self.0 == *other
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A service's name: the backend and frontend name in HAProxy, a key in the directory.
+    ServiceName,
+    "service"
+);
+name_type!(
+    /// An instance's id, unique within its service: the server name in HAProxy.
+    InstanceId,
+    "id"
+);
+name_type!(
+    /// An instance's version, which routes split traffic by (`"1"` unless told otherwise).
+    Version,
+    "version"
+);
+name_type!(
+    /// A free label on an instance.
+    Tag,
+    "tag"
+);
+
+impl Default for Version {
+    /// [`DEFAULT_VERSION`].
+    fn default() -> Self {
+        Version(DEFAULT_VERSION.to_owned())
     }
-    if value.parse::<IpAddr>().is_ok() {
-        return Ok(());
-    }
-    if value.len() > MAX_ADDRESS_LEN {
-        return Err(ValidationError::new(
-            field,
-            format!("must be an IP address or a DNS name of at most {MAX_ADDRESS_LEN} characters"),
-        ));
-    }
-    let name = value.strip_suffix('.').unwrap_or(value);
-    for label in name.split('.') {
-        let ok = !label.is_empty()
-            && label.len() <= 63
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !label.starts_with('-')
-            && !label.ends_with('-');
-        if !ok {
+}
+
+/// Where an instance listens: an IP address, kept in canonical form (`FD00:0::1` is stored and
+/// shown as `fd00::1`, the form HAProxy reports), or a DNS name.
+///
+/// A DNS name is made of labels of letters, digits and `-`, and its last label is not a
+/// number: resolvers read `010.000.000.001`, `0x7f.1`, `2130706433` or `1.2.3` as IP
+/// addresses (other ones than the text suggests), so they are refused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Address {
+    /// The canonical text: the IP address's standard form, or the DNS name as written.
+    text: String,
+    ip: Option<IpAddr>,
+}
+
+impl Address {
+    /// The field an invalid value is reported as by [`FromStr`].
+    pub const FIELD: &'static str = "address";
+
+    /// Parses `value`, naming `field` in the error (`host` in a link, for instance).
+    pub fn parse_as(field: &str, value: &str) -> Result<Self, ValidationError> {
+        if value.is_empty() {
+            return Err(ValidationError::new(field, "must not be empty"));
+        }
+        if let Ok(ip) = value.parse::<IpAddr>() {
+            return Ok(Address::from(ip));
+        }
+        if value.len() > MAX_ADDRESS_LEN {
             return Err(ValidationError::new(
                 field,
-                format!("must be an IP address or a DNS name (letters, digits, '-', '.'), got {value:?}"),
+                format!(
+                    "must be an IP address or a DNS name of at most {MAX_ADDRESS_LEN} characters"
+                ),
             ));
         }
+        let name = value.strip_suffix('.').unwrap_or(value);
+        let label_ok = |label: &str| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        };
+        if !name.split('.').all(label_ok) {
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "must be an IP address or a DNS name (letters, digits, '-', '.'), got {value:?}"
+                ),
+            ));
+        }
+        if name.rsplit('.').next().is_some_and(is_numeric_label) {
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "must be an IP address or a DNS name, got {value:?}: a DNS name may not end in \
+                     a number (resolvers read names like 127.1 or 0x7f.1 as IP addresses)"
+                ),
+            ));
+        }
+        Ok(Address {
+            text: value.to_owned(),
+            ip: None,
+        })
     }
-    Ok(())
+
+    /// The canonical text (the form HAProxy reports for an IP address).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The IP address, when this is one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+
+    /// The DNS name, when this is one.
+    pub fn dns_name(&self) -> Option<&str> {
+        match self.ip {
+            None => Some(&self.text),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Whether a DNS label is a number as `inet_aton` reads one: decimal or octal digits, or `0x`
+/// followed by hexadecimal digits.
+fn is_numeric_label(label: &str) -> bool {
+    let hex = label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"));
+    match hex {
+        Some(digits) => digits.chars().all(|c| c.is_ascii_hexdigit()),
+        None => !label.is_empty() && label.chars().all(|c| c.is_ascii_digit()),
+    }
+}
+
+impl From<IpAddr> for Address {
+    fn from(ip: IpAddr) -> Self {
+        Address {
+            text: ip.to_string(),
+            ip: Some(ip),
+        }
+    }
+}
+
+impl FromStr for Address {
+    type Err = ValidationError;
+
+    fn from_str(value: &str) -> Result<Self, ValidationError> {
+        Self::parse_as(Self::FIELD, value)
+    }
+}
+
+impl TryFrom<String> for Address {
+    type Error = ValidationError;
+
+    fn try_from(value: String) -> Result<Self, ValidationError> {
+        value.parse()
+    }
+}
+
+impl From<Address> for String {
+    fn from(address: Address) -> String {
+        address.text
+    }
+}
+
+impl Serialize for Address {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl AsRef<str> for Address {
+    fn as_ref(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Compares the canonical text: `"fd00::1"` equals the address parsed from `"FD00:0::1"`.
+impl PartialEq<str> for Address {
+    fn eq(&self, other: &str) -> bool {
+        self.text == other
+    }
+}
+
+impl PartialEq<&str> for Address {
+    fn eq(&self, other: &&str) -> bool {
+        self.text == *other
+    }
+}
+
+impl PartialEq<String> for Address {
+    fn eq(&self, other: &String) -> bool {
+        self.text == *other
+    }
 }
 
 /// Checks a TCP port (1-65535), taken wide so that out-of-range JSON numbers get a clear message.
@@ -177,11 +427,11 @@ pub struct InstanceSpec {
 /// A registration that passed validation, with defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidSpec {
-    pub address: String,
+    pub address: Address,
     pub port: u16,
-    pub version: String,
+    pub version: Version,
     pub weight: u16,
-    pub tags: Vec<String>,
+    pub tags: Vec<Tag>,
     pub ttl_ms: u64,
 }
 
@@ -189,30 +439,34 @@ impl InstanceSpec {
     /// Validates every field and reports all problems at once.
     pub fn validate(&self) -> Result<ValidSpec, Vec<ValidationError>> {
         let mut errors = Vec::new();
-        if let Err(e) = validate_address("address", &self.address) {
-            errors.push(e);
-        }
+        let address = self
+            .address
+            .parse::<Address>()
+            .map_err(|e| errors.push(e))
+            .ok();
         let port = validate_port("port", self.port)
             .map_err(|e| errors.push(e))
             .unwrap_or(0);
-        let version = self
-            .version
-            .clone()
-            .unwrap_or_else(|| DEFAULT_VERSION.to_owned());
-        if let Err(e) = validate_name("version", &version) {
-            errors.push(e);
-        }
+        let version = match &self.version {
+            None => Some(Version::default()),
+            Some(v) => v.parse::<Version>().map_err(|e| errors.push(e)).ok(),
+        };
         let weight = match self.weight {
             None => DEFAULT_WEIGHT,
             Some(w) => validate_weight("weight", w)
                 .map_err(|e| errors.push(e))
                 .unwrap_or(0),
         };
-        for (i, tag) in self.tags.iter().enumerate() {
-            if let Err(e) = validate_name(&format!("tags[{i}]"), tag) {
-                errors.push(e);
-            }
-        }
+        let tags: Vec<Tag> = self
+            .tags
+            .iter()
+            .enumerate()
+            .filter_map(|(i, tag)| {
+                Tag::parse_as(&format!("tags[{i}]"), tag)
+                    .map_err(|e| errors.push(e))
+                    .ok()
+            })
+            .collect();
         if self.tags.len() > 32 {
             errors.push(ValidationError::new("tags", "at most 32 tags are allowed"));
         }
@@ -223,17 +477,16 @@ impl InstanceSpec {
                 format!("must be between {MIN_TTL_MS} and {MAX_TTL_MS}, got {ttl_ms}"),
             ));
         }
-        if errors.is_empty() {
-            Ok(ValidSpec {
-                address: self.address.clone(),
+        match (address, version) {
+            (Some(address), Some(version)) if errors.is_empty() => Ok(ValidSpec {
+                address,
                 port,
                 version,
                 weight,
-                tags: self.tags.clone(),
+                tags,
                 ttl_ms,
-            })
-        } else {
-            Err(errors)
+            }),
+            _ => Err(errors),
         }
     }
 }
@@ -241,14 +494,14 @@ impl InstanceSpec {
 /// One live instance of a service, as the directory holds and reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
-    pub service: String,
-    pub id: String,
-    pub address: String,
+    pub service: ServiceName,
+    pub id: InstanceId,
+    pub address: Address,
     pub port: u16,
-    pub version: String,
+    pub version: Version,
     pub weight: u16,
     #[serde(default)]
-    pub tags: Vec<String>,
+    pub tags: Vec<Tag>,
     pub source: Source,
     pub ttl_ms: u64,
     /// When the directory last heard of this instance, in milliseconds since the Unix epoch.
@@ -258,14 +511,17 @@ pub struct Instance {
 impl Instance {
     /// An instance with everyday values (10.0.0.1:8080, version 1, weight 100, from a
     /// registrar, 6 s TTL, last seen at 0), for tests to adjust with struct update syntax.
+    ///
+    /// # Panics
+    /// When `service` or `id` is not a valid name.
     #[doc(hidden)]
     pub fn sample(service: &str, id: &str) -> Instance {
         Instance {
-            service: service.into(),
-            id: id.into(),
-            address: "10.0.0.1".into(),
+            service: service.parse().expect("a valid service name"),
+            id: id.parse().expect("a valid instance id"),
+            address: Address::from(IpAddr::from([10, 0, 0, 1])),
             port: 8080,
-            version: "1".into(),
+            version: Version::default(),
             weight: 100,
             tags: vec![],
             source: Source::Registrar,
@@ -276,7 +532,7 @@ impl Instance {
 }
 
 /// A canary split: version → percent of the service's traffic; the percentages sum to 100.
-pub type Route = BTreeMap<String, u8>;
+pub type Route = BTreeMap<Version, u8>;
 
 /// Validates a route as sent by a user (`{"1": 90, "2": 10}`), reporting all problems at once.
 pub fn validate_route(splits: &BTreeMap<String, u64>) -> Result<Route, Vec<ValidationError>> {
@@ -296,13 +552,13 @@ pub fn validate_route(splits: &BTreeMap<String, u64>) -> Result<Route, Vec<Valid
     }
     let mut sum: u64 = 0;
     for (version, &pct) in splits {
-        if let Err(e) = validate_name("version", version) {
-            errors.push(ValidationError::new(
-                format!("route.{}", printable(version)),
-                e.message,
-            ));
-            continue;
-        }
+        let version = match Version::parse_as(&format!("route.{}", printable(version)), version) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
         if pct > 100 {
             errors.push(ValidationError::new(
                 format!("route.{version}"),
@@ -311,7 +567,7 @@ pub fn validate_route(splits: &BTreeMap<String, u64>) -> Result<Route, Vec<Valid
             continue;
         }
         sum += pct;
-        route.insert(version.clone(), pct as u8);
+        route.insert(version, pct as u8);
     }
     if errors.is_empty() && sum != 100 {
         errors.push(ValidationError::new(
@@ -362,14 +618,14 @@ pub fn printable(value: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicesResponse {
     pub index: u64,
-    pub services: BTreeMap<String, Vec<Instance>>,
+    pub services: BTreeMap<ServiceName, Vec<Instance>>,
 }
 
 /// `GET /v1/services/{service}`: one service's live instances and its route, if any.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceResponse {
     pub index: u64,
-    pub service: String,
+    pub service: ServiceName,
     pub instances: Vec<Instance>,
     pub route: Option<Route>,
 }
@@ -378,14 +634,14 @@ pub struct ServiceResponse {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutesResponse {
     pub index: u64,
-    pub routes: BTreeMap<String, Route>,
+    pub routes: BTreeMap<ServiceName, Route>,
 }
 
 /// `PUT /v1/routes/{service}` and `DELETE` answer with the service's route after the change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteResponse {
     pub index: u64,
-    pub service: String,
+    pub service: ServiceName,
     pub route: Option<Route>,
 }
 
@@ -407,19 +663,19 @@ pub enum WatchEvent {
     /// The full state at `index`.
     Snapshot {
         index: u64,
-        services: BTreeMap<String, Vec<Instance>>,
-        routes: BTreeMap<String, Route>,
+        services: BTreeMap<ServiceName, Vec<Instance>>,
+        routes: BTreeMap<ServiceName, Route>,
     },
     /// The whole new instance list of one service (empty when its last instance went away).
     Service {
         index: u64,
-        service: String,
+        service: ServiceName,
         instances: Vec<Instance>,
     },
     /// The new route of one service (`null` when it was cleared).
     Route {
         index: u64,
-        service: String,
+        service: ServiceName,
         route: Option<Route>,
     },
     /// Keep-alive, sent when nothing changed for a while; `index` is the current one.
@@ -442,8 +698,8 @@ impl WatchEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct State {
     pub index: u64,
-    pub services: BTreeMap<String, Vec<Instance>>,
-    pub routes: BTreeMap<String, Route>,
+    pub services: BTreeMap<ServiceName, Vec<Instance>>,
+    pub routes: BTreeMap<ServiceName, Route>,
 }
 
 impl State {
@@ -496,7 +752,9 @@ mod tests {
     #[test]
     fn names() {
         for ok in ["a", "emitter", "v1.2_3-x", "0", &"a".repeat(63)] {
-            assert!(validate_name("service", ok).is_ok(), "{ok}");
+            let name: ServiceName = ok.parse().unwrap();
+            assert_eq!(name.as_str(), ok);
+            assert_eq!(serde_json::to_string(&name).unwrap(), format!("{ok:?}"));
         }
         for bad in [
             "",
@@ -511,8 +769,13 @@ mod tests {
             &"a".repeat(64),
             "é",
         ] {
-            let e = validate_name("service", bad).unwrap_err();
+            let e = bad.parse::<ServiceName>().unwrap_err();
             assert_eq!(e.field, "service", "{bad}");
+            let e = Tag::parse_as("tags[3]", bad).unwrap_err();
+            assert_eq!(e.field, "tags[3]", "{bad}");
+            let json = serde_json::to_string(bad).unwrap();
+            let e = serde_json::from_str::<InstanceId>(&json).unwrap_err();
+            assert!(e.to_string().starts_with("id: "), "{bad}: {e}");
         }
     }
 
@@ -525,8 +788,12 @@ mod tests {
             "greeting-1",
             "a.b.example",
             "host.",
+            "0x7f.example",
+            "1.2.3.example",
+            "10.0.0.1a",
         ] {
-            assert!(validate_address("address", ok).is_ok(), "{ok}");
+            let a: Address = ok.parse().unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(a.as_str(), ok);
         }
         for bad in [
             "",
@@ -539,7 +806,64 @@ mod tests {
             "1.2.3.4:80",
             "a_b",
         ] {
-            assert!(validate_address("address", bad).is_err(), "{bad}");
+            let e = bad.parse::<Address>().unwrap_err();
+            assert_eq!(e.field, "address", "{bad}");
+        }
+    }
+
+    #[test]
+    fn ip_addresses_are_stored_in_canonical_form() {
+        for (written, canonical) in [
+            ("FD00::1", "fd00::1"),
+            ("fd00:0::1", "fd00::1"),
+            ("fd00:0000:0:0:0:0:0:0001", "fd00::1"),
+            ("10.0.0.1", "10.0.0.1"),
+        ] {
+            let a: Address = written.parse().unwrap();
+            assert_eq!(a.as_str(), canonical, "{written}");
+            assert_eq!(a.ip(), Some(canonical.parse().unwrap()));
+            let json = serde_json::to_string(written).unwrap();
+            let a: Address = serde_json::from_str(&json).unwrap();
+            assert_eq!(serde_json::to_string(&a).unwrap(), format!("{canonical:?}"));
+        }
+        assert_eq!("FD00::1".parse::<Address>(), "fd00:0::1".parse::<Address>());
+        assert_eq!("db.".parse::<Address>().unwrap().dns_name(), Some("db."));
+    }
+
+    #[test]
+    fn an_event_carrying_an_invalid_value_is_refused_whole() {
+        let event = |id: &str, address: &str| {
+            format!(
+                r#"{{"type":"service","index":2,"service":"web","instances":[{{"service":"web","id":"{id}","address":"{address}","port":80,"version":"1","weight":100,"tags":[],"source":"registrar","ttl_ms":6000,"last_seen":0}}]}}"#
+            )
+        };
+        assert!(serde_json::from_str::<WatchEvent>(&event("a", "10.0.0.1")).is_ok());
+        let e = serde_json::from_str::<WatchEvent>(&event("B!", "10.0.0.1")).unwrap_err();
+        assert!(e.to_string().contains("id: "), "{e}");
+        let e = serde_json::from_str::<WatchEvent>(&event("a", "x\\nserver")).unwrap_err();
+        assert!(e.to_string().contains("address: "), "{e}");
+    }
+
+    #[test]
+    fn numeric_pseudo_hostnames_are_refused() {
+        // Each of these is an IP address to glibc's inet_aton, another one than it looks like.
+        for bad in [
+            "010.000.000.001",
+            "0x7f.1",
+            "0x7F.0X1",
+            "2130706433",
+            "1.2.3",
+            "10.0.0.256",
+            "127.1",
+            "0x",
+            "0xffffffff",
+            "1.2.3.4.",
+            "a.b.1",
+        ] {
+            let e = bad.parse::<Address>().unwrap_err();
+            assert_eq!(e.field, "address", "{bad}");
+            assert!(e.message.contains("IP address"), "{bad}: {e}");
+            assert!(Address::parse_as("host", bad).is_err(), "{bad}");
         }
     }
 
@@ -570,6 +894,7 @@ mod tests {
             (v.version.as_str(), v.weight, v.ttl_ms),
             ("1", 100, DEFAULT_TTL_MS)
         );
+        assert_eq!(v.address.as_str(), "10.0.0.1");
         assert!(
             serde_json::from_str::<InstanceSpec>(r#"{"address":"a","port":1,"evil":1}"#).is_err()
         );
@@ -578,10 +903,11 @@ mod tests {
     #[test]
     fn routes() {
         let r = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        assert_eq!(
-            validate_route(&r(&[("1", 90), ("2", 10)])).unwrap().len(),
-            2
-        );
+        let route = validate_route(&r(&[("1", 90), ("2", 10)])).unwrap();
+        assert_eq!(route.len(), 2);
+        assert_eq!(route["2"], 10);
+        let errs = validate_route(&r(&[("1", 90), ("B#", 10)])).unwrap_err();
+        assert_eq!(errs[0].field, "route.B#");
         assert!(validate_route(&r(&[("1", 100), ("2", 0)])).is_ok());
         assert!(validate_route(&r(&[("1", 80), ("2", 10)])).is_err());
         assert!(validate_route(&r(&[("1", 100), ("2", 10)])).is_err());
@@ -605,13 +931,13 @@ mod tests {
             },
             WatchEvent::Service {
                 index: 2,
-                service: "emitter".into(),
+                service: inst.service.clone(),
                 instances: vec![inst.clone()],
             },
             WatchEvent::Route {
                 index: 3,
-                service: "emitter".into(),
-                route: Some([("1".into(), 100)].into()),
+                service: inst.service.clone(),
+                route: Some([(Version::default(), 100)].into()),
             },
             WatchEvent::Ping { index: 3 },
         ];
@@ -623,10 +949,10 @@ mod tests {
             state.apply(back);
         }
         assert_eq!(state.index, 3);
-        assert_eq!(state.services["emitter"], vec![inst]);
+        assert_eq!(state.services["emitter"], vec![inst.clone()]);
         state.apply(WatchEvent::Service {
             index: 4,
-            service: "emitter".into(),
+            service: inst.service.clone(),
             instances: vec![],
         });
         assert!(state.services.is_empty());
@@ -634,7 +960,12 @@ mod tests {
 
     #[test]
     fn a_route_falls_back_only_when_no_routed_version_is_live() {
-        let route: Route = [("1".into(), 0), ("2".into(), 90), ("3".into(), 10)].into();
+        let route: Route = [
+            ("1".parse().unwrap(), 0),
+            ("2".parse().unwrap(), 90),
+            ("3".parse().unwrap(), 10),
+        ]
+        .into();
         assert!(
             route_falls_back(&route, ["1", "4"]),
             "only 0 % and unnamed versions live"

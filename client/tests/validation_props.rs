@@ -1,14 +1,16 @@
 //! Properties of the API's parsing and validation (client/src/model.rs), over generated input.
 //!
-//! Everything a user sends reaches HAProxy's configuration only through these validators, so
-//! they must never panic, must accept exactly the documented shapes, and must name the field
-//! they reject. The oracles here are written independently of the implementation.
+//! Everything a user sends reaches HAProxy's configuration only as one of the model's types
+//! (names, addresses), so their parsers must never panic, must accept exactly the documented
+//! shapes, must name the field they reject, and must hold addresses in one canonical form. The
+//! oracles here are written independently of the implementation.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
 
 use baker_client::model::{
-    printable, validate_address, validate_name, validate_port, validate_route, validate_weight,
-    InstanceSpec, WatchEvent, MAX_TTL_MS, MIN_TTL_MS,
+    printable, validate_port, validate_route, validate_weight, Address, Instance, InstanceId,
+    InstanceSpec, ServiceName, Tag, Version, WatchEvent, MAX_TTL_MS, MIN_TTL_MS,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -45,6 +47,31 @@ fn near_miss_name() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Whether `label` is a number to `inet_aton`: decimal or octal digits, or 0x and hex digits.
+fn is_inet_aton_number(label: &str) -> bool {
+    let lower = label.to_ascii_lowercase();
+    match lower.strip_prefix("0x") {
+        Some(hex) => hex.bytes().all(|c| c.is_ascii_hexdigit()),
+        None => !label.is_empty() && label.bytes().all(|c| c.is_ascii_digit()),
+    }
+}
+
+/// Ways to write an IPv4 address that `inet_aton` reads but that are not the dotted quad:
+/// one to three parts, octal or hexadecimal parts, out-of-range last parts.
+fn numeric_pseudo_hostname() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<u32>().prop_map(|n| n.to_string()),
+        any::<u32>().prop_map(|n| format!("0x{n:x}")),
+        any::<u32>().prop_map(|n| format!("0{n:o}")),
+        (any::<u8>(), any::<u32>()).prop_map(|(a, n)| format!("{a}.{}", n & 0xff_ffff)),
+        (any::<u8>(), any::<u8>(), any::<u16>()).prop_map(|(a, b, n)| format!("0x{a:x}.{b}.{n}")),
+        (any::<u8>(), any::<u8>(), any::<u8>(), any::<u8>())
+            .prop_map(|(a, b, c, d)| format!("{a:03}.{b:03}.{c:03}.{d:03}")),
+        (any::<u8>(), any::<u8>(), any::<u8>(), 256u32..100_000)
+            .prop_map(|(a, b, c, d)| format!("{a}.{b}.{c}.{d}")),
+    ]
+}
+
 /// Any string at all, including control characters and non-ASCII.
 fn any_text() -> impl Strategy<Value = String> {
     prop_oneof![any::<String>(), near_miss_name(), valid_name()]
@@ -76,25 +103,38 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn name_validation_is_the_pattern(s in any_text()) {
-        let result = validate_name("service", &s);
+    fn name_parsing_is_the_pattern(s in any_text()) {
+        let result = s.parse::<ServiceName>();
         prop_assert_eq!(result.is_ok(), matches_name_pattern(&s), "{:?} -> {:?}", s, result);
-        if let Err(e) = result {
-            prop_assert_eq!(e.field.as_str(), "service");
-            prop_assert!(!e.message.is_empty());
+        match result {
+            Ok(name) => prop_assert_eq!(name.as_str(), s.as_str()),
+            Err(e) => {
+                prop_assert_eq!(e.field.as_str(), "service");
+                prop_assert!(!e.message.is_empty());
+            }
         }
+        // Every name type follows the same rule, and JSON is parsed by the same rule.
+        prop_assert_eq!(s.parse::<InstanceId>().is_ok(), matches_name_pattern(&s));
+        prop_assert_eq!(s.parse::<Version>().is_ok(), matches_name_pattern(&s));
+        prop_assert_eq!(s.parse::<Tag>().is_ok(), matches_name_pattern(&s));
+        let json = serde_json::to_string(&s).unwrap();
+        prop_assert_eq!(serde_json::from_str::<Tag>(&json).is_ok(), matches_name_pattern(&s));
     }
 
     #[test]
-    fn valid_names_are_accepted(s in valid_name()) {
-        prop_assert!(validate_name("version", &s).is_ok(), "{:?}", s);
+    fn valid_names_are_accepted_and_written_back_unchanged(s in valid_name()) {
+        let v: Version = s.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"));
+        prop_assert_eq!(v.to_string(), s.clone());
+        prop_assert_eq!(serde_json::to_string(&v).unwrap(), serde_json::to_string(&s).unwrap());
     }
 
     #[test]
     fn near_misses_are_rejected_with_a_truthful_message(s in near_miss_name()) {
         prop_assume!(!matches_name_pattern(&s));
-        let e = validate_name("id", &s).unwrap_err();
+        let e = s.parse::<InstanceId>().unwrap_err();
         prop_assert_eq!(e.field.as_str(), "id");
+        let e = Tag::parse_as("tags[2]", &s).unwrap_err();
+        prop_assert_eq!(e.field.as_str(), "tags[2]");
         // A length complaint must be about a name that really is too long.
         if e.message.contains("at most") {
             prop_assert!(s.chars().count() > 63, "{:?}: {}", s, e.message);
@@ -103,25 +143,59 @@ proptest! {
 
     #[test]
     fn accepted_addresses_carry_no_configuration_syntax(s in any_text()) {
-        if validate_address("address", &s).is_ok() {
-            prop_assert!(!s.is_empty());
+        if let Ok(a) = s.parse::<Address>() {
+            let text = a.as_str();
+            prop_assert!(!text.is_empty());
             prop_assert!(
-                s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')),
-                "accepted {:?}", s
+                text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')),
+                "accepted {:?} as {:?}", s, text
             );
-            let is_ip = s.parse::<std::net::IpAddr>().is_ok();
-            prop_assert!(is_ip || (s.len() <= 253 && !s.contains(':')), "accepted {:?}", s);
+            match a.ip() {
+                Some(ip) => prop_assert_eq!(text, ip.to_string()),
+                None => {
+                    prop_assert!(text.len() <= 253 && !text.contains(':'), "accepted {:?}", s);
+                    let last = text.trim_end_matches('.').rsplit('.').next().unwrap_or_default();
+                    prop_assert!(!is_inet_aton_number(last), "accepted {:?}", s);
+                }
+            }
         }
     }
 
     #[test]
     fn ip_literals_and_dns_names_are_accepted(
-        ip in any::<std::net::IpAddr>(),
-        labels in vec("[a-zA-Z0-9]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?", 1..5),
+        ip in any::<IpAddr>(),
+        labels in vec("[a-zA-Z0-9]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?", 0..4),
+        last in "[a-zA-Z]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?",
     ) {
-        prop_assert!(validate_address("address", &ip.to_string()).is_ok(), "{}", ip);
+        let a: Address = ip.to_string().parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+        prop_assert_eq!(a.ip(), Some(ip));
+        let mut labels = labels;
+        labels.push(last);
         let name = labels.join(".");
-        prop_assert!(validate_address("address", &name).is_ok(), "{}", name);
+        let a: Address = name.parse().unwrap_or_else(|e| panic!("{name}: {e}"));
+        prop_assert_eq!(a.dns_name(), Some(name.as_str()));
+    }
+
+    #[test]
+    fn ipv6_addresses_are_held_in_canonical_form(segments in any::<[u16; 8]>(), upper: bool) {
+        let ip = Ipv6Addr::from(segments);
+        // Every group written out, with leading zeros: the longest way to write it.
+        let long = segments.iter().map(|g| format!("{g:04x}")).collect::<Vec<_>>().join(":");
+        let long = if upper { long.to_ascii_uppercase() } else { long };
+        let a: Address = long.parse().unwrap_or_else(|e| panic!("{long}: {e}"));
+        prop_assert_eq!(a.as_str(), ip.to_string());
+        let b: Address = serde_json::from_str(&format!("{long:?}")).unwrap();
+        prop_assert_eq!(&b, &a);
+        prop_assert_eq!(serde_json::to_string(&b).unwrap(), format!("{:?}", ip.to_string()));
+    }
+
+    #[test]
+    fn numeric_pseudo_hostnames_are_refused(s in numeric_pseudo_hostname()) {
+        match s.parse::<Address>() {
+            // Only the one standard spelling of an address passes, as that address.
+            Ok(a) => prop_assert_eq!(a.ip().map(|ip| ip.to_string()), Some(s.clone())),
+            Err(e) => prop_assert_eq!(e.field.as_str(), "address"),
+        }
     }
 
     #[test]
@@ -155,7 +229,7 @@ proptest! {
         let route = validate_route(&m).unwrap_or_else(|e| panic!("{m:?} rejected: {e:?}"));
         prop_assert_eq!(route.len(), m.len());
         for (k, v) in &m {
-            prop_assert_eq!(u64::from(route[k]), *v);
+            prop_assert_eq!(u64::from(route[k.as_str()]), *v);
         }
     }
 
@@ -198,7 +272,7 @@ proptest! {
         ttl_ms in proptest::option::of(prop_oneof![MIN_TTL_MS..=MAX_TTL_MS, any::<u64>()]),
     ) {
         let spec = InstanceSpec { address, port, version, weight, tags, ttl_ms };
-        let expect_ok = validate_address("address", &spec.address).is_ok()
+        let expect_ok = spec.address.parse::<Address>().is_ok()
             && validate_port("port", spec.port).is_ok()
             && spec.version.as_deref().is_none_or(matches_name_pattern)
             && spec.weight.is_none_or(|w| (1..=256).contains(&w))
@@ -207,8 +281,9 @@ proptest! {
         match spec.validate() {
             Ok(v) => {
                 prop_assert!(expect_ok, "{:?} accepted", spec);
-                prop_assert!(matches_name_pattern(&v.version));
-                prop_assert!(v.tags.iter().all(|t| matches_name_pattern(t)));
+                prop_assert!(matches_name_pattern(v.version.as_str()));
+                prop_assert!(v.tags.iter().all(|t| matches_name_pattern(t.as_str())));
+                prop_assert_eq!(v.address, spec.address.parse::<Address>().unwrap());
                 prop_assert_eq!(u64::from(v.port), spec.port);
                 prop_assert!((1..=256).contains(&v.weight));
             }
@@ -226,9 +301,26 @@ proptest! {
     }
 
     #[test]
+    fn instances_round_trip_through_json(
+        service in valid_name(),
+        id in valid_name(),
+        tags in vec(valid_name(), 0..4),
+        ip in any::<IpAddr>(),
+    ) {
+        let i = Instance {
+            address: ip.into(),
+            tags: tags.iter().map(|t| t.parse().unwrap()).collect(),
+            ..Instance::sample(&service, &id)
+        };
+        let json = serde_json::to_string(&i).unwrap();
+        prop_assert_eq!(serde_json::from_str::<Instance>(&json).unwrap(), i);
+    }
+
+    #[test]
     fn parsing_arbitrary_bodies_never_panics(bytes in vec(any::<u8>(), 0..256), text in any_text()) {
         let _ = serde_json::from_slice::<InstanceSpec>(&bytes);
         let _ = serde_json::from_slice::<WatchEvent>(&bytes);
+        let _ = serde_json::from_slice::<Instance>(&bytes);
         let _ = serde_json::from_slice::<BTreeMap<String, u64>>(&bytes);
         let _ = serde_json::from_str::<InstanceSpec>(&text);
     }

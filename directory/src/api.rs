@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use baker_client::model::{
-    validate_name, validate_route, ErrorBody, Instance, InstanceSpec, RouteResponse,
-    RoutesResponse, ServiceResponse, ServicesResponse, Source, ValidationError,
+    validate_route, ErrorBody, Instance, InstanceId, InstanceSpec, RouteResponse, RoutesResponse,
+    ServiceName, ServiceResponse, ServicesResponse, Source, ValidationError,
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
@@ -179,16 +179,19 @@ impl AppState {
     }
 }
 
-/// Checks the names taken from the path, reporting every bad one.
-fn check_names(names: &[(&str, &str)]) -> Result<(), ApiError> {
-    let errors: Vec<ValidationError> = names
-        .iter()
-        .filter_map(|(field, value)| validate_name(field, value).err())
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(errors))
+/// Parses the service name taken from the path.
+fn service_path(service: &str) -> Result<ServiceName, ApiError> {
+    service.parse().map_err(|e| ApiError::invalid(vec![e]))
+}
+
+/// Parses the service name and instance id taken from the path, reporting both when both are
+/// bad.
+fn instance_path(service: &str, id: &str) -> Result<(ServiceName, InstanceId), ApiError> {
+    match (service.parse::<ServiceName>(), id.parse::<InstanceId>()) {
+        (Ok(service), Ok(id)) => Ok((service, id)),
+        (service, id) => Err(ApiError::invalid(
+            service.err().into_iter().chain(id.err()).collect(),
+        )),
     }
 }
 
@@ -227,7 +230,7 @@ async fn put_instance(
 ) -> Result<Json<Instance>, ApiError> {
     app.authorize(&headers)?;
     let Path((service, id)) = path?;
-    check_names(&[("service", &service), ("id", &id)])?;
+    let (service, id) = instance_path(&service, &id)?;
     let spec: InstanceSpec = read_json(&headers, body).await?;
     let spec = spec.validate().map_err(ApiError::invalid)?;
     app.registry
@@ -243,7 +246,7 @@ async fn delete_instance(
 ) -> Result<Json<Instance>, ApiError> {
     app.authorize(&headers)?;
     let Path((service, id)) = path?;
-    check_names(&[("service", &service), ("id", &id)])?;
+    let (service, id) = instance_path(&service, &id)?;
     match app.registry.deregister(&service, &id) {
         Ok(Some(instance)) => Ok(Json(instance)),
         Ok(None) => Err(ApiError::NotFound(format!(
@@ -262,7 +265,7 @@ async fn get_service(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ServiceResponse>, ApiError> {
     let Path(service) = path?;
-    check_names(&[("service", &service)])?;
+    let service = service_path(&service)?;
     app.registry.service(&service).map(Json).ok_or_else(|| {
         ApiError::NotFound(format!(
             "no service {service}: it has no live instance and no route"
@@ -279,7 +282,7 @@ async fn get_route(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RouteResponse>, ApiError> {
     let Path(service) = path?;
-    check_names(&[("service", &service)])?;
+    let service = service_path(&service)?;
     let routes = app.registry.routes();
     match routes.routes.get(&service) {
         Some(route) => Ok(Json(RouteResponse {
@@ -311,7 +314,7 @@ async fn put_route(
 ) -> Result<Json<RouteResponse>, ApiError> {
     app.authorize(&headers)?;
     let Path(service) = path?;
-    check_names(&[("service", &service)])?;
+    let service = service_path(&service)?;
     let Query(query) = query.map_err(|r| {
         ApiError::BadRequest(format!(
             "bad query: {} (the only parameter is force=true|false)",
@@ -345,7 +348,7 @@ async fn delete_route(
 ) -> Result<Json<RouteResponse>, ApiError> {
     app.authorize(&headers)?;
     let Path(service) = path?;
-    check_names(&[("service", &service)])?;
+    let service = service_path(&service)?;
     match app.registry.set_route(&service, None).await {
         Ok(Some(resp)) => Ok(Json(resp)),
         Ok(None) => Err(ApiError::NotFound(format!(

@@ -28,7 +28,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use baker_client::backoff::Backoff;
 use baker_client::errors::chain;
 use baker_client::model::{
-    printable, validate_name, validate_port, InstanceSpec, Source, ValidSpec, MAX_NAME_LEN,
+    printable, validate_port, InstanceId, InstanceSpec, ServiceName, Source, ValidSpec,
+    ValidationError, MAX_NAME_LEN,
 };
 use bollard::errors::Error as DockerError;
 use bollard::models::{
@@ -70,8 +71,8 @@ pub enum Verdict {
     Unlabelled,
     /// Labelled, and to be registered as `service`/`id`.
     Register {
-        service: String,
-        id: String,
+        service: ServiceName,
+        id: InstanceId,
         spec: ValidSpec,
     },
     /// Labelled, but not to be registered now (stopped, paused, not healthy, no address).
@@ -97,10 +98,10 @@ pub const SHORT_ID_LEN: usize = 12;
 /// 63 characters still get two ids. A container without a name gets its short id alone.
 ///
 /// Fails only when the engine reports neither a usable name nor an id.
-pub fn instance_id(name: &str, container_id: &str) -> Result<String, String> {
+pub fn instance_id(name: &str, container_id: &str) -> Result<InstanceId, String> {
     let name = name.trim_start_matches('/');
-    if validate_name("id", name).is_ok() {
-        return Ok(name.to_owned());
+    if let Ok(id) = name.parse() {
+        return Ok(id);
     }
     let short: String = sanitize(container_id).take(SHORT_ID_LEN).collect();
     if short.is_empty() || !short.starts_with(|c: char| c.is_ascii_alphanumeric()) {
@@ -115,10 +116,12 @@ pub fn instance_id(name: &str, container_id: &str) -> Result<String, String> {
         .skip_while(|c| !c.is_ascii_alphanumeric())
         .take(room)
         .collect();
-    if base.is_empty() {
-        return Ok(short);
-    }
-    Ok(format!("{base}-{short}"))
+    let id = if base.is_empty() {
+        short
+    } else {
+        format!("{base}-{short}")
+    };
+    id.parse().map_err(|e: ValidationError| e.to_string())
 }
 
 /// `s` lower-cased, with every character outside `a-z0-9._-` turned into `-`.
@@ -143,7 +146,7 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
     let Some(service) = labels.get(SERVICE_LABEL) else {
         return Verdict::Unlabelled;
     };
-    let id = match instance_id(
+    let instance = match instance_id(
         c.name.as_deref().unwrap_or_default(),
         c.id.as_deref().unwrap_or_default(),
     ) {
@@ -155,10 +158,11 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
             }
         }
     };
+    let id = instance.to_string();
     let mut problems = Vec::new();
-    if let Err(e) = validate_name(SERVICE_LABEL, service) {
-        problems.push(e.to_string());
-    }
+    let service = ServiceName::parse_as(SERVICE_LABEL, service)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
     let port = match labels.get(PORT_LABEL) {
         Some(p) => p
             .trim()
@@ -179,6 +183,12 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
             }
         },
         None => None,
+    };
+    let Some(service) = service else {
+        return Verdict::Invalid {
+            id,
+            message: problems.join("; "),
+        };
     };
     if !problems.is_empty() {
         return Verdict::Invalid {
@@ -231,8 +241,8 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
     };
     match spec.validate() {
         Ok(spec) => Verdict::Register {
-            service: service.clone(),
-            id,
+            service,
+            id: instance,
             spec,
         },
         Err(errors) => Verdict::Invalid {
@@ -405,7 +415,7 @@ pub fn classify(event: &EventMessage, known: impl Fn(&str) -> bool) -> Action {
 #[derive(Debug, Default)]
 struct Tracker {
     /// Container id → the service and instance id registered for it.
-    registered: HashMap<String, (String, String)>,
+    registered: HashMap<String, (ServiceName, InstanceId)>,
     /// Containers seen with the label (registered or not).
     labelled: HashSet<String>,
     /// Containers being stopped: kept out until they start again.
@@ -723,7 +733,7 @@ mod tests {
 
     fn container(labels: &[(&str, &str)], networks: &[(&str, &str)]) -> ContainerInspectResponse {
         ContainerInspectResponse {
-            id: Some("0123456789abcdef0123".into()),
+            id: Some("0123456789abcdef0123".parse().unwrap()),
             name: Some("/Orders_1".into()),
             config: Some(ContainerConfig {
                 labels: Some(
@@ -773,7 +783,7 @@ mod tests {
         c
     }
 
-    fn registered(v: Verdict) -> (String, String, ValidSpec) {
+    fn registered(v: Verdict) -> (ServiceName, InstanceId, ValidSpec) {
         match v {
             Verdict::Register { service, id, spec } => (service, id, spec),
             other => panic!("expected a registration, got {other:?}"),
@@ -900,13 +910,19 @@ mod tests {
         assert!(
             matches!(verdict(&c, None), Verdict::Invalid { message, .. } if message.contains("back, front"))
         );
-        assert_eq!(registered(verdict(&c, Some("back"))).2.address, "10.2.0.2");
+        assert_eq!(
+            registered(verdict(&c, Some("back"))).2.address.as_str(),
+            "10.2.0.2"
+        );
         let labelled = container(
             &[("baker.service", "orders"), ("baker.network", "front")],
             &two,
         );
         assert_eq!(
-            registered(verdict(&labelled, Some("back"))).2.address,
+            registered(verdict(&labelled, Some("back")))
+                .2
+                .address
+                .as_str(),
             "10.1.0.2"
         );
         assert!(
@@ -925,11 +941,11 @@ mod tests {
         assert_eq!(instance_id("/", cid).unwrap(), "0123456789ab");
         assert_eq!(instance_id("/_x", cid).unwrap(), "x-0123456789ab");
         let long = instance_id(&format!("/{}", "a".repeat(80)), cid).unwrap();
-        assert_eq!(long.len(), 63);
-        assert!(long.ends_with("-0123456789ab"), "{long}");
+        assert_eq!(long.as_str().len(), 63);
+        assert!(long.as_str().ends_with("-0123456789ab"), "{long}");
+        // Every name makes an id (valid by its type).
         for name in ["/web_1", "/My.App", "/_x", "/ünï", "/-", "/ABC", ""] {
-            let id = instance_id(name, cid).unwrap();
-            validate_name("id", &id).unwrap_or_else(|e| panic!("{name} → {id}: {e}"));
+            instance_id(name, cid).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
 
@@ -1109,11 +1125,14 @@ mod tests {
         let label = [("baker.service", "orders")];
         let unknown = |_: &str| false;
         let c = |a: &str| classify(&event(CONTAINER, a, "c1", &label), unknown);
-        assert_eq!(c("start"), Action::Refresh("c1".into()));
-        assert_eq!(c("health_status: healthy"), Action::Refresh("c1".into()));
-        assert_eq!(c("unpause"), Action::Refresh("c1".into()));
-        assert_eq!(c("die"), Action::Stopping("c1".into()));
-        assert_eq!(c("destroy"), Action::Gone("c1".into()));
+        assert_eq!(c("start"), Action::Refresh("c1".parse().unwrap()));
+        assert_eq!(
+            c("health_status: healthy"),
+            Action::Refresh("c1".parse().unwrap())
+        );
+        assert_eq!(c("unpause"), Action::Refresh("c1".parse().unwrap()));
+        assert_eq!(c("die"), Action::Stopping("c1".parse().unwrap()));
+        assert_eq!(c("destroy"), Action::Gone("c1".parse().unwrap()));
         assert_eq!(c("exec_start: /usr/local/bin/baker-probe"), Action::Ignore);
         let kill = |sig: &str| {
             classify(
@@ -1126,8 +1145,8 @@ mod tests {
                 unknown,
             )
         };
-        assert_eq!(kill("15"), Action::Stopping("c1".into()));
-        assert_eq!(kill("1"), Action::Refresh("c1".into()));
+        assert_eq!(kill("15"), Action::Stopping("c1".parse().unwrap()));
+        assert_eq!(kill("1"), Action::Refresh("c1".parse().unwrap()));
         // Unlabelled containers are ignored unless discovery knows them.
         assert_eq!(
             classify(&event(CONTAINER, "start", "c2", &[]), unknown),
@@ -1135,10 +1154,13 @@ mod tests {
         );
         assert_eq!(
             classify(&event(CONTAINER, "die", "c2", &[]), |id| id == "c2"),
-            Action::Stopping("c2".into())
+            Action::Stopping("c2".parse().unwrap())
         );
         let net = event(NETWORK, "connect", "n1", &[("container", "c3")]);
-        assert_eq!(classify(&net, unknown), Action::Refresh("c3".into()));
+        assert_eq!(
+            classify(&net, unknown),
+            Action::Refresh("c3".parse().unwrap())
+        );
         assert_eq!(
             classify(&event(NETWORK, "create", "n1", &[]), unknown),
             Action::Ignore

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baker_client::model::{
-    route_falls_back, Instance, Route, RouteResponse, RoutesResponse, ServiceResponse,
-    ServicesResponse, Source, ValidSpec, WatchEvent,
+    route_falls_back, Instance, InstanceId, Route, RouteResponse, RoutesResponse, ServiceName,
+    ServiceResponse, ServicesResponse, Source, ValidSpec, WatchEvent,
 };
 use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
@@ -82,15 +82,15 @@ struct Inner {
 #[derive(Default)]
 struct Table {
     index: u64,
-    services: BTreeMap<String, BTreeMap<String, Entry>>,
-    routes: BTreeMap<String, Route>,
+    services: BTreeMap<ServiceName, BTreeMap<InstanceId, Entry>>,
+    routes: BTreeMap<ServiceName, Route>,
     /// TTL deadlines of expiring instances, earliest first.
-    deadlines: BTreeSet<(Instant, String, String)>,
+    deadlines: BTreeSet<(Instant, ServiceName, InstanceId)>,
     /// Services that have had a live instance since the directory started.
-    known: BTreeSet<String>,
+    known: BTreeSet<ServiceName>,
     /// Services whose route falls back to all their live instances, because none of the
     /// versions it routes to has one ([`route_falls_back`]).
-    falling_back: BTreeSet<String>,
+    falling_back: BTreeSet<ServiceName>,
 }
 
 struct Entry {
@@ -133,8 +133,8 @@ fn record(m: &Metrics, outcome: Outcome, instance: &Instance) -> bool {
      another id"
 )]
 pub struct Conflict {
-    pub service: String,
-    pub id: String,
+    pub service: ServiceName,
+    pub id: InstanceId,
 }
 
 /// What an upsert did to the table.
@@ -169,15 +169,15 @@ fn same_but_last_seen(a: &Instance, b: &Instance) -> bool {
 impl Table {
     fn put(
         &mut self,
-        service: &str,
-        id: &str,
+        service: &ServiceName,
+        id: &InstanceId,
         spec: ValidSpec,
         source: Source,
         now: Instant,
     ) -> (Instance, Outcome) {
         let instance = Instance {
-            service: service.to_owned(),
-            id: id.to_owned(),
+            service: service.clone(),
+            id: id.clone(),
             address: spec.address,
             port: spec.port,
             version: spec.version,
@@ -192,7 +192,7 @@ impl Table {
             Source::Docker => None,
         };
         if !self.known.contains(service) {
-            self.known.insert(service.to_owned());
+            self.known.insert(service.clone());
         }
         let entries = self.services.entry(service.to_owned()).or_default();
         let outcome = match entries.get_mut(id) {
@@ -203,8 +203,7 @@ impl Table {
                     Outcome::Changed
                 };
                 if let Some(old) = entry.deadline {
-                    self.deadlines
-                        .remove(&(old, service.to_owned(), id.to_owned()));
+                    self.deadlines.remove(&(old, service.clone(), id.clone()));
                 }
                 entry.instance = instance.clone();
                 entry.deadline = deadline;
@@ -212,7 +211,7 @@ impl Table {
             }
             None => {
                 entries.insert(
-                    id.to_owned(),
+                    id.clone(),
                     Entry {
                         instance: instance.clone(),
                         deadline,
@@ -222,35 +221,33 @@ impl Table {
             }
         };
         if let Some(d) = deadline {
-            self.deadlines
-                .insert((d, service.to_owned(), id.to_owned()));
+            self.deadlines.insert((d, service.clone(), id.clone()));
         }
         (instance, outcome)
     }
 
     /// Where the registered `service`/`id` came from, if it is registered.
-    fn source_of(&self, service: &str, id: &str) -> Option<Source> {
+    fn source_of(&self, service: &ServiceName, id: &InstanceId) -> Option<Source> {
         Some(self.services.get(service)?.get(id)?.instance.source)
     }
 
-    fn take(&mut self, service: &str, id: &str) -> Option<Instance> {
+    fn take(&mut self, service: &ServiceName, id: &InstanceId) -> Option<Instance> {
         let entries = self.services.get_mut(service)?;
         let entry = entries.remove(id)?;
         if let Some(d) = entry.deadline {
-            self.deadlines
-                .remove(&(d, service.to_owned(), id.to_owned()));
+            self.deadlines.remove(&(d, service.clone(), id.clone()));
         }
         Some(entry.instance)
     }
 
-    fn instances(&self, service: &str) -> Vec<Instance> {
+    fn instances(&self, service: &ServiceName) -> Vec<Instance> {
         self.services
             .get(service)
             .map(|m| m.values().map(|e| e.instance.clone()).collect())
             .unwrap_or_default()
     }
 
-    fn all_instances(&self) -> BTreeMap<String, Vec<Instance>> {
+    fn all_instances(&self) -> BTreeMap<ServiceName, Vec<Instance>> {
         self.services
             .iter()
             .filter(|(_, m)| !m.is_empty())
@@ -269,7 +266,7 @@ impl Registry {
     /// `event_capacity` bounds the feed between the table and the watchers' own queues.
     pub fn new(
         store: RouteStore,
-        routes: BTreeMap<String, Route>,
+        routes: BTreeMap<ServiceName, Route>,
         metrics: Arc<Metrics>,
         event_capacity: usize,
     ) -> Registry {
@@ -306,19 +303,19 @@ impl Registry {
     }
 
     /// Bumps the index and publishes `service`'s whole instance list. Called with the lock held.
-    fn publish_service(&self, t: &mut Table, service: &str) {
+    fn publish_service(&self, t: &mut Table, service: &ServiceName) {
         let instances = t.instances(service);
         if instances.is_empty() {
             t.services.remove(service);
             self.inner.metrics.instances.remove(&ServiceLabel {
-                service: service.to_owned(),
+                service: service.to_string(),
             });
         } else {
             self.inner
                 .metrics
                 .instances
                 .get_or_create(&ServiceLabel {
-                    service: service.to_owned(),
+                    service: service.to_string(),
                 })
                 .set(instances.len() as i64);
         }
@@ -326,7 +323,7 @@ impl Registry {
         self.inner.metrics.changes.inc();
         let line = Line::of(&WatchEvent::Service {
             index: t.index,
-            service: service.to_owned(),
+            service: service.clone(),
             instances,
         });
         // No receiver is fine: nobody is watching.
@@ -336,7 +333,7 @@ impl Registry {
 
     /// Notes whether `service`'s route now falls back to all its live instances, logging and
     /// counting a change. Called with the lock held, after any change to its instances or route.
-    fn follow_fallback(&self, t: &mut Table, service: &str) {
+    fn follow_fallback(&self, t: &mut Table, service: &ServiceName) {
         let instances = t.services.get(service);
         let versions = instances
             .into_iter()
@@ -355,7 +352,7 @@ impl Registry {
                 "no live instance has a version the route sends traffic to: the service falls \
                  back to all its live instances by their weights until one does"
             );
-            t.falling_back.insert(service.to_owned());
+            t.falling_back.insert(service.clone());
         } else {
             tracing::info!(service = %service, "no longer falling back to all live instances");
             t.falling_back.remove(service);
@@ -368,7 +365,7 @@ impl Registry {
 
     /// Whether `service` has had a live instance since the directory started, or has a route.
     /// A route for any other service needs `force`: its name is likely a mistake.
-    pub fn knows(&self, service: &str) -> bool {
+    pub fn knows(&self, service: &ServiceName) -> bool {
         let t = self.lock();
         t.known.contains(service) || t.routes.contains_key(service)
     }
@@ -382,8 +379,7 @@ impl Registry {
         }
     }
 
-    /// Registers or renews `service`/`id` (idempotent). Names must have passed
-    /// [`validate_name`](baker_client::model::validate_name).
+    /// Registers or renews `service`/`id` (idempotent).
     ///
     /// A new instance, or one whose address, port, version, weight, tags, TTL or source
     /// changed, is published to watchers; a plain heartbeat only renews the TTL and `last_seen`.
@@ -391,8 +387,8 @@ impl Registry {
     /// nothing; Docker's replaces a registrar's.
     pub fn upsert(
         &self,
-        service: &str,
-        id: &str,
+        service: &ServiceName,
+        id: &InstanceId,
         spec: ValidSpec,
         source: Source,
     ) -> Result<Instance, Conflict> {
@@ -414,25 +410,29 @@ impl Registry {
 
     /// Deregisters `service`/`id` on an API call: removes it now and returns it, `None` if it
     /// was not registered. An instance Docker discovered is not the API's to remove.
-    pub fn deregister(&self, service: &str, id: &str) -> Result<Option<Instance>, Conflict> {
+    pub fn deregister(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<Option<Instance>, Conflict> {
         let mut t = self.lock();
         if t.source_of(service, id) == Some(Source::Docker) {
             return Err(Conflict {
-                service: service.to_owned(),
-                id: id.to_owned(),
+                service: service.clone(),
+                id: id.clone(),
             });
         }
         Ok(self.take(&mut t, service, id))
     }
 
     /// Removes `service`/`id` now, whatever its source; `false` if it was not registered.
-    pub fn remove(&self, service: &str, id: &str) -> bool {
+    pub fn remove(&self, service: &ServiceName, id: &InstanceId) -> bool {
         let mut t = self.lock();
         self.take(&mut t, service, id).is_some()
     }
 
     /// Removes `service`/`id` and publishes the change. Called with the lock held.
-    fn take(&self, t: &mut Table, service: &str, id: &str) -> Option<Instance> {
+    fn take(&self, t: &mut Table, service: &ServiceName, id: &InstanceId) -> Option<Instance> {
         let instance = t.take(service, id)?;
         self.inner
             .metrics
@@ -447,15 +447,19 @@ impl Registry {
     /// Makes the instances of `source` exactly `instances` (service, id, spec): adds and updates
     /// those listed, removes those of `source` not listed, and leaves other sources alone.
     /// Publishes one event per service that changed, none for services that did not.
-    pub fn sync_source(&self, source: Source, instances: Vec<(String, String, ValidSpec)>) {
+    pub fn sync_source(
+        &self,
+        source: Source,
+        instances: Vec<(ServiceName, InstanceId, ValidSpec)>,
+    ) {
         let mut t = self.lock();
         let before = t.next_deadline();
         let now = Instant::now();
-        let desired: BTreeMap<(String, String), ValidSpec> = instances
+        let desired: BTreeMap<(ServiceName, InstanceId), ValidSpec> = instances
             .into_iter()
             .map(|(s, id, spec)| ((s, id), spec))
             .collect();
-        let stale: Vec<(String, String)> = t
+        let stale: Vec<(ServiceName, InstanceId)> = t
             .services
             .iter()
             .flat_map(|(s, entries)| {
@@ -553,7 +557,7 @@ impl Registry {
     }
 
     /// One service's instances and route; `None` when it has neither.
-    pub fn service(&self, service: &str) -> Option<ServiceResponse> {
+    pub fn service(&self, service: &ServiceName) -> Option<ServiceResponse> {
         let t = self.lock();
         let instances = t.instances(service);
         let route = t.routes.get(service).cloned();
@@ -562,7 +566,7 @@ impl Registry {
         }
         Some(ServiceResponse {
             index: t.index,
-            service: service.to_owned(),
+            service: service.clone(),
             instances,
             route,
         })
@@ -621,7 +625,7 @@ impl Registry {
     /// route a service already has changes nothing.
     pub async fn set_route(
         &self,
-        service: &str,
+        service: &ServiceName,
         route: Option<Route>,
     ) -> Result<Option<RouteResponse>, StoreError> {
         let _writing = self.inner.route_writes.lock().await;
@@ -631,14 +635,14 @@ impl Registry {
             if current == route.as_ref() {
                 return Ok(current.is_some().then(|| RouteResponse {
                     index: t.index,
-                    service: service.to_owned(),
+                    service: service.clone(),
                     route: current.cloned(),
                 }));
             }
             t.routes.clone()
         };
         match &route {
-            Some(r) => routes.insert(service.to_owned(), r.clone()),
+            Some(r) => routes.insert(service.clone(), r.clone()),
             None => routes.remove(service),
         };
         let store = self.inner.store.clone();
@@ -660,13 +664,13 @@ impl Registry {
         }
         let _ = self.inner.events.send(Line::of(&WatchEvent::Route {
             index: t.index,
-            service: service.to_owned(),
+            service: service.clone(),
             route: route.clone(),
         }));
         self.follow_fallback(&mut t, service);
         Ok(Some(RouteResponse {
             index: t.index,
-            service: service.to_owned(),
+            service: service.clone(),
             route,
         }))
     }
@@ -674,11 +678,16 @@ impl Registry {
 
 /// Whether `source` may put `service`/`id`: a registrar may not replace a Docker instance;
 /// Docker replaces a registrar's, with a warning.
-fn check_takeover(t: &Table, service: &str, id: &str, source: Source) -> Result<(), Conflict> {
+fn check_takeover(
+    t: &Table,
+    service: &ServiceName,
+    id: &InstanceId,
+    source: Source,
+) -> Result<(), Conflict> {
     match (t.source_of(service, id), source) {
         (Some(Source::Docker), Source::Registrar) => Err(Conflict {
-            service: service.to_owned(),
-            id: id.to_owned(),
+            service: service.clone(),
+            id: id.clone(),
         }),
         (Some(Source::Registrar), Source::Docker) => {
             tracing::warn!(
@@ -713,11 +722,19 @@ async fn sleep_until(deadline: Option<Instant>) {
 mod tests {
     use super::*;
 
+    fn svc(name: &str) -> ServiceName {
+        name.parse().unwrap()
+    }
+
+    fn iid(id: &str) -> InstanceId {
+        id.parse().unwrap()
+    }
+
     fn spec(port: u16, ttl_ms: u64) -> ValidSpec {
         ValidSpec {
-            address: "10.0.0.1".into(),
+            address: "10.0.0.1".parse().unwrap(),
             port,
-            version: "1".into(),
+            version: "1".parse().unwrap(),
             weight: 100,
             tags: vec![],
             ttl_ms,
@@ -750,8 +767,8 @@ mod tests {
                 instances,
             } => (
                 *index,
-                service.clone(),
-                instances.iter().map(|i| i.id.clone()).collect(),
+                service.to_string(),
+                instances.iter().map(|i| i.id.to_string()).collect(),
             ),
             other => panic!("not a service event: {other:?}"),
         }
@@ -762,26 +779,50 @@ mod tests {
         let (r, _dir) = registry();
         let (snapshot, mut rx) = r.subscribe();
         assert_eq!(snapshot.index, 0);
-        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
-            .unwrap();
-        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
-            .unwrap();
-        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
-            .unwrap();
+        r.upsert(
+            &svc("emitter"),
+            &iid("a"),
+            spec(80, 1000),
+            Source::Registrar,
+        )
+        .unwrap();
+        r.upsert(
+            &svc("emitter"),
+            &iid("a"),
+            spec(80, 1000),
+            Source::Registrar,
+        )
+        .unwrap();
+        r.upsert(
+            &svc("emitter"),
+            &iid("a"),
+            spec(80, 1000),
+            Source::Registrar,
+        )
+        .unwrap();
         assert_eq!(r.index(), 1);
         let mut heavier = spec(80, 1000);
         heavier.weight = 50;
-        r.upsert("emitter", "a", heavier, Source::Registrar)
+        r.upsert(&svc("emitter"), &iid("a"), heavier, Source::Registrar)
             .unwrap();
-        r.upsert("emitter", "b", spec(81, 1000), Source::Registrar)
-            .unwrap();
+        r.upsert(
+            &svc("emitter"),
+            &iid("b"),
+            spec(81, 1000),
+            Source::Registrar,
+        )
+        .unwrap();
         let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
         assert_eq!(
             got,
             [
-                (1, "emitter".into(), vec!["a".into()]),
-                (2, "emitter".into(), vec!["a".into()]),
-                (3, "emitter".into(), vec!["a".into(), "b".into()]),
+                (1, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
+                (2, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
+                (
+                    3,
+                    "emitter".parse().unwrap(),
+                    vec!["a".parse().unwrap(), "b".parse().unwrap()]
+                ),
             ]
         );
         assert_eq!(r.metrics().heartbeats.get(), 3);
@@ -794,24 +835,43 @@ mod tests {
         let shutdown = CancellationToken::new();
         let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
         let (_, mut rx) = r.subscribe();
-        r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
-            .unwrap();
-        r.upsert("emitter", "b", spec(81, 3000), Source::Registrar)
-            .unwrap();
+        r.upsert(
+            &svc("emitter"),
+            &iid("a"),
+            spec(80, 1000),
+            Source::Registrar,
+        )
+        .unwrap();
+        r.upsert(
+            &svc("emitter"),
+            &iid("b"),
+            spec(81, 3000),
+            Source::Registrar,
+        )
+        .unwrap();
         // Keep `a` alive for 5 s with a heartbeat every 500 ms.
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            r.upsert("emitter", "a", spec(80, 1000), Source::Registrar)
-                .unwrap();
+            r.upsert(
+                &svc("emitter"),
+                &iid("a"),
+                spec(80, 1000),
+                Source::Registrar,
+            )
+            .unwrap();
         }
         // `b` went silent at t=0 and expired at t=3 s, with no read to drive it.
         let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
         assert_eq!(
             got,
             [
-                (1, "emitter".into(), vec!["a".into()]),
-                (2, "emitter".into(), vec!["a".into(), "b".into()]),
-                (3, "emitter".into(), vec!["a".into()]),
+                (1, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
+                (
+                    2,
+                    "emitter".parse().unwrap(),
+                    vec!["a".parse().unwrap(), "b".parse().unwrap()]
+                ),
+                (3, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
             ]
         );
         // Now `a` goes silent: it expires 1 s after its last heartbeat, not before.
@@ -819,9 +879,9 @@ mod tests {
         assert_eq!(r.services().services["emitter"].len(), 1);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(r.services().services.is_empty());
-        assert!(r.service("emitter").is_none());
+        assert!(r.service(&svc("emitter")).is_none());
         let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
-        assert_eq!(got, [(4, "emitter".into(), vec![])]);
+        assert_eq!(got, [(4, "emitter".parse().unwrap(), vec![])]);
         assert_eq!(r.metrics().expiries.get(), 2);
         shutdown.cancel();
         timer.await.unwrap();
@@ -832,10 +892,10 @@ mod tests {
         let (r, _dir) = registry();
         let shutdown = CancellationToken::new();
         let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
-        r.upsert("s", "long", spec(80, 60_000), Source::Registrar)
+        r.upsert(&svc("s"), &iid("long"), spec(80, 60_000), Source::Registrar)
             .unwrap();
         tokio::task::yield_now().await;
-        r.upsert("s", "short", spec(81, 200), Source::Registrar)
+        r.upsert(&svc("s"), &iid("short"), spec(81, 200), Source::Registrar)
             .unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
         let left: Vec<_> = r.services().services["s"]
@@ -850,7 +910,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn docker_instances_never_expire_by_ttl() {
         let (r, _dir) = registry();
-        r.upsert("web", "c1", spec(80, 100), Source::Docker)
+        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Docker)
             .unwrap();
         assert_eq!(r.next_deadline(), None);
         tokio::time::advance(Duration::from_secs(3600)).await;
@@ -861,15 +921,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_api_cannot_take_over_a_docker_instance() {
         let (r, _dir) = registry();
-        r.upsert("web", "c1", spec(80, 100), Source::Docker)
+        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Docker)
             .unwrap();
         let (_, mut rx) = r.subscribe();
         // A short-lived registration of the same id is refused and changes nothing ...
         let err = r
-            .upsert("web", "c1", spec(9999, 100), Source::Registrar)
+            .upsert(&svc("web"), &iid("c1"), spec(9999, 100), Source::Registrar)
             .unwrap_err();
         assert!(err.to_string().contains("discovered from Docker"), "{err}");
-        assert_eq!(r.deregister("web", "c1"), Err(err));
+        assert_eq!(r.deregister(&svc("web"), &iid("c1")), Err(err));
         assert!(events(&mut rx).is_empty());
         // ... so nothing expires, and the container's instance stays.
         assert_eq!(r.next_deadline(), None);
@@ -878,21 +938,21 @@ mod tests {
         let web = &r.services().services["web"];
         assert_eq!((web[0].port, web[0].source), (80, Source::Docker));
         // Another id is fine.
-        r.upsert("web", "c2", spec(81, 100), Source::Registrar)
+        r.upsert(&svc("web"), &iid("c2"), spec(81, 100), Source::Registrar)
             .unwrap();
-        assert_eq!(r.deregister("web", "c2").unwrap().unwrap().id, "c2");
-        assert_eq!(r.deregister("web", "c2"), Ok(None));
+        assert_eq!(
+            r.deregister(&svc("web"), &iid("c2")).unwrap().unwrap().id,
+            "c2"
+        );
+        assert_eq!(r.deregister(&svc("web"), &iid("c2")), Ok(None));
     }
 
     #[tokio::test(start_paused = true)]
     async fn docker_takes_over_an_api_instance_of_the_same_id() {
         let (r, _dir) = registry();
-        r.upsert("web", "c1", spec(80, 100), Source::Registrar)
+        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Registrar)
             .unwrap();
-        r.sync_source(
-            Source::Docker,
-            vec![("web".into(), "c1".into(), spec(81, 100))],
-        );
+        r.sync_source(Source::Docker, vec![(svc("web"), iid("c1"), spec(81, 100))]);
         assert_eq!(
             r.next_deadline(),
             None,
@@ -904,10 +964,10 @@ mod tests {
         assert_eq!((web[0].port, web[0].source), (81, Source::Docker));
         // The registrar's next heartbeat is refused; once the container is gone, it is not.
         assert!(r
-            .upsert("web", "c1", spec(80, 100), Source::Registrar)
+            .upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Registrar)
             .is_err());
         r.sync_source(Source::Docker, vec![]);
-        r.upsert("web", "c1", spec(80, 100), Source::Registrar)
+        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Registrar)
             .unwrap();
     }
 
@@ -915,18 +975,23 @@ mod tests {
     async fn deregister_removes_at_once() {
         let (r, _dir) = registry();
         let (_, mut rx) = r.subscribe();
-        r.upsert("emitter", "a", spec(80, 6000), Source::Registrar)
-            .unwrap();
-        assert!(r.remove("emitter", "a"));
-        assert!(!r.remove("emitter", "a"));
+        r.upsert(
+            &svc("emitter"),
+            &iid("a"),
+            spec(80, 6000),
+            Source::Registrar,
+        )
+        .unwrap();
+        assert!(r.remove(&svc("emitter"), &iid("a")));
+        assert!(!r.remove(&svc("emitter"), &iid("a")));
         assert!(r.services().services.is_empty());
         assert_eq!(r.next_deadline(), None);
         let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
         assert_eq!(
             got,
             [
-                (1, "emitter".into(), vec!["a".into()]),
-                (2, "emitter".into(), vec![])
+                (1, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
+                (2, "emitter".parse().unwrap(), vec![])
             ]
         );
         assert_eq!(
@@ -941,14 +1006,31 @@ mod tests {
     #[tokio::test]
     async fn sync_source_replaces_exactly_that_source_and_publishes_only_changes() {
         let (r, _dir) = registry();
-        r.upsert("web", "by-hand", spec(80, 6000), Source::Registrar)
-            .unwrap();
+        r.upsert(
+            &svc("web"),
+            &iid("by-hand"),
+            spec(80, 6000),
+            Source::Registrar,
+        )
+        .unwrap();
         r.sync_source(
             Source::Docker,
             vec![
-                ("web".into(), "c1".into(), spec(81, 6000)),
-                ("web".into(), "c2".into(), spec(82, 6000)),
-                ("db".into(), "c3".into(), spec(5432, 6000)),
+                (
+                    "web".parse().unwrap(),
+                    "c1".parse().unwrap(),
+                    spec(81, 6000),
+                ),
+                (
+                    "web".parse().unwrap(),
+                    "c2".parse().unwrap(),
+                    spec(82, 6000),
+                ),
+                (
+                    "db".parse().unwrap(),
+                    "c3".parse().unwrap(),
+                    spec(5432, 6000),
+                ),
             ],
         );
         let (snapshot, mut rx) = r.subscribe();
@@ -957,9 +1039,21 @@ mod tests {
         r.sync_source(
             Source::Docker,
             vec![
-                ("web".into(), "c1".into(), spec(81, 6000)),
-                ("web".into(), "c2".into(), spec(82, 6000)),
-                ("db".into(), "c3".into(), spec(5432, 6000)),
+                (
+                    "web".parse().unwrap(),
+                    "c1".parse().unwrap(),
+                    spec(81, 6000),
+                ),
+                (
+                    "web".parse().unwrap(),
+                    "c2".parse().unwrap(),
+                    spec(82, 6000),
+                ),
+                (
+                    "db".parse().unwrap(),
+                    "c3".parse().unwrap(),
+                    spec(5432, 6000),
+                ),
             ],
         );
         assert!(events(&mut rx).is_empty());
@@ -967,17 +1061,33 @@ mod tests {
         r.sync_source(
             Source::Docker,
             vec![
-                ("web".into(), "c1".into(), spec(81, 6000)),
-                ("db".into(), "c3".into(), spec(5432, 6000)),
-                ("cache".into(), "c4".into(), spec(6379, 6000)),
+                (
+                    "web".parse().unwrap(),
+                    "c1".parse().unwrap(),
+                    spec(81, 6000),
+                ),
+                (
+                    "db".parse().unwrap(),
+                    "c3".parse().unwrap(),
+                    spec(5432, 6000),
+                ),
+                (
+                    "cache".parse().unwrap(),
+                    "c4".parse().unwrap(),
+                    spec(6379, 6000),
+                ),
             ],
         );
         let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
         assert_eq!(
             got,
             [
-                (4, "cache".into(), vec!["c4".into()]),
-                (5, "web".into(), vec!["by-hand".into(), "c1".into()]),
+                (4, "cache".parse().unwrap(), vec!["c4".parse().unwrap()]),
+                (
+                    5,
+                    "web".parse().unwrap(),
+                    vec!["by-hand".parse().unwrap(), "c1".parse().unwrap()]
+                ),
             ]
         );
         // An empty sync removes every Docker instance and leaves the registrar's.
@@ -991,15 +1101,15 @@ mod tests {
     async fn routes_persist_publish_and_ignore_no_ops() {
         let (r, dir) = registry();
         let (_, mut rx) = r.subscribe();
-        let route: Route = [("1".to_owned(), 90), ("2".to_owned(), 10)].into();
+        let route: Route = [("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)].into();
         let set = r
-            .set_route("emitter", Some(route.clone()))
+            .set_route(&svc("emitter"), Some(route.clone()))
             .await
             .unwrap()
             .unwrap();
         assert_eq!((set.index, set.route.as_ref()), (1, Some(&route)));
         let again = r
-            .set_route("emitter", Some(route.clone()))
+            .set_route(&svc("emitter"), Some(route.clone()))
             .await
             .unwrap()
             .unwrap();
@@ -1007,9 +1117,9 @@ mod tests {
         // It is on disk, and a new registry starts with it.
         let store = RouteStore::open(dir.path()).unwrap();
         assert_eq!(store.load().unwrap()["emitter"], route);
-        let cleared = r.set_route("emitter", None).await.unwrap().unwrap();
+        let cleared = r.set_route(&svc("emitter"), None).await.unwrap().unwrap();
         assert_eq!((cleared.index, cleared.route), (2, None));
-        assert!(r.set_route("emitter", None).await.unwrap().is_none());
+        assert!(r.set_route(&svc("emitter"), None).await.unwrap().is_none());
         assert!(store.load().unwrap().is_empty());
         let got = events(&mut rx);
         assert_eq!(
@@ -1017,12 +1127,12 @@ mod tests {
             [
                 WatchEvent::Route {
                     index: 1,
-                    service: "emitter".into(),
+                    service: "emitter".parse().unwrap(),
                     route: Some(route)
                 },
                 WatchEvent::Route {
                     index: 2,
-                    service: "emitter".into(),
+                    service: "emitter".parse().unwrap(),
                     route: None
                 },
             ]
@@ -1036,8 +1146,8 @@ mod tests {
         let data = dir.path().to_owned();
         drop(dir);
         std::fs::write(&data, "not a directory").unwrap();
-        let route: Route = [("1".to_owned(), 100)].into();
-        assert!(r.set_route("emitter", Some(route)).await.is_err());
+        let route: Route = [("1".parse().unwrap(), 100)].into();
+        assert!(r.set_route(&svc("emitter"), Some(route)).await.is_err());
         assert!(r.routes().routes.is_empty());
         assert_eq!(r.index(), 0);
         std::fs::remove_file(&data).unwrap();
@@ -1046,10 +1156,10 @@ mod tests {
     #[tokio::test]
     async fn snapshot_and_feed_do_not_overlap() {
         let (r, _dir) = registry();
-        r.upsert("a", "1", spec(80, 6000), Source::Registrar)
+        r.upsert(&svc("a"), &iid("1"), spec(80, 6000), Source::Registrar)
             .unwrap();
         let (snapshot, mut rx) = r.subscribe();
-        r.upsert("b", "1", spec(80, 6000), Source::Registrar)
+        r.upsert(&svc("b"), &iid("1"), spec(80, 6000), Source::Registrar)
             .unwrap();
         let snap: WatchEvent = serde_json::from_slice(&snapshot.bytes).unwrap();
         let mut state = baker_client::State::default();

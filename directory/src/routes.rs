@@ -10,7 +10,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use baker_client::model::{printable, validate_name, validate_route, Route};
+use baker_client::model::{printable, validate_route, Route, ServiceName};
 use serde::{Deserialize, Serialize};
 
 /// The file name inside the data directory.
@@ -79,7 +79,7 @@ impl RouteStore {
     }
 
     /// Reads the routes; a missing file means none, anything unreadable is an error.
-    pub fn load(&self) -> Result<BTreeMap<String, Route>, StoreError> {
+    pub fn load(&self) -> Result<BTreeMap<ServiceName, Route>, StoreError> {
         let path = self.path();
         let text = match fs::read(&path) {
             Ok(t) => t,
@@ -93,7 +93,8 @@ impl RouteStore {
         let file: RoutesFile = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
         let mut routes = BTreeMap::new();
         for (service, splits) in file.routes {
-            validate_name("service", &service)
+            let service: ServiceName = service
+                .parse()
                 .map_err(|e| corrupt(format!("route of {:?}: {e}", printable(&service))))?;
             let route = validate_route(&splits).map_err(|errs| {
                 let list: Vec<String> = errs.iter().map(ToString::to_string).collect();
@@ -105,7 +106,7 @@ impl RouteStore {
     }
 
     /// Replaces the stored routes with `routes`, atomically and durably.
-    pub fn save(&self, routes: &BTreeMap<String, Route>) -> Result<(), StoreError> {
+    pub fn save(&self, routes: &BTreeMap<ServiceName, Route>) -> Result<(), StoreError> {
         let path = self.path();
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         let file = RoutesFile {
@@ -113,8 +114,10 @@ impl RouteStore {
                 .iter()
                 .map(|(s, r)| {
                     (
-                        s.clone(),
-                        r.iter().map(|(v, p)| (v.clone(), u64::from(*p))).collect(),
+                        s.to_string(),
+                        r.iter()
+                            .map(|(v, p)| (v.to_string(), u64::from(*p)))
+                            .collect(),
                     )
                 })
                 .collect(),
@@ -150,7 +153,10 @@ mod tests {
     use super::*;
 
     fn route(pairs: &[(&str, u8)]) -> Route {
-        pairs.iter().map(|(v, p)| ((*v).to_owned(), *p)).collect()
+        pairs
+            .iter()
+            .map(|(v, p)| (v.parse().unwrap(), *p))
+            .collect()
     }
 
     #[test]
@@ -166,8 +172,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = RouteStore::open(tmp.path()).unwrap();
         let mut routes = BTreeMap::new();
-        routes.insert("emitter".to_owned(), route(&[("1", 90), ("2", 10)]));
-        routes.insert("transform".to_owned(), route(&[("3", 100)]));
+        routes.insert("emitter".parse().unwrap(), route(&[("1", 90), ("2", 10)]));
+        routes.insert("transform".parse().unwrap(), route(&[("3", 100)]));
         store.save(&routes).unwrap();
         assert_eq!(store.load().unwrap(), routes);
         routes.remove("emitter");
@@ -204,7 +210,7 @@ mod tests {
     fn write_errors_name_the_file_that_failed() {
         let tmp = tempfile::tempdir().unwrap();
         let store = RouteStore::open(tmp.path()).unwrap();
-        let routes: BTreeMap<_, _> = [("a".to_owned(), route(&[("1", 100)]))].into();
+        let routes: BTreeMap<_, _> = [("a".parse().unwrap(), route(&[("1", 100)]))].into();
         // The temporary file cannot be created: a directory is in its way.
         fs::create_dir(tmp.path().join("routes.json.tmp")).unwrap();
         let err = store.save(&routes).unwrap_err();
@@ -232,7 +238,7 @@ mod tests {
         let store = RouteStore::open(tmp.path()).unwrap();
         fs::write(tmp.path().join("routes.json.tmp"), "garbage").unwrap();
         assert!(store.load().unwrap().is_empty());
-        let routes: BTreeMap<_, _> = [("a".to_owned(), route(&[("1", 100)]))].into();
+        let routes: BTreeMap<_, _> = [("a".parse().unwrap(), route(&[("1", 100)]))].into();
         store.save(&routes).unwrap();
         assert_eq!(store.load().unwrap(), routes);
         assert!(!tmp.path().join("routes.json.tmp").exists());

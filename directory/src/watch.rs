@@ -168,9 +168,17 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::routes::RouteStore;
-    use baker_client::model::{Source, ValidSpec};
+    use baker_client::model::{InstanceId, ServiceName, Source, ValidSpec};
     use http_body_util::BodyExt;
     use std::time::Duration;
+
+    fn svc(name: &str) -> ServiceName {
+        name.parse().unwrap()
+    }
+
+    fn iid(id: &str) -> InstanceId {
+        id.parse().unwrap()
+    }
 
     fn registry() -> (Registry, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -183,11 +191,13 @@ mod tests {
 
     fn spec(tags: usize) -> ValidSpec {
         ValidSpec {
-            address: "10.0.0.1".into(),
+            address: "10.0.0.1".parse().unwrap(),
             port: 80,
-            version: "1".into(),
+            version: "1".parse().unwrap(),
             weight: 100,
-            tags: (0..tags).map(|i| format!("tag-{i:0>40}")).collect(),
+            tags: (0..tags)
+                .map(|i| format!("tag-{i:0>40}").parse().unwrap())
+                .collect(),
             ttl_ms: 60_000,
         }
     }
@@ -207,19 +217,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn snapshot_then_events_then_pings() {
         let (r, _dir) = registry();
-        r.upsert("a", "1", spec(0), Source::Registrar).unwrap();
+        r.upsert(&svc("a"), &iid("1"), spec(0), Source::Registrar)
+            .unwrap();
         let mut body = open(
             &r,
             LIMITS,
             CancellationToken::new(),
             CancellationToken::new(),
-            "test".into(),
+            "test".parse().unwrap(),
         );
         assert!(matches!(
             next_event(&mut body).await,
             WatchEvent::Snapshot { index: 1, .. }
         ));
-        r.upsert("b", "1", spec(0), Source::Registrar).unwrap();
+        r.upsert(&svc("b"), &iid("1"), spec(0), Source::Registrar)
+            .unwrap();
         assert!(matches!(
             next_event(&mut body).await,
             WatchEvent::Service { index: 2, .. }
@@ -242,7 +254,7 @@ mod tests {
             "slow".into(),
         );
         for i in 0..20 {
-            r.upsert("a", &i.to_string(), spec(4), Source::Registrar)
+            r.upsert(&svc("a"), &iid(&i.to_string()), spec(4), Source::Registrar)
                 .unwrap();
         }
         tokio::time::timeout(Duration::from_secs(5), connection.cancelled())
@@ -267,7 +279,7 @@ mod tests {
             LIMITS,
             CancellationToken::new(),
             shutdown.clone(),
-            "t".into(),
+            "t".parse().unwrap(),
         );
         assert!(matches!(
             next_event(&mut body).await,

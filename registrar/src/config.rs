@@ -10,7 +10,8 @@ use baker_client::config::vars::{
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::{
-    printable, validate_name, validate_weight, DEFAULT_VERSION, DEFAULT_WEIGHT, MAX_NAME_LEN,
+    printable, validate_weight, InstanceId, ServiceName, Tag, ValidationError, Version,
+    DEFAULT_WEIGHT, MAX_NAME_LEN,
 };
 use baker_client::DirectoryClient;
 
@@ -36,9 +37,9 @@ pub struct Config {
     /// Sent as `Authorization: Bearer <token>` (`BAKER_TOKEN`).
     pub token: Option<String>,
     /// `BAKER_SERVICE` (required).
-    pub service: String,
+    pub service: ServiceName,
     /// `BAKER_ID`, default `<hostname>-<advertised port>` made into a valid name.
-    pub id: String,
+    pub id: InstanceId,
     /// The app to probe (`BAKER_TARGET`, default from Docker-link variables).
     pub target: Target,
     /// Where the target came from, for the start-up log line.
@@ -52,9 +53,9 @@ pub struct Config {
     pub interval: Duration,
     pub rise: u32,
     pub fall: u32,
-    pub version: String,
+    pub version: Version,
     pub weight: u16,
-    pub tags: Vec<String>,
+    pub tags: Vec<Tag>,
 }
 
 impl Config {
@@ -64,17 +65,11 @@ impl Config {
         let mut r = Reader::new(&vars::REGISTRAR, env);
         let (directory, token) = directory_and_token(&mut r);
 
-        let service = r
-            .required(
-                ENV_SERVICE,
-                "the name to register the app under, such as emitter",
-                |v| {
-                    validate_name("service", v)
-                        .map(|()| v.to_owned())
-                        .map_err(|e| e.message)
-                },
-            )
-            .unwrap_or_default();
+        let service = r.required(
+            ENV_SERVICE,
+            "the name to register the app under, such as emitter",
+            |v| v.parse::<ServiceName>().map_err(|e| e.message),
+        );
 
         let target_set = r.is_set(ENV_TARGET);
         let (target, target_from) = if target_set {
@@ -175,12 +170,8 @@ impl Config {
         let fall = r.parse(ENV_FALL, threshold).unwrap_or(DEFAULT_FALL);
 
         let version = r
-            .parse(ENV_VERSION, |v| {
-                validate_name("version", v)
-                    .map(|()| v.to_owned())
-                    .map_err(|e| e.message)
-            })
-            .unwrap_or_else(|| DEFAULT_VERSION.to_owned());
+            .parse(ENV_VERSION, |v| v.parse::<Version>().map_err(|e| e.message))
+            .unwrap_or_default();
         let weight = r
             .parse(ENV_WEIGHT, |v| {
                 v.parse::<u64>()
@@ -192,18 +183,16 @@ impl Config {
         let tags = r.parse(ENV_TAGS, parse_tags).unwrap_or_default();
 
         let id = if r.is_set(ENV_ID) {
-            r.parse(ENV_ID, |v| {
-                validate_name("id", v)
-                    .map(|()| v.to_owned())
-                    .map_err(|e| e.message)
-            })
-            .unwrap_or_default()
+            r.parse(ENV_ID, |v| v.parse::<InstanceId>().map_err(|e| e.message))
         } else {
-            default_id(hostname, advertise.as_ref().map_or(0, |a| a.port))
+            Some(default_id(
+                hostname,
+                advertise.as_ref().map_or(0, |a| a.port),
+            ))
         };
 
-        match (target, advertise) {
-            (Some(target), Some(advertise)) => r.finish(Config {
+        match (service, id, target, advertise) {
+            (Some(service), Some(id), Some(target), Some(advertise)) => r.finish(Config {
                 directory,
                 token,
                 service,
@@ -220,7 +209,8 @@ impl Config {
                 weight,
                 tags,
             }),
-            // The reason there is no target or address to advertise is recorded already.
+            // The reason there is no service, id, target or address to advertise is recorded
+            // already.
             _ => Err(r.into_errors()),
         }
     }
@@ -245,16 +235,16 @@ pub fn directory_and_token(r: &mut Reader<'_>) -> (String, Option<String>) {
 }
 
 /// `BAKER_TAGS`: a comma-separated list of names.
-fn parse_tags(v: &str) -> Result<Vec<String>, String> {
-    let tags: Vec<String> = v
+fn parse_tags(v: &str) -> Result<Vec<Tag>, String> {
+    let tags: Vec<Tag> = v
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-        .collect();
-    for t in &tags {
-        validate_name("tag", t).map_err(|e| format!("tag {:?} {}", printable(t), e.message))?;
-    }
+        .map(|t| {
+            t.parse()
+                .map_err(|e: ValidationError| format!("tag {:?} {}", printable(t), e.message))
+        })
+        .collect::<Result<_, _>>()?;
     if tags.len() > MAX_TAGS {
         return Err(format!(
             "at most {MAX_TAGS} tags are allowed, got {}",
@@ -281,8 +271,10 @@ fn host_port_of(url: &str) -> (String, u16) {
 
 /// `<hostname>-<port>`, made into a valid instance id: stable across restarts of the same
 /// container, so a restarted registrar replaces its registration rather than adding one.
-pub fn default_id(hostname: &str, port: u16) -> String {
+pub fn default_id(hostname: &str, port: u16) -> InstanceId {
     sanitize(&format!("{hostname}-{port}"))
+        .parse()
+        .expect("sanitize always makes a valid name")
 }
 
 /// Makes any text into a name matching `^[a-z0-9][a-z0-9._-]{0,62}$`: lower case, every other
@@ -339,7 +331,10 @@ mod tests {
         assert_eq!(shown(ENV_INTERVAL), d(DEFAULT_INTERVAL));
         assert_eq!(shown(ENV_RISE), Some(DEFAULT_RISE.to_string()));
         assert_eq!(shown(ENV_FALL), Some(DEFAULT_FALL.to_string()));
-        assert_eq!(shown(ENV_VERSION), Some(DEFAULT_VERSION.to_string()));
+        assert_eq!(
+            shown(ENV_VERSION),
+            Some(baker_client::model::DEFAULT_VERSION.to_string())
+        );
         assert_eq!(shown(ENV_WEIGHT), Some(DEFAULT_WEIGHT.to_string()));
     }
 
@@ -583,7 +578,7 @@ mod tests {
             "é-é",
         ] {
             let id = sanitize(raw);
-            assert!(validate_name("id", &id).is_ok(), "{raw:?} gave {id:?}");
+            assert!(id.parse::<InstanceId>().is_ok(), "{raw:?} gave {id:?}");
         }
         assert_eq!(default_id("3f2a9c0d1e7b", 8080), "3f2a9c0d1e7b-8080");
         assert_eq!(default_id("", 8080), "8080");

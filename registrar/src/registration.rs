@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use baker_client::backoff::Backoff;
-use baker_client::model::InstanceSpec;
+use baker_client::model::{InstanceId, InstanceSpec, ServiceName, Tag, Version};
 use baker_client::{ClientError, DirectoryClient};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -28,12 +28,12 @@ pub const FIRST_RETRY: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct Registration {
     client: DirectoryClient,
-    service: String,
-    id: String,
+    service: ServiceName,
+    id: InstanceId,
     advertise: Advertise,
-    version: String,
+    version: Version,
     weight: u16,
-    tags: Vec<String>,
+    tags: Vec<Tag>,
     ttl: Duration,
     interval: Duration,
     request_timeout: Duration,
@@ -110,9 +110,9 @@ impl Registration {
         InstanceSpec {
             address,
             port: u64::from(self.advertise.port),
-            version: Some(self.version.clone()),
+            version: Some(self.version.to_string()),
             weight: Some(u64::from(self.weight)),
-            tags: self.tags.clone(),
+            tags: self.tags.iter().map(ToString::to_string).collect(),
             ttl_ms: Some(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)),
         }
     }
@@ -123,7 +123,8 @@ impl Registration {
         let spec = self.spec(address.clone());
         match tokio::time::timeout(
             self.request_timeout,
-            self.client.register(&self.service, &self.id, &spec),
+            self.client
+                .register(self.service.as_str(), self.id.as_str(), &spec),
         )
         .await
         {
@@ -136,7 +137,8 @@ impl Registration {
     async fn deregister(&self) -> Result<(), String> {
         match tokio::time::timeout(
             self.request_timeout,
-            self.client.deregister(&self.service, &self.id),
+            self.client
+                .deregister(self.service.as_str(), self.id.as_str()),
         )
         .await
         {

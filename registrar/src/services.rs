@@ -15,7 +15,7 @@ use baker_client::config::vars::{
     self, ENV_CONFIG, ENV_DIRECTORY, ENV_SERVICE, ENV_TARGET, ENV_TOKEN,
 };
 use baker_client::config::{strays, ConfigErrors, Environment, Reader, Stray, PREFIX};
-use baker_client::model::printable;
+use baker_client::model::{printable, InstanceId, ServiceName};
 
 use crate::config::{directory_and_token, Config};
 
@@ -91,7 +91,7 @@ pub fn from_env(
                     ),
                 );
             }
-            let mut seen: HashMap<(String, String), String> = configs
+            let mut seen: HashMap<(ServiceName, InstanceId), String> = configs
                 .iter()
                 .map(|c| {
                     (

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use baker_client::links::{self, Link};
-use baker_client::model::{printable, validate_address};
+use baker_client::model::{printable, Address};
 
 /// How the app speaks, as the target's scheme says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +158,7 @@ fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
             None => (s, None),
         }
     };
-    validate_address("host", host).map_err(|_| {
+    Address::parse_as("host", host).map_err(|_| {
         format!(
             "the host must be an IP address or a DNS name (letters, digits, '-', '.'), got {:?}",
             printable(host)

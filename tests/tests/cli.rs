@@ -231,7 +231,7 @@ async fn route_set_list_clear_round_trip() {
     let routes = dir.client.routes().await.unwrap();
     assert_eq!(
         routes.routes["emitter"],
-        BTreeMap::from([("1".to_owned(), 90), ("2".to_owned(), 10)])
+        BTreeMap::from([("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)])
     );
 
     // A service that never had an instance needs --force: its name may be a typo.

@@ -46,10 +46,13 @@ async fn call(
     (status, message)
 }
 
-fn ids(services: &BTreeMap<String, Vec<baker_client::Instance>>, service: &str) -> Vec<String> {
+fn ids(
+    services: &BTreeMap<baker_client::ServiceName, Vec<baker_client::Instance>>,
+    service: &str,
+) -> Vec<String> {
     services
         .get(service)
-        .map(|v| v.iter().map(|i| i.id.clone()).collect())
+        .map(|v| v.iter().map(|i| i.id.to_string()).collect())
         .unwrap_or_default()
 }
 
@@ -251,6 +254,15 @@ async fn bad_input_is_rejected_with_a_message_and_changes_nothing() {
             "weight: must be between 1 and 256, got 257",
         ),
         (r#"{"address":"bad address","port":80}"#, "address"),
+        // Numeric pseudo-hostnames: glibc would dial another address than the one shown.
+        (
+            r#"{"address":"010.000.000.001","port":80}"#,
+            "address: must be an IP address or a DNS name, got \"010.000.000.001\"",
+        ),
+        (r#"{"address":"0x7f.1","port":80}"#, "address: "),
+        (r#"{"address":"2130706433","port":80}"#, "address: "),
+        (r#"{"address":"1.2.3","port":80}"#, "address: "),
+        (r#"{"address":"10.0.0.256","port":80}"#, "address: "),
         (
             r#"{"address":"10.0.0.1","port":80,"version":"V2"}"#,
             "version",
@@ -361,6 +373,21 @@ async fn bad_input_is_rejected_with_a_message_and_changes_nothing() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn ip_addresses_are_stored_in_canonical_form() {
+    let dir = TestDirectory::start(&[]).await;
+    let url = format!("{}/v1/services/emitter/instances/a", dir.url);
+    for written in ["FD00::1", "fd00:0::1"] {
+        let body = format!(r#"{{"address":"{written}","port":80}}"#).into_bytes();
+        let (status, text) = call(Method::PUT, &url, None, Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer["address"], "fd00::1", "{written}: {text}");
+        let stored = dir.client.service("emitter").await.unwrap();
+        assert_eq!(stored.instances[0].address.as_str(), "fd00::1");
+    }
 }
 
 #[tokio::test]

@@ -50,8 +50,11 @@ fn summary(e: &WatchEvent) -> (u64, String, Vec<(String, u16)>) {
             instances,
         } => (
             *index,
-            service.clone(),
-            instances.iter().map(|i| (i.id.clone(), i.weight)).collect(),
+            service.to_string(),
+            instances
+                .iter()
+                .map(|i| (i.id.to_string(), i.weight))
+                .collect(),
         ),
         other => panic!("expected a service event, got {other:?}"),
     }
@@ -126,15 +129,15 @@ async fn a_watcher_sees_the_snapshot_then_every_change_in_order() {
         next_change(&mut watch).await,
         WatchEvent::Route {
             index: 7,
-            service: "emitter".into(),
-            route: Some([("1".to_owned(), 100)].into())
+            service: "emitter".parse().unwrap(),
+            route: Some([("1".parse().unwrap(), 100)].into())
         }
     );
     assert_eq!(
         next_change(&mut watch).await,
         WatchEvent::Route {
             index: 8,
-            service: "emitter".into(),
+            service: "emitter".parse().unwrap(),
             route: None
         }
     );

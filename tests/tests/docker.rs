@@ -20,7 +20,7 @@ async fn instance_ids(client: &DirectoryClient, service: &str) -> Vec<String> {
     let mut ids: Vec<String> = client
         .service(service)
         .await
-        .map(|s| s.instances.into_iter().map(|i| i.id).collect())
+        .map(|s| s.instances.into_iter().map(|i| i.id.into()).collect())
         .unwrap_or_default();
     ids.sort();
     ids
@@ -383,7 +383,7 @@ impl Topology {
                 .ok()?
                 .instances
                 .into_iter()
-                .map(|i| i.address)
+                .map(|i| i.address.into())
                 .collect();
             addrs.sort();
             let mut want = want.clone();
@@ -576,7 +576,7 @@ async fn a_registrar_in_the_apps_network_namespace_registers_a_dialable_address(
                 .instances
                 .into_iter()
                 .next()?;
-            Some((inst.address, inst.port))
+            Some((String::from(inst.address), inst.port))
         },
     )
     .await;

@@ -81,7 +81,12 @@ async fn every_service_of_the_file_is_registered() {
     let t = registered(&dir, "transform", "t1").await;
     assert_eq!(
         (e.port, e.version.as_str(), e.weight, e.tags.as_slice()),
-        (emitter.addr.port(), "1", 100, &["host-a".to_owned()][..])
+        (
+            emitter.addr.port(),
+            "1",
+            100,
+            &["host-a".parse().unwrap()][..]
+        )
     );
     assert_eq!(
         (t.port, t.version.as_str(), t.weight),

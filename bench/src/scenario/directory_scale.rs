@@ -130,7 +130,7 @@ fn probe_ids(line: &[u8]) -> Vec<u64> {
             service, instances, ..
         }) if service == PROBE_SERVICE => instances
             .iter()
-            .filter_map(|i| i.id.strip_prefix('p')?.parse().ok())
+            .filter_map(|i| i.id.as_str().strip_prefix('p')?.parse().ok())
             .collect(),
         _ => Vec::new(),
     }

@@ -1,10 +1,10 @@
 //! The command line, and the parsers of its values.
 //!
-//! Everything that names a service, an instance or a version is checked here with the same
-//! validators the directory uses, so a typo is a usage error (exit 2) before any request is sent.
+//! Everything that names a service, an instance or a version is parsed here into the same
+//! types the directory uses, so a typo is a usage error (exit 2) before any request is sent.
 
 use baker_client::api::DEFAULT_DIRECTORY;
-use baker_client::model::{printable, validate_address, validate_name};
+use baker_client::model::{printable, Address, InstanceId, ServiceName, ValidationError, Version};
 use clap::{Args, Parser, Subcommand};
 
 const AFTER_HELP: &str = "\
@@ -78,7 +78,7 @@ pub enum Command {
     Instances {
         /// The service.
         #[arg(value_parser = service_name)]
-        service: Option<String>,
+        service: Option<ServiceName>,
     },
 
     /// Show, set or clear canary routes (version → percent of traffic).
@@ -106,10 +106,10 @@ pub enum Command {
     Deregister {
         /// The service.
         #[arg(value_parser = service_name)]
-        service: String,
+        service: ServiceName,
         /// The instance id.
         #[arg(value_parser = instance_id)]
-        id: String,
+        id: InstanceId,
     },
 
     /// Print the variables Docker would inject for `--link` (no directory needed).
@@ -140,7 +140,7 @@ pub enum RouteCommand {
         force: bool,
         /// The service.
         #[arg(value_parser = service_name)]
-        service: String,
+        service: ServiceName,
         /// VERSION=PERCENT pairs, separated by spaces or commas.
         #[arg(
             required = true,
@@ -148,7 +148,7 @@ pub enum RouteCommand {
             value_delimiter = ',',
             value_name = "VERSION=PERCENT"
         )]
-        splits: Vec<(String, u64)>,
+        splits: Vec<(Version, u64)>,
     },
     /// List every route.
     #[command(visible_alias = "ls")]
@@ -158,7 +158,7 @@ pub enum RouteCommand {
     Clear {
         /// The service.
         #[arg(value_parser = service_name)]
-        service: String,
+        service: ServiceName,
     },
 }
 
@@ -166,10 +166,10 @@ pub enum RouteCommand {
 pub struct RegisterArgs {
     /// The service.
     #[arg(value_parser = service_name)]
-    pub service: String,
+    pub service: ServiceName,
     /// The instance id, unique within the service.
     #[arg(value_parser = instance_id)]
-    pub id: String,
+    pub id: InstanceId,
     /// Where clients connect: an IP address or a DNS name.
     #[arg(long)]
     pub address: String,
@@ -199,25 +199,23 @@ pub struct LinkSpec {
     pub proto: String,
 }
 
-fn service_name(value: &str) -> Result<String, String> {
-    validate_name("service", value)
-        .map(|()| value.to_owned())
-        .map_err(|e| e.message)
+fn service_name(value: &str) -> Result<ServiceName, String> {
+    value.parse().map_err(|e: ValidationError| e.message)
 }
 
-fn instance_id(value: &str) -> Result<String, String> {
-    validate_name("id", value)
-        .map(|()| value.to_owned())
-        .map_err(|e| e.message)
+fn instance_id(value: &str) -> Result<InstanceId, String> {
+    value.parse().map_err(|e: ValidationError| e.message)
 }
 
 /// Parses `VERSION=PERCENT` (`1=90`). The whole route is checked later, all problems at once.
-pub fn split(value: &str) -> Result<(String, u64), String> {
+pub fn split(value: &str) -> Result<(Version, u64), String> {
     let (version, pct) = value
         .split_once('=')
         .ok_or_else(|| "expected VERSION=PERCENT, such as 1=90".to_owned())?;
-    let version = version.trim();
-    validate_name("version", version).map_err(|e| format!("version {}", e.message))?;
+    let version: Version = version
+        .trim()
+        .parse()
+        .map_err(|e: ValidationError| format!("version {}", e.message))?;
     let pct = pct.trim().trim_end_matches('%');
     let pct: u64 = pct.parse().map_err(|_| {
         format!(
@@ -225,7 +223,7 @@ pub fn split(value: &str) -> Result<(String, u64), String> {
             printable(pct)
         )
     })?;
-    Ok((version.to_owned(), pct))
+    Ok((version, pct))
 }
 
 /// Parses a TTL such as `30s` into milliseconds.
@@ -265,7 +263,7 @@ pub fn link_spec(value: &str) -> Result<LinkSpec, String> {
             printable(port)
         )
     })?;
-    validate_address("host", host).map_err(|e| e.to_string())?;
+    Address::parse_as("host", host).map_err(|e| e.to_string())?;
     if alias.is_empty() {
         return Err(format!("the alias is missing: {usage}"));
     }
@@ -294,9 +292,10 @@ mod tests {
 
     #[test]
     fn splits() {
-        assert_eq!(split("1=90").unwrap(), ("1".into(), 90));
-        assert_eq!(split("v2.1=10%").unwrap(), ("v2.1".into(), 10));
-        assert_eq!(split(" 2 = 0 ").unwrap(), ("2".into(), 0));
+        let split = |v| split(v).map(|(version, pct)| (version.to_string(), pct));
+        assert_eq!(split("1=90").unwrap(), ("1".parse().unwrap(), 90));
+        assert_eq!(split("v2.1=10%").unwrap(), ("v2.1".parse().unwrap(), 10));
+        assert_eq!(split(" 2 = 0 ").unwrap(), ("2".parse().unwrap(), 0));
         assert!(split("1:90").unwrap_err().contains("VERSION=PERCENT"));
         assert!(split("1=ninety").unwrap_err().contains("whole number"));
         assert!(split("1=-5").is_err());
@@ -315,10 +314,8 @@ mod tests {
             }) => {
                 assert!(!force);
                 assert_eq!(service, "emitter");
-                assert_eq!(
-                    splits,
-                    [("1".into(), 80), ("2".into(), 10), ("3".into(), 10)]
-                );
+                let splits: Vec<_> = splits.iter().map(|(v, p)| (v.as_str(), *p)).collect();
+                assert_eq!(splits, [("1", 80), ("2", 10), ("3", 10)]);
             }
             other => panic!("parsed as {other:?}"),
         }

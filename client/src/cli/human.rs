@@ -3,7 +3,7 @@
 use std::cmp::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use baker_client::model::{Instance, Route, Source};
+use baker_client::model::{Instance, Route, Source, Tag, Version};
 
 /// `address:port`, with an IPv6 address in brackets.
 pub fn authority(address: &str, port: u16) -> String {
@@ -20,7 +20,7 @@ pub fn instance_line(i: &Instance) -> String {
         "{}/{} {} v{} w{}",
         i.service,
         i.id,
-        authority(&i.address, i.port),
+        authority(i.address.as_str(), i.port),
         i.version,
         i.weight
     );
@@ -43,10 +43,10 @@ pub fn instance_changes(old: &Instance, new: &Instance) -> Vec<String> {
     };
     note(
         "address",
-        authority(&old.address, old.port),
-        authority(&new.address, new.port),
+        authority(old.address.as_str(), old.port),
+        authority(new.address.as_str(), new.port),
     );
-    note("version", old.version.clone(), new.version.clone());
+    note("version", old.version.to_string(), new.version.to_string());
     note("weight", old.weight.to_string(), new.weight.to_string());
     note("tags", tags(&old.tags), tags(&new.tags));
     note("source", old.source.to_string(), new.source.to_string());
@@ -54,7 +54,7 @@ pub fn instance_changes(old: &Instance, new: &Instance) -> Vec<String> {
     changes
 }
 
-fn tags(tags: &[String]) -> String {
+fn tags(tags: &[Tag]) -> String {
     if tags.is_empty() {
         "-".to_owned()
     } else {
@@ -64,8 +64,8 @@ fn tags(tags: &[String]) -> String {
 
 /// `1=90 2=10`, in version order, the same syntax `baker route set` takes.
 pub fn route_text(route: &Route) -> String {
-    let mut pairs: Vec<(&String, &u8)> = route.iter().collect();
-    pairs.sort_by(|a, b| version_order(a.0, b.0));
+    let mut pairs: Vec<(&Version, &u8)> = route.iter().collect();
+    pairs.sort_by(|a, b| version_order(a.0.as_str(), b.0.as_str()));
     pairs
         .iter()
         .map(|(v, p)| format!("{v}={p}"))
@@ -84,9 +84,9 @@ pub fn version_order(a: &str, b: &str) -> Ordering {
 }
 
 /// The distinct versions of `instances`, in [`version_order`].
-pub fn versions<'a>(instances: impl IntoIterator<Item = &'a Instance>) -> Vec<String> {
-    let mut v: Vec<String> = instances.into_iter().map(|i| i.version.clone()).collect();
-    v.sort_by(|a, b| version_order(a, b));
+pub fn versions<'a>(instances: impl IntoIterator<Item = &'a Instance>) -> Vec<Version> {
+    let mut v: Vec<Version> = instances.into_iter().map(|i| i.version.clone()).collect();
+    v.sort_by(|a, b| version_order(a.as_str(), b.as_str()));
     v.dedup();
     v
 }
@@ -142,8 +142,8 @@ mod tests {
     fn instance_lines() {
         assert_eq!(instance_line(&inst()), "emitter/a 10.0.0.1:8080 v1 w100");
         let mut i = inst();
-        i.address = "fd00::1".into();
-        i.tags = vec!["blue".into(), "eu".into()];
+        i.address = "fd00::1".parse().unwrap();
+        i.tags = vec!["blue".parse().unwrap(), "eu".parse().unwrap()];
         i.source = Source::Docker;
         assert_eq!(
             instance_line(&i),
@@ -169,17 +169,17 @@ mod tests {
     #[test]
     fn routes_and_versions_in_natural_order() {
         let route: Route = [
-            ("10".into(), 5),
-            ("2".into(), 15),
-            ("1".into(), 70),
-            ("canary".into(), 10),
+            ("10".parse().unwrap(), 5),
+            ("2".parse().unwrap(), 15),
+            ("1".parse().unwrap(), 70),
+            ("canary".parse().unwrap(), 10),
         ]
         .into();
         assert_eq!(route_text(&route), "1=70 2=15 10=5 canary=10");
         let mut a = inst();
-        a.version = "10".into();
+        a.version = "10".parse().unwrap();
         let mut b = inst();
-        b.version = "2".into();
+        b.version = "2".parse().unwrap();
         assert_eq!(versions([&a, &b, &b]), ["2", "10"]);
     }
 

@@ -1,6 +1,6 @@
 //! `baker register` and `baker deregister`, for scripts and one-off changes.
 
-use baker_client::model::InstanceSpec;
+use baker_client::model::{InstanceId, InstanceSpec, ServiceName};
 use serde::Serialize;
 
 use super::args::RegisterArgs;
@@ -37,7 +37,7 @@ pub async fn register(ctx: &Ctx, args: &RegisterArgs) -> anyhow::Result<()> {
     let client = ctx.client()?;
     let action = format!("register {}/{}", args.service, args.id);
     let instance = client
-        .register(&args.service, &args.id, &spec)
+        .register(args.service.as_str(), args.id.as_str(), &spec)
         .await
         .map_err(|e| Failure::from_client(&client, &action, e))?;
     if ctx.json() {
@@ -52,15 +52,15 @@ pub async fn register(ctx: &Ctx, args: &RegisterArgs) -> anyhow::Result<()> {
 
 #[derive(Serialize)]
 struct Deregistered<'a> {
-    service: &'a str,
-    id: &'a str,
+    service: &'a ServiceName,
+    id: &'a InstanceId,
     deregistered: bool,
 }
 
-pub async fn deregister(ctx: &Ctx, service: &str, id: &str) -> anyhow::Result<()> {
+pub async fn deregister(ctx: &Ctx, service: &ServiceName, id: &InstanceId) -> anyhow::Result<()> {
     let client = ctx.client()?;
     client
-        .deregister(service, id)
+        .deregister(service.as_str(), id.as_str())
         .await
         .map_err(|e| Failure::from_client(&client, &format!("deregister {service}/{id}"), e))?;
     if ctx.json() {
@@ -79,9 +79,9 @@ mod tests {
 
     fn args() -> RegisterArgs {
         RegisterArgs {
-            service: "emitter".into(),
-            id: "a".into(),
-            address: "10.0.0.1".into(),
+            service: "emitter".parse().unwrap(),
+            id: "a".parse().unwrap(),
+            address: "10.0.0.1".parse().unwrap(),
             port: 8080,
             version: None,
             weight: None,

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use baker_client::api::ClientError;
-use baker_client::model::{route_falls_back, validate_route, Route, RouteResponse};
+use baker_client::model::{
+    route_falls_back, validate_route, Route, RouteResponse, ServiceName, Version,
+};
 use reqwest::StatusCode;
 
 use super::human::route_text;
@@ -14,12 +16,12 @@ use super::{Ctx, Failure};
 /// problem is reported at once.
 pub fn build_route(
     service: &str,
-    splits: &[(String, u64)],
+    splits: &[(Version, u64)],
 ) -> Result<BTreeMap<String, u64>, Failure> {
     let mut route = BTreeMap::new();
     let mut problems = Vec::new();
     for (version, pct) in splits {
-        if route.insert(version.clone(), *pct).is_some() {
+        if route.insert(version.to_string(), *pct).is_some() {
             problems.push(format!("version {version} is named more than once"));
         }
     }
@@ -38,16 +40,16 @@ pub fn build_route(
 
 pub async fn set(
     ctx: &Ctx,
-    service: &str,
-    splits: &[(String, u64)],
+    service: &ServiceName,
+    splits: &[(Version, u64)],
     force: bool,
 ) -> anyhow::Result<()> {
-    let route = build_route(service, splits)?;
+    let route = build_route(service.as_str(), splits)?;
     let client = ctx.client()?;
     let sent = if force {
-        client.set_route_forced(service, &route).await
+        client.set_route_forced(service.as_str(), &route).await
     } else {
-        client.set_route(service, &route).await
+        client.set_route(service.as_str(), &route).await
     };
     let resp =
         sent.map_err(|e| Failure::from_client(&client, &format!("set the route of {service}"), e))?;
@@ -57,8 +59,8 @@ pub async fn set(
         ctx.print(&set_line(&resp))?;
     }
     // Best effort: what the route does with the instances live now is worth knowing at once.
-    if let (Some(route), Ok(current)) = (&resp.route, client.service(service).await) {
-        for line in warnings(service, route, &current.instances) {
+    if let (Some(route), Ok(current)) = (&resp.route, client.service(service.as_str()).await) {
+        for line in warnings(service.as_str(), route, &current.instances) {
             eprintln!("warning: {line}");
         }
     }
@@ -102,7 +104,7 @@ fn set_line(resp: &RouteResponse) -> String {
 }
 
 /// Versions a route gives traffic to that no live instance has.
-pub fn idle_versions(route: &Route, instances: &[baker_client::Instance]) -> Vec<String> {
+pub fn idle_versions(route: &Route, instances: &[baker_client::Instance]) -> Vec<Version> {
     route
         .iter()
         .filter(|(v, pct)| **pct > 0 && !instances.iter().any(|i| &i.version == *v))
@@ -121,7 +123,7 @@ pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     }
     let mut t = Table::new(&["service", "route"]);
     for (service, route) in &routes.routes {
-        t.row(vec![service.clone(), route_text(route)]);
+        t.row(vec![service.to_string(), route_text(route)]);
     }
     ctx.print_table(
         &t,
@@ -129,9 +131,9 @@ pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     )
 }
 
-pub async fn clear(ctx: &Ctx, service: &str) -> anyhow::Result<()> {
+pub async fn clear(ctx: &Ctx, service: &ServiceName) -> anyhow::Result<()> {
     let client = ctx.client()?;
-    let resp = match client.clear_route(service).await {
+    let resp = match client.clear_route(service.as_str()).await {
         Ok(resp) => resp,
         // Clearing is idempotent: no route is what was asked for.
         Err(ClientError::Refused {
@@ -139,7 +141,7 @@ pub async fn clear(ctx: &Ctx, service: &str) -> anyhow::Result<()> {
             ..
         }) => RouteResponse {
             index: 0,
-            service: service.to_owned(),
+            service: service.clone(),
             route: None,
         },
         Err(e) => {
@@ -160,14 +162,17 @@ pub async fn clear(ctx: &Ctx, service: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn s(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
-        pairs.iter().map(|(v, p)| (v.to_string(), *p)).collect()
+    fn s(pairs: &[(&str, u64)]) -> Vec<(Version, u64)> {
+        pairs
+            .iter()
+            .map(|(v, p)| (v.parse().unwrap(), *p))
+            .collect()
     }
 
     #[test]
     fn builds_valid_routes() {
         let r = build_route("emitter", &s(&[("1", 90), ("2", 10)])).unwrap();
-        assert_eq!(r, [("1".into(), 90), ("2".into(), 10)].into());
+        assert_eq!(r, [("1".to_owned(), 90), ("2".to_owned(), 10)].into());
     }
 
     #[test]
@@ -195,12 +200,15 @@ mod tests {
     #[test]
     fn warnings_say_where_traffic_goes() {
         let inst = |id: &str, version: &str| baker_client::Instance {
-            version: version.into(),
+            version: version.parse().unwrap(),
             ..baker_client::Instance::sample("greeting", id)
         };
         let live = [inst("a", "1"), inst("b", "2")];
         let r = |pairs: &[(&str, u8)]| -> Route {
-            pairs.iter().map(|(v, p)| ((*v).to_owned(), *p)).collect()
+            pairs
+                .iter()
+                .map(|(v, p)| (v.parse().unwrap(), *p))
+                .collect()
         };
         assert_eq!(
             warnings("greeting", &r(&[("3", 100)]), &live),
@@ -226,7 +234,12 @@ mod tests {
 
     #[test]
     fn idle_versions_ignore_zero_shares() {
-        let route: Route = [("1".into(), 90), ("2".into(), 10), ("3".into(), 0)].into();
+        let route: Route = [
+            ("1".parse().unwrap(), 90),
+            ("2".parse().unwrap(), 10),
+            ("3".parse().unwrap(), 0),
+        ]
+        .into();
         assert_eq!(idle_versions(&route, &[]), ["1", "2"]);
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use baker_client::model::{Instance, Route, ServiceResponse, Source};
+use baker_client::model::{Instance, Route, ServiceName, ServiceResponse, Source, Version};
 use reqwest::StatusCode;
 use serde::Serialize;
 
@@ -15,9 +15,9 @@ use baker_client::api::ClientError;
 /// One row of `baker services`, also its JSON form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceSummary {
-    pub service: String,
+    pub service: ServiceName,
     pub instances: usize,
-    pub versions: Vec<String>,
+    pub versions: Vec<Version>,
     pub route: Option<Route>,
 }
 
@@ -30,10 +30,10 @@ struct ServicesOutput {
 
 /// Every service with live instances or a route, in name order.
 pub fn summarize(
-    services: &BTreeMap<String, Vec<Instance>>,
-    routes: &BTreeMap<String, Route>,
+    services: &BTreeMap<ServiceName, Vec<Instance>>,
+    routes: &BTreeMap<ServiceName, Route>,
 ) -> Vec<ServiceSummary> {
-    let mut names: Vec<&String> = services
+    let mut names: Vec<&ServiceName> = services
         .iter()
         .filter(|(_, i)| !i.is_empty())
         .map(|(name, _)| name)
@@ -60,7 +60,7 @@ pub fn services_table(rows: &[ServiceSummary]) -> Table {
     let mut t = Table::new(&["service", "instances", "versions", "route"]);
     for s in rows {
         t.row(vec![
-            s.service.clone(),
+            s.service.to_string(),
             s.instances.to_string(),
             s.versions.join(","),
             s.route.as_ref().map(route_text).unwrap_or_default(),
@@ -103,9 +103,9 @@ pub fn instances_table<'a>(
     instances.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
     for i in instances {
         let mut row = vec![
-            i.id.clone(),
-            authority(&i.address, i.port),
-            i.version.clone(),
+            i.id.to_string(),
+            authority(i.address.as_str(), i.port),
+            i.version.to_string(),
             i.weight.to_string(),
             i.source.to_string(),
             i.tags.join(","),
@@ -113,7 +113,7 @@ pub fn instances_table<'a>(
             ago(i.last_seen, now),
         ];
         if with_service {
-            row.insert(0, i.service.clone());
+            row.insert(0, i.service.to_string());
         }
         t.row(row);
     }
@@ -129,7 +129,7 @@ fn ttl(i: &Instance) -> String {
     }
 }
 
-pub async fn instances(ctx: &Ctx, service: Option<&str>) -> anyhow::Result<()> {
+pub async fn instances(ctx: &Ctx, service: Option<&ServiceName>) -> anyhow::Result<()> {
     let client = ctx.client()?;
     let Some(service) = service else {
         let all = client
@@ -143,7 +143,7 @@ pub async fn instances(ctx: &Ctx, service: Option<&str>) -> anyhow::Result<()> {
         return ctx.print_table(&table, "no live instances");
     };
     let action = format!("list the instances of {service}");
-    let resp = match client.service(service).await {
+    let resp = match client.service(service.as_str()).await {
         Ok(r) => r,
         // Services are soft state: one with no live instance is simply empty.
         Err(ClientError::Refused {
@@ -151,7 +151,7 @@ pub async fn instances(ctx: &Ctx, service: Option<&str>) -> anyhow::Result<()> {
             ..
         }) => ServiceResponse {
             index: 0,
-            service: service.to_owned(),
+            service: service.clone(),
             instances: Vec::new(),
             route: None,
         },
@@ -175,7 +175,7 @@ mod tests {
 
     fn inst(service: &str, id: &str, version: &str) -> Instance {
         Instance {
-            version: version.into(),
+            version: version.parse().unwrap(),
             last_seen: 1_000_000,
             ..Instance::sample(service, id)
         }
@@ -183,24 +183,27 @@ mod tests {
 
     #[test]
     fn services_table_lists_instances_and_routes() {
-        let services: BTreeMap<String, Vec<Instance>> = [
+        let services: BTreeMap<ServiceName, Vec<Instance>> = [
             (
-                "emitter".to_owned(),
+                "emitter".parse().unwrap(),
                 vec![
                     inst("emitter", "a", "1"),
                     inst("emitter", "b", "2"),
                     inst("emitter", "c", "1"),
                 ],
             ),
-            ("gone".to_owned(), vec![]),
+            ("gone".parse().unwrap(), vec![]),
         ]
         .into();
-        let routes: BTreeMap<String, Route> = [
+        let routes: BTreeMap<ServiceName, Route> = [
             (
-                "emitter".to_owned(),
-                [("1".into(), 90), ("2".into(), 10)].into(),
+                "emitter".parse().unwrap(),
+                [("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)].into(),
             ),
-            ("idle".to_owned(), [("3".into(), 100)].into()),
+            (
+                "idle".parse().unwrap(),
+                [("3".parse().unwrap(), 100)].into(),
+            ),
         ]
         .into();
         let rows = summarize(&services, &routes);
@@ -219,9 +222,9 @@ mod tests {
     #[test]
     fn instances_table_columns() {
         let mut b = inst("emitter", "b", "2");
-        b.tags = vec!["canary".into()];
+        b.tags = vec!["canary".parse().unwrap()];
         b.weight = 10;
-        b.address = "fd00::2".into();
+        b.address = "fd00::2".parse().unwrap();
         let now = UNIX_EPOCH + Duration::from_millis(1_003_000);
         let mut c = inst("emitter", "c", "1");
         c.source = Source::Docker;

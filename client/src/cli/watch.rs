@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use baker_client::api::ClientError;
 use baker_client::backoff::Backoff;
-use baker_client::model::{Instance, Route, State, WatchEvent};
+use baker_client::model::{Instance, Route, ServiceName, State, WatchEvent};
 use futures_util::StreamExt;
 
 use super::human::{instance_changes, instance_line, route_text};
@@ -42,7 +42,8 @@ pub fn describe(known: Option<&State>, event: &WatchEvent) -> Vec<String> {
                 routes.len(),
                 plural(routes.len()),
             ));
-            let names: BTreeSet<&String> = before.services.keys().chain(services.keys()).collect();
+            let names: BTreeSet<&ServiceName> =
+                before.services.keys().chain(services.keys()).collect();
             for name in names {
                 lines.extend(instance_diff(
                     before
@@ -53,7 +54,7 @@ pub fn describe(known: Option<&State>, event: &WatchEvent) -> Vec<String> {
                     services.get(name).map(Vec::as_slice).unwrap_or_default(),
                 ));
             }
-            let names: BTreeSet<&String> = before.routes.keys().chain(routes.keys()).collect();
+            let names: BTreeSet<&ServiceName> = before.routes.keys().chain(routes.keys()).collect();
             for name in names {
                 lines.extend(route_diff(name, before.routes.get(name), routes.get(name)));
             }
@@ -109,7 +110,7 @@ fn instance_diff(old: &[Instance], new: &[Instance]) -> Vec<String> {
     lines
 }
 
-fn route_diff(service: &str, old: Option<&Route>, new: Option<&Route>) -> Option<String> {
+fn route_diff(service: &ServiceName, old: Option<&Route>, new: Option<&Route>) -> Option<String> {
     if old == new {
         return None;
     }
@@ -222,9 +223,9 @@ mod tests {
     fn snapshot(index: u64, instances: Vec<Instance>, route: Option<Route>) -> WatchEvent {
         WatchEvent::Snapshot {
             index,
-            services: [("emitter".to_owned(), instances)].into(),
+            services: [("emitter".parse().unwrap(), instances)].into(),
             routes: route
-                .map(|r| ("emitter".to_owned(), r))
+                .map(|r| ("emitter".parse().unwrap(), r))
                 .into_iter()
                 .collect(),
         }
@@ -242,7 +243,7 @@ mod tests {
 
     #[test]
     fn first_snapshot_lists_everything() {
-        let r: Route = [("1".into(), 100)].into();
+        let r: Route = [("1".parse().unwrap(), 100)].into();
         assert_eq!(
             run(&[snapshot(7, vec![inst("a", 100), inst("b", 100)], Some(r))]),
             [
@@ -260,7 +261,7 @@ mod tests {
         beat.last_seen = 99;
         let service = |index, instances| WatchEvent::Service {
             index,
-            service: "emitter".into(),
+            service: "emitter".parse().unwrap(),
             instances,
         };
         let lines = run(&[
@@ -270,14 +271,14 @@ mod tests {
             service(4, vec![inst("a", 50), inst("b", 100)]),
             WatchEvent::Route {
                 index: 5,
-                service: "emitter".into(),
-                route: Some([("1".into(), 90), ("2".into(), 10)].into()),
+                service: "emitter".parse().unwrap(),
+                route: Some([("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)].into()),
             },
             WatchEvent::Ping { index: 5 },
             service(6, vec![inst("b", 100)]),
             WatchEvent::Route {
                 index: 7,
-                service: "emitter".into(),
+                service: "emitter".parse().unwrap(),
                 route: None,
             },
         ]);
@@ -302,7 +303,7 @@ mod tests {
             snapshot(
                 9,
                 vec![inst("b", 100), inst("c", 100)],
-                Some([("1".into(), 100)].into()),
+                Some([("1".parse().unwrap(), 100)].into()),
             ),
         ]);
         assert_eq!(

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use baker_client::config::vars::{self, ENV_INSTANCE, ENV_LISTEN, ENV_VERSION};
 use baker_client::config::{ConfigErrors, Environment, Reader};
-use baker_client::model::validate_name;
+use baker_client::model::Version;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -15,7 +15,7 @@ pub struct Config {
     /// Where to listen (`BAKER_LISTEN`, default `0.0.0.0:8080`).
     pub listen: SocketAddr,
     /// The version reported in every greeting (`BAKER_VERSION`, default `1`).
-    pub version: String,
+    pub version: Version,
     /// The instance name reported in every greeting (`BAKER_INSTANCE`, default the host name).
     pub instance: String,
 }
@@ -31,12 +31,8 @@ impl Config {
             })
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
         let version = r
-            .parse(ENV_VERSION, |v| {
-                validate_name("version", v)
-                    .map(|()| v.to_owned())
-                    .map_err(|e| e.message)
-            })
-            .unwrap_or_else(|| "1".to_owned());
+            .parse(ENV_VERSION, |v| v.parse::<Version>().map_err(|e| e.message))
+            .unwrap_or_default();
         let instance = r
             .parse(ENV_INSTANCE, |v| {
                 validate_instance(v).map(|()| v.to_owned())

@@ -30,7 +30,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<i32> {
     let addr = listener.local_addr()?;
-    let shared = api::Shared::new(config.version, config.instance, shutdown.clone());
+    let shared = api::Shared::new(
+        config.version.to_string(),
+        config.instance,
+        shutdown.clone(),
+    );
     let app = api::router(shared.clone());
     tracing::info!(
         "greeting version {} instance {} listening on {addr}",
@@ -62,8 +66,8 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let config = Config {
             listen: listener.local_addr().unwrap(),
-            version: "2".into(),
-            instance: "g-1".into(),
+            version: "2".parse().unwrap(),
+            instance: "g-1".parse().unwrap(),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(listener, config, shutdown.clone()));
