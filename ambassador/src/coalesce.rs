@@ -1,59 +1,26 @@
-//! When to apply a change of plan: at once when it comes alone, batched when changes come in a
-//! burst.
+//! When to apply a change of plan: at once when it comes alone, batched when changes come
+//! faster than HAProxy should be asked to change.
 //!
-//! A lone change (none came in the `window` before it) is applied as soon as it arrives: one
-//! membership change reaches HAProxy in the time of one pass of runtime commands. A change that
-//! follows another within `window` is part of a burst (a rolling deploy, churn): the owner
-//! keeps collecting while changes keep arriving within `window` of each other, and applies
-//! them in one pass once `window` passes without one, or `cap` after the first of them,
-//! whichever comes first. So a burst costs HAProxy one pass per `cap` at most, and no change
-//! waits longer than `cap`.
+//! A change that arrives when the last pass of runtime commands is at least `interval` old is
+//! applied as soon as it arrives: one membership change reaches HAProxy in the time of one
+//! pass. A change that arrives sooner (a rolling deploy, churn) waits until `interval` after
+//! that pass, collecting every change that comes meanwhile into one pass. So HAProxy gets at
+//! most one pass per `interval`, however fast the directory changes, and no change waits
+//! longer than `interval`.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A lone change ends a quiet period this long; within a burst, this long without a change
-/// ends the burst.
-pub const WINDOW: Duration = Duration::from_millis(2);
-/// The longest a change waits while a burst goes on.
-pub const CAP: Duration = Duration::from_millis(20);
+/// The shortest time between two passes, and so the longest a change waits during a burst.
+pub const INTERVAL: Duration = Duration::from_millis(20);
 
-/// Changes received and not yet applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pending {
-    /// When the first of them arrived.
-    pub first: Instant,
-    /// When the latest arrived.
-    pub last: Instant,
-}
-
-impl Pending {
-    pub fn new(at: Instant) -> Self {
-        Pending {
-            first: at,
-            last: at,
-        }
+/// When to apply changes pending since `first`, given when the last pass started.
+pub fn apply_at(first: Instant, last_pass: Option<Instant>, interval: Duration) -> Instant {
+    match last_pass {
+        Some(pass) => first.max(pass + interval),
+        None => first,
     }
-
-    /// Another change arrived at `at`.
-    pub fn add(&mut self, at: Instant) {
-        self.last = self.last.max(at);
-    }
-}
-
-/// When to apply `pending`, given when the change before it (already applied) arrived.
-pub fn apply_at(
-    pending: Pending,
-    previous: Option<Instant>,
-    window: Duration,
-    cap: Duration,
-) -> Instant {
-    let alone = previous.is_none_or(|p| pending.first.saturating_duration_since(p) >= window);
-    if alone && pending.last == pending.first {
-        return pending.first;
-    }
-    (pending.last + window).min(pending.first + cap)
 }
 
 #[cfg(test)]
@@ -69,64 +36,86 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lone_change_applies_at_once() {
         let t0 = Instant::now();
-        let p = Pending::new(at(t0, 100));
-        assert_eq!(apply_at(p, None, WINDOW, CAP), at(t0, 100));
-        // The previous change is long past.
-        assert_eq!(apply_at(p, Some(at(t0, 50)), WINDOW, CAP), at(t0, 100));
-        assert_eq!(apply_at(p, Some(at(t0, 98)), WINDOW, CAP), at(t0, 100));
+        assert_eq!(apply_at(at(t0, 100), None, INTERVAL), at(t0, 100));
+        // The last pass is long past, or exactly one interval ago.
+        assert_eq!(
+            apply_at(at(t0, 100), Some(at(t0, 50)), INTERVAL),
+            at(t0, 100)
+        );
+        assert_eq!(
+            apply_at(at(t0, 100), Some(at(t0, 80)), INTERVAL),
+            at(t0, 100)
+        );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_change_right_after_another_waits_for_the_burst_to_end() {
+    async fn a_change_soon_after_a_pass_waits_for_the_interval() {
         let t0 = Instant::now();
-        let p = Pending::new(at(t0, 100));
-        assert_eq!(apply_at(p, Some(at(t0, 99)), WINDOW, CAP), at(t0, 102));
+        assert_eq!(
+            apply_at(at(t0, 100), Some(at(t0, 95)), INTERVAL),
+            at(t0, 115)
+        );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn changes_arriving_together_are_collected_until_quiet() {
-        let t0 = Instant::now();
-        let mut p = Pending::new(at(t0, 100));
-        p.add(at(t0, 101));
-        assert_eq!(apply_at(p, None, WINDOW, CAP), at(t0, 103));
-        p.add(at(t0, 102));
-        assert_eq!(apply_at(p, None, WINDOW, CAP), at(t0, 104));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_burst_that_goes_on_is_applied_at_the_cap() {
-        let t0 = Instant::now();
-        let mut p = Pending::new(at(t0, 100));
-        for ms in 101..=130 {
-            p.add(at(t0, ms));
+    /// Runs changes arriving at `arrivals` (ms) through the policy; returns the pass times.
+    fn passes(t0: Instant, arrivals: &[u64]) -> Vec<Instant> {
+        let mut last_pass = None;
+        let mut pending: Option<Instant> = None;
+        let mut passes = Vec::new();
+        let end = arrivals.last().copied().unwrap_or(0) + 100;
+        for ms in 0..=end {
+            let now = at(t0, ms);
+            if arrivals.contains(&ms) {
+                pending.get_or_insert(now);
+            }
+            if let Some(first) = pending.filter(|f| apply_at(*f, last_pass, INTERVAL) <= now) {
+                assert!(
+                    now - first <= INTERVAL,
+                    "a change waited longer than the interval"
+                );
+                passes.push(now);
+                last_pass = Some(now);
+                pending = None;
+            }
         }
-        assert_eq!(apply_at(p, Some(at(t0, 99)), WINDOW, CAP), at(t0, 120));
+        passes
     }
 
     #[tokio::test(start_paused = true)]
     async fn steady_churn_is_batched() {
-        // A change every millisecond for 100 ms: passes happen at most every CAP.
+        // A change every 5 ms for 200 ms: one pass per interval, the first at once.
         let t0 = Instant::now();
-        let mut previous = None;
-        let mut pending: Option<Pending> = None;
-        let mut passes = Vec::new();
-        for ms in 0..100u64 {
-            let now = at(t0, ms);
-            match &mut pending {
-                Some(p) => p.add(now),
-                None => pending = Some(Pending::new(now)),
-            }
-            if let Some(p) = pending.filter(|p| apply_at(*p, previous, WINDOW, CAP) <= now) {
-                passes.push(now);
-                previous = Some(p.last);
-                pending = None;
-            }
-        }
+        let arrivals: Vec<u64> = (0..200).step_by(5).collect();
+        let p = passes(t0, &arrivals);
+        assert_eq!(p[0], t0, "the first change goes at once");
+        assert_eq!(p[1], at(t0, 20), "the next ones wait for the interval");
+        assert!(p.len() <= 200 / INTERVAL.as_millis() as usize + 1, "{p:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_slower_than_the_interval_each_go_at_once() {
+        // Changes 25 ms apart, more than the interval: each is a pass of its own, at once.
+        let t0 = Instant::now();
+        let arrivals: Vec<u64> = (0..250).step_by(25).collect();
+        let p = passes(t0, &arrivals);
+        let expected: Vec<Instant> = arrivals.iter().map(|ms| at(t0, *ms)).collect();
+        assert_eq!(p, expected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn churn_at_80_a_second_costs_at_most_50_passes_a_second() {
+        let t0 = Instant::now();
+        let arrivals: Vec<u64> = (0..80).map(|i| i * 1000 / 80).collect();
+        let p = passes(t0, &arrivals);
         assert!(
-            passes.len() <= 100 / CAP.as_millis() as usize + 1,
-            "{passes:?}"
+            p.len() <= 51,
+            "{} passes for 80 changes in a second",
+            p.len()
         );
-        assert_eq!(passes[0], t0, "the first change goes at once");
-        assert_eq!(passes[1], at(t0, 21), "the next ones wait for the cap");
+        assert!(
+            p.len() >= 40,
+            "{} passes: changes were held back more than needed",
+            p.len()
+        );
     }
 }

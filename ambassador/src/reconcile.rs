@@ -3,7 +3,8 @@
 //!
 //! Other tasks only send it the desired servers over a `watch` channel, so a burst of directory
 //! events collapses into the latest plan. A lone change is applied at once; changes that come
-//! in a burst are applied together ([`crate::coalesce`]). The plans it
+//! faster than one pass per [`crate::coalesce::INTERVAL`] are applied together
+//! ([`crate::coalesce`]). The plans it
 //! receives hold IP addresses only ([`crate::resolve`] looks DNS names up beforehand), so
 //! nothing it awaits depends on DNS.
 
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::coalesce::{apply_at, Pending, CAP, WINDOW};
+use crate::coalesce::{apply_at, INTERVAL};
 use crate::config::Config;
 use crate::diff::{diff, drain_verdict, Command, DrainVerdict};
 use crate::haproxy::{Haproxy, HaproxyError, Leftover};
@@ -217,17 +218,17 @@ impl Owner {
     ) -> Option<Exit> {
         let mut restart_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut next_sync = Instant::now();
-        // Plan changes not applied yet, and when the last applied one arrived.
-        let mut pending: Option<Pending> = None;
-        let mut previous: Option<Instant> = None;
+        // Since when plan changes wait to be applied, and when the last pass started.
+        let mut pending: Option<Instant> = None;
+        let mut last_pass: Option<Instant> = None;
         loop {
             let mut wake = if self.drains.is_empty() {
                 next_sync
             } else {
                 next_sync.min(Instant::now() + DRAIN_POLL)
             };
-            if let Some(p) = pending {
-                wake = wake.min(apply_at(p, previous, WINDOW, CAP));
+            if let Some(first) = pending {
+                wake = wake.min(apply_at(first, last_pass, INTERVAL));
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -259,9 +260,8 @@ impl Owner {
                         continue;
                     }
                     let now = Instant::now();
-                    let p = pending.get_or_insert(Pending::new(now));
-                    p.add(now);
-                    if apply_at(*p, previous, WINDOW, CAP) > now {
+                    let first = *pending.get_or_insert(now);
+                    if apply_at(first, last_pass, INTERVAL) > now {
                         continue;
                     }
                 }
@@ -278,10 +278,10 @@ impl Owner {
             }
             next_sync = Instant::now() + RESYNC;
             let batch = pending.take();
-            if let Some(p) = batch {
-                previous = Some(p.last);
+            if let Some(first) = batch {
+                last_pass = Some(Instant::now());
                 tracing::debug!(
-                    waited_us = p.first.elapsed().as_micros() as u64,
+                    waited_us = first.elapsed().as_micros() as u64,
                     "applying the plan"
                 );
             }
@@ -307,10 +307,7 @@ impl Owner {
             }
             if desired_rx.has_changed().unwrap_or(false) {
                 // Changes came during the pass: a burst. Collect what else comes.
-                pending = Some(Pending {
-                    first: started,
-                    last: Instant::now(),
-                });
+                pending = Some(Instant::now());
             }
         }
     }
