@@ -143,6 +143,7 @@ pub struct Proc {
     pub name: String,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -177,6 +178,7 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name} ({}): {e}", program.display()));
         let log = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stdout
@@ -192,19 +194,20 @@ impl Proc {
         {
             let log = log.clone();
             let tag = name.to_owned();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if std::env::var_os("BAKER_TEST_ECHO").is_some() {
                         eprintln!("[{tag}] {line}");
                     }
                     log.lock().unwrap_or_else(|p| p.into_inner()).push(line);
                 }
-            });
+            }));
         }
         Proc {
             name: name.to_owned(),
             child,
             log,
+            readers,
         }
     }
 
@@ -291,11 +294,20 @@ impl Proc {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Waits until the reader threads have taken everything the process printed (they end when
+    /// its pipes close), or until `deadline` if a child of its own still holds them.
+    async fn drain_output(&mut self, deadline: Instant) {
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits for the process to exit, panicking after `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_status() {
+                self.drain_output(deadline).await;
                 return s;
             }
             assert!(
