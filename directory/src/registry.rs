@@ -620,16 +620,26 @@ impl Registry {
         cache.as_ref().filter(|c| c.index == index).cloned()
     }
 
-    /// Sets (`Some`) or clears (`None`) `service`'s route: persisted first, then applied and
-    /// published. Returns `Ok(None)` when clearing a route that does not exist. Setting the
-    /// route a service already has changes nothing.
+    /// Sets (`Some`) or clears (`None`) `service`'s route. Returns `Ok(None)` when clearing a
+    /// route that does not exist. Setting the route a service already has changes nothing.
+    ///
+    /// The route is durable before this returns `Ok`, but watchers hear of it while it is being
+    /// written: the write (two fsyncs) starts first, then the change is applied and published,
+    /// then the write is awaited. So ambassadors apply a route in the time of one watch event,
+    /// not of one fsync, and the answer still waits for the disk. If the write fails, the
+    /// previous route is applied and published again, and the error returned: no route stays
+    /// in effect that the directory did not persist. If the directory dies before the write
+    /// ends, it restarts with the routes on disk, and every ambassador, reconnecting, replaces
+    /// all its routes with that snapshot's (ambassadors hold no route of their own), so none
+    /// stays on a route the directory lost; the caller got no answer, so it knows nothing was
+    /// confirmed.
     pub async fn set_route(
         &self,
         service: &ServiceName,
         route: Option<Route>,
     ) -> Result<Option<RouteResponse>, StoreError> {
         let _writing = self.inner.route_writes.lock().await;
-        let mut routes = {
+        let (mut routes, previous) = {
             let t = self.lock();
             let current = t.routes.get(service);
             if current == route.as_ref() {
@@ -639,40 +649,59 @@ impl Registry {
                     route: current.cloned(),
                 }));
             }
-            t.routes.clone()
+            (t.routes.clone(), current.cloned())
         };
         match &route {
             Some(r) => routes.insert(service.clone(), r.clone()),
             None => routes.remove(service),
         };
         let store = self.inner.store.clone();
-        let to_save = routes.clone();
-        tokio::task::spawn_blocking(move || store.save(&to_save))
-            .await
-            .map_err(|e| StoreError::Write {
-                path: self.inner.store.path(),
-                source: std::io::Error::other(e),
-            })??;
-        let mut t = self.lock();
-        t.routes = routes;
-        t.index += 1;
-        self.inner.metrics.changes.inc();
-        self.inner.metrics.routes.set(t.routes.len() as i64);
-        match &route {
-            Some(r) => tracing::info!("route of {service} set to {}", describe(r)),
-            None => tracing::info!("route of {service} cleared"),
+        let write = tokio::task::spawn_blocking(move || store.save(&routes));
+        let index = self.apply_route(service, route.clone());
+        let saved = write.await.map_err(|e| StoreError::Write {
+            path: self.inner.store.path(),
+            source: std::io::Error::other(e),
+        });
+        if let Err(e) = saved.and_then(|r| r) {
+            let index = self.apply_route(service, previous);
+            tracing::error!(
+                %service, index, cause = %baker_client::errors::chain(&e),
+                "the route could not be saved; the previous route applies again"
+            );
+            return Err(e);
         }
-        let _ = self.inner.events.send(Line::of(&WatchEvent::Route {
-            index: t.index,
-            service: service.clone(),
-            route: route.clone(),
-        }));
-        self.follow_fallback(&mut t, service);
+        tracing::debug!(%service, index, "the route is on disk");
         Ok(Some(RouteResponse {
-            index: t.index,
+            index,
             service: service.clone(),
             route,
         }))
+    }
+
+    /// Applies and publishes `service`'s route; returns the index of the change.
+    fn apply_route(&self, service: &ServiceName, route: Option<Route>) -> u64 {
+        let mut t = self.lock();
+        match &route {
+            Some(r) => {
+                t.routes.insert(service.clone(), r.clone());
+                tracing::info!("route of {service} set to {}", describe(r));
+            }
+            None => {
+                t.routes.remove(service);
+                tracing::info!("route of {service} cleared");
+            }
+        }
+        t.index += 1;
+        self.inner.metrics.changes.inc();
+        self.inner.metrics.routes.set(t.routes.len() as i64);
+        let index = t.index;
+        let _ = self.inner.events.send(Line::of(&WatchEvent::Route {
+            index,
+            service: service.clone(),
+            route,
+        }));
+        self.follow_fallback(&mut t, service);
+        index
     }
 }
 
@@ -1140,16 +1169,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_route_write_changes_nothing() {
+    async fn a_failed_route_write_leaves_the_previous_route_in_effect() {
         let (r, dir) = registry();
+        let route: Route = [("1".parse().unwrap(), 100)].into();
+        r.set_route(&svc("emitter"), Some(route.clone()))
+            .await
+            .unwrap();
+        let (_, mut rx) = r.subscribe();
         // Make the data directory unwritable by replacing it with a file.
         let data = dir.path().to_owned();
         drop(dir);
         std::fs::write(&data, "not a directory").unwrap();
-        let route: Route = [("1".parse().unwrap(), 100)].into();
-        assert!(r.set_route(&svc("emitter"), Some(route)).await.is_err());
-        assert!(r.routes().routes.is_empty());
-        assert_eq!(r.index(), 0);
+        let canary: Route = [("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)].into();
+        assert!(r
+            .set_route(&svc("emitter"), Some(canary.clone()))
+            .await
+            .is_err());
+        assert_eq!(r.routes().routes, [(svc("emitter"), route.clone())].into());
+        // Watchers heard of the new route while it was written, then of the old one again.
+        assert_eq!(
+            events(&mut rx),
+            [
+                WatchEvent::Route {
+                    index: 2,
+                    service: svc("emitter"),
+                    route: Some(canary)
+                },
+                WatchEvent::Route {
+                    index: 3,
+                    service: svc("emitter"),
+                    route: Some(route)
+                },
+            ]
+        );
+        // A failed write of a new route leaves none.
+        assert!(r
+            .set_route(&svc("other"), Some([("1".parse().unwrap(), 100)].into()))
+            .await
+            .is_err());
+        assert!(!r.routes().routes.contains_key("other"));
         std::fs::remove_file(&data).unwrap();
     }
 
