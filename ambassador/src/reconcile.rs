@@ -3,8 +3,8 @@
 //!
 //! Other tasks only send it the desired servers over a `watch` channel, so a burst of directory
 //! events collapses into the latest plan. A lone change is applied at once; changes that come
-//! faster than one pass per [`crate::coalesce::INTERVAL`] are applied together
-//! ([`crate::coalesce`]). The plans it
+//! faster than one pass per [`crate::coalesce::INTERVAL`], beyond a short burst, are applied
+//! together ([`crate::coalesce`]). The plans it
 //! receives hold IP addresses only ([`crate::resolve`] looks DNS names up beforehand), so
 //! nothing it awaits depends on DNS.
 
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::coalesce::{apply_at, INTERVAL};
+use crate::coalesce::Budget;
 use crate::config::Config;
 use crate::diff::{diff, drain_verdict, Command, DrainVerdict};
 use crate::haproxy::{Haproxy, HaproxyError, Leftover};
@@ -218,9 +218,9 @@ impl Owner {
     ) -> Option<Exit> {
         let mut restart_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut next_sync = Instant::now();
-        // Since when plan changes wait to be applied, and when the last pass started.
+        // Since when plan changes wait to be applied, and the passes left to spend.
         let mut pending: Option<Instant> = None;
-        let mut last_pass: Option<Instant> = None;
+        let mut budget = Budget::default();
         loop {
             let mut wake = if self.drains.is_empty() {
                 next_sync
@@ -228,7 +228,7 @@ impl Owner {
                 next_sync.min(Instant::now() + DRAIN_POLL)
             };
             if let Some(first) = pending {
-                wake = wake.min(apply_at(first, last_pass, INTERVAL));
+                wake = wake.min(budget.apply_at(first));
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -261,7 +261,7 @@ impl Owner {
                     }
                     let now = Instant::now();
                     let first = *pending.get_or_insert(now);
-                    if apply_at(first, last_pass, INTERVAL) > now {
+                    if budget.apply_at(first) > now {
                         continue;
                     }
                 }
@@ -279,7 +279,7 @@ impl Owner {
             next_sync = Instant::now() + RESYNC;
             let batch = pending.take();
             if let Some(first) = batch {
-                last_pass = Some(Instant::now());
+                budget.spend(Instant::now());
                 tracing::debug!(
                     waited_us = first.elapsed().as_micros() as u64,
                     "applying the plan"
@@ -418,18 +418,14 @@ impl Owner {
             }
         }
         let commands = diff(desired, &running, &self.options, &removable);
+        let outcomes = self.send_all(&mut session, &commands).await?;
         let mut failed_structure = None;
         let mut all_applied = true;
-        for cmd in &commands {
+        for (cmd, outcome) in commands.iter().zip(outcomes) {
             let (backend, server) = (cmd.backend(), cmd.server());
-            let e = match self.send(&mut session, cmd).await {
-                Ok(()) => {
-                    self.applied_one(cmd, now);
-                    continue;
-                }
-                Err(e) if e.is_refusal() => e,
-                // The connection is gone: nothing more can be sent on it.
-                Err(e) => return Err(e.into()),
+            let Err(e) = outcome else {
+                self.applied_one(cmd, now);
+                continue;
             };
             all_applied = false;
             match cmd {
@@ -455,16 +451,33 @@ impl Owner {
         Ok(())
     }
 
-    /// Sends the steps of `cmd` in order, stopping at the first that fails.
-    async fn send(&self, session: &mut Session, cmd: &Command) -> Result<(), ApiError> {
-        for step in cmd.steps() {
-            self.metrics.runtime_commands.inc();
-            if let Err(e) = session.run(&step).await {
-                self.metrics.runtime_failures.inc();
-                return Err(e);
+    /// Sends every step of `commands` in one round trip ([`Session::run_all`]) and returns
+    /// each command's outcome: its first refused step, if any. Steps after a refused one are
+    /// sent all the same; each depends on the previous one, so HAProxy refuses them too (an
+    /// `enable server` of a server whose `add server` was refused finds no such server; a
+    /// `del server` of a server that did not enter maintenance is refused), and a pass waits
+    /// for no answer before sending the next command. `Err`: the connection failed.
+    async fn send_all(
+        &self,
+        session: &mut Session,
+        commands: &[Command],
+    ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
+        let steps: Vec<Vec<ApiCommand>> = commands.iter().map(Command::steps).collect();
+        let flat: Vec<ApiCommand> = steps.iter().flatten().cloned().collect();
+        self.metrics.runtime_commands.inc_by(flat.len() as u64);
+        let mut answers = session.run_all(&flat).await?.into_iter();
+        let mut out = Vec::with_capacity(commands.len());
+        for s in &steps {
+            let mut outcome = Ok(());
+            for answer in answers.by_ref().take(s.len()) {
+                if let (Ok(()), Err(e)) = (&outcome, answer) {
+                    self.metrics.runtime_failures.inc();
+                    outcome = Err(e);
+                }
             }
+            out.push(outcome);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Records and logs a change HAProxy accepted.

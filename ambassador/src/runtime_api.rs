@@ -21,6 +21,8 @@ use tokio::net::UnixStream;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// What HAProxy's interactive mode prints after each answer: the prompt, on a line of its own.
 const PROMPT: &[u8] = b"\n> ";
+/// How many commands [`Session::run_all`] sends before reading their answers.
+const PIPELINE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -350,6 +352,47 @@ impl Session {
         }
     }
 
+    /// Sends `commands` that change something without waiting for each answer before the
+    /// next (HAProxy runs them one after the other, in order, as if each had waited), then
+    /// reads every answer: one round trip for a whole pass instead of one per command. Returns
+    /// each command's outcome, in order; `Err` only when the connection failed, after which
+    /// nothing is known of the commands not yet answered. A line that is not safe to send is
+    /// refused alone ([`ApiError::Unsafe`]); the others are sent.
+    pub async fn run_all(
+        &mut self,
+        commands: &[ApiCommand],
+    ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
+        let mut out = Vec::with_capacity(commands.len());
+        // A bounded number of lines per write, so that neither side's buffers fill while the
+        // other waits.
+        for chunk in commands.chunks(PIPELINE) {
+            let lines: Vec<Result<String, ApiError>> = chunk.iter().map(ApiCommand::line).collect();
+            let sent: Vec<&str> = lines
+                .iter()
+                .filter_map(|l| l.as_ref().ok().map(String::as_str))
+                .collect();
+            let mut answers = self.exchange_all(&sent).await?.into_iter();
+            for (command, line) in chunk.iter().zip(lines) {
+                out.push(match line {
+                    Err(e) => Err(e),
+                    Ok(_) => {
+                        // One answer per line sent (exchange_all reads exactly that many).
+                        let answer = answers.next().unwrap_or_default();
+                        if command.succeeded(&answer) {
+                            Ok(())
+                        } else {
+                            Err(ApiError::Refused {
+                                command: command.to_string(),
+                                answer,
+                            })
+                        }
+                    }
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// `show servers state`, parsed.
     pub async fn servers_state(&mut self) -> Result<Running, ApiError> {
         let cmd = ApiCommand::ShowServersState;
@@ -392,6 +435,51 @@ impl Session {
             .await
             .map_err(|_| socket.timeout(line))?
     }
+
+    /// Writes `lines` (already checked) at once and reads one answer per line, in order.
+    async fn exchange_all(&mut self, lines: &[&str]) -> Result<Vec<String>, ApiError> {
+        if lines.is_empty() {
+            return Ok(Vec::new());
+        }
+        let socket = self.socket.clone();
+        let io = socket.io();
+        let described = lines.join("; ");
+        let fut = async {
+            let mut text = lines.join("\n");
+            text.push('\n');
+            self.stream.write_all(text.as_bytes()).await.map_err(&io)?;
+            self.buf.clear();
+            let mut answers = Vec::with_capacity(lines.len());
+            let mut chunk = [0u8; 8192];
+            loop {
+                while let Some((len, used)) = first_answer(&self.buf) {
+                    answers.push(String::from_utf8_lossy(&self.buf[..len]).trim().to_owned());
+                    self.buf.drain(..used);
+                    if answers.len() == lines.len() {
+                        return Ok(answers);
+                    }
+                }
+                let n = self.stream.read(&mut chunk).await.map_err(&io)?;
+                if n == 0 {
+                    return Err(ApiError::Closed {
+                        command: lines[answers.len()].to_owned(),
+                    });
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, fut)
+            .await
+            .map_err(|_| socket.timeout(&described))?
+    }
+}
+
+/// The first complete answer in `buf`: its length (without its prompt) and the length with it.
+/// See [`answer_len`] for why the first prompt ends the first answer.
+fn first_answer(buf: &[u8]) -> Option<(usize, usize)> {
+    buf.windows(PROMPT.len())
+        .position(|w| w == PROMPT)
+        .map(|at| (at, at + PROMPT.len()))
 }
 
 /// The length of a complete answer in `buf` (without its prompt), once the prompt came.
@@ -620,6 +708,18 @@ mod tests {
         assert_eq!(answer_len(b"Server deleted.\n> "), Some(15));
         assert_eq!(answer_len(b"1\n# be_id be_name"), None);
         assert_eq!(answer_len(b""), None);
+    }
+
+    #[test]
+    fn pipelined_answers_split_at_each_prompt() {
+        let mut buf: &[u8] = b"New server registered.\n\n> \n> Server deleted.\n> No such";
+        let mut answers = Vec::new();
+        while let Some((len, used)) = first_answer(buf) {
+            answers.push(String::from_utf8_lossy(&buf[..len]).trim().to_owned());
+            buf = &buf[used..];
+        }
+        assert_eq!(answers, ["New server registered.", "", "Server deleted."]);
+        assert_eq!(buf, b"No such");
     }
 
     #[test]
