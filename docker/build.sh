@@ -13,8 +13,9 @@
 # Usage: docker/build.sh [IMAGE...]     (default: all four; e.g. `docker/build.sh greeting`)
 #
 # Idempotent: when neither the sources nor these files changed, cargo and Docker's layer cache
-# make a second run take a few seconds. Installs nothing except HAProxy (with apt-get, saying
-# so) when it is missing, because the ambassador image carries the host's HAProxy.
+# make a second run take a few seconds. Installs nothing except HAProxy (the ambassador image
+# carries the host's HAProxy) and protoc (the directory's etcd client is generated from its
+# .proto files at build time), with apt-get, saying so, when they are missing.
 #
 # Variables: CARGO_TARGET_DIR (where cargo builds), BAKER_IMAGE_TAG (extra tag, default the
 # workspace version), BAKER_HAPROXY (the HAProxy binary to copy, default /usr/sbin/haproxy).
@@ -44,15 +45,26 @@ fi
 command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup (https://rustup.rs)"
 command -v ldd >/dev/null || die "ldd is missing (it comes with the C library's tools, e.g. Debian's libc-bin)"
 
+apt_updated=0
+apt_install() {
+    local sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    if [[ $apt_updated -eq 0 ]]; then "${sudo[@]}" apt-get update -qq; apt_updated=1; fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+if [[ -z ${PROTOC:-} ]] && ! command -v protoc >/dev/null; then
+    command -v apt-get >/dev/null ||
+        die "protoc is missing (the etcd client is generated with it): install protobuf-compiler or set PROTOC"
+    say "protoc is missing and the build needs it for the etcd client: installing protobuf-compiler with apt-get"
+    apt_install protobuf-compiler
+fi
+
 haproxy=${BAKER_HAPROXY:-/usr/sbin/haproxy}
 if [[ " ${images[*]} " == *" ambassador "* && ! -x $haproxy ]]; then
     if [[ -z ${BAKER_HAPROXY:-} ]] && command -v haproxy >/dev/null; then
         haproxy=$(command -v haproxy)
     elif [[ -z ${BAKER_HAPROXY:-} ]] && command -v apt-get >/dev/null; then
         say "HAProxy is missing and the ambassador image carries it: installing it with apt-get"
-        sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-        "${sudo[@]}" apt-get update -qq
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+        apt_install haproxy
     else
         die "HAProxy is missing ($haproxy): install it (Debian/Ubuntu: apt-get install haproxy) or set BAKER_HAPROXY"
     fi

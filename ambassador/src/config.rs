@@ -110,7 +110,7 @@ impl Config {
         let mut r = Reader::new(&vars::AMBASSADOR, env);
         let directory = r
             .parse(ENV_DIRECTORY, |v| {
-                baker_client::DirectoryClient::new(v, None).map(|_| v.to_owned())
+                baker_client::DirectoryClient::new(v, None).map(|c| c.list())
             })
             .unwrap_or_else(|| baker_client::api::DEFAULT_DIRECTORY.to_owned());
         let token = r.parse_secret(ENV_TOKEN, parse_token);

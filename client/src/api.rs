@@ -1,6 +1,14 @@
 //! The directory's HTTP client, used by the registrar, the ambassador, the CLI and the tests.
+//!
+//! A client knows one directory or several replicas of it (`http://d1:7700,http://d2:7700`,
+//! replicas that share an etcd store). It talks to one replica at a time, the current one; a
+//! call that cannot reach it, or that it answers with 502, 503 or 504, is tried on the next
+//! replicas in turn, and the first that answers becomes current. A watch stream that breaks or
+//! goes silent makes the next replica current, so the caller's reconnection goes there.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +28,11 @@ use crate::model::{
 pub const DEFAULT_DIRECTORY: &str = "http://127.0.0.1:7700";
 /// A watch stream that delivers nothing (not even a ping) for this long is considered dead.
 pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for a replica to answer a watch request with its headers: a replica that is
+/// frozen accepts connections (the kernel does) but never answers.
+pub const WATCH_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most replicas one client may name.
+pub const MAX_REPLICAS: usize = 16;
 /// Longest line accepted on the watch stream.
 const MAX_WATCH_LINE: usize = 64 * 1024 * 1024;
 
@@ -28,6 +41,8 @@ const MAX_WATCH_LINE: usize = 64 * 1024 * 1024;
 pub enum ClientError {
     #[error("directory address {0:?} is not an http:// URL")]
     BadUrl(String),
+    #[error("the directory list {0}")]
+    BadList(String),
     #[error("the token {0}")]
     BadToken(&'static str),
     #[error("cannot reach the directory at {url}")]
@@ -54,6 +69,51 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether another replica may do better: this one could not be reached, or said it
+    /// cannot serve now (502, 503, 504). A refusal of the request itself (4xx) is final.
+    pub fn is_replica_fault(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Idle(_) | ClientError::Ended => true,
+            ClientError::Refused { status, .. } => matches!(
+                *status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Parses a directory address or a comma-separated list of replicas (`http://d1:7700,
+/// http://d2:7700`): each an `http://` URL, trailing `/` dropped, none twice, at most
+/// [`MAX_REPLICAS`].
+pub fn parse_directories(list: &str) -> Result<Vec<String>, ClientError> {
+    let mut urls: Vec<String> = Vec::new();
+    for part in list.split(',') {
+        let url = part.trim().trim_end_matches('/');
+        if url.is_empty() {
+            return Err(ClientError::BadList(
+                "has an empty entry: separate the URLs with single commas".into(),
+            ));
+        }
+        let parsed = reqwest::Url::parse(url).map_err(|_| ClientError::BadUrl(url.to_owned()))?;
+        if parsed.scheme() != "http" || parsed.host_str().is_none_or(str::is_empty) {
+            return Err(ClientError::BadUrl(url.to_owned()));
+        }
+        if urls.iter().any(|u| u == url) {
+            return Err(ClientError::BadList(format!("names {url} twice")));
+        }
+        urls.push(url.to_owned());
+    }
+    if urls.len() > MAX_REPLICAS {
+        return Err(ClientError::BadList(format!(
+            "names {} replicas; at most {MAX_REPLICAS} are allowed",
+            urls.len()
+        )));
+    }
+    Ok(urls)
 }
 
 /// Checks a bearer token: printable ASCII without spaces, what an `Authorization` header can
@@ -68,22 +128,23 @@ pub fn parse_token(token: &str) -> Result<String, &'static str> {
     }
 }
 
-/// A client of one directory. Cheap to clone.
+/// A client of one directory, or of several replicas of it. Cheap to clone; clones share
+/// which replica is current.
 #[derive(Debug, Clone)]
 pub struct DirectoryClient {
-    base: String,
+    replicas: Arc<[String]>,
+    /// The replica calls go to first: the last one that answered.
+    current: Arc<AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
 }
 
 impl DirectoryClient {
-    /// A client for `base` (`http://host:port`), sending `token` as a bearer token if given
-    /// (an empty token is none; see [`parse_token`] for what a token may hold).
+    /// A client for `base` (`http://host:port`, or a comma-separated list of replicas, see
+    /// [`parse_directories`]), sending `token` as a bearer token if given (an empty token is
+    /// none; see [`parse_token`] for what a token may hold).
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let base = base.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") || reqwest::Url::parse(&base).is_err() {
-            return Err(ClientError::BadUrl(base));
-        }
+        let replicas = parse_directories(base)?;
         let token = token.filter(|t| !t.is_empty());
         if let Some(t) = &token {
             parse_token(t).map_err(ClientError::BadToken)?;
@@ -94,40 +155,103 @@ impl DirectoryClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| ClientError::Unreachable {
-                url: base.clone(),
+                url: replicas.join(","),
                 source: e,
             })?;
-        Ok(Self { base, token, http })
+        Ok(Self {
+            replicas: replicas.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+            token,
+            http,
+        })
     }
 
-    /// The directory's base URL.
+    /// The current replica's base URL (the directory's, when there is one).
     pub fn base(&self) -> &str {
-        &self.base
+        &self.replicas[self.current.load(Ordering::Relaxed) % self.replicas.len()]
     }
 
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+    /// Every replica's base URL, in the order given.
+    pub fn replicas(&self) -> &[String] {
+        &self.replicas
+    }
+
+    /// The replicas as the list they were given in (`http://d1:7700,http://d2:7700`).
+    pub fn list(&self) -> String {
+        self.replicas.join(",")
+    }
+
+    /// Makes the replica after `failed` current, unless another call moved on already.
+    fn move_past(&self, failed: usize) {
+        let next = (failed + 1) % self.replicas.len();
+        let _ = self
+            .current
+            .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The replicas in the order to try them: the current one first.
+    fn order(&self) -> impl Iterator<Item = usize> {
+        let n = self.replicas.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        (0..n).map(move |k| (start + k) % n)
+    }
+
+    fn request(&self, replica: usize, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let url = format!("{}{}", self.replicas[replica], path);
+        let mut req = self.http.request(method, url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
         req
     }
 
-    async fn send<T: DeserializeOwned>(
+    /// One call, tried on each replica in turn while the failure is the replica's.
+    async fn call<T: DeserializeOwned>(
         &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let mut last = None;
+        for replica in self.order() {
+            let mut req = self.request(replica, method.clone(), path);
+            if let Some(b) = &body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(b.clone());
+            }
+            match self.send_once(replica, req).await {
+                Ok(v) => {
+                    self.current.store(replica, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) if e.is_replica_fault() => {
+                    self.move_past(replica);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Ended))
+    }
+
+    async fn send_once<T: DeserializeOwned>(
+        &self,
+        replica: usize,
         req: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
+        let url = &self.replicas[replica];
         let resp = req
             .timeout(Duration::from_secs(10))
             .send()
             .await
             .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
+                url: url.clone(),
                 source: e,
             })?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
+            url: url.clone(),
             source: e,
         })?;
         if !status.is_success() {
@@ -139,13 +263,23 @@ impl DirectoryClient {
         serde_json::from_slice(&body).map_err(|e| ClientError::Decode(Box::new(e)))
     }
 
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        self.call(method, path, None).await
+    }
+
     async fn send_json<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.send(self.request(method, path).json(body)).await
+        // Serializing the API's own request types cannot fail.
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode(Box::new(e)))?;
+        self.call(method, path, Some(body)).await
     }
 
     /// Registers an instance, or heartbeats it if already registered.
@@ -166,10 +300,7 @@ impl DirectoryClient {
     /// Deregisters an instance now. Deregistering an unknown instance is not an error.
     pub async fn deregister(&self, service: &str, id: &str) -> Result<(), ClientError> {
         let path = format!("/v1/services/{service}/instances/{id}");
-        match self
-            .send::<serde_json::Value>(self.request(Method::DELETE, &path))
-            .await
-        {
+        match self.send::<serde_json::Value>(Method::DELETE, &path).await {
             Ok(_) => Ok(()),
             Err(ClientError::Refused {
                 status: StatusCode::NOT_FOUND,
@@ -181,18 +312,18 @@ impl DirectoryClient {
 
     /// Every service and its live instances.
     pub async fn services(&self) -> Result<ServicesResponse, ClientError> {
-        self.send(self.request(Method::GET, "/v1/services")).await
+        self.send(Method::GET, "/v1/services").await
     }
 
     /// One service's live instances and route.
     pub async fn service(&self, service: &str) -> Result<ServiceResponse, ClientError> {
-        self.send(self.request(Method::GET, &format!("/v1/services/{service}")))
+        self.send(Method::GET, &format!("/v1/services/{service}"))
             .await
     }
 
     /// Every route.
     pub async fn routes(&self) -> Result<RoutesResponse, ClientError> {
-        self.send(self.request(Method::GET, "/v1/routes")).await
+        self.send(Method::GET, "/v1/routes").await
     }
 
     /// Sets a service's canary split (`{"1": 90, "2": 10}`). The directory refuses (409) a
@@ -223,47 +354,92 @@ impl DirectoryClient {
 
     /// Clears a service's canary split.
     pub async fn clear_route(&self, service: &str) -> Result<RouteResponse, ClientError> {
-        self.send(self.request(Method::DELETE, &format!("/v1/routes/{service}")))
+        self.send(Method::DELETE, &format!("/v1/routes/{service}"))
             .await
     }
 
-    /// The directory's liveness endpoint.
+    /// The directory's liveness endpoint: `Ok` when the current replica, or else any other,
+    /// answers it.
     pub async fn healthz(&self) -> Result<(), ClientError> {
-        let resp = self
-            .request(Method::GET, "/healthz")
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                source: e,
-            })?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(ClientError::Refused {
-                status: resp.status(),
-                message: "not healthy".into(),
-            })
+        let mut last = None;
+        for replica in self.order() {
+            let url = &self.replicas[replica];
+            let result = match self
+                .request(replica, Method::GET, "/healthz")
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+            {
+                Err(e) => Err(ClientError::Unreachable {
+                    url: url.clone(),
+                    source: e,
+                }),
+                Ok(resp) if resp.status().is_success() => Ok(()),
+                Ok(resp) => Err(ClientError::Refused {
+                    status: resp.status(),
+                    message: "not healthy".into(),
+                }),
+            };
+            match result {
+                Ok(()) => {
+                    self.current.store(replica, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.move_past(replica);
+                    last = Some(e);
+                }
+            }
         }
+        Err(last.unwrap_or(ClientError::Ended))
     }
 
-    /// Opens `GET /v1/watch`: the stream yields the snapshot, then one event per change.
+    /// Opens `GET /v1/watch` on the current replica (or, if it cannot, on the next ones in
+    /// turn): the stream yields the snapshot, then one event per change.
     ///
     /// The stream ends with an error when the connection breaks or stays silent for
-    /// [`WATCH_IDLE_TIMEOUT`]; callers reconnect and receive a fresh snapshot.
+    /// [`WATCH_IDLE_TIMEOUT`]; the next replica then becomes current, and callers reconnect
+    /// and receive a fresh snapshot from it. [`base`](Self::base) names the replica watched.
     pub async fn watch(
         &self,
     ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static, ClientError>
     {
-        let resp = self
-            .request(Method::GET, "/v1/watch")
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
+        let mut last = None;
+        for replica in self.order() {
+            match self.watch_on(replica).await {
+                Ok(stream) => {
+                    self.current.store(replica, Ordering::Relaxed);
+                    let client = self.clone();
+                    return Ok(stream.inspect(move |item| {
+                        if item.as_ref().is_err_and(ClientError::is_replica_fault) {
+                            client.move_past(replica);
+                        }
+                    }));
+                }
+                Err(e) if e.is_replica_fault() => {
+                    self.move_past(replica);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Ended))
+    }
+
+    async fn watch_on(
+        &self,
+        replica: usize,
+    ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static, ClientError>
+    {
+        let url = self.replicas[replica].clone();
+        let send = self.request(replica, Method::GET, "/v1/watch").send();
+        let resp = match tokio::time::timeout(WATCH_OPEN_TIMEOUT, send).await {
+            Err(_) => return Err(ClientError::Idle(WATCH_OPEN_TIMEOUT)),
+            Ok(r) => r.map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
                 source: e,
-            })?;
+            })?,
+        };
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
@@ -272,7 +448,6 @@ impl DirectoryClient {
                 .unwrap_or(body);
             return Err(ClientError::Refused { status, message });
         }
-        let url = self.base.clone();
         let chunks = resp.bytes_stream().map(move |chunk| {
             chunk.map_err(|e| ClientError::Unreachable {
                 url: url.clone(),
@@ -421,6 +596,113 @@ mod tests {
             events[1]
         );
         assert_eq!(events.len(), 2);
+    }
+
+    /// A replica that answers every request with `status` and `body`, counting requests.
+    async fn replica(
+        status: u16,
+        body: &'static str,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut buf = vec![0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            }
+        });
+        (url, hits)
+    }
+
+    /// A URL where nothing listens.
+    fn dead() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    #[test]
+    fn a_list_of_replicas_is_parsed_and_checked() {
+        assert_eq!(
+            parse_directories(" http://d1:7700/ , http://d2:7700").unwrap(),
+            ["http://d1:7700", "http://d2:7700"]
+        );
+        assert_eq!(
+            parse_directories("http://127.0.0.1:7700").unwrap(),
+            ["http://127.0.0.1:7700"]
+        );
+        for (bad, says) in [
+            ("http://d1:7700,,http://d2:7700", "empty entry"),
+            ("http://d1:7700,", "empty entry"),
+            ("http://d1:7700,http://d1:7700/", "twice"),
+            ("http://d1:7700,d2:7700", "not an http:// URL"),
+            ("https://d1:7700", "not an http:// URL"),
+        ] {
+            let e = parse_directories(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_REPLICAS)
+            .map(|i| format!("http://d{i}:7700"))
+            .collect();
+        let e = parse_directories(&many.join(",")).unwrap_err().to_string();
+        assert!(e.contains("at most 16"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_call_moves_past_a_dead_or_unavailable_replica_and_stays_where_it_worked() {
+        let (good, good_hits) = replica(200, r#"{"index":3,"routes":{}}"#).await;
+        let (busy, busy_hits) = replica(503, r#"{"error":"quorum lost"}"#).await;
+        let c = DirectoryClient::new(&format!("{},{busy},{good}", dead()), None).unwrap();
+        assert_eq!(c.routes().await.unwrap().index, 3);
+        assert_eq!(c.base(), good, "the replica that answered becomes current");
+        assert_eq!(busy_hits.load(Ordering::SeqCst), 1);
+        // The next call goes straight to the current replica.
+        c.routes().await.unwrap();
+        assert_eq!(
+            (
+                busy_hits.load(Ordering::SeqCst),
+                good_hits.load(Ordering::SeqCst)
+            ),
+            (1, 2)
+        );
+        // Every replica failing: the last failure is reported.
+        let c = DirectoryClient::new(&format!("{},{busy}", dead()), None).unwrap();
+        let e = c.routes().await.unwrap_err();
+        assert_eq!(e.status(), Some(StatusCode::SERVICE_UNAVAILABLE), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_of_the_request_is_not_retried_elsewhere() {
+        let (bad, _) = replica(400, r#"{"error":"bad weight"}"#).await;
+        let (good, good_hits) = replica(200, r#"{"index":3,"routes":{}}"#).await;
+        let c = DirectoryClient::new(&format!("{bad},{good}"), None).unwrap();
+        let e = c.routes().await.unwrap_err();
+        assert_eq!(e.status(), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(good_hits.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_watch_opens_on_the_next_replica_when_one_is_dead() {
+        let (good, _) = replica(200, "{\"type\":\"ping\",\"index\":9}\n").await;
+        let c = DirectoryClient::new(&format!("{},{good}", dead()), None).unwrap();
+        let mut events = std::pin::pin!(c.watch().await.unwrap());
+        assert!(matches!(
+            events.next().await,
+            Some(Ok(WatchEvent::Ping { index: 9 }))
+        ));
+        assert_eq!(c.base(), good);
+        // The stream ends (the replica closed it): the next replica becomes current.
+        assert!(matches!(events.next().await, Some(Err(_))));
+        assert_ne!(c.base(), good);
     }
 
     #[test]

@@ -125,8 +125,13 @@ impl Ctx {
             ClientError::BadToken(why) => Failure::Config(format!(
                 "--token / BAKER_TOKEN {why}: it is sent in an Authorization header"
             )),
+            ClientError::BadList(_) => Failure::Config(format!(
+                "--directory / BAKER_DIRECTORY: {e}, got {:?}",
+                printable(&self.global.directory)
+            )),
             _ => Failure::Config(format!(
-                "--directory / BAKER_DIRECTORY must be an http:// URL such as {}, got {:?}",
+                "--directory / BAKER_DIRECTORY must be an http:// URL such as {}, or a \
+                 comma-separated list of the directory's replicas, got {:?}",
                 baker_client::api::DEFAULT_DIRECTORY,
                 printable(&self.global.directory)
             )),

@@ -78,7 +78,8 @@ impl Config {
                 ENV_TARGET.to_owned(),
             )
         } else {
-            let (dir_host, dir_port) = host_port_of(&directory);
+            let first = directory.split(',').next().unwrap_or_default();
+            let (dir_host, dir_port) = host_port_of(first);
             match pick_link(env.others(), &dir_host, dir_port) {
                 Some((link, n)) => {
                     let mut from = format!(
@@ -226,8 +227,13 @@ pub fn directory_and_token(r: &mut Reader<'_>) -> (String, Option<String>) {
     let directory = r
         .parse(ENV_DIRECTORY, |v| {
             DirectoryClient::new(v, None)
-                .map(|c| c.base().to_owned())
-                .map_err(|_| "must be the directory's URL, such as http://directory:7700")
+                .map(|c| c.list())
+                .map_err(|e| match e {
+                    baker_client::ClientError::BadList(_) => e.to_string(),
+                    _ => "must be the directory's URL, such as http://directory:7700, or a \
+                          comma-separated list of its replicas"
+                        .to_owned(),
+                })
         })
         .unwrap_or_else(|| DEFAULT_DIRECTORY.to_owned());
     let token = r.parse_secret(ENV_TOKEN, parse_token);

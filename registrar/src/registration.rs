@@ -153,7 +153,6 @@ impl Registration {
     /// deregisters before returning.
     pub async fn run(self, mut status: watch::Receiver<Status>, shutdown: CancellationToken) {
         let name = self.name();
-        let directory = self.client.base().to_owned();
         let mut backoff = Backoff::new(FIRST_RETRY, self.interval.max(FIRST_RETRY));
         let mut outage = Outage::default();
         // The address the directory holds for us, when the last PUT succeeded.
@@ -189,7 +188,8 @@ impl Registration {
                     };
                     match attempt {
                         Some(Ok(address)) => {
-                            outage.recovered(&directory);
+                            let directory = self.client.base();
+                            outage.recovered(directory);
                             if registered.as_deref() != Some(address.as_str()) {
                                 tracing::info!(
                                     "registered {name} at {} with {directory} (version {}, weight {}, ttl {:?})",
@@ -219,7 +219,8 @@ impl Registration {
                     };
                     match attempt {
                         Ok(()) => {
-                            outage.recovered(&directory);
+                            let directory = self.client.base();
+                            outage.recovered(directory);
                             tracing::info!("deregistered {name} from {directory}");
                             delete_pending = false;
                             maybe_registered = false;
@@ -252,11 +253,12 @@ impl Registration {
         }
 
         if maybe_registered || delete_pending {
-            self.deregister_before_stop(&name, &directory).await;
+            self.deregister_before_stop(&name).await;
         }
     }
 
-    async fn deregister_before_stop(&self, name: &str, directory: &str) {
+    async fn deregister_before_stop(&self, name: &str) {
+        let directory = self.client.base();
         tracing::info!("stopping: deregistering {name} from {directory}");
         let deadline = Instant::now() + STOP_DEADLINE;
         let mut backoff = Backoff::new(FIRST_RETRY, Duration::from_secs(1));

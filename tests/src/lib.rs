@@ -4,7 +4,9 @@
 //! - [`Proc`] runs one of the workspace's binaries, keeps its log, and kills it when dropped.
 //! - [`eventually`] polls a condition until it holds or a deadline passes.
 //! - [`dns::SilentResolver`] gives a child process a DNS resolver that never answers.
-//! - [`require`] makes a test that needs HAProxy or Docker fail with a clear message when the
+//! - [`etcd::EtcdCluster`] runs a real etcd cluster on loopback and kills, freezes or restarts
+//!   its members.
+//! - [`require`] makes a test that needs HAProxy, Docker or etcd fail with a clear message when the
 //!   tool is missing (or return early only when the user opted out with `BAKER_TEST_SKIP`).
 //!
 //! The binaries are found beside the test executable (`target/<profile>/`); the README's test
@@ -15,6 +17,7 @@ pub mod directory;
 pub mod dns;
 pub mod doc;
 pub mod docker;
+pub mod etcd;
 pub mod greeting;
 
 use std::future::Future;
@@ -59,17 +62,20 @@ pub enum Needs {
     Docker,
     /// `systemd-analyze`, to verify unit files (systemd need not be running).
     Systemd,
+    /// `etcd` (Debian's etcd-server), for clusters of real members ([`etcd::EtcdCluster`]).
+    Etcd,
 }
 
 /// Checks that the machine has what a test needs.
 ///
-/// Returns `false` only when the user opted out explicitly (`BAKER_TEST_SKIP=haproxy,docker,systemd`);
+/// Returns `false` only when the user opted out explicitly (`BAKER_TEST_SKIP=haproxy,docker,systemd,etcd`);
 /// the test should then return. A missing tool without an opt-out fails the test, naming it.
 pub fn require(needs: Needs) -> bool {
     let name = match needs {
         Needs::Haproxy => "haproxy",
         Needs::Docker => "docker",
         Needs::Systemd => "systemd",
+        Needs::Etcd => "etcd",
     };
     let skip = std::env::var("BAKER_TEST_SKIP").unwrap_or_default();
     if skip.split(',').any(|s| s.trim() == name) {
@@ -92,6 +98,7 @@ pub fn require(needs: Needs) -> bool {
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false),
+        Needs::Etcd => etcd::etcd_available(),
     };
     assert!(
         ok,

@@ -58,6 +58,9 @@ impl Failure {
             ClientError::BadUrl(u) => Failure::Config(format!(
                 "--directory / BAKER_DIRECTORY must be an http:// URL, got {u:?}"
             )),
+            ClientError::BadList(_) => {
+                Failure::Config(format!("--directory / BAKER_DIRECTORY: {err}"))
+            }
             ClientError::BadToken(why) => Failure::Config(format!("--token / BAKER_TOKEN {why}")),
             ClientError::Unreachable { url, source } => Failure::Unreachable {
                 url,

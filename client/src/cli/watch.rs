@@ -125,7 +125,7 @@ fn route_diff(service: &ServiceName, old: Option<&Route>, new: Option<&Route>) -
 fn retryable(err: &ClientError) -> bool {
     match err {
         ClientError::Refused { status, .. } => status.is_server_error(),
-        ClientError::BadUrl(_) | ClientError::BadToken(_) => false,
+        ClientError::BadUrl(_) | ClientError::BadList(_) | ClientError::BadToken(_) => false,
         _ => true,
     }
 }

@@ -134,7 +134,7 @@ pub const REGISTRAR: Program = Program {
         var(
             ENV_DIRECTORY,
             "http://127.0.0.1:7700",
-            "the directory's URL",
+            "the directory's URL, or its replicas' URLs separated by commas",
         ),
         var(ENV_TOKEN, "none", "the directory's bearer token"),
         var(
@@ -185,7 +185,7 @@ pub const AMBASSADOR: Program = Program {
         var(
             ENV_DIRECTORY,
             "http://127.0.0.1:7700",
-            "the directory's URL",
+            "the directory's URL, or its replicas' URLs separated by commas",
         ),
         var(ENV_TOKEN, "none", "the directory's bearer token"),
         var(
@@ -288,7 +288,7 @@ pub const CLI: Program = Program {
         var(
             ENV_DIRECTORY,
             "http://127.0.0.1:7700",
-            "the directory's URL (--directory)",
+            "the directory's URL, or its replicas' URLs separated by commas (--directory)",
         ),
         var(ENV_TOKEN, "none", "the directory's bearer token (--token)"),
     ],
