@@ -19,6 +19,7 @@ pub mod doc;
 pub mod docker;
 pub mod etcd;
 pub mod greeting;
+pub mod load;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
