@@ -19,7 +19,7 @@ struct Args {
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Binaries of an earlier build to measure side by side (convergence: the directory-API
-    /// measures run on both, interleaved).
+    /// measures run on both, interleaved; churn: rounds alternating between both).
     #[arg(long)]
     baseline_bin_dir: Option<PathBuf>,
     /// HAProxy binary (default: `BAKER_HAPROXY`, `haproxy` on PATH, /usr/sbin/haproxy).

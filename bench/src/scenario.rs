@@ -18,7 +18,7 @@ pub struct Ctx {
     /// Short runs: a smoke test of the harness.
     pub quick: bool,
     /// Binaries of an earlier build, measured side by side with `bins` where a scenario
-    /// supports it (convergence).
+    /// supports it (convergence, churn).
     pub baseline: Option<Bins>,
 }
 

@@ -1,7 +1,10 @@
 //! Scenario 3, churn: 40 instances flapping (each registered and deregistered twice a second,
 //! half of them up at any moment) under steady open-loop load through the ambassador. Counts
 //! failed requests and HAProxy reloads, and samples the ambassador's CPU and RSS from /proc.
-//! Run as built, then with `BAKER_BENCH_FORCE_RELOAD=1` (a reload on every change).
+//! Run as built, then with `BAKER_BENCH_FORCE_RELOAD=1` (a reload on every change). With
+//! `--baseline-bin-dir`, the as-built period is cut into rounds that alternate between this build
+//! and the baseline (this, baseline; baseline, this; ...), so both see the machine's load alike,
+//! and HAProxy's CPU is compared round by round.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -12,11 +15,12 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::daemons::{self, Ambassador};
+use crate::daemons::{self, Ambassador, Bins};
 use crate::load::{Background, LoadReport, Target};
 use crate::procfs::{Footprint, Sampler};
 use crate::report::{ms, Check, Report, Table};
 use crate::scenario::Ctx;
+use crate::stats::median;
 
 const SERVICE: &str = "churn";
 pub const INSTANCES: usize = 40;
@@ -45,17 +49,17 @@ pub struct ChurnResult {
 
 /// Runs one churn period of `duration` at `rate` requests per second.
 pub async fn churn(
-    ctx: &Ctx,
+    bins: &Bins,
     force_reload: bool,
     duration: Duration,
     rate: f64,
 ) -> anyhow::Result<ChurnResult> {
     let data = tempfile::tempdir()?;
-    let (mut dir, dir_url) = daemons::directory(&ctx.bins, data.path(), false).await?;
+    let (mut dir, dir_url) = daemons::directory(bins, data.path(), false).await?;
     let client = DirectoryClient::new(&dir_url, None)?;
     let mut apps = Vec::new();
     for i in 0..APPS {
-        apps.push(daemons::greeting(&ctx.bins, &format!("c{i}"), "1").await?);
+        apps.push(daemons::greeting(bins, &format!("c{i}"), "1").await?);
     }
     let spec = |i: usize| InstanceSpec {
         address: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + i as u8)).to_string(),
@@ -74,7 +78,7 @@ pub async fn churn(
             *state = true;
         }
     }
-    let mut amb = Ambassador::start(&ctx.bins, &dir_url, &[SERVICE], force_reload).await?;
+    let mut amb = Ambassador::start(bins, &dir_url, &[SERVICE], force_reload).await?;
     let target = Target::get(amb.addr(SERVICE), "/greeting");
     daemons::wait_ready(&target, Duration::from_secs(30)).await?;
     // Let the start-up settle before the idle reading.
@@ -151,13 +155,66 @@ pub async fn churn(
     })
 }
 
+/// Rounds of the as-built period alternating this build and the baseline: each build's
+/// results, in round order.
+async fn side_by_side(
+    this: &Bins,
+    baseline: &Bins,
+    rounds: u32,
+    duration: Duration,
+    rate: f64,
+) -> anyhow::Result<(Vec<ChurnResult>, Vec<ChurnResult>)> {
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for is_this in order {
+            let (bins, out, label) = if is_this {
+                (this, &mut mine, "this build")
+            } else {
+                (baseline, &mut theirs, "baseline")
+            };
+            let r = churn(bins, false, duration / rounds, rate)
+                .await
+                .with_context(|| format!("churn round {} on {label}", round + 1))?;
+            out.push(r);
+        }
+    }
+    Ok((mine, theirs))
+}
+
+fn row(t: &mut Table, label: String, r: &ChurnResult) {
+    t.row(vec![
+        label,
+        format!("{:.1}", r.changes_per_second),
+        (r.load.ok + r.load.failed).to_string(),
+        format!("{} {:?}", r.load.failed, r.load.failed_by_reason),
+        ms(r.load.latency.p99_ms),
+        ms(r.load.latency.p999_ms),
+        r.reloads.map_or("?".into(), |n| n.to_string()),
+        format!("{:.1}%", r.ambassador.cpu_cores * 100.0),
+        format!("{:.1}", r.ambassador.rss_max_mib),
+        format!("{:.1}%", r.haproxy.cpu_cores * 100.0),
+        format!("{:.1}", r.haproxy.rss_max_mib),
+    ]);
+}
+
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let duration = Duration::from_secs(ctx.pick(60, 10));
     let rate = ctx.pick(1000.0, 500.0);
-    let built = churn(ctx, false, duration, rate)
-        .await
-        .context("churn as built")?;
-    let forced = churn(ctx, true, duration, rate)
+    let (built, baseline) = match &ctx.baseline {
+        Some(b) => side_by_side(&ctx.bins, b, ctx.pick(4, 2), duration, rate).await?,
+        None => (
+            vec![churn(&ctx.bins, false, duration, rate)
+                .await
+                .context("churn as built")?],
+            Vec::new(),
+        ),
+    };
+    let forced = churn(&ctx.bins, true, duration, rate)
         .await
         .context("churn with BAKER_BENCH_FORCE_RELOAD=1")?;
 
@@ -166,7 +223,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
          under {rate:.0} req/s open-loop load\n"
     );
     let mut t = Table::new(&[
-        "mode",
+        "build, mode",
         "changes/s",
         "requests",
         "failed",
@@ -178,55 +235,83 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         "haproxy CPU",
         "haproxy RSS max MiB",
     ]);
-    for r in [&built, &forced] {
-        t.row(vec![
-            if r.force_reload {
-                "forced reloads"
-            } else {
-                "as built"
-            }
-            .into(),
-            format!("{:.1}", r.changes_per_second),
-            (r.load.ok + r.load.failed).to_string(),
-            format!("{} {:?}", r.load.failed, r.load.failed_by_reason),
-            ms(r.load.latency.p99_ms),
-            ms(r.load.latency.p999_ms),
-            r.reloads.map_or("?".into(), |n| n.to_string()),
-            format!("{:.1}%", r.ambassador.cpu_cores * 100.0),
-            format!("{:.1}", r.ambassador.rss_max_mib),
-            format!("{:.1}%", r.haproxy.cpu_cores * 100.0),
-            format!("{:.1}", r.haproxy.rss_max_mib),
-        ]);
+    let rounds = built.len();
+    for (i, r) in built.iter().enumerate() {
+        let round = if rounds > 1 {
+            format!(", round {}", i + 1)
+        } else {
+            String::new()
+        };
+        row(&mut t, format!("this build, as built{round}"), r);
+        if let Some(b) = baseline.get(i) {
+            row(&mut t, format!("baseline, as built{round}"), b);
+        }
     }
+    row(&mut t, "this build, forced reloads".into(), &forced);
     text += &t.render();
     text += &format!(
         "with forced reloads (the comparison, not a target): {} reloads, {} failed requests\n",
         forced.reloads.map_or("?".into(), |n| n.to_string()),
         forced.load.failed
     );
-    let checks = vec![
+    let failed: u64 = built.iter().map(|r| r.load.failed).sum();
+    let requests: u64 = built.iter().map(|r| r.load.ok + r.load.failed).sum();
+    let reloads: Option<u64> = built.iter().map(|r| r.reloads).sum();
+    let mut checks = vec![
         Check::new(
             "churn: failed requests (as built)",
             "0",
-            format!(
-                "{} of {}",
-                built.load.failed,
-                built.load.ok + built.load.failed
-            ),
-            built.load.failed == 0,
+            format!("{failed} of {requests}"),
+            failed == 0,
         ),
         Check::new(
             "churn: HAProxy reloads for membership changes (as built)",
             "0",
-            built.reloads.map_or("unknown".into(), |n| n.to_string()),
-            built.reloads == Some(0),
+            reloads.map_or("unknown".into(), |n| n.to_string()),
+            reloads == Some(0),
         ),
     ];
+    let mut cpu = json!(null);
+    if !baseline.is_empty() {
+        let ratios: Vec<f64> = built
+            .iter()
+            .zip(&baseline)
+            .map(|(a, b)| a.haproxy.cpu_cores / b.haproxy.cpu_cores.max(1e-9))
+            .collect();
+        let mean = |rs: &[ChurnResult]| {
+            rs.iter().map(|r| r.haproxy.cpu_cores).sum::<f64>() / rs.len().max(1) as f64
+        };
+        let (mine, theirs, ratio) = (mean(&built), mean(&baseline), median(&ratios));
+        text += &format!(
+            "HAProxy CPU, this build / baseline, per round: {} (median {ratio:.3}); mean {:.1}% against {:.1}%\n",
+            ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", "),
+            mine * 100.0,
+            theirs * 100.0,
+        );
+        let base_failed: u64 = baseline.iter().map(|r| r.load.failed).sum();
+        text += &format!("baseline: {base_failed} failed requests\n");
+        checks.push(Check::new(
+            "churn: HAProxy CPU no more than the baseline",
+            "median ratio <= 1.0",
+            format!(
+                "{ratio:.3} ({:.1}% against {:.1}%)",
+                mine * 100.0,
+                theirs * 100.0
+            ),
+            ratio <= 1.0,
+        ));
+        cpu = json!({"ratios": ratios, "median_ratio": ratio});
+    }
     Ok(Report {
         scenario: "churn".into(),
         quick: ctx.quick,
         text,
         checks,
-        data: json!({ "as_built": built, "forced_reload": forced }),
+        data: json!({
+            "as_built": built,
+            "baseline": baseline,
+            "haproxy_cpu_vs_baseline": cpu,
+            "forced_reload": forced,
+        }),
     })
 }

@@ -76,7 +76,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     }
 
     let busy = churn::churn(
-        ctx,
+        &ctx.bins,
         false,
         Duration::from_secs(ctx.pick(30, 5)),
         ctx.pick(1000.0, 500.0),
