@@ -12,6 +12,8 @@
 //! - [`server`]: the accept loop (connection limit, header timeout, graceful shutdown).
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`.
 //! - [`docker`]: discovery of containers labelled `baker.service`, from the Docker API.
+//! - [`etcd`]: the table in etcd v3 (instances on leases, routes as keys, watches from a
+//!   revision), for replicas that share it; not selected by any variable yet.
 //! - [`supervise`]: restarts a long-lived task that panics or returns before shutdown.
 //!
 //! [`run`] ties them together; the `baker-directory` binary only reads the configuration,
@@ -20,6 +22,7 @@
 pub mod api;
 pub mod config;
 pub mod docker;
+pub mod etcd;
 pub mod metrics;
 pub mod registry;
 pub mod routes;

@@ -101,7 +101,9 @@ impl EtcdCluster {
     /// Starts an `n`-member cluster and returns once it has a leader and every member answers.
     ///
     /// Panics naming what is missing when etcd is not installed; callers check
-    /// [`crate::require`]`(Needs::Etcd)` first so that `BAKER_TEST_SKIP=etcd` can opt out.
+    /// [`crate::require`]`(Needs::Etcd)` first so that `BAKER_TEST_SKIP=etcd` can opt out. A
+    /// member that finds one of its free ports taken in the meantime (by another test) makes
+    /// the whole cluster start again on other ports.
     pub async fn start(n: usize) -> EtcdCluster {
         assert!(
             etcd_available(),
@@ -110,6 +112,19 @@ impl EtcdCluster {
              of the tests that need it",
             etcd_bin()
         );
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Self::try_start(n).await {
+                Ok(cluster) => return cluster,
+                Err(log) if log.contains("address already in use") => last = log,
+                Err(log) => panic!("an etcd member exited at start; its log:\n{log}"),
+            }
+        }
+        panic!("etcd members kept finding their ports taken; the last log:\n{last}");
+    }
+
+    /// One attempt at [`start`](Self::start): the log of a member that exited, if one did.
+    async fn try_start(n: usize) -> Result<EtcdCluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("baker-etcd-")
             .tempdir()
@@ -147,11 +162,35 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.spawn(i);
         }
-        cluster.wait_leader(Duration::from_secs(20)).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for m in &mut cluster.members {
+                let exited = m.proc.as_mut().and_then(Proc::try_status).is_some();
+                if exited {
+                    let mut p = m.proc.take().expect("a member that ran");
+                    p.wait_exit(Duration::from_secs(1)).await;
+                    return Err(p.log_text());
+                }
+            }
+            if cluster.current_leader().await.is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the etcd members did not elect a leader within 20 s; their logs:\n{}",
+                cluster
+                    .members
+                    .iter()
+                    .map(Member::log_text)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         for i in 0..n {
             cluster.wait_member(i, Duration::from_secs(20)).await;
         }
-        cluster
+        Ok(cluster)
     }
 
     fn spawn(&mut self, i: usize) {

@@ -1,0 +1,538 @@
+//! The directory's table in etcd v3: where replicas that share it read and write.
+//!
+//! Layout under the prefix (`/baker` unless `BAKER_STORE` names another):
+//!
+//! - `<prefix>/instances/<service>/<id>`: one instance, as the JSON of the API's `Instance`,
+//!   bound to an etcd lease of its TTL (rounded up to whole seconds, etcd's unit). A heartbeat
+//!   keeps the lease alive; when heartbeats stop, etcd deletes the key once the lease runs out,
+//!   whichever replica took the last heartbeat, and even if that replica is gone.
+//! - `<prefix>/routes/<service>`: one service's canary route, as JSON, a plain key: a write is
+//!   committed by a majority of the members before the call that made it answers.
+//!
+//! A replica reads the whole prefix at one revision ([`Etcd::snapshot`]) and then follows every
+//! change after it ([`Etcd::watch`]): all replicas see the same changes in the same order, and
+//! the etcd revision of each is the same on every replica. What is read is checked like input:
+//! a key or value that is not a valid name, instance or route is reported and skipped.
+//!
+//! Requests require a leader (`require_leader`): without a quorum, etcd refuses them at once
+//! instead of hanging, and [`EtcdError::NoQuorum`] says so.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use baker_client::model::{Instance, InstanceId, Route, ServiceName};
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions,
+};
+use futures_util::Stream;
+
+/// The prefix used when `BAKER_STORE` names none.
+pub const DEFAULT_PREFIX: &str = "/baker";
+/// Longest time one etcd request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where the table lives: `etcd://host:port[,host:port...][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    /// `http://host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// The key prefix, starting with `/`, without a trailing `/`.
+    pub prefix: String,
+}
+
+impl FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s
+            .strip_prefix("etcd://")
+            .ok_or("must be memory or etcd://host:port[,host:port...][/prefix]")?;
+        let (hosts, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            let host = host.trim();
+            let (name, port) = host
+                .rsplit_once(':')
+                .ok_or_else(|| format!("member {host:?} must be host:port, such as etcd1:2379"))?;
+            let name_ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+            if !name_ok || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(format!(
+                    "member {host:?} must be host:port, such as etcd1:2379"
+                ));
+            }
+            let endpoint = format!("http://{host}");
+            if endpoints.contains(&endpoint) {
+                return Err(format!("names member {host} twice"));
+            }
+            endpoints.push(endpoint);
+        }
+        let prefix = prefix.trim_end_matches('/');
+        let prefix = if prefix.is_empty() {
+            DEFAULT_PREFIX.to_owned()
+        } else if prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '.'))
+            && !prefix.contains("//")
+        {
+            prefix.to_owned()
+        } else {
+            return Err(format!(
+                "prefix {prefix:?} may hold only letters, digits, '/', '_', '-' and '.'"
+            ));
+        };
+        Ok(StoreUrl { endpoints, prefix })
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hosts: Vec<&str> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim_start_matches("http://"))
+            .collect();
+        write!(f, "etcd://{}{}", hosts.join(","), self.prefix)
+    }
+}
+
+/// What can go wrong with etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error(
+        "the etcd cluster has lost its quorum (no leader): changes are refused until a majority \
+         of its members is back; reads and watches serve the last view"
+    )]
+    NoQuorum,
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach etcd")]
+    Unreachable(#[source] etcd_client::Error),
+    #[error("etcd's watch was cancelled: {0}")]
+    WatchCancelled(String),
+}
+
+impl EtcdError {
+    fn of(e: etcd_client::Error) -> EtcdError {
+        let text = e.to_string();
+        if text.contains("no leader") || text.contains("leader changed") {
+            EtcdError::NoQuorum
+        } else {
+            EtcdError::Unreachable(e)
+        }
+    }
+}
+
+/// One change read from etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// An instance was put (new, changed, or put again with another lease).
+    Instance { instance: Instance, lease: i64 },
+    /// An instance's key was deleted, or its lease ran out.
+    InstanceGone {
+        service: ServiceName,
+        id: InstanceId,
+    },
+    /// A service's route was set.
+    Route { service: ServiceName, route: Route },
+    /// A service's route was cleared.
+    RouteCleared { service: ServiceName },
+}
+
+/// The whole table at one revision.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub revision: i64,
+    /// Every instance, with the lease its key is bound to.
+    pub instances: Vec<(Instance, i64)>,
+    pub routes: BTreeMap<ServiceName, Route>,
+}
+
+/// A connection to the etcd cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    prefix: String,
+}
+
+async fn timed<T>(
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Err(_) => Err(EtcdError::Timeout(REQUEST_TIMEOUT)),
+        Ok(r) => r.map_err(EtcdError::of),
+    }
+}
+
+/// Runs `call` with a clone of `client` until it succeeds, fails for another reason than an
+/// unreachable member, or [`REQUEST_TIMEOUT`] passes: the client's channel may pick a member
+/// that is down, and the next attempt picks another. Every call retried this way is
+/// idempotent (a put of the same value, a delete, a lease renewal).
+async fn retried<T, F, Fut>(client: &Client, mut call: F) -> Result<T, EtcdError>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, call(client.clone())).await {
+            Err(_) => return Err(EtcdError::Timeout(REQUEST_TIMEOUT)),
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => match EtcdError::of(e) {
+                EtcdError::Unreachable(_)
+                    if tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                e => return Err(e),
+            },
+        }
+    }
+}
+
+/// Pause between two attempts of a call that found a member down.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// An instance's TTL in etcd's whole seconds, rounded up: the key never goes before its TTL.
+pub fn lease_seconds(ttl_ms: u64) -> i64 {
+    i64::try_from(ttl_ms.div_ceil(1000).max(1)).unwrap_or(i64::MAX)
+}
+
+impl Etcd {
+    /// Connects to the members of `url`. Does not wait for any of them to answer: a replica
+    /// starts, and serves what it has, while etcd is away.
+    pub async fn connect(url: &StoreUrl) -> Result<Etcd, EtcdError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let client = timed(Client::connect(&url.endpoints, Some(options))).await?;
+        Ok(Etcd {
+            client,
+            prefix: url.prefix.clone(),
+        })
+    }
+
+    fn instance_key(&self, service: &ServiceName, id: &InstanceId) -> String {
+        format!("{}/instances/{service}/{id}", self.prefix)
+    }
+
+    fn route_key(&self, service: &ServiceName) -> String {
+        format!("{}/routes/{service}", self.prefix)
+    }
+
+    /// Everything under the prefix, at the revision etcd reports.
+    pub async fn snapshot(&self) -> Result<Snapshot, EtcdError> {
+        let key = format!("{}/", self.prefix);
+        let resp = retried(&self.client, |mut c| {
+            let key = key.clone();
+            async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut snap = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
+        for kv in resp.kvs() {
+            match self.decode(EventType::Put, kv) {
+                Some(Change::Instance { instance, lease }) => {
+                    snap.instances.push((instance, lease))
+                }
+                Some(Change::Route { service, route }) => {
+                    snap.routes.insert(service, route);
+                }
+                _ => {}
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Reads one key-value as a change; `None` (logged) for anything that is not Baker's.
+    fn decode(&self, kind: EventType, kv: &KeyValue) -> Option<Change> {
+        let key = String::from_utf8_lossy(kv.key());
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let parsed = decode_key(rest).and_then(|k| match (k, kind) {
+            (Key::Instance(service, id), EventType::Delete) => {
+                Ok(Change::InstanceGone { service, id })
+            }
+            (Key::Instance(service, id), EventType::Put) => {
+                let instance: Instance = serde_json::from_slice(kv.value())
+                    .map_err(|e| format!("its value is not an instance: {e}"))?;
+                if instance.service != service || instance.id != id {
+                    return Err("its value names another instance".into());
+                }
+                Ok(Change::Instance {
+                    instance,
+                    lease: kv.lease(),
+                })
+            }
+            (Key::Route(service), EventType::Delete) => Ok(Change::RouteCleared { service }),
+            (Key::Route(service), EventType::Put) => {
+                let route: Route = serde_json::from_slice(kv.value())
+                    .map_err(|e| format!("its value is not a route: {e}"))?;
+                Ok(Change::Route { service, route })
+            }
+        });
+        match parsed {
+            Ok(c) => Some(c),
+            Err(why) => {
+                tracing::warn!(%key, "skipping a key of the store: {why}");
+                None
+            }
+        }
+    }
+
+    /// Every change after `revision`, in order, each with its etcd revision. The stream ends
+    /// with an error when the watch breaks (etcd away, or the revision compacted: the caller
+    /// then reads a new snapshot).
+    pub async fn watch(
+        &self,
+        revision: i64,
+    ) -> Result<impl Stream<Item = Result<(i64, Change), EtcdError>> + Send + 'static, EtcdError>
+    {
+        let key = format!("{}/", self.prefix);
+        let stream = retried(&self.client, |mut c| {
+            let key = key.clone();
+            async move {
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1);
+                c.watch(key, Some(options)).await
+            }
+        })
+        .await?;
+        let this = self.clone();
+        let changes = futures_util::stream::unfold(
+            (stream, std::collections::VecDeque::new(), false),
+            move |(mut stream, mut queued, done)| {
+                let this = this.clone();
+                async move {
+                    loop {
+                        if let Some(item) = queued.pop_front() {
+                            return Some((Ok(item), (stream, queued, done)));
+                        }
+                        if done {
+                            return None;
+                        }
+                        let resp = match stream.message().await {
+                            Ok(Some(resp)) => resp,
+                            Ok(None) => {
+                                return Some((
+                                    Err(EtcdError::WatchCancelled("the stream ended".into())),
+                                    (stream, queued, true),
+                                ))
+                            }
+                            Err(e) => return Some((Err(EtcdError::of(e)), (stream, queued, true))),
+                        };
+                        if resp.canceled() {
+                            let why = if resp.compact_revision() > 0 {
+                                format!("revision {} was compacted", resp.compact_revision())
+                            } else {
+                                resp.cancel_reason().to_owned()
+                            };
+                            return Some((
+                                Err(EtcdError::WatchCancelled(why)),
+                                (stream, queued, true),
+                            ));
+                        }
+                        for event in resp.events() {
+                            let Some(kv) = event.kv() else { continue };
+                            if let Some(change) = this.decode(event.event_type(), kv) {
+                                queued.push_back((kv.mod_revision(), change));
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        Ok(changes)
+    }
+
+    /// Grants a lease of `seconds`.
+    pub async fn grant(&self, seconds: i64) -> Result<i64, EtcdError> {
+        let resp = retried(&self.client, |mut c| async move {
+            c.lease_grant(seconds, None).await
+        })
+        .await?;
+        Ok(resp.id())
+    }
+
+    /// Renews `lease` once; `false` when etcd no longer knows it (it ran out).
+    pub async fn keep_alive(&self, lease: i64) -> Result<bool, EtcdError> {
+        retried(&self.client, |mut c| async move {
+            let renewed = async {
+                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            match renewed.await {
+                Ok(resp) => Ok(resp.is_some_and(|r| r.ttl() > 0)),
+                Err(e) if e.to_string().contains("lease not found") => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// Revokes `lease`: every key bound to it goes at once.
+    pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
+        match retried(
+            &self.client,
+            |mut c| async move { c.lease_revoke(lease).await },
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone: what revoking wanted.
+            Err(EtcdError::Unreachable(e)) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Puts `instance` bound to `lease`; returns the revision of the change.
+    pub async fn put_instance(&self, instance: &Instance, lease: i64) -> Result<i64, EtcdError> {
+        // An instance holds names, numbers and lists of them: serialization cannot fail.
+        let value = serde_json::to_vec(instance).expect("instances always serialize");
+        let key = self.instance_key(&instance.service, &instance.id);
+        let resp = retried(&self.client, |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Deletes an instance's key; returns the revision after the call and whether it existed.
+    pub async fn delete_instance(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<(i64, bool), EtcdError> {
+        let key = self.instance_key(service, id);
+        let resp = retried(&self.client, |mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await?;
+        Ok((
+            resp.header().map_or(0, |h| h.revision()),
+            resp.deleted() > 0,
+        ))
+    }
+
+    /// Sets (`Some`) or clears (`None`) a service's route; returns the revision of the change.
+    pub async fn set_route(
+        &self,
+        service: &ServiceName,
+        route: Option<&Route>,
+    ) -> Result<i64, EtcdError> {
+        let key = self.route_key(service);
+        let resp = match route {
+            Some(route) => {
+                let value = serde_json::to_vec(route).expect("routes always serialize");
+                retried(&self.client, |mut c| {
+                    let (key, value) = (key.clone(), value.clone());
+                    async move { c.put(key, value, None).await.map(|r| r.header().cloned()) }
+                })
+                .await?
+            }
+            None => {
+                retried(&self.client, |mut c| {
+                    let key = key.clone();
+                    async move { c.delete(key, None).await.map(|r| r.header().cloned()) }
+                })
+                .await?
+            }
+        };
+        Ok(resp.map_or(0, |h| h.revision()))
+    }
+}
+
+enum Key {
+    Instance(ServiceName, InstanceId),
+    Route(ServiceName),
+}
+
+/// `instances/<service>/<id>` or `routes/<service>`, names checked as the API checks them.
+fn decode_key(rest: &str) -> Result<Key, String> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let service = |s: &str| {
+        s.parse::<ServiceName>()
+            .map_err(|e| format!("{s:?} is not a service name: {}", e.message))
+    };
+    match parts.as_slice() {
+        ["instances", s, id] => Ok(Key::Instance(
+            service(s)?,
+            id.parse::<InstanceId>()
+                .map_err(|e| format!("{id:?} is not an instance id: {}", e.message))?,
+        )),
+        ["routes", s] => Ok(Key::Route(service(s)?)),
+        _ => Err("it is not a key Baker writes".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        let u: StoreUrl = "etcd://h1:2379,10.0.0.2:2379/team/baker/".parse().unwrap();
+        assert_eq!(u.endpoints, ["http://h1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(u.prefix, "/team/baker");
+        assert_eq!(u.to_string(), "etcd://h1:2379,10.0.0.2:2379/team/baker");
+        let u: StoreUrl = "etcd://h1:2379".parse().unwrap();
+        assert_eq!(u.prefix, DEFAULT_PREFIX);
+        for (bad, says) in [
+            ("http://h1:2379", "must be memory or etcd://"),
+            ("etcd://h1", "must be host:port"),
+            ("etcd://h1:0", "must be host:port"),
+            ("etcd://h1:2379,,h2:2379", "must be host:port"),
+            ("etcd://h1:2379,h1:2379", "twice"),
+            ("etcd://h1:2379/a b", "prefix"),
+            ("etcd://h1:2379//x", "prefix"),
+        ] {
+            let e = bad.parse::<StoreUrl>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn lease_seconds_round_up() {
+        assert_eq!(lease_seconds(1), 1);
+        assert_eq!(lease_seconds(1000), 1);
+        assert_eq!(lease_seconds(1001), 2);
+        assert_eq!(lease_seconds(6000), 6);
+    }
+
+    #[test]
+    fn keys_are_checked_like_input() {
+        assert!(matches!(
+            decode_key("instances/emitter/a-1"),
+            Ok(Key::Instance(..))
+        ));
+        assert!(matches!(decode_key("routes/emitter"), Ok(Key::Route(_))));
+        for bad in [
+            "instances/Emitter/a",
+            "instances/emitter",
+            "routes/emitter/x",
+            "other/emitter",
+        ] {
+            assert!(decode_key(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The directory's etcd layer against a real three-member cluster: instances bound to leases
+//! that keep-alives renew and that run out within their TTL, routes as plain keys, watches from
+//! a snapshot's revision that every member streams alike, the loss of the leader, and the loss
+//! of quorum refused with a reason and recovered without a restart.
+
+use std::time::{Duration, Instant};
+
+use baker_client::model::{Instance, Route};
+use baker_directory::etcd::{lease_seconds, Change, Etcd, EtcdError, StoreUrl};
+use baker_tests::etcd::EtcdCluster;
+use baker_tests::{eventually, require, Needs};
+use futures_util::StreamExt;
+
+fn inst(id: &str, ttl_ms: u64) -> Instance {
+    Instance {
+        ttl_ms,
+        ..Instance::sample("emitter", id)
+    }
+}
+
+async fn connect(cluster: &EtcdCluster, members: &[usize], prefix: &str) -> Etcd {
+    let hosts: Vec<String> = members
+        .iter()
+        .map(|&i| format!("127.0.0.1:{}", cluster.members[i].client_port))
+        .collect();
+    let url: StoreUrl = format!("etcd://{}{prefix}", hosts.join(","))
+        .parse()
+        .expect("a store URL");
+    Etcd::connect(&url).await.expect("connecting to etcd")
+}
+
+async fn ids(etcd: &Etcd) -> Vec<String> {
+    let snap = etcd.snapshot().await.expect("a snapshot");
+    let mut v: Vec<String> = snap
+        .instances
+        .iter()
+        .map(|(i, _)| i.id.to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn instances_live_by_their_lease_and_every_member_streams_the_same_changes() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let a = connect(&cluster, &[0], "/t1").await;
+    let b = connect(&cluster, &[1], "/t1").await;
+    let start = a.snapshot().await.unwrap().revision;
+    let mut wa = Box::pin(a.watch(start).await.unwrap());
+    let mut wb = Box::pin(b.watch(start).await.unwrap());
+
+    // Two instances with a 1 s TTL: one renewed through the other member, one left to run out.
+    let kept = inst("kept", 1000);
+    let left = inst("left", 1000);
+    let kept_lease = a.grant(lease_seconds(kept.ttl_ms)).await.unwrap();
+    let left_lease = a.grant(lease_seconds(left.ttl_ms)).await.unwrap();
+    let r1 = a.put_instance(&kept, kept_lease).await.unwrap();
+    let r2 = a.put_instance(&left, left_lease).await.unwrap();
+    assert!(r2 > r1 && r1 > start, "{start} {r1} {r2}");
+    let route: Route = [("1".parse().unwrap(), 100)].into();
+    let r3 = b
+        .set_route(&"emitter".parse().unwrap(), Some(&route))
+        .await
+        .unwrap();
+
+    let put_at = Instant::now();
+    let mut gone_after = None;
+    while put_at.elapsed() < Duration::from_secs(3) {
+        assert!(
+            b.keep_alive(kept_lease).await.unwrap(),
+            "a live lease renews"
+        );
+        if gone_after.is_none() && ids(&b).await == ["kept"] {
+            gone_after = Some(put_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gone_after = gone_after.expect("the unrenewed instance must go");
+    assert!(
+        gone_after <= Duration::from_millis(2000),
+        "expiry within TTL + 1 s, took {gone_after:?}"
+    );
+    assert_eq!(ids(&a).await, ["kept"], "the renewed instance stays");
+    assert!(
+        !a.keep_alive(left_lease).await.unwrap(),
+        "a run-out lease is gone"
+    );
+
+    // Both members stream the same changes, with the same revisions, in the same order.
+    let mut seen = Vec::new();
+    for w in [&mut wa, &mut wb] {
+        let mut changes = Vec::new();
+        while changes.len() < 4 {
+            let (rev, change) = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .expect("a change within 5 s")
+                .expect("the watch goes on")
+                .expect("a change");
+            changes.push((rev, change));
+        }
+        seen.push(changes);
+    }
+    assert_eq!(seen[0], seen[1]);
+    let revs: Vec<i64> = seen[0].iter().map(|(r, _)| *r).collect();
+    assert_eq!(&revs[..3], [r1, r2, r3]);
+    assert!(matches!(
+        &seen[0][3].1,
+        Change::InstanceGone { id, .. } if id.as_str() == "left"
+    ));
+    let snap = b.snapshot().await.unwrap();
+    assert_eq!(snap.routes.get("emitter"), Some(&route));
+}
+
+#[tokio::test]
+async fn a_lease_survives_the_leader_and_quorum_loss_is_refused_then_recovered() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3).await;
+    let etcd = connect(&cluster, &[0, 1, 2], "/t2").await;
+    let i = inst("a", 2000);
+    let lease = etcd.grant(lease_seconds(i.ttl_ms)).await.unwrap();
+    etcd.put_instance(&i, lease).await.unwrap();
+
+    // kill -9 the leader while heartbeating: the lease and the key live on.
+    let leader = cluster.leader().await;
+    cluster.kill9(leader);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) {
+        let _ = etcd.keep_alive(lease).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        ids(&etcd).await,
+        ["a"],
+        "no instance is lost with the leader"
+    );
+    cluster.restart(leader).await;
+
+    // Two members down: no quorum. Writes are refused, at once and saying why.
+    let survivor = cluster.leader().await;
+    let down: Vec<usize> = (0..3).filter(|&m| m != survivor).collect();
+    for &m in &down {
+        cluster.kill9(m);
+    }
+    let lone = connect(&cluster, &[survivor], "/t2").await;
+    let t0 = Instant::now();
+    let refused = eventually(
+        Duration::from_secs(10),
+        "a write refused for lack of quorum",
+        || {
+            let lone = lone.clone();
+            async move {
+                match lone.set_route(&"emitter".parse().unwrap(), None).await {
+                    Err(e @ EtcdError::NoQuorum) => Some(e),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(refused.to_string().contains("quorum"), "{refused}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+
+    // The members come back: writes go through again with the same client.
+    for &m in &down {
+        cluster.restart(m).await;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "a write once quorum is back",
+        || {
+            let lone = lone.clone();
+            async move {
+                let route: Route = [("1".parse().unwrap(), 100)].into();
+                lone.set_route(&"emitter".parse().unwrap(), Some(&route))
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+}
