@@ -220,16 +220,23 @@ impl DirectoryClient {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(b.clone());
             }
+            let mut attempt = Attempt {
+                client: self,
+                replica,
+                abandoned: true,
+            };
             match self.send_once(replica, req).await {
                 Ok(v) => {
+                    attempt.abandoned = false;
                     self.current.store(replica, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(e) if e.is_replica_fault() => {
-                    self.move_past(replica);
-                    last = Some(e);
+                // The attempt moves past the replica as it is dropped.
+                Err(e) if e.is_replica_fault() => last = Some(e),
+                Err(e) => {
+                    attempt.abandoned = false;
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
             }
         }
         Err(last.unwrap_or(ClientError::Ended))
@@ -455,6 +462,24 @@ impl DirectoryClient {
             })
         });
         Ok(decode_watch(idle_after(chunks, WATCH_IDLE_TIMEOUT)))
+    }
+}
+
+/// One call to one replica. Dropped while still `abandoned`, it makes the next replica
+/// current: that covers a replica that failed, and one that has not answered when the caller
+/// gave up on the call (a registrar's heartbeat has its own deadline, shorter than the
+/// client's), so that the next call does not wait on the same frozen replica.
+struct Attempt<'a> {
+    client: &'a DirectoryClient,
+    replica: usize,
+    abandoned: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.abandoned {
+            self.client.move_past(self.replica);
+        }
     }
 }
 

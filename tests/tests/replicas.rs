@@ -7,8 +7,9 @@ use std::time::Duration;
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::directory::TestDirectory;
 use baker_tests::greeting::Greeting;
-use baker_tests::load::Load;
+use baker_tests::load::{greet, Load};
 use baker_tests::{eventually, free_port, require, Needs, Proc};
+use nix::sys::signal::Signal;
 
 fn registrar(directories: &str, id: &str, target: &Greeting) -> Proc {
     let target = target.url();
@@ -146,4 +147,40 @@ async fn the_cli_asks_the_first_replica_that_answers() {
     let status = bad.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(64), "{}", bad.log_text());
     assert!(bad.log_text().contains("empty entry"), "{}", bad.log_text());
+}
+
+/// A replica frozen with SIGSTOP accepts connections but never answers: the registrar's
+/// heartbeats, which give up after their own deadline, go to the next replica, and the
+/// ambassador opens its watch there.
+#[tokio::test]
+async fn a_frozen_replica_is_passed_over_by_the_registrar_and_the_ambassador() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let frozen = TestDirectory::start(&[]).await;
+    let live = TestDirectory::start(&[]).await;
+    frozen.proc.signal(Signal::SIGSTOP);
+    let list = format!("{},{}", frozen.url, live.url);
+    let a = Greeting::start("1", "a").await;
+    let _ra = registrar(&list, "a", &a);
+    eventually(
+        Duration::from_secs(10),
+        "a registered with the live replica",
+        || async { (ids(&live).await == ["a"]).then_some(()) },
+    )
+    .await;
+    let amb = TestAmbassador::start(&list, &["emitter"], &[]).await;
+    let url = format!("{}/greeting", amb.url("emitter"));
+    let http = reqwest::Client::new();
+    eventually(
+        Duration::from_secs(15),
+        "a served through the ambassador",
+        || async { (greet(&http, &url).await.ok()? == "a").then_some(()) },
+    )
+    .await;
+    let load = Load::start(&url, 2);
+    load.more(200, Duration::from_secs(10)).await;
+    let (_, failures) = load.finish().await;
+    assert!(failures.is_empty(), "{failures:?}");
+    frozen.proc.signal(Signal::SIGCONT);
 }
