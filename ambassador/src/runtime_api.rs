@@ -5,8 +5,8 @@
 //! a line holding a `;`, a backslash or a control character is refused before it is sent, since
 //! HAProxy's CLI would read it as several commands. [`Socket::command`] sends one command per
 //! connection (what the master CLI needs); [`Socket::session`] opens one connection in HAProxy's
-//! interactive mode (`prompt`) over which a whole reconciliation pass is sent, each command
-//! answered before the next, so a refused command is reported with HAProxy's own words.
+//! interactive mode (`prompt`) over which a whole reconciliation pass is sent, each answer
+//! matched to its command, so a refused command is reported with HAProxy's own words.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -281,20 +281,20 @@ impl Socket {
             .map_err(|_| self.timeout(&line))?
     }
 
-    /// Opens one connection in interactive mode, for a series of commands.
+    /// Opens one connection for a series of commands, in interactive mode from its first one.
     pub async fn session(&self) -> Result<Session, ApiError> {
         let io = self.io();
         let stream = tokio::time::timeout(COMMAND_TIMEOUT, UnixStream::connect(&self.path))
             .await
             .map_err(|_| self.timeout("prompt"))?
             .map_err(&io)?;
-        let mut session = Session {
+        // `prompt` goes out with the first command, in the same write: one round trip less.
+        Ok(Session {
             socket: self.clone(),
             stream,
             buf: Vec::new(),
-        };
-        session.exchange("prompt").await?;
-        Ok(session)
+            prompt_pending: true,
+        })
     }
 
     /// `show servers state`, parsed.
@@ -323,13 +323,16 @@ fn parse<T>(
     })
 }
 
-/// One connection to HAProxy's CLI in interactive mode: each command is answered before the
-/// next is sent. Dropping it closes the connection.
+/// One connection to HAProxy's CLI in interactive mode: [`Session::ask`] and [`Session::run`]
+/// wait for each answer before the next command, [`Session::run_all`] sends a batch and then
+/// reads its answers. Dropping it closes the connection.
 #[derive(Debug)]
 pub struct Session {
     socket: Socket,
     stream: UnixStream,
     buf: Vec<u8>,
+    /// `prompt` (interactive mode) is still to be sent, with the first command.
+    prompt_pending: bool,
 }
 
 impl Session {
@@ -409,31 +412,9 @@ impl Session {
 
     /// Writes `line` (already checked) and reads up to the next prompt.
     async fn exchange(&mut self, line: &str) -> Result<String, ApiError> {
-        let socket = self.socket.clone();
-        let io = socket.io();
-        let fut = async {
-            self.stream
-                .write_all(format!("{line}\n").as_bytes())
-                .await
-                .map_err(&io)?;
-            self.buf.clear();
-            let mut chunk = [0u8; 8192];
-            loop {
-                if let Some(len) = answer_len(&self.buf) {
-                    return Ok(String::from_utf8_lossy(&self.buf[..len]).trim().to_owned());
-                }
-                let n = self.stream.read(&mut chunk).await.map_err(&io)?;
-                if n == 0 {
-                    return Err(ApiError::Closed {
-                        command: line.to_owned(),
-                    });
-                }
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        };
-        tokio::time::timeout(COMMAND_TIMEOUT, fut)
-            .await
-            .map_err(|_| socket.timeout(line))?
+        let mut answers = self.exchange_all(&[line]).await?;
+        // exchange_all returns exactly one answer per line.
+        Ok(answers.pop().unwrap_or_default())
     }
 
     /// Writes `lines` (already checked) at once and reads one answer per line, in order.
@@ -444,25 +425,32 @@ impl Session {
         let socket = self.socket.clone();
         let io = socket.io();
         let described = lines.join("; ");
+        // The `prompt` that opens the session, if not sent yet: its answer (empty) is skipped.
+        let mut sent: Vec<&str> = Vec::with_capacity(lines.len() + 1);
+        if std::mem::take(&mut self.prompt_pending) {
+            sent.push("prompt");
+        }
+        let skip = sent.len();
+        sent.extend_from_slice(lines);
         let fut = async {
-            let mut text = lines.join("\n");
+            let mut text = sent.join("\n");
             text.push('\n');
             self.stream.write_all(text.as_bytes()).await.map_err(&io)?;
             self.buf.clear();
-            let mut answers = Vec::with_capacity(lines.len());
+            let mut answers = Vec::with_capacity(sent.len());
             let mut chunk = [0u8; 8192];
             loop {
                 while let Some((len, used)) = first_answer(&self.buf) {
                     answers.push(String::from_utf8_lossy(&self.buf[..len]).trim().to_owned());
                     self.buf.drain(..used);
-                    if answers.len() == lines.len() {
-                        return Ok(answers);
+                    if answers.len() == sent.len() {
+                        return Ok(answers.split_off(skip));
                     }
                 }
                 let n = self.stream.read(&mut chunk).await.map_err(&io)?;
                 if n == 0 {
                     return Err(ApiError::Closed {
-                        command: lines[answers.len()].to_owned(),
+                        command: sent[answers.len()].to_owned(),
                     });
                 }
                 self.buf.extend_from_slice(&chunk[..n]);
@@ -475,20 +463,15 @@ impl Session {
 }
 
 /// The first complete answer in `buf`: its length (without its prompt) and the length with it.
-/// See [`answer_len`] for why the first prompt ends the first answer.
+///
+/// In interactive mode HAProxy prints the prompt (`"> "`, on a line of its own) once the
+/// command is done, and only then; most answers end with an empty line before it, some
+/// (`del server`) do not. No answer to a command Baker sends has a line starting with `"> "`,
+/// so the first prompt in `buf` ends the first answer.
 fn first_answer(buf: &[u8]) -> Option<(usize, usize)> {
     buf.windows(PROMPT.len())
         .position(|w| w == PROMPT)
         .map(|at| (at, at + PROMPT.len()))
-}
-
-/// The length of a complete answer in `buf` (without its prompt), once the prompt came.
-///
-/// In interactive mode HAProxy prints the prompt (`"> "`, on a line of its own) once the
-/// command is done, and only then; most answers end with an empty line before it, some
-/// (`del server`) do not. No answer to a command Baker sends has a line starting with `"> "`.
-fn answer_len(buf: &[u8]) -> Option<usize> {
-    buf.ends_with(PROMPT).then(|| buf.len() - PROMPT.len())
 }
 
 /// A server as HAProxy runs it.
@@ -703,11 +686,12 @@ mod tests {
 
     #[test]
     fn an_answer_ends_at_the_prompt() {
-        assert_eq!(answer_len(b"\n> "), Some(0));
-        assert_eq!(answer_len(b"No such server.\n\n> "), Some(16));
-        assert_eq!(answer_len(b"Server deleted.\n> "), Some(15));
-        assert_eq!(answer_len(b"1\n# be_id be_name"), None);
-        assert_eq!(answer_len(b""), None);
+        let len = |buf: &[u8]| first_answer(buf).map(|(len, _)| len);
+        assert_eq!(len(b"\n> "), Some(0));
+        assert_eq!(len(b"No such server.\n\n> "), Some(16));
+        assert_eq!(len(b"Server deleted.\n> "), Some(15));
+        assert_eq!(len(b"1\n# be_id be_name"), None);
+        assert_eq!(len(b""), None);
     }
 
     #[test]
