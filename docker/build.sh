@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Builds Baker's release binaries and its four images, FROM scratch, with no registry access:
+# Builds Baker's release binaries and its five images, FROM scratch, with no registry access:
 #
 #   baker/directory   baker-directory, the `baker` CLI, baker-probe
 #   baker/registrar   baker-registrar, baker-probe
 #   baker/ambassador  baker-ambassador, HAProxy (/usr/sbin/haproxy), baker-probe
 #   baker/greeting    baker-greeting, baker-greeting-client, baker-probe
+#   baker/etcd        etcd (/usr/bin/etcd, Debian's etcd-server), baker-probe
 #
 # Each image holds only its binaries, the shared libraries `ldd` names for them (and the
 # dynamic loader), /etc/passwd and /etc/group with a `baker` user (uid/gid 65532), and a
 # writable /tmp. Nothing is pulled: the legacy builder is used and there is no base image.
 #
-# Usage: docker/build.sh [IMAGE...]     (default: all four; e.g. `docker/build.sh greeting`)
+# Usage: docker/build.sh [IMAGE...]     (default: all five; e.g. `docker/build.sh greeting`)
 #
 # Idempotent: when neither the sources nor these files changed, cargo and Docker's layer cache
 # make a second run take a few seconds. Installs nothing except HAProxy (the ambassador image
-# carries the host's HAProxy) and protoc (the directory's etcd client is generated from its
+# carries the host's HAProxy), etcd-server (the etcd image carries the host's etcd) and protoc (the directory's etcd client is generated from its
 # .proto files at build time), with apt-get, saying so, when they are missing.
 #
 # Variables: CARGO_TARGET_DIR (where cargo builds), BAKER_IMAGE_TAG (extra tag, default the
@@ -23,7 +24,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-all_images=(directory registrar ambassador greeting)
+all_images=(directory registrar ambassador greeting etcd)
 
 die() { printf 'docker/build.sh: error: %s\n' "$*" >&2; exit 1; }
 say() { printf '==> %s\n' "$*" >&2; }
@@ -69,6 +70,12 @@ if [[ " ${images[*]} " == *" ambassador "* && ! -x $haproxy ]]; then
         die "HAProxy is missing ($haproxy): install it (Debian/Ubuntu: apt-get install haproxy) or set BAKER_HAPROXY"
     fi
 fi
+if [[ " ${images[*]} " == *" etcd "* && ! -x /usr/bin/etcd ]]; then
+    command -v apt-get >/dev/null ||
+        die "etcd is missing (/usr/bin/etcd) and the etcd image carries it: install Debian's etcd-server"
+    say "etcd is missing and the etcd image carries it: installing etcd-server with apt-get"
+    apt_install etcd-server
+fi
 
 # --- binaries --------------------------------------------------------------------------------
 declare -A bins=(
@@ -76,6 +83,7 @@ declare -A bins=(
     [registrar]="baker-registrar baker-probe"
     [ambassador]="baker-ambassador baker-probe"
     [greeting]="baker-greeting baker-greeting-client baker-probe"
+    [etcd]="baker-probe"
 )
 declare -A packages=(
     [baker-directory]=baker-directory [baker]=baker-client [baker-probe]=baker-probe
@@ -141,6 +149,10 @@ stage() {
         put "$release/$b" "$root" "/usr/local/bin/$b"
         put_libs "$release/$b" "$root"
     done
+    if [[ $image == etcd ]]; then
+        put /usr/bin/etcd "$root"
+        put_libs /usr/bin/etcd "$root"
+    fi
     if [[ $image == ambassador ]]; then
         put "$haproxy" "$root" /usr/sbin/haproxy
         put_libs "$haproxy" "$root"

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use crate::{require, Needs};
 
 /// Baker's images, as `docker/build.sh` tags them.
-pub const IMAGES: [&str; 4] = [
+pub const IMAGES: [&str; 5] = [
     "baker/directory",
     "baker/registrar",
     "baker/ambassador",
     "baker/greeting",
+    "baker/etcd",
 ];
 
 /// The repository's root (for `compose/` and `docker/`).
