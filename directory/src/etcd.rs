@@ -14,8 +14,10 @@
 //! the etcd revision of each is the same on every replica. What is read is checked like input:
 //! a key or value that is not a valid name, instance or route is reported and skipped.
 //!
-//! Requests require a leader (`require_leader`): without a quorum, etcd refuses them at once
-//! instead of hanging, and [`EtcdError::NoQuorum`] says so.
+//! Requests require a leader (`require_leader`): without one, etcd refuses them instead of
+//! hanging. A call is tried again, on any member, while members are down, frozen or between
+//! leaders, for up to [`REQUEST_TIMEOUT`]; a cluster still without a leader by then has lost
+//! its quorum, and [`EtcdError::NoQuorum`] says so.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -172,9 +174,11 @@ async fn timed<T>(
 }
 
 /// Runs `call` with a clone of `client` until it succeeds, fails for another reason than an
-/// unreachable member, or [`REQUEST_TIMEOUT`] passes: the client's channel may pick a member
-/// that is down, and the next attempt picks another. Every call retried this way is
-/// idempotent (a put of the same value, a delete, a lease renewal).
+/// unreachable or silent member, or [`REQUEST_TIMEOUT`] passes. The client's channel may pick
+/// a member that is down (the connection is refused) or frozen (it accepts and never answers:
+/// an attempt is given up after [`ATTEMPT_TIMEOUT`]); the next attempt goes elsewhere. A lease
+/// of a 2 s TTL is thus renewed through the other members while one is frozen. Every call
+/// retried this way is idempotent (a put of the same value, a delete, a lease renewal).
 async fn retried<T, F, Fut>(client: &Client, mut call: F) -> Result<T, EtcdError>
 where
     F: FnMut(Client) -> Fut,
@@ -183,11 +187,15 @@ where
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, call(client.clone())).await {
+        match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), call(client.clone())).await {
+            Err(_) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => continue,
             Err(_) => return Err(EtcdError::Timeout(REQUEST_TIMEOUT)),
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => match EtcdError::of(e) {
-                EtcdError::Unreachable(_)
+                // A member down, or one without a leader for the moment (an election after
+                // the leader was lost takes about one election timeout): try again. No leader
+                // until the deadline is a lost quorum.
+                EtcdError::Unreachable(_) | EtcdError::NoQuorum
                     if tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
                 {
                     tokio::time::sleep(RETRY_PAUSE).await;
@@ -198,6 +206,9 @@ where
     }
 }
 
+/// Longest wait for one attempt of a call: a member that has not answered by then is taken
+/// for frozen, and the call is tried again.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(750);
 /// Pause between two attempts of a call that found a member down.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 

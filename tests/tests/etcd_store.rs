@@ -184,3 +184,59 @@ async fn a_lease_survives_the_leader_and_quorum_loss_is_refused_then_recovered()
     )
     .await;
 }
+
+/// A member frozen with SIGSTOP for 10 s holds its connections and answers nothing: renewals
+/// through a client of every member go on through the others, so an instance with a 2 s TTL is
+/// never lost, and once renewals stop it still goes within its TTL + 1 s.
+#[tokio::test]
+async fn a_member_frozen_for_ten_seconds_loses_no_lease() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3).await;
+    let etcd = connect(&cluster, &[0, 1, 2], "/t3").await;
+    let i = inst("a", 2000);
+    let lease = etcd.grant(lease_seconds(i.ttl_ms)).await.unwrap();
+    etcd.put_instance(&i, lease).await.unwrap();
+    // Renewals every 400 ms (a registrar heartbeats three times per TTL), each noting how
+    // long it took.
+    let renewer = {
+        let etcd = etcd.clone();
+        tokio::spawn(async move {
+            let mut slow = Vec::new();
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                let t = Instant::now();
+                let renewed = etcd.keep_alive(lease).await;
+                if !matches!(renewed, Ok(true)) || t.elapsed() > Duration::from_secs(1) {
+                    slow.push((t0.elapsed(), t.elapsed(), format!("{renewed:?}")));
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            slow
+        })
+    };
+    let frozen = cluster.leader().await;
+    cluster.freeze(frozen);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        assert_eq!(ids(&etcd).await, ["a"], "lost after {:?}", t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.thaw(frozen);
+    let slow = renewer.await.unwrap();
+    assert!(
+        slow.iter().all(|(_, _, r)| r == "Ok(true)"),
+        "renewals failed while a member was frozen: {slow:?}"
+    );
+    let stopped = Instant::now();
+    eventually(Duration::from_secs(5), "the instance to expire", || async {
+        ids(&etcd).await.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        stopped.elapsed() <= Duration::from_millis(3000),
+        "expiry within TTL + 1 s, took {:?}",
+        stopped.elapsed()
+    );
+}
