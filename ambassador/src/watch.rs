@@ -233,11 +233,13 @@ pub async fn run(
             desired.send_replace(d);
         }
     };
+    // Only the services it routes: its memory and work follow its routes, not the directory.
+    let routed: Vec<ServiceName> = services.iter().map(|s| s.name.clone()).collect();
     let mut was_connected = false;
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
-            s = client.watch() => s,
+            s = client.watch_services(Some(&routed)) => s,
         };
         match stream {
             Err(e) => {

@@ -20,7 +20,7 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::io::StreamReader;
 
 use crate::model::{
-    ErrorBody, Instance, InstanceSpec, RouteResponse, RoutesResponse, ServiceResponse,
+    ErrorBody, Instance, InstanceSpec, RouteResponse, RoutesResponse, ServiceName, ServiceResponse,
     ServicesResponse, WatchEvent,
 };
 
@@ -59,6 +59,13 @@ pub enum ClientError {
     Idle(Duration),
     #[error("the watch stream ended")]
     Ended,
+    /// A line of the watch stream did not follow the one before it: something was missed, and
+    /// the state built from the stream can no longer be trusted. Reconnect for a fresh snapshot.
+    #[error(
+        "the watch stream missed a change (its last index was {last}, the next line follows \
+         index {prev})"
+    )]
+    Gap { last: u64, prev: u64 },
 }
 
 impl ClientError {
@@ -401,19 +408,36 @@ impl DirectoryClient {
         Err(last.unwrap_or(ClientError::Ended))
     }
 
-    /// Opens `GET /v1/watch` on the current replica (or, if it cannot, on the next ones in
+    /// Opens `GET /v1/watch?v=2` on the current replica (or, if it cannot, on the next ones in
     /// turn): the stream yields the snapshot, then one event per change.
     ///
-    /// The stream ends with an error when the connection breaks or stays silent for
-    /// [`WATCH_IDLE_TIMEOUT`]; the next replica then becomes current, and callers reconnect
-    /// and receive a fresh snapshot from it. [`base`](Self::base) names the replica watched.
+    /// The stream ends with an error when the connection breaks, stays silent for
+    /// [`WATCH_IDLE_TIMEOUT`], or skips a change ([`ClientError::Gap`]); on a broken or silent
+    /// connection the next replica becomes current. Callers reconnect and receive a fresh
+    /// snapshot. [`base`](Self::base) names the replica watched.
     pub async fn watch(
         &self,
     ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static, ClientError>
     {
+        self.watch_services(None).await
+    }
+
+    /// Like [`DirectoryClient::watch`], of the services in `only` (and their routes) when given.
+    pub async fn watch_services(
+        &self,
+        only: Option<&[ServiceName]>,
+    ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static, ClientError>
+    {
+        let mut path = "/v1/watch?v=2".to_owned();
+        if let Some(only) = only {
+            // Service names are URL-safe by construction.
+            let names: Vec<&str> = only.iter().map(ServiceName::as_str).collect();
+            path.push_str("&service=");
+            path.push_str(&names.join(","));
+        }
         let mut last = None;
         for replica in self.order() {
-            match self.watch_on(replica).await {
+            match self.watch_on(replica, &path).await {
                 Ok(stream) => {
                     self.current.store(replica, Ordering::Relaxed);
                     let client = self.clone();
@@ -436,10 +460,11 @@ impl DirectoryClient {
     async fn watch_on(
         &self,
         replica: usize,
+        path: &str,
     ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static, ClientError>
     {
         let url = self.replicas[replica].clone();
-        let send = self.request(replica, Method::GET, "/v1/watch").send();
+        let send = self.request(replica, Method::GET, path).send();
         let resp = match tokio::time::timeout(WATCH_OPEN_TIMEOUT, send).await {
             Err(_) => return Err(ClientError::Idle(WATCH_OPEN_TIMEOUT)),
             Ok(r) => r.map_err(|e| ClientError::Unreachable {
@@ -461,7 +486,10 @@ impl DirectoryClient {
                 source: e,
             })
         });
-        Ok(decode_watch(idle_after(chunks, WATCH_IDLE_TIMEOUT)))
+        Ok(check_gaps(decode_watch(idle_after(
+            chunks,
+            WATCH_IDLE_TIMEOUT,
+        ))))
     }
 }
 
@@ -535,6 +563,46 @@ where
     })
 }
 
+/// Ends `events` with [`ClientError::Gap`] at the first line that does not follow the one
+/// before it: a change whose `prev`, or a ping whose `index`, is not the last index seen. A
+/// snapshot starts over; v1 changes carry no `prev` and are taken as they come.
+pub fn check_gaps<S>(events: S) -> impl Stream<Item = Result<WatchEvent, ClientError>>
+where
+    S: Stream<Item = Result<WatchEvent, ClientError>>,
+{
+    futures_util::stream::unfold(
+        (Box::pin(events), None::<u64>, false),
+        |(mut events, last, done)| async move {
+            if done {
+                return None;
+            }
+            let item = match events.next().await? {
+                Ok(event) => match (last, follows(&event)) {
+                    (Some(last), Some(prev)) if prev != last => {
+                        Err(ClientError::Gap { last, prev })
+                    }
+                    _ => Ok(event),
+                },
+                Err(e) => Err(e),
+            };
+            let last = match &item {
+                Ok(event) => Some(event.index()),
+                Err(_) => last,
+            };
+            let failed = item.is_err();
+            Some((item, (events, last, failed)))
+        },
+    )
+}
+
+/// The index of the line `event` claims to follow, if it says.
+fn follows(event: &WatchEvent) -> Option<u64> {
+    match event {
+        WatchEvent::Ping { index } => Some(*index),
+        other => other.prev(),
+    }
+}
+
 /// The client's error carried through the codec, or the codec's own (invalid UTF-8).
 fn client_error(e: std::io::Error) -> ClientError {
     if e.get_ref().is_some_and(|inner| inner.is::<ClientError>()) {
@@ -559,6 +627,52 @@ mod tests {
             .map(|c| Ok(Bytes::copy_from_slice(c)))
             .collect();
         futures_util::stream::iter(parts)
+    }
+
+    #[tokio::test]
+    async fn a_skipped_change_ends_the_stream_with_a_gap() {
+        let inst = r#"{"service":"a","id":"1","address":"10.0.0.1","port":80,"version":"1","weight":100,"source":"registrar","ttl_ms":6000,"last_seen":0}"#;
+        let up = |index: u64, prev: u64| {
+            format!(
+                r#"{{"type":"upsert","index":{index},"prev":{prev},"at":0,"cause":"registered","instance":{inst}}}"#
+            )
+        };
+        let snapshot = r#"{"type":"snapshot","index":4,"services":{},"routes":{}}"#;
+        let ok = [
+            snapshot.to_owned(),
+            up(9, 4),
+            r#"{"type":"ping","index":9}"#.into(),
+            up(12, 9),
+        ];
+        let text = ok.join("\n") + "\n";
+        let events: Vec<_> = check_gaps(decode_watch(chunks(text.as_bytes(), 7)))
+            .collect()
+            .await;
+        assert_eq!(events.len(), 5, "{events:?}");
+        assert!(events[..4].iter().all(Result::is_ok), "{events:?}");
+        assert!(matches!(events[4], Err(ClientError::Ended)));
+        for bad in [up(12, 8), r#"{"type":"ping","index":10}"#.into()] {
+            let text = [snapshot.to_owned(), up(9, 4), bad, up(13, 12)].join("\n") + "\n";
+            let events: Vec<_> = check_gaps(decode_watch(chunks(text.as_bytes(), 5)))
+                .collect()
+                .await;
+            assert_eq!(events.len(), 3, "the stream ends at the gap: {events:?}");
+            let err = events[2].as_ref().unwrap_err();
+            assert!(matches!(err, ClientError::Gap { last: 9, .. }), "{err:?}");
+        }
+        // A fresh snapshot starts over: a new connection's indexes need not follow the old.
+        let text = [
+            snapshot.to_owned(),
+            up(9, 4),
+            snapshot.replace('4', "2"),
+            up(3, 2),
+        ]
+        .join("\n")
+            + "\n";
+        let events: Vec<_> = check_gaps(decode_watch(chunks(text.as_bytes(), 5)))
+            .collect()
+            .await;
+        assert!(events[..4].iter().all(Result::is_ok), "{events:?}");
     }
 
     #[tokio::test]

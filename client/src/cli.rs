@@ -102,7 +102,10 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         }) => route::set(ctx, &service, &splits, force).await,
         Command::Route(RouteCommand::List) => route::list(ctx).await,
         Command::Route(RouteCommand::Clear { service }) => route::clear(ctx, &service).await,
-        Command::Watch { timestamps } => watch::watch(ctx, timestamps).await,
+        Command::Watch {
+            timestamps,
+            services,
+        } => watch::watch(ctx, timestamps, &services).await,
         Command::Register(reg) => register::register(ctx, &reg).await,
         Command::Deregister { service, id } => register::deregister(ctx, &service, &id).await,
         Command::Links { links, export } => links::links(ctx, &links, export),

@@ -2,6 +2,7 @@
 //!
 //! - [`model`]: the wire types (instances, routes, watch events) and the validation that keeps
 //!   anything unchecked out of HAProxy's configuration.
+//! - [`change`]: the directory's change feed: each change with its revision, cause and time.
 //! - [`api`]: [`api::DirectoryClient`], the directory's HTTP client, including the watch stream.
 //! - [`links`]: Docker-link style variables (`EMITTER_PORT_8000_TCP=tcp://...`), rendered and parsed.
 //! - [`config`]: reading `BAKER_*` variables and reporting every bad one at once.
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod change;
 pub mod config;
 pub mod daemon;
 pub mod errors;

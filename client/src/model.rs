@@ -13,6 +13,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::change::{Change, RemoveCause, UpsertCause};
+
 /// Longest service name, instance id, version or tag.
 pub const MAX_NAME_LEN: usize = 63;
 /// Default instance weight when a registration names none.
@@ -653,32 +655,65 @@ pub struct ErrorBody {
 
 /// One line of `GET /v1/watch` (newline-delimited JSON, `application/x-ndjson`).
 ///
-/// A watcher first gets one `snapshot`, then one event per change, each carrying the whole new
-/// state of one service or route, and a `ping` every few seconds when nothing else happens.
-/// `index` grows by one with every change; a watcher that falls too far behind is disconnected
-/// and should reconnect, receiving a fresh snapshot.
+/// A watcher first gets one `snapshot`, then one event per change, and a `ping` every few
+/// seconds when nothing else happens. The stream has two forms:
+///
+/// - **v2** (`GET /v1/watch?v=2`, what Baker's own parts ask for): an instance change is an
+///   `upsert` or a `remove` carrying that one instance and its cause, a route change is a
+///   `route` carrying the service's whole route; each carries `prev`, the `index` of the line
+///   this stream sent before it. A watcher whose last index is not the next line's `prev` (or a
+///   ping's `index`) missed something, and resyncs from a fresh snapshot by reconnecting.
+/// - **v1** (no `v`, kept for one release for older watchers): an instance change is a
+///   `service` event carrying the service's whole new instance list, and lines carry no `prev`.
+///
+/// `index` is the directory's revision: it grows by one with every change to the table, so an
+/// unfiltered stream's `prev` is always `index - 1`; a stream filtered by service skips the
+/// revisions of other services. A watcher that falls too far behind is disconnected and should
+/// reconnect, receiving a fresh snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum WatchEvent {
-    /// The full state at `index`.
+    /// The full state at `index` (only the filtered services' when the watch is filtered).
     Snapshot {
         index: u64,
         services: BTreeMap<ServiceName, Vec<Instance>>,
         routes: BTreeMap<ServiceName, Route>,
     },
-    /// The whole new instance list of one service (empty when its last instance went away).
+    /// v1: the whole new instance list of one service (empty when its last instance went away).
     Service {
         index: u64,
         service: ServiceName,
         instances: Vec<Instance>,
     },
-    /// The new route of one service (`null` when it was cleared).
+    /// v2: one instance added or changed; `instance` is its whole new value.
+    Upsert {
+        index: u64,
+        prev: u64,
+        /// When it changed, in milliseconds since the Unix epoch.
+        at: u64,
+        cause: UpsertCause,
+        instance: Instance,
+    },
+    /// v2: one instance went away; `instance` is its last value.
+    Remove {
+        index: u64,
+        prev: u64,
+        at: u64,
+        cause: RemoveCause,
+        instance: Instance,
+    },
+    /// The new route of one service (`null` when it was cleared); v2 adds `prev` and `at`.
     Route {
         index: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prev: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<u64>,
         service: ServiceName,
         route: Option<Route>,
     },
-    /// Keep-alive, sent when nothing changed for a while; `index` is the current one.
+    /// Keep-alive, sent when nothing changed for a while; `index` is the index of the last line
+    /// this stream sent.
     Ping { index: u64 },
 }
 
@@ -688,13 +723,68 @@ impl WatchEvent {
         match self {
             WatchEvent::Snapshot { index, .. }
             | WatchEvent::Service { index, .. }
+            | WatchEvent::Upsert { index, .. }
+            | WatchEvent::Remove { index, .. }
             | WatchEvent::Route { index, .. }
             | WatchEvent::Ping { index } => *index,
+        }
+    }
+
+    /// The index of the line the stream sent before this one, for v2 changes.
+    pub fn prev(&self) -> Option<u64> {
+        match self {
+            WatchEvent::Upsert { prev, .. } | WatchEvent::Remove { prev, .. } => Some(*prev),
+            WatchEvent::Route { prev, .. } => *prev,
+            _ => None,
+        }
+    }
+
+    /// The v2 event of `change`, sent after a line of index `prev`.
+    pub fn of_change(change: Change, prev: u64) -> WatchEvent {
+        match change {
+            Change::Upsert {
+                index,
+                at,
+                cause,
+                instance,
+            } => WatchEvent::Upsert {
+                index,
+                prev,
+                at,
+                cause,
+                instance,
+            },
+            Change::Remove {
+                index,
+                at,
+                cause,
+                instance,
+            } => WatchEvent::Remove {
+                index,
+                prev,
+                at,
+                cause,
+                instance,
+            },
+            Change::Route {
+                index,
+                at,
+                service,
+                route,
+            } => WatchEvent::Route {
+                index,
+                prev: Some(prev),
+                at: Some(at),
+                service,
+                route,
+            },
         }
     }
 }
 
 /// A directory's state as a watcher rebuilds it from the stream.
+///
+/// Each service's instances are kept sorted by id, as the directory lists them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct State {
     pub index: u64,
@@ -704,6 +794,8 @@ pub struct State {
 
 impl State {
     /// Applies one event; a snapshot replaces everything.
+    ///
+    /// An `upsert` or `remove` costs a search in its service's instances, not a copy of them.
     pub fn apply(&mut self, event: WatchEvent) {
         match event {
             WatchEvent::Snapshot {
@@ -729,10 +821,34 @@ impl State {
                     self.services.insert(service, instances);
                 }
             }
+            WatchEvent::Upsert {
+                index, instance, ..
+            } => {
+                self.index = index;
+                let list = self.services.entry(instance.service.clone()).or_default();
+                match list.binary_search_by(|i| i.id.cmp(&instance.id)) {
+                    Ok(at) => list[at] = instance,
+                    Err(at) => list.insert(at, instance),
+                }
+            }
+            WatchEvent::Remove {
+                index, instance, ..
+            } => {
+                self.index = index;
+                if let Some(list) = self.services.get_mut(&instance.service) {
+                    if let Ok(at) = list.binary_search_by(|i| i.id.cmp(&instance.id)) {
+                        list.remove(at);
+                    }
+                    if list.is_empty() {
+                        self.services.remove(&instance.service);
+                    }
+                }
+            }
             WatchEvent::Route {
                 index,
                 service,
                 route,
+                ..
             } => {
                 self.index = index;
                 match route {
@@ -936,6 +1052,8 @@ mod tests {
             },
             WatchEvent::Route {
                 index: 3,
+                prev: None,
+                at: None,
                 service: inst.service.clone(),
                 route: Some([(Version::default(), 100)].into()),
             },
@@ -956,6 +1074,86 @@ mod tests {
             instances: vec![],
         });
         assert!(state.services.is_empty());
+    }
+
+    #[test]
+    fn v2_changes_round_trip_and_apply_one_instance_at_a_time() {
+        use crate::change::{Change, RemoveCause, UpsertCause};
+        let at = |id: &str| Instance {
+            last_seen: 5,
+            ..Instance::sample("emitter", id)
+        };
+        let mut state = State::default();
+        state.apply(WatchEvent::Snapshot {
+            index: 1,
+            services: [("emitter".parse().unwrap(), vec![at("b")])].into(),
+            routes: BTreeMap::new(),
+        });
+        let changes = [
+            Change::Upsert {
+                index: 2,
+                at: 5,
+                cause: UpsertCause::Registered,
+                instance: at("c"),
+            },
+            Change::Upsert {
+                index: 3,
+                at: 5,
+                cause: UpsertCause::Registered,
+                instance: at("a"),
+            },
+            Change::Upsert {
+                index: 4,
+                at: 5,
+                cause: UpsertCause::Changed,
+                instance: Instance {
+                    port: 81,
+                    ..at("b")
+                },
+            },
+            Change::Remove {
+                index: 5,
+                at: 6,
+                cause: RemoveCause::Expired,
+                instance: at("c"),
+            },
+            Change::Route {
+                index: 6,
+                at: 7,
+                service: "emitter".parse().unwrap(),
+                route: Some([(Version::default(), 100)].into()),
+            },
+        ];
+        for (prev, change) in (1..).zip(changes) {
+            let event = WatchEvent::of_change(change, prev);
+            let line = serde_json::to_string(&event).unwrap();
+            let back: WatchEvent = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, event);
+            assert_eq!(back.prev(), Some(prev));
+            state.apply(back);
+        }
+        let ids: Vec<_> = state.services["emitter"]
+            .iter()
+            .map(|i| (i.id.as_str(), i.port))
+            .collect();
+        assert_eq!(
+            ids,
+            [("a", 8080), ("b", 81)],
+            "sorted by id, as the directory lists"
+        );
+        assert_eq!((state.index, state.routes.len()), (6, 1));
+        // An unknown cause from a newer directory still reads.
+        let newer = r#"{"type":"remove","index":7,"prev":6,"at":0,"cause":"drained","instance":{"service":"emitter","id":"a","address":"10.0.0.1","port":80,"version":"1","weight":100,"source":"registrar","ttl_ms":6000,"last_seen":0}}"#;
+        let event: WatchEvent = serde_json::from_str(newer).unwrap();
+        assert!(matches!(
+            event,
+            WatchEvent::Remove {
+                cause: RemoveCause::Other,
+                ..
+            }
+        ));
+        state.apply(event);
+        assert_eq!(state.services["emitter"].len(), 1);
     }
 
     #[test]

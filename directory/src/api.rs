@@ -19,13 +19,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use baker_client::model::{
-    validate_route, ErrorBody, Instance, InstanceId, InstanceSpec, RouteResponse, RoutesResponse,
-    ServiceName, ServiceResponse, ServicesResponse, Source, ValidationError,
+    printable, validate_route, ErrorBody, Instance, InstanceId, InstanceSpec, RouteResponse,
+    RoutesResponse, ServiceName, ServiceResponse, ServicesResponse, Source, ValidationError,
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
@@ -372,18 +372,81 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn watch(State(app): State<AppState>, conn: Option<Extension<ConnInfo>>) -> Response {
+/// The query of `GET /v1/watch`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchQuery {
+    /// The stream's form: `1` (the default) or `2`.
+    v: Option<String>,
+    /// Comma-separated service names: only these services and their routes.
+    service: Option<String>,
+}
+
+impl WatchQuery {
+    /// What the watcher asked for, or every problem with its query at once.
+    fn request(self) -> Result<watch::Request, ApiError> {
+        let mut errors = Vec::new();
+        let version = match self.v.as_deref() {
+            None | Some("1") => watch::Version::V1,
+            Some("2") => watch::Version::V2,
+            Some(other) => {
+                errors.push(ValidationError::new(
+                    "v",
+                    format!("must be 1 or 2, got {:?}", printable(other)),
+                ));
+                watch::Version::V1
+            }
+        };
+        let only = self.service.map(|list| {
+            let mut only = BTreeSet::new();
+            for name in list.split(',') {
+                match ServiceName::parse_as("service", name.trim()) {
+                    Ok(name) => {
+                        only.insert(name);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            only
+        });
+        if errors.is_empty() {
+            Ok(watch::Request { version, only })
+        } else {
+            Err(ApiError::invalid(errors))
+        }
+    }
+}
+
+async fn watch(
+    State(app): State<AppState>,
+    query: Result<Query<WatchQuery>, QueryRejection>,
+    conn: Option<Extension<ConnInfo>>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|r| {
+        ApiError::BadRequest(format!(
+            "bad query: {} (the parameters are v=1|2 and service=NAME[,NAME...])",
+            r.body_text()
+        ))
+    })?;
+    let request = query.request()?;
     let (close, peer) = match conn {
         Some(Extension(c)) => (c.close, c.peer.to_string()),
         None => (CancellationToken::new(), "unknown".to_owned()),
     };
-    let body = watch::open(&app.registry, app.watch, close, app.shutdown.clone(), peer);
-    (
+    let body = watch::open(
+        &app.registry,
+        request,
+        app.watch,
+        close,
+        app.shutdown.clone(),
+        peer,
+    );
+    Ok((
         [
             (CONTENT_TYPE, watch::CONTENT_TYPE),
             (CACHE_CONTROL, "no-cache"),
         ],
         body,
     )
-        .into_response()
+        .into_response())
 }

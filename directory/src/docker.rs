@@ -26,6 +26,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baker_client::backoff::Backoff;
+use baker_client::change::RemoveCause;
 use baker_client::errors::chain;
 use baker_client::model::{
     printable, validate_port, InstanceId, InstanceSpec, ServiceName, Source, ValidSpec,
@@ -447,9 +448,9 @@ impl Tracker {
     }
 
     /// Takes a container's instance out of the registry, if it has one.
-    fn deregister(&mut self, registry: &Registry, container: &str) {
+    fn deregister(&mut self, registry: &Registry, container: &str, cause: RemoveCause) {
         if let Some((service, id)) = self.registered.remove(container) {
-            registry.remove(&service, &id);
+            registry.remove(&service, &id, cause);
         }
     }
 
@@ -486,7 +487,7 @@ impl Tracker {
     fn apply(&mut self, registry: &Registry, container: &str, verdict: Verdict) {
         match verdict {
             Verdict::Unlabelled => {
-                self.deregister(registry, container);
+                self.deregister(registry, container, RemoveCause::DockerLeftOut);
                 self.forget(container);
             }
             Verdict::Register { service, id, spec } => {
@@ -496,7 +497,7 @@ impl Tracker {
                 }
                 if let Some(old) = self.registered.get(container) {
                     if *old != (service.clone(), id.clone()) {
-                        self.deregister(registry, container);
+                        self.deregister(registry, container, RemoveCause::DockerLeftOut);
                     }
                 }
                 self.noted.remove(container);
@@ -506,7 +507,7 @@ impl Tracker {
             }
             Verdict::Absent { id, reason } => {
                 self.labelled.insert(container.to_owned());
-                self.deregister(registry, container);
+                self.deregister(registry, container, RemoveCause::DockerUnhealthy);
                 self.note(
                     container,
                     tracing::Level::INFO,
@@ -515,7 +516,7 @@ impl Tracker {
             }
             Verdict::OffNetwork { id, reason } => {
                 self.labelled.insert(container.to_owned());
-                self.deregister(registry, container);
+                self.deregister(registry, container, RemoveCause::DockerLeftOut);
                 self.note(
                     container,
                     tracing::Level::WARN,
@@ -524,7 +525,7 @@ impl Tracker {
             }
             Verdict::Invalid { id, message } => {
                 self.labelled.insert(container.to_owned());
-                self.deregister(registry, container);
+                self.deregister(registry, container, RemoveCause::DockerLeftOut);
                 self.note(
                     container,
                     tracing::Level::WARN,
@@ -696,12 +697,12 @@ async fn session(
         match classify(&event, |id| tracker.labelled.contains(id)) {
             Action::Ignore => {}
             Action::Gone(cid) => {
-                tracker.deregister(registry, &cid);
+                tracker.deregister(registry, &cid, RemoveCause::DockerStopped);
                 tracker.forget(&cid);
             }
             Action::Stopping(cid) => {
                 tracker.stopping.insert(cid.clone());
-                tracker.deregister(registry, &cid);
+                tracker.deregister(registry, &cid, RemoveCause::DockerStopped);
             }
             Action::Refresh(cid) => {
                 // A container that starts again (also by its restart policy) counts again.
@@ -713,7 +714,7 @@ async fn session(
                     Err(DockerError::DockerResponseServerError {
                         status_code: 404, ..
                     }) => {
-                        tracker.deregister(registry, &cid);
+                        tracker.deregister(registry, &cid, RemoveCause::DockerStopped);
                         tracker.forget(&cid);
                     }
                     Err(e) => return Err(SessionError::Api(e)),

@@ -5,7 +5,10 @@
 //! Ambassadors watch the table as an NDJSON stream: a snapshot, then one event per change.
 //!
 //! - [`config`]: `BAKER_*` variables into a [`Config`].
-//! - [`registry`]: the table of instances and routes, its index, TTL timer and event feed.
+//! - [`registry`]: the table of instances and routes: who may change what, TTLs, and the
+//!   change feed every change is published on, with its revision, cause and time.
+//! - [`store`]: where the table lives ([`store::Store`]; in memory today).
+//! - [`feed`]: the change feed's subscribers, unfiltered or by service.
 //! - [`routes`]: `routes.json`, written atomically, loaded at start.
 //! - [`watch`]: the watch stream, with bounded per-watcher queues.
 //! - [`api`]: HTTP handlers, bearer-token checks, body limits and JSON errors.
@@ -23,10 +26,12 @@ pub mod api;
 pub mod config;
 pub mod docker;
 pub mod etcd;
+pub mod feed;
 pub mod metrics;
 pub mod registry;
 pub mod routes;
 pub mod server;
+pub mod store;
 pub mod supervise;
 pub mod watch;
 

@@ -1,11 +1,13 @@
-//! The table of live instances and routes: its change index, its TTL timer and its event feed.
+//! The table of live instances and routes: its revisions, its TTL timer and its change feed.
 //!
 //! [`Registry`] is a cheap, cloneable handle. The HTTP API and Docker discovery change the
-//! table only through it, and every real change does three things under one lock: bump the
-//! index, record the change, and publish one watch line (the service's whole new instance list,
-//! or its route). A heartbeat that changes nothing but `last_seen` is not a change: it bumps no
-//! index and publishes nothing, so the `last_seen` carried by a watch event is the time of the
-//! instance's last change, while `GET /v1/services` shows the time of its last heartbeat.
+//! table only through it, and every real change does three things under one lock: apply it to
+//! the [`Store`] (which gives it the next revision), and publish one [`Change`] on the
+//! [`feed`](crate::feed) with its cause and time. A change to one instance carries that
+//! instance only, so its cost does not grow with the size of its service. A heartbeat that
+//! changes nothing but `last_seen` is not a change: it gets no revision and publishes nothing,
+//! so the `last_seen` carried by a change is the time of the instance's last change, while
+//! `GET /v1/services` shows the time of its last heartbeat.
 //!
 //! Instances registered over the API ([`Source::Registrar`]) expire when no heartbeat renews
 //! them within their `ttl_ms`; [`Registry::run_expiry`] sleeps until the earliest deadline, it
@@ -18,10 +20,11 @@
 //! engine's own account of a running container, takes over an API-registered instance of the
 //! same id instead (logged as a warning); the registrar's next heartbeat is then refused.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use baker_client::change::{Change, RemoveCause, UpsertCause};
 use baker_client::model::{
     route_falls_back, Instance, InstanceId, Route, RouteResponse, RoutesResponse, ServiceName,
     ServiceResponse, ServicesResponse, Source, ValidSpec, WatchEvent,
@@ -31,8 +34,10 @@ use tokio::sync::{broadcast, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::feed::{Feed, Published, Receiver};
 use crate::metrics::{Metrics, ServiceLabel};
 use crate::routes::{RouteStore, StoreError};
+use crate::store::{MemoryStore, Store};
 
 /// One NDJSON line of the watch stream, serialized once and shared by every watcher.
 #[derive(Debug, Clone)]
@@ -64,65 +69,32 @@ pub struct Registry {
 struct Inner {
     /// The table. A std mutex: it is never held across an await, only for in-memory updates.
     table: Mutex<Table>,
-    /// Every change, in index order. Sent while `table` is locked, so a subscriber that takes a
-    /// snapshot under the same lock sees each change exactly once.
-    events: broadcast::Sender<Line>,
     /// Wakes the expiry timer when a deadline earlier than all others appears.
     wake: Notify,
     metrics: Arc<Metrics>,
-    store: RouteStore,
+    route_file: RouteStore,
     /// Serializes route writes, so that each one persists the routes as the previous one left them.
     route_writes: tokio::sync::Mutex<()>,
-    /// The newest snapshot line built, shared by every watcher that subscribes at its index:
-    /// hundreds of watchers reconnecting together cost one serialization, not hundreds, and
-    /// none of it happens under the table's lock.
+    /// The newest unfiltered snapshot line built, shared by every watcher that subscribes at
+    /// its index: hundreds of watchers reconnecting together cost one serialization, not
+    /// hundreds, and none of it happens under the table's lock.
     snapshot: Mutex<Option<Line>>,
 }
 
-#[derive(Default)]
 struct Table {
-    index: u64,
-    services: BTreeMap<ServiceName, BTreeMap<InstanceId, Entry>>,
-    routes: BTreeMap<ServiceName, Route>,
-    /// TTL deadlines of expiring instances, earliest first.
+    store: Box<dyn Store>,
+    /// Every change, published in revision order while the table is locked, so a subscriber
+    /// that takes a snapshot under the same lock sees each later change exactly once.
+    feed: Feed,
+    /// TTL deadlines of expiring instances, earliest first ...
     deadlines: BTreeSet<(Instant, ServiceName, InstanceId)>,
+    /// ... and each expiring instance's deadline.
+    leases: HashMap<(ServiceName, InstanceId), Instant>,
     /// Services that have had a live instance since the directory started.
     known: BTreeSet<ServiceName>,
     /// Services whose route falls back to all their live instances, because none of the
     /// versions it routes to has one ([`route_falls_back`]).
     falling_back: BTreeSet<ServiceName>,
-}
-
-struct Entry {
-    instance: Instance,
-    deadline: Option<Instant>,
-}
-
-/// Counts and logs what a `put` did to `instance`; true when watchers must hear of it.
-fn record(m: &Metrics, outcome: Outcome, instance: &Instance) -> bool {
-    let Instance {
-        service,
-        id,
-        address,
-        port,
-        version,
-        weight,
-        source,
-        ..
-    } = instance;
-    match outcome {
-        Outcome::Added => {
-            m.registrations.get_or_create(&(*source).into()).inc();
-            tracing::info!(
-                "registered {service}/{id} at {address}:{port} (version {version}, weight {weight}, {source})"
-            );
-        }
-        Outcome::Changed => tracing::info!(
-            "updated {service}/{id}: now at {address}:{port} (version {version}, weight {weight}, {source})"
-        ),
-        Outcome::Renewed => return false,
-    }
-    true
 }
 
 /// A call over the API that would change an instance another source owns.
@@ -167,92 +139,54 @@ fn same_but_last_seen(a: &Instance, b: &Instance) -> bool {
 }
 
 impl Table {
-    fn put(
-        &mut self,
-        service: &ServiceName,
-        id: &InstanceId,
-        spec: ValidSpec,
-        source: Source,
-        now: Instant,
-    ) -> (Instance, Outcome) {
-        let instance = Instance {
-            service: service.clone(),
-            id: id.clone(),
-            address: spec.address,
-            port: spec.port,
-            version: spec.version,
-            weight: spec.weight,
-            tags: spec.tags,
-            source,
-            ttl_ms: spec.ttl_ms,
-            last_seen: unix_millis(),
+    /// Sets (or clears) the TTL deadline of `service`/`id`.
+    fn lease(&mut self, service: &ServiceName, id: &InstanceId, deadline: Option<Instant>) {
+        let key = (service.clone(), id.clone());
+        let old = match deadline {
+            Some(d) => self.leases.insert(key, d),
+            None => self.leases.remove(&key),
         };
-        let deadline = match source {
-            Source::Registrar => Some(now + Duration::from_millis(spec.ttl_ms)),
-            Source::Docker => None,
-        };
-        if !self.known.contains(service) {
-            self.known.insert(service.clone());
+        if let Some(old) = old {
+            self.deadlines.remove(&(old, service.clone(), id.clone()));
         }
-        let entries = self.services.entry(service.to_owned()).or_default();
-        let outcome = match entries.get_mut(id) {
-            Some(entry) => {
-                let outcome = if same_but_last_seen(&entry.instance, &instance) {
-                    Outcome::Renewed
-                } else {
-                    Outcome::Changed
-                };
-                if let Some(old) = entry.deadline {
-                    self.deadlines.remove(&(old, service.clone(), id.clone()));
-                }
-                entry.instance = instance.clone();
-                entry.deadline = deadline;
-                outcome
-            }
-            None => {
-                entries.insert(
-                    id.clone(),
-                    Entry {
-                        instance: instance.clone(),
-                        deadline,
-                    },
-                );
-                Outcome::Added
-            }
-        };
         if let Some(d) = deadline {
             self.deadlines.insert((d, service.clone(), id.clone()));
         }
-        (instance, outcome)
+    }
+
+    /// Puts `instance`; returns what it did and, for a change, its revision.
+    fn put(&mut self, instance: Instance, now: Instant) -> (Outcome, u64) {
+        let deadline = match instance.source {
+            Source::Registrar => Some(now + Duration::from_millis(instance.ttl_ms)),
+            Source::Docker => None,
+        };
+        let (service, id) = (instance.service.clone(), instance.id.clone());
+        if !self.known.contains(&service) {
+            self.known.insert(service.clone());
+        }
+        self.lease(&service, &id, deadline);
+        let outcome = match self.store.instance(&service, &id) {
+            Some(old) if same_but_last_seen(old, &instance) => {
+                self.store.renew(&service, &id, instance.last_seen);
+                return (Outcome::Renewed, self.store.revision());
+            }
+            Some(_) => Outcome::Changed,
+            None => Outcome::Added,
+        };
+        let (revision, _) = self.store.put(instance);
+        (outcome, revision)
     }
 
     /// Where the registered `service`/`id` came from, if it is registered.
     fn source_of(&self, service: &ServiceName, id: &InstanceId) -> Option<Source> {
-        Some(self.services.get(service)?.get(id)?.instance.source)
+        Some(self.store.instance(service, id)?.source)
     }
 
-    fn take(&mut self, service: &ServiceName, id: &InstanceId) -> Option<Instance> {
-        let entries = self.services.get_mut(service)?;
-        let entry = entries.remove(id)?;
-        if let Some(d) = entry.deadline {
-            self.deadlines.remove(&(d, service.clone(), id.clone()));
-        }
-        Some(entry.instance)
-    }
-
-    fn instances(&self, service: &ServiceName) -> Vec<Instance> {
-        self.services
-            .get(service)
-            .map(|m| m.values().map(|e| e.instance.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    fn all_instances(&self) -> BTreeMap<ServiceName, Vec<Instance>> {
-        self.services
-            .iter()
-            .filter(|(_, m)| !m.is_empty())
-            .map(|(s, m)| (s.clone(), m.values().map(|e| e.instance.clone()).collect()))
-            .collect()
+    /// Removes `service`/`id`; its revision and last value.
+    fn take(&mut self, service: &ServiceName, id: &InstanceId) -> Option<(u64, Instance)> {
+        let taken = self.store.remove(service, id)?;
+        self.lease(service, id, None);
+        Some(taken)
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -260,28 +194,68 @@ impl Table {
     }
 }
 
+/// A subscription to the change feed, with the snapshot it starts from. Dropping it
+/// unsubscribes.
+pub struct Subscription {
+    /// The snapshot (only the filtered services' when filtered).
+    pub snapshot: Line,
+    /// Every change after the snapshot, of the filtered services when filtered.
+    pub feed: Receiver,
+    registry: Registry,
+    id: u64,
+    only: Option<BTreeSet<ServiceName>>,
+    legacy: bool,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.registry
+            .lock()
+            .feed
+            .unsubscribe(self.id, self.only.as_ref(), self.legacy);
+    }
+}
+
 impl Registry {
-    /// A registry holding `routes` (as loaded from `store`), persisting route changes to `store`.
+    /// A registry holding `routes` (as loaded from `route_file`), persisting route changes to
+    /// `route_file`, with its table in memory.
     ///
-    /// `event_capacity` bounds the feed between the table and the watchers' own queues.
+    /// `event_capacity` bounds how far an unfiltered subscriber of the feed may fall behind.
     pub fn new(
-        store: RouteStore,
+        route_file: RouteStore,
         routes: BTreeMap<ServiceName, Route>,
         metrics: Arc<Metrics>,
         event_capacity: usize,
     ) -> Registry {
-        let (events, _) = broadcast::channel(event_capacity.max(16));
         metrics.routes.set(routes.len() as i64);
+        Registry::with_store(
+            Box::new(MemoryStore::new(routes)),
+            route_file,
+            metrics,
+            event_capacity,
+        )
+    }
+
+    /// A registry over `store`.
+    pub fn with_store(
+        store: Box<dyn Store>,
+        route_file: RouteStore,
+        metrics: Arc<Metrics>,
+        event_capacity: usize,
+    ) -> Registry {
         Registry {
             inner: Arc::new(Inner {
                 table: Mutex::new(Table {
-                    routes,
-                    ..Table::default()
+                    store,
+                    feed: Feed::new(event_capacity),
+                    deadlines: BTreeSet::new(),
+                    leases: HashMap::new(),
+                    known: BTreeSet::new(),
+                    falling_back: BTreeSet::new(),
                 }),
-                events,
                 wake: Notify::new(),
                 metrics,
-                store,
+                route_file,
                 route_writes: tokio::sync::Mutex::new(()),
                 snapshot: Mutex::new(None),
             }),
@@ -302,49 +276,101 @@ impl Registry {
         &self.inner.metrics
     }
 
-    /// Bumps the index and publishes `service`'s whole instance list. Called with the lock held.
-    fn publish_service(&self, t: &mut Table, service: &ServiceName) {
-        let instances = t.instances(service);
-        if instances.is_empty() {
-            t.services.remove(service);
-            self.inner.metrics.instances.remove(&ServiceLabel {
-                service: service.to_string(),
-            });
+    /// Publishes `change`, which the store just applied. Called with the lock held.
+    fn publish(&self, t: &mut Table, change: Change) {
+        let service = change.service().clone();
+        let count = t.store.count(&service);
+        let label = ServiceLabel {
+            service: service.to_string(),
+        };
+        if count == 0 {
+            self.inner.metrics.instances.remove(&label);
         } else {
             self.inner
                 .metrics
                 .instances
-                .get_or_create(&ServiceLabel {
-                    service: service.to_string(),
-                })
-                .set(instances.len() as i64);
+                .get_or_create(&label)
+                .set(count as i64);
         }
-        t.index += 1;
         self.inner.metrics.changes.inc();
-        let line = Line::of(&WatchEvent::Service {
-            index: t.index,
-            service: service.clone(),
-            instances,
+        // A v1 watcher gets the service's whole list: built only while one is subscribed.
+        let legacy = t.feed.wants_legacy().then(|| {
+            let event = match &change {
+                Change::Route {
+                    index,
+                    service,
+                    route,
+                    ..
+                } => WatchEvent::Route {
+                    index: *index,
+                    prev: None,
+                    at: None,
+                    service: service.clone(),
+                    route: route.clone(),
+                },
+                _ => WatchEvent::Service {
+                    index: change.index(),
+                    service: service.clone(),
+                    instances: t.store.instances(&service),
+                },
+            };
+            Line::of(&event).bytes
         });
-        // No receiver is fine: nobody is watching.
-        let _ = self.inner.events.send(line);
-        self.follow_fallback(t, service);
+        t.feed.publish(Published::new(change, legacy));
+        self.follow_fallback(t, &service);
+    }
+
+    /// Publishes the upsert of `instance` at `revision`. Called with the lock held.
+    fn publish_upsert(&self, t: &mut Table, outcome: Outcome, revision: u64, instance: Instance) {
+        let cause = match (outcome, instance.source) {
+            (_, Source::Docker) => UpsertCause::Docker,
+            (Outcome::Changed, _) => UpsertCause::Changed,
+            _ => UpsertCause::Registered,
+        };
+        if outcome == Outcome::Added {
+            self.inner
+                .metrics
+                .registrations
+                .get_or_create(&instance.source.into())
+                .inc();
+        }
+        log_upsert(outcome, &instance);
+        let change = Change::Upsert {
+            index: revision,
+            at: instance.last_seen,
+            cause,
+            instance,
+        };
+        self.publish(t, change);
+    }
+
+    /// Publishes the removal of `instance` at `revision`. Called with the lock held.
+    fn publish_remove(&self, t: &mut Table, revision: u64, instance: Instance, cause: RemoveCause) {
+        let change = Change::Remove {
+            index: revision,
+            at: unix_millis(),
+            cause,
+            instance,
+        };
+        self.publish(t, change);
     }
 
     /// Notes whether `service`'s route now falls back to all its live instances, logging and
     /// counting a change. Called with the lock held, after any change to its instances or route.
     fn follow_fallback(&self, t: &mut Table, service: &ServiceName) {
-        let instances = t.services.get(service);
-        let versions = instances
-            .into_iter()
-            .flat_map(|m| m.values().map(|e| e.instance.version.as_str()));
-        let route = t.routes.get(service);
-        let now = route.is_some_and(|r| route_falls_back(r, versions));
+        let route = t.store.route(service);
+        let now = match route {
+            Some(r) => {
+                let versions = t.store.versions(service);
+                route_falls_back(r, versions.iter().map(|v| v.as_str()))
+            }
+            None => false,
+        };
         if now == t.falling_back.contains(service) {
             return;
         }
         if now {
-            let live = instances.map_or(0, BTreeMap::len);
+            let live = t.store.count(service);
             tracing::warn!(
                 service = %service,
                 route = %route.map(describe).unwrap_or_default(),
@@ -367,7 +393,7 @@ impl Registry {
     /// A route for any other service needs `force`: its name is likely a mistake.
     pub fn knows(&self, service: &ServiceName) -> bool {
         let t = self.lock();
-        t.known.contains(service) || t.routes.contains_key(service)
+        t.known.contains(service) || t.store.route(service).is_some()
     }
 
     /// Wakes the expiry timer if `after` is earlier than `before`.
@@ -392,18 +418,19 @@ impl Registry {
         spec: ValidSpec,
         source: Source,
     ) -> Result<Instance, Conflict> {
+        let instance = instance_of(service, id, spec, source);
         let mut t = self.lock();
         check_takeover(&t, service, id, source)?;
         let before = t.next_deadline();
-        let (instance, outcome) = t.put(service, id, spec, source, Instant::now());
+        let (outcome, revision) = t.put(instance.clone(), Instant::now());
         self.rearm(before, t.next_deadline());
         if outcome != Outcome::Added {
             self.inner.metrics.heartbeats.inc();
         }
-        if record(&self.inner.metrics, outcome, &instance) {
-            self.publish_service(&mut t, service);
-        } else {
+        if outcome == Outcome::Renewed {
             tracing::trace!("heartbeat from {service}/{id}");
+        } else {
+            self.publish_upsert(&mut t, outcome, revision, instance.clone());
         }
         Ok(instance)
     }
@@ -422,102 +449,103 @@ impl Registry {
                 id: id.clone(),
             });
         }
-        Ok(self.take(&mut t, service, id))
+        Ok(self.take(&mut t, service, id, RemoveCause::Deregistered))
     }
 
-    /// Removes `service`/`id` now, whatever its source; `false` if it was not registered.
-    pub fn remove(&self, service: &ServiceName, id: &InstanceId) -> bool {
+    /// Removes `service`/`id` now, whatever its source, for `cause`; `false` if it was not
+    /// registered.
+    pub fn remove(&self, service: &ServiceName, id: &InstanceId, cause: RemoveCause) -> bool {
         let mut t = self.lock();
-        self.take(&mut t, service, id).is_some()
+        self.take(&mut t, service, id, cause).is_some()
     }
 
     /// Removes `service`/`id` and publishes the change. Called with the lock held.
-    fn take(&self, t: &mut Table, service: &ServiceName, id: &InstanceId) -> Option<Instance> {
-        let instance = t.take(service, id)?;
+    fn take(
+        &self,
+        t: &mut Table,
+        service: &ServiceName,
+        id: &InstanceId,
+        cause: RemoveCause,
+    ) -> Option<Instance> {
+        let (revision, instance) = t.take(service, id)?;
         self.inner
             .metrics
             .deregistrations
             .get_or_create(&instance.source.into())
             .inc();
-        tracing::info!("deregistered {service}/{id} ({})", instance.source);
-        self.publish_service(t, service);
+        tracing::info!(
+            "deregistered {service}/{id} ({}, {})",
+            instance.source,
+            cause.as_str()
+        );
+        self.publish_remove(t, revision, instance.clone(), cause);
         Some(instance)
     }
 
     /// Makes the instances of `source` exactly `instances` (service, id, spec): adds and updates
     /// those listed, removes those of `source` not listed, and leaves other sources alone.
-    /// Publishes one event per service that changed, none for services that did not.
+    /// Publishes one change per instance that changed, none for the others.
     pub fn sync_source(
         &self,
         source: Source,
         instances: Vec<(ServiceName, InstanceId, ValidSpec)>,
     ) {
-        let mut t = self.lock();
-        let before = t.next_deadline();
-        let now = Instant::now();
         let desired: BTreeMap<(ServiceName, InstanceId), ValidSpec> = instances
             .into_iter()
             .map(|(s, id, spec)| ((s, id), spec))
             .collect();
+        let mut t = self.lock();
+        let before = t.next_deadline();
+        let now = Instant::now();
         let stale: Vec<(ServiceName, InstanceId)> = t
-            .services
-            .iter()
-            .flat_map(|(s, entries)| {
-                entries
-                    .iter()
-                    .filter(|(_, e)| e.instance.source == source)
-                    .map(move |(id, _)| (s.clone(), id.clone()))
-            })
+            .store
+            .of_source(source)
+            .into_iter()
             .filter(|key| !desired.contains_key(key))
             .collect();
-        let m = Arc::clone(&self.inner.metrics);
-        let mut changed = BTreeSet::new();
         for (service, id) in stale {
-            if t.take(&service, &id).is_some() {
-                m.deregistrations.get_or_create(&source.into()).inc();
+            if let Some((revision, instance)) = t.take(&service, &id) {
+                self.inner
+                    .metrics
+                    .deregistrations
+                    .get_or_create(&source.into())
+                    .inc();
                 tracing::info!("deregistered {service}/{id} ({source}, gone on resync)");
-                changed.insert(service);
+                self.publish_remove(&mut t, revision, instance, RemoveCause::DockerResync);
             }
         }
         for ((service, id), spec) in desired {
             if check_takeover(&t, &service, &id, source).is_err() {
                 continue;
             }
-            let (instance, outcome) = t.put(&service, &id, spec, source, now);
-            if record(&m, outcome, &instance) {
-                changed.insert(service);
+            let instance = instance_of(&service, &id, spec, source);
+            let (outcome, revision) = t.put(instance.clone(), now);
+            if outcome != Outcome::Renewed {
+                self.publish_upsert(&mut t, outcome, revision, instance);
             }
         }
         self.rearm(before, t.next_deadline());
-        for service in changed {
-            self.publish_service(&mut t, &service);
-        }
     }
 
     /// Removes every expiring instance whose deadline is at or before `now`; returns how many.
     pub fn expire_due(&self, now: Instant) -> usize {
         let mut t = self.lock();
-        let mut changed = BTreeSet::new();
         let mut count = 0;
         while let Some((deadline, service, id)) = t.deadlines.first().cloned() {
             if deadline > now {
                 break;
             }
-            t.deadlines.pop_first();
-            if let Some(entries) = t.services.get_mut(&service) {
-                if let Some(entry) = entries.remove(&id) {
-                    count += 1;
-                    self.inner.metrics.expiries.inc();
-                    tracing::info!(
-                        "expired {service}/{id}: no heartbeat for {} ms",
-                        entry.instance.ttl_ms
-                    );
-                    changed.insert(service);
-                }
+            if let Some((revision, instance)) = t.take(&service, &id) {
+                count += 1;
+                self.inner.metrics.expiries.inc();
+                tracing::info!(
+                    "expired {service}/{id}: no heartbeat for {} ms",
+                    instance.ttl_ms
+                );
+                self.publish_remove(&mut t, revision, instance, RemoveCause::Expired);
+            } else {
+                t.deadlines.pop_first();
             }
-        }
-        for service in changed {
-            self.publish_service(&mut t, &service);
         }
         count
     }
@@ -542,30 +570,30 @@ impl Registry {
         }
     }
 
-    /// The current change index.
+    /// The current revision.
     pub fn index(&self) -> u64 {
-        self.lock().index
+        self.lock().store.revision()
     }
 
     /// Every service with its live instances.
     pub fn services(&self) -> ServicesResponse {
         let t = self.lock();
         ServicesResponse {
-            index: t.index,
-            services: t.all_instances(),
+            index: t.store.revision(),
+            services: t.store.services(None),
         }
     }
 
     /// One service's instances and route; `None` when it has neither.
     pub fn service(&self, service: &ServiceName) -> Option<ServiceResponse> {
         let t = self.lock();
-        let instances = t.instances(service);
-        let route = t.routes.get(service).cloned();
+        let instances = t.store.instances(service);
+        let route = t.store.route(service).cloned();
         if instances.is_empty() && route.is_none() {
             return None;
         }
         Some(ServiceResponse {
-            index: t.index,
+            index: t.store.revision(),
             service: service.clone(),
             instances,
             route,
@@ -576,39 +604,77 @@ impl Registry {
     pub fn routes(&self) -> RoutesResponse {
         let t = self.lock();
         RoutesResponse {
-            index: t.index,
-            routes: t.routes.clone(),
+            index: t.store.revision(),
+            routes: t.store.routes(),
         }
     }
 
-    /// A snapshot line of the whole table, and a receiver of every change after it.
+    /// Every change from now on, for a consumer of the whole feed (an event history, say). A
+    /// consumer that falls behind gets [`RecvError::Lagged`](crate::feed::RecvError) and should
+    /// start again from [`Registry::subscribe`]'s snapshot.
+    pub fn changes(&self) -> broadcast::Receiver<Arc<Published>> {
+        let mut t = self.lock();
+        match t.feed.subscribe(None, false).1 {
+            Receiver::All(rx) => rx,
+            Receiver::Filtered(_) => unreachable!("an unfiltered subscription is a broadcast"),
+        }
+    }
+
+    /// A snapshot of the table (of the services in `only`, when given), and a receiver of every
+    /// change after it (to those services). `legacy` marks a v1 watcher, which needs each
+    /// instance change as its service's whole list.
     ///
     /// The receiver is taken under the table's lock together with the snapshot's index, so the
-    /// watcher sees each later change exactly once; the snapshot itself is serialized outside
-    /// the lock, once per index.
-    pub fn subscribe(&self) -> (Line, broadcast::Receiver<Line>) {
-        let (index, services, routes, rx) = {
-            let t = self.lock();
-            let rx = self.inner.events.subscribe();
-            if let Some(line) = self.cached_snapshot(t.index) {
-                return (line, rx);
-            }
-            (t.index, t.all_instances(), t.routes.clone(), rx)
+    /// watcher sees each later change exactly once; the unfiltered snapshot is serialized
+    /// outside the lock, once per index.
+    pub fn subscribe(&self, only: Option<BTreeSet<ServiceName>>, legacy: bool) -> Subscription {
+        let (id, feed, index, state) = {
+            let mut t = self.lock();
+            let (id, feed) = t.feed.subscribe(only.as_ref(), legacy);
+            let index = t.store.revision();
+            let state = match &only {
+                None if self.cached_snapshot(index).is_some() => None,
+                None => Some((t.store.services(None), t.store.routes())),
+                Some(only) => Some((
+                    t.store.services(Some(only)),
+                    only.iter()
+                        .filter_map(|s| Some((s.clone(), t.store.route(s)?.clone())))
+                        .collect(),
+                )),
+            };
+            (id, feed, index, state)
         };
-        let line = Line::of(&WatchEvent::Snapshot {
-            index,
-            services,
-            routes,
-        });
-        let mut cache = self
-            .inner
-            .snapshot
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if cache.as_ref().is_none_or(|c| c.index < index) {
-            *cache = Some(line.clone());
+        let snapshot = match state {
+            None => self
+                .cached_snapshot(index)
+                .expect("the cached snapshot is only ever replaced by a newer one"),
+            Some((services, routes)) => {
+                let line = Line::of(&WatchEvent::Snapshot {
+                    index,
+                    services,
+                    routes,
+                });
+                if only.is_none() {
+                    let mut cache = self
+                        .inner
+                        .snapshot
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if cache.as_ref().is_none_or(|c| c.index < index) {
+                        *cache = Some(line.clone());
+                    }
+                }
+                line
+            }
+        };
+        Subscription {
+            snapshot,
+            feed,
+            registry: self.clone(),
+            id,
+            only,
+            legacy,
         }
-        (line, rx)
     }
 
     fn cached_snapshot(&self, index: u64) -> Option<Line> {
@@ -641,25 +707,25 @@ impl Registry {
         let _writing = self.inner.route_writes.lock().await;
         let (mut routes, previous) = {
             let t = self.lock();
-            let current = t.routes.get(service);
+            let current = t.store.route(service);
             if current == route.as_ref() {
                 return Ok(current.is_some().then(|| RouteResponse {
-                    index: t.index,
+                    index: t.store.revision(),
                     service: service.clone(),
                     route: current.cloned(),
                 }));
             }
-            (t.routes.clone(), current.cloned())
+            (t.store.routes(), current.cloned())
         };
         match &route {
             Some(r) => routes.insert(service.clone(), r.clone()),
             None => routes.remove(service),
         };
-        let store = self.inner.store.clone();
-        let write = tokio::task::spawn_blocking(move || store.save(&routes));
+        let file = self.inner.route_file.clone();
+        let write = tokio::task::spawn_blocking(move || file.save(&routes));
         let index = self.apply_route(service, route.clone());
         let saved = write.await.map_err(|e| StoreError::Write {
-            path: self.inner.store.path(),
+            path: self.inner.route_file.path(),
             source: std::io::Error::other(e),
         });
         if let Err(e) = saved.and_then(|r| r) {
@@ -681,27 +747,64 @@ impl Registry {
     /// Applies and publishes `service`'s route; returns the index of the change.
     fn apply_route(&self, service: &ServiceName, route: Option<Route>) -> u64 {
         let mut t = self.lock();
+        let (revision, _) = t.store.set_route(service, route.clone());
         match &route {
-            Some(r) => {
-                t.routes.insert(service.clone(), r.clone());
-                tracing::info!("route of {service} set to {}", describe(r));
-            }
-            None => {
-                t.routes.remove(service);
-                tracing::info!("route of {service} cleared");
-            }
+            Some(r) => tracing::info!("route of {service} set to {}", describe(r)),
+            None => tracing::info!("route of {service} cleared"),
         }
-        t.index += 1;
-        self.inner.metrics.changes.inc();
-        self.inner.metrics.routes.set(t.routes.len() as i64);
-        let index = t.index;
-        let _ = self.inner.events.send(Line::of(&WatchEvent::Route {
-            index,
+        self.inner.metrics.routes.set(t.store.routes().len() as i64);
+        let change = Change::Route {
+            index: revision,
+            at: unix_millis(),
             service: service.clone(),
             route,
-        }));
-        self.follow_fallback(&mut t, service);
-        index
+        };
+        self.publish(&mut t, change);
+        revision
+    }
+}
+
+/// The instance `spec` describes, last seen now.
+fn instance_of(
+    service: &ServiceName,
+    id: &InstanceId,
+    spec: ValidSpec,
+    source: Source,
+) -> Instance {
+    Instance {
+        service: service.clone(),
+        id: id.clone(),
+        address: spec.address,
+        port: spec.port,
+        version: spec.version,
+        weight: spec.weight,
+        tags: spec.tags,
+        source,
+        ttl_ms: spec.ttl_ms,
+        last_seen: unix_millis(),
+    }
+}
+
+/// Logs what an upsert did to `instance`.
+fn log_upsert(outcome: Outcome, instance: &Instance) {
+    let Instance {
+        service,
+        id,
+        address,
+        port,
+        version,
+        weight,
+        source,
+        ..
+    } = instance;
+    match outcome {
+        Outcome::Added => tracing::info!(
+            "registered {service}/{id} at {address}:{port} (version {version}, weight {weight}, {source})"
+        ),
+        Outcome::Changed => tracing::info!(
+            "updated {service}/{id}: now at {address}:{port} (version {version}, weight {weight}, {source})"
+        ),
+        Outcome::Renewed => {}
     }
 }
 
@@ -780,33 +883,57 @@ mod tests {
         )
     }
 
-    fn events(rx: &mut broadcast::Receiver<Line>) -> Vec<WatchEvent> {
+    fn events(rx: &mut Receiver) -> Vec<Change> {
         let mut out = Vec::new();
-        while let Ok(line) = rx.try_recv() {
-            out.push(serde_json::from_slice(&line.bytes).unwrap());
+        while let Some(p) = rx.try_recv() {
+            out.push(p.change.clone());
         }
         out
     }
 
-    fn ids(event: &WatchEvent) -> (u64, String, Vec<String>) {
-        match event {
-            WatchEvent::Service {
+    /// (index, cause, service, id) of an instance change.
+    fn ids(change: &Change) -> (u64, &'static str, String, String) {
+        match change {
+            Change::Upsert {
                 index,
-                service,
-                instances,
+                cause,
+                instance,
+                ..
             } => (
                 *index,
-                service.to_string(),
-                instances.iter().map(|i| i.id.to_string()).collect(),
+                cause.as_str(),
+                instance.service.to_string(),
+                instance.id.to_string(),
             ),
-            other => panic!("not a service event: {other:?}"),
+            Change::Remove {
+                index,
+                cause,
+                instance,
+                ..
+            } => (
+                *index,
+                cause.as_str(),
+                instance.service.to_string(),
+                instance.id.to_string(),
+            ),
+            other => panic!("not an instance change: {other:?}"),
         }
+    }
+
+    fn id4(
+        index: u64,
+        cause: &'static str,
+        service: &str,
+        id: &str,
+    ) -> (u64, &'static str, String, String) {
+        (index, cause, service.into(), id.into())
     }
 
     #[tokio::test(start_paused = true)]
     async fn heartbeats_publish_nothing_but_changes_do() {
         let (r, _dir) = registry();
-        let (snapshot, mut rx) = r.subscribe();
+        let mut sub = r.subscribe(None, false);
+        let (snapshot, rx) = (sub.snapshot.clone(), &mut sub.feed);
         assert_eq!(snapshot.index, 0);
         r.upsert(
             &svc("emitter"),
@@ -841,17 +968,13 @@ mod tests {
             Source::Registrar,
         )
         .unwrap();
-        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        let got: Vec<_> = events(rx).iter().map(ids).collect();
         assert_eq!(
             got,
             [
-                (1, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
-                (2, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
-                (
-                    3,
-                    "emitter".parse().unwrap(),
-                    vec!["a".parse().unwrap(), "b".parse().unwrap()]
-                ),
+                id4(1, "registered", "emitter", "a"),
+                id4(2, "changed", "emitter", "a"),
+                id4(3, "registered", "emitter", "b"),
             ]
         );
         assert_eq!(r.metrics().heartbeats.get(), 3);
@@ -863,7 +986,8 @@ mod tests {
         let (r, _dir) = registry();
         let shutdown = CancellationToken::new();
         let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
-        let (_, mut rx) = r.subscribe();
+        let mut sub = r.subscribe(None, false);
+        let rx = &mut sub.feed;
         r.upsert(
             &svc("emitter"),
             &iid("a"),
@@ -890,17 +1014,13 @@ mod tests {
             .unwrap();
         }
         // `b` went silent at t=0 and expired at t=3 s, with no read to drive it.
-        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        let got: Vec<_> = events(rx).iter().map(ids).collect();
         assert_eq!(
             got,
             [
-                (1, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
-                (
-                    2,
-                    "emitter".parse().unwrap(),
-                    vec!["a".parse().unwrap(), "b".parse().unwrap()]
-                ),
-                (3, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
+                id4(1, "registered", "emitter", "a"),
+                id4(2, "registered", "emitter", "b"),
+                id4(3, "expired", "emitter", "b"),
             ]
         );
         // Now `a` goes silent: it expires 1 s after its last heartbeat, not before.
@@ -909,8 +1029,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(r.services().services.is_empty());
         assert!(r.service(&svc("emitter")).is_none());
-        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
-        assert_eq!(got, [(4, "emitter".parse().unwrap(), vec![])]);
+        let got: Vec<_> = events(rx).iter().map(ids).collect();
+        assert_eq!(got, [id4(4, "expired", "emitter", "a")]);
         assert_eq!(r.metrics().expiries.get(), 2);
         shutdown.cancel();
         timer.await.unwrap();
@@ -952,14 +1072,15 @@ mod tests {
         let (r, _dir) = registry();
         r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Docker)
             .unwrap();
-        let (_, mut rx) = r.subscribe();
+        let mut sub = r.subscribe(None, false);
+        let rx = &mut sub.feed;
         // A short-lived registration of the same id is refused and changes nothing ...
         let err = r
             .upsert(&svc("web"), &iid("c1"), spec(9999, 100), Source::Registrar)
             .unwrap_err();
         assert!(err.to_string().contains("discovered from Docker"), "{err}");
         assert_eq!(r.deregister(&svc("web"), &iid("c1")), Err(err));
-        assert!(events(&mut rx).is_empty());
+        assert!(events(rx).is_empty());
         // ... so nothing expires, and the container's instance stays.
         assert_eq!(r.next_deadline(), None);
         tokio::time::advance(Duration::from_secs(60)).await;
@@ -1003,7 +1124,8 @@ mod tests {
     #[tokio::test]
     async fn deregister_removes_at_once() {
         let (r, _dir) = registry();
-        let (_, mut rx) = r.subscribe();
+        let mut sub = r.subscribe(None, false);
+        let rx = &mut sub.feed;
         r.upsert(
             &svc("emitter"),
             &iid("a"),
@@ -1011,16 +1133,16 @@ mod tests {
             Source::Registrar,
         )
         .unwrap();
-        assert!(r.remove(&svc("emitter"), &iid("a")));
-        assert!(!r.remove(&svc("emitter"), &iid("a")));
+        assert!(r.remove(&svc("emitter"), &iid("a"), RemoveCause::Deregistered));
+        assert!(!r.remove(&svc("emitter"), &iid("a"), RemoveCause::Deregistered));
         assert!(r.services().services.is_empty());
         assert_eq!(r.next_deadline(), None);
-        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        let got: Vec<_> = events(rx).iter().map(ids).collect();
         assert_eq!(
             got,
             [
-                (1, "emitter".parse().unwrap(), vec!["a".parse().unwrap()]),
-                (2, "emitter".parse().unwrap(), vec![])
+                id4(1, "registered", "emitter", "a"),
+                id4(2, "deregistered", "emitter", "a"),
             ]
         );
         assert_eq!(
@@ -1062,8 +1184,9 @@ mod tests {
                 ),
             ],
         );
-        let (snapshot, mut rx) = r.subscribe();
-        assert_eq!(snapshot.index, 3);
+        let mut sub = r.subscribe(None, false);
+        let (snapshot, rx) = (sub.snapshot.clone(), &mut sub.feed);
+        assert_eq!(snapshot.index, 4, "one revision per instance");
         // Same set again: nothing changes, nothing is published.
         r.sync_source(
             Source::Docker,
@@ -1085,7 +1208,7 @@ mod tests {
                 ),
             ],
         );
-        assert!(events(&mut rx).is_empty());
+        assert!(events(rx).is_empty());
         // c2 gone, db unchanged, a new service appears.
         r.sync_source(
             Source::Docker,
@@ -1107,16 +1230,12 @@ mod tests {
                 ),
             ],
         );
-        let got: Vec<_> = events(&mut rx).iter().map(ids).collect();
+        let got: Vec<_> = events(rx).iter().map(ids).collect();
         assert_eq!(
             got,
             [
-                (4, "cache".parse().unwrap(), vec!["c4".parse().unwrap()]),
-                (
-                    5,
-                    "web".parse().unwrap(),
-                    vec!["by-hand".parse().unwrap(), "c1".parse().unwrap()]
-                ),
+                id4(5, "docker_resync", "web", "c2"),
+                id4(6, "docker", "cache", "c4"),
             ]
         );
         // An empty sync removes every Docker instance and leaves the registrar's.
@@ -1129,7 +1248,8 @@ mod tests {
     #[tokio::test]
     async fn routes_persist_publish_and_ignore_no_ops() {
         let (r, dir) = registry();
-        let (_, mut rx) = r.subscribe();
+        let mut sub = r.subscribe(None, false);
+        let rx = &mut sub.feed;
         let route: Route = [("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)].into();
         let set = r
             .set_route(&svc("emitter"), Some(route.clone()))
@@ -1150,20 +1270,23 @@ mod tests {
         assert_eq!((cleared.index, cleared.route), (2, None));
         assert!(r.set_route(&svc("emitter"), None).await.unwrap().is_none());
         assert!(store.load().unwrap().is_empty());
-        let got = events(&mut rx);
+        let got: Vec<_> = events(rx)
+            .into_iter()
+            .map(|c| match c {
+                Change::Route {
+                    index,
+                    service,
+                    route,
+                    ..
+                } => (index, service.to_string(), route),
+                other => panic!("not a route change: {other:?}"),
+            })
+            .collect();
         assert_eq!(
             got,
             [
-                WatchEvent::Route {
-                    index: 1,
-                    service: "emitter".parse().unwrap(),
-                    route: Some(route)
-                },
-                WatchEvent::Route {
-                    index: 2,
-                    service: "emitter".parse().unwrap(),
-                    route: None
-                },
+                (1, "emitter".into(), Some(route)),
+                (2, "emitter".into(), None)
             ]
         );
     }
@@ -1175,7 +1298,7 @@ mod tests {
         r.set_route(&svc("emitter"), Some(route.clone()))
             .await
             .unwrap();
-        let (_, mut rx) = r.subscribe();
+        let mut sub = r.subscribe(None, false);
         // Make the data directory unwritable by replacing it with a file.
         let data = dir.path().to_owned();
         drop(dir);
@@ -1187,21 +1310,14 @@ mod tests {
             .is_err());
         assert_eq!(r.routes().routes, [(svc("emitter"), route.clone())].into());
         // Watchers heard of the new route while it was written, then of the old one again.
-        assert_eq!(
-            events(&mut rx),
-            [
-                WatchEvent::Route {
-                    index: 2,
-                    service: svc("emitter"),
-                    route: Some(canary)
-                },
-                WatchEvent::Route {
-                    index: 3,
-                    service: svc("emitter"),
-                    route: Some(route)
-                },
-            ]
-        );
+        let got: Vec<_> = events(&mut sub.feed)
+            .into_iter()
+            .map(|c| match c {
+                Change::Route { index, route, .. } => (index, route),
+                other => panic!("not a route change: {other:?}"),
+            })
+            .collect();
+        assert_eq!(got, [(2, Some(canary)), (3, Some(route))]);
         // A failed write of a new route leaves none.
         assert!(r
             .set_route(&svc("other"), Some([("1".parse().unwrap(), 100)].into()))
@@ -1216,17 +1332,134 @@ mod tests {
         let (r, _dir) = registry();
         r.upsert(&svc("a"), &iid("1"), spec(80, 6000), Source::Registrar)
             .unwrap();
-        let (snapshot, mut rx) = r.subscribe();
+        let mut sub = r.subscribe(None, false);
+        let (snapshot, rx) = (sub.snapshot.clone(), &mut sub.feed);
         r.upsert(&svc("b"), &iid("1"), spec(80, 6000), Source::Registrar)
             .unwrap();
         let snap: WatchEvent = serde_json::from_slice(&snapshot.bytes).unwrap();
         let mut state = baker_client::State::default();
         state.apply(snap);
-        for e in events(&mut rx) {
-            assert!(e.index() > state.index);
-            state.apply(e);
+        for c in events(rx) {
+            assert!(c.index() > state.index);
+            let prev = state.index;
+            state.apply(WatchEvent::of_change(c, prev));
         }
         assert_eq!(state.services, r.services().services);
         assert_eq!(state.index, r.index());
+    }
+
+    #[tokio::test]
+    async fn a_change_carries_one_instance_and_v1_lines_only_for_v1_watchers() {
+        let (r, _dir) = registry();
+        for i in 0..50 {
+            r.upsert(
+                &svc("big"),
+                &iid(&i.to_string()),
+                spec(80, 60_000),
+                Source::Registrar,
+            )
+            .unwrap();
+        }
+        let mut v2 = r.subscribe(None, false);
+        r.upsert(
+            &svc("big"),
+            &iid("new"),
+            spec(80, 60_000),
+            Source::Registrar,
+        )
+        .unwrap();
+        let p = v2.feed.try_recv().unwrap();
+        assert!(p.legacy().is_none(), "no v1 watcher: no whole-service line");
+        assert_eq!(ids(&p.change), id4(51, "registered", "big", "new"));
+        let mut v1 = r.subscribe(None, true);
+        r.remove(&svc("big"), &iid("new"), RemoveCause::DockerStopped);
+        let p = v1.feed.try_recv().unwrap();
+        let legacy: WatchEvent = serde_json::from_slice(p.legacy().unwrap()).unwrap();
+        match legacy {
+            WatchEvent::Service {
+                index, instances, ..
+            } => assert_eq!((index, instances.len()), (52, 50)),
+            other => panic!("not a v1 service event: {other:?}"),
+        }
+        let line: WatchEvent = serde_json::from_slice(&p.line(51)).unwrap();
+        assert!(matches!(
+            line,
+            WatchEvent::Remove {
+                index: 52,
+                prev: 51,
+                cause: RemoveCause::DockerStopped,
+                ..
+            }
+        ));
+        drop(v1);
+        assert_eq!(v2.feed.try_recv().unwrap().index(), 52);
+        r.upsert(
+            &svc("big"),
+            &iid("new"),
+            spec(80, 60_000),
+            Source::Registrar,
+        )
+        .unwrap();
+        assert!(v2.feed.try_recv().unwrap().legacy().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_filtered_subscription_sees_only_its_services() {
+        let (r, _dir) = registry();
+        r.upsert(&svc("a"), &iid("1"), spec(80, 60_000), Source::Registrar)
+            .unwrap();
+        r.upsert(&svc("b"), &iid("1"), spec(80, 60_000), Source::Registrar)
+            .unwrap();
+        let route: Route = [("1".parse().unwrap(), 100)].into();
+        r.set_route(&svc("b"), Some(route.clone())).await.unwrap();
+        let only: BTreeSet<ServiceName> = [svc("b"), svc("c")].into();
+        let mut sub = r.subscribe(Some(only.clone()), false);
+        let snap: WatchEvent = serde_json::from_slice(&sub.snapshot.bytes).unwrap();
+        match snap {
+            WatchEvent::Snapshot {
+                index,
+                services,
+                routes,
+            } => {
+                assert_eq!(index, 3);
+                assert_eq!(services.keys().collect::<Vec<_>>(), ["b"]);
+                assert_eq!(routes.into_iter().collect::<Vec<_>>(), [(svc("b"), route)]);
+            }
+            other => panic!("not a snapshot: {other:?}"),
+        }
+        r.upsert(&svc("a"), &iid("2"), spec(80, 60_000), Source::Registrar)
+            .unwrap();
+        r.upsert(&svc("c"), &iid("1"), spec(80, 60_000), Source::Registrar)
+            .unwrap();
+        r.set_route(&svc("a"), Some([("1".parse().unwrap(), 100)].into()))
+            .await
+            .unwrap();
+        r.deregister(&svc("b"), &iid("1")).unwrap();
+        let got: Vec<_> = events(&mut sub.feed).iter().map(ids).collect();
+        assert_eq!(
+            got,
+            [
+                id4(5, "registered", "c", "1"),
+                id4(7, "deregistered", "b", "1")
+            ]
+        );
+        assert_eq!(r.lock().feed.filtered_on(&svc("b")), 1);
+        drop(sub);
+        assert_eq!(r.lock().feed.filtered_on(&svc("b")), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_carry_their_cause_and_time() {
+        let (r, _dir) = registry();
+        let mut feed = r.changes();
+        let before = unix_millis();
+        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Docker)
+            .unwrap();
+        r.remove(&svc("web"), &iid("c1"), RemoveCause::DockerUnhealthy);
+        let a = feed.try_recv().unwrap();
+        let b = feed.try_recv().unwrap();
+        assert_eq!(ids(&a.change), id4(1, "docker", "web", "c1"));
+        assert_eq!(ids(&b.change), id4(2, "docker_unhealthy", "web", "c1"));
+        assert!(a.change.at() >= before && b.change.at() >= a.change.at());
     }
 }

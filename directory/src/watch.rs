@@ -1,7 +1,10 @@
 //! `GET /v1/watch`: the NDJSON stream of the table, one [`WatchEvent`] per line.
 //!
-//! A watcher gets a snapshot, then every change in index order, and a `ping` after each quiet
-//! [`Config::watch_ping`](crate::config::Config::watch_ping). Each watcher has its own forwarder
+//! A watcher gets a snapshot, then every change in index order (of the services it asked for,
+//! when filtered), and a `ping` after each quiet
+//! [`Config::watch_ping`](crate::config::Config::watch_ping). A v2 watcher gets each change as
+//! it was published (one instance, or one service's route) with the index of the previous line
+//! of its own stream as `prev`; a v1 watcher gets the service's whole instance list. Each watcher has its own forwarder
 //! task that moves lines from the registry's feed into the watcher's bounded queue without ever
 //! waiting on the watcher: a watcher whose queue overflows (in lines or bytes) is disconnected,
 //! so a slow or stalled reader can neither hold up the others nor make the directory's memory
@@ -9,21 +12,23 @@
 //!
 //! [`WatchEvent`]: baker_client::model::WatchEvent
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
-use baker_client::model::WatchEvent;
+use baker_client::model::{ServiceName, WatchEvent};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::registry::{Line, Registry};
+use crate::feed::RecvError;
+use crate::registry::{Registry, Subscription};
 
 /// Content type of the stream.
 pub const CONTENT_TYPE: &str = "application/x-ndjson";
@@ -34,6 +39,26 @@ pub struct Limits {
     pub ping: std::time::Duration,
     pub backlog_lines: usize,
     pub backlog_bytes: usize,
+}
+
+/// What a watcher asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// The stream's form: 1 (whole service lists) or 2 (one instance per change).
+    pub version: Version,
+    /// Only these services (and their routes); all when `None`.
+    pub only: Option<BTreeSet<ServiceName>>,
+}
+
+/// The stream's form.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Version {
+    /// Each instance change as the service's whole new instance list (the default for now,
+    /// kept for watchers older than v2).
+    #[default]
+    V1,
+    /// Each instance change as that one instance, with its cause; each line with `prev`.
+    V2,
 }
 
 /// A watcher's bounded queue: lines waiting to be written to its connection.
@@ -69,12 +94,14 @@ impl Queue {
 /// the body would wait for the stalled reader); `shutdown` ends the stream cleanly.
 pub fn open(
     registry: &Registry,
+    request: Request,
     limits: Limits,
     connection: CancellationToken,
     shutdown: CancellationToken,
     peer: String,
 ) -> Body {
-    let (snapshot, feed) = registry.subscribe();
+    let legacy = request.version == Version::V1;
+    let subscription = registry.subscribe(request.only, legacy);
     let (tx, rx) = mpsc::channel(limits.backlog_lines.max(2));
     let queued_bytes = Arc::new(AtomicUsize::new(0));
     let queue = Queue {
@@ -84,13 +111,16 @@ pub fn open(
     };
     let metrics = registry.metrics().clone();
     metrics.watchers.inc();
-    tracing::debug!("watcher {peer} connected at index {}", snapshot.index);
+    tracing::debug!(
+        "watcher {peer} connected at index {}",
+        subscription.snapshot.index
+    );
     let span = tracing::info_span!("watch", %peer);
     tokio::spawn(
         forward(
             registry.clone(),
-            snapshot,
-            feed,
+            subscription,
+            legacy,
             queue,
             limits,
             connection,
@@ -109,17 +139,18 @@ pub fn open(
 
 async fn forward(
     registry: Registry,
-    snapshot: Line,
-    mut feed: broadcast::Receiver<Line>,
+    mut subscription: Subscription,
+    legacy: bool,
     queue: Queue,
     limits: Limits,
     connection: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let metrics = registry.metrics().clone();
-    let mut index = snapshot.index;
+    // The index of the last line sent: the next line's `prev`, and a ping's index.
+    let mut index = subscription.snapshot.index;
     let mut ping_at = Instant::now() + limits.ping;
-    let mut ok = queue.push(snapshot.bytes);
+    let mut ok = queue.push(subscription.snapshot.bytes.clone());
     while ok {
         tokio::select! {
             biased;
@@ -128,15 +159,26 @@ async fn forward(
                 tracing::debug!("watcher went away");
                 break;
             }
-            line = feed.recv() => match line {
-                Ok(line) => {
-                    index = line.index;
-                    ok = queue.push(line.bytes);
+            change = subscription.feed.recv() => match change {
+                Ok(change) => {
+                    let line = match (legacy, change.legacy()) {
+                        (true, Some(line)) => line.clone(),
+                        // Subscribed as v1 under the same lock the change was built under:
+                        // its v1 line is there.
+                        (true, None) => {
+                            tracing::error!(index = change.index(), "a change lacks its v1 line");
+                            ok = false;
+                            continue;
+                        }
+                        (false, _) => change.line(index),
+                    };
+                    index = change.index();
+                    ok = queue.push(line);
                     tracing::debug!(index, "sent a change to a watcher");
                     ping_at = Instant::now() + limits.ping;
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => ok = false,
-                Err(broadcast::error::RecvError::Closed) => break,
+                Err(RecvError::Lagged) => ok = false,
+                Err(RecvError::Closed) => break,
             },
             _ = tokio::time::sleep_until(ping_at) => {
                 ok = queue.push(ping(index));
@@ -221,6 +263,7 @@ mod tests {
             .unwrap();
         let mut body = open(
             &r,
+            Request::default(),
             LIMITS,
             CancellationToken::new(),
             CancellationToken::new(),
@@ -248,6 +291,7 @@ mod tests {
         let connection = CancellationToken::new();
         let _body = open(
             &r,
+            Request::default(),
             LIMITS,
             connection.clone(),
             CancellationToken::new(),
@@ -276,6 +320,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut body = open(
             &r,
+            Request::default(),
             LIMITS,
             CancellationToken::new(),
             shutdown.clone(),
@@ -290,5 +335,51 @@ mod tests {
             .await
             .unwrap();
         assert!(end.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn v2_sends_one_instance_per_change_with_prev_and_filters() {
+        let (r, _dir) = registry();
+        r.upsert(&svc("a"), &iid("1"), spec(0), Source::Registrar)
+            .unwrap();
+        let request = Request {
+            version: Version::V2,
+            only: Some([svc("b")].into()),
+        };
+        let mut body = open(
+            &r,
+            request,
+            LIMITS,
+            CancellationToken::new(),
+            CancellationToken::new(),
+            "test".into(),
+        );
+        match next_event(&mut body).await {
+            WatchEvent::Snapshot {
+                index, services, ..
+            } => assert_eq!((index, services.len()), (1, 0)),
+            other => panic!("not a snapshot: {other:?}"),
+        }
+        r.upsert(&svc("a"), &iid("2"), spec(0), Source::Registrar)
+            .unwrap();
+        r.upsert(&svc("b"), &iid("1"), spec(0), Source::Registrar)
+            .unwrap();
+        r.upsert(&svc("a"), &iid("3"), spec(0), Source::Registrar)
+            .unwrap();
+        r.deregister(&svc("b"), &iid("1")).unwrap();
+        match next_event(&mut body).await {
+            WatchEvent::Upsert {
+                index,
+                prev,
+                instance,
+                ..
+            } => assert_eq!((index, prev, instance.id.as_str()), (3, 1, "1")),
+            other => panic!("not an upsert: {other:?}"),
+        }
+        match next_event(&mut body).await {
+            WatchEvent::Remove { index, prev, .. } => assert_eq!((index, prev), (5, 3)),
+            other => panic!("not a removal: {other:?}"),
+        }
+        assert_eq!(next_event(&mut body).await, WatchEvent::Ping { index: 5 });
     }
 }

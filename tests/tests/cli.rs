@@ -405,8 +405,8 @@ async fn watch_json_prints_the_directory_events() {
     eventually(DEADLINE, "the instance and route events", || async {
         let ev = events();
         let instance = ev.iter().any(|e| {
-            matches!(e, WatchEvent::Service { service, instances, .. }
-                if service == "emitter" && instances.iter().any(|i| i.id == "a" && i.port == 9000))
+            matches!(e, WatchEvent::Upsert { instance: i, .. }
+                if i.service == "emitter" && i.id == "a" && i.port == 9000)
         });
         let route = ev.iter().any(|e| {
             matches!(e, WatchEvent::Route { service, route: Some(r), .. }

@@ -41,27 +41,48 @@ where
     .expect("an event within 5 s")
 }
 
-/// (index, service, [(id, weight)]) of a service event.
-fn summary(e: &WatchEvent) -> (u64, String, Vec<(String, u16)>) {
+/// (index, prev, cause, service, id, weight) of an instance change.
+fn summary(e: &WatchEvent) -> (u64, u64, &'static str, String, String, u16) {
     match e {
-        WatchEvent::Service {
+        WatchEvent::Upsert {
             index,
-            service,
-            instances,
+            prev,
+            cause,
+            instance: i,
+            ..
         } => (
             *index,
-            service.to_string(),
-            instances
-                .iter()
-                .map(|i| (i.id.to_string(), i.weight))
-                .collect(),
+            *prev,
+            cause.as_str(),
+            i.service.to_string(),
+            i.id.to_string(),
+            i.weight,
         ),
-        other => panic!("expected a service event, got {other:?}"),
+        WatchEvent::Remove {
+            index,
+            prev,
+            cause,
+            instance: i,
+            ..
+        } => (
+            *index,
+            *prev,
+            cause.as_str(),
+            i.service.to_string(),
+            i.id.to_string(),
+            i.weight,
+        ),
+        other => panic!("expected an instance change, got {other:?}"),
     }
 }
 
-fn s(id: &str, w: u16) -> (String, u16) {
-    (id.to_owned(), w)
+fn change(
+    index: u64,
+    cause: &'static str,
+    id: &str,
+    weight: u16,
+) -> (u64, u64, &'static str, String, String, u16) {
+    (index, index - 1, cause, "emitter".into(), id.into(), weight)
 }
 
 #[tokio::test]
@@ -97,50 +118,173 @@ async fn a_watcher_sees_the_snapshot_then_every_change_in_order() {
     c.register("emitter", "b", &spec(8001, None, Some(500)))
         .await
         .unwrap();
+    // Each event carries the one instance that changed, and why.
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        (2, "emitter".into(), vec![s("a", 100)])
+        change(2, "registered", "a", 100)
     );
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        (3, "emitter".into(), vec![s("a", 50)])
+        change(3, "changed", "a", 50)
     );
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        (4, "emitter".into(), vec![s("a", 50), s("b", 100)])
+        change(4, "registered", "b", 100)
     );
     // expire
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        (5, "emitter".into(), vec![s("a", 50)])
+        change(5, "expired", "b", 100)
     );
     // delete
     c.deregister("emitter", "a").await.unwrap();
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        (6, "emitter".into(), vec![])
+        change(6, "deregistered", "a", 50)
     );
-    // route set, then cleared
+    // route set, then cleared: the service's whole route
     c.set_route("emitter", &[("1".to_owned(), 100)].into())
         .await
         .unwrap();
     c.clear_route("emitter").await.unwrap();
-    assert_eq!(
-        next_change(&mut watch).await,
+    let route = |e: WatchEvent| match e {
         WatchEvent::Route {
-            index: 7,
-            service: "emitter".parse().unwrap(),
-            route: Some([("1".parse().unwrap(), 100)].into())
-        }
+            index,
+            prev,
+            service,
+            route,
+            ..
+        } => (index, prev, service.to_string(), route),
+        other => panic!("expected a route event, got {other:?}"),
+    };
+    assert_eq!(
+        route(next_change(&mut watch).await),
+        (
+            7,
+            Some(6),
+            "emitter".into(),
+            Some([("1".parse().unwrap(), 100)].into())
+        )
     );
     assert_eq!(
-        next_change(&mut watch).await,
-        WatchEvent::Route {
-            index: 8,
-            service: "emitter".parse().unwrap(),
-            route: None
-        }
+        route(next_change(&mut watch).await),
+        (8, Some(7), "emitter".into(), None)
     );
+}
+
+/// The lines of a raw `GET` of `path` on the directory, until `n` lines came.
+async fn raw_lines(dir: &TestDirectory, path: &str, n: usize) -> Vec<serde_json::Value> {
+    let resp = reqwest::get(format!("{}{path}", dir.url)).await.unwrap();
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    let mut body = resp.bytes_stream();
+    let mut text = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while text.iter().filter(|b| **b == b'\n').count() < n {
+            text.extend_from_slice(&body.next().await.unwrap().unwrap());
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} lines of {path}: {}", String::from_utf8_lossy(&text)));
+    text.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .take(n)
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_v1_stream_still_sends_whole_services() {
+    let dir = TestDirectory::start(&[]).await;
+    let c = &dir.client;
+    c.register("emitter", "a", &spec(8000, None, Some(60_000)))
+        .await
+        .unwrap();
+    let v1 = {
+        let dir = &dir;
+        async move { raw_lines(dir, "/v1/watch", 2).await }
+    };
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.register("emitter", "b", &spec(8001, None, Some(60_000)))
+            .await
+            .unwrap();
+    };
+    let (lines, ()) = tokio::join!(v1, write);
+    assert_eq!(lines[0]["type"], "snapshot");
+    assert_eq!(lines[1]["type"], "service");
+    assert_eq!(lines[1]["index"], 2);
+    assert_eq!(lines[1]["instances"].as_array().unwrap().len(), 2);
+    assert!(lines[1].get("prev").is_none());
+}
+
+#[tokio::test]
+async fn a_filtered_watch_streams_only_its_services() {
+    let dir = TestDirectory::start(&[]).await;
+    let c = &dir.client;
+    for service in ["a", "b", "c"] {
+        c.register(service, "1", &spec(8000, None, Some(60_000)))
+            .await
+            .unwrap();
+    }
+    c.set_route("a", &[("1".to_owned(), 100)].into())
+        .await
+        .unwrap();
+    let only = ["b".parse().unwrap(), "c".parse().unwrap()];
+    let mut watch = Box::pin(c.watch_services(Some(&only)).await.unwrap());
+    match next_change(&mut watch).await {
+        WatchEvent::Snapshot {
+            index,
+            services,
+            routes,
+        } => {
+            assert_eq!(index, 4);
+            assert_eq!(services.keys().collect::<Vec<_>>(), ["b", "c"]);
+            assert!(routes.is_empty());
+        }
+        other => panic!("expected a snapshot first, got {other:?}"),
+    }
+    c.register("a", "2", &spec(8001, None, Some(60_000)))
+        .await
+        .unwrap();
+    c.set_route("a", &[("2".to_owned(), 100)].into())
+        .await
+        .unwrap();
+    c.set_route("c", &[("1".to_owned(), 100)].into())
+        .await
+        .unwrap();
+    c.deregister("b", "1").await.unwrap();
+    // Revisions 5 and 6 were a's: the stream goes from 4 to 7, and says so with `prev`.
+    match next_change(&mut watch).await {
+        WatchEvent::Route {
+            index,
+            prev,
+            service,
+            ..
+        } => assert_eq!((index, prev, service.as_str()), (7, Some(4), "c")),
+        other => panic!("expected c's route, got {other:?}"),
+    }
+    match next_change(&mut watch).await {
+        WatchEvent::Remove {
+            index,
+            prev,
+            instance,
+            ..
+        } => assert_eq!((index, prev, instance.service.as_str()), (8, 7, "b")),
+        other => panic!("expected b's removal, got {other:?}"),
+    }
+    // A bad filter or version is refused, naming what is wrong.
+    for (query, says) in [
+        ("?v=2&service=B!", "service"),
+        ("?v=3", "v: must be 1 or 2"),
+        ("?services=a", "the parameters are v=1|2 and service="),
+    ] {
+        let resp = reqwest::get(format!("{}/v1/watch{query}", dir.url))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{query}");
+        let text = resp.text().await.unwrap();
+        assert!(text.contains(says), "{query}: {text}");
+    }
 }
 
 #[tokio::test]
@@ -247,7 +391,8 @@ async fn a_stalled_watcher_is_dropped_without_hurting_the_others() {
     let dir = TestDirectory::start(&[]).await;
     let base_rss = mem_kib(dir.proc.pid(), "VmRSS");
 
-    // A watcher that sends its request and then never reads a byte.
+    // A watcher that sends its request and then never reads a byte: a v1 watcher, whose
+    // every event is its service's whole instance list, so that its backlog fills quickly.
     let mut stalled = TcpStream::connect(dir.addr).unwrap();
     stalled
         .write_all(b"GET /v1/watch HTTP/1.1\r\nHost: directory\r\n\r\n")

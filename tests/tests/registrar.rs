@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use baker_client::change::RemoveCause;
 use baker_client::model::Instance;
 use baker_client::WatchEvent;
 use baker_tests::directory::TestDirectory;
@@ -181,11 +182,12 @@ async fn sigterm_deregisters_before_the_process_exits() {
     );
     let removal = tokio::spawn(async move {
         while let Some(Ok(event)) = events.next().await {
-            if let WatchEvent::Service {
-                service, instances, ..
+            if let WatchEvent::Remove {
+                instance, cause, ..
             } = event
             {
-                if service == "emitter" && !instances.iter().any(|i| i.id == "stopping") {
+                if instance.service == "emitter" && instance.id == "stopping" {
+                    assert_eq!(cause, RemoveCause::Deregistered, "not by expiry");
                     return Instant::now();
                 }
             }

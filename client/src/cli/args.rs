@@ -94,6 +94,14 @@ pub enum Command {
         /// Start each human line with the time it was printed (RFC 3339, UTC).
         #[arg(short = 't', long)]
         timestamps: bool,
+        /// Only these services and their routes (comma-separated, or repeated).
+        #[arg(
+            short = 's',
+            long = "service",
+            value_name = "SERVICE",
+            value_delimiter = ','
+        )]
+        services: Vec<baker_client::model::ServiceName>,
     },
 
     /// Register an instance, or renew its registration.

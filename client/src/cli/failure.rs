@@ -88,6 +88,10 @@ impl Failure {
                 url,
                 reason: "the connection was closed".to_owned(),
             },
+            gap @ ClientError::Gap { .. } => Failure::Unreachable {
+                url,
+                reason: gap.to_string(),
+            },
         }
     }
 

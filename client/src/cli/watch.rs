@@ -1,7 +1,7 @@
 //! `baker watch`: the directory's changes, live, one line each.
 //!
-//! The stream starts with a snapshot; every later event carries one service's whole instance
-//! list or one route. The human output is the difference each event makes to what was known
+//! The stream starts with a snapshot; every later event carries one instance (added, changed
+//! or removed) or one service's route. The human output is the difference each event makes to what was known
 //! (`+`, `-`, `~` for instances, `route` for routes), so a reconnect, which brings a fresh
 //! snapshot, prints only what changed while the stream was down.
 
@@ -69,6 +69,19 @@ pub fn describe(known: Option<&State>, event: &WatchEvent) -> Vec<String> {
                 .unwrap_or_default(),
             instances,
         )),
+        WatchEvent::Upsert { instance, .. } => {
+            let old = before
+                .services
+                .get(&instance.service)
+                .and_then(|list| list.iter().find(|i| i.id == instance.id));
+            lines.extend(instance_diff(
+                old.map(std::slice::from_ref).unwrap_or_default(),
+                std::slice::from_ref(instance),
+            ));
+        }
+        WatchEvent::Remove { instance, .. } => {
+            lines.extend(instance_diff(std::slice::from_ref(instance), &[]));
+        }
         WatchEvent::Route { service, route, .. } => lines.extend(route_diff(
             service,
             before.routes.get(service),
@@ -134,14 +147,15 @@ fn seconds(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-pub async fn watch(ctx: &Ctx, timestamps: bool) -> anyhow::Result<()> {
+pub async fn watch(ctx: &Ctx, timestamps: bool, services: &[ServiceName]) -> anyhow::Result<()> {
+    let only = (!services.is_empty()).then_some(services);
     let client = ctx.client()?;
     let url = client.base().to_owned();
     let mut known: Option<State> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut connected = false;
     loop {
-        let stream = match client.watch().await {
+        let stream = match client.watch_services(only).await {
             Ok(stream) => stream,
             Err(e) if connected && retryable(&e) => {
                 let delay = backoff.next_delay();
@@ -271,6 +285,8 @@ mod tests {
             service(4, vec![inst("a", 50), inst("b", 100)]),
             WatchEvent::Route {
                 index: 5,
+                prev: None,
+                at: None,
                 service: "emitter".parse().unwrap(),
                 route: Some([("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)].into()),
             },
@@ -278,6 +294,8 @@ mod tests {
             service(6, vec![inst("b", 100)]),
             WatchEvent::Route {
                 index: 7,
+                prev: None,
+                at: None,
                 service: "emitter".parse().unwrap(),
                 route: None,
             },
@@ -292,6 +310,50 @@ mod tests {
                 "route emitter 1=90 2=10",
                 "- emitter/a 10.0.0.1:8080 v1 w50",
                 "route emitter cleared",
+            ]
+        );
+    }
+
+    #[test]
+    fn v2_changes_print_the_same_lines() {
+        use baker_client::change::{Change, RemoveCause, UpsertCause};
+        let mut beat = inst("a", 100);
+        beat.last_seen = 99;
+        let up = |index, instance| {
+            WatchEvent::of_change(
+                Change::Upsert {
+                    index,
+                    at: 0,
+                    cause: UpsertCause::Registered,
+                    instance,
+                },
+                index - 1,
+            )
+        };
+        let lines = run(&[
+            snapshot(1, vec![], None),
+            up(2, inst("a", 100)),
+            up(3, beat),
+            up(4, inst("a", 50)),
+            up(5, inst("b", 100)),
+            WatchEvent::of_change(
+                Change::Remove {
+                    index: 6,
+                    at: 0,
+                    cause: RemoveCause::Expired,
+                    instance: inst("a", 50),
+                },
+                5,
+            ),
+        ]);
+        assert_eq!(
+            lines,
+            [
+                "# snapshot at index 1: 0 services, 0 instances, 0 routes",
+                "+ emitter/a 10.0.0.1:8080 v1 w100",
+                "~ emitter/a 10.0.0.1:8080 v1 w50 (weight 100 → 50)",
+                "+ emitter/b 10.0.0.1:8080 v1 w100",
+                "- emitter/a 10.0.0.1:8080 v1 w50",
             ]
         );
     }

@@ -1,0 +1,274 @@
+//! Where the directory's table lives: instances and routes, and the revision of the last change.
+//!
+//! [`Store`] is the storage interface the [`Registry`](crate::registry::Registry) works through:
+//! the registry decides (who may change what, TTLs, causes, logging, publishing), the store
+//! holds. [`MemoryStore`] keeps everything in this process (routes also persist to
+//! `routes.json`, written by the registry before it applies them). Another implementation (etcd:
+//! leases for instances, keys for routes, the etcd revision as the index) can stand in without
+//! the API or the watch stream knowing.
+//!
+//! Every operation that changes the table returns the revision it gave the change; operations
+//! that change nothing a consumer acts on ([`Store::renew`]) give none. Costs follow the change,
+//! not the size of what changed: putting or removing one instance of a service of 10,000 is a
+//! map update, and the versions live in a service are counted as they change rather than
+//! recounted.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use baker_client::model::{Instance, InstanceId, Route, ServiceName, Source, Version};
+
+/// The table's storage operations. Called with the registry's lock held, so implementations
+/// need no locking of their own.
+pub trait Store: Send {
+    /// The revision of the last change (0 for an empty table that never changed).
+    fn revision(&self) -> u64;
+    /// One instance, if registered.
+    fn instance(&self, service: &ServiceName, id: &InstanceId) -> Option<&Instance>;
+    /// Adds or replaces an instance: a change, given the next revision, which is returned with
+    /// the instance it replaced.
+    fn put(&mut self, instance: Instance) -> (u64, Option<Instance>);
+    /// Notes a heartbeat: only `last_seen` moves. Not a change: no revision.
+    fn renew(&mut self, service: &ServiceName, id: &InstanceId, last_seen: u64) -> bool;
+    /// Removes an instance: a change, with the next revision, if it was registered.
+    fn remove(&mut self, service: &ServiceName, id: &InstanceId) -> Option<(u64, Instance)>;
+    /// Sets or clears a route: a change, with the next revision, returned with the old route.
+    fn set_route(&mut self, service: &ServiceName, route: Option<Route>) -> (u64, Option<Route>);
+    /// One service's route.
+    fn route(&self, service: &ServiceName) -> Option<&Route>;
+    /// Every route.
+    fn routes(&self) -> BTreeMap<ServiceName, Route>;
+    /// How many instances `service` has.
+    fn count(&self, service: &ServiceName) -> usize;
+    /// The distinct versions of `service`'s live instances.
+    fn versions(&self, service: &ServiceName) -> Vec<Version>;
+    /// One service's instances, sorted by id.
+    fn instances(&self, service: &ServiceName) -> Vec<Instance>;
+    /// Every service with live instances and its instances sorted by id; only those named in
+    /// `only` when given.
+    fn services(
+        &self,
+        only: Option<&BTreeSet<ServiceName>>,
+    ) -> BTreeMap<ServiceName, Vec<Instance>>;
+    /// The ids of every instance from `source`.
+    fn of_source(&self, source: Source) -> Vec<(ServiceName, InstanceId)>;
+}
+
+/// One service's instances, and how many of them run each version.
+#[derive(Default)]
+struct Service {
+    instances: BTreeMap<InstanceId, Instance>,
+    versions: BTreeMap<Version, usize>,
+}
+
+impl Service {
+    fn count_version(&mut self, version: &Version, up: bool) {
+        if up {
+            *self.versions.entry(version.clone()).or_default() += 1;
+        } else if let Some(n) = self.versions.get_mut(version) {
+            *n -= 1;
+            if *n == 0 {
+                self.versions.remove(version);
+            }
+        }
+    }
+}
+
+/// The table in this process's memory.
+#[derive(Default)]
+pub struct MemoryStore {
+    revision: u64,
+    services: BTreeMap<ServiceName, Service>,
+    routes: BTreeMap<ServiceName, Route>,
+}
+
+impl MemoryStore {
+    /// A store holding `routes` (as loaded from `routes.json`), at revision 0.
+    pub fn new(routes: BTreeMap<ServiceName, Route>) -> MemoryStore {
+        MemoryStore {
+            routes,
+            ..MemoryStore::default()
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+}
+
+impl Store for MemoryStore {
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    fn instance(&self, service: &ServiceName, id: &InstanceId) -> Option<&Instance> {
+        self.services.get(service)?.instances.get(id)
+    }
+
+    fn put(&mut self, instance: Instance) -> (u64, Option<Instance>) {
+        let entry = self.services.entry(instance.service.clone()).or_default();
+        entry.count_version(&instance.version, true);
+        let old = entry.instances.insert(instance.id.clone(), instance);
+        if let Some(old) = &old {
+            entry.count_version(&old.version, false);
+        }
+        (self.next(), old)
+    }
+
+    fn renew(&mut self, service: &ServiceName, id: &InstanceId, last_seen: u64) -> bool {
+        match self
+            .services
+            .get_mut(service)
+            .and_then(|s| s.instances.get_mut(id))
+        {
+            Some(i) => {
+                i.last_seen = last_seen;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove(&mut self, service: &ServiceName, id: &InstanceId) -> Option<(u64, Instance)> {
+        let entry = self.services.get_mut(service)?;
+        let old = entry.instances.remove(id)?;
+        entry.count_version(&old.version, false);
+        if entry.instances.is_empty() {
+            self.services.remove(service);
+        }
+        Some((self.next(), old))
+    }
+
+    fn set_route(&mut self, service: &ServiceName, route: Option<Route>) -> (u64, Option<Route>) {
+        let old = match route {
+            Some(r) => self.routes.insert(service.clone(), r),
+            None => self.routes.remove(service),
+        };
+        (self.next(), old)
+    }
+
+    fn route(&self, service: &ServiceName) -> Option<&Route> {
+        self.routes.get(service)
+    }
+
+    fn routes(&self) -> BTreeMap<ServiceName, Route> {
+        self.routes.clone()
+    }
+
+    fn count(&self, service: &ServiceName) -> usize {
+        self.services.get(service).map_or(0, |s| s.instances.len())
+    }
+
+    fn versions(&self, service: &ServiceName) -> Vec<Version> {
+        self.services
+            .get(service)
+            .map(|s| s.versions.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn instances(&self, service: &ServiceName) -> Vec<Instance> {
+        self.services
+            .get(service)
+            .map(|s| s.instances.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn services(
+        &self,
+        only: Option<&BTreeSet<ServiceName>>,
+    ) -> BTreeMap<ServiceName, Vec<Instance>> {
+        let list = |s: &Service| s.instances.values().cloned().collect();
+        match only {
+            None => self
+                .services
+                .iter()
+                .map(|(name, s)| (name.clone(), list(s)))
+                .collect(),
+            Some(only) => only
+                .iter()
+                .filter_map(|name| Some((name.clone(), list(self.services.get(name)?))))
+                .collect(),
+        }
+    }
+
+    fn of_source(&self, source: Source) -> Vec<(ServiceName, InstanceId)> {
+        self.services
+            .iter()
+            .flat_map(|(name, s)| {
+                s.instances
+                    .values()
+                    .filter(move |i| i.source == source)
+                    .map(move |i| (name.clone(), i.id.clone()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(service: &str, id: &str, version: &str) -> Instance {
+        Instance {
+            version: version.parse().unwrap(),
+            ..Instance::sample(service, id)
+        }
+    }
+
+    #[test]
+    fn every_change_gets_the_next_revision_and_renewals_none() {
+        let mut s = MemoryStore::default();
+        assert_eq!(s.put(inst("a", "1", "1")), (1, None));
+        assert!(s.renew(&"a".parse().unwrap(), &"1".parse().unwrap(), 42));
+        assert_eq!(s.revision(), 1);
+        let (rev, old) = s.put(inst("a", "1", "2"));
+        assert_eq!(
+            (rev, old.map(|o| o.version.to_string())),
+            (2, Some("1".into()))
+        );
+        let route: Route = [("2".parse().unwrap(), 100)].into();
+        assert_eq!(s.set_route(&"a".parse().unwrap(), Some(route)), (3, None));
+        let (rev, gone) = s
+            .remove(&"a".parse().unwrap(), &"1".parse().unwrap())
+            .unwrap();
+        assert_eq!((rev, gone.version.as_str()), (4, "2"));
+        assert!(s
+            .remove(&"a".parse().unwrap(), &"1".parse().unwrap())
+            .is_none());
+        assert_eq!(s.revision(), 4);
+    }
+
+    #[test]
+    fn versions_are_counted_as_instances_come_and_go() {
+        let mut s = MemoryStore::default();
+        let a: ServiceName = "a".parse().unwrap();
+        s.put(inst("a", "1", "1"));
+        s.put(inst("a", "2", "1"));
+        s.put(inst("a", "3", "2"));
+        assert_eq!(s.versions(&a), ["1", "2"]);
+        s.put(inst("a", "3", "1"));
+        assert_eq!(s.versions(&a), ["1"]);
+        s.remove(&a, &"1".parse().unwrap());
+        s.remove(&a, &"2".parse().unwrap());
+        assert_eq!(s.versions(&a), ["1"]);
+        s.remove(&a, &"3".parse().unwrap());
+        assert!(s.versions(&a).is_empty());
+        assert_eq!(s.count(&a), 0);
+        assert!(
+            s.services(None).is_empty(),
+            "an empty service is no service"
+        );
+    }
+
+    #[test]
+    fn services_can_be_filtered() {
+        let mut s = MemoryStore::default();
+        s.put(inst("a", "1", "1"));
+        s.put(inst("b", "1", "1"));
+        s.put(inst("c", "1", "1"));
+        let only: BTreeSet<ServiceName> = ["a".parse().unwrap(), "z".parse().unwrap()].into();
+        let got = s.services(Some(&only));
+        assert_eq!(got.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(s.services(None).len(), 3);
+    }
+}
