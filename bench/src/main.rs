@@ -10,7 +10,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks Baker's release binaries on loopback")]
 struct Args {
-    /// Scenario to run: request-path, convergence, churn, rolling, directory, footprint, or all.
+    /// Scenario to run: request-path, convergence, churn, rolling, directory, directory-100k,
+    /// footprint, or all.
     scenario: String,
     /// Short runs with fewer trials: a smoke test of the harness, not figures to quote.
     #[arg(long)]
@@ -19,7 +20,8 @@ struct Args {
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Binaries of an earlier build to measure side by side (convergence: the directory-API
-    /// measures run on both, interleaved; churn: rounds alternating between both).
+    /// measures run on both, interleaved; churn: rounds alternating between both;
+    /// directory-100k: each build in turn, each with its own directory).
     #[arg(long)]
     baseline_bin_dir: Option<PathBuf>,
     /// HAProxy binary (default: `BAKER_HAPROXY`, `haproxy` on PATH, /usr/sbin/haproxy).

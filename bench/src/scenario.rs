@@ -5,6 +5,7 @@ use crate::report::Report;
 
 pub mod churn;
 pub mod convergence;
+pub mod directory_large;
 pub mod directory_scale;
 pub mod docker;
 pub mod footprint;
@@ -18,7 +19,7 @@ pub struct Ctx {
     /// Short runs: a smoke test of the harness.
     pub quick: bool,
     /// Binaries of an earlier build, measured side by side with `bins` where a scenario
-    /// supports it (convergence, churn).
+    /// supports it (convergence, churn, directory-100k).
     pub baseline: Option<Bins>,
 }
 
@@ -41,16 +42,18 @@ pub enum Scenario {
     Churn,
     Rolling,
     Directory,
+    DirectoryLarge,
     Footprint,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::RequestPath,
         Scenario::Convergence,
         Scenario::Churn,
         Scenario::Rolling,
         Scenario::Directory,
+        Scenario::DirectoryLarge,
         Scenario::Footprint,
     ];
 
@@ -61,6 +64,7 @@ impl Scenario {
             Scenario::Churn => "churn",
             Scenario::Rolling => "rolling",
             Scenario::Directory => "directory",
+            Scenario::DirectoryLarge => "directory-100k",
             Scenario::Footprint => "footprint",
         }
     }
@@ -76,6 +80,7 @@ impl Scenario {
             Scenario::Churn => churn::run(ctx).await,
             Scenario::Rolling => rolling::run(ctx).await,
             Scenario::Directory => directory_scale::run(ctx).await,
+            Scenario::DirectoryLarge => directory_large::run(ctx).await,
             Scenario::Footprint => footprint::run(ctx).await,
         }
     }

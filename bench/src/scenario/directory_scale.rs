@@ -36,30 +36,36 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const CONNS: usize = 32;
 
 /// Starts the directory pinned to CPU 1 (the last core when there are fewer).
-async fn pinned_directory(
+pub(crate) async fn pinned_directory(
     bins: &Bins,
     data: &std::path::Path,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    pinned_directory_with(bins, data, &[]).await
+}
+
+/// [`pinned_directory`] with extra variables.
+pub(crate) async fn pinned_directory_with(
+    bins: &Bins,
+    data: &std::path::Path,
+    extra: &[(&str, &str)],
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = (cores - 1).min(1).to_string();
     let data = data.display().to_string();
     let bin = bins.path("baker-directory")?.display().to_string();
-    let mut proc = Proc::spawn(
-        "directory",
-        "taskset",
-        &["-c", &core, &bin],
-        &[
-            ("RUST_LOG", "warn,baker_directory=info"),
-            ("BAKER_LISTEN", "127.0.0.1:0"),
-            ("BAKER_DATA", &data),
-            ("BAKER_DOCKER", "off"),
-        ],
-    );
+    let mut env = vec![
+        ("RUST_LOG", "warn,baker_directory=info"),
+        ("BAKER_LISTEN", "127.0.0.1:0"),
+        ("BAKER_DATA", data.as_str()),
+        ("BAKER_DOCKER", "off"),
+    ];
+    env.extend_from_slice(extra);
+    let mut proc = Proc::spawn("directory", "taskset", &["-c", &core, &bin], &env);
     let addr = proc.listen_addr().await;
     Ok((proc, addr))
 }
 
-fn put(addr: SocketAddr, path: &str, body: Bytes) -> hyper::Request<Full<Bytes>> {
+pub(crate) fn put(addr: SocketAddr, path: &str, body: Bytes) -> hyper::Request<Full<Bytes>> {
     hyper::Request::put(path)
         .header(hyper::header::HOST, addr.to_string())
         .header(hyper::header::CONTENT_TYPE, "application/json")
