@@ -45,6 +45,191 @@ pub struct ServiceRoute {
     /// Its own local port; `None` when it is reached only through the shared HTTP port.
     pub port: Option<u16>,
     pub mode: Mode,
+    /// How its backend balances, times out and retries (`;`-separated after the port).
+    pub options: RouteOptions,
+}
+
+/// Default time to establish a connection to a server.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default longest wait for a server's answer (any request of an HTTP service; a TCP
+/// connection's silence).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest wait for a server's answer to a GET, HEAD or OPTIONS request, after which
+/// the request is tried on another server: a hung instance costs such a request this long.
+pub const DEFAULT_GET_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default number of retries of a failed connection (or timed-out idempotent request).
+pub const DEFAULT_RETRIES: u32 = 3;
+/// Highest accepted `retries`.
+pub const MAX_RETRIES: u32 = 10;
+/// Highest accepted `maxconn`.
+pub const MAX_MAXCONN: u32 = 100_000;
+/// Longest accepted timeout of any kind (one day).
+pub const MAX_ROUTE_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// How a backend picks a server for each new connection or request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// In turn, in proportion to the servers' weights.
+    #[default]
+    Roundrobin,
+    /// The server with the fewest connections (relative to its weight).
+    Leastconn,
+    /// The first server that is up and below its `maxconn`: one live server at a time, the
+    /// next one taking over only when it fails or is full.
+    First,
+}
+
+impl Balance {
+    fn parse(value: &str) -> Result<Balance, String> {
+        match value {
+            "roundrobin" => Ok(Balance::Roundrobin),
+            "leastconn" => Ok(Balance::Leastconn),
+            "first" => Ok(Balance::First),
+            other => Err(format!(
+                "balance must be roundrobin, leastconn or first, got {:?}",
+                baker_client::model::printable(other)
+            )),
+        }
+    }
+}
+
+/// A service's tuning, written after its port in `BAKER_ROUTES`
+/// (`greeting=8000;balance=leastconn;timeout=5s;sticky`). Every value is typed: nothing from
+/// the variable reaches HAProxy's configuration as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteOptions {
+    pub balance: Balance,
+    /// HTTP only: a client's requests stick to one server by a cookie HAProxy sets.
+    pub sticky: bool,
+    pub connect_timeout: Duration,
+    /// Longest wait for a server's answer (HTTP), or for either side of a TCP connection to
+    /// send anything.
+    pub timeout: Duration,
+    /// HTTP only: [`timeout`](Self::timeout) for GET, HEAD and OPTIONS requests, which are then
+    /// retried on another server.
+    pub get_timeout: Duration,
+    /// Most concurrent connections per server (`None`: no limit); more wait in a queue.
+    pub maxconn: Option<u32>,
+    pub retries: u32,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        RouteOptions {
+            balance: Balance::Roundrobin,
+            sticky: false,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            timeout: DEFAULT_TIMEOUT,
+            get_timeout: DEFAULT_GET_TIMEOUT,
+            maxconn: None,
+            retries: DEFAULT_RETRIES,
+        }
+    }
+}
+
+impl RouteOptions {
+    /// Parses the `;`-separated options of `service` in `mode`, pushing every problem.
+    fn parse<'a>(
+        service: &ServiceName,
+        mode: Mode,
+        items: &[&'a str],
+        problems: &mut Vec<String>,
+    ) -> Self {
+        let mut o = RouteOptions::default();
+        let mut seen: Vec<&'a str> = Vec::new();
+        let mut get_timeout_set = false;
+        let before = problems.len();
+        for item in items {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v.trim())),
+                None => (item.trim(), None),
+            };
+            if seen.contains(&key) {
+                problems.push(format!("{service}: option {key} is given twice"));
+                continue;
+            }
+            seen.push(key);
+            let need = |value: Option<&'a str>| -> Result<&'a str, String> {
+                value.ok_or_else(|| format!("option {key} needs a value: write {key}=<value>"))
+            };
+            let result: Result<(), String> = match key {
+                "balance" => need(value).and_then(Balance::parse).map(|b| o.balance = b),
+                "sticky" => match value {
+                    None => {
+                        o.sticky = true;
+                        Ok(())
+                    }
+                    Some(_) => Err("sticky takes no value".into()),
+                },
+                "connect-timeout" => need(value)
+                    .and_then(|v| route_duration(key, v))
+                    .map(|d| o.connect_timeout = d),
+                "timeout" => need(value)
+                    .and_then(|v| route_duration(key, v))
+                    .map(|d| o.timeout = d),
+                "get-timeout" => need(value).and_then(|v| route_duration(key, v)).map(|d| {
+                    o.get_timeout = d;
+                    get_timeout_set = true;
+                }),
+                "maxconn" => need(value)
+                    .and_then(|v| bounded(key, v, 1, MAX_MAXCONN))
+                    .map(|n| o.maxconn = Some(n)),
+                "retries" => need(value)
+                    .and_then(|v| bounded(key, v, 0, MAX_RETRIES))
+                    .map(|n| o.retries = n),
+                other => Err(format!(
+                    "unknown option {:?}; the options are balance, sticky, connect-timeout, \
+                     timeout, get-timeout, maxconn and retries",
+                    baker_client::model::printable(other)
+                )),
+            };
+            if let Err(e) = result {
+                problems.push(format!("{service}: {e}"));
+            }
+        }
+        if mode == Mode::Tcp {
+            for key in ["sticky", "get-timeout"] {
+                if seen.contains(&key) {
+                    problems.push(format!("{service}: {key} applies to http services only"));
+                }
+            }
+        }
+        if problems.len() == before {
+            if get_timeout_set && o.get_timeout > o.timeout {
+                problems.push(format!(
+                    "{service}: get-timeout ({}) must not exceed timeout ({})",
+                    humantime::format_duration(o.get_timeout),
+                    humantime::format_duration(o.timeout)
+                ));
+            }
+            // A timeout lowered below the default get-timeout lowers that too.
+            o.get_timeout = o.get_timeout.min(o.timeout);
+        }
+        o
+    }
+}
+
+/// A duration option: `500ms`, `5s`, `2m`, at least 1 ms and at most a day.
+fn route_duration(key: &str, value: &str) -> Result<Duration, String> {
+    let shown = baker_client::model::printable(value);
+    let d =
+        baker_client::config::parse_duration(value).map_err(|e| format!("{key} {shown:?} {e}"))?;
+    if d < Duration::from_millis(1) || d > MAX_ROUTE_TIMEOUT {
+        return Err(format!("{key} {shown:?} must be between 1ms and 24h"));
+    }
+    Ok(d)
+}
+
+/// A whole number between `min` and `max`.
+fn bounded(key: &str, value: &str, min: u32, max: u32) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{key} must be a whole number between {min} and {max}, got {:?}",
+            baker_client::model::printable(value)
+        )),
+    }
 }
 
 /// Active health checks of the ambassador's HAProxy (off by default: the registrars probe).
@@ -214,19 +399,24 @@ impl Config {
 }
 
 /// Parses `emitter=8000,transform=8001,db=5432=tcp`; a name alone is reached through the shared
-/// HTTP port only.
+/// HTTP port only. Options follow a service's port, each after a `;`
+/// (`emitter=8000;balance=leastconn;timeout=5s`, see [`RouteOptions`]).
 pub fn parse_routes(value: &str, have_http_port: bool) -> Result<Vec<ServiceRoute>, Vec<String>> {
     let mut problems = Vec::new();
     let mut out: Vec<ServiceRoute> = Vec::new();
     for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let mut parts = item.split('=').map(str::trim);
+        let mut options = item.split(';').map(str::trim);
+        let head = options.next().unwrap_or_default();
+        let options: Vec<&str> = options.filter(|o| !o.is_empty()).collect();
+        let mut parts = head.split('=').map(str::trim);
         let name = parts.next().unwrap_or_default();
         let port = parts.next();
         let mode = parts.next();
         if parts.next().is_some() {
             problems.push(format!(
-                "{:?} has too many '=': write service=port or service=port=tcp",
-                baker_client::model::printable(item)
+                "{:?} has too many '=': write service=port or service=port=tcp, then \
+                 ;option=value for each option",
+                baker_client::model::printable(head)
             ));
             continue;
         }
@@ -273,7 +463,17 @@ pub fn parse_routes(value: &str, have_http_port: bool) -> Result<Vec<ServiceRout
             problems.push(format!("{name} is named twice"));
             continue;
         }
-        out.push(ServiceRoute { name, port, mode });
+        let before = problems.len();
+        let options = RouteOptions::parse(&name, mode, &options, &mut problems);
+        if problems.len() > before {
+            continue;
+        }
+        out.push(ServiceRoute {
+            name,
+            port,
+            mode,
+            options,
+        });
     }
     if out.is_empty() && problems.is_empty() {
         problems.push("must name at least one service, e.g. emitter=8000".into());
@@ -449,6 +649,59 @@ mod tests {
         assert!(parse_routes("emitter", false).is_err());
         let errs = parse_routes("Bad=1,x=0,y=1=udp,z=1,z=2,a=1=tcp=x", false).unwrap_err();
         assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    #[test]
+    fn route_options_parse() {
+        let r = parse_routes(
+            "web=8000;balance=leastconn;sticky;connect-timeout=200ms;timeout=30s;\
+             get-timeout=5s;maxconn=50;retries=1,db=5432=tcp;balance=first;timeout=1h,plain=8001",
+            false,
+        )
+        .unwrap();
+        let web = &r[0].options;
+        assert_eq!(web.balance, Balance::Leastconn);
+        assert!(web.sticky);
+        assert_eq!(web.connect_timeout, Duration::from_millis(200));
+        assert_eq!(web.timeout, Duration::from_secs(30));
+        assert_eq!(web.get_timeout, Duration::from_secs(5));
+        assert_eq!((web.maxconn, web.retries), (Some(50), 1));
+        assert_eq!(r[1].mode, Mode::Tcp);
+        assert_eq!(r[1].options.balance, Balance::First);
+        assert_eq!(r[1].options.timeout, Duration::from_secs(3600));
+        assert_eq!(r[2].options, RouteOptions::default());
+        // A timeout below the default get-timeout lowers it too.
+        let r = parse_routes("web=8000;timeout=1s", false).unwrap();
+        assert_eq!(r[0].options.get_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn every_bad_route_option_is_named() {
+        let errs = parse_routes(
+            "web=8000;balance=random;sticky=yes;timeout=5;get-timeout=0s;maxconn=0;retries=11;\
+             colour=blue;balance=first,db=5432=tcp;sticky;get-timeout=1s,slow=8001;timeout=1s;\
+             get-timeout=2s,n=8002;maxconn",
+            false,
+        )
+        .unwrap_err();
+        let expected = [
+            "web: balance must be roundrobin, leastconn or first, got \"random\"",
+            "web: sticky takes no value",
+            "web: timeout \"5\" must be a duration such as 500ms, 2s or 1m",
+            "web: get-timeout \"0s\" must be longer than zero",
+            "web: maxconn must be a whole number between 1 and 100000, got \"0\"",
+            "web: retries must be a whole number between 0 and 10, got \"11\"",
+            "web: unknown option \"colour\"",
+            "web: option balance is given twice",
+            "db: sticky applies to http services only",
+            "db: get-timeout applies to http services only",
+            "slow: get-timeout (2s) must not exceed timeout (1s)",
+            "n: option maxconn needs a value: write maxconn=<value>",
+        ];
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+        for (e, want) in errs.iter().zip(expected) {
+            assert!(e.starts_with(want), "{e:?} does not start with {want:?}");
+        }
     }
 
     #[test]

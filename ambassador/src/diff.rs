@@ -12,7 +12,8 @@ use crate::runtime_api::{AdminState, ApiCommand, Running};
 /// One change to a running HAProxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Add a server with the backend's server options, then enable its health and itself.
+    /// Add a server with the backend's server options, then enable its health and itself (and
+    /// give every server of a sticky backend its cookie).
     Add {
         backend: String,
         server: String,
@@ -20,6 +21,7 @@ pub enum Command {
         port: u16,
         weight: u16,
         options: String,
+        sticky: bool,
     },
     SetAddr {
         backend: String,
@@ -53,24 +55,33 @@ impl Command {
                 port,
                 weight,
                 options,
-            } => vec![
-                ApiCommand::AddServer {
-                    backend: backend.clone(),
-                    server: server.clone(),
-                    address: *address,
-                    port: *port,
-                    weight: *weight,
-                    options: options.clone(),
-                },
-                ApiCommand::EnableHealth {
-                    backend: backend.clone(),
-                    server: server.clone(),
-                },
-                ApiCommand::EnableServer {
-                    backend: backend.clone(),
-                    server: server.clone(),
-                },
-            ],
+                sticky,
+            } => {
+                let mut steps = vec![
+                    ApiCommand::AddServer {
+                        backend: backend.clone(),
+                        server: server.clone(),
+                        address: *address,
+                        port: *port,
+                        weight: *weight,
+                        options: options.clone(),
+                    },
+                    ApiCommand::EnableHealth {
+                        backend: backend.clone(),
+                        server: server.clone(),
+                    },
+                    ApiCommand::EnableServer {
+                        backend: backend.clone(),
+                        server: server.clone(),
+                    },
+                ];
+                if *sticky {
+                    steps.push(ApiCommand::EnableDynamicCookie {
+                        backend: backend.clone(),
+                    });
+                }
+                steps
+            }
             Command::SetAddr {
                 backend,
                 server,
@@ -177,16 +188,25 @@ pub fn drain_verdict(
     }
 }
 
+/// What `add server` needs to know of a backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddOptions {
+    /// The options of every server line of the backend.
+    pub server_options: String,
+    /// Whether the backend sticks clients to servers by cookie.
+    pub sticky: bool,
+}
+
 /// The commands that turn `running` into `desired`.
 ///
-/// Only backends named in `desired` are touched. `options` holds each backend's server
-/// options for `add server`. A server that is not desired is drained first; it is deleted
+/// Only backends named in `desired` are touched. `options` holds what each backend's
+/// `add server` needs; a backup server is added with `backup` too. A server that is not desired is drained first; it is deleted
 /// once it is in `removable` (the caller decides: no session left, or the drain timed out) or
 /// already in maintenance. Additions come first, removals last, so capacity never dips.
 pub fn diff(
     desired: &Desired,
     running: &Running,
-    options: &BTreeMap<String, String>,
+    options: &BTreeMap<String, AddOptions>,
     removable: &BTreeSet<(String, String)>,
 ) -> Vec<Command> {
     let empty = BTreeMap::new();
@@ -204,13 +224,16 @@ pub fn diff(
                 continue;
             };
             let Some(have) = run.get(name.as_str()) else {
+                let add = options.get(backend.as_str()).cloned().unwrap_or_default();
+                let backup = if want.backup { "backup " } else { "" };
                 adds.push(Command::Add {
                     backend: b,
                     server: name.to_string(),
                     address,
                     port: want.port,
                     weight: want.weight,
-                    options: options.get(backend.as_str()).cloned().unwrap_or_default(),
+                    options: format!("{backup}{}", add.server_options),
+                    sticky: add.sticky,
                 });
                 continue;
             };
@@ -275,13 +298,7 @@ mod tests {
     use crate::runtime_api::RunningServer;
 
     fn want(name: &str, port: u16, weight: u16) -> DesiredServer {
-        DesiredServer {
-            name: name.parse().unwrap(),
-            address: "10.0.0.1".parse().unwrap(),
-            port,
-            weight,
-            version: "1".parse().unwrap(),
-        }
+        DesiredServer::sample(name, "10.0.0.1", port, weight)
     }
 
     fn have(name: &str, port: u16, weight: u16) -> RunningServer {
@@ -318,8 +335,15 @@ mod tests {
         .into()
     }
 
-    fn opts() -> BTreeMap<String, String> {
-        [("be".to_string(), "check".to_string())].into()
+    fn opts() -> BTreeMap<String, AddOptions> {
+        [(
+            "be".to_string(),
+            AddOptions {
+                server_options: "check".to_string(),
+                sticky: false,
+            },
+        )]
+        .into()
     }
 
     #[test]
@@ -449,6 +473,7 @@ mod tests {
                 name: "be".parse().unwrap(),
                 port: Some(8000),
                 mode: Mode::Http,
+                options: Default::default(),
             }];
             let desired = plan(&state, &services);
             assert_eq!(desired["be"]["a"].address.as_str(), "fd00::1", "{written}");

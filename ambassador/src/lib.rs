@@ -16,6 +16,7 @@
 //! - [`haproxy`]: the HAProxy child process: check, start, reload, stop.
 //! - [`reaper`]: reaping children (and orphans, as PID 1).
 //! - [`reconcile`]: the one task that owns HAProxy.
+//! - [`hung`]: servers that accept connections but never answer, marked down.
 //! - [`coalesce`]: when a change of plan is applied: at once alone, batched in a burst.
 //! - [`watch`]: following the directory, with a grace period after it restarts.
 //! - [`resolve`]: DNS names of instances turned into addresses, beside the watch, cached.
@@ -25,6 +26,7 @@ pub mod coalesce;
 pub mod config;
 pub mod diff;
 pub mod haproxy;
+pub mod hung;
 pub mod metrics;
 pub mod plan;
 pub mod reaper;

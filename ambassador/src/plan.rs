@@ -12,7 +12,9 @@
 //! ([`route_falls_back`]), until an instance of a routed version appears. [`fallbacks`] says
 //! which services are in that state, for the log and metrics.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::fmt;
 
 use baker_client::model::{
     route_falls_back, Address, Instance, InstanceId, Route, ServiceName, State, Version, MAX_WEIGHT,
@@ -21,20 +23,106 @@ use serde::Serialize;
 
 use crate::config::ServiceRoute;
 
+/// The tag that makes an instance a backup: it serves only while no other server of its
+/// backend is up.
+pub const BACKUP_TAG: &str = "backup";
+
+/// HAProxy's name of a server, unique in its backend: the instance id for an instance of the
+/// backend's own service, `service:id` for an instance of another service (a route's share),
+/// and `backup:service:id` for a backup instance. Names cannot hold `:`, so the three forms
+/// never collide; and since HAProxy cannot turn a server into a backup at run time, an
+/// instance that becomes one is a new server (added first, the old one drained).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ServerName(String);
+
+impl ServerName {
+    /// The server of `instance` in the backend of `backend`.
+    pub fn of(backend: &ServiceName, instance: &Instance) -> ServerName {
+        if is_backup(instance) {
+            ServerName(format!("backup:{}:{}", instance.service, instance.id))
+        } else if instance.service == *backend {
+            ServerName(instance.id.to_string())
+        } else {
+            ServerName(format!("{}:{}", instance.service, instance.id))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<InstanceId> for ServerName {
+    /// An instance of the backend's own service.
+    fn from(id: InstanceId) -> Self {
+        ServerName(id.into())
+    }
+}
+
+impl Borrow<str> for ServerName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for ServerName {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for ServerName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// Whether `instance` is tagged [`BACKUP_TAG`].
+pub fn is_backup(instance: &Instance) -> bool {
+    instance.tags.iter().any(|t| t.as_str() == BACKUP_TAG)
+}
+
 /// One server HAProxy should run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DesiredServer {
-    /// HAProxy's server name: the instance id (a name, so a safe HAProxy identifier).
-    pub name: InstanceId,
+    /// HAProxy's server name (a safe HAProxy identifier by construction).
+    pub name: ServerName,
+    /// The service the instance belongs to.
+    pub service: ServiceName,
     pub address: Address,
     pub port: u16,
     /// HAProxy weight, 0..=256.
     pub weight: u16,
     pub version: Version,
+    /// A backup server: used only while no other server of the backend is up.
+    pub backup: bool,
+}
+
+#[cfg(test)]
+impl DesiredServer {
+    /// A server of the backend's own service `svc`, version 1, for tests.
+    pub(crate) fn sample(name: &str, address: &str, port: u16, weight: u16) -> DesiredServer {
+        DesiredServer {
+            name: ServerName::from(name.parse::<InstanceId>().unwrap()),
+            service: "svc".parse().unwrap(),
+            address: address.parse().unwrap(),
+            port,
+            weight,
+            version: "1".parse().unwrap(),
+            backup: false,
+        }
+    }
 }
 
 /// A backend's servers by name.
-pub type Backend = BTreeMap<InstanceId, DesiredServer>;
+pub type Backend = BTreeMap<ServerName, DesiredServer>;
 
 /// Every configured service's backend, by service name.
 pub type Desired = BTreeMap<ServiceName, Backend>;
@@ -49,14 +137,17 @@ pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
             .iter()
             .zip(weights)
             .map(|(i, w)| {
+                let name = ServerName::of(&svc.name, i);
                 (
-                    i.id.clone(),
+                    name.clone(),
                     DesiredServer {
-                        name: i.id.clone(),
+                        name,
+                        service: i.service.clone(),
                         address: i.address.clone(),
                         port: i.port,
                         weight: w,
                         version: i.version.clone(),
+                        backup: is_backup(i),
                     },
                 )
             })
@@ -288,6 +379,7 @@ mod tests {
                 name: name.parse().unwrap(),
                 port: None,
                 mode: Mode::Http,
+                options: Default::default(),
             })
             .collect();
         let f = fallbacks(&state, &services);
@@ -319,11 +411,13 @@ mod tests {
                 name: "svc".parse().unwrap(),
                 port: Some(8000),
                 mode: Mode::Http,
+                options: Default::default(),
             },
             ServiceRoute {
                 name: "none".parse().unwrap(),
                 port: Some(8001),
                 mode: Mode::Tcp,
+                options: Default::default(),
             },
         ];
         let d = plan(&state, &services);

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::coalesce::Budget;
 use crate::config::Config;
-use crate::diff::{diff, drain_verdict, Command, DrainVerdict};
+use crate::diff::{diff, drain_verdict, AddOptions, Command, DrainVerdict};
 use crate::haproxy::{Haproxy, HaproxyError, Leftover};
 use crate::metrics::Metrics;
 use crate::plan::Desired;
@@ -68,7 +68,11 @@ pub struct Owner {
     drains: BTreeMap<(String, String), Instant>,
     /// The last plan applied.
     applied: Option<Desired>,
-    options: BTreeMap<String, String>,
+    options: BTreeMap<String, AddOptions>,
+    /// The servers' counters at the last look for hung servers.
+    counters: crate::hung::Readings,
+    /// Servers marked down as hung, probed until they answer again.
+    marked: crate::hung::Marked,
     /// HAProxy was taken over from a previous ambassador before the directory answered: it
     /// keeps its servers, and is reloaded with this ambassador's configuration once the
     /// first plan arrives.
@@ -92,7 +96,10 @@ impl Owner {
             .map(|s| {
                 (
                     s.name.to_string(),
-                    server_options(s.mode, &config.checks, 5),
+                    AddOptions {
+                        server_options: server_options(s.mode, &config.checks, 5, &s.options),
+                        sticky: s.options.sticky,
+                    },
                 )
             })
             .collect();
@@ -104,6 +111,8 @@ impl Owner {
             drains: BTreeMap::new(),
             applied: None,
             options,
+            counters: Default::default(),
+            marked: Default::default(),
             takeover_pending: false,
         })
     }
@@ -221,6 +230,7 @@ impl Owner {
         // Since when plan changes wait to be applied, and the passes left to spend.
         let mut pending: Option<Instant> = None;
         let mut budget = Budget::default();
+        let mut next_hang_check = Instant::now() + crate::hung::POLL;
         loop {
             let mut wake = if self.drains.is_empty() {
                 next_sync
@@ -274,6 +284,13 @@ impl Owner {
                     }
                     continue;
                 }
+                _ = tokio::time::sleep_until(next_hang_check) => {
+                    next_hang_check = Instant::now() + crate::hung::POLL;
+                    if !self.takeover_pending {
+                        self.mark_hung_servers_down().await;
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(wake) => {}
             }
             next_sync = Instant::now() + RESYNC;
@@ -309,6 +326,55 @@ impl Owner {
                 // Changes came during the pass: a burst. Collect what else comes.
                 pending = Some(Instant::now());
             }
+        }
+    }
+
+    /// Reads the servers' counters and marks down those of HTTP backends that stopped
+    /// answering ([`crate::hung`]). Failures are logged: the next reading tries again.
+    async fn mark_hung_servers_down(&mut self) {
+        let backends: Vec<&str> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.mode == crate::config::Mode::Http)
+            .map(|s| s.name.as_str())
+            .collect();
+        if backends.is_empty() || self.haproxy.pid().is_none() {
+            return;
+        }
+        let result = async {
+            let mut session = self.haproxy.admin.session().await?;
+            let now = session.counters().await?;
+            let hung = crate::hung::hung(&self.counters, &now, &backends);
+            self.marked.retain(|key| now.contains_key(key));
+            for (backend, server) in self.marked.take_recovered() {
+                let cmd = ApiCommand::MarkUp {
+                    backend: backend.clone(),
+                    server: server.clone(),
+                };
+                self.metrics.runtime_commands.inc();
+                session.run(&cmd).await?;
+                tracing::info!(%backend, %server, "server answers again; marked up");
+            }
+            for key in hung {
+                let (backend, server) = key.clone();
+                let cmd = ApiCommand::MarkDown {
+                    backend: backend.clone(),
+                    server: server.clone(),
+                };
+                self.metrics.runtime_commands.inc();
+                session.run(&cmd).await?;
+                if let Some(addr) = now.get(&key).and_then(|c| c.addr) {
+                    self.marked.watch(key, addr);
+                }
+                tracing::warn!(%backend, %server, "server stopped answering (requests timed out, none answered); marked down until it answers again");
+            }
+            self.counters = now;
+            Ok::<(), ApiError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(cause = %chain(&e), "cannot look for hung servers now");
         }
     }
 

@@ -7,10 +7,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use baker_client::model::{Address, InstanceId, ServiceName, Version};
+use baker_client::model::{Address, ServiceName, Version};
 
-use crate::config::{Checks, Config, Mode};
-use crate::plan::Desired;
+use crate::config::{Balance, Checks, Config, Mode, RouteOptions};
+use crate::plan::{Desired, ServerName};
 
 /// The embedded default template.
 pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/haproxy.cfg.tera");
@@ -81,15 +81,31 @@ pub struct ServiceContext {
     /// Options every server line of this backend carries; the ambassador uses the same ones on
     /// `add server`, so servers added at run time match those in the file.
     pub server_options: String,
+    /// The route's options (`BAKER_ROUTES`), in HAProxy's spelling.
+    pub balance: Balance,
+    pub timeout_connect: String,
+    pub timeout_server: String,
+    /// The server timeout of GET, HEAD and OPTIONS requests (HTTP services).
+    pub timeout_get: String,
+    pub retries: u32,
+    /// The stickiness cookie's name, when the route is `sticky`.
+    pub sticky_cookie: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerContext {
-    pub name: InstanceId,
+    /// Unique in the backend: the instance id, `service:id` for an instance of another
+    /// service, `backup:service:id` for a backup.
+    pub name: ServerName,
+    /// The service the instance belongs to (another one than the backend's when a route sends
+    /// it a share).
+    pub service: ServiceName,
     pub address: Address,
     pub port: u16,
     pub weight: u16,
     pub version: Version,
+    /// Serves only while no other server of the backend is up.
+    pub backup: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -114,6 +130,8 @@ pub struct Defaults {
     pub timeout_http_request: String,
     pub timeout_http_keep_alive: String,
     pub timeout_queue: String,
+    /// How long a health check may wait for its answer.
+    pub timeout_check: String,
     pub retries: u32,
     pub hard_stop_after: String,
     pub error_limit: u32,
@@ -129,8 +147,25 @@ fn millis(d: std::time::Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
+/// A duration in HAProxy's spelling, in the largest unit that keeps it whole (`2s`, `1m`,
+/// `1500ms`).
+fn haproxy_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms >= 3_600_000 && ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms >= 60_000 && ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms >= 1_000 && ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        _ => format!("{ms}ms"),
+    }
+}
+
 /// The options of every server line for a service in `mode`.
-pub fn server_options(mode: Mode, checks: &Checks, error_limit: u32) -> String {
+pub fn server_options(
+    mode: Mode,
+    checks: &Checks,
+    error_limit: u32,
+    options: &RouteOptions,
+) -> String {
     let observe = match mode {
         Mode::Http => "layer7",
         Mode::Tcp => "layer4",
@@ -142,7 +177,17 @@ pub fn server_options(mode: Mode, checks: &Checks, error_limit: u32) -> String {
         Checks::Off => "check inter 1h fastinter 1s downinter 1s rise 2 fall 1",
         Checks::Tcp | Checks::Http(_) => "check inter 2s fastinter 1s downinter 1s rise 2 fall 2",
     };
-    format!("{check} observe {observe} error-limit {error_limit} on-error mark-down")
+    let maxconn = options
+        .maxconn
+        .map(|n| format!(" maxconn {n}"))
+        .unwrap_or_default();
+    format!("{check} observe {observe} error-limit {error_limit} on-error mark-down{maxconn}")
+}
+
+/// The stickiness cookie of a `sticky` service: `baker-<service>`, one per service, since
+/// browsers share cookies between the ports of a host.
+pub fn sticky_cookie(service: &ServiceName) -> String {
+    format!("baker-{service}")
 }
 
 /// Builds the context from the configuration and the servers to run.
@@ -154,6 +199,7 @@ pub fn context(config: &Config, desired: &Desired) -> Context {
         timeout_http_request: "10s".into(),
         timeout_http_keep_alive: "10s".into(),
         timeout_queue: "5s".into(),
+        timeout_check: "1s".into(),
         retries: 3,
         hard_stop_after: millis(config.stop_timeout),
         error_limit: 5,
@@ -171,15 +217,28 @@ pub fn context(config: &Config, desired: &Desired) -> Context {
                     b.values()
                         .map(|d| ServerContext {
                             name: d.name.clone(),
+                            service: d.service.clone(),
                             address: d.address.clone(),
                             port: d.port,
                             weight: d.weight,
                             version: d.version.clone(),
+                            backup: d.backup,
                         })
                         .collect()
                 })
                 .unwrap_or_default(),
-            server_options: server_options(s.mode, &config.checks, defaults.error_limit),
+            server_options: server_options(
+                s.mode,
+                &config.checks,
+                defaults.error_limit,
+                &s.options,
+            ),
+            balance: s.options.balance,
+            timeout_connect: haproxy_duration(s.options.connect_timeout),
+            timeout_server: haproxy_duration(s.options.timeout),
+            timeout_get: haproxy_duration(s.options.get_timeout),
+            retries: s.options.retries,
+            sticky_cookie: s.options.sticky.then(|| sticky_cookie(&s.name)),
         })
         .collect();
     let path = |name: &str| config.run_dir.join(name).display().to_string();
@@ -243,40 +302,68 @@ mod tests {
                 name: "emitter".parse().unwrap(),
                 port: Some(8000),
                 mode: Mode::Http,
+                options: Default::default(),
             },
             ServiceRoute {
                 name: "transform".parse().unwrap(),
                 port: None,
                 mode: Mode::Http,
+                options: RouteOptions {
+                    balance: Balance::Leastconn,
+                    sticky: true,
+                    get_timeout: std::time::Duration::from_secs(10),
+                    ..Default::default()
+                },
             },
             ServiceRoute {
                 name: "db".parse().unwrap(),
                 port: Some(5432),
                 mode: Mode::Tcp,
+                options: RouteOptions {
+                    balance: Balance::First,
+                    connect_timeout: std::time::Duration::from_millis(200),
+                    timeout: std::time::Duration::from_secs(3600),
+                    maxconn: Some(100),
+                    retries: 1,
+                    ..Default::default()
+                },
             },
         ]);
         c.http_port = Some(8080);
         c.run_dir = "/run/baker".into();
         let mut d = Desired::new();
         let srv = |name: &str, port, weight, version: &str| DesiredServer {
-            name: name.parse().unwrap(),
-            address: "10.0.0.2".parse().unwrap(),
-            port,
-            weight,
             version: version.parse().unwrap(),
+            ..DesiredServer::sample(name, "10.0.0.2", port, weight)
+        };
+        let backend = |servers: Vec<DesiredServer>| {
+            servers
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect::<crate::plan::Backend>()
         };
         d.insert(
             "emitter".parse().unwrap(),
-            [
-                ("a".parse().unwrap(), srv("a", 8080, 231, "1")),
-                ("b".parse().unwrap(), srv("b", 8081, 26, "2")),
-            ]
-            .into(),
+            backend(vec![srv("a", 8080, 231, "1"), srv("b", 8081, 26, "2")]),
         );
         d.insert("transform".parse().unwrap(), Default::default());
+        let mut spare = baker_client::Instance {
+            port: 5433,
+            tags: vec!["backup".parse().unwrap()],
+            ..baker_client::Instance::sample("db", "db-2")
+        };
+        spare.address = "10.0.0.3".parse().unwrap();
         d.insert(
             "db".parse().unwrap(),
-            [("db-1".parse().unwrap(), srv("db-1", 5432, 100, "1"))].into(),
+            backend(vec![
+                srv("db-1", 5432, 100, "1"),
+                DesiredServer {
+                    name: crate::plan::ServerName::of(&"db".parse().unwrap(), &spare),
+                    service: spare.service.clone(),
+                    backup: true,
+                    ..srv("db-2", 5433, 100, "1")
+                },
+            ]),
         );
         (c, d)
     }

@@ -221,16 +221,8 @@ mod tests {
         let backend = servers
             .iter()
             .map(|(name, address)| {
-                (
-                    name.parse().unwrap(),
-                    DesiredServer {
-                        name: name.parse().unwrap(),
-                        address: address.parse().unwrap(),
-                        port: 80,
-                        weight: 100,
-                        version: "1".parse().unwrap(),
-                    },
-                )
+                let s = DesiredServer::sample(name, address, 80, 100);
+                (s.name.clone(), s)
             })
             .collect();
         [("be".parse().unwrap(), backend)].into()

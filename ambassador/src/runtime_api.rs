@@ -106,6 +106,11 @@ pub enum ApiCommand {
         backend: String,
         server: String,
     },
+    /// Computes the stickiness cookie of every server of a `sticky` backend, servers added at
+    /// run time included (they get none of their own).
+    EnableDynamicCookie {
+        backend: String,
+    },
     SetAddr {
         backend: String,
         server: String,
@@ -129,6 +134,16 @@ pub enum ApiCommand {
     },
     /// Closes every session of a server (a drain that timed out).
     ShutdownSessions {
+        backend: String,
+        server: String,
+    },
+    /// Marks a server down (a hung server).
+    MarkDown {
+        backend: String,
+        server: String,
+    },
+    /// Marks a server up again (a hung server that answers again).
+    MarkUp {
         backend: String,
         server: String,
     },
@@ -166,9 +181,12 @@ impl ApiCommand {
             ],
             ApiCommand::EnableHealth { .. }
             | ApiCommand::EnableServer { .. }
+            | ApiCommand::EnableDynamicCookie { .. }
             | ApiCommand::SetWeight { .. }
             | ApiCommand::SetState { .. }
-            | ApiCommand::ShutdownSessions { .. } => &[],
+            | ApiCommand::ShutdownSessions { .. }
+            | ApiCommand::MarkDown { .. }
+            | ApiCommand::MarkUp { .. } => &[],
         };
         answer.is_empty() || ok.iter().any(|o| answer.starts_with(o))
     }
@@ -201,6 +219,9 @@ impl fmt::Display for ApiCommand {
             ApiCommand::EnableServer { backend, server } => {
                 write!(f, "enable server {backend}/{server}")
             }
+            ApiCommand::EnableDynamicCookie { backend } => {
+                write!(f, "enable dynamic-cookie backend {backend}")
+            }
             ApiCommand::SetAddr {
                 backend,
                 server,
@@ -225,6 +246,12 @@ impl fmt::Display for ApiCommand {
             }
             ApiCommand::ShutdownSessions { backend, server } => {
                 write!(f, "shutdown sessions server {backend}/{server}")
+            }
+            ApiCommand::MarkDown { backend, server } => {
+                write!(f, "set server {backend}/{server} health down")
+            }
+            ApiCommand::MarkUp { backend, server } => {
+                write!(f, "set server {backend}/{server} health up")
             }
         }
     }
@@ -401,6 +428,13 @@ impl Session {
         let cmd = ApiCommand::ShowServersState;
         let text = self.ask(&cmd).await?;
         parse(&cmd, &text, parse_servers_state)
+    }
+
+    /// Response errors and answers per server (`show stat`).
+    pub async fn counters(&mut self) -> Result<crate::hung::Readings, ApiError> {
+        let cmd = ApiCommand::ShowServerStats;
+        let text = self.ask(&cmd).await?;
+        parse(&cmd, &text, crate::hung::parse_counters)
     }
 
     /// Current sessions per server (`show stat`).

@@ -9,7 +9,8 @@
 //!
 //! Labels: `baker.service` (required), `baker.port` (default: the only exposed TCP port),
 //! `baker.version` (default `1`), `baker.weight` (1-256, default 100), `baker.network` (whose
-//! address to register; default `BAKER_DOCKER_NETWORK`, else the container's only network).
+//! address to register; default `BAKER_DOCKER_NETWORK`, else the container's only network),
+//! `baker.backup` (`true`: registered with the tag `backup`).
 //! A container with a bad label is logged once, naming the label, and left out; nothing
 //! crashes. The instance id is the container's name, made unique when it has to be lower-cased
 //! or shortened ([`instance_id`]).
@@ -50,6 +51,9 @@ pub const PORT_LABEL: &str = "baker.port";
 pub const VERSION_LABEL: &str = "baker.version";
 pub const WEIGHT_LABEL: &str = "baker.weight";
 pub const NETWORK_LABEL: &str = "baker.network";
+/// `true` registers the container with the tag `backup`: the ambassadors send it traffic only
+/// while no other instance of its service is up.
+pub const BACKUP_LABEL: &str = "baker.backup";
 
 /// Where the engine listens when `DOCKER_HOST` is not set.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
@@ -185,6 +189,17 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
         },
         None => None,
     };
+    let backup = match labels.get(BACKUP_LABEL).map(|v| v.trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            problems.push(format!(
+                "{BACKUP_LABEL}: must be true or false, got {:?}",
+                printable(other)
+            ));
+            false
+        }
+    };
     let Some(service) = service else {
         return Verdict::Invalid {
             id,
@@ -237,7 +252,11 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
         port: u64::from(port),
         version: labels.get(VERSION_LABEL).map(|v| v.trim().to_owned()),
         weight,
-        tags: Vec::new(),
+        tags: if backup {
+            vec!["backup".to_owned()]
+        } else {
+            Vec::new()
+        },
         ttl_ms: None,
     };
     match spec.validate() {
@@ -826,6 +845,27 @@ mod tests {
         two.config.as_mut().unwrap().exposed_ports = Some(vec!["80/tcp".into(), "443/tcp".into()]);
         assert!(
             matches!(verdict(&two, None), Verdict::Invalid { message, .. } if message.contains("2 TCP ports"))
+        );
+    }
+
+    #[test]
+    fn the_backup_label_tags_the_instance() {
+        let tags = |value: &str| {
+            let c = container(
+                &[("baker.service", "db"), ("baker.backup", value)],
+                &[("bridge", "172.17.0.3")],
+            );
+            let (_, _, spec) = registered(verdict(&c, None));
+            spec.tags.iter().map(|t| t.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(tags("true"), ["backup"]);
+        assert!(tags("false").is_empty());
+        let c = container(
+            &[("baker.service", "db"), ("baker.backup", "yes please")],
+            &[("bridge", "172.17.0.3")],
+        );
+        assert!(
+            matches!(verdict(&c, None), Verdict::Invalid { message, .. } if message.contains("baker.backup: must be true or false"))
         );
     }
 

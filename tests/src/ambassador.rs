@@ -22,6 +22,11 @@ pub struct TestAmbassador {
     wrapper: Vec<String>,
 }
 
+/// The service's name in a `services` entry (`"db=tcp;balance=first"` → `db`).
+fn service_name(entry: &str) -> &str {
+    entry.split(['=', ';']).next().unwrap_or(entry)
+}
+
 /// The master's view of HAProxy's processes (`show proc`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcInfo {
@@ -30,12 +35,13 @@ pub struct ProcInfo {
 }
 
 impl TestAmbassador {
-    /// Starts an ambassador for `services` (`"emitter"` or `"db=tcp"`) against `directory`,
+    /// Starts an ambassador for `services` (`"emitter"`, `"db=tcp"`, with options after a `;`:
+    /// `"db=tcp;balance=first"`) against `directory`,
     /// each on a free port, with a shared HTTP port and an admin port, bound to 127.0.0.1.
     pub async fn start(directory: &str, services: &[&str], extra_env: &[(&str, &str)]) -> Self {
         let ports: BTreeMap<String, u16> = services
             .iter()
-            .map(|s| (s.split('=').next().unwrap_or(s).to_owned(), free_port()))
+            .map(|s| (service_name(s).to_owned(), free_port()))
             .collect();
         Self::start_on(directory, services, ports, free_port(), extra_env).await
     }
@@ -50,7 +56,7 @@ impl TestAmbassador {
     ) -> Self {
         let ports: BTreeMap<String, u16> = services
             .iter()
-            .map(|s| (s.split('=').next().unwrap_or(s).to_owned(), free_port()))
+            .map(|s| (service_name(s).to_owned(), free_port()))
             .collect();
         Self::launch(directory, services, ports, free_port(), extra_env, wrapper).await
     }
@@ -81,13 +87,17 @@ impl TestAmbassador {
         let routes: Vec<String> = services
             .iter()
             .map(|s| {
+                let (s, options) = match s.split_once(';') {
+                    Some((s, o)) => (s, format!(";{o}")),
+                    None => (*s, String::new()),
+                };
                 let name = s.split('=').next().unwrap_or(s);
                 let mode = s
                     .split('=')
                     .nth(1)
                     .map(|m| format!("={m}"))
                     .unwrap_or_default();
-                format!("{name}={}{mode}", ports[name])
+                format!("{name}={}{mode}{options}", ports[name])
             })
             .collect();
         let routes = routes.join(",");

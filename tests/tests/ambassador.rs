@@ -545,8 +545,8 @@ fn custom_template() -> String {
     ))
     .expect("reading the default template");
     default.replace(
-        "    balance roundrobin\n",
-        "    balance roundrobin\n    http-response set-header X-Template custom if { always_true }\n",
+        "    balance {{ s.balance }}\n",
+        "    balance {{ s.balance }}\n    http-response set-header X-Template custom if { always_true }\n",
     )
 }
 
@@ -613,8 +613,8 @@ async fn restart_with_a_new_service_and_template_override() {
     std::fs::write(
         &tpath,
         custom_template().replace(
-            "balance roundrobin",
-            "balance roundrobin\n    no-such-keyword here",
+            "balance {{ s.balance }}",
+            "balance {{ s.balance }}\n    no-such-keyword here",
         ),
     )
     .unwrap();
@@ -645,8 +645,8 @@ async fn restart_with_a_new_service_and_template_override() {
     std::fs::write(
         &tpath,
         custom_template().replace(
-            "balance roundrobin",
-            "balance roundrobin\n    no-such-keyword here",
+            "balance {{ s.balance }}",
+            "balance {{ s.balance }}\n    no-such-keyword here",
         ),
     )
     .unwrap();
@@ -1087,7 +1087,7 @@ async fn a_refused_add_server_is_reported_not_claimed_and_reloads() {
         return;
     }
     let template = tempfile::NamedTempFile::new().unwrap();
-    let text = custom_template().replace("    balance roundrobin\n", "    balance source\n");
+    let text = custom_template().replace("    balance {{ s.balance }}\n", "    balance source\n");
     std::fs::write(template.path(), text).unwrap();
     let path = template.path().display().to_string();
     let dir = TestDirectory::start(&[]).await;
