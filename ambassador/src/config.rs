@@ -8,7 +8,7 @@ use baker_client::api::parse_token;
 use baker_client::config::vars::{
     self, ENV_ADMIN, ENV_BENCH_FORCE_RELOAD, ENV_BIND, ENV_CHECKS, ENV_DIRECTORY,
     ENV_DRAIN_TIMEOUT, ENV_GRACE, ENV_HAPROXY, ENV_HTTP_PORT, ENV_ROUTES, ENV_RUN_DIR,
-    ENV_STOP_TIMEOUT, ENV_TEMPLATE, ENV_TOKEN,
+    ENV_STOP_TIMEOUT, ENV_TEMPLATE, ENV_TOKEN, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::ServiceName;
@@ -248,6 +248,8 @@ pub enum Checks {
 pub struct Config {
     pub directory: String,
     pub token: Option<String>,
+    /// `BAKER_WATCH_TOKEN`: sent with the watch instead of `token`, when set.
+    pub watch_token: Option<String>,
     pub services: Vec<ServiceRoute>,
     pub http_port: Option<u16>,
     /// Address of the admin listener (loopback unless `BAKER_ADMIN` names an address); `None`
@@ -275,6 +277,7 @@ impl Config {
         Config {
             directory: baker_client::api::DEFAULT_DIRECTORY.to_owned(),
             token: None,
+            watch_token: None,
             services,
             http_port: None,
             admin: Some(SocketAddr::new(DEFAULT_ADMIN_IP, DEFAULT_ADMIN_PORT)),
@@ -299,6 +302,7 @@ impl Config {
             })
             .unwrap_or_else(|| baker_client::api::DEFAULT_DIRECTORY.to_owned());
         let token = r.parse_secret(ENV_TOKEN, parse_token);
+        let watch_token = r.parse_secret(ENV_WATCH_TOKEN, parse_token);
         let http_port = r.parse(ENV_HTTP_PORT, parse_port);
         let services = match r.get(ENV_ROUTES) {
             None => {
@@ -382,6 +386,7 @@ impl Config {
         r.finish(Config {
             directory,
             token,
+            watch_token,
             services,
             http_port,
             admin,

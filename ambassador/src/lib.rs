@@ -96,7 +96,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     )
     .await?;
 
-    let client = DirectoryClient::new(&config.directory, config.token.clone())?;
+    let client = DirectoryClient::new(&config.directory, config.token.clone())?
+        .with_watch_token(config.watch_token.clone())?;
     tasks.spawn(watch::run(
         client,
         config.services.clone(),

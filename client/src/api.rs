@@ -143,6 +143,8 @@ pub struct DirectoryClient {
     /// The replica calls go to first: the last one that answered.
     current: Arc<AtomicUsize>,
     token: Option<String>,
+    /// Sent with watches instead of `token`, when set.
+    watch_token: Option<String>,
     http: reqwest::Client,
 }
 
@@ -169,8 +171,21 @@ impl DirectoryClient {
             replicas: replicas.into(),
             current: Arc::new(AtomicUsize::new(0)),
             token,
+            watch_token: None,
             http,
         })
+    }
+
+    /// This client, sending `watch_token` (when given and not empty) with watches instead of
+    /// the main token: a directory with `BAKER_WATCH_TOKEN` set requires it (or its
+    /// `BAKER_TOKEN`) of every watch.
+    pub fn with_watch_token(mut self, watch_token: Option<String>) -> Result<Self, ClientError> {
+        let watch_token = watch_token.filter(|t| !t.is_empty());
+        if let Some(t) = &watch_token {
+            parse_token(t).map_err(ClientError::BadToken)?;
+        }
+        self.watch_token = watch_token;
+        Ok(self)
     }
 
     /// The current replica's base URL (the directory's, when there is one).
@@ -464,7 +479,11 @@ impl DirectoryClient {
     ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static, ClientError>
     {
         let url = self.replicas[replica].clone();
-        let send = self.request(replica, Method::GET, path).send();
+        let mut req = self.http.request(Method::GET, format!("{url}{path}"));
+        if let Some(t) = self.watch_token.as_ref().or(self.token.as_ref()) {
+            req = req.bearer_auth(t);
+        }
+        let send = req.send();
         let resp = match tokio::time::timeout(WATCH_OPEN_TIMEOUT, send).await {
             Err(_) => return Err(ClientError::Idle(WATCH_OPEN_TIMEOUT)),
             Ok(r) => r.map_err(|e| ClientError::Unreachable {

@@ -105,7 +105,8 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Watch {
             timestamps,
             services,
-        } => watch::watch(ctx, timestamps, &services).await,
+            watch_token,
+        } => watch::watch(ctx, timestamps, &services, watch_token).await,
         Command::Register(reg) => register::register(ctx, &reg).await,
         Command::Deregister { service, id } => register::deregister(ctx, &service, &id).await,
         Command::Links { links, export } => links::links(ctx, &links, export),

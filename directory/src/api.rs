@@ -11,7 +11,8 @@ use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE,
+    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    WWW_AUTHENTICATE,
 };
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -29,7 +30,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::Registry;
+use crate::quota::Exceeded;
+use crate::registry::{Refused, Registry, RouteError};
 use crate::server::ConnInfo;
 use crate::watch;
 
@@ -42,6 +44,8 @@ pub struct AppState {
     pub registry: Registry,
     /// The bearer token mutating calls need, if any.
     pub token: Option<Arc<str>>,
+    /// The bearer token a watch needs, if any (`token` is accepted too).
+    pub watch_token: Option<Arc<str>>,
     pub watch: watch::Limits,
     /// Cancelled when the directory shuts down: watch streams end.
     pub shutdown: CancellationToken,
@@ -57,6 +61,10 @@ pub enum ApiError {
     /// The call contradicts the directory's state (409); the message says why.
     Conflict(String),
     TooLarge,
+    /// A new instance or route past a quota (429): the body names the quota and its variable.
+    Quota(Exceeded),
+    /// Every watch slot is taken (503): the client should retry later.
+    Busy(String),
     Timeout(Duration),
     /// A fault of the directory: logged, answered with a bare 500.
     Internal(anyhow::Error),
@@ -91,6 +99,25 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
+            ApiError::Quota(e) => {
+                let body = Json(serde_json::json!({
+                    "error": e.to_string(),
+                    "quota": e.quota.name(),
+                    "variable": e.quota.variable(),
+                    "limit": e.limit,
+                }));
+                return (StatusCode::TOO_MANY_REQUESTS, body).into_response();
+            }
+            ApiError::Busy(m) => {
+                let body = Json(ErrorBody { error: m });
+                // Closing the connection frees its slot for a client that can be served.
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(RETRY_AFTER, "5"), (CONNECTION, "close")],
+                    body,
+                )
+                    .into_response();
+            }
             ApiError::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body is larger than {} KiB", MAX_BODY / 1024),
@@ -157,25 +184,57 @@ impl AppState {
         let Some(token) = &self.token else {
             return Ok(());
         };
-        let Some(value) = headers.get(AUTHORIZATION) else {
-            return Err(ApiError::Unauthorized(
-                "missing bearer token: send `Authorization: Bearer <BAKER_TOKEN>`",
-            ));
-        };
-        let value = value.as_bytes();
-        let presented = match value.get(..7) {
-            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => value[7..].trim_ascii(),
-            _ => {
-                return Err(ApiError::Unauthorized(
-                    "the Authorization header must be `Bearer <BAKER_TOKEN>`",
-                ))
-            }
-        };
+        let presented = bearer(headers, "BAKER_TOKEN")?;
         if bool::from(presented.ct_eq(token.as_bytes())) {
             Ok(())
         } else {
             Err(ApiError::Unauthorized("wrong bearer token"))
         }
+    }
+
+    /// Checks the bearer token of a watch: `BAKER_WATCH_TOKEN` or `BAKER_TOKEN`, when
+    /// `BAKER_WATCH_TOKEN` is set; a watch needs none otherwise.
+    fn authorize_watch(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(watch_token) = &self.watch_token else {
+            return Ok(());
+        };
+        let presented = bearer(headers, "BAKER_WATCH_TOKEN")?;
+        // Both comparisons run, whichever matches, so the time taken tells nothing.
+        let watch = presented.ct_eq(watch_token.as_bytes());
+        let main = match &self.token {
+            Some(t) => presented.ct_eq(t.as_bytes()),
+            None => subtle::Choice::from(0),
+        };
+        if bool::from(watch | main) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized(
+                "wrong bearer token: a watch needs BAKER_WATCH_TOKEN (or BAKER_TOKEN)",
+            ))
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; `expected` names the variable the
+/// error messages ask for.
+fn bearer<'h>(headers: &'h HeaderMap, expected: &str) -> Result<&'h [u8], ApiError> {
+    let (missing, malformed) = match expected {
+        "BAKER_WATCH_TOKEN" => (
+            "missing bearer token: send `Authorization: Bearer <BAKER_WATCH_TOKEN>`",
+            "the Authorization header must be `Bearer <BAKER_WATCH_TOKEN>`",
+        ),
+        _ => (
+            "missing bearer token: send `Authorization: Bearer <BAKER_TOKEN>`",
+            "the Authorization header must be `Bearer <BAKER_TOKEN>`",
+        ),
+    };
+    let value = headers
+        .get(AUTHORIZATION)
+        .ok_or(ApiError::Unauthorized(missing))?
+        .as_bytes();
+    match value.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => Ok(value[7..].trim_ascii()),
+        _ => Err(ApiError::Unauthorized(malformed)),
     }
 }
 
@@ -233,10 +292,11 @@ async fn put_instance(
     let (service, id) = instance_path(&service, &id)?;
     let spec: InstanceSpec = read_json(&headers, body).await?;
     let spec = spec.validate().map_err(ApiError::invalid)?;
-    app.registry
-        .upsert(&service, &id, spec, Source::Registrar)
-        .map(Json)
-        .map_err(|e| ApiError::Conflict(e.to_string()))
+    match app.registry.upsert(&service, &id, spec, Source::Registrar) {
+        Ok(instance) => Ok(Json(instance)),
+        Err(Refused::Conflict(e)) => Err(ApiError::Conflict(e.to_string())),
+        Err(Refused::Quota(e)) => Err(ApiError::Quota(e)),
+    }
 }
 
 async fn delete_instance(
@@ -335,7 +395,8 @@ async fn put_route(
         Ok(None) => Err(ApiError::Internal(anyhow::anyhow!(
             "setting the route of {service} reported no route"
         ))),
-        Err(e) => Err(ApiError::Internal(
+        Err(RouteError::Quota(e)) => Err(ApiError::Quota(e)),
+        Err(RouteError::Store(e)) => Err(ApiError::Internal(
             anyhow::Error::new(e).context(format!("saving the route of {service}")),
         )),
     }
@@ -354,7 +415,8 @@ async fn delete_route(
         Ok(None) => Err(ApiError::NotFound(format!(
             "service {service} has no route"
         ))),
-        Err(e) => Err(ApiError::Internal(
+        Err(RouteError::Quota(e)) => Err(ApiError::Quota(e)),
+        Err(RouteError::Store(e)) => Err(ApiError::Internal(
             anyhow::Error::new(e).context(format!("clearing the route of {service}")),
         )),
     }
@@ -421,7 +483,9 @@ async fn watch(
     State(app): State<AppState>,
     query: Result<Query<WatchQuery>, QueryRejection>,
     conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    app.authorize_watch(&headers)?;
     let Query(query) = query.map_err(|r| {
         ApiError::BadRequest(format!(
             "bad query: {} (the parameters are v=1|2 and service=NAME[,NAME...])",
@@ -429,9 +493,23 @@ async fn watch(
         ))
     })?;
     let request = query.request()?;
-    let (close, peer) = match conn {
-        Some(Extension(c)) => (c.close, c.peer.to_string()),
-        None => (CancellationToken::new(), "unknown".to_owned()),
+    let (close, peer, slot) = match conn {
+        Some(Extension(c)) => {
+            let slot = c.watch_slots.try_acquire_owned().map_err(|_| {
+                app.registry.metrics().watches_refused.inc();
+                tracing::warn!(
+                    peer = %c.peer,
+                    "refused a watch: {} watch streams are open, the most BAKER_MAX_WATCHES allows",
+                    c.max_watches
+                );
+                ApiError::Busy(format!(
+                    "{} watch streams are open, the most BAKER_MAX_WATCHES allows: try again later",
+                    c.max_watches
+                ))
+            })?;
+            (c.close, c.peer.to_string(), Some(slot))
+        }
+        None => (CancellationToken::new(), "unknown".to_owned(), None),
     };
     let body = watch::open(
         &app.registry,
@@ -441,6 +519,8 @@ async fn watch(
         app.shutdown.clone(),
         peer,
     );
+    // The slot is held as long as the stream is.
+    let body = Body::new(crate::server::Holding::new(body, slot));
     Ok((
         [
             (CONTENT_TYPE, watch::CONTENT_TYPE),

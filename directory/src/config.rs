@@ -9,16 +9,19 @@ use std::time::Duration;
 use baker_client::api::parse_token;
 use baker_client::config::vars::{
     self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_LISTEN, ENV_MAX_CONNECTIONS,
-    ENV_REQUEST_TIMEOUT, ENV_TOKEN,
+    ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES, ENV_MAX_SERVICES,
+    ENV_MAX_WATCHES, ENV_REQUEST_TIMEOUT, ENV_TOKEN, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
+
+use crate::quota::Quotas;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7700";
 /// Default data directory (relative to the working directory).
 pub const DEFAULT_DATA: &str = "./data";
 /// Default limit of open client connections (watchers included).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 /// Default time a non-watch request may take, body included.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,7 +67,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `BAKER_TOKEN`: the bearer token every mutating call must present; `None` leaves them open.
     pub token: Option<String>,
-    /// `BAKER_DATA`: the directory holding `routes.json`, created if missing.
+    /// `BAKER_WATCH_TOKEN`: a bearer token `GET /v1/watch` must present (`BAKER_TOKEN` is
+    /// accepted too); `None` leaves watches open.
+    pub watch_token: Option<String>,
+    /// `BAKER_DATA`: the directory holding the routes, created if missing.
     pub data: PathBuf,
     /// `BAKER_DOCKER`: used by Docker discovery.
     pub docker: DockerMode,
@@ -73,6 +79,12 @@ pub struct Config {
     pub docker_network: Option<String>,
     /// `BAKER_MAX_CONNECTIONS`: open connections beyond this wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// `BAKER_MAX_WATCHES`: open watch streams at most, fewer than `max_connections`, so that
+    /// watchers never take the slots heartbeats, route changes and `/healthz` need.
+    pub max_watches: usize,
+    /// `BAKER_MAX_INSTANCES_PER_SERVICE`, `BAKER_MAX_SERVICES`, `BAKER_MAX_ROUTES`,
+    /// `BAKER_MAX_INSTANCES`.
+    pub quotas: Quotas,
     /// `BAKER_REQUEST_TIMEOUT`: longest time a request other than a watch may take, body
     /// included; also bounds how long a client may take to send its request headers.
     pub request_timeout: Duration,
@@ -82,6 +94,9 @@ pub struct Config {
     pub watch_backlog_lines: usize,
     /// Most bytes one watcher may have queued before it is disconnected as too slow.
     pub watch_backlog_bytes: usize,
+    /// How long a connection's writes may make no progress (its client reads nothing) before
+    /// it is closed: a watcher that never reads does not keep its slot.
+    pub write_stall: Duration,
     /// How long open connections get to finish on shutdown before they are closed.
     pub shutdown_grace: Duration,
 }
@@ -91,14 +106,18 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("constant address"),
             token: None,
+            watch_token: None,
             data: PathBuf::from(DEFAULT_DATA),
             docker: DockerMode::Auto,
             docker_network: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_watches: DEFAULT_MAX_CONNECTIONS / 2,
+            quotas: Quotas::default(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             watch_ping: Duration::from_secs(5),
             watch_backlog_lines: 1024,
             watch_backlog_bytes: 16 * 1024 * 1024,
+            write_stall: Duration::from_secs(15),
             shutdown_grace: Duration::from_millis(500),
         }
     }
@@ -114,6 +133,7 @@ impl Config {
                 .map_err(|_| "must be an address such as 0.0.0.0:7700 or [::]:7700")
         });
         let token = r.parse_secret(ENV_TOKEN, parse_token);
+        let watch_token = r.parse_secret(ENV_WATCH_TOKEN, parse_token);
         let data = r.parse(ENV_DATA, |s| Ok::<_, String>(PathBuf::from(s)));
         let docker = r.value(ENV_DOCKER, DockerMode::Auto);
         let docker_network = r.parse(ENV_DOCKER_NETWORK, parse_network);
@@ -121,18 +141,47 @@ impl Config {
             Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
             _ => Err("must be a number between 1 and 1000000"),
         });
+        let max_connections = max_connections.unwrap_or(defaults.max_connections);
+        let max_watches = r
+            .parse(ENV_MAX_WATCHES, |s| match s.parse::<usize>() {
+                Ok(n) if (1..max_connections).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "must be a number from 1 to {}, below BAKER_MAX_CONNECTIONS ({max_connections}), \
+                     so that watches leave connections to heartbeats and route changes",
+                    max_connections.saturating_sub(1)
+                )),
+            })
+            .unwrap_or(max_connections / 2);
+        let quotas = Quotas {
+            instances_per_service: quota(&mut r, ENV_MAX_INSTANCES_PER_SERVICE)
+                .unwrap_or(defaults.quotas.instances_per_service),
+            services: quota(&mut r, ENV_MAX_SERVICES).unwrap_or(defaults.quotas.services),
+            routes: quota(&mut r, ENV_MAX_ROUTES).unwrap_or(defaults.quotas.routes),
+            instances: quota(&mut r, ENV_MAX_INSTANCES).unwrap_or(defaults.quotas.instances),
+        };
         let request_timeout = r.duration(ENV_REQUEST_TIMEOUT, defaults.request_timeout);
         r.finish(Config {
             listen: listen.unwrap_or(defaults.listen),
             token,
+            watch_token,
             data: data.unwrap_or(defaults.data),
             docker,
             docker_network,
-            max_connections: max_connections.unwrap_or(defaults.max_connections),
+            max_connections,
+            max_watches,
+            quotas,
             request_timeout,
             ..Config::default()
         })
     }
+}
+
+/// A count quota: 1 to 100,000,000.
+fn quota(r: &mut Reader<'_>, name: &'static str) -> Option<usize> {
+    r.parse(name, |s| match s.parse::<usize>() {
+        Ok(n) if (1..=100_000_000).contains(&n) => Ok(n),
+        _ => Err("must be a number between 1 and 100000000"),
+    })
 }
 
 /// Docker network names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
@@ -175,9 +224,26 @@ mod tests {
             ("BAKER_DOCKER", "OFF"),
             ("BAKER_DOCKER_NETWORK", "baker_net"),
             ("BAKER_MAX_CONNECTIONS", "10"),
+            ("BAKER_MAX_WATCHES", "9"),
+            ("BAKER_WATCH_TOKEN", "w4tch"),
+            ("BAKER_MAX_INSTANCES_PER_SERVICE", "5"),
+            ("BAKER_MAX_SERVICES", "6"),
+            ("BAKER_MAX_ROUTES", "7"),
+            ("BAKER_MAX_INSTANCES", "8"),
             ("BAKER_REQUEST_TIMEOUT", "2s"),
         ]))
         .unwrap();
+        assert_eq!(c.max_watches, 9);
+        assert_eq!(c.watch_token.as_deref(), Some("w4tch"));
+        assert_eq!(
+            c.quotas,
+            Quotas {
+                instances_per_service: 5,
+                services: 6,
+                routes: 7,
+                instances: 8
+            }
+        );
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.token.as_deref(), Some("s3cret"));
         assert_eq!(c.data, PathBuf::from("/tmp/x"));
@@ -204,6 +270,35 @@ mod tests {
             Some(DEFAULT_MAX_CONNECTIONS.to_string())
         );
         assert_eq!(shown(ENV_REQUEST_TIMEOUT), d(DEFAULT_REQUEST_TIMEOUT));
+        let q = Quotas::default();
+        for (name, value) in [
+            (ENV_MAX_INSTANCES_PER_SERVICE, q.instances_per_service),
+            (ENV_MAX_SERVICES, q.services),
+            (ENV_MAX_ROUTES, q.routes),
+            (ENV_MAX_INSTANCES, q.instances),
+        ] {
+            assert_eq!(shown(name), Some(value.to_string()), "{name}");
+        }
+        let c = Config::default();
+        assert_eq!(c.max_watches, c.max_connections / 2);
+        let c = Config::from_env(&env(&[("BAKER_MAX_CONNECTIONS", "100")])).unwrap();
+        assert_eq!(c.max_watches, 50);
+    }
+
+    #[test]
+    fn watches_stay_below_the_connection_limit() {
+        let errs = Config::from_env(&env(&[
+            ("BAKER_MAX_CONNECTIONS", "100"),
+            ("BAKER_MAX_WATCHES", "100"),
+        ]))
+        .unwrap_err();
+        assert_eq!(errs.0.len(), 1);
+        assert!(
+            errs.0[0]
+                .1
+                .starts_with("must be a number from 1 to 99, below BAKER_MAX_CONNECTIONS"),
+            "{errs}"
+        );
     }
 
     #[test]
@@ -222,6 +317,8 @@ mod tests {
             ("BAKER_DOCKER", "maybe"),
             ("BAKER_DOCKER_NETWORK", "bad/net"),
             ("BAKER_MAX_CONNECTIONS", "0"),
+            ("BAKER_MAX_WATCHES", "x"),
+            ("BAKER_MAX_ROUTES", "0"),
             ("BAKER_REQUEST_TIMEOUT", "10"),
             ("BAKER_TOKN", "s3cret"),
         ]))
@@ -235,6 +332,8 @@ mod tests {
                 "BAKER_DOCKER",
                 "BAKER_DOCKER_NETWORK",
                 "BAKER_MAX_CONNECTIONS",
+                "BAKER_MAX_WATCHES",
+                "BAKER_MAX_ROUTES",
                 "BAKER_REQUEST_TIMEOUT",
                 "BAKER_TOKN",
             ]

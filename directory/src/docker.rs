@@ -520,9 +520,12 @@ impl Tracker {
                     }
                 }
                 self.noted.remove(container);
-                // Docker's own registrations are never refused (only the API's are).
-                let _ = registry.upsert(&service, &id, spec, Source::Docker);
-                self.registered.insert(container.to_owned(), (service, id));
+                // Docker takes over any other source's instance; only a quota refuses it, which
+                // the registry logs. The container is registered at its next event, or at the
+                // next resync, once there is room.
+                if registry.upsert(&service, &id, spec, Source::Docker).is_ok() {
+                    self.registered.insert(container.to_owned(), (service, id));
+                }
             }
             Verdict::Absent { id, reason } => {
                 self.labelled.insert(container.to_owned());

@@ -9,6 +9,7 @@
 //!   change feed every change is published on, with its revision, cause and time.
 //! - [`store`]: where the table lives ([`store::Store`]; in memory today).
 //! - [`feed`]: the change feed's subscribers, unfiltered or by service.
+//! - [`quota`]: the limits on instances, services and routes.
 //! - [`routes`]: `routes.json`, written atomically, loaded at start.
 //! - [`watch`]: the watch stream, with bounded per-watcher queues.
 //! - [`api`]: HTTP handlers, bearer-token checks, body limits and JSON errors.
@@ -28,6 +29,7 @@ pub mod docker;
 pub mod etcd;
 pub mod feed;
 pub mod metrics;
+pub mod quota;
 pub mod registry;
 pub mod routes;
 pub mod server;
@@ -70,7 +72,13 @@ pub async fn run(
         store.path().display()
     );
     let metrics = Arc::new(metrics::Metrics::new());
-    let registry = Registry::new(store, loaded, metrics, config.watch_backlog_lines);
+    let registry = Registry::with_quotas(
+        store,
+        loaded,
+        metrics.clone(),
+        config.watch_backlog_lines,
+        config.quotas,
+    );
     let discovery = docker::enabled(config.docker).then(|| {
         let (registry, network, shutdown) = (
             registry.clone(),
@@ -97,6 +105,7 @@ pub async fn run(
     let state = api::AppState {
         registry,
         token: config.token.as_deref().map(Arc::from),
+        watch_token: config.watch_token.as_deref().map(Arc::from),
         watch: watch::Limits {
             ping: config.watch_ping,
             backlog_lines: config.watch_backlog_lines,
@@ -109,10 +118,12 @@ pub async fn run(
     tracing::info!("listening on {addr}");
     let limits = server::Limits {
         max_connections: config.max_connections,
+        max_watches: config.max_watches,
         header_timeout: config.request_timeout,
+        write_stall: config.write_stall,
         grace: config.shutdown_grace,
     };
-    server::serve(listener, app, limits, shutdown.clone()).await;
+    server::serve(listener, app, limits, metrics, shutdown.clone()).await;
     shutdown.cancel();
     let _ = expiry.await;
     if let Some(discovery) = discovery {

@@ -13,6 +13,7 @@ fn main() {
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
+    baker_directory::server::raise_open_files(config.max_connections);
     if let Err(e) = serve(config) {
         eprintln!("baker-directory: {e:#}");
         std::process::exit(1);

@@ -16,6 +16,11 @@ pub struct ServiceLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabel {
+    pub quota: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: &'static str,
 }
@@ -58,6 +63,12 @@ pub struct Metrics {
     pub watchers_dropped: Counter,
     /// Lines (snapshots, events, pings) handed to watch streams.
     pub watch_events: Counter,
+    /// Registrations and routes refused because they would exceed a quota, by quota.
+    pub quota_refusals: Family<QuotaLabel, Counter>,
+    /// Watch requests refused because `BAKER_MAX_WATCHES` streams were open.
+    pub watches_refused: Counter,
+    /// Connections closed because their writes made no progress (the client read nothing).
+    pub connections_stalled: Counter,
 }
 
 impl Default for Metrics {
@@ -81,6 +92,9 @@ impl Metrics {
             watchers: Gauge::default(),
             watchers_dropped: Counter::default(),
             watch_events: Counter::default(),
+            quota_refusals: Family::default(),
+            watches_refused: Counter::default(),
+            connections_stalled: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -129,6 +143,21 @@ impl Metrics {
             "watch_events",
             "Lines (snapshots, events, pings) sent to watch streams",
             m.watch_events.clone(),
+        );
+        registry.register(
+            "quota_refusals",
+            "Registrations and routes refused because they would exceed a quota, by quota",
+            m.quota_refusals.clone(),
+        );
+        registry.register(
+            "watches_refused",
+            "Watch requests refused because BAKER_MAX_WATCHES streams were open",
+            m.watches_refused.clone(),
+        );
+        registry.register(
+            "connections_stalled",
+            "Connections closed because their client read nothing for too long",
+            m.connections_stalled.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -35,7 +35,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::{Feed, Published, Receiver};
-use crate::metrics::{Metrics, ServiceLabel};
+use crate::metrics::{Metrics, QuotaLabel, ServiceLabel};
+use crate::quota::{Exceeded, Occupancy, Quotas};
 use crate::routes::{RouteStore, StoreError};
 use crate::store::{MemoryStore, Store};
 
@@ -72,6 +73,8 @@ struct Inner {
     /// Wakes the expiry timer when a deadline earlier than all others appears.
     wake: Notify,
     metrics: Arc<Metrics>,
+    /// The limits on growth, checked under the table's lock.
+    quotas: Quotas,
     route_file: RouteStore,
     /// Serializes route writes, so that each one persists the routes as the previous one left them.
     route_writes: tokio::sync::Mutex<()>,
@@ -107,6 +110,24 @@ struct Table {
 pub struct Conflict {
     pub service: ServiceName,
     pub id: InstanceId,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    #[error(transparent)]
+    Quota(#[from] Exceeded),
+}
+
+/// Why a route change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Quota(#[from] Exceeded),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What an upsert did to the table.
@@ -192,6 +213,25 @@ impl Table {
     fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|(d, _, _)| *d)
     }
+
+    /// Whether `service`/`id` may be put: always if it is registered, else if it fits `quotas`.
+    fn admit(
+        &self,
+        quotas: &Quotas,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<(), Exceeded> {
+        if self.store.instance(service, id).is_some() {
+            return Ok(());
+        }
+        let (services, instances) = self.store.totals();
+        let occupancy = Occupancy {
+            in_service: self.store.count(service),
+            services,
+            instances,
+        };
+        quotas.admit_instance(service, occupancy)
+    }
 }
 
 /// A subscription to the change feed, with the snapshot it starts from. Dropping it
@@ -227,12 +267,30 @@ impl Registry {
         metrics: Arc<Metrics>,
         event_capacity: usize,
     ) -> Registry {
+        Registry::with_quotas(
+            route_file,
+            routes,
+            metrics,
+            event_capacity,
+            Quotas::default(),
+        )
+    }
+
+    /// [`Registry::new`] with the given quotas.
+    pub fn with_quotas(
+        route_file: RouteStore,
+        routes: BTreeMap<ServiceName, Route>,
+        metrics: Arc<Metrics>,
+        event_capacity: usize,
+        quotas: Quotas,
+    ) -> Registry {
         metrics.routes.set(routes.len() as i64);
         Registry::with_store(
             Box::new(MemoryStore::new(routes)),
             route_file,
             metrics,
             event_capacity,
+            quotas,
         )
     }
 
@@ -242,6 +300,7 @@ impl Registry {
         route_file: RouteStore,
         metrics: Arc<Metrics>,
         event_capacity: usize,
+        quotas: Quotas,
     ) -> Registry {
         Registry {
             inner: Arc::new(Inner {
@@ -255,6 +314,7 @@ impl Registry {
                 }),
                 wake: Notify::new(),
                 metrics,
+                quotas,
                 route_file,
                 route_writes: tokio::sync::Mutex::new(()),
                 snapshot: Mutex::new(None),
@@ -410,17 +470,20 @@ impl Registry {
     /// A new instance, or one whose address, port, version, weight, tags, TTL or source
     /// changed, is published to watchers; a plain heartbeat only renews the TTL and `last_seen`.
     /// A registrar's registration of an instance Docker discovered is refused and changes
-    /// nothing; Docker's replaces a registrar's.
+    /// nothing; Docker's replaces a registrar's. A new instance past a quota is refused and
+    /// changes nothing.
     pub fn upsert(
         &self,
         service: &ServiceName,
         id: &InstanceId,
         spec: ValidSpec,
         source: Source,
-    ) -> Result<Instance, Conflict> {
+    ) -> Result<Instance, Refused> {
         let instance = instance_of(service, id, spec, source);
         let mut t = self.lock();
         check_takeover(&t, service, id, source)?;
+        t.admit(&self.inner.quotas, service, id)
+            .inspect_err(|e| self.refused(e))?;
         let before = t.next_deadline();
         let (outcome, revision) = t.put(instance.clone(), Instant::now());
         self.rearm(before, t.next_deadline());
@@ -514,8 +577,15 @@ impl Registry {
                 self.publish_remove(&mut t, revision, instance, RemoveCause::DockerResync);
             }
         }
+        let mut over_quota: Option<(Exceeded, usize)> = None;
         for ((service, id), spec) in desired {
             if check_takeover(&t, &service, &id, source).is_err() {
+                continue;
+            }
+            if let Err(e) = t.admit(&self.inner.quotas, &service, &id) {
+                self.count_refusal(&e);
+                let refused = over_quota.get_or_insert((e, 0));
+                refused.1 += 1;
                 continue;
             }
             let instance = instance_of(&service, &id, spec, source);
@@ -524,7 +594,30 @@ impl Registry {
                 self.publish_upsert(&mut t, outcome, revision, instance);
             }
         }
+        if let Some((first, count)) = over_quota {
+            tracing::warn!(
+                %source,
+                refused = count,
+                "{count} instance(s) not registered, the first because {first}"
+            );
+        }
         self.rearm(before, t.next_deadline());
+    }
+
+    /// Counts and logs a change refused by a quota.
+    fn refused(&self, e: &Exceeded) {
+        self.count_refusal(e);
+        tracing::warn!(quota = e.quota.name(), "{e}");
+    }
+
+    fn count_refusal(&self, e: &Exceeded) {
+        self.inner
+            .metrics
+            .quota_refusals
+            .get_or_create(&QuotaLabel {
+                quota: e.quota.name(),
+            })
+            .inc();
     }
 
     /// Removes every expiring instance whose deadline is at or before `now`; returns how many.
@@ -687,7 +780,8 @@ impl Registry {
     }
 
     /// Sets (`Some`) or clears (`None`) `service`'s route. Returns `Ok(None)` when clearing a
-    /// route that does not exist. Setting the route a service already has changes nothing.
+    /// route that does not exist. Setting the route a service already has changes nothing; a new
+    /// route past the routes quota is refused.
     ///
     /// The route is durable before this returns `Ok`, but watchers hear of it while it is being
     /// written: the write (two fsyncs) starts first, then the change is applied and published,
@@ -703,7 +797,7 @@ impl Registry {
         &self,
         service: &ServiceName,
         route: Option<Route>,
-    ) -> Result<Option<RouteResponse>, StoreError> {
+    ) -> Result<Option<RouteResponse>, RouteError> {
         let _writing = self.inner.route_writes.lock().await;
         let (mut routes, previous) = {
             let t = self.lock();
@@ -715,7 +809,14 @@ impl Registry {
                     route: current.cloned(),
                 }));
             }
-            (t.store.routes(), current.cloned())
+            let routes = t.store.routes();
+            if current.is_none() {
+                self.inner
+                    .quotas
+                    .admit_route(service, routes.len())
+                    .inspect_err(|e| self.refused(e))?;
+            }
+            (routes, current.cloned())
         };
         match &route {
             Some(r) => routes.insert(service.clone(), r.clone()),
@@ -734,7 +835,7 @@ impl Registry {
                 %service, index, cause = %baker_client::errors::chain(&e),
                 "the route could not be saved; the previous route applies again"
             );
-            return Err(e);
+            return Err(e.into());
         }
         tracing::debug!(%service, index, "the route is on disk");
         Ok(Some(RouteResponse {
@@ -1079,7 +1180,10 @@ mod tests {
             .upsert(&svc("web"), &iid("c1"), spec(9999, 100), Source::Registrar)
             .unwrap_err();
         assert!(err.to_string().contains("discovered from Docker"), "{err}");
-        assert_eq!(r.deregister(&svc("web"), &iid("c1")), Err(err));
+        assert_eq!(
+            r.deregister(&svc("web"), &iid("c1")).map_err(Refused::from),
+            Err(err)
+        );
         assert!(events(rx).is_empty());
         // ... so nothing expires, and the container's instance stays.
         assert_eq!(r.next_deadline(), None);

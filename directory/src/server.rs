@@ -1,20 +1,37 @@
 //! The accept loop: a bounded number of HTTP/1.1 connections, each with a header read
 //! timeout, each closable on its own (a watcher that falls behind), all drained on shutdown.
+//!
+//! Watch streams live for hours, other requests for milliseconds, so they do not share slots
+//! equally: every connection takes one of `max_connections` slots, and a connection that turns
+//! into a watch stream also takes one of `max_watches` (fewer), which it holds as long as the
+//! stream. However many watchers connect, `max_connections - max_watches` slots stay for
+//! heartbeats, route changes and `/healthz`. A connection whose writes make no progress for
+//! `write_stall` (its client reads nothing: a watcher that never reads its snapshot) is closed,
+//! so it does not keep its slot either.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
+
+use crate::metrics::Metrics;
 
 /// Handed to every request as an extension: who is calling, and a way to close the connection.
 #[derive(Debug, Clone)]
@@ -22,6 +39,10 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Cancelling closes the connection at once, whatever it is doing.
     pub close: CancellationToken,
+    /// The watch slots: a watch stream holds one for as long as it runs.
+    pub watch_slots: Arc<Semaphore>,
+    /// How many watch slots there are in all.
+    pub max_watches: usize,
 }
 
 /// Connection limits.
@@ -29,8 +50,12 @@ pub struct ConnInfo {
 pub struct Limits {
     /// Open connections at most; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Open watch streams at most (fewer than `max_connections`); more are refused with 503.
+    pub max_watches: usize,
     /// Time a client has to send a request's headers.
     pub header_timeout: Duration,
+    /// Time a connection's writes may make no progress before it is closed.
+    pub write_stall: Duration,
     /// Time connections get to finish after shutdown begins.
     pub grace: Duration,
 }
@@ -41,10 +66,12 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let watch_slots = Arc::new(Semaphore::new(limits.max_watches));
     let mut warned = false;
     loop {
         if slots.available_permits() == 0 && !warned {
@@ -76,11 +103,18 @@ pub async fn serve(
         if slots.available_permits() > 0 {
             warned = false;
         }
+        let info = ConnInfo {
+            peer,
+            close: CancellationToken::new(),
+            watch_slots: watch_slots.clone(),
+            max_watches: limits.max_watches,
+        };
         tracker.spawn(connection(
             stream,
-            peer,
+            info,
             app.clone(),
             limits,
+            metrics.clone(),
             shutdown.clone(),
             permit,
         ));
@@ -92,18 +126,17 @@ pub async fn serve(
 
 async fn connection(
     stream: TcpStream,
-    peer: SocketAddr,
+    info: ConnInfo,
     app: Router,
     limits: Limits,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     _slot: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let close = CancellationToken::new();
-    let info = ConnInfo {
-        peer,
-        close: close.clone(),
-    };
+    let (peer, close) = (info.peer, info.close.clone());
+    let stream = Watched::new(stream);
+    let writes = stream.writes.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(info.clone());
         app.clone().oneshot(req)
@@ -122,6 +155,14 @@ async fn connection(
             }
         }
         _ = close.cancelled() => tracing::debug!("closed the connection from {peer}"),
+        _ = writes.stalled(limits.write_stall) => {
+            metrics.connections_stalled.inc();
+            tracing::info!(
+                %peer,
+                "closed a connection whose client read nothing for {:?}",
+                limits.write_stall
+            );
+        }
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
@@ -132,5 +173,250 @@ async fn connection(
                 }
             }
         }
+    }
+}
+
+/// File descriptors the directory needs besides its connections (listener, data files,
+/// Docker, logs), with room to spare.
+const SPARE_FILES: u64 = 64;
+
+/// Raises the soft limit on open files to the hard limit, as every connection is a file and
+/// the usual soft default (1024) is far below `max_connections`; warns when even the hard
+/// limit leaves fewer files than `max_connections` need, since connections past it are then
+/// refused by the kernel instead of waiting for a slot.
+pub fn raise_open_files(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let needed = max_connections as u64 + SPARE_FILES;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot read the open-file limit");
+            return;
+        }
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(cause = %e, soft, hard, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below BAKER_MAX_CONNECTIONS + {SPARE_FILES}: connections past \
+             it fail to be accepted; raise the limit (ulimit -n, docker run --ulimit nofile=) or \
+             lower BAKER_MAX_CONNECTIONS"
+        );
+    } else {
+        tracing::debug!(limit, "open-file limit");
+    }
+}
+
+/// When a connection's writes were last blocked without progress.
+#[derive(Debug)]
+struct Writes {
+    start: Instant,
+    /// Milliseconds from `start` to when the socket last refused a write, plus one; 0 while
+    /// writes go through.
+    blocked_at: AtomicU64,
+}
+
+impl Writes {
+    fn blocked(&self) {
+        if self.blocked_at.load(Ordering::Relaxed) == 0 {
+            let at = self.start.elapsed().as_millis() as u64 + 1;
+            self.blocked_at.store(at, Ordering::Relaxed);
+        }
+    }
+
+    fn progressed(&self) {
+        self.blocked_at.store(0, Ordering::Relaxed);
+    }
+
+    /// How long writes have been blocked without progress, if they are.
+    fn blocked_for(&self) -> Option<Duration> {
+        match self.blocked_at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(
+                self.start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(at - 1)),
+            ),
+        }
+    }
+
+    /// Returns once writes have been blocked for `limit` without any progress.
+    async fn stalled(&self, limit: Duration) {
+        let tick = (limit / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(tick).await;
+            if self.blocked_for().is_some_and(|d| d >= limit) {
+                return;
+            }
+        }
+    }
+}
+
+/// A connection's socket, noting when the peer stops taking what is written.
+struct Watched {
+    io: TcpStream,
+    writes: Arc<Writes>,
+}
+
+impl Watched {
+    fn new(io: TcpStream) -> Watched {
+        Watched {
+            io,
+            writes: Arc::new(Writes {
+                start: Instant::now(),
+                blocked_at: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn note<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match &polled {
+            Poll::Pending => self.writes.blocked(),
+            Poll::Ready(_) => self.writes.progressed(),
+        }
+        polled
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.note(polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.note(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// A response body that holds a slot (a watch slot) until the body is dropped.
+pub struct Holding<B> {
+    body: B,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> Holding<B> {
+    pub fn new(body: B, slot: Option<OwnedSemaphorePermit>) -> Holding<B> {
+        Holding { body, _slot: slot }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Holding<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const BIG: usize = 64 << 20;
+
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_is_closed_after_the_write_stall() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/big", get(|| async { vec![b'x'; BIG] }));
+        let limits = Limits {
+            max_connections: 4,
+            max_watches: 2,
+            header_timeout: Duration::from_secs(5),
+            write_stall: Duration::from_millis(300),
+            grace: Duration::from_millis(100),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            limits,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: d\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(metrics.connections_stalled.get(), 1);
+        // What the kernel buffered comes, then the end: far less than the whole answer.
+        let mut got = 0;
+        let mut buf = vec![0; 1 << 16];
+        let read_all = async {
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read_all)
+            .await
+            .expect("the connection is closed");
+        assert!(got < BIG / 2, "got {got} bytes");
+        shutdown.cancel();
+        server.await.unwrap();
     }
 }

@@ -51,6 +51,8 @@ pub trait Store: Send {
     ) -> BTreeMap<ServiceName, Vec<Instance>>;
     /// The ids of every instance from `source`.
     fn of_source(&self, source: Source) -> Vec<(ServiceName, InstanceId)>;
+    /// How many services have live instances, and how many live instances there are in all.
+    fn totals(&self) -> (usize, usize);
 }
 
 /// One service's instances, and how many of them run each version.
@@ -189,6 +191,11 @@ impl Store for MemoryStore {
                 .filter_map(|name| Some((name.clone(), list(self.services.get(name)?))))
                 .collect(),
         }
+    }
+
+    fn totals(&self) -> (usize, usize) {
+        let instances = self.services.values().map(|s| s.instances.len()).sum();
+        (self.services.len(), instances)
     }
 
     fn of_source(&self, source: Source) -> Vec<(ServiceName, InstanceId)> {

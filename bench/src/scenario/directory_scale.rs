@@ -34,6 +34,8 @@ const SERVICES: usize = 100;
 const PROBE_SERVICE: &str = "fanout";
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const CONNS: usize = 32;
+/// The directory requires it of watchers (`BAKER_WATCH_TOKEN`), as a fleet would.
+const WATCH_TOKEN: &str = "bench-watch-token";
 
 /// Starts the directory pinned to CPU 1 (the last core when there are fewer).
 pub(crate) async fn pinned_directory(
@@ -58,6 +60,7 @@ pub(crate) async fn pinned_directory_with(
         ("BAKER_LISTEN", "127.0.0.1:0"),
         ("BAKER_DATA", data.as_str()),
         ("BAKER_DOCKER", "off"),
+        ("BAKER_WATCH_TOKEN", WATCH_TOKEN),
     ];
     env.extend_from_slice(extra);
     let mut proc = Proc::spawn("directory", "taskset", &["-c", &core, &bin], &env);
@@ -113,6 +116,10 @@ async fn open_watch(
     });
     let req = hyper::Request::get("/v1/watch")
         .header(hyper::header::HOST, addr.to_string())
+        .header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {WATCH_TOKEN}"),
+        )
         .body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await?;
     if !resp.status().is_success() {

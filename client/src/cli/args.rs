@@ -102,6 +102,16 @@ pub enum Command {
             value_delimiter = ','
         )]
         services: Vec<baker_client::model::ServiceName>,
+
+        /// Bearer token for the watch, when the directory has BAKER_WATCH_TOKEN set (default:
+        /// --token, which the directory accepts for watches too).
+        #[arg(
+            long,
+            env = "BAKER_WATCH_TOKEN",
+            hide_env_values = true,
+            value_name = "TOKEN"
+        )]
+        watch_token: Option<String>,
     },
 
     /// Register an instance, or renew its registration.

@@ -147,9 +147,22 @@ fn seconds(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-pub async fn watch(ctx: &Ctx, timestamps: bool, services: &[ServiceName]) -> anyhow::Result<()> {
+pub async fn watch(
+    ctx: &Ctx,
+    timestamps: bool,
+    services: &[ServiceName],
+    watch_token: Option<String>,
+) -> anyhow::Result<()> {
     let only = (!services.is_empty()).then_some(services);
-    let client = ctx.client()?;
+    let client = ctx.client()?.with_watch_token(watch_token).map_err(|e| {
+        Failure::Config(format!(
+            "--watch-token / BAKER_WATCH_TOKEN {}: it is sent in an Authorization header",
+            match e {
+                ClientError::BadToken(why) => why,
+                _ => "is not a valid token",
+            }
+        ))
+    })?;
     let url = client.base().to_owned();
     let mut known: Option<State> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));

@@ -65,6 +65,11 @@ pub const ENV_LINK: &str = "BAKER_LINK";
 pub const ENV_LINK_PORT: &str = "BAKER_LINK_PORT";
 pub const ENV_LISTEN: &str = "BAKER_LISTEN";
 pub const ENV_MAX_CONNECTIONS: &str = "BAKER_MAX_CONNECTIONS";
+pub const ENV_MAX_INSTANCES: &str = "BAKER_MAX_INSTANCES";
+pub const ENV_MAX_INSTANCES_PER_SERVICE: &str = "BAKER_MAX_INSTANCES_PER_SERVICE";
+pub const ENV_MAX_ROUTES: &str = "BAKER_MAX_ROUTES";
+pub const ENV_MAX_SERVICES: &str = "BAKER_MAX_SERVICES";
+pub const ENV_MAX_WATCHES: &str = "BAKER_MAX_WATCHES";
 pub const ENV_PATH: &str = "BAKER_PATH";
 pub const ENV_REQUEST_TIMEOUT: &str = "BAKER_REQUEST_TIMEOUT";
 pub const ENV_RISE: &str = "BAKER_RISE";
@@ -78,6 +83,7 @@ pub const ENV_TEMPLATE: &str = "BAKER_TEMPLATE";
 pub const ENV_TIMEOUT: &str = "BAKER_TIMEOUT";
 pub const ENV_TOKEN: &str = "BAKER_TOKEN";
 pub const ENV_VERSION: &str = "BAKER_VERSION";
+pub const ENV_WATCH_TOKEN: &str = "BAKER_WATCH_TOKEN";
 pub const ENV_WEIGHT: &str = "BAKER_WEIGHT";
 
 const fn var(name: &'static str, default: &'static str, help: &'static str) -> Var {
@@ -98,7 +104,12 @@ pub const DIRECTORY: Program = Program {
             "none",
             "bearer token every PUT and DELETE must send",
         ),
-        var(ENV_DATA, "./data", "directory holding routes.json"),
+        var(
+            ENV_WATCH_TOKEN,
+            "none",
+            "bearer token a watch must send (BAKER_TOKEN works too)",
+        ),
+        var(ENV_DATA, "./data", "directory holding the routes"),
         var(
             ENV_DOCKER,
             "auto",
@@ -111,9 +122,26 @@ pub const DIRECTORY: Program = Program {
         ),
         var(
             ENV_MAX_CONNECTIONS,
-            "1024",
-            "open client connections at most",
+            "8192",
+            "open client connections at most, watches included",
         ),
+        var(
+            ENV_MAX_WATCHES,
+            "half of BAKER_MAX_CONNECTIONS",
+            "open watch streams at most",
+        ),
+        var(
+            ENV_MAX_INSTANCES_PER_SERVICE,
+            "20000",
+            "live instances in one service at most",
+        ),
+        var(
+            ENV_MAX_SERVICES,
+            "10000",
+            "services with live instances at most",
+        ),
+        var(ENV_MAX_INSTANCES, "250000", "live instances in all at most"),
+        var(ENV_MAX_ROUTES, "10000", "routes at most"),
         var(
             ENV_REQUEST_TIMEOUT,
             "10s",
@@ -188,6 +216,11 @@ pub const AMBASSADOR: Program = Program {
             "the directory's URL, or its replicas' URLs separated by commas",
         ),
         var(ENV_TOKEN, "none", "the directory's bearer token"),
+        var(
+            ENV_WATCH_TOKEN,
+            "BAKER_TOKEN",
+            "the token sent with the watch",
+        ),
         var(
             ENV_ROUTES,
             "required",
@@ -291,6 +324,11 @@ pub const CLI: Program = Program {
             "the directory's URL, or its replicas' URLs separated by commas (--directory)",
         ),
         var(ENV_TOKEN, "none", "the directory's bearer token (--token)"),
+        var(
+            ENV_WATCH_TOKEN,
+            "BAKER_TOKEN",
+            "the token `baker watch` sends (--watch-token)",
+        ),
     ],
 };
 
