@@ -7,11 +7,11 @@ use std::time::Duration;
 use baker_client::api::parse_token;
 use baker_client::config::vars::{
     self, ENV_ADMIN, ENV_BENCH_FORCE_RELOAD, ENV_BIND, ENV_CHECKS, ENV_DIRECTORY,
-    ENV_DRAIN_TIMEOUT, ENV_GRACE, ENV_HAPROXY, ENV_HTTP_PORT, ENV_ROUTES, ENV_RUN_DIR,
+    ENV_DRAIN_TIMEOUT, ENV_GRACE, ENV_HAPROXY, ENV_HTTP_PORT, ENV_ID, ENV_ROUTES, ENV_RUN_DIR,
     ENV_STOP_TIMEOUT, ENV_TEMPLATE, ENV_TOKEN, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
-use baker_client::model::ServiceName;
+use baker_client::model::{Address, InstanceId, ServiceName};
 
 /// Default admin port: HAProxy's stats page, its Prometheus exporter and the ambassador's own
 /// metrics.
@@ -269,6 +269,10 @@ pub struct Config {
     pub grace: Duration,
     /// Apply every change by reloading HAProxy (for benchmark comparisons only).
     pub force_reload: bool,
+    /// The name this ambassador reports to the directory under (`BAKER_ID`).
+    pub id: InstanceId,
+    /// The host it reports running on.
+    pub host: Address,
 }
 
 impl Config {
@@ -290,6 +294,8 @@ impl Config {
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             grace: DEFAULT_GRACE,
             force_reload: false,
+            id: default_id(&hostname(), services_port(&[], None)),
+            host: host_address(&hostname()),
         }
     }
 
@@ -383,7 +389,15 @@ impl Config {
                 );
             }
         }
+        let host = hostname();
+        let id = r
+            .parse(ENV_ID, |v| {
+                v.trim().parse::<InstanceId>().map_err(|e| e.message)
+            })
+            .unwrap_or_else(|| default_id(&host, services_port(&services, http_port)));
         r.finish(Config {
+            id,
+            host: host_address(&host),
             directory,
             token,
             watch_token,
@@ -401,6 +415,54 @@ impl Config {
             force_reload,
         })
     }
+}
+
+/// The machine's hostname, empty when it cannot be read.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+/// The first local port of the ambassador, which tells apart ambassadors on one host.
+fn services_port(services: &[ServiceRoute], http_port: Option<u16>) -> Option<u16> {
+    services.iter().find_map(|s| s.port).or(http_port)
+}
+
+/// The default id: `<hostname>-<first port>`, made into a name.
+pub fn default_id(hostname: &str, port: Option<u16>) -> InstanceId {
+    let raw = match port {
+        Some(p) => format!("{hostname}-{p}"),
+        None => hostname.to_owned(),
+    };
+    let mut name = String::new();
+    for c in raw.chars().map(|c| c.to_ascii_lowercase()) {
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_' {
+            c
+        } else {
+            '-'
+        };
+        if c == '-' && (name.is_empty() || name.ends_with('-')) {
+            continue;
+        }
+        name.push(c);
+    }
+    let name: String = name
+        .trim_start_matches(['.', '_', '-'])
+        .chars()
+        .take(baker_client::model::MAX_NAME_LEN)
+        .collect();
+    let name = name.trim_end_matches(['.', '_', '-']);
+    name.parse()
+        .unwrap_or_else(|_| "ambassador".parse().expect("a valid name"))
+}
+
+/// The hostname as an address, `localhost` when it is not a valid DNS name.
+fn host_address(hostname: &str) -> Address {
+    hostname
+        .parse()
+        .unwrap_or_else(|_| "localhost".parse().expect("a valid DNS name"))
 }
 
 /// Parses `emitter=8000,transform=8001,db=5432=tcp`; a name alone is reached through the shared

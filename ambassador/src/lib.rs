@@ -20,6 +20,7 @@
 //! - [`coalesce`]: when a change of plan is applied: at once alone, batched in a burst.
 //! - [`watch`]: following the directory, with a grace period after it restarts.
 //! - [`resolve`]: DNS names of instances turned into addresses, beside the watch, cached.
+//! - [`report`]: the ambassador's report to the directory, and how far changes have reached HAProxy.
 //! - [`metrics`]: the ambassador's own counters, served behind HAProxy's admin port.
 
 pub mod coalesce;
@@ -32,6 +33,7 @@ pub mod plan;
 pub mod reaper;
 pub mod reconcile;
 pub mod render;
+pub mod report;
 pub mod resolve;
 pub mod runtime_api;
 pub mod watch;
@@ -98,6 +100,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
 
     let client = DirectoryClient::new(&config.directory, config.token.clone())?
         .with_watch_token(config.watch_token.clone())?;
+    tasks.spawn(report::run(
+        client.clone(),
+        report::Identity::new(config.id.clone(), config.host.clone(), &config.services),
+        runtime_api::Socket::new(config.run_dir.join("admin.sock")),
+        metrics.clone(),
+        inner.clone(),
+    ));
     tasks.spawn(watch::run(
         client,
         config.services.clone(),
@@ -106,12 +115,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
         metrics.clone(),
         inner.clone(),
     ));
-    tasks.spawn(resolve::run(plan_rx, desired_tx, inner.clone()));
+    tasks.spawn(resolve::run(
+        plan_rx,
+        desired_tx,
+        metrics.clone(),
+        inner.clone(),
+    ));
 
     // Start with the directory's servers already in the file when it answers quickly.
     let planned = tokio::time::timeout(FIRST_SNAPSHOT_WAIT, desired_rx.changed())
         .await
         .is_ok_and(|r| r.is_ok());
+    let generation = metrics.progress.output_generation();
     let first = desired_rx.borrow_and_update().clone();
     let haproxy = haproxy::Haproxy::new(config.haproxy.clone(), &config.run_dir, reaper);
     let mut owner = Owner::new(config.clone(), haproxy, metrics.clone())?;
@@ -120,6 +135,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
         tasks.close();
         tasks.wait().await;
         return Err(e.into());
+    }
+    if owner.runs(&first) {
+        metrics.progress.applied(generation);
     }
     let ready = match config.admin {
         Some(a) => format!("listening on {a} (stats, /metrics)"),

@@ -36,6 +36,8 @@ pub struct Metrics {
     /// 1 while a service's route falls back to all its live instances (none of the versions it
     /// routes to has a live instance), else 0.
     pub route_fallback: Family<Vec<(String, String)>, Gauge>,
+    /// How far the directory's changes have reached HAProxy, for the reports.
+    pub progress: crate::report::Progress,
     /// The services in fallback at the last [`note_fallbacks`](Self::note_fallbacks), so that
     /// only changes are logged.
     falling_back: Mutex<BTreeSet<String>>,
@@ -57,6 +59,7 @@ impl Default for Metrics {
             servers: Family::default(),
             route_fallback: Family::default(),
             falling_back: Mutex::default(),
+            progress: crate::report::Progress::default(),
             registry: Registry::default(),
         };
         registry.register(

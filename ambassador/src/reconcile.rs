@@ -218,6 +218,11 @@ impl Owner {
         Ok(())
     }
 
+    /// Whether HAProxy runs `desired` (as far as this owner knows).
+    pub fn runs(&self, desired: &Desired) -> bool {
+        !self.takeover_pending && self.applied.as_ref() == Some(desired)
+    }
+
     /// Follows the plan until `shutdown`, then stops HAProxy and returns its exit.
     pub async fn run(
         mut self,
@@ -254,12 +259,14 @@ impl Owner {
                         _ = shutdown.cancelled() => return Some(exit),
                         _ = tokio::time::sleep(delay) => {}
                     }
+                    let generation = self.metrics.progress.output_generation();
                     let desired = desired_rx.borrow_and_update().clone();
                     pending = None;
                     if let Err(e) = self.restart(&desired).await {
                         tracing::error!("restarting HAProxy failed: {e:#}");
                     } else {
                         restart_backoff.reset();
+                        self.metrics.progress.applied(generation);
                     }
                     continue;
                 }
@@ -313,9 +320,13 @@ impl Owner {
                 }
                 continue;
             }
+            let generation = self.metrics.progress.output_generation();
             let desired = desired_rx.borrow_and_update().clone();
             let started = Instant::now();
             self.apply(&desired).await;
+            if self.applied.as_ref() == Some(&desired) {
+                self.metrics.progress.applied(generation);
+            }
             if batch.is_some() {
                 tracing::debug!(
                     took_us = started.elapsed().as_micros() as u64,

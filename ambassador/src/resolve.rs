@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baker_client::model::Address;
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::plan::Desired;
 
 /// How long an address found by a lookup is used before it is looked up again (it stays in use
@@ -120,11 +122,14 @@ fn names(desired: &Desired) -> impl Iterator<Item = &str> {
 pub async fn run(
     mut plans: watch::Receiver<Desired>,
     resolved: watch::Sender<Desired>,
+    progress: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let progress = &progress.progress;
     let mut cache = Cache::default();
     let mut in_flight = BTreeSet::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<IpAddr>)>();
+    let mut generation = progress.plan_generation();
     let mut plan = plans.borrow_and_update().clone();
     loop {
         let now = Instant::now();
@@ -133,10 +138,12 @@ pub async fn run(
         resolved.send_if_modified(|cur| {
             let changed = *cur != out;
             if changed {
+                progress.output_changing();
                 *cur = out;
             }
             changed
         });
+        progress.resolved(generation);
         for name in lookups {
             if in_flight.len() >= MAX_LOOKUPS {
                 break;
@@ -154,6 +161,7 @@ pub async fn run(
                     shutdown.cancelled().await;
                     return;
                 }
+                generation = progress.plan_generation();
                 plan = plans.borrow_and_update().clone();
             }
             Some((name, found)) = done_rx.recv() => {
@@ -295,7 +303,12 @@ mod tests {
         let (plan_tx, plan_rx) = watch::channel(plan(&[("a", "10.0.0.1")]));
         let (out_tx, mut out_rx) = watch::channel(Desired::new());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(plan_rx, out_tx, shutdown.clone()));
+        let task = tokio::spawn(run(
+            plan_rx,
+            out_tx,
+            Arc::new(Metrics::default()),
+            shutdown.clone(),
+        ));
         out_rx.changed().await.unwrap();
         assert_eq!(
             addresses(&out_rx.borrow_and_update()),

@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use baker_client::ops::ServerState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -331,6 +332,13 @@ impl Socket {
         parse(&cmd, &text, parse_servers_state)
     }
 
+    /// Every server's state and counters (`show stat`), on a connection of its own.
+    pub async fn server_stats(&self) -> Result<Vec<ServerStat>, ApiError> {
+        let cmd = ApiCommand::ShowServerStats;
+        let text = self.command(&cmd).await?;
+        parse(&cmd, &text, parse_server_stats)
+    }
+
     /// `show proc` on the master CLI, parsed.
     pub async fn proc_info(&self) -> Result<ProcInfo, ApiError> {
         let cmd = ApiCommand::ShowProc;
@@ -592,6 +600,89 @@ pub fn parse_stat_sessions(text: &str) -> Result<BTreeMap<(String, String), u64>
             .parse()
             .map_err(|_| format!("bad session count {:?} in {line:?}", f[scur]))?;
         out.insert((f[0].to_owned(), f[1].to_owned()), n);
+    }
+    Ok(out)
+}
+
+/// One server's line of `show stat`: its state and counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerStat {
+    pub backend: String,
+    pub server: String,
+    pub state: ServerState,
+    pub weight: u16,
+    /// HTTP requests (`req_tot`) where HAProxy counts them, else sessions (`stot`).
+    pub requests: u64,
+    /// Connection errors, response errors and 5xx answers (`econ + eresp + hrsp_5xx`).
+    pub errors: u64,
+    /// Current sessions (`scur`).
+    pub sessions: u64,
+}
+
+/// Reads a `show stat` status word: `UP`, `UP 1/3`, `DOWN`, `NOLB`, `DRAIN`, `MAINT (via x)`,
+/// `no check`...
+fn stat_state(status: &str) -> ServerState {
+    if status.starts_with("MAINT") {
+        ServerState::Maint
+    } else if status.starts_with("DRAIN") || status.starts_with("NOLB") {
+        ServerState::Drain
+    } else if status.starts_with("DOWN") {
+        ServerState::Down
+    } else {
+        ServerState::Up
+    }
+}
+
+/// Parses `show stat` (CSV, servers only) into each server's state and counters. Empty
+/// counters (not applicable to the server's mode) count as zero.
+pub fn parse_server_stats(text: &str) -> Result<Vec<ServerStat>, String> {
+    let mut lines = text.lines();
+    let header = lines.next().ok_or("empty answer")?;
+    let cols: Vec<&str> = header.trim_start_matches("# ").split(',').collect();
+    let col = |name: &str| cols.iter().position(|c| *c == name);
+    let need = |name: &'static str| col(name).ok_or(format!("no {name} column"));
+    let (status, weight, scur, stot) = (
+        need("status")?,
+        need("weight")?,
+        need("scur")?,
+        need("stot")?,
+    );
+    let req_tot = col("req_tot");
+    let errors: Vec<usize> = ["econ", "eresp", "hrsp_5xx"]
+        .iter()
+        .filter_map(|c| col(c))
+        .collect();
+    let mut out = Vec::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < cols.len().min(stot + 1) || f[1] == "BACKEND" || f[1] == "FRONTEND" {
+            continue;
+        }
+        let num = |i: usize| -> Result<u64, String> {
+            match f.get(i).map(|v| v.trim()) {
+                None | Some("") => Ok(0),
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| format!("bad counter {v:?} in {line:?}")),
+            }
+        };
+        let requests = match req_tot.and_then(|i| f.get(i)).map(|v| v.trim()) {
+            Some(v) if !v.is_empty() => num(req_tot.unwrap_or(stot))?,
+            _ => num(stot)?,
+        };
+        let mut errs = 0;
+        for &i in &errors {
+            errs += num(i)?;
+        }
+        out.push(ServerStat {
+            backend: f[0].to_owned(),
+            server: f[1].to_owned(),
+            state: stat_state(f.get(status).copied().unwrap_or("")),
+            weight: num(weight)?.min(u64::from(u16::MAX)) as u16,
+            requests,
+            errors: errs,
+            sessions: num(scur)?,
+        });
     }
     Ok(out)
 }

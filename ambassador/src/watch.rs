@@ -230,8 +230,10 @@ pub async fn run(
         metrics.note_fallbacks(&fallbacks(&view, &services));
         if snapshot || *desired.borrow() != d {
             tracing::debug!(index = tracker.index(), "planned the servers");
+            metrics.progress.plan_changing();
             desired.send_replace(d);
         }
+        metrics.progress.planned(tracker.index());
     };
     // Only the services it routes: its memory and work follow its routes, not the directory.
     let routed: Vec<ServiceName> = services.iter().map(|s| s.name.clone()).collect();

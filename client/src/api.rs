@@ -23,6 +23,7 @@ use crate::model::{
     ErrorBody, Instance, InstanceSpec, RouteResponse, RoutesResponse, ServiceName, ServiceResponse,
     ServicesResponse, WatchEvent,
 };
+use crate::ops::{AmbassadorReport, AmbassadorsResponse, ReportAck};
 
 /// Default directory address when neither a flag nor `BAKER_DIRECTORY` names one.
 pub const DEFAULT_DIRECTORY: &str = "http://127.0.0.1:7700";
@@ -385,6 +386,34 @@ impl DirectoryClient {
     pub async fn clear_route(&self, service: &str) -> Result<RouteResponse, ClientError> {
         self.send(Method::DELETE, &format!("/v1/routes/{service}"))
             .await
+    }
+
+    /// Sends an ambassador's report (`PUT /v1/ambassadors/{id}`); answers the directory's index.
+    pub async fn report(
+        &self,
+        id: &str,
+        report: &AmbassadorReport,
+    ) -> Result<ReportAck, ClientError> {
+        self.send_json(Method::PUT, &format!("/v1/ambassadors/{id}"), report)
+            .await
+    }
+
+    /// Removes an ambassador's report, when it stops. An unknown id is not an error.
+    pub async fn sign_off(&self, id: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/ambassadors/{id}");
+        match self.send::<ReportAck>(Method::DELETE, &path).await {
+            Ok(_)
+            | Err(ClientError::Refused {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every ambassador, whether it is live and caught up, and the traffic per instance.
+    pub async fn ambassadors(&self) -> Result<AmbassadorsResponse, ClientError> {
+        self.send(Method::GET, "/v1/ambassadors").await
     }
 
     /// The directory's liveness endpoint: `Ok` when the current replica, or else any other,

@@ -9,10 +9,12 @@
 //! - [`route`]: `baker route set|list|clear`.
 //! - [`register`]: `baker register` and `baker deregister`.
 //! - [`watch`]: `baker watch`, the live event stream, reconnecting with backoff.
+//! - [`ambassadors`]: `baker ambassadors`, `baker traffic`, and `--wait` for ambassadors.
 //! - [`links`]: `baker links`, the Docker-link variables block.
 //!
 //! Every command prints a table or a line for humans by default and JSON with `--json`.
 
+mod ambassadors;
 mod args;
 mod failure;
 mod human;
@@ -34,7 +36,7 @@ use baker_client::{ClientError, DirectoryClient};
 use clap::Parser;
 use serde::Serialize;
 
-pub use args::{Cli, Command, Global, RouteCommand};
+pub use args::{Cli, Command, Global, RouteCommand, Wait};
 pub use failure::Failure;
 
 /// Parses the command line, runs the command, and reports a failure on stderr.
@@ -99,9 +101,14 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
             service,
             splits,
             force,
-        }) => route::set(ctx, &service, &splits, force).await,
+            wait,
+        }) => route::set(ctx, &service, &splits, force, wait).await,
         Command::Route(RouteCommand::List) => route::list(ctx).await,
-        Command::Route(RouteCommand::Clear { service }) => route::clear(ctx, &service).await,
+        Command::Route(RouteCommand::Clear { service, wait }) => {
+            route::clear(ctx, &service, wait).await
+        }
+        Command::Ambassadors => ambassadors::ambassadors(ctx).await,
+        Command::Traffic { service } => ambassadors::traffic(ctx, service.as_ref()).await,
         Command::Watch {
             timestamps,
             services,

@@ -3,6 +3,7 @@
 //! - [`model`]: the wire types (instances, routes, watch events) and the validation that keeps
 //!   anything unchecked out of HAProxy's configuration.
 //! - [`change`]: the directory's change feed: each change with its revision, cause and time.
+//! - [`ops`]: ambassadors' reports and what the directory makes of them.
 //! - [`api`]: [`api::DirectoryClient`], the directory's HTTP client, including the watch stream.
 //! - [`links`]: Docker-link style variables (`EMITTER_PORT_8000_TCP=tcp://...`), rendered and parsed.
 //! - [`config`]: reading `BAKER_*` variables and reporting every bad one at once.
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod errors;
 pub mod links;
 pub mod model;
+pub mod ops;
 
 pub use api::{ClientError, DirectoryClient};
 pub use model::{

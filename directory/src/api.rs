@@ -23,6 +23,7 @@ use baker_client::model::{
     printable, validate_route, ErrorBody, Instance, InstanceId, InstanceSpec, RouteResponse,
     RoutesResponse, ServiceName, ServiceResponse, ServicesResponse, Source, ValidationError,
 };
+use baker_client::ops::{AmbassadorReport, AmbassadorsResponse, ReportAck};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -30,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+use crate::ambassadors::Reports;
 use crate::quota::Exceeded;
 use crate::registry::{Refused, Registry, RouteError};
 use crate::server::ConnInfo;
@@ -42,6 +44,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
+    /// The ambassadors' last reports.
+    pub ambassadors: Arc<Reports>,
     /// The bearer token mutating calls need, if any.
     pub token: Option<Arc<str>>,
     /// The bearer token a watch needs, if any (`token` is accepted too).
@@ -148,6 +152,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route(
             "/v1/routes/{service}",
             get(get_route).put(put_route).delete(delete_route),
+        )
+        .route("/v1/ambassadors", get(list_ambassadors))
+        .route(
+            "/v1/ambassadors/{id}",
+            put(put_ambassador).delete(delete_ambassador),
         )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -420,6 +429,54 @@ async fn delete_route(
             anyhow::Error::new(e).context(format!("clearing the route of {service}")),
         )),
     }
+}
+
+async fn put_ambassador(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ReportAck>, ApiError> {
+    app.authorize(&headers)?;
+    let Path(id) = path?;
+    let id: InstanceId = id.parse().map_err(|e| ApiError::invalid(vec![e]))?;
+    let report: AmbassadorReport = read_json(&headers, body).await?;
+    report.validate().map_err(ApiError::invalid)?;
+    let peer = conn
+        .map(|Extension(c)| c.peer.to_string())
+        .unwrap_or_default();
+    let host = report.host.clone();
+    if app.ambassadors.put(id.clone(), report, peer) {
+        tracing::debug!(ambassador = %id, %host, "an ambassador reported for the first time");
+    }
+    Ok(Json(ReportAck {
+        index: app.registry.index(),
+    }))
+}
+
+async fn delete_ambassador(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<ReportAck>, ApiError> {
+    app.authorize(&headers)?;
+    let Path(id) = path?;
+    let id: InstanceId = id.parse().map_err(|e| ApiError::invalid(vec![e]))?;
+    if app.ambassadors.remove(&id) {
+        tracing::debug!(ambassador = %id, "an ambassador signed off");
+        Ok(Json(ReportAck {
+            index: app.registry.index(),
+        }))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no ambassador {id} has reported"
+        )))
+    }
+}
+
+async fn list_ambassadors(State(app): State<AppState>) -> Json<AmbassadorsResponse> {
+    Json(app.ambassadors.status(app.registry.index()))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

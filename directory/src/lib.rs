@@ -12,6 +12,7 @@
 //! - [`quota`]: the limits on instances, services and routes.
 //! - [`routes`]: `routes.json`, written atomically, loaded at start.
 //! - [`watch`]: the watch stream, with bounded per-watcher queues.
+//! - [`ambassadors`]: the ambassadors' reports (soft state, expiring), and their traffic.
 //! - [`api`]: HTTP handlers, bearer-token checks, body limits and JSON errors.
 //! - [`server`]: the accept loop (connection limit, header timeout, graceful shutdown).
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`.
@@ -23,6 +24,7 @@
 //! [`run`] ties them together; the `baker-directory` binary only reads the configuration,
 //! binds the listener and handles signals.
 
+pub mod ambassadors;
 pub mod api;
 pub mod config;
 pub mod docker;
@@ -102,8 +104,15 @@ pub async fn run(
             move || registry.clone().run_expiry(shutdown.clone()),
         ))
     };
+    let reports = Arc::new(ambassadors::Reports::default());
+    tokio::spawn(ambassadors::follow(
+        reports.clone(),
+        registry.clone(),
+        shutdown.clone(),
+    ));
     let state = api::AppState {
         registry,
+        ambassadors: reports,
         token: config.token.as_deref().map(Arc::from),
         watch_token: config.watch_token.as_deref().map(Arc::from),
         watch: watch::Limits {

@@ -13,6 +13,7 @@
 //! command builds them first (`cargo build --workspace --bins`).
 
 pub mod ambassador;
+pub mod cli;
 pub mod directory;
 pub mod dns;
 pub mod doc;

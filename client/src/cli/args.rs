@@ -130,6 +130,24 @@ pub enum Command {
         id: InstanceId,
     },
 
+    /// List the ambassadors reporting to the directory: live, and caught up with its changes?
+    ///
+    /// An ambassador reports every 2 seconds; one silent for longer than its report's TTL is
+    /// shown as `silent`, and forgotten 5 minutes later. APPLIED is the directory's index
+    /// the ambassador's HAProxy runs, over the directory's current index.
+    #[command(visible_alias = "amb")]
+    Ambassadors,
+
+    /// Requests and errors per instance, summed over every live ambassador.
+    ///
+    /// Counters come from each ambassador's HAProxy (`show stat`) and restart from zero when
+    /// it reloads. UP-ON says on how many ambassadors the instance is up.
+    Traffic {
+        /// Only this service.
+        #[arg(value_parser = service_name)]
+        service: Option<ServiceName>,
+    },
+
     /// Print the variables Docker would inject for `--link` (no directory needed).
     ///
     /// `baker links emitter=emitter-amb:8000` prints EMITTER_PORT=tcp://emitter-amb:8000,
@@ -159,6 +177,8 @@ pub enum RouteCommand {
         /// The service.
         #[arg(value_parser = service_name)]
         service: ServiceName,
+        #[command(flatten)]
+        wait: Wait,
         /// VERSION=PERCENT pairs, separated by spaces or commas.
         #[arg(
             required = true,
@@ -177,7 +197,20 @@ pub enum RouteCommand {
         /// The service.
         #[arg(value_parser = service_name)]
         service: ServiceName,
+        #[command(flatten)]
+        wait: Wait,
     },
+}
+
+/// `--wait` and `--timeout` of the commands that change what ambassadors route.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct Wait {
+    /// After the change, wait until every live ambassador has applied it.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits at most, e.g. 10s, 2m.
+    #[arg(long, value_parser = duration, value_name = "DURATION", default_value = "30s", requires = "wait")]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -242,6 +275,11 @@ pub fn split(value: &str) -> Result<(Version, u64), String> {
         )
     })?;
     Ok((version, pct))
+}
+
+/// Parses a duration such as `30s`.
+fn duration(value: &str) -> Result<std::time::Duration, String> {
+    baker_client::config::parse_duration(value)
 }
 
 /// Parses a TTL such as `30s` into milliseconds.
@@ -329,8 +367,11 @@ mod tests {
                 service,
                 splits,
                 force,
+                wait,
             }) => {
                 assert!(!force);
+                assert!(!wait.wait);
+                assert_eq!(wait.timeout, std::time::Duration::from_secs(30));
                 assert_eq!(service, "emitter");
                 let splits: Vec<_> = splits.iter().map(|(v, p)| (v.as_str(), *p)).collect();
                 assert_eq!(splits, [("1", 80), ("2", 10), ("3", 10)]);
@@ -342,6 +383,22 @@ mod tests {
             cli.command,
             Command::Route(RouteCommand::Set { force: true, .. })
         ));
+        let cli = parse(&[
+            "route",
+            "set",
+            "emitter",
+            "1=100",
+            "--wait",
+            "--timeout",
+            "5s",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Route(RouteCommand::Set { wait: Wait { wait: true, timeout }, .. })
+                if timeout == std::time::Duration::from_secs(5)
+        ));
+        assert!(parse(&["route", "set", "emitter", "1=100", "--timeout", "5s"]).is_err());
         let err = parse(&["route", "set", "emitter"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
         let err = parse(&["route", "set", "emitter", "1:90"]).unwrap_err();

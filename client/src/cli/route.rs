@@ -8,9 +8,10 @@ use baker_client::model::{
 };
 use reqwest::StatusCode;
 
+use super::ambassadors::wait_applied;
 use super::human::route_text;
 use super::table::Table;
-use super::{Ctx, Failure};
+use super::{Ctx, Failure, Wait};
 
 /// Turns `1=90 2=10` into the route to send, checked as the directory will check it; every
 /// problem is reported at once.
@@ -43,6 +44,7 @@ pub async fn set(
     service: &ServiceName,
     splits: &[(Version, u64)],
     force: bool,
+    wait: Wait,
 ) -> anyhow::Result<()> {
     let route = build_route(service.as_str(), splits)?;
     let client = ctx.client()?;
@@ -63,6 +65,9 @@ pub async fn set(
         for line in warnings(service.as_str(), route, &current.instances) {
             eprintln!("warning: {line}");
         }
+    }
+    if wait.wait {
+        wait_applied(&client, service, resp.index, wait.timeout).await?;
     }
     Ok(())
 }
@@ -131,7 +136,7 @@ pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     )
 }
 
-pub async fn clear(ctx: &Ctx, service: &ServiceName) -> anyhow::Result<()> {
+pub async fn clear(ctx: &Ctx, service: &ServiceName, wait: Wait) -> anyhow::Result<()> {
     let client = ctx.client()?;
     let resp = match client.clear_route(service.as_str()).await {
         Ok(resp) => resp,
@@ -151,11 +156,21 @@ pub async fn clear(ctx: &Ctx, service: &ServiceName) -> anyhow::Result<()> {
         }
     };
     if ctx.json() {
-        return ctx.print_json(&resp);
+        ctx.print_json(&resp)?;
+    } else {
+        ctx.print(&format!(
+            "route of {service} cleared: traffic follows the instances' weights"
+        ))?;
     }
-    ctx.print(&format!(
-        "route of {service} cleared: traffic follows the instances' weights"
-    ))
+    if wait.wait {
+        let index = match resp.index {
+            // There was no route: wait for whatever the directory is at.
+            0 => client.routes().await.map(|r| r.index).unwrap_or(0),
+            i => i,
+        };
+        wait_applied(&client, service, index, wait.timeout).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

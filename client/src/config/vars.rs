@@ -222,6 +222,11 @@ pub const AMBASSADOR: Program = Program {
             "the token sent with the watch",
         ),
         var(
+            ENV_ID,
+            "<hostname>-<first port>",
+            "the name this ambassador reports to the directory under",
+        ),
+        var(
             ENV_ROUTES,
             "required",
             "services and their ports: emitter=8000,db=5432=tcp",
