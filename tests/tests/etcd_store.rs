@@ -195,11 +195,13 @@ async fn a_member_frozen_for_ten_seconds_loses_no_lease() {
     }
     let mut cluster = EtcdCluster::start(3).await;
     let etcd = connect(&cluster, &[0, 1, 2], "/t3").await;
-    let i = inst("a", 2000);
+    // A 5 s TTL: a frozen leader costs an election (500 ms here) plus the client's move to
+    // another member (750 ms per silent member); renewals must ride that out with room to
+    // spare on a busy machine.
+    let i = inst("a", 5000);
     let lease = etcd.grant(lease_seconds(i.ttl_ms)).await.unwrap();
     etcd.put_instance(&i, lease).await.unwrap();
-    // Renewals every 400 ms (a registrar heartbeats three times per TTL), each noting how
-    // long it took.
+    // Renewals every 400 ms, each noting how long it took.
     let renewer = {
         let etcd = etcd.clone();
         tokio::spawn(async move {
@@ -230,12 +232,12 @@ async fn a_member_frozen_for_ten_seconds_loses_no_lease() {
         "renewals failed while a member was frozen: {slow:?}"
     );
     let stopped = Instant::now();
-    eventually(Duration::from_secs(5), "the instance to expire", || async {
+    eventually(Duration::from_secs(8), "the instance to expire", || async {
         ids(&etcd).await.is_empty().then_some(())
     })
     .await;
     assert!(
-        stopped.elapsed() <= Duration::from_millis(3000),
+        stopped.elapsed() <= Duration::from_millis(6000),
         "expiry within TTL + 1 s, took {:?}",
         stopped.elapsed()
     );
