@@ -5,55 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use baker_client::model::{InstanceSpec, RoutesResponse, ServiceResponse, WatchEvent};
+use baker_tests::cli::baker;
 use baker_tests::directory::TestDirectory;
 use baker_tests::{bin, eventually, free_port, Proc};
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// What one run of `baker` left behind.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(self) -> Run {
-        assert_eq!(self.code, 0, "baker failed: {self:#?}");
-        self
-    }
-
-    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not the expected JSON ({e}): {self:#?}"))
-    }
-}
-
-/// Runs `baker args...` with `BAKER_DIRECTORY=directory` (and `BAKER_TOKEN` when given), none
-/// of the test's own `BAKER_*` variables, and a deadline.
-async fn baker(directory: &str, token: Option<&str>, args: &[&str]) -> Run {
-    let mut cmd = tokio::process::Command::new(bin("baker"));
-    cmd.args(args).kill_on_drop(true);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("BAKER_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("BAKER_DIRECTORY", directory);
-    if let Some(t) = token {
-        cmd.env("BAKER_TOKEN", t);
-    }
-    let out = tokio::time::timeout(DEADLINE, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("baker {args:?} did not finish within {DEADLINE:?}"))
-        .expect("running baker");
-    Run {
-        code: out.status.code().expect("baker exited by a signal"),
-        stdout: String::from_utf8(out.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8(out.stderr).expect("stderr is UTF-8"),
-    }
-}
 
 fn spec(port: u64, version: &str) -> InstanceSpec {
     InstanceSpec {
