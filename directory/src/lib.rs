@@ -10,7 +10,8 @@
 //! - [`store`]: where the table lives ([`store::Store`]; in memory today).
 //! - [`feed`]: the change feed's subscribers, unfiltered or by service.
 //! - [`quota`]: the limits on instances, services and routes.
-//! - [`routes`]: `routes.json`, written atomically, loaded at start.
+//! - [`routes`]: the routes, one file per service in `routes/`, loaded at start.
+//! - [`durable`]: hard state kept as one durable file per key, crash-safe; routes use it.
 //! - [`watch`]: the watch stream, with bounded per-watcher queues.
 //! - [`ambassadors`]: the ambassadors' reports (soft state, expiring), and their traffic.
 //! - [`api`]: HTTP handlers, bearer-token checks, body limits and JSON errors.
@@ -28,6 +29,7 @@ pub mod ambassadors;
 pub mod api;
 pub mod config;
 pub mod docker;
+pub mod durable;
 pub mod etcd;
 pub mod feed;
 pub mod metrics;
@@ -58,8 +60,8 @@ pub enum Error {
 
 /// Runs the directory on `listener` until `shutdown` is cancelled.
 ///
-/// Loads the persisted routes from `config.data` first: a corrupt `routes.json` is an error
-/// returned before anything is served. On shutdown, stops accepting, ends every watch stream,
+/// Loads the persisted routes from `config.data` first (moving a `routes.json` of an earlier
+/// build into `routes/`): a corrupt route file is an error returned before anything is served. On shutdown, stops accepting, ends every watch stream,
 /// lets in-flight requests finish within `config.shutdown_grace`, and returns.
 pub async fn run(
     listener: TcpListener,
@@ -71,7 +73,7 @@ pub async fn run(
     tracing::info!(
         "{} route(s) loaded from {}",
         loaded.len(),
-        store.path().display()
+        store.dir().display()
     );
     let metrics = Arc::new(metrics::Metrics::new());
     let registry = Registry::with_quotas(

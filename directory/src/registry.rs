@@ -76,8 +76,9 @@ struct Inner {
     /// The limits on growth, checked under the table's lock.
     quotas: Quotas,
     route_file: RouteStore,
-    /// Serializes route writes, so that each one persists the routes as the previous one left them.
-    route_writes: tokio::sync::Mutex<()>,
+    /// One lock per service whose route is being written: a service's route writes run one
+    /// at a time (each persists the route the previous one left), other services' alongside.
+    route_writes: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<()>>>>,
     /// The newest unfiltered snapshot line built, shared by every watcher that subscribes at
     /// its index: hundreds of watchers reconnecting together cost one serialization, not
     /// hundreds, and none of it happens under the table's lock.
@@ -316,7 +317,7 @@ impl Registry {
                 metrics,
                 quotas,
                 route_file,
-                route_writes: tokio::sync::Mutex::new(()),
+                route_writes: Mutex::new(HashMap::new()),
                 snapshot: Mutex::new(None),
             }),
         }
@@ -798,9 +799,23 @@ impl Registry {
         service: &ServiceName,
         route: Option<Route>,
     ) -> Result<Option<RouteResponse>, RouteError> {
-        let _writing = self.inner.route_writes.lock().await;
-        let (mut routes, previous) = {
-            let t = self.lock();
+        let lock = self.route_lock(service);
+        let result = {
+            let _writing = lock.lock().await;
+            self.set_route_locked(service, route).await
+        };
+        self.release_route_lock(service, lock);
+        result
+    }
+
+    /// [`Registry::set_route`], with `service`'s route writes held.
+    async fn set_route_locked(
+        &self,
+        service: &ServiceName,
+        route: Option<Route>,
+    ) -> Result<Option<RouteResponse>, RouteError> {
+        let (index, previous, write) = {
+            let mut t = self.lock();
             let current = t.store.route(service);
             if current == route.as_ref() {
                 return Ok(current.is_some().then(|| RouteResponse {
@@ -809,28 +824,33 @@ impl Registry {
                     route: current.cloned(),
                 }));
             }
-            let routes = t.store.routes();
             if current.is_none() {
+                // Checked and applied under one lock: routes of other services set at the same
+                // time cannot slip past the quota together.
                 self.inner
                     .quotas
-                    .admit_route(service, routes.len())
+                    .admit_route(service, t.store.route_count())
                     .inspect_err(|e| self.refused(e))?;
             }
-            (routes, current.cloned())
+            let previous = current.cloned();
+            let (file, name, value) = (
+                self.inner.route_file.clone(),
+                service.clone(),
+                route.clone(),
+            );
+            let write = tokio::task::spawn_blocking(move || match value {
+                Some(r) => file.put(&name, &r),
+                None => file.clear(&name),
+            });
+            let index = self.apply_route(&mut t, service, route.clone());
+            (index, previous, write)
         };
-        match &route {
-            Some(r) => routes.insert(service.clone(), r.clone()),
-            None => routes.remove(service),
-        };
-        let file = self.inner.route_file.clone();
-        let write = tokio::task::spawn_blocking(move || file.save(&routes));
-        let index = self.apply_route(service, route.clone());
         let saved = write.await.map_err(|e| StoreError::Write {
-            path: self.inner.route_file.path(),
+            path: self.inner.route_file.path_of(service),
             source: std::io::Error::other(e),
         });
         if let Err(e) = saved.and_then(|r| r) {
-            let index = self.apply_route(service, previous);
+            let index = self.apply_route(&mut self.lock(), service, previous);
             tracing::error!(
                 %service, index, cause = %baker_client::errors::chain(&e),
                 "the route could not be saved; the previous route applies again"
@@ -845,22 +865,50 @@ impl Registry {
         }))
     }
 
-    /// Applies and publishes `service`'s route; returns the index of the change.
-    fn apply_route(&self, service: &ServiceName, route: Option<Route>) -> u64 {
-        let mut t = self.lock();
+    /// The lock that serializes the route writes of `service`. Routes of different services
+    /// are written side by side, each to its own file.
+    fn route_lock(&self, service: &ServiceName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .inner
+            .route_writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.entry(service.clone()).or_default().clone()
+    }
+
+    /// Forgets `service`'s lock once no other call holds or waits for it.
+    fn release_route_lock(&self, service: &ServiceName, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self
+            .inner
+            .route_writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        drop(lock);
+        // Clones are made under this lock only, so a count of one means no other call has it.
+        if locks
+            .get(service)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(service);
+        }
+    }
+
+    /// Applies and publishes `service`'s route; returns the index of the change. Called with
+    /// the lock held.
+    fn apply_route(&self, t: &mut Table, service: &ServiceName, route: Option<Route>) -> u64 {
         let (revision, _) = t.store.set_route(service, route.clone());
         match &route {
             Some(r) => tracing::info!("route of {service} set to {}", describe(r)),
             None => tracing::info!("route of {service} cleared"),
         }
-        self.inner.metrics.routes.set(t.store.routes().len() as i64);
+        self.inner.metrics.routes.set(t.store.route_count() as i64);
         let change = Change::Route {
             index: revision,
             at: unix_millis(),
             service: service.clone(),
             route,
         };
-        self.publish(&mut t, change);
+        self.publish(t, change);
         revision
     }
 }

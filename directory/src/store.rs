@@ -3,7 +3,7 @@
 //! [`Store`] is the storage interface the [`Registry`](crate::registry::Registry) works through:
 //! the registry decides (who may change what, TTLs, causes, logging, publishing), the store
 //! holds. [`MemoryStore`] keeps everything in this process (routes also persist to
-//! `routes.json`, written by the registry before it applies them). Another implementation (etcd:
+//! `routes/<service>.json`, written by the registry as it applies them). Another implementation (etcd:
 //! leases for instances, keys for routes, the etcd revision as the index) can stand in without
 //! the API or the watch stream knowing.
 //!
@@ -37,6 +37,10 @@ pub trait Store: Send {
     fn route(&self, service: &ServiceName) -> Option<&Route>;
     /// Every route.
     fn routes(&self) -> BTreeMap<ServiceName, Route>;
+    /// How many routes are set.
+    fn route_count(&self) -> usize {
+        self.routes().len()
+    }
     /// How many instances `service` has.
     fn count(&self, service: &ServiceName) -> usize;
     /// The distinct versions of `service`'s live instances.
@@ -84,7 +88,7 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store holding `routes` (as loaded from `routes.json`), at revision 0.
+    /// A store holding `routes` (as loaded from `routes/`), at revision 0.
     pub fn new(routes: BTreeMap<ServiceName, Route>) -> MemoryStore {
         MemoryStore {
             routes,
@@ -155,6 +159,10 @@ impl Store for MemoryStore {
 
     fn routes(&self) -> BTreeMap<ServiceName, Route> {
         self.routes.clone()
+    }
+
+    fn route_count(&self) -> usize {
+        self.routes.len()
     }
 
     fn count(&self, service: &ServiceName) -> usize {

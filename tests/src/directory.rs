@@ -72,7 +72,7 @@ impl TestDirectory {
         }
     }
 
-    /// The directory's `BAKER_DATA` (where `routes.json` lives).
+    /// The directory's `BAKER_DATA` (where `routes/` lives).
     pub fn data_dir(&self) -> &Path {
         self.data.path()
     }

@@ -162,7 +162,7 @@ async fn a_route_applies_while_it_is_written_and_a_crash_before_it_is_durable_re
 
     // The next route write blocks: its temporary file is a FIFO nobody reads, so opening it
     // for writing waits forever, as a stalled disk would.
-    let tmp = dir.data_dir().join("routes.json.tmp");
+    let tmp = dir.data_dir().join("routes/emitter.json.tmp");
     let made = std::process::Command::new("mkfifo")
         .arg(&tmp)
         .status()

@@ -466,37 +466,37 @@ async fn a_route_for_a_service_never_seen_needs_force() {
 
 #[tokio::test]
 async fn a_corrupt_routes_file_stops_the_start_with_a_clear_error() {
-    let data = tempfile::tempdir().unwrap();
-    std::fs::write(
-        data.path().join("routes.json"),
-        "{\"routes\": {\"emitter\": ",
-    )
-    .unwrap();
-    let data_path = data.path().display().to_string();
-    let mut p = Proc::baker(
-        "directory",
-        "baker-directory",
-        &[
-            ("BAKER_LISTEN", "127.0.0.1:0"),
-            ("BAKER_DATA", &data_path),
-            ("BAKER_DOCKER", "off"),
-        ],
-    );
-    p.wait_for_log("routes.json is corrupt", Duration::from_secs(10))
-        .await;
-    let status = p.wait_exit(Duration::from_secs(10)).await;
-    assert!(
-        !status.success(),
-        "a corrupt routes.json must stop the start"
-    );
-    let log = p.log_text();
-    assert!(
-        log.contains("routes.json is corrupt") && log.contains("fix or remove it"),
-        "{log}"
-    );
-    // The file is left as it was.
-    let kept = std::fs::read_to_string(data.path().join("routes.json")).unwrap();
-    assert_eq!(kept, "{\"routes\": {\"emitter\": ");
+    // A torn route file, and the single routes.json of an earlier build.
+    for (file, text) in [
+        ("routes/emitter.json", "{\"1\": 9"),
+        ("routes.json", "{\"routes\": {\"emitter\": "),
+    ] {
+        let data = tempfile::tempdir().unwrap();
+        let path = data.path().join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        let data_path = data.path().display().to_string();
+        let mut p = Proc::baker(
+            "directory",
+            "baker-directory",
+            &[
+                ("BAKER_LISTEN", "127.0.0.1:0"),
+                ("BAKER_DATA", &data_path),
+                ("BAKER_DOCKER", "off"),
+            ],
+        );
+        let needle = format!("{file} is corrupt");
+        p.wait_for_log(&needle, Duration::from_secs(10)).await;
+        let status = p.wait_exit(Duration::from_secs(10)).await;
+        assert!(!status.success(), "a corrupt {file} must stop the start");
+        let log = p.log_text();
+        assert!(
+            log.contains(&needle) && log.contains("fix it, or remove it"),
+            "{log}"
+        );
+        // The file is left as it was.
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
 }
 
 #[tokio::test]
