@@ -4,6 +4,8 @@
 //! - [`Proc`] runs one of the workspace's binaries, keeps its log, and kills it when dropped.
 //! - [`eventually`] polls a condition until it holds or a deadline passes.
 //! - [`dns::SilentResolver`] gives a child process a DNS resolver that never answers.
+//! - [`proxy::LineDropProxy`] stands between a watcher and the directory and loses one line of
+//!   the watch stream on demand.
 //! - [`etcd::EtcdCluster`] runs a real etcd cluster on loopback and kills, freezes or restarts
 //!   its members.
 //! - [`require`] makes a test that needs HAProxy, Docker or etcd fail with a clear message when the
@@ -21,6 +23,7 @@ pub mod docker;
 pub mod etcd;
 pub mod greeting;
 pub mod load;
+pub mod proxy;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
