@@ -7,6 +7,10 @@
 //! changing a route that exists, is always accepted, so reaching a quota never takes down what
 //! runs. Over the API a refusal is a 429 naming the quota and its variable; for Docker discovery
 //! it is a warning, and the container is registered at its next event once there is room.
+//!
+//! Checking costs the same whatever the size of the table: the store keeps its counts of
+//! instances, services and routes as changes happen ([`crate::store::Store::totals`]), so a
+//! new instance is checked against three numbers, not a scan of every service.
 
 use baker_client::config::vars::{
     ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES, ENV_MAX_SERVICES,

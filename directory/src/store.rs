@@ -56,6 +56,7 @@ pub trait Store: Send {
     /// The ids of every instance from `source`.
     fn of_source(&self, source: Source) -> Vec<(ServiceName, InstanceId)>;
     /// How many services have live instances, and how many live instances there are in all.
+    /// Checked on every new instance against the quotas: it must not scan the table.
     fn totals(&self) -> (usize, usize);
 }
 
@@ -84,6 +85,8 @@ impl Service {
 pub struct MemoryStore {
     revision: u64,
     services: BTreeMap<ServiceName, Service>,
+    /// Live instances in all services, counted as they come and go.
+    instances: usize,
     routes: BTreeMap<ServiceName, Route>,
 }
 
@@ -115,8 +118,9 @@ impl Store for MemoryStore {
         let entry = self.services.entry(instance.service.clone()).or_default();
         entry.count_version(&instance.version, true);
         let old = entry.instances.insert(instance.id.clone(), instance);
-        if let Some(old) = &old {
-            entry.count_version(&old.version, false);
+        match &old {
+            Some(old) => entry.count_version(&old.version, false),
+            None => self.instances += 1,
         }
         (self.next(), old)
     }
@@ -139,6 +143,7 @@ impl Store for MemoryStore {
         let entry = self.services.get_mut(service)?;
         let old = entry.instances.remove(id)?;
         entry.count_version(&old.version, false);
+        self.instances -= 1;
         if entry.instances.is_empty() {
             self.services.remove(service);
         }
@@ -202,8 +207,7 @@ impl Store for MemoryStore {
     }
 
     fn totals(&self) -> (usize, usize) {
-        let instances = self.services.values().map(|s| s.instances.len()).sum();
-        (self.services.len(), instances)
+        (self.services.len(), self.instances)
     }
 
     fn of_source(&self, source: Source) -> Vec<(ServiceName, InstanceId)> {
@@ -273,6 +277,37 @@ mod tests {
             s.services(None).is_empty(),
             "an empty service is no service"
         );
+    }
+
+    #[test]
+    fn totals_are_counted_as_instances_come_and_go() {
+        let recount = |s: &MemoryStore| {
+            let services = s.services(None);
+            (
+                services.len(),
+                services.values().map(Vec::len).sum::<usize>(),
+            )
+        };
+        let mut s = MemoryStore::default();
+        assert_eq!(s.totals(), (0, 0));
+        // A deterministic mix of new instances, replacements, removals and misses.
+        let mut x: u64 = 7;
+        for _ in 0..5_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let (service, id) = (
+                format!("s{}", (x >> 33) % 13),
+                format!("{}", (x >> 40) % 17),
+            );
+            if (x >> 20) % 3 == 0 {
+                s.remove(&service.parse().unwrap(), &id.parse().unwrap());
+            } else {
+                s.put(inst(&service, &id, "1"));
+            }
+            assert_eq!(s.totals(), recount(&s));
+        }
+        assert!(s.totals().1 > 0);
     }
 
     #[test]
