@@ -564,3 +564,115 @@ fn every_doc_is_covered() {
         }
     }
 }
+
+/// The default each Markdown table row gives a variable: the cell after a cell that is exactly
+/// `` `BAKER_X` ``, without backticks, and numbers without their thousands separators.
+fn documented_defaults(markdown: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for line in markdown.lines().filter(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        for pair in cells.windows(2) {
+            let Some(name) = pair[0]
+                .strip_prefix('`')
+                .and_then(|c| c.strip_suffix('`'))
+                .filter(|n| n.starts_with("BAKER_") && !n.contains('`'))
+            else {
+                continue;
+            };
+            let mut default = pair[1].replace('`', "");
+            if default.chars().all(|c| c.is_ascii_digit() || c == ',') {
+                default.retain(|c| c != ',');
+            }
+            found.push((name.to_owned(), default));
+        }
+    }
+    found
+}
+
+/// The part of `markdown` from the heading `from` to the next heading of the same level.
+fn section<'a>(markdown: &'a str, from: &str) -> &'a str {
+    let start = markdown
+        .find(&format!("\n{from}"))
+        .unwrap_or_else(|| panic!("no heading {from:?}"));
+    let level = from.split(' ').next().unwrap_or_default();
+    let rest = &markdown[start + 1 + from.len()..];
+    let end = rest.find(&format!("\n{level} ")).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[test]
+fn the_directory_variables_and_limits_in_the_docs_have_the_defaults_help_prints() {
+    let help = Command::new(bin("baker-directory"))
+        .arg("--help")
+        .output()
+        .expect("running baker-directory --help");
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let defaults: HashMap<String, String> = help
+        .lines()
+        .filter_map(|l| {
+            let name = l
+                .trim_start()
+                .strip_prefix("BAKER_")?
+                .split_whitespace()
+                .next()?;
+            let default = l.rsplit_once("[default: ")?.1.strip_suffix(']')?;
+            Some((format!("BAKER_{name}"), default.to_owned()))
+        })
+        .collect();
+    let limits = [
+        "BAKER_MAX_CONNECTIONS",
+        "BAKER_MAX_WATCHES",
+        "BAKER_WATCH_TOKEN",
+        "BAKER_MAX_INSTANCES_PER_SERVICE",
+        "BAKER_MAX_SERVICES",
+        "BAKER_MAX_INSTANCES",
+        "BAKER_MAX_ROUTES",
+        "BAKER_REQUEST_TIMEOUT",
+    ];
+    for name in limits {
+        assert!(
+            defaults.contains_key(name),
+            "{name} missing from --help:\n{help}"
+        );
+    }
+    let read = |file: &str| std::fs::read_to_string(repo_root().join(file)).expect(file);
+    let (directory, design, readme) = (
+        read("docs/directory.md"),
+        read("docs/design.md"),
+        read("README.md"),
+    );
+    for (file, text, must) in [
+        (
+            "docs/directory.md",
+            directory.as_str(),
+            defaults.keys().cloned().collect(),
+        ),
+        (
+            "docs/design.md",
+            section(&design, "## Limits and quotas"),
+            limits.map(String::from).to_vec(),
+        ),
+        (
+            "README.md",
+            section(&readme, "### Directory"),
+            defaults.keys().cloned().collect::<Vec<_>>(),
+        ),
+    ] {
+        let documented = documented_defaults(text);
+        for (name, default) in &documented {
+            let Some(help_default) = defaults.get(name) else {
+                continue;
+            };
+            assert_eq!(
+                default, help_default,
+                "{file} gives {name} the default {default:?}, --help {help_default:?}"
+            );
+        }
+        for name in must {
+            assert!(
+                documented.iter().any(|(n, _)| *n == name),
+                "{file} has no table row for {name}"
+            );
+        }
+    }
+}
