@@ -4,8 +4,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use baker_client::model::InstanceSpec;
 use baker_client::DirectoryClient;
 
 use crate::Proc;
@@ -77,6 +80,18 @@ impl TestDirectory {
         self.data.path()
     }
 
+    /// The value of the metric `name` (a line `name value`) on `GET /metrics`, if it has one.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// A client of this directory with another token (or none).
     pub fn client_with_token(&self, token: Option<&str>) -> DirectoryClient {
         DirectoryClient::new(&self.url, token.map(str::to_owned)).expect("directory client")
@@ -110,6 +125,78 @@ impl TestDirectory {
         );
         self.proc = proc;
         self.running = true;
+    }
+}
+
+/// A registration of `127.0.0.1:port` with a TTL of `ttl_ms` (the directory's default when
+/// `None`) and the directory's defaults for the rest.
+pub fn spec(port: u16, ttl_ms: Option<u64>) -> InstanceSpec {
+    InstanceSpec {
+        address: "127.0.0.1".into(),
+        port: u64::from(port),
+        version: None,
+        weight: None,
+        tags: vec![],
+        ttl_ms,
+    }
+}
+
+/// Instances of one service kept alive as their registrars would keep them: every interval,
+/// each instance listed is registered again (a failure is ignored: the directory may be down
+/// on purpose), until [`Heartbeats::stop`]. The list may change while it runs.
+pub struct Heartbeats {
+    beating: Arc<Mutex<Vec<(String, InstanceSpec)>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeats {
+    /// Starts heartbeating `instances` (id, registration) of `service` every `every`.
+    pub fn start(
+        client: DirectoryClient,
+        service: &str,
+        every: Duration,
+        instances: Vec<(&str, InstanceSpec)>,
+    ) -> Heartbeats {
+        let beating: Vec<(String, InstanceSpec)> = instances
+            .into_iter()
+            .map(|(id, spec)| (id.to_owned(), spec))
+            .collect();
+        let beating = Arc::new(Mutex::new(beating));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (beating, stop, service) = (beating.clone(), stop.clone(), service.to_owned());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let list = beating.lock().unwrap().clone();
+                    for (id, spec) in list {
+                        let _ = client.register(&service, &id, &spec).await;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            })
+        };
+        Heartbeats {
+            beating,
+            stop,
+            task,
+        }
+    }
+
+    /// Heartbeats `id` too from now on.
+    pub fn add(&self, id: &str, spec: InstanceSpec) {
+        self.beating.lock().unwrap().push((id.to_owned(), spec));
+    }
+
+    /// Stops heartbeating `id`: it expires after its TTL.
+    pub fn remove(&self, id: &str) {
+        self.beating.lock().unwrap().retain(|(i, _)| i != id);
+    }
+
+    /// Stops every heartbeat, and waits for the last round to end.
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
     }
 }
 

@@ -4,6 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use baker_client::model::InstanceSpec;
+use baker_client::DirectoryClient;
+
 use crate::Proc;
 
 /// One running `baker-greeting` on an ephemeral loopback port.
@@ -29,6 +32,18 @@ impl Greeting {
         let mut proc = Proc::baker(&format!("greeting-{instance}"), "baker-greeting", &vars);
         let addr = proc.listen_addr().await;
         Greeting { proc, addr }
+    }
+
+    /// Its registration: its address and port, `version`, and a TTL of `ttl_ms`.
+    pub fn spec(&self, version: &str, ttl_ms: u64) -> InstanceSpec {
+        InstanceSpec {
+            address: self.addr.ip().to_string(),
+            port: u64::from(self.addr.port()),
+            version: Some(version.to_owned()),
+            weight: None,
+            tags: vec![],
+            ttl_ms: Some(ttl_ms),
+        }
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -80,4 +95,19 @@ fn http() -> reqwest::Client {
         .timeout(Duration::from_secs(5))
         .build()
         .expect("building an HTTP client")
+}
+
+/// Registers `g` as `service`/`id` with `version` and a TTL of `ttl_ms`, or panics naming it.
+pub async fn register(
+    client: &DirectoryClient,
+    service: &str,
+    g: &Greeting,
+    id: &str,
+    version: &str,
+    ttl_ms: u64,
+) {
+    client
+        .register(service, id, &g.spec(version, ttl_ms))
+        .await
+        .unwrap_or_else(|e| panic!("registering {service}/{id}: {e}"));
 }

@@ -8,34 +8,12 @@ use std::time::Duration;
 use baker_client::model::InstanceSpec;
 use baker_client::DirectoryClient;
 use baker_tests::ambassador::TestAmbassador;
-use baker_tests::directory::TestDirectory;
+use baker_tests::directory::{Heartbeats, TestDirectory};
 use baker_tests::dns::SilentResolver;
-use baker_tests::greeting::Greeting;
+use baker_tests::greeting::{register, Greeting};
 use baker_tests::{eventually, require, Needs, Proc};
 
 const TTL_MS: u64 = 60_000;
-
-async fn register(
-    client: &DirectoryClient,
-    service: &str,
-    g: &Greeting,
-    id: &str,
-    version: &str,
-    ttl_ms: u64,
-) {
-    let spec = InstanceSpec {
-        address: g.addr.ip().to_string(),
-        port: u64::from(g.addr.port()),
-        version: Some(version.to_owned()),
-        weight: None,
-        tags: vec![],
-        ttl_ms: Some(ttl_ms),
-    };
-    client
-        .register(service, id, &spec)
-        .await
-        .unwrap_or_else(|e| panic!("registering {service}/{id}: {e}"));
-}
 
 fn http(keep_alive: bool) -> reqwest::Client {
     let mut b = reqwest::Client::builder().timeout(Duration::from_secs(10));
@@ -468,31 +446,12 @@ async fn directory_loss_and_empty_restart_keep_live_servers() {
     let c = Greeting::start("1", "c").await;
     // Every instance heartbeats with a 3 s TTL, as its registrar would; the ambassador's grace
     // after a fresh snapshot is that TTL.
-    let spec = |g: &Greeting| InstanceSpec {
-        address: g.addr.ip().to_string(),
-        port: u64::from(g.addr.port()),
-        version: None,
-        weight: None,
-        tags: vec![],
-        ttl_ms: Some(3000),
-    };
-    let beating: Arc<Mutex<Vec<(String, InstanceSpec)>>> = Arc::new(Mutex::new(vec![
-        ("a".into(), spec(&a)),
-        ("b".into(), spec(&b)),
-    ]));
-    let stop_beating = Arc::new(AtomicBool::new(false));
-    let heartbeat = {
-        let (client, beating, stop) = (dir.client.clone(), beating.clone(), stop_beating.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let list = beating.lock().unwrap().clone();
-                for (id, spec) in list {
-                    let _ = client.register("emitter", &id, &spec).await;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let heartbeats = Heartbeats::start(
+        dir.client.clone(),
+        "emitter",
+        Duration::from_millis(500),
+        vec![("a", a.spec("1", 3000)), ("b", b.spec("1", 3000))],
+    );
     let amb = TestAmbassador::start(&dir.url, &["emitter"], &[]).await;
     let url = format!("{}/greeting", amb.url("emitter"));
     eventually(Duration::from_secs(5), "two instances", || async {
@@ -503,7 +462,7 @@ async fn directory_loss_and_empty_restart_keep_live_servers() {
     let load = Load::start(url.clone());
     load.more(300).await;
     // "b" stops heartbeating when the directory dies: the new directory never hears of it.
-    beating.lock().unwrap().retain(|(id, _)| id != "b");
+    heartbeats.remove("b");
     dir.kill9();
     load.more(700).await;
     assert_eq!(
@@ -512,7 +471,7 @@ async fn directory_loss_and_empty_restart_keep_live_servers() {
         "the last known servers stay"
     );
     dir.restart().await;
-    beating.lock().unwrap().push(("c".into(), spec(&c)));
+    heartbeats.add("c", c.spec("1", 3000));
     // Converges to the new table: "a" (heartbeating) and "c"; "b" leaves after the grace.
     eventually(Duration::from_secs(15), "the new table", || async {
         let s = amb.servers("emitter");
@@ -521,8 +480,7 @@ async fn directory_loss_and_empty_restart_keep_live_servers() {
     .await;
     load.more(300).await;
     let (ok, failures) = load.finish().await;
-    stop_beating.store(true, Ordering::Relaxed);
-    let _ = heartbeat.await;
+    heartbeats.stop().await;
     assert!(
         failures.is_empty(),
         "{} failed of {ok}: {:?}",
@@ -775,31 +733,13 @@ async fn grace_is_per_service_and_ends_one_ttl_after_the_directory_is_back() {
     let far = Greeting::start("1", "far").await;
     register(&dir.client, "elsewhere", &far, "far", "1", 86_400_000).await;
     const EMITTER_TTL: Duration = Duration::from_millis(2000);
-    let spec = |g: &Greeting| InstanceSpec {
-        address: g.addr.ip().to_string(),
-        port: u64::from(g.addr.port()),
-        version: None,
-        weight: None,
-        tags: vec![],
-        ttl_ms: Some(EMITTER_TTL.as_millis() as u64),
-    };
-    let beating: Arc<Mutex<Vec<(String, InstanceSpec)>>> = Arc::new(Mutex::new(vec![
-        ("a".into(), spec(&a)),
-        ("b".into(), spec(&b)),
-    ]));
-    let stop_beating = Arc::new(AtomicBool::new(false));
-    let heartbeat = {
-        let (client, beating, stop) = (dir.client.clone(), beating.clone(), stop_beating.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let list = beating.lock().unwrap().clone();
-                for (id, spec) in list {
-                    let _ = client.register("emitter", &id, &spec).await;
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        })
-    };
+    let ttl_ms = EMITTER_TTL.as_millis() as u64;
+    let heartbeats = Heartbeats::start(
+        dir.client.clone(),
+        "emitter",
+        Duration::from_millis(300),
+        vec![("a", a.spec("1", ttl_ms)), ("b", b.spec("1", ttl_ms))],
+    );
     let amb = TestAmbassador::start(&dir.url, &["emitter"], &[]).await;
     let url = format!("{}/greeting", amb.url("emitter"));
     eventually(Duration::from_secs(5), "two instances", || async {
@@ -808,7 +748,7 @@ async fn grace_is_per_service_and_ends_one_ttl_after_the_directory_is_back() {
     .await;
 
     // "b" stops with the directory; the restarted directory hears only of "a".
-    beating.lock().unwrap().retain(|(id, _)| id != "b");
+    heartbeats.remove("b");
     dir.kill9();
     dir.restart().await;
     let back = std::time::Instant::now();
@@ -830,8 +770,7 @@ async fn grace_is_per_service_and_ends_one_ttl_after_the_directory_is_back() {
         amb.servers("emitter").get("a").map(String::as_str),
         Some("ready")
     );
-    stop_beating.store(true, Ordering::Relaxed);
-    let _ = heartbeat.await;
+    heartbeats.stop().await;
     let log = amb.proc.log_text();
     assert!(log.contains("keeping it for the grace period"), "{log}");
 }

@@ -3,32 +3,16 @@
 
 use std::time::Duration;
 
-use baker_client::model::InstanceSpec;
 use baker_client::ops::AmbassadorsResponse;
-use baker_client::DirectoryClient;
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::cli::baker;
 use baker_tests::directory::TestDirectory;
-use baker_tests::greeting::Greeting;
+use baker_tests::greeting::{register, Greeting};
 use baker_tests::{eventually, require, Needs};
 use nix::sys::signal::Signal;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-async fn register(client: &DirectoryClient, g: &Greeting, id: &str, version: &str) {
-    let spec = InstanceSpec {
-        address: g.addr.ip().to_string(),
-        port: u64::from(g.addr.port()),
-        version: Some(version.to_owned()),
-        weight: None,
-        tags: vec![],
-        ttl_ms: Some(600_000),
-    };
-    client
-        .register("greeting", id, &spec)
-        .await
-        .unwrap_or_else(|e| panic!("registering greeting/{id}: {e}"));
-}
+const TTL_MS: u64 = 600_000;
 
 /// The `instance` field of one greeting through `url`.
 async fn instance_behind(http: &reqwest::Client, url: &str) -> String {
@@ -54,8 +38,8 @@ async fn ambassadors_report_and_wait_returns_once_every_one_applied_the_change()
         Greeting::start("1", "g1").await,
         Greeting::start("2", "g2").await,
     );
-    register(&dir.client, &g1, "g1", "1").await;
-    register(&dir.client, &g2, "g2", "2").await;
+    register(&dir.client, "greeting", &g1, "g1", "1", TTL_MS).await;
+    register(&dir.client, "greeting", &g2, "g2", "2", TTL_MS).await;
     let a = TestAmbassador::start(&dir.url, &["greeting"], &[("BAKER_ID", "amb-a")]).await;
     let b = TestAmbassador::start(&dir.url, &["greeting"], &[("BAKER_ID", "amb-b")]).await;
 

@@ -5,27 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use baker_client::model::InstanceSpec;
-use baker_client::DirectoryClient;
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::directory::TestDirectory;
-use baker_tests::greeting::Greeting;
+use baker_tests::greeting::{register, Greeting};
 use baker_tests::{eventually, require, Needs};
 
-async fn register(client: &DirectoryClient, g: &Greeting, id: &str, version: &str) {
-    let spec = InstanceSpec {
-        address: g.addr.ip().to_string(),
-        port: u64::from(g.addr.port()),
-        version: Some(version.to_owned()),
-        weight: None,
-        tags: vec![],
-        ttl_ms: Some(60_000),
-    };
-    client
-        .register("emitter", id, &spec)
-        .await
-        .unwrap_or_else(|e| panic!("registering emitter/{id}: {e}"));
-}
+const TTL_MS: u64 = 60_000;
 
 /// A client opening a new connection per request, so each request is routed afresh.
 fn fresh() -> reqwest::Client {
@@ -68,7 +53,7 @@ async fn first_state_and_answer(
     dir: &TestDirectory,
     b: &Greeting,
 ) -> (u32, u16) {
-    register(&dir.client, b, "b", "1").await;
+    register(&dir.client, "emitter", b, "b", "1", TTL_MS).await;
     let op = eventually(
         Duration::from_secs(5),
         "the server to be enabled",
@@ -140,8 +125,8 @@ async fn a_route_applies_while_it_is_written_and_a_crash_before_it_is_durable_re
     let mut dir = TestDirectory::start(&[]).await;
     let v1 = Greeting::start("1", "v1").await;
     let v2 = Greeting::start("2", "v2").await;
-    register(&dir.client, &v1, "v1", "1").await;
-    register(&dir.client, &v2, "v2", "2").await;
+    register(&dir.client, "emitter", &v1, "v1", "1", TTL_MS).await;
+    register(&dir.client, "emitter", &v2, "v2", "2", TTL_MS).await;
     let to = |v: &str| [(v.to_owned(), 100)].into();
     dir.client.set_route("emitter", &to("1")).await.unwrap();
     let amb = TestAmbassador::start(&dir.url, &["emitter"], &[]).await;
@@ -189,8 +174,8 @@ async fn a_route_applies_while_it_is_written_and_a_crash_before_it_is_durable_re
     dir.restart().await;
     let routes = dir.client.routes().await.unwrap().routes;
     assert_eq!(routes["emitter"], [("1".parse().unwrap(), 100)].into());
-    register(&dir.client, &v1, "v1", "1").await;
-    register(&dir.client, &v2, "v2", "2").await;
+    register(&dir.client, "emitter", &v1, "v1", "1", TTL_MS).await;
+    register(&dir.client, "emitter", &v2, "v2", "2", TTL_MS).await;
     // The ambassador follows the directory's routes again, not the one it lost.
     eventually(Duration::from_secs(10), "version 1 alone again", only("1")).await;
     assert_eq!(amb.proc_info().reloads, 0);

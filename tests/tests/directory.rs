@@ -4,22 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use baker_client::model::{ErrorBody, InstanceSpec, WatchEvent};
-use baker_tests::directory::TestDirectory;
+use baker_client::model::{ErrorBody, WatchEvent};
+use baker_tests::directory::{spec, TestDirectory};
 use baker_tests::{eventually, Proc};
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
-
-fn spec(port: u64, ttl_ms: Option<u64>) -> InstanceSpec {
-    InstanceSpec {
-        address: "127.0.0.1".into(),
-        port,
-        version: None,
-        weight: None,
-        tags: vec![],
-        ttl_ms,
-    }
-}
 
 /// One raw call: status and the `error` of a JSON error body (or the raw body).
 async fn call(

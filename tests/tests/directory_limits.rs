@@ -5,9 +5,8 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use baker_client::model::InstanceSpec;
 use baker_client::ClientError;
-use baker_tests::directory::TestDirectory;
+use baker_tests::directory::{spec, TestDirectory};
 use baker_tests::greeting::Greeting;
 use baker_tests::{eventually, Proc};
 use futures_util::StreamExt;
@@ -15,16 +14,7 @@ use reqwest::StatusCode;
 
 const HOSTILE: usize = 2_000;
 
-fn spec(port: u64) -> InstanceSpec {
-    InstanceSpec {
-        address: "127.0.0.1".into(),
-        port,
-        version: None,
-        weight: None,
-        tags: vec![],
-        ttl_ms: Some(60_000),
-    }
-}
+const TTL_MS: Option<u64> = Some(60_000);
 
 /// Lets this process hold thousands of sockets: the soft open-file limit is often 1024.
 fn raise_open_files() {
@@ -51,18 +41,6 @@ fn hostile_watcher(addr: SocketAddr, token: Option<&str>) -> TcpStream {
     s
 }
 
-/// A metric's value from `/metrics`.
-async fn metric(dir: &TestDirectory, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{}/metrics", dir.url))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// The 99th percentile (the worst of 100) of `calls` timed calls of `f`.
 async fn p99<F, Fut>(calls: usize, mut f: F) -> Duration
 where
@@ -85,9 +63,13 @@ async fn two_thousand_watchers_that_never_read_do_not_starve_the_api() {
     // The default limits: 8192 connections, of which watches may take 4096.
     let dir = TestDirectory::start(&[]).await;
     let c = dir.client_with_token(None);
-    c.register("emitter", "a", &spec(8000)).await.unwrap();
+    c.register("emitter", "a", &spec(8000, TTL_MS))
+        .await
+        .unwrap();
     let heartbeat = || async {
-        c.register("emitter", "a", &spec(8000)).await.unwrap();
+        c.register("emitter", "a", &spec(8000, TTL_MS))
+            .await
+            .unwrap();
     };
     let healthz = || async { c.healthz().await.unwrap() };
     let usual = p99(100, healthz).await.max(p99(100, heartbeat).await);
@@ -104,7 +86,7 @@ async fn two_thousand_watchers_that_never_read_do_not_starve_the_api() {
         Duration::from_secs(30),
         "every hostile watcher to have its stream",
         || async {
-            (metric(&dir, "baker_directory_watchers").await? >= HOSTILE as f64).then_some(())
+            (dir.metric("baker_directory_watchers").await? >= HOSTILE as f64).then_some(())
         },
     )
     .await;
@@ -165,7 +147,7 @@ async fn watches_past_their_slots_are_refused_and_leave_the_api_its_own() {
     let addr = dir.addr;
     let held: Vec<_> = (0..4).map(|_| hostile_watcher(addr, None)).collect();
     eventually(Duration::from_secs(10), "four watch streams", || async {
-        (metric(&dir, "baker_directory_watchers").await? >= 4.0).then_some(())
+        (dir.metric("baker_directory_watchers").await? >= 4.0).then_some(())
     })
     .await;
     let c = dir.client_with_token(None);
@@ -183,14 +165,14 @@ async fn watches_past_their_slots_are_refused_and_leave_the_api_its_own() {
     let calls = (0..6).map(|i| {
         let c = dir.client_with_token(None);
         async move {
-            c.register("emitter", &format!("i{i}"), &spec(8000 + i))
+            c.register("emitter", &format!("i{i}"), &spec(8000 + i, TTL_MS))
                 .await
                 .unwrap()
         }
     });
     futures_util::future::join_all(calls).await;
     assert_eq!(
-        metric(&dir, "baker_directory_watches_refused_total").await,
+        dir.metric("baker_directory_watches_refused_total").await,
         Some(1.0)
     );
     // A slot freed is a watch served.
@@ -233,7 +215,7 @@ async fn a_watch_token_guards_watches_and_the_main_token_opens_them_too() {
     assert!(main.watch().await.is_ok());
     // The watch token opens nothing else.
     let watcher = dir.client_with_token(Some("watch-token"));
-    match watcher.register("emitter", "a", &spec(8000)).await {
+    match watcher.register("emitter", "a", &spec(8000, TTL_MS)).await {
         Err(ClientError::Refused { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
         other => panic!("{other:?}"),
     }
@@ -250,7 +232,7 @@ async fn a_watch_token_guards_watches_and_the_main_token_opens_them_too() {
     .await
     .unwrap();
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-    assert_eq!(metric(&dir, "baker_directory_watchers").await, Some(0.0));
+    assert_eq!(dir.metric("baker_directory_watchers").await, Some(0.0));
 }
 
 /// A raw call: status and JSON body.
@@ -361,11 +343,8 @@ async fn quotas_answer_429_naming_the_quota_and_change_nothing() {
     assert_eq!(counts, [("a".into(), 3), ("b".into(), 1)]);
     assert_eq!(dir.client.routes().await.unwrap().routes.len(), 1);
     assert_eq!(
-        metric(
-            &dir,
-            "baker_directory_quota_refusals_total{quota=\"routes\"}"
-        )
-        .await,
+        dir.metric("baker_directory_quota_refusals_total{quota=\"routes\"}")
+            .await,
         Some(1.0)
     );
 }

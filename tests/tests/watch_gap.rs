@@ -5,25 +5,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use baker_client::model::{InstanceSpec, WatchEvent};
+use baker_client::model::WatchEvent;
 use baker_client::{ClientError, DirectoryClient};
 use baker_tests::ambassador::TestAmbassador;
-use baker_tests::directory::TestDirectory;
+use baker_tests::directory::{spec, TestDirectory};
 use baker_tests::greeting::Greeting;
 use baker_tests::proxy::LineDropProxy;
 use baker_tests::{eventually, require, Needs};
 use futures_util::{Stream, StreamExt};
 
-fn spec(port: u16) -> InstanceSpec {
-    InstanceSpec {
-        address: "127.0.0.1".into(),
-        port: u64::from(port),
-        version: None,
-        weight: None,
-        tags: vec![],
-        ttl_ms: Some(60_000),
-    }
-}
+const TTL_MS: Option<u64> = Some(60_000);
 
 /// The instance ids of `emitter` as a watcher built them from the stream.
 type Table = BTreeSet<String>;
@@ -65,7 +56,7 @@ async fn a_client_that_misses_a_line_reports_the_gap_and_a_fresh_snapshot_makes_
     let proxy = LineDropProxy::start(dir.addr).await;
     let watcher = DirectoryClient::new(&proxy.url, None).unwrap();
     dir.client
-        .register("emitter", "a", &spec(8001))
+        .register("emitter", "a", &spec(8001, TTL_MS))
         .await
         .unwrap();
     let mut table = Table::new();
@@ -77,7 +68,7 @@ async fn a_client_that_misses_a_line_reports_the_gap_and_a_fresh_snapshot_makes_
     // b's registration is lost on the way; c's, the next line, does not follow the last one.
     proxy.drop_next_line_with("\"id\":\"b\"");
     dir.client
-        .register("emitter", "b", &spec(8002))
+        .register("emitter", "b", &spec(8002, TTL_MS))
         .await
         .unwrap();
     eventually(Duration::from_secs(5), "b's line to be dropped", || async {
@@ -85,7 +76,7 @@ async fn a_client_that_misses_a_line_reports_the_gap_and_a_fresh_snapshot_makes_
     })
     .await;
     dir.client
-        .register("emitter", "c", &spec(8003))
+        .register("emitter", "c", &spec(8003, TTL_MS))
         .await
         .unwrap();
     let failure = follow(&mut stream, &mut table, 3).await;
@@ -127,7 +118,12 @@ async fn an_ambassador_that_misses_a_line_resyncs_and_runs_every_server_without_
     let register = |i: usize| {
         let (client, port) = (dir.client.clone(), greetings[i].addr.port());
         let id = ["a", "b", "c"][i];
-        async move { client.register("emitter", id, &spec(port)).await.unwrap() }
+        async move {
+            client
+                .register("emitter", id, &spec(port, TTL_MS))
+                .await
+                .unwrap()
+        }
     };
     register(0).await;
     let mut amb = TestAmbassador::start(&proxy.url, &["emitter"], &[]).await;
