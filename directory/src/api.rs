@@ -160,6 +160,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::routes())
         .layer(middleware::from_fn_with_state(request_timeout, deadline));
     Router::new()
         .route("/v1/watch", get(watch))
@@ -189,7 +190,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 impl AppState {
     /// Checks the bearer token of a mutating call, in constant time.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(token) = &self.token else {
             return Ok(());
         };

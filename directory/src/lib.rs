@@ -15,6 +15,7 @@
 //! - [`watch`]: the watch stream, with bounded per-watcher queues.
 //! - [`ambassadors`]: the ambassadors' reports (soft state, expiring), and their traffic.
 //! - [`api`]: HTTP handlers, bearer-token checks, body limits and JSON errors.
+//! - [`ui`]: the dashboard (`GET /ui`): a page, its script and style, from the binary.
 //! - [`server`]: the accept loop (connection limit, header timeout, graceful shutdown).
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`.
 //! - [`docker`]: discovery of containers labelled `baker.service`, from the Docker API.
@@ -39,6 +40,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod supervise;
+pub mod ui;
 pub mod watch;
 
 use std::sync::Arc;

@@ -8,13 +8,15 @@
 //!   the watch stream on demand.
 //! - [`etcd::EtcdCluster`] runs a real etcd cluster on loopback and kills, freezes or restarts
 //!   its members.
-//! - [`require`] makes a test that needs HAProxy, Docker or etcd fail with a clear message when the
+//! - [`browser::Browser`] runs a headless Chromium and drives pages over the DevTools protocol.
+//! - [`require`] makes a test that needs HAProxy, Docker, etcd or Chromium fail with a clear message when the
 //!   tool is missing (or return early only when the user opted out with `BAKER_TEST_SKIP`).
 //!
 //! The binaries are found beside the test executable (`target/<profile>/`); the README's test
 //! command builds them first (`cargo build --workspace --bins`).
 
 pub mod ambassador;
+pub mod browser;
 pub mod cli;
 pub mod directory;
 pub mod dns;
@@ -69,11 +71,14 @@ pub enum Needs {
     Systemd,
     /// `etcd` (Debian's etcd-server), for clusters of real members ([`etcd::EtcdCluster`]).
     Etcd,
+    /// `chromium` (Debian's), a real browser for the dashboard ([`browser::Browser`]).
+    Chromium,
 }
 
 /// Checks that the machine has what a test needs.
 ///
-/// Returns `false` only when the user opted out explicitly (`BAKER_TEST_SKIP=haproxy,docker,systemd,etcd`);
+/// Returns `false` only when the user opted out explicitly
+/// (`BAKER_TEST_SKIP=haproxy,docker,systemd,etcd,chromium`);
 /// the test should then return. A missing tool without an opt-out fails the test, naming it.
 pub fn require(needs: Needs) -> bool {
     let name = match needs {
@@ -81,6 +86,7 @@ pub fn require(needs: Needs) -> bool {
         Needs::Docker => "docker",
         Needs::Systemd => "systemd",
         Needs::Etcd => "etcd",
+        Needs::Chromium => "chromium",
     };
     let skip = std::env::var("BAKER_TEST_SKIP").unwrap_or_default();
     if skip.split(',').any(|s| s.trim() == name) {
@@ -104,6 +110,7 @@ pub fn require(needs: Needs) -> bool {
             .map(|o| o.status.success())
             .unwrap_or(false),
         Needs::Etcd => etcd::etcd_available(),
+        Needs::Chromium => browser::chromium_available(),
     };
     assert!(
         ok,
@@ -154,6 +161,9 @@ where
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// The process leads a process group of its own, killed whole when dropped (for
+    /// programs such as Chromium whose launcher does not `exec` and whose helpers outlive it).
+    group: bool,
     log: Arc<Mutex<Vec<String>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
 }
@@ -167,8 +177,31 @@ impl Proc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Proc {
-        let program = program.into();
+        Self::launch(name, program.into(), args, env, false)
+    }
+
+    /// Like [`spawn`](Self::spawn), in a process group of its own: dropping the `Proc` kills the
+    /// whole group, children included.
+    pub fn spawn_group(
+        name: &str,
+        program: impl Into<PathBuf>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        Self::launch(name, program.into(), args, env, true)
+    }
+
+    fn launch(
+        name: &str,
+        program: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+        group: bool,
+    ) -> Proc {
         let mut cmd = Command::new(&program);
+        if group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -218,6 +251,7 @@ impl Proc {
         Proc {
             name: name.to_owned(),
             child,
+            group,
             log,
             readers,
         }
@@ -335,6 +369,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.group {
+            let _ =
+                nix::sys::signal::killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -1,0 +1,150 @@
+//! The dashboard: `GET /ui`, a page served by the directory itself.
+//!
+//! The page is a Tera template rendered with autoescape; its script and style are served
+//! beside it from the binary (`/ui/app.js`, `/ui/app.css`, `/ui/icon.svg`), so the page
+//! works offline and loads nothing from elsewhere. Every answer carries a Content-Security-Policy
+//! that allows only the directory's own script, style and API, and forbids framing. The
+//! script reads the same public API as everyone else (the watch stream, ambassadors,
+//! maintenance, events) and builds the page with DOM calls only (`textContent`), so no value
+//! of the table is ever parsed as HTML. Changes need the bearer token, which the page sends
+//! as everyone else does; `GET /ui/auth` only tells the page whether a token is right.
+
+use std::sync::LazyLock;
+
+use axum::extract::State;
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+    X_FRAME_OPTIONS,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::api::{ApiError, AppState};
+
+/// The page's template.
+const PAGE: &str = include_str!("../ui/index.html");
+/// The page's script: everything dynamic.
+const SCRIPT: &str = include_str!("../ui/app.js");
+const STYLE: &str = include_str!("../ui/app.css");
+const ICON: &str = include_str!("../ui/icon.svg");
+
+/// Only the directory's own script, style, icon and API; no framing, no forms posted
+/// elsewhere, no `<base>`.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+                       img-src 'self'; connect-src 'self'; base-uri 'none'; \
+                       form-action 'none'; frame-ancestors 'none'";
+
+static TEMPLATES: LazyLock<tera::Tera> = LazyLock::new(|| {
+    let mut tera = tera::Tera::default();
+    // Autoescape is on for `.html` templates; the embedded template is checked by a unit test,
+    // so adding it cannot fail at run time.
+    tera.add_raw_template("index.html", PAGE)
+        .expect("the embedded dashboard template parses");
+    tera
+});
+
+/// The dashboard's routes, mounted by [`crate::api::router`].
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/ui", get(page))
+        .route("/ui/app.js", get(script))
+        .route("/ui/app.css", get(style))
+        .route("/ui/icon.svg", get(icon))
+        .route("/ui/auth", get(auth))
+}
+
+/// What the template is told.
+fn context(app: &AppState) -> tera::Context {
+    let mut ctx = tera::Context::new();
+    ctx.insert("version", env!("CARGO_PKG_VERSION"));
+    ctx.insert("token_required", &app.token.is_some());
+    ctx.insert("watch_token_required", &app.watch_token.is_some());
+    ctx
+}
+
+/// Renders the page for `app`.
+pub fn render(app: &AppState) -> Result<String, tera::Error> {
+    TEMPLATES.render("index.html", &context(app))
+}
+
+/// The headers every dashboard answer carries.
+fn safe(content_type: &'static str, cache: &'static str, body: impl IntoResponse) -> Response {
+    let mut resp = body.into_response();
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static(cache));
+    h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    resp
+}
+
+async fn page(State(app): State<AppState>) -> Response {
+    match render(&app) {
+        Ok(html) => safe("text/html; charset=utf-8", "no-store", html),
+        Err(e) => ApiError::Internal(anyhow::Error::new(e).context("rendering the dashboard"))
+            .into_response(),
+    }
+}
+
+async fn script() -> Response {
+    safe("text/javascript; charset=utf-8", "no-cache", SCRIPT)
+}
+
+async fn style() -> Response {
+    safe("text/css; charset=utf-8", "no-cache", STYLE)
+}
+
+async fn icon() -> Response {
+    safe("image/svg+xml", "no-cache", ICON)
+}
+
+/// `204` when the bearer token is right (or none is needed), `401` otherwise: how the page
+/// knows whether to offer changes before the operator makes one.
+async fn auth(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    match app.authorize(&headers) {
+        Ok(()) => safe("text/plain", "no-store", StatusCode::NO_CONTENT),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_template_parses_and_escapes() {
+        let mut ctx = tera::Context::new();
+        ctx.insert("version", "<script>alert(1)</script>");
+        ctx.insert("token_required", &true);
+        ctx.insert("watch_token_required", &false);
+        let html = TEMPLATES.render("index.html", &ctx).unwrap();
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(
+            html.contains("&lt;script&gt;alert(1)&lt;&#x2F;script&gt;"),
+            "{html}"
+        );
+        assert!(html.contains(r#"<script src="/ui/app.js" defer></script>"#));
+    }
+
+    #[test]
+    fn the_page_has_no_inline_script_or_style() {
+        // The CSP allows only 'self': an inline script or style would be blocked, so none
+        // may be written.
+        let lower = PAGE.to_lowercase();
+        assert_eq!(lower.matches("<script").count(), 1);
+        assert!(!lower.contains("<style"));
+        assert!(!lower.contains(" style="));
+        let handler = lower.split(" on").skip(1).find(|rest| {
+            let name: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
+            !name.is_empty() && rest[name.len()..].starts_with('=')
+        });
+        assert!(handler.is_none(), "an inline event handler: on{handler:?}");
+        assert!(!lower.contains("http://") && !lower.contains("https://"));
+        assert!(!SCRIPT.contains("innerHTML") && !SCRIPT.contains("insertAdjacentHTML"));
+        assert!(!SCRIPT.contains("eval(") && !SCRIPT.contains("new Function"));
+    }
+}

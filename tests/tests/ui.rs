@@ -1,0 +1,250 @@
+//! End-to-end: the dashboard (`GET /ui`) in a real headless Chromium, against a real directory,
+//! ambassador and HAProxy. The page follows the table without a reload, is read-only without
+//! the token, changes routes (and drains instances) with it, and what it changes takes effect
+//! on the ambassador; values from the table are shown as text, never run as script. The test
+//! writes a screenshot of the page to `target/ui/dashboard.png`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use baker_client::DirectoryClient;
+use baker_tests::ambassador::TestAmbassador;
+use baker_tests::browser::{artefacts, Browser, Page};
+use baker_tests::directory::TestDirectory;
+use baker_tests::greeting::Greeting;
+use baker_tests::load::greet;
+use baker_tests::{eventually, require, Needs};
+
+const TOKEN: &str = "s3cret-ui";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Registers `g` as greeting/`id` of `version`, tagged.
+async fn register(client: &DirectoryClient, id: &str, version: &str, g: &Greeting) {
+    let mut spec = g.spec(version, 120_000);
+    spec.tags = vec!["blue".into()];
+    client
+        .register("greeting", id, &spec)
+        .await
+        .unwrap_or_else(|e| panic!("registering greeting/{id}: {e}"));
+}
+
+/// `n` answers through the ambassador: the instances that gave them.
+async fn answers(url: &str, n: usize) -> Vec<String> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("an HTTP client");
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            greet(&http, url)
+                .await
+                .unwrap_or_else(|e| format!("failed: {e}")),
+        );
+    }
+    out
+}
+
+/// Waits until `n` answers in a row through the ambassador came from `expected` only, and
+/// from each of them.
+async fn wait_served_by(url: &str, expected: &[&str], what: &str) {
+    let expected: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
+    eventually(WAIT, what, || async {
+        let got: BTreeSet<String> = answers(url, 30).await.into_iter().collect();
+        (got == expected).then_some(())
+    })
+    .await;
+}
+
+/// The selector of an instance's row.
+fn row(id: &str) -> String {
+    format!("[data-service=\"greeting\"] tr[data-id=\"{id}\"]")
+}
+
+async fn open_route_editor(page: &Page) {
+    page.wait_for(
+        "!document.querySelector('button[data-action=route][data-service=greeting]').disabled",
+        WAIT,
+        "the route button to be enabled",
+    )
+    .await;
+    page.click("button[data-action=route][data-service=greeting]")
+        .await;
+    page.wait_for(
+        "document.getElementById('route-dialog').open",
+        WAIT,
+        "the route editor to open",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
+    if !require(Needs::Haproxy) || !require(Needs::Chromium) {
+        return;
+    }
+    let dir = TestDirectory::start(&[("BAKER_TOKEN", TOKEN)]).await;
+    let g1 = Greeting::start("1", "greeting-1").await;
+    let g2 = Greeting::start("1", "greeting-2").await;
+    let g3 = Greeting::start("2", "greeting-3").await;
+    register(&dir.client, "greeting-1", "1", &g1).await;
+    register(&dir.client, "greeting-2", "1", &g2).await;
+    let amb = TestAmbassador::start(&dir.url, &["greeting"], &[("BAKER_TOKEN", TOKEN)]).await;
+    let url = format!("{}/greeting", amb.url("greeting"));
+    wait_served_by(
+        &url,
+        &["greeting-1", "greeting-2"],
+        "the ambassador to serve",
+    )
+    .await;
+
+    let browser = Browser::start(1440, 1000).await;
+    let page = browser.open(&format!("{}/ui", dir.url)).await;
+    page.wait_for(
+        &format!("document.querySelector('{}')", row("greeting-2")),
+        WAIT,
+        "the instances",
+    )
+    .await;
+
+    // Without the token: read-only, and it says so; the controls are disabled.
+    assert_eq!(page.text("#mode").await, "read-only");
+    assert!(
+        page.text("#notice").await.contains("Read-only"),
+        "{}",
+        page.text("#notice").await
+    );
+    assert_eq!(
+        page.eval("document.querySelector('button[data-action=route]').disabled")
+            .await,
+        true
+    );
+    assert_eq!(
+        page.eval("document.querySelectorAll('button[data-action=drain]:not(:disabled), button[data-action=undrain]:not(:disabled)').length").await,
+        0
+    );
+    page.click("button[data-action=route][data-service=greeting]")
+        .await;
+    assert_eq!(
+        page.eval("document.getElementById('route-dialog').open")
+            .await,
+        false
+    );
+
+    // A new instance shows up without a reload, within a second.
+    let registered = Instant::now();
+    register(&dir.client, "greeting-3", "2", &g3).await;
+    page.wait_for(
+        &format!("document.querySelector('{}')", row("greeting-3")),
+        WAIT,
+        "greeting-3 on the page",
+    )
+    .await;
+    let shown = registered.elapsed();
+    eprintln!("a new instance was on the page {shown:?} after its registration");
+    assert!(shown < Duration::from_secs(1), "took {shown:?}");
+
+    // A wrong token leaves the page read-only; the right one enables changes.
+    page.type_into("#token", "not-the-token").await;
+    page.click("#unlock").await;
+    page.wait_for(
+        "document.getElementById('notice').innerText.includes('Wrong token')",
+        WAIT,
+        "the wrong token to be refused",
+    )
+    .await;
+    assert_eq!(page.text("#mode").await, "read-only");
+    page.type_into("#token", TOKEN).await;
+    page.click("#unlock").await;
+    page.wait_for(
+        "document.getElementById('mode').innerText === 'changes enabled'",
+        WAIT,
+        "changes to be enabled",
+    )
+    .await;
+    assert_eq!(
+        page.eval("sessionStorage.getItem('baker.token')").await,
+        TOKEN,
+        "the token is kept for the session"
+    );
+
+    // A route change from the page takes effect on the ambassador.
+    open_route_editor(&page).await;
+    page.type_into("#route-input", "1=50 2=20").await;
+    page.click("#route-apply").await;
+    page.wait_for(
+        "!document.getElementById('route-error').hidden",
+        WAIT,
+        "the directory's refusal",
+    )
+    .await;
+    let refusal = page.text("#route-error").await;
+    assert!(refusal.contains("100"), "{refusal}");
+    assert!(
+        dir.client.routes().await.unwrap().routes.is_empty(),
+        "a refused route changes nothing"
+    );
+    page.type_into("#route-input", "2=100").await;
+    page.click("#route-apply").await;
+    page.wait_for(
+        "!document.getElementById('route-dialog').open",
+        WAIT,
+        "the editor to close",
+    )
+    .await;
+    let routes = dir.client.routes().await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&routes.routes["greeting"]).unwrap(),
+        serde_json::json!({"2": 100})
+    );
+    wait_served_by(&url, &["greeting-3"], "every answer from version 2").await;
+    page.wait_for(
+        "document.querySelector('[data-service=\"greeting\"] .bar').innerText.includes('100%')",
+        WAIT,
+        "the new split on the page",
+    )
+    .await;
+
+    // Clearing the route from the page: every instance serves again.
+    open_route_editor(&page).await;
+    page.click("#route-clear").await;
+    page.wait_for(
+        "!document.getElementById('route-dialog').open",
+        WAIT,
+        "the editor to close",
+    )
+    .await;
+    assert!(dir.client.routes().await.unwrap().routes.is_empty());
+    wait_served_by(
+        &url,
+        &["greeting-1", "greeting-2", "greeting-3"],
+        "every instance to serve again",
+    )
+    .await;
+
+    // The ambassador, caught up, and the traffic it reports per instance.
+    page.wait_for(
+        "(() => { const a = document.querySelector('#ambassadors tr[data-ambassador]'); \
+         return a && a.innerText.includes('caught up'); })()",
+        WAIT,
+        "the ambassador, caught up",
+    )
+    .await;
+    page.wait_for(
+        &format!(
+            "(() => {{ const r = document.querySelector('{}'); \
+             return r && r.querySelector('.pill-ok') && r.innerText.includes('up on 1/1') \
+             && Number(r.children[5].innerText) > 0; }})()",
+            row("greeting-3")
+        ),
+        WAIT,
+        "greeting-3's health and traffic as the ambassador reports them",
+    )
+    .await;
+
+    let shot = artefacts("ui").join("dashboard.png");
+    page.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+    assert_eq!(page.script_activity().await, Vec::<String>::new());
+}
