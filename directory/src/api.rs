@@ -21,7 +21,7 @@ use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use baker_client::model::{
     printable, validate_route, ErrorBody, Instance, InstanceId, InstanceSpec, RouteResponse,
-    RoutesResponse, ServiceName, ServiceResponse, ServicesResponse, Source, ValidationError,
+    RoutesResponse, ServiceName, ServiceResponse, ServicesResponse, ValidationError,
 };
 use baker_client::ops::{AmbassadorReport, AmbassadorsResponse, ReportAck};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ambassadors::Reports;
 use crate::quota::Exceeded;
-use crate::registry::{Refused, Registry, RouteError};
+use crate::registry::{Registry, RouteError, WriteError};
 use crate::server::ConnInfo;
 use crate::watch;
 
@@ -70,6 +70,9 @@ pub enum ApiError {
     /// Every watch slot is taken (503): the client should retry later.
     Busy(String),
     Timeout(Duration),
+    /// The store cannot take changes now (etcd lost its quorum): 503, with the reason; reads
+    /// and watches still answer.
+    Unavailable(String),
     /// A fault of the directory: logged, answered with a bare 500.
     Internal(anyhow::Error),
 }
@@ -79,6 +82,24 @@ impl ApiError {
         let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
         ApiError::BadRequest(list.join("; "))
     }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Conflict(e) => ApiError::Conflict(e.to_string()),
+            WriteError::Quota(e) => ApiError::Quota(e),
+            WriteError::Unavailable(e) => unavailable(&e),
+        }
+    }
+}
+
+/// The 503 of a change etcd could not take.
+fn unavailable(e: &crate::etcd::EtcdError) -> ApiError {
+    ApiError::Unavailable(format!(
+        "the change was not stored: {}",
+        baker_client::errors::chain(e)
+    ))
 }
 
 impl From<PathRejection> for ApiError {
@@ -120,6 +141,11 @@ impl IntoResponse for ApiError {
                     [(RETRY_AFTER, "5"), (CONNECTION, "close")],
                     body,
                 )
+                    .into_response();
+            }
+            ApiError::Unavailable(m) => {
+                let body = Json(ErrorBody { error: m });
+                return (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], body)
                     .into_response();
             }
             ApiError::TooLarge => (
@@ -302,10 +328,9 @@ async fn put_instance(
     let (service, id) = instance_path(&service, &id)?;
     let spec: InstanceSpec = read_json(&headers, body).await?;
     let spec = spec.validate().map_err(ApiError::invalid)?;
-    match app.registry.upsert(&service, &id, spec, Source::Registrar) {
+    match app.registry.register(&service, &id, spec).await {
         Ok(instance) => Ok(Json(instance)),
-        Err(Refused::Conflict(e)) => Err(ApiError::Conflict(e.to_string())),
-        Err(Refused::Quota(e)) => Err(ApiError::Quota(e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -317,12 +342,12 @@ async fn delete_instance(
     app.authorize(&headers)?;
     let Path((service, id)) = path?;
     let (service, id) = instance_path(&service, &id)?;
-    match app.registry.deregister(&service, &id) {
+    match app.registry.unregister(&service, &id).await {
         Ok(Some(instance)) => Ok(Json(instance)),
         Ok(None) => Err(ApiError::NotFound(format!(
             "no instance {id} of service {service}"
         ))),
-        Err(e) => Err(ApiError::Conflict(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -406,6 +431,7 @@ async fn put_route(
             "setting the route of {service} reported no route"
         ))),
         Err(RouteError::Quota(e)) => Err(ApiError::Quota(e)),
+        Err(RouteError::Unavailable(e)) => Err(unavailable(&e)),
         Err(RouteError::Store(e)) => Err(ApiError::Internal(
             anyhow::Error::new(e).context(format!("saving the route of {service}")),
         )),
@@ -426,6 +452,7 @@ async fn delete_route(
             "service {service} has no route"
         ))),
         Err(RouteError::Quota(e)) => Err(ApiError::Quota(e)),
+        Err(RouteError::Unavailable(e)) => Err(unavailable(&e)),
         Err(RouteError::Store(e)) => Err(ApiError::Internal(
             anyhow::Error::new(e).context(format!("clearing the route of {service}")),
         )),

@@ -10,10 +10,11 @@ use baker_client::api::parse_token;
 use baker_client::config::vars::{
     self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_LISTEN, ENV_MAX_CONNECTIONS,
     ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES, ENV_MAX_SERVICES,
-    ENV_MAX_WATCHES, ENV_REQUEST_TIMEOUT, ENV_TOKEN, ENV_WATCH_TOKEN,
+    ENV_MAX_WATCHES, ENV_REQUEST_TIMEOUT, ENV_STORE, ENV_TOKEN, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 
+use crate::etcd::StoreUrl;
 use crate::quota::Quotas;
 
 /// Default listen address.
@@ -60,6 +61,36 @@ impl fmt::Display for DockerMode {
     }
 }
 
+/// Where the directory's table lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreMode {
+    /// In this process: one directory, routes in `BAKER_DATA`.
+    #[default]
+    Memory,
+    /// In etcd v3: any number of replicas serve the same table.
+    Etcd(StoreUrl),
+}
+
+impl FromStr for StoreMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("memory") {
+            return Ok(StoreMode::Memory);
+        }
+        s.parse().map(StoreMode::Etcd)
+    }
+}
+
+impl fmt::Display for StoreMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreMode::Memory => f.write_str("memory"),
+            StoreMode::Etcd(url) => url.fmt(f),
+        }
+    }
+}
+
 /// Everything the directory needs to run. Tests build it directly.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -72,6 +103,8 @@ pub struct Config {
     pub watch_token: Option<String>,
     /// `BAKER_DATA`: the directory holding the routes, created if missing.
     pub data: PathBuf,
+    /// `BAKER_STORE`: where the table lives; in etcd, `data` is not used.
+    pub store: StoreMode,
     /// `BAKER_DOCKER`: used by Docker discovery.
     pub docker: DockerMode,
     /// `BAKER_DOCKER_NETWORK`: used by Docker discovery, the network whose address a discovered
@@ -108,6 +141,7 @@ impl Default for Config {
             token: None,
             watch_token: None,
             data: PathBuf::from(DEFAULT_DATA),
+            store: StoreMode::Memory,
             docker: DockerMode::Auto,
             docker_network: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -135,6 +169,7 @@ impl Config {
         let token = r.parse_secret(ENV_TOKEN, parse_token);
         let watch_token = r.parse_secret(ENV_WATCH_TOKEN, parse_token);
         let data = r.parse(ENV_DATA, |s| Ok::<_, String>(PathBuf::from(s)));
+        let store = r.parse(ENV_STORE, str::parse::<StoreMode>);
         let docker = r.value(ENV_DOCKER, DockerMode::Auto);
         let docker_network = r.parse(ENV_DOCKER_NETWORK, parse_network);
         let max_connections = r.parse(ENV_MAX_CONNECTIONS, |s| match s.parse::<usize>() {
@@ -165,6 +200,7 @@ impl Config {
             token,
             watch_token,
             data: data.unwrap_or(defaults.data),
+            store: store.unwrap_or_default(),
             docker,
             docker_network,
             max_connections,
@@ -211,6 +247,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.data, PathBuf::from(DEFAULT_DATA));
         assert_eq!(c.docker, DockerMode::Auto);
+        assert_eq!(c.store, StoreMode::Memory);
         assert_eq!(c.token, None);
         assert_eq!(c.docker_network, None);
     }
@@ -222,6 +259,7 @@ mod tests {
             ("BAKER_TOKEN", "s3cret"),
             ("BAKER_DATA", "/tmp/x"),
             ("BAKER_DOCKER", "OFF"),
+            ("BAKER_STORE", "etcd://e1:2379,e2:2379/team"),
             ("BAKER_DOCKER_NETWORK", "baker_net"),
             ("BAKER_MAX_CONNECTIONS", "10"),
             ("BAKER_MAX_WATCHES", "9"),
@@ -234,6 +272,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.max_watches, 9);
+        assert_eq!(c.store.to_string(), "etcd://e1:2379,e2:2379/team");
         assert_eq!(c.watch_token.as_deref(), Some("w4tch"));
         assert_eq!(
             c.quotas,
@@ -265,6 +304,7 @@ mod tests {
         assert_eq!(shown(ENV_LISTEN), Some(DEFAULT_LISTEN.to_owned()));
         assert_eq!(shown(ENV_DATA), Some(DEFAULT_DATA.to_owned()));
         assert_eq!(shown(ENV_DOCKER), Some(DockerMode::default().to_string()));
+        assert_eq!(shown(ENV_STORE), Some(StoreMode::default().to_string()));
         assert_eq!(
             shown(ENV_MAX_CONNECTIONS),
             Some(DEFAULT_MAX_CONNECTIONS.to_string())
@@ -314,6 +354,7 @@ mod tests {
         let errs = Config::from_env(&env(&[
             ("BAKER_LISTEN", "nowhere"),
             ("BAKER_TOKEN", "two words"),
+            ("BAKER_STORE", "etcd://e1"),
             ("BAKER_DOCKER", "maybe"),
             ("BAKER_DOCKER_NETWORK", "bad/net"),
             ("BAKER_MAX_CONNECTIONS", "0"),
@@ -329,6 +370,7 @@ mod tests {
             [
                 "BAKER_LISTEN",
                 "BAKER_TOKEN",
+                "BAKER_STORE",
                 "BAKER_DOCKER",
                 "BAKER_DOCKER_NETWORK",
                 "BAKER_MAX_CONNECTIONS",

@@ -8,6 +8,11 @@
 //!   whichever replica took the last heartbeat, and even if that replica is gone.
 //! - `<prefix>/routes/<service>`: one service's canary route, as JSON, a plain key: a write is
 //!   committed by a majority of the members before the call that made it answers.
+//! - `<prefix>/causes/<replica>`: why the instances deleted in the same transaction went
+//!   (deregistered, container stopped, ...), as a JSON list, bound to the writing replica's
+//!   own lease and overwritten by its next removal. A replica removes instances only in a
+//!   transaction that also puts this key, so a deleted instance key with no such put in the
+//!   same revision is one whose lease ran out: it expired.
 //!
 //! A replica reads the whole prefix at one revision ([`Etcd::snapshot`]) and then follows every
 //! change after it ([`Etcd::watch`]): all replicas see the same changes in the same order, and
@@ -24,9 +29,11 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use baker_client::change::RemoveCause;
 use baker_client::model::{Instance, InstanceId, Route, ServiceName};
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions,
+    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use futures_util::Stream;
 
@@ -146,6 +153,16 @@ pub enum Change {
     Route { service: ServiceName, route: Route },
     /// A service's route was cleared.
     RouteCleared { service: ServiceName },
+    /// Why the instances deleted at the same revision were removed.
+    Causes(Vec<Removal>),
+}
+
+/// One instance a replica removed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Removal {
+    pub service: ServiceName,
+    pub id: InstanceId,
+    pub cause: RemoveCause,
 }
 
 /// The whole table at one revision.
@@ -242,6 +259,10 @@ impl Etcd {
         format!("{}/routes/{service}", self.prefix)
     }
 
+    fn causes_key(&self, lease: i64) -> String {
+        format!("{}/causes/{lease:x}", self.prefix)
+    }
+
     /// Everything under the prefix, at the revision etcd reports.
     pub async fn snapshot(&self) -> Result<Snapshot, EtcdError> {
         let key = format!("{}/", self.prefix);
@@ -294,6 +315,10 @@ impl Etcd {
                     .map_err(|e| format!("its value is not a route: {e}"))?;
                 Ok(Change::Route { service, route })
             }
+            (Key::Causes, EventType::Put) => serde_json::from_slice(kv.value())
+                .map(Change::Causes)
+                .map_err(|e| format!("its value is not a list of removals: {e}")),
+            (Key::Causes, EventType::Delete) => Ok(Change::Causes(Vec::new())),
         });
         match parsed {
             Ok(c) => Some(c),
@@ -445,6 +470,42 @@ impl Etcd {
         ))
     }
 
+    /// Deletes the keys of `removals` in one transaction that also says why (the writing
+    /// replica's causes key, bound to its `lease`); returns the revision of the change and
+    /// how many keys existed.
+    pub async fn remove_instances(
+        &self,
+        removals: &[Removal],
+        lease: i64,
+    ) -> Result<(i64, i64), EtcdError> {
+        // Names and causes: serialization cannot fail.
+        let value = serde_json::to_vec(removals).expect("removals always serialize");
+        let mut ops = vec![TxnOp::put(
+            self.causes_key(lease),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )];
+        ops.extend(
+            removals
+                .iter()
+                .map(|r| TxnOp::delete(self.instance_key(&r.service, &r.id), None)),
+        );
+        let resp = retried(&self.client, |mut c| {
+            let ops = ops.clone();
+            async move { c.txn(Txn::new().and_then(ops)).await }
+        })
+        .await?;
+        let deleted = resp
+            .op_responses()
+            .iter()
+            .map(|r| match r {
+                TxnOpResponse::Delete(d) => d.deleted(),
+                _ => 0,
+            })
+            .sum();
+        Ok((resp.header().map_or(0, |h| h.revision()), deleted))
+    }
+
     /// Sets (`Some`) or clears (`None`) a service's route; returns the revision of the change.
     pub async fn set_route(
         &self,
@@ -476,6 +537,7 @@ impl Etcd {
 enum Key {
     Instance(ServiceName, InstanceId),
     Route(ServiceName),
+    Causes,
 }
 
 /// `instances/<service>/<id>` or `routes/<service>`, names checked as the API checks them.
@@ -492,6 +554,7 @@ fn decode_key(rest: &str) -> Result<Key, String> {
                 .map_err(|e| format!("{id:?} is not an instance id: {}", e.message))?,
         )),
         ["routes", s] => Ok(Key::Route(service(s)?)),
+        ["causes", lease] if i64::from_str_radix(lease, 16).is_ok() => Ok(Key::Causes),
         _ => Err("it is not a key Baker writes".into()),
     }
 }
@@ -537,11 +600,13 @@ mod tests {
             Ok(Key::Instance(..))
         ));
         assert!(matches!(decode_key("routes/emitter"), Ok(Key::Route(_))));
+        assert!(matches!(decode_key("causes/7f3a"), Ok(Key::Causes)));
         for bad in [
             "instances/Emitter/a",
             "instances/emitter",
             "routes/emitter/x",
             "other/emitter",
+            "causes/nothex",
         ] {
             assert!(decode_key(bad).is_err(), "{bad}");
         }

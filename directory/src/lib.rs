@@ -7,7 +7,8 @@
 //! - [`config`]: `BAKER_*` variables into a [`Config`].
 //! - [`registry`]: the table of instances and routes: who may change what, TTLs, and the
 //!   change feed every change is published on, with its revision, cause and time.
-//! - [`store`]: where the table lives ([`store::Store`]; in memory today).
+//! - [`store`]: the table's storage ([`store::Store`], in memory; with etcd, the mirror of
+//!   etcd's table that the registry's replica keeps in step).
 //! - [`feed`]: the change feed's subscribers, unfiltered or by service.
 //! - [`quota`]: the limits on instances, services and routes.
 //! - [`routes`]: the routes, one file per service in `routes/`, loaded at start.
@@ -20,7 +21,7 @@
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`.
 //! - [`docker`]: discovery of containers labelled `baker.service`, from the Docker API.
 //! - [`etcd`]: the table in etcd v3 (instances on leases, routes as keys, watches from a
-//!   revision), for replicas that share it; not selected by any variable yet.
+//!   revision), for replicas that share it (`BAKER_STORE=etcd://...`).
 //! - [`supervise`]: restarts a long-lived task that panics or returns before shutdown.
 //!
 //! [`run`] ties them together; the `baker-directory` binary only reads the configuration,
@@ -48,7 +49,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, DockerMode};
+pub use config::{Config, DockerMode, StoreMode};
 pub use registry::Registry;
 
 /// What can stop the directory from running.
@@ -58,33 +59,61 @@ pub enum Error {
     Routes(#[from] routes::StoreError),
     #[error("cannot read the listener's address")]
     Listener(#[source] std::io::Error),
+    #[error("cannot connect to etcd")]
+    Etcd(#[from] etcd::EtcdError),
 }
 
 /// Runs the directory on `listener` until `shutdown` is cancelled.
 ///
-/// Loads the persisted routes from `config.data` first (moving a `routes.json` of an earlier
-/// build into `routes/`): a corrupt route file is an error returned before anything is served. On shutdown, stops accepting, ends every watch stream,
+/// In memory mode, loads the persisted routes from `config.data` first (moving a
+/// `routes.json` of an earlier build into `routes/`): a corrupt route file is an error
+/// returned before anything is served. With etcd, waits a few seconds for a first snapshot of
+/// etcd's table, then serves whatever it has while the mirror follows etcd. On shutdown, stops
+/// accepting, ends every watch stream,
 /// lets in-flight requests finish within `config.shutdown_grace`, and returns.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let store = routes::RouteStore::open(&config.data)?;
-    let loaded = store.load()?;
-    tracing::info!(
-        "{} route(s) loaded from {}",
-        loaded.len(),
-        store.dir().display()
-    );
     let metrics = Arc::new(metrics::Metrics::new());
-    let registry = Registry::with_quotas(
-        store,
-        loaded,
-        metrics.clone(),
-        config.watch_backlog_lines,
-        config.quotas,
-    );
+    let registry = match &config.store {
+        StoreMode::Memory => {
+            let store = routes::RouteStore::open(&config.data)?;
+            let loaded = store.load()?;
+            tracing::info!(
+                "{} route(s) loaded from {}",
+                loaded.len(),
+                store.dir().display()
+            );
+            Registry::with_quotas(
+                store,
+                loaded,
+                metrics.clone(),
+                config.watch_backlog_lines,
+                config.quotas,
+            )
+        }
+        StoreMode::Etcd(url) => {
+            tracing::info!("the table lives in {url}");
+            let etcd = etcd::Etcd::connect(url).await?;
+            Registry::with_etcd(
+                etcd,
+                metrics.clone(),
+                config.watch_backlog_lines,
+                config.quotas,
+            )
+        }
+    };
+    let replica = registry.is_replica().then(|| {
+        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        tokio::spawn(supervise::supervise(
+            "etcd replica",
+            shutdown.clone(),
+            move || registry.clone().run_replica(shutdown.clone()),
+        ))
+    });
+    registry.first_snapshot(etcd::REQUEST_TIMEOUT).await;
     let discovery = docker::enabled(config.docker).then(|| {
         let (registry, network, shutdown) = (
             registry.clone(),
@@ -141,6 +170,9 @@ pub async fn run(
     let _ = expiry.await;
     if let Some(discovery) = discovery {
         let _ = discovery.await;
+    }
+    if let Some(replica) = replica {
+        let _ = replica.await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -40,6 +40,10 @@ use crate::quota::{Exceeded, Occupancy, Quotas};
 use crate::routes::{RouteStore, StoreError};
 use crate::store::{MemoryStore, Store};
 
+mod replica;
+
+pub use replica::{WriteError, REPLICA_LEASE};
+
 /// One NDJSON line of the watch stream, serialized once and shared by every watcher.
 #[derive(Debug, Clone)]
 pub struct Line {
@@ -75,7 +79,10 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The limits on growth, checked under the table's lock.
     quotas: Quotas,
-    route_file: RouteStore,
+    /// Where routes persist in memory mode; `None` with etcd, which holds them.
+    route_file: Option<RouteStore>,
+    /// With etcd: the connection, and how far this replica's mirror has come.
+    replica: Option<replica::Replica>,
     /// One lock per service whose route is being written: a service's route writes run one
     /// at a time (each persists the route the previous one left), other services' alongside.
     route_writes: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<()>>>>,
@@ -99,6 +106,13 @@ struct Table {
     /// Services whose route falls back to all their live instances, because none of the
     /// versions it routes to has one ([`route_falls_back`]).
     falling_back: BTreeSet<ServiceName>,
+    /// Whether this process expires instances by their TTL (memory); with etcd, etcd does.
+    local_expiry: bool,
+    /// With etcd: the lease each instance's key is bound to.
+    owners: HashMap<(ServiceName, InstanceId), i64>,
+    /// With etcd: why the instances deleted at one revision went, as that revision's
+    /// transaction said; a deletion with no cause is a lease that ran out.
+    causes: (u64, HashMap<(ServiceName, InstanceId), RemoveCause>),
 }
 
 /// A call over the API that would change an instance another source owns.
@@ -129,6 +143,9 @@ pub enum RouteError {
     Quota(#[from] Exceeded),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// etcd could not commit it (quorum lost, or no member answered).
+    #[error(transparent)]
+    Unavailable(#[from] crate::etcd::EtcdError),
 }
 
 /// What an upsert did to the table.
@@ -179,8 +196,10 @@ impl Table {
     /// Puts `instance`; returns what it did and, for a change, its revision.
     fn put(&mut self, instance: Instance, now: Instant) -> (Outcome, u64) {
         let deadline = match instance.source {
-            Source::Registrar => Some(now + Duration::from_millis(instance.ttl_ms)),
-            Source::Docker => None,
+            Source::Registrar if self.local_expiry => {
+                Some(now + Duration::from_millis(instance.ttl_ms))
+            }
+            _ => None,
         };
         let (service, id) = (instance.service.clone(), instance.id.clone());
         if !self.known.contains(&service) {
@@ -288,7 +307,8 @@ impl Registry {
         metrics.routes.set(routes.len() as i64);
         Registry::with_store(
             Box::new(MemoryStore::new(routes)),
-            route_file,
+            Some(route_file),
+            None,
             metrics,
             event_capacity,
             quotas,
@@ -296,13 +316,15 @@ impl Registry {
     }
 
     /// A registry over `store`.
-    pub fn with_store(
+    fn with_store(
         store: Box<dyn Store>,
-        route_file: RouteStore,
+        route_file: Option<RouteStore>,
+        replica: Option<replica::Replica>,
         metrics: Arc<Metrics>,
         event_capacity: usize,
         quotas: Quotas,
     ) -> Registry {
+        let local_expiry = replica.is_none();
         Registry {
             inner: Arc::new(Inner {
                 table: Mutex::new(Table {
@@ -312,11 +334,15 @@ impl Registry {
                     leases: HashMap::new(),
                     known: BTreeSet::new(),
                     falling_back: BTreeSet::new(),
+                    local_expiry,
+                    owners: HashMap::new(),
+                    causes: (0, HashMap::new()),
                 }),
                 wake: Notify::new(),
                 metrics,
                 quotas,
                 route_file,
+                replica,
                 route_writes: Mutex::new(HashMap::new()),
                 snapshot: Mutex::new(None),
             }),
@@ -480,6 +506,9 @@ impl Registry {
         spec: ValidSpec,
         source: Source,
     ) -> Result<Instance, Refused> {
+        if self.inner.replica.is_some() {
+            return self.upsert_through_etcd(service, id, spec, source);
+        }
         let instance = instance_of(service, id, spec, source);
         let mut t = self.lock();
         check_takeover(&t, service, id, source)?;
@@ -506,6 +535,9 @@ impl Registry {
         service: &ServiceName,
         id: &InstanceId,
     ) -> Result<Option<Instance>, Conflict> {
+        if self.inner.replica.is_some() {
+            return self.deregister_through_etcd(service, id);
+        }
         let mut t = self.lock();
         if t.source_of(service, id) == Some(Source::Docker) {
             return Err(Conflict {
@@ -519,6 +551,9 @@ impl Registry {
     /// Removes `service`/`id` now, whatever its source, for `cause`; `false` if it was not
     /// registered.
     pub fn remove(&self, service: &ServiceName, id: &InstanceId, cause: RemoveCause) -> bool {
+        if self.inner.replica.is_some() {
+            return self.remove_through_etcd(service, id, cause);
+        }
         let mut t = self.lock();
         self.take(&mut t, service, id, cause).is_some()
     }
@@ -558,6 +593,9 @@ impl Registry {
             .into_iter()
             .map(|(s, id, spec)| ((s, id), spec))
             .collect();
+        if self.inner.replica.is_some() {
+            return self.sync_source_through_etcd(source, desired);
+        }
         let mut t = self.lock();
         let before = t.next_deadline();
         let now = Instant::now();
@@ -799,10 +837,17 @@ impl Registry {
         service: &ServiceName,
         route: Option<Route>,
     ) -> Result<Option<RouteResponse>, RouteError> {
+        let file = match (&self.inner.route_file, &self.inner.replica) {
+            (_, Some(replica)) => {
+                return self.set_route_through_etcd(replica, service, route).await
+            }
+            (Some(file), None) => file.clone(),
+            (None, None) => unreachable!("a registry has a route file or a replica"),
+        };
         let lock = self.route_lock(service);
         let result = {
             let _writing = lock.lock().await;
-            self.set_route_locked(service, route).await
+            self.set_route_locked(&file, service, route).await
         };
         self.release_route_lock(service, lock);
         result
@@ -811,6 +856,7 @@ impl Registry {
     /// [`Registry::set_route`], with `service`'s route writes held.
     async fn set_route_locked(
         &self,
+        file: &RouteStore,
         service: &ServiceName,
         route: Option<Route>,
     ) -> Result<Option<RouteResponse>, RouteError> {
@@ -833,11 +879,7 @@ impl Registry {
                     .inspect_err(|e| self.refused(e))?;
             }
             let previous = current.cloned();
-            let (file, name, value) = (
-                self.inner.route_file.clone(),
-                service.clone(),
-                route.clone(),
-            );
+            let (file, name, value) = (file.clone(), service.clone(), route.clone());
             let write = tokio::task::spawn_blocking(move || match value {
                 Some(r) => file.put(&name, &r),
                 None => file.clear(&name),
@@ -846,7 +888,7 @@ impl Registry {
             (index, previous, write)
         };
         let saved = write.await.map_err(|e| StoreError::Write {
-            path: self.inner.route_file.path_of(service),
+            path: file.path_of(service),
             source: std::io::Error::other(e),
         });
         if let Err(e) = saved.and_then(|r| r) {

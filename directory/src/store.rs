@@ -22,6 +22,11 @@ use baker_client::model::{Instance, InstanceId, Route, ServiceName, Source, Vers
 pub trait Store: Send {
     /// The revision of the last change (0 for an empty table that never changed).
     fn revision(&self) -> u64;
+    /// Makes `revision` the revision of the last change, so the next change gets the one after
+    /// it: how a mirror of a store that numbers its own changes (etcd) gives each change the
+    /// revision that store gave it. Several changes made at one revision there (a lease that
+    /// ran out with several keys) each get it here.
+    fn set_revision(&mut self, revision: u64);
     /// One instance, if registered.
     fn instance(&self, service: &ServiceName, id: &InstanceId) -> Option<&Instance>;
     /// Adds or replaces an instance: a change, given the next revision, which is returned with
@@ -108,6 +113,10 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn revision(&self) -> u64 {
         self.revision
+    }
+
+    fn set_revision(&mut self, revision: u64) {
+        self.revision = revision;
     }
 
     fn instance(&self, service: &ServiceName, id: &InstanceId) -> Option<&Instance> {

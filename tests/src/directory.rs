@@ -1,5 +1,10 @@
 //! A real `baker-directory` for end-to-end tests: on an ephemeral port, with its own data
 //! directory that survives [`TestDirectory::restart`] and [`TestDirectory::kill9`].
+//!
+//! `BAKER_TEST_STORE=etcd` runs every directory the tests start on etcd instead of memory: each
+//! [`TestDirectory`] then starts its own three-member cluster ([`EtcdCluster`]) and sets
+//! `BAKER_STORE` to it (unless the test sets `BAKER_STORE` itself), so the same scenarios run
+//! against both stores. [`TestDirectory::replica`] starts another replica on the same table.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,7 +16,21 @@ use std::time::Duration;
 use baker_client::model::InstanceSpec;
 use baker_client::DirectoryClient;
 
-use crate::Proc;
+use crate::etcd::EtcdCluster;
+use crate::{require, Needs, Proc};
+
+/// The variable that selects the store every [`TestDirectory`] runs on: `memory` (default) or
+/// `etcd`.
+pub const ENV_TEST_STORE: &str = "BAKER_TEST_STORE";
+
+/// Whether the tests run their directories on etcd (`BAKER_TEST_STORE=etcd`).
+pub fn on_etcd() -> bool {
+    match std::env::var(ENV_TEST_STORE).unwrap_or_default().trim() {
+        "" | "memory" => false,
+        "etcd" => true,
+        other => panic!("{ENV_TEST_STORE} must be memory or etcd, not {other:?}"),
+    }
+}
 
 /// A running directory (`baker-directory`) with a temporary `BAKER_DATA`.
 ///
@@ -31,12 +50,51 @@ pub struct TestDirectory {
     env: Vec<(String, String)>,
     data: tempfile::TempDir,
     running: bool,
+    /// The cluster this directory's table lives in, when the harness started one for it.
+    pub etcd: Option<std::sync::Arc<EtcdCluster>>,
 }
 
 impl TestDirectory {
     /// Starts a directory with `extra_env` added to (or overriding) the defaults
     /// `BAKER_LISTEN=127.0.0.1:0`, `BAKER_DATA=<temp dir>`, `BAKER_DOCKER=off`.
     pub async fn start(extra_env: &[(&str, &str)]) -> TestDirectory {
+        let sets_store = extra_env.iter().any(|(k, _)| *k == "BAKER_STORE");
+        if on_etcd() && !sets_store {
+            assert!(
+                require(Needs::Etcd),
+                "{ENV_TEST_STORE}=etcd needs etcd, and BAKER_TEST_SKIP names it"
+            );
+            let cluster = std::sync::Arc::new(EtcdCluster::start(3).await);
+            let store = cluster.store_url("/baker");
+            let mut env: Vec<(&str, &str)> = vec![("BAKER_STORE", &store)];
+            env.extend_from_slice(extra_env);
+            let mut d = TestDirectory::start_with(&env).await;
+            d.etcd = Some(cluster);
+            return d;
+        }
+        TestDirectory::start_with(extra_env).await
+    }
+
+    /// Another replica on this directory's etcd table, with the same variables and its own
+    /// address. Panics when this directory's table is not in etcd.
+    pub async fn replica(&self) -> TestDirectory {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| k != "BAKER_LISTEN" && k != "BAKER_DATA")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert!(
+            env.iter()
+                .any(|(k, v)| *k == "BAKER_STORE" && v.starts_with("etcd://")),
+            "a replica needs a directory whose BAKER_STORE is etcd"
+        );
+        let mut d = TestDirectory::start_with(&env).await;
+        d.etcd = self.etcd.clone();
+        d
+    }
+
+    async fn start_with(extra_env: &[(&str, &str)]) -> TestDirectory {
         let data = tempfile::Builder::new()
             .prefix("baker-directory-")
             .tempdir()
@@ -72,6 +130,7 @@ impl TestDirectory {
             env,
             data,
             running: true,
+            etcd: None,
         }
     }
 

@@ -77,6 +77,7 @@ pub const ENV_ROUTES: &str = "BAKER_ROUTES";
 pub const ENV_RUN_DIR: &str = "BAKER_RUN_DIR";
 pub const ENV_SERVICE: &str = "BAKER_SERVICE";
 pub const ENV_STOP_TIMEOUT: &str = "BAKER_STOP_TIMEOUT";
+pub const ENV_STORE: &str = "BAKER_STORE";
 pub const ENV_TAGS: &str = "BAKER_TAGS";
 pub const ENV_TARGET: &str = "BAKER_TARGET";
 pub const ENV_TEMPLATE: &str = "BAKER_TEMPLATE";
@@ -110,6 +111,11 @@ pub const DIRECTORY: Program = Program {
             "bearer token a watch must send (BAKER_TOKEN works too)",
         ),
         var(ENV_DATA, "./data", "directory holding the routes"),
+        var(
+            ENV_STORE,
+            "memory",
+            "where the table lives: memory, or etcd://host:port,host:port[/prefix] for replicas",
+        ),
         var(
             ENV_DOCKER,
             "auto",

@@ -1,0 +1,788 @@
+//! A replica of a directory whose table lives in etcd (`BAKER_STORE=etcd://...`).
+//!
+//! The registry's table is then a mirror: [`Registry::run_replica`] reads the whole table at
+//! one etcd revision, then follows etcd's watch from that revision, and applies each change
+//! with the revision etcd gave it, publishing it on the change feed as the memory store would.
+//! Every replica so publishes the same changes in the same order, and the watch stream's
+//! `index` is the etcd revision. When the watch breaks (a member died, quorum lost, the
+//! revision compacted), the replica reads a new snapshot once etcd answers again and publishes
+//! only what differs from its mirror.
+//!
+//! Changes go to etcd, never to the mirror directly: a registration is a key bound to a lease
+//! of the instance's TTL, a heartbeat keeps that lease alive (a changed TTL takes a new
+//! lease), a deregistration deletes the key in a transaction that also writes why (see
+//! [`crate::etcd`]), a route is a plain key. The call answers once etcd has committed the
+//! change and this replica's mirror has applied it, so a client reads its own writes from the
+//! replica it wrote to. etcd expires instances whose lease runs out, whichever replica took
+//! their last heartbeat; the mirror learns of it from the watch and publishes the removal as
+//! `expired`.
+//!
+//! Docker discovery says, synchronously, which containers this replica's engine runs; a
+//! reconciler writes them to etcd bound to the replica's own lease ([`REPLICA_LEASE`]), and
+//! never touches a Docker instance bound to another replica's lease: two replicas watching
+//! the same engine do not fight over its containers, and when one dies the other takes them
+//! over once its lease has run out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use baker_client::change::RemoveCause;
+use baker_client::model::{
+    Instance, InstanceId, Route, RouteResponse, ServiceName, Source, ValidSpec,
+};
+use futures_util::StreamExt;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    check_takeover, instance_of, same_but_last_seen, Conflict, Outcome, Refused, Registry,
+    RouteError, Table,
+};
+use crate::etcd::{lease_seconds, Change, Etcd, EtcdError, Removal, Snapshot, REQUEST_TIMEOUT};
+use crate::metrics::Metrics;
+use crate::quota::{Exceeded, Quotas};
+use crate::store::MemoryStore;
+
+/// TTL of a replica's own lease, which its Docker instances and its removal causes are bound
+/// to: a replica that dies takes its containers out of the table within this time.
+pub const REPLICA_LEASE: Duration = Duration::from_secs(10);
+/// How often the Docker reconciler looks again without being asked.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a change written through the registry failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    #[error(transparent)]
+    Quota(#[from] Exceeded),
+    /// etcd could not commit it (quorum lost, or no member answered).
+    #[error(transparent)]
+    Unavailable(#[from] EtcdError),
+}
+
+impl From<Refused> for WriteError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Conflict(c) => WriteError::Conflict(c),
+            Refused::Quota(q) => WriteError::Quota(q),
+        }
+    }
+}
+
+/// What a registry in etcd mode holds beside its mirror.
+pub(super) struct Replica {
+    etcd: Etcd,
+    /// The etcd revision the mirror has applied.
+    applied: watch::Sender<u64>,
+    /// This replica's own lease, granted when first needed and again after it ran out.
+    lease: tokio::sync::Mutex<Option<i64>>,
+    /// The Docker instances this replica's engine runs, and why those it dropped went.
+    docker: std::sync::Mutex<Discovered>,
+    /// Wakes the Docker reconciler.
+    kick: Notify,
+}
+
+#[derive(Default)]
+struct Discovered {
+    wanted: BTreeMap<(ServiceName, InstanceId), Instance>,
+    dropped: HashMap<(ServiceName, InstanceId), RemoveCause>,
+}
+
+impl Replica {
+    fn discovered(&self) -> std::sync::MutexGuard<'_, Discovered> {
+        self.docker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This replica's lease, granted now if it has none.
+    async fn own_lease(&self) -> Result<i64, EtcdError> {
+        let mut lease = self.lease.lock().await;
+        if let Some(id) = *lease {
+            return Ok(id);
+        }
+        let id = self
+            .etcd
+            .grant(lease_seconds(REPLICA_LEASE.as_millis() as u64))
+            .await?;
+        tracing::info!(
+            lease = format_args!("{id:x}"),
+            "granted this replica's lease"
+        );
+        *lease = Some(id);
+        Ok(id)
+    }
+
+    /// Waits until the mirror has applied `revision` (bounded: the change is committed
+    /// whatever happens to this replica's watch).
+    async fn applied(&self, revision: i64) {
+        let revision = u64::try_from(revision).unwrap_or_default();
+        let mut rx = self.applied.subscribe();
+        if tokio::time::timeout(REQUEST_TIMEOUT, rx.wait_for(|a| *a >= revision))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                revision,
+                "answering before the mirror has applied a committed change"
+            );
+        }
+    }
+}
+
+/// Whether etcd refused a put because its lease ran out.
+fn lease_gone(e: &EtcdError) -> bool {
+    matches!(e, EtcdError::Unreachable(e) if e.to_string().contains("lease not found"))
+}
+
+impl Registry {
+    /// A replica's registry: its table a mirror of the one in etcd, which
+    /// [`Registry::run_replica`] keeps up to date.
+    pub fn with_etcd(
+        etcd: Etcd,
+        metrics: std::sync::Arc<Metrics>,
+        event_capacity: usize,
+        quotas: Quotas,
+    ) -> Registry {
+        let replica = Replica {
+            etcd,
+            applied: watch::Sender::new(0),
+            lease: tokio::sync::Mutex::new(None),
+            docker: std::sync::Mutex::new(Discovered::default()),
+            kick: Notify::new(),
+        };
+        Registry::with_store(
+            Box::new(MemoryStore::default()),
+            None,
+            Some(replica),
+            metrics,
+            event_capacity,
+            quotas,
+        )
+    }
+
+    /// Whether the table lives in etcd.
+    pub fn is_replica(&self) -> bool {
+        self.inner.replica.is_some()
+    }
+
+    /// The etcd revision this replica's mirror has applied; `None` in memory mode.
+    pub fn applied_revision(&self) -> Option<u64> {
+        self.inner.replica.as_ref().map(|r| *r.applied.borrow())
+    }
+
+    /// Registers or renews `service`/`id` from the API, answering once the change is stored:
+    /// at once in memory, after etcd's commit (and this replica's mirror) with etcd.
+    pub async fn register(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        spec: ValidSpec,
+    ) -> Result<Instance, WriteError> {
+        let Some(replica) = &self.inner.replica else {
+            return Ok(self.upsert(service, id, spec, Source::Registrar)?);
+        };
+        let instance = instance_of(service, id, spec, Source::Registrar);
+        let key = (service.clone(), id.clone());
+        let (existing, owner) = {
+            let t = self.lock();
+            check_takeover(&t, service, id, Source::Registrar)?;
+            t.admit(&self.inner.quotas, service, id)
+                .inspect_err(|e| self.refused(e))?;
+            (
+                t.store.instance(service, id).cloned(),
+                t.owners.get(&key).copied(),
+            )
+        };
+        if let (Some(old), Some(lease)) = (&existing, owner) {
+            if old.ttl_ms == instance.ttl_ms && replica.etcd.keep_alive(lease).await? {
+                self.inner.metrics.heartbeats.inc();
+                if same_but_last_seen(old, &instance) {
+                    tracing::trace!("heartbeat from {service}/{id}");
+                    self.lock().store.renew(service, id, instance.last_seen);
+                    return Ok(instance);
+                }
+                match replica.etcd.put_instance(&instance, lease).await {
+                    Ok(revision) => {
+                        replica.applied(revision).await;
+                        return Ok(instance);
+                    }
+                    Err(e) if lease_gone(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let lease = replica.etcd.grant(lease_seconds(instance.ttl_ms)).await?;
+        let revision = replica.etcd.put_instance(&instance, lease).await?;
+        if let Some(old) = owner.filter(|o| *o != lease) {
+            // The key is bound to the new lease: the old one holds nothing any more.
+            let etcd = replica.etcd.clone();
+            tokio::spawn(async move { etcd.revoke(old).await });
+        }
+        replica.applied(revision).await;
+        Ok(instance)
+    }
+
+    /// Deregisters `service`/`id` from the API, answering once the change is stored; `None`
+    /// when it was not registered. An instance Docker discovered is not the API's to remove.
+    pub async fn unregister(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<Option<Instance>, WriteError> {
+        let Some(replica) = &self.inner.replica else {
+            return Ok(self.deregister(service, id)?);
+        };
+        let existing = {
+            let t = self.lock();
+            match t.store.instance(service, id) {
+                Some(i) if i.source == Source::Docker => {
+                    return Err(Conflict {
+                        service: service.clone(),
+                        id: id.clone(),
+                    }
+                    .into())
+                }
+                other => other.cloned(),
+            }
+        };
+        let Some(existing) = existing else {
+            return Ok(None);
+        };
+        let removal = Removal {
+            service: service.clone(),
+            id: id.clone(),
+            cause: RemoveCause::Deregistered,
+        };
+        let lease = replica.own_lease().await?;
+        let (revision, deleted) = match replica
+            .etcd
+            .remove_instances(std::slice::from_ref(&removal), lease)
+            .await
+        {
+            Err(e) if lease_gone(&e) => {
+                *replica.lease.lock().await = None;
+                let lease = replica.own_lease().await?;
+                replica.etcd.remove_instances(&[removal], lease).await?
+            }
+            other => other?,
+        };
+        if deleted == 0 {
+            return Ok(None);
+        }
+        replica.applied(revision).await;
+        Ok(Some(existing))
+    }
+
+    /// [`Registry::set_route`] with etcd: the route is a key, committed before this returns.
+    pub(super) async fn set_route_through_etcd(
+        &self,
+        replica: &Replica,
+        service: &ServiceName,
+        route: Option<Route>,
+    ) -> Result<Option<RouteResponse>, RouteError> {
+        {
+            let t = self.lock();
+            let current = t.store.route(service);
+            if current == route.as_ref() {
+                return Ok(current.is_some().then(|| RouteResponse {
+                    index: t.store.revision(),
+                    service: service.clone(),
+                    route: current.cloned(),
+                }));
+            }
+            if current.is_none() {
+                self.inner
+                    .quotas
+                    .admit_route(service, t.store.route_count())
+                    .inspect_err(|e| self.refused(e))?;
+            }
+        }
+        let revision = replica.etcd.set_route(service, route.as_ref()).await?;
+        replica.applied(revision).await;
+        Ok(Some(RouteResponse {
+            index: u64::try_from(revision).unwrap_or_default(),
+            service: service.clone(),
+            route,
+        }))
+    }
+
+    /// [`Registry::upsert`] with etcd. Docker's instances become wanted, and the reconciler
+    /// writes them; a registrar's is written in the background (the API uses
+    /// [`Registry::register`], which waits).
+    pub(super) fn upsert_through_etcd(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        spec: ValidSpec,
+        source: Source,
+    ) -> Result<Instance, Refused> {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        let instance = instance_of(service, id, spec.clone(), source);
+        {
+            let t = self.lock();
+            check_takeover(&t, service, id, source)?;
+            t.admit(&self.inner.quotas, service, id)
+                .inspect_err(|e| self.refused(e))?;
+        }
+        match source {
+            Source::Docker => {
+                let key = (service.clone(), id.clone());
+                let mut d = replica.discovered();
+                d.dropped.remove(&key);
+                d.wanted.insert(key, instance.clone());
+                drop(d);
+                replica.kick.notify_one();
+            }
+            Source::Registrar => {
+                let (this, service, id) = (self.clone(), service.clone(), id.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = this.register(&service, &id, spec).await {
+                        tracing::warn!(%service, %id, cause = %e, "registration not stored");
+                    }
+                });
+            }
+        }
+        Ok(instance)
+    }
+
+    /// [`Registry::deregister`] with etcd, in the background.
+    pub(super) fn deregister_through_etcd(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<Option<Instance>, Conflict> {
+        let existing = self.lock().store.instance(service, id).cloned();
+        if existing
+            .as_ref()
+            .is_some_and(|i| i.source == Source::Docker)
+        {
+            return Err(Conflict {
+                service: service.clone(),
+                id: id.clone(),
+            });
+        }
+        let (this, service, id) = (self.clone(), service.clone(), id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = this.unregister(&service, &id).await {
+                tracing::warn!(%service, %id, cause = %e, "deregistration not stored");
+            }
+        });
+        Ok(existing)
+    }
+
+    /// [`Registry::remove`] with etcd: Docker discovery drops a container; the reconciler
+    /// deletes its key with `cause`.
+    pub(super) fn remove_through_etcd(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        cause: RemoveCause,
+    ) -> bool {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        let key = (service.clone(), id.clone());
+        let mut d = replica.discovered();
+        let was = d.wanted.remove(&key).is_some();
+        d.dropped.insert(key, cause);
+        drop(d);
+        replica.kick.notify_one();
+        was
+    }
+
+    /// [`Registry::sync_source`] with etcd: Docker's wanted instances become exactly these.
+    pub(super) fn sync_source_through_etcd(
+        &self,
+        source: Source,
+        desired: BTreeMap<(ServiceName, InstanceId), ValidSpec>,
+    ) {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        if source != Source::Docker {
+            tracing::error!(%source, "only Docker's instances are synced");
+            return;
+        }
+        let mut d = replica.discovered();
+        let wanted: BTreeMap<_, _> = desired
+            .into_iter()
+            .map(|((service, id), spec)| {
+                let instance = instance_of(&service, &id, spec, source);
+                ((service, id), instance)
+            })
+            .collect();
+        let gone: Vec<_> = d
+            .wanted
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            d.dropped.insert(key, RemoveCause::DockerResync);
+        }
+        for key in wanted.keys() {
+            d.dropped.remove(key);
+        }
+        d.wanted = wanted;
+        drop(d);
+        replica.kick.notify_one();
+    }
+
+    /// Keeps this replica's mirror, its own lease and its Docker instances in step with etcd,
+    /// until `shutdown` is cancelled; then revokes the replica's lease, so its Docker
+    /// instances leave at once rather than after [`REPLICA_LEASE`]. Nothing in memory mode.
+    pub async fn run_replica(self, shutdown: CancellationToken) {
+        let Some(replica) = &self.inner.replica else {
+            return;
+        };
+        tokio::join!(
+            self.follow(shutdown.clone()),
+            self.keep_lease(shutdown.clone()),
+            self.reconcile_docker(shutdown.clone()),
+        );
+        if let Some(lease) = *replica.lease.lock().await {
+            if let Err(e) = replica.etcd.revoke(lease).await {
+                tracing::warn!(cause = %e, "could not revoke this replica's lease");
+            }
+        }
+    }
+
+    /// Waits until the mirror holds a first snapshot, or `limit` passes.
+    pub async fn first_snapshot(&self, limit: Duration) {
+        if let Some(replica) = &self.inner.replica {
+            let mut rx = replica.applied.subscribe();
+            let _ = tokio::time::timeout(limit, rx.wait_for(|a| *a > 0)).await;
+        }
+    }
+
+    /// The mirror: a snapshot, then etcd's watch from its revision; again after every break.
+    async fn follow(&self, shutdown: CancellationToken) {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        let mut pause = Duration::from_millis(100);
+        let mut warned = false;
+        loop {
+            let snapshot = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                s = replica.etcd.snapshot() => s,
+            };
+            let watched = match snapshot {
+                Ok(snapshot) => {
+                    let revision = snapshot.revision;
+                    self.resync(snapshot);
+                    replica.etcd.watch(revision).await
+                }
+                Err(e) => Err(e),
+            };
+            let stream = match watched {
+                Ok(s) => s,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(cause = %e, "cannot follow etcd; serving the last view");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            if warned {
+                tracing::info!("following etcd again");
+                warned = false;
+            }
+            pause = Duration::from_millis(100);
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let item = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    item = stream.next() => item,
+                };
+                match item {
+                    Some(Ok((revision, change))) => self.apply_mirrored(revision, change),
+                    Some(Err(e)) => {
+                        tracing::warn!(cause = %e, "etcd's watch broke; reading a new snapshot");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Applies one change read from etcd at `revision`, publishing it with that revision.
+    fn apply_mirrored(&self, revision: i64, change: Change) {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        let rev = u64::try_from(revision).unwrap_or_default();
+        let mut kick = false;
+        {
+            let mut t = self.lock();
+            match change {
+                Change::Instance { instance, lease } => {
+                    self.mirror_put(&mut t, rev, instance, lease)
+                }
+                Change::InstanceGone { service, id } => {
+                    let cause = match &t.causes {
+                        (r, causes) if *r == rev => {
+                            causes.get(&(service.clone(), id.clone())).copied()
+                        }
+                        _ => None,
+                    };
+                    kick =
+                        self.mirror_take(&mut t, rev, &service, &id, cause) == Some(Source::Docker);
+                }
+                Change::Route { service, route } => {
+                    self.mirror_route(&mut t, rev, &service, Some(route))
+                }
+                Change::RouteCleared { service } => self.mirror_route(&mut t, rev, &service, None),
+                Change::Causes(removals) => {
+                    t.causes = (
+                        rev,
+                        removals
+                            .into_iter()
+                            .map(|r| ((r.service, r.id), r.cause))
+                            .collect(),
+                    );
+                }
+            }
+        }
+        replica.applied.send_if_modified(|a| {
+            let newer = rev > *a;
+            if newer {
+                *a = rev;
+            }
+            newer
+        });
+        if kick {
+            // Another replica's container may have lost its owner: this one may take it.
+            replica.kick.notify_one();
+        }
+    }
+
+    fn mirror_put(&self, t: &mut Table, rev: u64, instance: Instance, lease: i64) {
+        let key = (instance.service.clone(), instance.id.clone());
+        t.owners.insert(key, lease);
+        let before = t.store.revision();
+        t.store.set_revision(rev.saturating_sub(1));
+        let (outcome, revision) = t.put(instance.clone(), Instant::now());
+        if outcome == Outcome::Renewed {
+            t.store.set_revision(before);
+        } else {
+            self.publish_upsert(t, outcome, revision, instance);
+        }
+    }
+
+    /// Removes an instance etcd deleted at `rev`; `cause` is `None` when its lease ran out.
+    /// Returns its source, if it was in the table.
+    fn mirror_take(
+        &self,
+        t: &mut Table,
+        rev: u64,
+        service: &ServiceName,
+        id: &InstanceId,
+        cause: Option<RemoveCause>,
+    ) -> Option<Source> {
+        t.owners.remove(&(service.clone(), id.clone()));
+        let before = t.store.revision();
+        t.store.set_revision(rev.saturating_sub(1));
+        let Some((revision, instance)) = t.take(service, id) else {
+            t.store.set_revision(before);
+            return None;
+        };
+        let source = instance.source;
+        let cause = cause.unwrap_or_else(|| {
+            self.inner.metrics.expiries.inc();
+            tracing::info!(
+                "expired {service}/{id}: its lease of {} ms ran out",
+                instance.ttl_ms
+            );
+            RemoveCause::Expired
+        });
+        if cause != RemoveCause::Expired {
+            tracing::info!("deregistered {service}/{id} ({source}, {})", cause.as_str());
+        }
+        self.inner
+            .metrics
+            .deregistrations
+            .get_or_create(&source.into())
+            .inc();
+        self.publish_remove(t, revision, instance, cause);
+        Some(source)
+    }
+
+    fn mirror_route(&self, t: &mut Table, rev: u64, service: &ServiceName, route: Option<Route>) {
+        if t.store.route(service) == route.as_ref() {
+            return;
+        }
+        t.store.set_revision(rev.saturating_sub(1));
+        self.apply_route(t, service, route);
+    }
+
+    /// Makes the mirror what `snapshot` says, publishing only what differs, at its revision.
+    fn resync(&self, snapshot: Snapshot) {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        let rev = u64::try_from(snapshot.revision).unwrap_or_default();
+        {
+            let mut t = self.lock();
+            let mut now: HashMap<(ServiceName, InstanceId), (Instance, i64)> = snapshot
+                .instances
+                .into_iter()
+                .map(|(i, lease)| ((i.service.clone(), i.id.clone()), (i, lease)))
+                .collect();
+            let held: Vec<(ServiceName, InstanceId, Source)> = t
+                .store
+                .services(None)
+                .into_values()
+                .flatten()
+                .map(|i| (i.service, i.id, i.source))
+                .collect();
+            for (service, id, source) in held {
+                if !now.contains_key(&(service.clone(), id.clone())) {
+                    let cause = match source {
+                        Source::Docker => Some(RemoveCause::DockerResync),
+                        Source::Registrar => None,
+                    };
+                    self.mirror_take(&mut t, rev, &service, &id, cause);
+                }
+            }
+            for (_, (instance, lease)) in now.drain() {
+                self.mirror_put(&mut t, rev, instance, lease);
+            }
+            for (service, _) in t.store.routes() {
+                if !snapshot.routes.contains_key(&service) {
+                    self.mirror_route(&mut t, rev, &service, None);
+                }
+            }
+            for (service, route) in snapshot.routes {
+                self.mirror_route(&mut t, rev, &service, Some(route));
+            }
+            if t.store.revision() < rev {
+                t.store.set_revision(rev);
+            }
+        }
+        replica.applied.send_if_modified(|a| {
+            let newer = rev > *a;
+            if newer {
+                *a = rev;
+            }
+            newer
+        });
+        replica.kick.notify_one();
+        tracing::info!(revision = rev, "mirror in step with etcd");
+    }
+
+    /// Renews this replica's lease a few times per TTL; a lease that ran out (the replica was
+    /// cut off from etcd for longer) is replaced, and the reconciler writes the Docker
+    /// instances again on the new one.
+    async fn keep_lease(&self, shutdown: CancellationToken) {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(REPLICA_LEASE / 4) => {}
+            }
+            let Some(lease) = *replica.lease.lock().await else {
+                continue;
+            };
+            match replica.etcd.keep_alive(lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("this replica's lease ran out; taking a new one");
+                    *replica.lease.lock().await = None;
+                    replica.kick.notify_one();
+                }
+                Err(e) => tracing::warn!(cause = %e, "could not renew this replica's lease"),
+            }
+        }
+    }
+
+    /// Writes the Docker instances this replica wants and deletes those it dropped, whenever
+    /// discovery or the mirror changes, and every few seconds.
+    async fn reconcile_docker(&self, shutdown: CancellationToken) {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = replica.kick.notified() => {}
+                _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            }
+            let wanted_any = {
+                let d = replica.discovered();
+                !d.wanted.is_empty() || !d.dropped.is_empty()
+            };
+            if !wanted_any && self.lock().owners.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.reconcile_once(replica).await {
+                tracing::warn!(cause = %e, "could not write Docker's instances to etcd");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+
+    async fn reconcile_once(&self, replica: &Replica) -> Result<(), EtcdError> {
+        let lease = replica.own_lease().await?;
+        let (puts, removals) = {
+            let t = self.lock();
+            let mut d = replica.discovered();
+            let puts: Vec<Instance> = d
+                .wanted
+                .iter()
+                .filter(|(key, want)| {
+                    let owner = t.owners.get(*key).copied();
+                    match t.store.instance(&key.0, &key.1) {
+                        None => true,
+                        // Another replica's container: its lease says when it goes.
+                        Some(i) if i.source == Source::Docker && owner != Some(lease) => false,
+                        Some(i) => owner != Some(lease) || !same_but_last_seen(i, want),
+                    }
+                })
+                .map(|(_, want)| want.clone())
+                .collect();
+            let mut removals: Vec<Removal> = Vec::new();
+            for (key, owner) in &t.owners {
+                if *owner != lease || d.wanted.contains_key(key) {
+                    continue;
+                }
+                let Some(i) = t.store.instance(&key.0, &key.1) else {
+                    continue;
+                };
+                if i.source == Source::Docker {
+                    removals.push(Removal {
+                        service: key.0.clone(),
+                        id: key.1.clone(),
+                        cause: d
+                            .dropped
+                            .get(key)
+                            .copied()
+                            .unwrap_or(RemoveCause::DockerResync),
+                    });
+                }
+            }
+            d.dropped.retain(|key, _| t.owners.get(key) == Some(&lease));
+            (puts, removals)
+        };
+        let mut last = 0;
+        for instance in &puts {
+            match replica.etcd.put_instance(instance, lease).await {
+                Ok(revision) => last = last.max(revision),
+                Err(e) if lease_gone(&e) => {
+                    *replica.lease.lock().await = None;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !removals.is_empty() {
+            let (revision, _) = replica.etcd.remove_instances(&removals, lease).await?;
+            last = last.max(revision);
+        }
+        if last > 0 {
+            replica.applied(last).await;
+        }
+        Ok(())
+    }
+}
