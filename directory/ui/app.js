@@ -20,8 +20,11 @@ const S = {
   traffic: {},
   // When each ambassador last reported, in this browser's clock.
   reported: {},
-  // null while the directory has no maintenance API (an older directory), else its answer.
-  maintenance: null,
+  // Each service's drains ({instances: {id: drain}, versions: {version: drain}}), from the
+  // watch stream (or GET /v1/maintenance while polling).
+  drains: {},
+  // Whether the directory has the maintenance API (GET /v1/maintenance answers).
+  maintenanceApi: false,
   events: null,
   token: sessionStorage.getItem(TOKEN_KEY) || '',
   canWrite: !TOKEN_REQUIRED,
@@ -93,6 +96,7 @@ function headers(extra) {
 /** A call of the API; resolves to the decoded answer, or throws an Error with its message. */
 async function api(method, path, payload) {
   const init = { method, headers: headers(), cache: 'no-store' };
+  if (method !== 'GET') init.headers['X-Baker-Origin'] = 'ui';
   if (payload !== undefined) {
     init.body = JSON.stringify(payload);
     init.headers['Content-Type'] = 'application/json';
@@ -159,6 +163,7 @@ function apply(ev) {
   if (ev.type === 'snapshot') {
     S.services = ev.services || {};
     S.routes = ev.routes || {};
+    S.drains = ev.maintenance || {};
     S.index = ev.index;
     setLive('live', 'following the watch stream');
   } else if (ev.type === 'ping') {
@@ -177,11 +182,23 @@ function apply(ev) {
     } else if (ev.type === 'route') {
       if (ev.route) S.routes[ev.service] = ev.route;
       else delete S.routes[ev.service];
+    } else if (ev.type === 'maintenance') {
+      S.drains[ev.service] = ev.maintenance || {};
+      restate(ev.service);
     }
     poke();
   }
   render();
   return true;
+}
+
+/** Gives a service's instances the state their drains say (after a maintenance change). */
+function restate(service) {
+  for (const inst of S.services[service] || []) {
+    const d = drainIn(S.drains[service], inst);
+    inst.state = d ? 'draining' : 'up';
+    inst.reason = d && d.reason ? d.reason : null;
+  }
 }
 
 /** Reads the table without the watch stream. */
@@ -230,9 +247,20 @@ async function pollAmbassadors() {
 
 async function pollMaintenance() {
   try {
-    S.maintenance = await api('GET', '/v1/maintenance');
+    const m = await api('GET', '/v1/maintenance');
+    S.maintenanceApi = true;
+    if (S.live === 'polling') {
+      // Without the watch stream, the drains come from here: {"maintenance": [entries]}.
+      const drains = {};
+      for (const d of m.maintenance || []) {
+        const svc = drains[d.service] || (drains[d.service] = { instances: {}, versions: {} });
+        if (d.id) svc.instances[d.id] = d;
+        else if (d.version) svc.versions[d.version] = d;
+      }
+      S.drains = drains;
+    }
   } catch (e) {
-    if (e.status === 404) S.maintenance = null;
+    if (e.status === 404) S.maintenanceApi = false;
   }
 }
 
@@ -247,28 +275,25 @@ async function pollEvents() {
 
 // ---- what the state means -----------------------------------------------------------------
 
-/** The drain that applies to an instance, or null: from the instance itself, else maintenance. */
-function drainOf(service, inst) {
-  if (inst.state === 'draining') return { reason: inst.reason || null };
-  if (inst.state === 'up') return null;
-  const m = S.maintenance && S.maintenance.maintenance;
+/** The drain of `inst` in a service's drains: its own, else its version's; or null. */
+function drainIn(m, inst) {
   if (!m) return null;
-  if (Array.isArray(m)) {
-    const hit = m.find((d) => d.service === service
-      && ((d.id && d.id === inst.id) || (d.version && d.version === inst.version)));
-    return hit || null;
-  }
-  const svc = m[service];
-  if (!svc) return null;
-  return (svc.instances && svc.instances[inst.id]) || (svc.versions && svc.versions[inst.version]) || null;
+  return (m.instances && m.instances[inst.id]) || (m.versions && m.versions[inst.version]) || null;
 }
 
-/** Whether the drain of an instance is its own (so undrain applies to it), not its version's. */
+/** The drain that applies to an instance, or null. */
+function drainOf(service, inst) {
+  const d = drainIn(S.drains[service], inst);
+  if (d) return d;
+  if (inst.state === 'draining') return { reason: inst.reason || null };
+  return null;
+}
+
+/** Whether an instance is drained by its own id (so undrain applies to it), not its version. */
 function ownDrain(service, inst) {
-  const m = S.maintenance && S.maintenance.maintenance;
-  if (!m) return inst.state === 'draining';
-  if (Array.isArray(m)) return m.some((d) => d.service === service && d.id === inst.id);
-  return Boolean(m[service] && m[service].instances && m[service].instances[inst.id]);
+  const m = S.drains[service];
+  if (m && m.instances && m.instances[inst.id]) return true;
+  return !drainIn(m, inst) && inst.state === 'draining';
 }
 
 /** How the live ambassadors see one server: counts by HAProxy state. */
@@ -428,7 +453,10 @@ function routeSegments(service, route) {
 
 function weightSegments(service) {
   const byVersion = {};
-  for (const i of S.services[service] || []) byVersion[i.version] = (byVersion[i.version] || 0) + i.weight;
+  for (const i of S.services[service] || []) {
+    // A draining instance takes no new requests: it has no share.
+    if (!drainOf(service, i)) byVersion[i.version] = (byVersion[i.version] || 0) + i.weight;
+  }
   const total = Object.values(byVersion).reduce((a, b) => a + b, 0);
   return Object.entries(byVersion).map(([v, w]) => ({
     key: v,
@@ -461,7 +489,7 @@ function serviceHead(name) {
 function fillCard(card, name) {
   const list = S.services[name] || [];
   const route = S.routes[name] || null;
-  const maintenance = S.maintenance !== null;
+  const maintenance = S.maintenanceApi;
   const headSig = JSON.stringify([list.map((i) => [i.version, i.weight]), route, S.canWrite, Object.keys(S.services)]);
   const items = [{ key: 'head', sig: headSig, build: () => serviceHead(name) }];
   if (!list.length) {
@@ -601,13 +629,19 @@ function kindClass(kind) {
 
 const EVENT_SHOWN_FIELDS = new Set(['index', 'at', 'service', 'id', 'kind', 'cause', 'origin']);
 
+/** A route as operators write it: `1=90 2=10`. */
+function routeText(route) {
+  return Object.entries(route).map(([k, v]) => `${k}=${v}`).join(' ');
+}
+
 function eventItem(e) {
   const subject = e.id ? `${e.service}/${e.id}` : e.service;
   const details = [];
   if (e.cause && e.cause !== e.kind) details.push(String(e.cause));
   for (const [k, v] of Object.entries(e)) {
     if (EVENT_SHOWN_FIELDS.has(k) || v === null || v === undefined) continue;
-    details.push(`${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`);
+    if (k === 'route' && typeof v === 'object') details.push(`route ${routeText(v)}`);
+    else details.push(`${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`);
   }
   if (e.origin) details.push(`from ${e.origin}`);
   return el('li', { 'data-index': e.index },
@@ -731,7 +765,7 @@ function openRoute(service) {
   const route = S.routes[service];
   const versions = [...new Set((S.services[service] || []).map((i) => i.version))].sort();
   $('route-input').value = route
-    ? Object.entries(route).map(([k, v]) => `${k}=${v}`).join(' ')
+    ? routeText(route)
     : versions.map((v, i) => `${v}=${i === 0 ? 100 : 0}`).join(' ');
   $('route-error').hidden = true;
   $('route-clear').disabled = !route;
