@@ -88,6 +88,8 @@ fn change(
 #[tokio::test]
 async fn a_watcher_sees_the_snapshot_then_every_change_in_order() {
     let dir = TestDirectory::start(&[]).await;
+    // The index a fresh directory starts at: 0 in memory, etcd's first revision on etcd.
+    let base = dir.client.services().await.unwrap().index;
     let c = &dir.client;
     c.register("before", "x", &spec(7000, None, Some(60_000)))
         .await
@@ -97,7 +99,7 @@ async fn a_watcher_sees_the_snapshot_then_every_change_in_order() {
         WatchEvent::Snapshot {
             index, services, ..
         } => {
-            assert_eq!(index, 1);
+            assert_eq!(index, base + 1);
             assert_eq!(services["before"][0].id, "x");
         }
         other => panic!("expected a snapshot first, got {other:?}"),
@@ -121,26 +123,26 @@ async fn a_watcher_sees_the_snapshot_then_every_change_in_order() {
     // Each event carries the one instance that changed, and why.
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        change(2, "registered", "a", 100)
+        change(base + 2, "registered", "a", 100)
     );
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        change(3, "changed", "a", 50)
+        change(base + 3, "changed", "a", 50)
     );
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        change(4, "registered", "b", 100)
+        change(base + 4, "registered", "b", 100)
     );
     // expire
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        change(5, "expired", "b", 100)
+        change(base + 5, "expired", "b", 100)
     );
     // delete
     c.deregister("emitter", "a").await.unwrap();
     assert_eq!(
         summary(&next_change(&mut watch).await),
-        change(6, "deregistered", "a", 50)
+        change(base + 6, "deregistered", "a", 50)
     );
     // route set, then cleared: the service's whole route
     c.set_route("emitter", &[("1".to_owned(), 100)].into())
@@ -160,15 +162,15 @@ async fn a_watcher_sees_the_snapshot_then_every_change_in_order() {
     assert_eq!(
         route(next_change(&mut watch).await),
         (
-            7,
-            Some(6),
+            base + 7,
+            Some(base + 6),
             "emitter".into(),
             Some([("1".parse().unwrap(), 100)].into())
         )
     );
     assert_eq!(
         route(next_change(&mut watch).await),
-        (8, Some(7), "emitter".into(), None)
+        (base + 8, Some(base + 7), "emitter".into(), None)
     );
 }
 
@@ -195,6 +197,8 @@ async fn raw_lines(dir: &TestDirectory, path: &str, n: usize) -> Vec<serde_json:
 #[tokio::test]
 async fn the_v1_stream_still_sends_whole_services() {
     let dir = TestDirectory::start(&[]).await;
+    // The index a fresh directory starts at: 0 in memory, etcd's first revision on etcd.
+    let base = dir.client.services().await.unwrap().index;
     let c = &dir.client;
     c.register("emitter", "a", &spec(8000, None, Some(60_000)))
         .await
@@ -212,7 +216,7 @@ async fn the_v1_stream_still_sends_whole_services() {
     let (lines, ()) = tokio::join!(v1, write);
     assert_eq!(lines[0]["type"], "snapshot");
     assert_eq!(lines[1]["type"], "service");
-    assert_eq!(lines[1]["index"], 2);
+    assert_eq!(lines[1]["index"], base + 2);
     assert_eq!(lines[1]["instances"].as_array().unwrap().len(), 2);
     assert!(lines[1].get("prev").is_none());
 }
@@ -220,6 +224,8 @@ async fn the_v1_stream_still_sends_whole_services() {
 #[tokio::test]
 async fn a_filtered_watch_streams_only_its_services() {
     let dir = TestDirectory::start(&[]).await;
+    // The index a fresh directory starts at: 0 in memory, etcd's first revision on etcd.
+    let base = dir.client.services().await.unwrap().index;
     let c = &dir.client;
     for service in ["a", "b", "c"] {
         c.register(service, "1", &spec(8000, None, Some(60_000)))
@@ -237,7 +243,7 @@ async fn a_filtered_watch_streams_only_its_services() {
             services,
             routes,
         } => {
-            assert_eq!(index, 4);
+            assert_eq!(index, base + 4);
             assert_eq!(services.keys().collect::<Vec<_>>(), ["b", "c"]);
             assert!(routes.is_empty());
         }
@@ -260,7 +266,10 @@ async fn a_filtered_watch_streams_only_its_services() {
             prev,
             service,
             ..
-        } => assert_eq!((index, prev, service.as_str()), (7, Some(4), "c")),
+        } => assert_eq!(
+            (index, prev, service.as_str()),
+            (base + 7, Some(base + 4), "c")
+        ),
         other => panic!("expected c's route, got {other:?}"),
     }
     match next_change(&mut watch).await {
@@ -269,7 +278,10 @@ async fn a_filtered_watch_streams_only_its_services() {
             prev,
             instance,
             ..
-        } => assert_eq!((index, prev, instance.service.as_str()), (8, 7, "b")),
+        } => assert_eq!(
+            (index, prev, instance.service.as_str()),
+            (base + 8, base + 7, "b")
+        ),
         other => panic!("expected b's removal, got {other:?}"),
     }
     // A bad filter or version is refused, naming what is wrong.
@@ -290,17 +302,19 @@ async fn a_filtered_watch_streams_only_its_services() {
 #[tokio::test]
 async fn an_idle_watch_gets_pings() {
     let dir = TestDirectory::start(&[]).await;
+    // The index a fresh directory starts at: 0 in memory, etcd's first revision on etcd.
+    let base = dir.client.services().await.unwrap().index;
     let mut watch = Box::pin(dir.client.watch().await.unwrap());
     assert!(matches!(
         watch.next().await.unwrap().unwrap(),
-        WatchEvent::Snapshot { index: 0, .. }
+        WatchEvent::Snapshot { index, .. } if index == base
     ));
     let ping = tokio::time::timeout(Duration::from_secs(7), watch.next())
         .await
         .expect("a ping within 5 s of silence")
         .unwrap()
         .unwrap();
-    assert_eq!(ping, WatchEvent::Ping { index: 0 });
+    assert_eq!(ping, WatchEvent::Ping { index: base });
 }
 
 /// Follows a watch stream into a shared [`State`] until the stream fails.
