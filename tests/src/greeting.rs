@@ -46,6 +46,24 @@ impl Greeting {
         }
     }
 
+    /// A `baker-registrar` registering this greeting as `emitter`/`id` with `directories` (a
+    /// list of replicas), probing it every `interval` (its TTL is three intervals).
+    pub fn registrar(&self, directories: &str, id: &str, interval: &str) -> Proc {
+        let target = self.url();
+        Proc::baker(
+            &format!("registrar-{id}"),
+            "baker-registrar",
+            &[
+                ("BAKER_DIRECTORY", directories),
+                ("BAKER_SERVICE", "emitter"),
+                ("BAKER_ID", id),
+                ("BAKER_TARGET", target.as_str()),
+                ("BAKER_INTERVAL", interval),
+                ("BAKER_TIMEOUT", "300ms"),
+            ],
+        )
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

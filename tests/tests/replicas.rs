@@ -11,22 +11,6 @@ use baker_tests::load::{greet, Load};
 use baker_tests::{eventually, free_port, require, Needs, Proc};
 use nix::sys::signal::Signal;
 
-fn registrar(directories: &str, id: &str, target: &Greeting) -> Proc {
-    let target = target.url();
-    Proc::baker(
-        &format!("registrar-{id}"),
-        "baker-registrar",
-        &[
-            ("BAKER_DIRECTORY", directories),
-            ("BAKER_SERVICE", "emitter"),
-            ("BAKER_ID", id),
-            ("BAKER_TARGET", target.as_str()),
-            ("BAKER_INTERVAL", "300ms"),
-            ("BAKER_TIMEOUT", "300ms"),
-        ],
-    )
-}
-
 async fn ids(dir: &TestDirectory) -> Vec<String> {
     dir.client
         .service("emitter")
@@ -48,8 +32,8 @@ async fn the_replica_in_use_dies_and_clients_move_to_the_next_without_a_failed_r
     let list = format!("{},{}", first.url, second.url);
     let a = Greeting::start("1", "a").await;
     let b = Greeting::start("1", "b").await;
-    let _ra = registrar(&list, "a", &a);
-    let _rb = registrar(&list, "b", &b);
+    let _ra = a.registrar(&list, "a", "300ms");
+    let _rb = b.registrar(&list, "b", "300ms");
     eventually(
         Duration::from_secs(10),
         "a and b in the first replica",
@@ -162,7 +146,7 @@ async fn a_frozen_replica_is_passed_over_by_the_registrar_and_the_ambassador() {
     frozen.proc.signal(Signal::SIGSTOP);
     let list = format!("{},{}", frozen.url, live.url);
     let a = Greeting::start("1", "a").await;
-    let _ra = registrar(&list, "a", &a);
+    let _ra = a.registrar(&list, "a", "300ms");
     eventually(
         Duration::from_secs(10),
         "a registered with the live replica",
