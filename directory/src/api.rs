@@ -378,13 +378,8 @@ async fn get_route(
 ) -> Result<Json<RouteResponse>, ApiError> {
     let Path(service) = path?;
     let service = service_path(&service)?;
-    let routes = app.registry.routes();
-    match routes.routes.get(&service) {
-        Some(route) => Ok(Json(RouteResponse {
-            index: routes.index,
-            service,
-            route: Some(route.clone()),
-        })),
+    match app.registry.route(&service) {
+        Some(route) => Ok(Json(route)),
         None => Err(ApiError::NotFound(format!(
             "service {service} has no route"
         ))),

@@ -165,18 +165,32 @@ where
     K::Err: Display,
     V: Serialize + DeserializeOwned,
 {
-    /// A map kept in `dir`, created (with its parents) if missing. `what` names one entry in
-    /// messages (`route`); `check` validates each value as it is loaded (a value written by
-    /// hand, or by an older build), returning it (possibly normalized) or what is wrong.
+    /// A map kept in `dir`, created (with its parents, and made durable in its parent) if
+    /// missing. `what` names one entry in messages (`route`); `check` validates each value as
+    /// it is loaded (a value written by hand, or by an older build), returning it (possibly
+    /// normalized) or what is wrong.
     pub fn open(
         dir: &Path,
         what: &'static str,
         check: fn(&K, V) -> Result<V, String>,
     ) -> Result<DurableMap<K, V>, StoreError> {
+        let existed = dir.is_dir();
         fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
             source,
         })?;
+        if !existed {
+            // The new directory's own entry must be durable too, or a power cut could take it,
+            // and every entry written in it, away.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|source| StoreError::Write {
+                        path: parent.to_owned(),
+                        source,
+                    })?;
+            }
+        }
         Ok(DurableMap {
             dir: dir.to_owned(),
             what,

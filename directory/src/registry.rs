@@ -741,6 +741,16 @@ impl Registry {
         }
     }
 
+    /// One service's route, `None` when it has none.
+    pub fn route(&self, service: &ServiceName) -> Option<RouteResponse> {
+        let t = self.lock();
+        Some(RouteResponse {
+            index: t.store.revision(),
+            service: service.clone(),
+            route: Some(t.store.route(service)?.clone()),
+        })
+    }
+
     /// Every change from now on, for a consumer of the whole feed (an event history, say). A
     /// consumer that falls behind gets [`RecvError::Lagged`](crate::feed::RecvError) and should
     /// start again from [`Registry::subscribe`]'s snapshot.

@@ -253,4 +253,10 @@ async fn a_routes_json_of_an_earlier_build_is_moved_into_one_file_per_route_at_s
         ["emitter"]
     );
     assert_eq!(files(&data.join("routes")), ["emitter.json"]);
+    // One route is read alone.
+    let one = |service: &str| reqwest::get(format!("{}/v1/routes/{service}", dir.url));
+    let got: serde_json::Value = one("emitter").await.unwrap().json().await.unwrap();
+    assert_eq!(got["route"], serde_json::json!({"1": 90, "2": 10}), "{got}");
+    assert_eq!(got["service"], "emitter");
+    assert_eq!(one("transform").await.unwrap().status(), 404);
 }
