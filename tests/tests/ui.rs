@@ -248,3 +248,50 @@ async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
     eprintln!("screenshot: {}", shot.display());
     assert_eq!(page.script_activity().await, Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_watch_token_the_dashboard_reads_the_table_every_second() {
+    if !require(Needs::Chromium) {
+        return;
+    }
+    let dir =
+        TestDirectory::start(&[("BAKER_TOKEN", TOKEN), ("BAKER_WATCH_TOKEN", "watch-only")]).await;
+    let g1 = Greeting::start("1", "greeting-1").await;
+    register(&dir.client, "greeting-1", "1", &g1).await;
+    let browser = Browser::start(1280, 800).await;
+    let page = browser.open(&format!("{}/ui", dir.url)).await;
+    page.wait_for(
+        "document.getElementById('live').innerText === 'polling'",
+        WAIT,
+        "the page to poll, the watch stream refusing it",
+    )
+    .await;
+    page.wait_for(
+        &format!("document.querySelector('{}')", row("greeting-1")),
+        WAIT,
+        "greeting-1",
+    )
+    .await;
+    let registered = Instant::now();
+    register(&dir.client, "greeting-2", "1", &g1).await;
+    page.wait_for(
+        &format!("document.querySelector('{}')", row("greeting-2")),
+        WAIT,
+        "greeting-2",
+    )
+    .await;
+    let shown = registered.elapsed();
+    eprintln!("polling: a new instance was on the page {shown:?} after its registration");
+    assert!(shown < Duration::from_millis(2500), "took {shown:?}");
+
+    // With the token, the page follows the watch stream again.
+    page.type_into("#token", TOKEN).await;
+    page.click("#unlock").await;
+    page.wait_for(
+        "document.getElementById('live').innerText === 'live'",
+        WAIT,
+        "the page to follow the watch stream with the token",
+    )
+    .await;
+    assert_eq!(page.script_activity().await, Vec::<String>::new());
+}
