@@ -202,24 +202,33 @@ where
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-    loop {
+    // Whether a member said it has no leader: if no attempt succeeds, the quorum is lost,
+    // whatever the last attempt met (a member down, or one that never answered).
+    let mut leaderless = false;
+    let last = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), call(client.clone())).await {
             Err(_) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => continue,
-            Err(_) => return Err(EtcdError::Timeout(REQUEST_TIMEOUT)),
+            Err(_) => break EtcdError::Timeout(REQUEST_TIMEOUT),
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => match EtcdError::of(e) {
                 // A member down, or one without a leader for the moment (an election after
                 // the leader was lost takes about one election timeout): try again. No leader
                 // until the deadline is a lost quorum.
-                EtcdError::Unreachable(_) | EtcdError::NoQuorum
-                    if tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
-                {
+                e @ (EtcdError::Unreachable(_) | EtcdError::NoQuorum) => {
+                    leaderless |= matches!(e, EtcdError::NoQuorum);
+                    if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                        break e;
+                    }
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 e => return Err(e),
             },
         }
+    };
+    match last {
+        EtcdError::Unreachable(_) | EtcdError::Timeout(_) if leaderless => Err(EtcdError::NoQuorum),
+        e => Err(e),
     }
 }
 

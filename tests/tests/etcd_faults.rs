@@ -3,7 +3,9 @@
 //! killed with SIGKILL, one member frozen with SIGSTOP for 10 s, and the directory replica that
 //! the ambassador watches and the registrars heartbeat to killed with SIGKILL. Each costs no
 //! failed request out of 20,000 and more, no server, and no HAProxy reload; and an instance
-//! whose registrar dies afterwards still leaves within its TTL and one second.
+//! whose registrar dies afterwards still leaves within its TTL and one second. With two members
+//! down (quorum lost) writes are refused with the reason while routing goes on, and once they
+//! are back a new instance is routable within 2 s.
 
 use std::time::{Duration, Instant};
 
@@ -192,4 +194,66 @@ async fn the_directory_replica_in_use_killed_under_load() {
         )
         .await;
     rig.check("directory replica killed", false).await;
+}
+
+#[tokio::test]
+async fn a_lost_quorum_keeps_routing_refuses_writes_and_a_new_instance_routes_soon_after() {
+    if !require(Needs::Haproxy) || !require(Needs::Etcd) {
+        return;
+    }
+    let mut rig = rig().await;
+    let leader = rig.cluster.leader().await;
+    let other = (0..3).find(|i| *i != leader).expect("three members");
+    rig.cluster.kill9(leader);
+    rig.cluster.kill9(other);
+    let c = Greeting::start("1", "c").await;
+    let refused = rig
+        .second
+        .client
+        .register("emitter", "c", &c.spec("1", 60_000))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.status(),
+        Some(reqwest::StatusCode::SERVICE_UNAVAILABLE),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("lost its quorum"), "{refused}");
+    // Routing goes on, to both servers, while the registrars' heartbeats are refused.
+    let reloads = rig.amb.proc_info();
+    rig.load.more(REQUESTS / 4, Duration::from_secs(60)).await;
+    assert_eq!(rig.load.failed(), 0, "no request may fail without a quorum");
+
+    rig.cluster.restart(leader).await;
+    rig.cluster.restart(other).await;
+    rig.cluster.wait_leader(Duration::from_secs(10)).await;
+    let back = Instant::now();
+    let spec = c.spec("1", 60_000);
+    eventually(Duration::from_secs(10), "c registered", || async {
+        rig.second.client.register("emitter", "c", &spec).await.ok()
+    })
+    .await;
+    eventually(Duration::from_secs(10), "c taking requests", || async {
+        rig.load.by_instance().contains_key("c").then_some(())
+    })
+    .await;
+    let took = back.elapsed();
+    eprintln!("quorum back: c routable {took:?} after the cluster had a leader again");
+    assert!(
+        took <= Duration::from_secs(2),
+        "c took {took:?} to be routable after the quorum returned"
+    );
+    assert_eq!(rig.amb.proc_info(), reloads, "HAProxy must not reload");
+    assert_eq!(
+        ids(&rig.first).await,
+        ["a", "b", "c"],
+        "no instance may be lost"
+    );
+    let (ok, failures) = rig.load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {ok} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
 }
