@@ -12,8 +12,9 @@ use crate::runtime_api::{AdminState, ApiCommand, Running};
 /// One change to a running HAProxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Add a server with the backend's server options, then enable its health and itself (and
-    /// give every server of a sticky backend its cookie).
+    /// Add a server with the backend's server options, then enable its health and itself, or
+    /// drain it when an operator drained its instance (and give every server of a sticky
+    /// backend its cookie).
     Add {
         backend: String,
         server: String,
@@ -22,6 +23,7 @@ pub enum Command {
         weight: u16,
         options: String,
         sticky: bool,
+        drain: bool,
     },
     SetAddr {
         backend: String,
@@ -36,8 +38,12 @@ pub enum Command {
     },
     /// Back to service after a drain or maintenance.
     Ready { backend: String, server: String },
-    /// No new traffic; existing connections finish.
+    /// No new traffic; existing connections finish. The server left the plan: it is deleted
+    /// once idle.
     Drain { backend: String, server: String },
+    /// No new traffic; existing connections finish. An operator drained its instance: the
+    /// server stays, to take traffic again when undrained.
+    Hold { backend: String, server: String },
     /// Maintenance, then deletion (the server must have no connection left).
     Delete { backend: String, server: String },
 }
@@ -56,6 +62,7 @@ impl Command {
                 weight,
                 options,
                 sticky,
+                drain,
             } => {
                 let mut steps = vec![
                     ApiCommand::AddServer {
@@ -70,9 +77,17 @@ impl Command {
                         backend: backend.clone(),
                         server: server.clone(),
                     },
-                    ApiCommand::EnableServer {
-                        backend: backend.clone(),
-                        server: server.clone(),
+                    if *drain {
+                        ApiCommand::SetState {
+                            backend: backend.clone(),
+                            server: server.clone(),
+                            state: AdminState::Drain,
+                        }
+                    } else {
+                        ApiCommand::EnableServer {
+                            backend: backend.clone(),
+                            server: server.clone(),
+                        }
                     },
                 ];
                 if *sticky {
@@ -110,7 +125,7 @@ impl Command {
                     state: AdminState::Ready,
                 }]
             }
-            Command::Drain { backend, server } => {
+            Command::Drain { backend, server } | Command::Hold { backend, server } => {
                 let (backend, server) = at(backend, server);
                 vec![ApiCommand::SetState {
                     backend,
@@ -139,6 +154,7 @@ impl Command {
             | Command::SetWeight { backend, .. }
             | Command::Ready { backend, .. }
             | Command::Drain { backend, .. }
+            | Command::Hold { backend, .. }
             | Command::Delete { backend, .. } => backend,
         }
     }
@@ -150,6 +166,7 @@ impl Command {
             | Command::SetWeight { server, .. }
             | Command::Ready { server, .. }
             | Command::Drain { server, .. }
+            | Command::Hold { server, .. }
             | Command::Delete { server, .. } => server,
         }
     }
@@ -234,6 +251,7 @@ pub fn diff(
                     weight: want.weight,
                     options: format!("{backup}{}", add.server_options),
                     sticky: add.sticky,
+                    drain: want.drain,
                 });
                 continue;
             };
@@ -258,7 +276,15 @@ pub fn diff(
                     weight: want.weight,
                 });
             }
-            if have.maint || have.drain {
+            if want.drain {
+                // `state drain` also takes a server out of maintenance.
+                if !have.drain || have.maint {
+                    drains.push(Command::Hold {
+                        backend: b,
+                        server: name.to_string(),
+                    });
+                }
+            } else if have.maint || have.drain {
                 changes.push(Command::Ready {
                     backend: b,
                     server: name.to_string(),
@@ -386,6 +412,75 @@ mod tests {
                 "set server be/a weight 50",
                 "set server be/b state drain",
             ]
+        );
+    }
+
+    #[test]
+    fn an_operators_drain_holds_the_server_and_an_undrain_readies_it() {
+        let drained = |name: &str| DesiredServer {
+            drain: true,
+            ..want(name, 80, 0)
+        };
+        // A new server drained from the start is never enabled.
+        let cmds = diff(
+            &desired(&[drained("a")]),
+            &running(&[]),
+            &opts(),
+            &BTreeSet::new(),
+        );
+        assert_eq!(
+            cmds[0].to_string(),
+            "add server be/a 10.0.0.1:80 weight 0 check; enable health be/a; set server be/a state drain"
+        );
+        // A running one is set to drain after its weight drops, and stays.
+        let cmds = diff(
+            &desired(&[drained("a"), want("b", 80, 256)]),
+            &running(&[have("a", 80, 100), have("b", 80, 100)]),
+            &opts(),
+            &BTreeSet::new(),
+        );
+        let text: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "set server be/b weight 256",
+                "set server be/a weight 0",
+                "set server be/a state drain"
+            ]
+        );
+        let mut a = have("a", 80, 0);
+        a.drain = true;
+        let removable = [("be".to_string(), "a".to_string())].into();
+        assert!(
+            diff(
+                &desired(&[drained("a")]),
+                &running(&[a.clone()]),
+                &opts(),
+                &removable
+            )
+            .is_empty(),
+            "a drained server that is planned is never deleted"
+        );
+        let mut m = a.clone();
+        m.maint = true;
+        let cmds = diff(
+            &desired(&[drained("a")]),
+            &running(&[m]),
+            &opts(),
+            &BTreeSet::new(),
+        );
+        assert_eq!(cmds[0].to_string(), "set server be/a state drain");
+        // Undrained: back to its weight, ready.
+        let cmds = diff(
+            &desired(&[want("a", 80, 100)]),
+            &running(&[a]),
+            &opts(),
+            &BTreeSet::new(),
+        );
+        let text: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            text,
+            ["set server be/a weight 100", "set server be/a state ready"]
         );
     }
 

@@ -7,6 +7,10 @@
 //! instance gives its share to the other named versions, and versions the route does not name
 //! get weight 0 (kept as servers, so that a later route change is a weight change).
 //!
+//! An instance an operator drained (its `state` is `draining`) stays a server, at weight 0 and
+//! marked to drain: it takes no new requests, and the weights above are shared among the
+//! others, so a route's split holds while one of its instances is out.
+//!
 //! A route whose versions all lack live instances would leave no server with a weight: the
 //! service then falls back to all its live instances by their own weights, as with no route
 //! ([`route_falls_back`]), until an instance of a routed version appears. [`fallbacks`] says
@@ -103,6 +107,8 @@ pub struct DesiredServer {
     pub version: Version,
     /// A backup server: used only while no other server of the backend is up.
     pub backup: bool,
+    /// Drained by an operator: kept, but HAProxy sends it no new request (`state drain`).
+    pub drain: bool,
 }
 
 #[cfg(test)]
@@ -117,6 +123,7 @@ impl DesiredServer {
             weight,
             version: "1".parse().unwrap(),
             backup: false,
+            drain: false,
         }
     }
 }
@@ -131,11 +138,14 @@ pub type Desired = BTreeMap<ServiceName, Backend>;
 pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
     let mut desired = Desired::new();
     for svc in services {
-        let instances = usable(state, &svc.name);
-        let weights = weights(&instances, state.routes.get(&svc.name));
-        let backend = instances
+        let (serving, drained): (Vec<&Instance>, Vec<&Instance>) = usable(state, &svc.name)
+            .into_iter()
+            .partition(|i| i.state.is_up());
+        let weights = weights(&serving, state.routes.get(&svc.name));
+        let backend = serving
             .iter()
             .zip(weights)
+            .chain(drained.iter().map(|i| (i, 0)))
             .map(|(i, w)| {
                 let name = ServerName::of(&svc.name, i);
                 (
@@ -148,6 +158,7 @@ pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
                         weight: w,
                         version: i.version.clone(),
                         backup: is_backup(i),
+                        drain: !i.state.is_up(),
                     },
                 )
             })
@@ -163,7 +174,8 @@ pub fn fallbacks(state: &State, services: &[ServiceRoute]) -> BTreeMap<String, b
     services
         .iter()
         .map(|svc| {
-            let instances = usable(state, &svc.name);
+            let mut instances = usable(state, &svc.name);
+            instances.retain(|i| i.state.is_up());
             let falls_back = state.routes.get(&svc.name).is_some_and(|route| {
                 route_falls_back(route, instances.iter().map(|i| i.version.as_str()))
             });
@@ -425,5 +437,50 @@ mod tests {
         assert_eq!(d["svc"].keys().collect::<Vec<_>>(), ["a"], "port 0 skipped");
         assert_eq!(d["svc"]["a"].weight, 100);
         assert!(d["none"].is_empty());
+    }
+
+    #[test]
+    fn a_drained_instance_stays_at_weight_0_and_the_split_holds_without_it() {
+        use baker_client::maintenance::InstanceState;
+        let drained = |i: Instance| Instance {
+            state: InstanceState::Draining,
+            ..i
+        };
+        let mut state = State::default();
+        state.services.insert(
+            "svc".parse().unwrap(),
+            vec![
+                drained(inst("a", "1", 100)),
+                inst("b", "1", 100),
+                inst("c", "2", 100),
+                drained(inst("d", "3", 100)),
+            ],
+        );
+        state.routes.insert(
+            "svc".parse().unwrap(),
+            route(&[("1", 50), ("2", 40), ("3", 10)]),
+        );
+        let services = vec![ServiceRoute {
+            name: "svc".parse().unwrap(),
+            port: Some(8000),
+            mode: Mode::Http,
+            options: Default::default(),
+        }];
+        let d = &plan(&state, &services)["svc"];
+        let got: Vec<(&str, u16, bool)> = d
+            .values()
+            .map(|s| (s.name.as_str(), s.weight, s.drain))
+            .collect();
+        // b carries all of version 1's share, c all the rest (version 3 has no serving
+        // instance): 50 to 40 is 256 to 205.
+        assert_eq!(
+            got,
+            [
+                ("a", 0, true),
+                ("b", 256, false),
+                ("c", 205, false),
+                ("d", 0, true)
+            ]
+        );
     }
 }

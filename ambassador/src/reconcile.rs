@@ -570,6 +570,9 @@ impl Owner {
                 self.drains.remove(&(backend.to_owned(), server.to_owned()));
                 tracing::info!(%backend, %server, "removed a drained server");
             }
+            Command::Hold { .. } => {
+                tracing::info!(%backend, %server, "draining a server an operator drained");
+            }
             Command::Add {
                 address,
                 port,

@@ -350,6 +350,7 @@ mod tests {
             index,
             services,
             routes: BTreeMap::new(),
+            maintenance: BTreeMap::new(),
         }
     }
 

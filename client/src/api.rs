@@ -19,6 +19,10 @@ use serde::Serialize;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::io::StreamReader;
 
+use crate::events::EventsResponse;
+use crate::maintenance::{
+    validate_client, DrainRequest, DrainResponse, MaintenanceResponse, Target, ORIGIN_HEADER,
+};
 use crate::model::{
     ErrorBody, Instance, InstanceSpec, RouteResponse, RoutesResponse, ServiceName, ServiceResponse,
     ServicesResponse, WatchEvent,
@@ -146,6 +150,9 @@ pub struct DirectoryClient {
     token: Option<String>,
     /// Sent with watches instead of `token`, when set.
     watch_token: Option<String>,
+    /// Sent as `X-Baker-Origin` with every call, when set: the client an operator's change
+    /// came from.
+    origin: Option<String>,
     http: reqwest::Client,
 }
 
@@ -173,8 +180,17 @@ impl DirectoryClient {
             current: Arc::new(AtomicUsize::new(0)),
             token,
             watch_token: None,
+            origin: None,
             http,
         })
+    }
+
+    /// This client, naming itself `origin` (`cli:alice`) to the directory in the
+    /// `X-Baker-Origin` header; the directory records it on operators' changes. A name that
+    /// is not a valid client name (see [`validate_client`]) is not sent.
+    pub fn with_origin(mut self, origin: &str) -> Self {
+        self.origin = validate_client(origin).ok().map(str::to_owned);
+        self
     }
 
     /// This client, sending `watch_token` (when given and not empty) with watches instead of
@@ -224,6 +240,9 @@ impl DirectoryClient {
         let mut req = self.http.request(method, url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
+        }
+        if let Some(o) = &self.origin {
+            req = req.header(ORIGIN_HEADER, o);
         }
         req
     }
@@ -411,6 +430,67 @@ impl DirectoryClient {
         }
     }
 
+    /// Drains `target` of `service` (`PUT /v1/maintenance/...`), with an optional reason.
+    pub async fn drain(
+        &self,
+        service: &str,
+        target: &Target,
+        reason: Option<&str>,
+    ) -> Result<DrainResponse, ClientError> {
+        let body = DrainRequest {
+            reason: reason.map(str::to_owned),
+        };
+        self.send_json(Method::PUT, &maintenance_path(service, target), &body)
+            .await
+    }
+
+    /// Lifts the drain of `target` of `service` (`DELETE /v1/maintenance/...`); the directory
+    /// answers 404 when it was not drained.
+    pub async fn undrain(
+        &self,
+        service: &str,
+        target: &Target,
+    ) -> Result<DrainResponse, ClientError> {
+        self.send(Method::DELETE, &maintenance_path(service, target))
+            .await
+    }
+
+    /// The directory's history (`GET /v1/events`): events at or after `since` and at or before
+    /// `until` (ms since the Unix epoch), of `service`, the newest `limit`, oldest first.
+    pub async fn events(
+        &self,
+        since: Option<u64>,
+        until: Option<u64>,
+        service: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<EventsResponse, ClientError> {
+        let mut query = Vec::new();
+        if let Some(s) = since {
+            query.push(format!("since={s}"));
+        }
+        if let Some(u) = until {
+            query.push(format!("until={u}"));
+        }
+        if let Some(s) = service {
+            // Service names are URL-safe by construction.
+            query.push(format!("service={s}"));
+        }
+        if let Some(l) = limit {
+            query.push(format!("limit={l}"));
+        }
+        let path = if query.is_empty() {
+            "/v1/events".to_owned()
+        } else {
+            format!("/v1/events?{}", query.join("&"))
+        };
+        self.send(Method::GET, &path).await
+    }
+
+    /// Every drain in place.
+    pub async fn maintenance(&self) -> Result<MaintenanceResponse, ClientError> {
+        self.send(Method::GET, "/v1/maintenance").await
+    }
+
     /// Every ambassador, whether it is live and caught up, and the traffic per instance.
     pub async fn ambassadors(&self) -> Result<AmbassadorsResponse, ClientError> {
         self.send(Method::GET, "/v1/ambassadors").await
@@ -538,6 +618,14 @@ impl DirectoryClient {
             chunks,
             WATCH_IDLE_TIMEOUT,
         ))))
+    }
+}
+
+/// The path of `target`'s drain in `service`.
+fn maintenance_path(service: &str, target: &Target) -> String {
+    match target {
+        Target::Instance(id) => format!("/v1/maintenance/{service}/instances/{id}"),
+        Target::Version(v) => format!("/v1/maintenance/{service}/versions/{v}"),
     }
 }
 

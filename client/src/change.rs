@@ -8,10 +8,12 @@
 //!
 //! An instance change carries that one instance, never its whole service, so a change costs the
 //! same in a service of 10,000 instances as in a service of one. A route change carries the
-//! service's whole route. New kinds of hard state (maintenance entries, ...) are new variants.
+//! service's whole route, and a maintenance change the service's whole maintenance (its
+//! drains). New kinds of state are new variants.
 
 use serde::{Deserialize, Serialize};
 
+use crate::maintenance::{Maintenance, Reason, Target};
 use crate::model::{Instance, Route, ServiceName};
 
 /// Why an instance was added or changed.
@@ -108,7 +110,34 @@ pub enum Change {
         at: u64,
         service: ServiceName,
         route: Option<Route>,
+        /// Where the operator's call came from; `None` when the directory itself put a route
+        /// back (a route it could not save).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
     },
+    /// An operator drained or undrained instances of a service; `maintenance` is the service's
+    /// whole maintenance after it.
+    Maintenance {
+        index: u64,
+        at: u64,
+        service: ServiceName,
+        maintenance: Maintenance,
+        action: MaintenanceAction,
+    },
+}
+
+/// What an operator did to a service's maintenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceAction {
+    /// `true` for a drain, `false` for an undrain.
+    pub drained: bool,
+    /// The instance or version drained or undrained.
+    pub target: Target,
+    /// The drain's reason (for an undrain, the reason of the drain it lifted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// Where the call came from.
+    pub origin: String,
 }
 
 impl Change {
@@ -117,14 +146,18 @@ impl Change {
         match self {
             Change::Upsert { index, .. }
             | Change::Remove { index, .. }
-            | Change::Route { index, .. } => *index,
+            | Change::Route { index, .. }
+            | Change::Maintenance { index, .. } => *index,
         }
     }
 
     /// When it happened, in milliseconds since the Unix epoch.
     pub fn at(&self) -> u64 {
         match self {
-            Change::Upsert { at, .. } | Change::Remove { at, .. } | Change::Route { at, .. } => *at,
+            Change::Upsert { at, .. }
+            | Change::Remove { at, .. }
+            | Change::Route { at, .. }
+            | Change::Maintenance { at, .. } => *at,
         }
     }
 
@@ -132,7 +165,7 @@ impl Change {
     pub fn service(&self) -> &ServiceName {
         match self {
             Change::Upsert { instance, .. } | Change::Remove { instance, .. } => &instance.service,
-            Change::Route { service, .. } => service,
+            Change::Route { service, .. } | Change::Maintenance { service, .. } => service,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`register`]: `baker register` and `baker deregister`.
 //! - [`watch`]: `baker watch`, the live event stream, reconnecting with backoff.
 //! - [`ambassadors`]: `baker ambassadors`, `baker traffic`, and `--wait` for ambassadors.
+//! - [`maintenance`]: `baker drain`, `baker undrain` and `baker maintenance`.
 //! - [`links`]: `baker links`, the Docker-link variables block.
 //!
 //! Every command prints a table or a line for humans by default and JSON with `--json`.
@@ -19,6 +20,7 @@ mod args;
 mod failure;
 mod human;
 mod links;
+mod maintenance;
 mod register;
 mod route;
 mod services;
@@ -107,6 +109,24 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Route(RouteCommand::Clear { service, wait }) => {
             route::clear(ctx, &service, wait).await
         }
+        Command::Drain {
+            what,
+            version,
+            reason,
+            wait,
+        } => maintenance::drain(ctx, &what, version.as_deref(), reason.as_deref(), wait).await,
+        Command::Undrain {
+            what,
+            version,
+            wait,
+        } => maintenance::undrain(ctx, &what, version.as_deref(), wait).await,
+        Command::Maintenance => maintenance::maintenance(ctx).await,
+        Command::Events {
+            since,
+            until,
+            service,
+            limit,
+        } => maintenance::events(ctx, since, until, service.as_ref(), limit).await,
         Command::Ambassadors => ambassadors::ambassadors(ctx).await,
         Command::Traffic { service } => ambassadors::traffic(ctx, service.as_ref()).await,
         Command::Watch {
@@ -132,7 +152,15 @@ impl Ctx {
             "" => baker_client::api::DEFAULT_DIRECTORY,
             d => d,
         };
-        DirectoryClient::new(directory, self.global.token.clone()).map_err(|e| match e {
+        // Changes name their client to the directory: `cli:alice`, or `cli` when the user
+        // name is not a valid client name.
+        let origin = std::env::var("USER")
+            .map(|user| format!("cli:{user}"))
+            .ok()
+            .filter(|o| baker_client::maintenance::validate_client(o).is_ok())
+            .unwrap_or_else(|| "cli".to_owned());
+        let client = DirectoryClient::new(directory, self.global.token.clone());
+        client.map(|c| c.with_origin(&origin)).map_err(|e| match e {
             ClientError::BadToken(why) => Failure::Config(format!(
                 "--token / BAKER_TOKEN {why}: it is sent in an Authorization header"
             )),

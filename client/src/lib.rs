@@ -4,6 +4,8 @@
 //!   anything unchecked out of HAProxy's configuration.
 //! - [`change`]: the directory's change feed: each change with its revision, cause and time.
 //! - [`ops`]: ambassadors' reports and what the directory makes of them.
+//! - [`maintenance`]: drained instances and versions, and instance states.
+//! - [`events`]: the directory's history of changes, for people.
 //! - [`api`]: [`api::DirectoryClient`], the directory's HTTP client, including the watch stream.
 //! - [`links`]: Docker-link style variables (`EMITTER_PORT_8000_TCP=tcp://...`), rendered and parsed.
 //! - [`config`]: reading `BAKER_*` variables and reporting every bad one at once.
@@ -19,7 +21,9 @@ pub mod change;
 pub mod config;
 pub mod daemon;
 pub mod errors;
+pub mod events;
 pub mod links;
+pub mod maintenance;
 pub mod model;
 pub mod ops;
 

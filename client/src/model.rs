@@ -13,7 +13,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::change::{Change, RemoveCause, UpsertCause};
+use crate::change::{Change, MaintenanceAction, RemoveCause, UpsertCause};
+use crate::maintenance::{InstanceState, Maintenance, Reason};
 
 /// Longest service name, instance id, version or tag.
 pub const MAX_NAME_LEN: usize = 63;
@@ -508,6 +509,13 @@ pub struct Instance {
     pub ttl_ms: u64,
     /// When the directory last heard of this instance, in milliseconds since the Unix epoch.
     pub last_seen: u64,
+    /// `up`, or `draining` while an operator's drain of its id or version is in place (an
+    /// older directory sends none: `up`).
+    #[serde(default)]
+    pub state: InstanceState,
+    /// The drain's reason, while draining with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
 }
 
 impl Instance {
@@ -529,6 +537,23 @@ impl Instance {
             source: Source::Registrar,
             ttl_ms: 6000,
             last_seen: 0,
+            state: InstanceState::Up,
+            reason: None,
+        }
+    }
+
+    /// Marks it with the drain of its id or version in `maintenance`, or `up` when there is
+    /// none.
+    pub fn mark(&mut self, maintenance: Option<&Maintenance>) {
+        match maintenance.and_then(|m| m.drain_of(&self.id, &self.version)) {
+            Some(drain) => {
+                self.state = InstanceState::Draining;
+                self.reason = drain.reason.clone();
+            }
+            None => {
+                self.state = InstanceState::Up;
+                self.reason = None;
+            }
         }
     }
 }
@@ -678,6 +703,9 @@ pub enum WatchEvent {
         index: u64,
         services: BTreeMap<ServiceName, Vec<Instance>>,
         routes: BTreeMap<ServiceName, Route>,
+        /// Every service's drains (absent from an older directory, and when none).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        maintenance: BTreeMap<ServiceName, Maintenance>,
     },
     /// v1: the whole new instance list of one service (empty when its last instance went away).
     Service {
@@ -712,6 +740,17 @@ pub enum WatchEvent {
         service: ServiceName,
         route: Option<Route>,
     },
+    /// v2: a service's drains changed; `maintenance` is its whole new maintenance (empty when
+    /// nothing is drained any more), `action` the drain or undrain that changed it. The states
+    /// of the service's instances follow from it; a v1 stream sends a `service` event instead.
+    Maintenance {
+        index: u64,
+        prev: u64,
+        at: u64,
+        service: ServiceName,
+        maintenance: Maintenance,
+        action: MaintenanceAction,
+    },
     /// Keep-alive, sent when nothing changed for a while; `index` is the index of the last line
     /// this stream sent.
     Ping { index: u64 },
@@ -726,6 +765,7 @@ impl WatchEvent {
             | WatchEvent::Upsert { index, .. }
             | WatchEvent::Remove { index, .. }
             | WatchEvent::Route { index, .. }
+            | WatchEvent::Maintenance { index, .. }
             | WatchEvent::Ping { index } => *index,
         }
     }
@@ -733,7 +773,9 @@ impl WatchEvent {
     /// The index of the line the stream sent before this one, for v2 changes.
     pub fn prev(&self) -> Option<u64> {
         match self {
-            WatchEvent::Upsert { prev, .. } | WatchEvent::Remove { prev, .. } => Some(*prev),
+            WatchEvent::Upsert { prev, .. }
+            | WatchEvent::Remove { prev, .. }
+            | WatchEvent::Maintenance { prev, .. } => Some(*prev),
             WatchEvent::Route { prev, .. } => *prev,
             _ => None,
         }
@@ -771,12 +813,27 @@ impl WatchEvent {
                 at,
                 service,
                 route,
+                ..
             } => WatchEvent::Route {
                 index,
                 prev: Some(prev),
                 at: Some(at),
                 service,
                 route,
+            },
+            Change::Maintenance {
+                index,
+                at,
+                service,
+                maintenance,
+                action,
+            } => WatchEvent::Maintenance {
+                index,
+                prev,
+                at,
+                service,
+                maintenance,
+                action,
             },
         }
     }
@@ -790,6 +847,8 @@ pub struct State {
     pub index: u64,
     pub services: BTreeMap<ServiceName, Vec<Instance>>,
     pub routes: BTreeMap<ServiceName, Route>,
+    /// Every service's drains; each instance's `state` already follows them.
+    pub maintenance: BTreeMap<ServiceName, Maintenance>,
 }
 
 impl State {
@@ -802,11 +861,13 @@ impl State {
                 index,
                 services,
                 routes,
+                maintenance,
             } => {
                 *self = State {
                     index,
                     services,
                     routes,
+                    maintenance,
                 };
             }
             WatchEvent::Service {
@@ -855,6 +916,22 @@ impl State {
                     Some(r) => self.routes.insert(service, r),
                     None => self.routes.remove(&service),
                 };
+            }
+            WatchEvent::Maintenance {
+                index,
+                service,
+                maintenance,
+                ..
+            } => {
+                self.index = index;
+                for i in self.services.get_mut(&service).into_iter().flatten() {
+                    i.mark(Some(&maintenance));
+                }
+                if maintenance.is_empty() {
+                    self.maintenance.remove(&service);
+                } else {
+                    self.maintenance.insert(service, maintenance);
+                }
             }
             WatchEvent::Ping { index } => self.index = index,
         }
@@ -1044,6 +1121,7 @@ mod tests {
                 index: 1,
                 services: BTreeMap::new(),
                 routes: BTreeMap::new(),
+                maintenance: BTreeMap::new(),
             },
             WatchEvent::Service {
                 index: 2,
@@ -1088,6 +1166,7 @@ mod tests {
             index: 1,
             services: [("emitter".parse().unwrap(), vec![at("b")])].into(),
             routes: BTreeMap::new(),
+            maintenance: BTreeMap::new(),
         });
         let changes = [
             Change::Upsert {
@@ -1122,6 +1201,7 @@ mod tests {
                 at: 7,
                 service: "emitter".parse().unwrap(),
                 route: Some([(Version::default(), 100)].into()),
+                origin: Some("cli from 127.0.0.1".into()),
             },
         ];
         for (prev, change) in (1..).zip(changes) {
@@ -1154,6 +1234,74 @@ mod tests {
         ));
         state.apply(event);
         assert_eq!(state.services["emitter"].len(), 1);
+    }
+
+    #[test]
+    fn a_maintenance_change_marks_the_services_instances() {
+        use crate::change::{Change, MaintenanceAction};
+        use crate::maintenance::{Drain, InstanceState, Maintenance, Target};
+        let mut state = State::default();
+        state.apply(WatchEvent::Snapshot {
+            index: 1,
+            services: [(
+                "web".parse().unwrap(),
+                vec![Instance::sample("web", "a"), Instance::sample("web", "b")],
+            )]
+            .into(),
+            routes: BTreeMap::new(),
+            maintenance: BTreeMap::new(),
+        });
+        let target = Target::Instance("a".parse().unwrap());
+        let mut drains = Maintenance::default();
+        drains.insert(
+            target.clone(),
+            Drain {
+                reason: Some("disk".parse().unwrap()),
+                since: 3,
+                origin: "ui from 10.0.0.9".into(),
+            },
+        );
+        let change = |index, maintenance: Maintenance, drained| Change::Maintenance {
+            index,
+            at: 3,
+            service: "web".parse().unwrap(),
+            maintenance,
+            action: MaintenanceAction {
+                drained,
+                target: target.clone(),
+                reason: Some("disk".parse().unwrap()),
+                origin: "ui from 10.0.0.9".into(),
+            },
+        };
+        let event = WatchEvent::of_change(change(2, drains.clone(), true), 1);
+        let line = serde_json::to_string(&event).unwrap();
+        assert!(
+            line.starts_with(r#"{"type":"maintenance","index":2,"prev":1,"#),
+            "{line}"
+        );
+        state.apply(serde_json::from_str(&line).unwrap());
+        let states: Vec<_> = state.services["web"]
+            .iter()
+            .map(|i| (i.state, i.reason.as_ref().map(Reason::as_str)))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (InstanceState::Draining, Some("disk")),
+                (InstanceState::Up, None)
+            ]
+        );
+        assert_eq!(state.maintenance["web"], drains);
+        state.apply(WatchEvent::of_change(
+            change(3, Maintenance::default(), false),
+            2,
+        ));
+        assert!(state.services["web"].iter().all(|i| i.state.is_up()));
+        assert!(state.maintenance.is_empty());
+        // An instance from an older directory, with no state, is up.
+        let old = r#"{"service":"web","id":"a","address":"10.0.0.1","port":80,"version":"1","weight":100,"source":"registrar","ttl_ms":6000,"last_seen":0}"#;
+        let i: Instance = serde_json::from_str(old).unwrap();
+        assert_eq!((i.state, i.reason), (InstanceState::Up, None));
     }
 
     #[test]

@@ -19,9 +19,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
+use baker_client::events::{parse_time, EventsResponse};
+use baker_client::maintenance::{
+    validate_client, DrainRequest, DrainResponse, MaintenanceResponse, Reason, Target,
+    ORIGIN_HEADER,
+};
 use baker_client::model::{
     printable, validate_route, ErrorBody, Instance, InstanceId, InstanceSpec, RouteResponse,
-    RoutesResponse, ServiceName, ServiceResponse, ServicesResponse, ValidationError,
+    RoutesResponse, ServiceName, ServiceResponse, ServicesResponse, ValidationError, Version,
 };
 use baker_client::ops::{AmbassadorReport, AmbassadorsResponse, ReportAck};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -32,8 +37,9 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::ambassadors::Reports;
+use crate::history::{self, History};
 use crate::quota::Exceeded;
-use crate::registry::{Registry, RouteError, WriteError};
+use crate::registry::{DrainError, Registry, RouteError, WriteError};
 use crate::server::ConnInfo;
 use crate::watch;
 
@@ -46,6 +52,8 @@ pub struct AppState {
     pub registry: Registry,
     /// The ambassadors' last reports.
     pub ambassadors: Arc<Reports>,
+    /// The last changes, as events.
+    pub history: Arc<History>,
     /// The bearer token mutating calls need, if any.
     pub token: Option<Arc<str>>,
     /// The bearer token a watch needs, if any (`token` is accepted too).
@@ -179,6 +187,16 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             "/v1/routes/{service}",
             get(get_route).put(put_route).delete(delete_route),
         )
+        .route("/v1/events", get(list_events))
+        .route("/v1/maintenance", get(list_maintenance))
+        .route(
+            "/v1/maintenance/{service}/instances/{id}",
+            put(drain_instance).delete(undrain_instance),
+        )
+        .route(
+            "/v1/maintenance/{service}/versions/{version}",
+            put(drain_version).delete(undrain_version),
+        )
         .route("/v1/ambassadors", get(list_ambassadors))
         .route(
             "/v1/ambassadors/{id}",
@@ -290,8 +308,36 @@ fn instance_path(service: &str, id: &str) -> Result<(ServiceName, InstanceId), A
     }
 }
 
+/// Where an operator's call came from: the caller's IP address, after the client it named in
+/// `X-Baker-Origin` (`cli:alice from 10.0.0.5`), which must be a short word.
+fn origin(headers: &HeaderMap, conn: Option<&Extension<ConnInfo>>) -> Result<String, ApiError> {
+    let peer = conn.map_or_else(|| "unknown".to_owned(), |c| c.peer.ip().to_string());
+    match headers.get(ORIGIN_HEADER) {
+        None => Ok(peer),
+        Some(value) => {
+            let text = value.to_str().map_err(|_| {
+                ApiError::invalid(vec![ValidationError::new(
+                    "X-Baker-Origin",
+                    "must be printable ASCII",
+                )])
+            })?;
+            let client = validate_client(text).map_err(|e| ApiError::invalid(vec![e]))?;
+            Ok(format!("{client} from {peer}"))
+        }
+    }
+}
+
 /// Reads a JSON body of at most [`MAX_BODY`] bytes.
 async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    read_json_or(headers, body, None).await
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes; an empty body is `empty` when given.
+async fn read_json_or<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    empty: Option<T>,
+) -> Result<T, ApiError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -309,6 +355,9 @@ async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
         }
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
+        if let Some(empty) = empty {
+            return Ok(empty);
+        }
         return Err(ApiError::BadRequest(
             "the request body is empty: a JSON object is expected".into(),
         ));
@@ -399,12 +448,14 @@ async fn put_route(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<RouteQuery>, QueryRejection>,
+    conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<RouteResponse>, ApiError> {
     app.authorize(&headers)?;
     let Path(service) = path?;
     let service = service_path(&service)?;
+    let origin = origin(&headers, conn.as_ref())?;
     let Query(query) = query.map_err(|r| {
         ApiError::BadRequest(format!(
             "bad query: {} (the only parameter is force=true|false)",
@@ -420,7 +471,11 @@ async fn put_route(
              (baker route set --force)"
         )));
     }
-    match app.registry.set_route(&service, Some(route)).await {
+    match app
+        .registry
+        .set_route_by(&service, Some(route), Some(origin))
+        .await
+    {
         Ok(Some(resp)) => Ok(Json(resp)),
         Ok(None) => Err(ApiError::Internal(anyhow::anyhow!(
             "setting the route of {service} reported no route"
@@ -436,12 +491,18 @@ async fn put_route(
 async fn delete_route(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
 ) -> Result<Json<RouteResponse>, ApiError> {
     app.authorize(&headers)?;
     let Path(service) = path?;
     let service = service_path(&service)?;
-    match app.registry.set_route(&service, None).await {
+    let origin = origin(&headers, conn.as_ref())?;
+    match app
+        .registry
+        .set_route_by(&service, None, Some(origin))
+        .await
+    {
         Ok(Some(resp)) => Ok(Json(resp)),
         Ok(None) => Err(ApiError::NotFound(format!(
             "service {service} has no route"
@@ -452,6 +513,192 @@ async fn delete_route(
             anyhow::Error::new(e).context(format!("clearing the route of {service}")),
         )),
     }
+}
+
+/// The query of `GET /v1/events`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    since: Option<String>,
+    until: Option<String>,
+    service: Option<String>,
+    limit: Option<String>,
+}
+
+impl EventsQuery {
+    /// What the caller asked for, or every problem with its query at once.
+    fn query(self) -> Result<history::Query, ApiError> {
+        let mut errors = Vec::new();
+        let mut time = |field: &str, value: Option<String>| {
+            value.and_then(|v| {
+                parse_time(&v)
+                    .map_err(|m| errors.push(ValidationError::new(field, m)))
+                    .ok()
+            })
+        };
+        let (since, until) = (time("since", self.since), time("until", self.until));
+        let service = self.service.and_then(|s| {
+            ServiceName::parse_as("service", &s)
+                .map_err(|e| errors.push(e))
+                .ok()
+        });
+        let limit = match self.limit.as_deref().map(str::parse::<usize>) {
+            None => history::DEFAULT_LIMIT,
+            Some(Ok(n)) if (1..=history::MAX_LIMIT).contains(&n) => n,
+            Some(_) => {
+                errors.push(ValidationError::new(
+                    "limit",
+                    format!("must be a number from 1 to {}", history::MAX_LIMIT),
+                ));
+                0
+            }
+        };
+        if errors.is_empty() {
+            Ok(history::Query {
+                since,
+                until,
+                service,
+                limit,
+            })
+        } else {
+            Err(ApiError::invalid(errors))
+        }
+    }
+}
+
+async fn list_events(
+    State(app): State<AppState>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<EventsResponse>, ApiError> {
+    let Query(query) = query.map_err(|r| {
+        ApiError::BadRequest(format!(
+            "bad query: {} (the parameters are since, until, service and limit)",
+            r.body_text()
+        ))
+    })?;
+    let query = query.query()?;
+    Ok(Json(EventsResponse {
+        index: app.registry.index(),
+        events: app.history.query(&query),
+        capacity: app.history.capacity(),
+    }))
+}
+
+async fn list_maintenance(State(app): State<AppState>) -> Json<MaintenanceResponse> {
+    let (index, all) = app.registry.maintenance();
+    Json(MaintenanceResponse {
+        index,
+        maintenance: all.iter().flat_map(|(s, m)| m.entries(s)).collect(),
+    })
+}
+
+/// Parses the service name and the drained version taken from the path, reporting both when
+/// both are bad.
+fn version_path(service: &str, version: &str) -> Result<(ServiceName, Target), ApiError> {
+    match (service.parse::<ServiceName>(), version.parse::<Version>()) {
+        (Ok(service), Ok(version)) => Ok((service, Target::Version(version))),
+        (service, version) => Err(ApiError::invalid(
+            service.err().into_iter().chain(version.err()).collect(),
+        )),
+    }
+}
+
+/// Drains `target` of `service` after checking the origin and the body.
+async fn drain(
+    app: &AppState,
+    service: ServiceName,
+    target: Target,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<DrainResponse>, ApiError> {
+    let origin = origin(&headers, conn.as_ref())?;
+    let request: DrainRequest = read_json_or(&headers, body, Some(DrainRequest::default())).await?;
+    let reason = request
+        .reason
+        .map(|r| r.parse::<Reason>())
+        .transpose()
+        .map_err(|e| ApiError::invalid(vec![e]))?;
+    match app.registry.drain(&service, target, reason, origin).await {
+        Ok(resp) => Ok(Json(resp)),
+        Err(DrainError::Quota(e)) => Err(ApiError::Quota(e)),
+        Err(e @ DrainError::NotInEtcd) => Err(ApiError::Conflict(e.to_string())),
+        Err(DrainError::Store(e)) => Err(ApiError::Internal(
+            anyhow::Error::new(e).context(format!("saving the drains of {service}")),
+        )),
+    }
+}
+
+/// Undrains `target` of `service` after checking the origin.
+async fn undrain(
+    app: &AppState,
+    service: ServiceName,
+    target: Target,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+) -> Result<Json<DrainResponse>, ApiError> {
+    let origin = origin(&headers, conn.as_ref())?;
+    match app.registry.undrain(&service, target.clone(), origin).await {
+        Ok(Some(resp)) => Ok(Json(resp)),
+        Ok(None) => Err(ApiError::NotFound(format!(
+            "{target} of service {service} is not drained"
+        ))),
+        Err(DrainError::Quota(e)) => Err(ApiError::Quota(e)),
+        Err(e @ DrainError::NotInEtcd) => Err(ApiError::Conflict(e.to_string())),
+        Err(DrainError::Store(e)) => Err(ApiError::Internal(
+            anyhow::Error::new(e).context(format!("saving the drains of {service}")),
+        )),
+    }
+}
+
+async fn drain_instance(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<DrainResponse>, ApiError> {
+    app.authorize(&headers)?;
+    let Path((service, id)) = path?;
+    let (service, id) = instance_path(&service, &id)?;
+    drain(&app, service, Target::Instance(id), conn, headers, body).await
+}
+
+async fn undrain_instance(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+) -> Result<Json<DrainResponse>, ApiError> {
+    app.authorize(&headers)?;
+    let Path((service, id)) = path?;
+    let (service, id) = instance_path(&service, &id)?;
+    undrain(&app, service, Target::Instance(id), conn, headers).await
+}
+
+async fn drain_version(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<DrainResponse>, ApiError> {
+    app.authorize(&headers)?;
+    let Path((service, version)) = path?;
+    let (service, target) = version_path(&service, &version)?;
+    drain(&app, service, target, conn, headers, body).await
+}
+
+async fn undrain_version(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+) -> Result<Json<DrainResponse>, ApiError> {
+    app.authorize(&headers)?;
+    let Path((service, version)) = path?;
+    let (service, target) = version_path(&service, &version)?;
+    undrain(&app, service, target, conn, headers).await
 }
 
 async fn put_ambassador(

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use baker_client::api::parse_token;
 use baker_client::config::vars::{
-    self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_LISTEN, ENV_MAX_CONNECTIONS,
-    ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES, ENV_MAX_SERVICES,
-    ENV_MAX_WATCHES, ENV_REQUEST_TIMEOUT, ENV_STORE, ENV_TOKEN, ENV_WATCH_TOKEN,
+    self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_HISTORY, ENV_LISTEN, ENV_MAX_CONNECTIONS,
+    ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES,
+    ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_REQUEST_TIMEOUT, ENV_STORE, ENV_TOKEN, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 
@@ -118,6 +118,8 @@ pub struct Config {
     /// `BAKER_MAX_INSTANCES_PER_SERVICE`, `BAKER_MAX_SERVICES`, `BAKER_MAX_ROUTES`,
     /// `BAKER_MAX_INSTANCES`.
     pub quotas: Quotas,
+    /// `BAKER_HISTORY`: how many events the history keeps (`GET /v1/events`).
+    pub history: usize,
     /// `BAKER_REQUEST_TIMEOUT`: longest time a request other than a watch may take, body
     /// included; also bounds how long a client may take to send its request headers.
     pub request_timeout: Duration,
@@ -147,6 +149,7 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_watches: DEFAULT_MAX_CONNECTIONS / 2,
             quotas: Quotas::default(),
+            history: crate::history::DEFAULT_CAPACITY,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             watch_ping: Duration::from_secs(5),
             watch_backlog_lines: 1024,
@@ -193,7 +196,14 @@ impl Config {
             services: quota(&mut r, ENV_MAX_SERVICES).unwrap_or(defaults.quotas.services),
             routes: quota(&mut r, ENV_MAX_ROUTES).unwrap_or(defaults.quotas.routes),
             instances: quota(&mut r, ENV_MAX_INSTANCES).unwrap_or(defaults.quotas.instances),
+            drains: quota(&mut r, ENV_MAX_DRAINS).unwrap_or(defaults.quotas.drains),
         };
+        let history = r
+            .parse(ENV_HISTORY, |s| match s.parse::<usize>() {
+                Ok(n) if (100..=10_000_000).contains(&n) => Ok(n),
+                _ => Err("must be a number between 100 and 10000000"),
+            })
+            .unwrap_or(defaults.history);
         let request_timeout = r.duration(ENV_REQUEST_TIMEOUT, defaults.request_timeout);
         r.finish(Config {
             listen: listen.unwrap_or(defaults.listen),
@@ -206,6 +216,7 @@ impl Config {
             max_connections,
             max_watches,
             quotas,
+            history,
             request_timeout,
             ..Config::default()
         })
@@ -268,6 +279,7 @@ mod tests {
             ("BAKER_MAX_SERVICES", "6"),
             ("BAKER_MAX_ROUTES", "7"),
             ("BAKER_MAX_INSTANCES", "8"),
+            ("BAKER_MAX_DRAINS", "3"),
             ("BAKER_REQUEST_TIMEOUT", "2s"),
         ]))
         .unwrap();
@@ -280,7 +292,8 @@ mod tests {
                 instances_per_service: 5,
                 services: 6,
                 routes: 7,
-                instances: 8
+                instances: 8,
+                drains: 3,
             }
         );
         assert_eq!(c.listen.port(), 0);
@@ -316,6 +329,7 @@ mod tests {
             (ENV_MAX_SERVICES, q.services),
             (ENV_MAX_ROUTES, q.routes),
             (ENV_MAX_INSTANCES, q.instances),
+            (ENV_MAX_DRAINS, q.drains),
         ] {
             assert_eq!(shown(name), Some(value.to_string()), "{name}");
         }

@@ -10,9 +10,11 @@
 //! - [`store`]: the table's storage ([`store::Store`], in memory; with etcd, the mirror of
 //!   etcd's table that the registry's replica keeps in step).
 //! - [`feed`]: the change feed's subscribers, unfiltered or by service.
+//! - [`history`]: the last changes as events, a consumer of the feed, for `GET /v1/events`.
 //! - [`quota`]: the limits on instances, services and routes.
 //! - [`routes`]: the routes, one file per service in `routes/`, loaded at start.
 //! - [`durable`]: hard state kept as one durable file per key, crash-safe; routes use it.
+//! - [`maintenance`]: drains, one file per service in `maintenance/`, loaded at start.
 //! - [`watch`]: the watch stream, with bounded per-watcher queues.
 //! - [`ambassadors`]: the ambassadors' reports (soft state, expiring), and their traffic.
 //! - [`api`]: HTTP handlers, bearer-token checks, body limits and JSON errors.
@@ -34,6 +36,8 @@ pub mod docker;
 pub mod durable;
 pub mod etcd;
 pub mod feed;
+pub mod history;
+pub mod maintenance;
 pub mod metrics;
 pub mod quota;
 pub mod registry;
@@ -55,7 +59,7 @@ pub use registry::Registry;
 /// What can stop the directory from running.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot load the routes")]
+    #[error("cannot load the routes or the drains")]
     Routes(#[from] routes::StoreError),
     #[error("cannot read the listener's address")]
     Listener(#[source] std::io::Error),
@@ -86,9 +90,17 @@ pub async fn run(
                 loaded.len(),
                 store.dir().display()
             );
+            let drains = maintenance::MaintenanceFiles::open(&config.data)?;
+            let drained = drains.load()?;
+            tracing::info!(
+                "{} service(s) with drains loaded from {}",
+                drained.len(),
+                drains.dir().display()
+            );
             Registry::with_quotas(
                 store,
                 loaded,
+                drained,
                 metrics.clone(),
                 config.watch_backlog_lines,
                 config.quotas,
@@ -137,6 +149,8 @@ pub async fn run(
             move || registry.clone().run_expiry(shutdown.clone()),
         ))
     };
+    let history = Arc::new(history::History::new(config.history));
+    tokio::spawn(history.clone().follow(registry.clone(), shutdown.clone()));
     let reports = Arc::new(ambassadors::Reports::default());
     tokio::spawn(ambassadors::follow(
         reports.clone(),
@@ -146,6 +160,7 @@ pub async fn run(
     let state = api::AppState {
         registry,
         ambassadors: reports,
+        history,
         token: config.token.as_deref().map(Arc::from),
         watch_token: config.watch_token.as_deref().map(Arc::from),
         watch: watch::Limits {

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub changes: Counter,
     /// Routes currently set.
     pub routes: Gauge,
+    /// Drains in place (instances and versions), over all services.
+    pub drains: Gauge,
+    /// Changes the history missed by falling behind the change feed.
+    pub history_missed: Counter,
     /// Services whose route falls back to all their live instances: none of the versions it
     /// routes to has a live instance.
     pub routes_falling_back: Gauge,
@@ -88,6 +92,8 @@ impl Metrics {
             heartbeats: Counter::default(),
             changes: Counter::default(),
             routes: Gauge::default(),
+            drains: Gauge::default(),
+            history_missed: Counter::default(),
             routes_falling_back: Gauge::default(),
             watchers: Gauge::default(),
             watchers_dropped: Counter::default(),
@@ -128,6 +134,16 @@ impl Metrics {
             m.changes.clone(),
         );
         registry.register("routes", "Routes currently set", m.routes.clone());
+        registry.register(
+            "drains",
+            "Drains in place (instances and versions) over all services",
+            m.drains.clone(),
+        );
+        registry.register(
+            "history_missed",
+            "Changes the event history missed by falling behind the change feed",
+            m.history_missed.clone(),
+        );
         registry.register(
             "routes_falling_back",
             "Services whose route falls back to all live instances: none of its versions has one",

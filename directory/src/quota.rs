@@ -13,7 +13,8 @@
 //! new instance is checked against three numbers, not a scan of every service.
 
 use baker_client::config::vars::{
-    ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES, ENV_MAX_SERVICES,
+    ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES,
+    ENV_MAX_SERVICES,
 };
 use baker_client::model::ServiceName;
 
@@ -25,6 +26,8 @@ pub const DEFAULT_SERVICES: usize = 10_000;
 pub const DEFAULT_ROUTES: usize = 10_000;
 /// Default of `BAKER_MAX_INSTANCES`.
 pub const DEFAULT_INSTANCES: usize = 250_000;
+/// Default of `BAKER_MAX_DRAINS`.
+pub const DEFAULT_DRAINS: usize = 10_000;
 
 /// The limits in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub struct Quotas {
     pub routes: usize,
     /// Live instances in all.
     pub instances: usize,
+    /// Drains (of instances and versions) in place, over all services.
+    pub drains: usize,
 }
 
 impl Default for Quotas {
@@ -46,6 +51,7 @@ impl Default for Quotas {
             services: DEFAULT_SERVICES,
             routes: DEFAULT_ROUTES,
             instances: DEFAULT_INSTANCES,
+            drains: DEFAULT_DRAINS,
         }
     }
 }
@@ -57,6 +63,7 @@ pub enum Quota {
     Services,
     Routes,
     Instances,
+    Drains,
 }
 
 impl Quota {
@@ -67,6 +74,7 @@ impl Quota {
             Quota::Services => "services",
             Quota::Routes => "routes",
             Quota::Instances => "instances",
+            Quota::Drains => "drains",
         }
     }
 
@@ -77,6 +85,7 @@ impl Quota {
             Quota::Services => ENV_MAX_SERVICES,
             Quota::Routes => ENV_MAX_ROUTES,
             Quota::Instances => ENV_MAX_INSTANCES,
+            Quota::Drains => ENV_MAX_DRAINS,
         }
     }
 }
@@ -101,9 +110,11 @@ impl Exceeded {
             Quota::Services => format!("{} services have live instances", self.limit),
             Quota::Routes => format!("{} routes are set", self.limit),
             Quota::Instances => format!("{} instances are live", self.limit),
+            Quota::Drains => format!("{} drains are in place", self.limit),
         };
         let refused = match self.quota {
             Quota::Routes => format!("a route for {} is refused", self.service),
+            Quota::Drains => format!("a new drain in {} is refused", self.service),
             _ => format!("a new instance of {} is refused", self.service),
         };
         format!(
@@ -162,6 +173,18 @@ impl Quotas {
         }
         Ok(())
     }
+
+    /// Whether one more drain in `service` fits, with `drains` in place.
+    pub fn admit_drain(&self, service: &ServiceName, drains: usize) -> Result<(), Exceeded> {
+        if drains >= self.drains {
+            return Err(Exceeded {
+                quota: Quota::Drains,
+                limit: self.drains,
+                service: service.clone(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -173,6 +196,7 @@ mod tests {
         services: 2,
         routes: 1,
         instances: 5,
+        drains: 1,
     };
 
     fn svc() -> ServiceName {
@@ -258,7 +282,14 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = RouteStore::open(dir.path()).unwrap();
             let metrics = Arc::new(Metrics::new());
-            let r = Registry::with_quotas(store, Default::default(), metrics, 64, quotas);
+            let r = Registry::with_quotas(
+                store,
+                Default::default(),
+                Default::default(),
+                metrics,
+                64,
+                quotas,
+            );
             (r, dir)
         }
 

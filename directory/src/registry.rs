@@ -24,7 +24,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use baker_client::change::{Change, RemoveCause, UpsertCause};
+use baker_client::change::{Change, MaintenanceAction, RemoveCause, UpsertCause};
+use baker_client::maintenance::{
+    Drain, DrainResponse, InstanceState, Maintenance, MaintenanceEntry, Reason, Target,
+};
 use baker_client::model::{
     route_falls_back, Instance, InstanceId, Route, RouteResponse, RoutesResponse, ServiceName,
     ServiceResponse, ServicesResponse, Source, ValidSpec, WatchEvent,
@@ -35,6 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::{Feed, Published, Receiver};
+use crate::maintenance::MaintenanceFiles;
 use crate::metrics::{Metrics, QuotaLabel, ServiceLabel};
 use crate::quota::{Exceeded, Occupancy, Quotas};
 use crate::routes::{RouteStore, StoreError};
@@ -86,6 +90,11 @@ struct Inner {
     /// One lock per service whose route is being written: a service's route writes run one
     /// at a time (each persists the route the previous one left), other services' alongside.
     route_writes: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where drains persist, one file per service; `None` when the table lives in etcd.
+    maintenance_files: Option<MaintenanceFiles>,
+    /// Serializes drain writes, so that each one persists the drains as the previous one left
+    /// them.
+    maintenance_writes: tokio::sync::Mutex<()>,
     /// The newest unfiltered snapshot line built, shared by every watcher that subscribes at
     /// its index: hundreds of watchers reconnecting together cost one serialization, not
     /// hundreds, and none of it happens under the table's lock.
@@ -146,6 +155,21 @@ pub enum RouteError {
     /// etcd could not commit it (quorum lost, or no member answered).
     #[error(transparent)]
     Unavailable(#[from] crate::etcd::EtcdError),
+}
+
+/// Why a drain or undrain failed (it changed nothing).
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error(transparent)]
+    Quota(#[from] Exceeded),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The table lives in etcd, which does not hold drains (yet).
+    #[error(
+        "drains are kept in the data directory of a directory whose table is in memory; with \
+         BAKER_STORE=etcd://... they are refused"
+    )]
+    NotInEtcd,
 }
 
 /// What an upsert did to the table.
@@ -234,6 +258,25 @@ impl Table {
         self.deadlines.first().map(|(d, _, _)| *d)
     }
 
+    /// `service`'s instances, each marked `up` or `draining` by the service's drains.
+    fn marked(&self, service: &ServiceName) -> Vec<Instance> {
+        let mut list = self.store.instances(service);
+        mark_all(&mut list, self.store.maintenance(service));
+        list
+    }
+
+    /// Every service's instances (only those in `only` when given), marked by their drains.
+    fn marked_services(
+        &self,
+        only: Option<&BTreeSet<ServiceName>>,
+    ) -> BTreeMap<ServiceName, Vec<Instance>> {
+        let mut services = self.store.services(only);
+        for (name, list) in &mut services {
+            mark_all(list, self.store.maintenance(name));
+        }
+        services
+    }
+
     /// Whether `service`/`id` may be put: always if it is registered, else if it fits `quotas`.
     fn admit(
         &self,
@@ -290,23 +333,28 @@ impl Registry {
         Registry::with_quotas(
             route_file,
             routes,
+            BTreeMap::new(),
             metrics,
             event_capacity,
             Quotas::default(),
         )
     }
 
-    /// [`Registry::new`] with the given quotas.
+    /// [`Registry::new`] with the drains loaded from the data directory and the given quotas.
     pub fn with_quotas(
         route_file: RouteStore,
         routes: BTreeMap<ServiceName, Route>,
+        maintenance: BTreeMap<ServiceName, Maintenance>,
         metrics: Arc<Metrics>,
         event_capacity: usize,
         quotas: Quotas,
     ) -> Registry {
         metrics.routes.set(routes.len() as i64);
+        metrics
+            .drains
+            .set(maintenance.values().map(Maintenance::len).sum::<usize>() as i64);
         Registry::with_store(
-            Box::new(MemoryStore::new(routes)),
+            Box::new(MemoryStore::new(routes, maintenance)),
             Some(route_file),
             None,
             metrics,
@@ -315,7 +363,7 @@ impl Registry {
         )
     }
 
-    /// A registry over `store`.
+    /// A registry over `store`; drains persist beside `route_file`, in its data directory.
     fn with_store(
         store: Box<dyn Store>,
         route_file: Option<RouteStore>,
@@ -341,9 +389,13 @@ impl Registry {
                 wake: Notify::new(),
                 metrics,
                 quotas,
+                maintenance_files: route_file
+                    .as_ref()
+                    .map(|f| MaintenanceFiles::under(f.data())),
                 route_file,
                 replica,
                 route_writes: Mutex::new(HashMap::new()),
+                maintenance_writes: tokio::sync::Mutex::new(()),
                 snapshot: Mutex::new(None),
             }),
         }
@@ -398,7 +450,7 @@ impl Registry {
                 _ => WatchEvent::Service {
                     index: change.index(),
                     service: service.clone(),
-                    instances: t.store.instances(&service),
+                    instances: t.marked(&service),
                 },
             };
             Line::of(&event).bytes
@@ -408,7 +460,14 @@ impl Registry {
     }
 
     /// Publishes the upsert of `instance` at `revision`. Called with the lock held.
-    fn publish_upsert(&self, t: &mut Table, outcome: Outcome, revision: u64, instance: Instance) {
+    fn publish_upsert(
+        &self,
+        t: &mut Table,
+        outcome: Outcome,
+        revision: u64,
+        mut instance: Instance,
+    ) {
+        instance.mark(t.store.maintenance(&instance.service));
         let cause = match (outcome, instance.source) {
             (_, Source::Docker) => UpsertCause::Docker,
             (Outcome::Changed, _) => UpsertCause::Changed,
@@ -432,7 +491,14 @@ impl Registry {
     }
 
     /// Publishes the removal of `instance` at `revision`. Called with the lock held.
-    fn publish_remove(&self, t: &mut Table, revision: u64, instance: Instance, cause: RemoveCause) {
+    fn publish_remove(
+        &self,
+        t: &mut Table,
+        revision: u64,
+        mut instance: Instance,
+        cause: RemoveCause,
+    ) {
+        instance.mark(t.store.maintenance(&instance.service));
         let change = Change::Remove {
             index: revision,
             at: unix_millis(),
@@ -525,6 +591,8 @@ impl Registry {
         } else {
             self.publish_upsert(&mut t, outcome, revision, instance.clone());
         }
+        let mut instance = instance;
+        instance.mark(t.store.maintenance(service));
         Ok(instance)
     }
 
@@ -712,14 +780,14 @@ impl Registry {
         let t = self.lock();
         ServicesResponse {
             index: t.store.revision(),
-            services: t.store.services(None),
+            services: t.marked_services(None),
         }
     }
 
     /// One service's instances and route; `None` when it has neither.
     pub fn service(&self, service: &ServiceName) -> Option<ServiceResponse> {
         let t = self.lock();
-        let instances = t.store.instances(service);
+        let instances = t.marked(service);
         let route = t.store.route(service).cloned();
         if instances.is_empty() && route.is_none() {
             return None;
@@ -776,11 +844,18 @@ impl Registry {
             let index = t.store.revision();
             let state = match &only {
                 None if self.cached_snapshot(index).is_some() => None,
-                None => Some((t.store.services(None), t.store.routes())),
+                None => Some((
+                    t.marked_services(None),
+                    t.store.routes(),
+                    t.store.all_maintenance(),
+                )),
                 Some(only) => Some((
-                    t.store.services(Some(only)),
+                    t.marked_services(Some(only)),
                     only.iter()
                         .filter_map(|s| Some((s.clone(), t.store.route(s)?.clone())))
+                        .collect(),
+                    only.iter()
+                        .filter_map(|s| Some((s.clone(), t.store.maintenance(s)?.clone())))
                         .collect(),
                 )),
             };
@@ -790,11 +865,12 @@ impl Registry {
             None => self
                 .cached_snapshot(index)
                 .expect("the cached snapshot is only ever replaced by a newer one"),
-            Some((services, routes)) => {
+            Some((services, routes, maintenance)) => {
                 let line = Line::of(&WatchEvent::Snapshot {
                     index,
                     services,
                     routes,
+                    maintenance,
                 });
                 if only.is_none() {
                     let mut cache = self
@@ -847,6 +923,17 @@ impl Registry {
         service: &ServiceName,
         route: Option<Route>,
     ) -> Result<Option<RouteResponse>, RouteError> {
+        self.set_route_by(service, route, None).await
+    }
+
+    /// [`Registry::set_route`], recording where the call came from (`origin`) on the change
+    /// (in the memory store: etcd keeps no origin).
+    pub async fn set_route_by(
+        &self,
+        service: &ServiceName,
+        route: Option<Route>,
+        origin: Option<String>,
+    ) -> Result<Option<RouteResponse>, RouteError> {
         let file = match (&self.inner.route_file, &self.inner.replica) {
             (_, Some(replica)) => {
                 return self.set_route_through_etcd(replica, service, route).await
@@ -857,18 +944,19 @@ impl Registry {
         let lock = self.route_lock(service);
         let result = {
             let _writing = lock.lock().await;
-            self.set_route_locked(&file, service, route).await
+            self.set_route_locked(&file, service, route, origin).await
         };
         self.release_route_lock(service, lock);
         result
     }
 
-    /// [`Registry::set_route`], with `service`'s route writes held.
+    /// [`Registry::set_route_by`], with `service`'s route writes held.
     async fn set_route_locked(
         &self,
         file: &RouteStore,
         service: &ServiceName,
         route: Option<Route>,
+        origin: Option<String>,
     ) -> Result<Option<RouteResponse>, RouteError> {
         let (index, previous, write) = {
             let mut t = self.lock();
@@ -894,7 +982,7 @@ impl Registry {
                 Some(r) => file.put(&name, &r),
                 None => file.clear(&name),
             });
-            let index = self.apply_route(&mut t, service, route.clone());
+            let index = self.apply_route(&mut t, service, route.clone(), origin);
             (index, previous, write)
         };
         let saved = write.await.map_err(|e| StoreError::Write {
@@ -902,7 +990,7 @@ impl Registry {
             source: std::io::Error::other(e),
         });
         if let Err(e) = saved.and_then(|r| r) {
-            let index = self.apply_route(&mut self.lock(), service, previous);
+            let index = self.apply_route(&mut self.lock(), service, previous, None);
             tracing::error!(
                 %service, index, cause = %baker_client::errors::chain(&e),
                 "the route could not be saved; the previous route applies again"
@@ -947,7 +1035,13 @@ impl Registry {
 
     /// Applies and publishes `service`'s route; returns the index of the change. Called with
     /// the lock held.
-    fn apply_route(&self, t: &mut Table, service: &ServiceName, route: Option<Route>) -> u64 {
+    fn apply_route(
+        &self,
+        t: &mut Table,
+        service: &ServiceName,
+        route: Option<Route>,
+        origin: Option<String>,
+    ) -> u64 {
         let (revision, _) = t.store.set_route(service, route.clone());
         match &route {
             Some(r) => tracing::info!("route of {service} set to {}", describe(r)),
@@ -959,9 +1053,169 @@ impl Registry {
             at: unix_millis(),
             service: service.clone(),
             route,
+            origin,
         };
         self.publish(t, change);
         revision
+    }
+
+    /// Every drain, by service.
+    pub fn maintenance(&self) -> (u64, BTreeMap<ServiceName, Maintenance>) {
+        let t = self.lock();
+        (t.store.revision(), t.store.all_maintenance())
+    }
+
+    /// Drains `target` of `service` for `reason`, on a call from `origin`. Returns the drain in
+    /// place after the call.
+    ///
+    /// Draining what is drained already for the same reason changes nothing; for another
+    /// reason, the new drain replaces the old. A new drain past the drains quota is refused. A
+    /// drain may name an instance or version that is not registered (yet): it applies to any
+    /// that registers later.
+    ///
+    /// The service's drains are on disk before anything is applied or published: a drain that
+    /// answered survives a crash, and one that could not be written changed nothing.
+    pub async fn drain(
+        &self,
+        service: &ServiceName,
+        target: Target,
+        reason: Option<Reason>,
+        origin: String,
+    ) -> Result<DrainResponse, DrainError> {
+        let _writing = self.inner.maintenance_writes.lock().await;
+        let next = {
+            let t = self.lock();
+            let mut next = t.store.maintenance(service).cloned().unwrap_or_default();
+            match next.get(&target) {
+                Some(old) if old.reason == reason => {
+                    return Ok(DrainResponse {
+                        index: t.store.revision(),
+                        drain: MaintenanceEntry::of(service, &target, old),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    let total = t
+                        .store
+                        .all_maintenance()
+                        .values()
+                        .map(Maintenance::len)
+                        .sum();
+                    self.inner
+                        .quotas
+                        .admit_drain(service, total)
+                        .inspect_err(|e| self.refused(e))?;
+                }
+            }
+            let drain = Drain {
+                reason: reason.clone(),
+                since: unix_millis(),
+                origin: origin.clone(),
+            };
+            next.insert(target.clone(), drain);
+            next
+        };
+        let drain = next.get(&target).cloned().expect("inserted above");
+        let action = MaintenanceAction {
+            drained: true,
+            target: target.clone(),
+            reason,
+            origin,
+        };
+        let index = self.apply_drains(service, next, action).await?;
+        Ok(DrainResponse {
+            index,
+            drain: MaintenanceEntry::of(service, &target, &drain),
+        })
+    }
+
+    /// Lifts the drain of `target` of `service`, on a call from `origin`. Returns the drain
+    /// lifted, `Ok(None)` when `target` was not drained. Durable before it answers, as
+    /// [`Registry::drain`].
+    pub async fn undrain(
+        &self,
+        service: &ServiceName,
+        target: Target,
+        origin: String,
+    ) -> Result<Option<DrainResponse>, DrainError> {
+        let _writing = self.inner.maintenance_writes.lock().await;
+        let (next, old) = {
+            let t = self.lock();
+            let mut next = t.store.maintenance(service).cloned().unwrap_or_default();
+            match next.remove(&target) {
+                None => return Ok(None),
+                Some(old) => (next, old),
+            }
+        };
+        let action = MaintenanceAction {
+            drained: false,
+            target: target.clone(),
+            reason: old.reason.clone(),
+            origin,
+        };
+        let index = self.apply_drains(service, next, action).await?;
+        Ok(Some(DrainResponse {
+            index,
+            drain: MaintenanceEntry::of(service, &target, &old),
+        }))
+    }
+
+    /// Writes `service`'s drains `next`, then applies and publishes them with `action`; the
+    /// index of the change. Called with the drain writes serialized.
+    async fn apply_drains(
+        &self,
+        service: &ServiceName,
+        next: Maintenance,
+        action: MaintenanceAction,
+    ) -> Result<u64, DrainError> {
+        let files = self
+            .inner
+            .maintenance_files
+            .clone()
+            .ok_or(DrainError::NotInEtcd)?;
+        let dir = files.dir().to_owned();
+        let (svc, drains) = (service.clone(), next.clone());
+        tokio::task::spawn_blocking(move || files.save(&svc, &drains))
+            .await
+            .map_err(|e| StoreError::Write {
+                path: dir,
+                source: std::io::Error::other(e),
+            })??;
+        let mut t = self.lock();
+        let (revision, _) = t.store.set_maintenance(service, next.clone());
+        let total: usize = t
+            .store
+            .all_maintenance()
+            .values()
+            .map(Maintenance::len)
+            .sum();
+        self.inner.metrics.drains.set(total as i64);
+        let (verb, target, origin) = (
+            if action.drained {
+                "drained"
+            } else {
+                "undrained"
+            },
+            &action.target,
+            &action.origin,
+        );
+        tracing::info!(%service, %target, %origin, "{verb} {service} {target}");
+        let change = Change::Maintenance {
+            index: revision,
+            at: unix_millis(),
+            service: service.clone(),
+            maintenance: next,
+            action,
+        };
+        self.publish(&mut t, change);
+        Ok(revision)
+    }
+}
+
+/// Marks each of `list` by `maintenance`.
+fn mark_all(list: &mut [Instance], maintenance: Option<&Maintenance>) {
+    for i in list {
+        i.mark(maintenance);
     }
 }
 
@@ -983,6 +1237,8 @@ fn instance_of(
         source,
         ttl_ms: spec.ttl_ms,
         last_seen: unix_millis(),
+        state: InstanceState::Up,
+        reason: None,
     }
 }
 
@@ -1624,6 +1880,7 @@ mod tests {
                 index,
                 services,
                 routes,
+                ..
             } => {
                 assert_eq!(index, 3);
                 assert_eq!(services.keys().collect::<Vec<_>>(), ["b"]);
@@ -1665,5 +1922,118 @@ mod tests {
         assert_eq!(ids(&a.change), id4(1, "docker", "web", "c1"));
         assert_eq!(ids(&b.change), id4(2, "docker_unhealthy", "web", "c1"));
         assert!(a.change.at() >= before && b.change.at() >= a.change.at());
+    }
+
+    #[tokio::test]
+    async fn drains_persist_mark_instances_and_apply_to_later_registrations() {
+        let (r, dir) = registry();
+        let mut v1 = r.subscribe(None, true);
+        let web = svc("web");
+        // Drained before it registers.
+        let drained = r
+            .drain(
+                &web,
+                Target::Instance(iid("a")),
+                Some("disk swap".parse().unwrap()),
+                "cli from 127.0.0.1".into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(drained.index, 1);
+        assert_eq!(drained.drain.id.as_ref().map(|i| i.as_str()), Some("a"));
+        let a = r
+            .upsert(&web, &iid("a"), spec(80, 60_000), Source::Registrar)
+            .unwrap();
+        assert_eq!(a.state, InstanceState::Draining);
+        r.upsert(&web, &iid("b"), spec(81, 60_000), Source::Docker)
+            .unwrap();
+        let changes = events(&mut v1.feed);
+        match &changes[1] {
+            Change::Upsert { instance, .. } => {
+                assert_eq!(instance.state, InstanceState::Draining);
+                assert_eq!(instance.reason.as_ref().unwrap().as_str(), "disk swap");
+            }
+            other => panic!("not an upsert: {other:?}"),
+        }
+        // Draining the same for the same reason changes nothing; a version drain marks b.
+        let again = r
+            .drain(
+                &web,
+                Target::Instance(iid("a")),
+                Some("disk swap".parse().unwrap()),
+                "ui from 10.0.0.2".into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.index, again.drain.origin.as_str()),
+            (3, "cli from 127.0.0.1")
+        );
+        r.drain(
+            &web,
+            Target::Version("1".parse().unwrap()),
+            None,
+            "cli from 127.0.0.1".into(),
+        )
+        .await
+        .unwrap();
+        let p = v1.feed.try_recv().unwrap();
+        p.change.index();
+        let legacy: WatchEvent = serde_json::from_slice(p.legacy().unwrap()).unwrap();
+        match legacy {
+            WatchEvent::Service { instances, .. } => {
+                assert!(instances.iter().all(|i| i.state == InstanceState::Draining))
+            }
+            other => panic!("a v1 watcher gets the service's list, got {other:?}"),
+        }
+        // On disk, and loaded by the next directory.
+        let files = MaintenanceFiles::open(dir.path()).unwrap();
+        let loaded = files.load().unwrap();
+        assert_eq!(loaded["web"].len(), 2);
+        let (_, all) = r.maintenance();
+        assert_eq!(all, loaded);
+        // Undrain: b is up again, a still drained by its own drain.
+        let lifted = r
+            .undrain(
+                &web,
+                Target::Version("1".parse().unwrap()),
+                "cli from 127.0.0.1".into(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(lifted.index, 5);
+        let list = &r.services().services["web"];
+        assert_eq!(
+            list.iter().map(|i| i.state).collect::<Vec<_>>(),
+            [InstanceState::Draining, InstanceState::Up]
+        );
+        assert!(r
+            .undrain(&web, Target::Version("1".parse().unwrap()), "x".into())
+            .await
+            .unwrap()
+            .is_none());
+        r.undrain(&web, Target::Instance(iid("a")), "x".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(files.load().unwrap().is_empty());
+        assert_eq!(r.metrics().drains.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_cannot_be_written_changes_nothing() {
+        let (r, dir) = registry();
+        let mut sub = r.subscribe(None, false);
+        let data = dir.path().to_owned();
+        drop(dir);
+        std::fs::write(&data, "not a directory").unwrap();
+        assert!(r
+            .drain(&svc("web"), Target::Instance(iid("a")), None, "x".into())
+            .await
+            .is_err());
+        assert!(r.maintenance().1.is_empty());
+        assert!(events(&mut sub.feed).is_empty());
+        std::fs::remove_file(&data).unwrap();
     }
 }

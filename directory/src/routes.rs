@@ -88,6 +88,11 @@ impl RouteStore {
         self.map.dir()
     }
 
+    /// The data directory the routes' folder is in.
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
     /// The file of `service`'s route.
     pub fn path_of(&self, service: &ServiceName) -> PathBuf {
         // A service name (`^[a-z0-9][a-z0-9._-]{0,62}$`) is always a safe file name.

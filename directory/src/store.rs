@@ -1,4 +1,5 @@
-//! Where the directory's table lives: instances and routes, and the revision of the last change.
+//! Where the directory's table lives: instances, routes and drains, and the revision of the last
+//! change.
 //!
 //! [`Store`] is the storage interface the [`Registry`](crate::registry::Registry) works through:
 //! the registry decides (who may change what, TTLs, causes, logging, publishing), the store
@@ -15,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use baker_client::maintenance::Maintenance;
 use baker_client::model::{Instance, InstanceId, Route, ServiceName, Source, Version};
 
 /// The table's storage operations. Called with the registry's lock held, so implementations
@@ -46,6 +48,17 @@ pub trait Store: Send {
     fn route_count(&self) -> usize {
         self.routes().len()
     }
+    /// Replaces a service's drains (an empty [`Maintenance`] clears them): a change, with the
+    /// next revision, returned with the drains it replaced (empty when there were none).
+    fn set_maintenance(
+        &mut self,
+        service: &ServiceName,
+        maintenance: Maintenance,
+    ) -> (u64, Maintenance);
+    /// One service's drains, if it has any.
+    fn maintenance(&self, service: &ServiceName) -> Option<&Maintenance>;
+    /// Every service's drains (services with none are absent).
+    fn all_maintenance(&self) -> BTreeMap<ServiceName, Maintenance>;
     /// How many instances `service` has.
     fn count(&self, service: &ServiceName) -> usize;
     /// The distinct versions of `service`'s live instances.
@@ -93,13 +106,20 @@ pub struct MemoryStore {
     /// Live instances in all services, counted as they come and go.
     instances: usize,
     routes: BTreeMap<ServiceName, Route>,
+    maintenance: BTreeMap<ServiceName, Maintenance>,
 }
 
 impl MemoryStore {
-    /// A store holding `routes` (as loaded from `routes/`), at revision 0.
-    pub fn new(routes: BTreeMap<ServiceName, Route>) -> MemoryStore {
+    /// A store holding `routes` and `maintenance` (as loaded from `routes/` and `maintenance/`), at
+    /// revision 0.
+    pub fn new(
+        routes: BTreeMap<ServiceName, Route>,
+        mut maintenance: BTreeMap<ServiceName, Maintenance>,
+    ) -> MemoryStore {
+        maintenance.retain(|_, m| !m.is_empty());
         MemoryStore {
             routes,
+            maintenance,
             ..MemoryStore::default()
         }
     }
@@ -179,6 +199,27 @@ impl Store for MemoryStore {
         self.routes.len()
     }
 
+    fn set_maintenance(
+        &mut self,
+        service: &ServiceName,
+        maintenance: Maintenance,
+    ) -> (u64, Maintenance) {
+        let old = if maintenance.is_empty() {
+            self.maintenance.remove(service)
+        } else {
+            self.maintenance.insert(service.clone(), maintenance)
+        };
+        (self.next(), old.unwrap_or_default())
+    }
+
+    fn maintenance(&self, service: &ServiceName) -> Option<&Maintenance> {
+        self.maintenance.get(service)
+    }
+
+    fn all_maintenance(&self) -> BTreeMap<ServiceName, Maintenance> {
+        self.maintenance.clone()
+    }
+
     fn count(&self, service: &ServiceName) -> usize {
         self.services.get(service).map_or(0, |s| s.instances.len())
     }
@@ -235,6 +276,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baker_client::maintenance::{Drain, Target};
 
     fn inst(service: &str, id: &str, version: &str) -> Instance {
         Instance {
@@ -264,6 +306,22 @@ mod tests {
             .remove(&"a".parse().unwrap(), &"1".parse().unwrap())
             .is_none());
         assert_eq!(s.revision(), 4);
+        let mut drains = Maintenance::default();
+        drains.insert(
+            Target::Version("2".parse().unwrap()),
+            Drain {
+                reason: None,
+                since: 1,
+                origin: "test".into(),
+            },
+        );
+        let a: ServiceName = "a".parse().unwrap();
+        let (rev, old) = s.set_maintenance(&a, drains.clone());
+        assert_eq!((rev, old.is_empty()), (5, true));
+        assert_eq!(s.maintenance(&a), Some(&drains));
+        let (rev, old) = s.set_maintenance(&a, Maintenance::default());
+        assert_eq!((rev, old), (6, drains));
+        assert!(s.maintenance(&a).is_none() && s.all_maintenance().is_empty());
     }
 
     #[test]

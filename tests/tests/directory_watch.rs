@@ -242,6 +242,7 @@ async fn a_filtered_watch_streams_only_its_services() {
             index,
             services,
             routes,
+            ..
         } => {
             assert_eq!(index, base + 4);
             assert_eq!(services.keys().collect::<Vec<_>>(), ["b", "c"]);
@@ -369,6 +370,7 @@ async fn fifty_watchers_converge_to_the_same_state() {
         index: services.index,
         services: services.services,
         routes: routes.routes,
+        maintenance: Default::default(),
     };
     assert!(expected.index > 100);
     eventually(

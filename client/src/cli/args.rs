@@ -12,6 +12,8 @@ Examples:
   baker services
   baker instances emitter
   baker route set emitter 1=90 2=10
+  baker drain emitter/emitter-1 --reason 'kernel upgrade'
+  baker events --since 10m --service emitter
   baker watch
   baker links emitter=emitter-amb:8000
 
@@ -129,6 +131,63 @@ pub enum Command {
         #[arg(value_parser = instance_id)]
         id: InstanceId,
     },
+
+    /// Take an instance, or every instance of a version, out of rotation on every ambassador.
+    ///
+    /// `baker drain emitter/emitter-1` drains one instance, `baker drain emitter --version 2`
+    /// every instance of version 2, registered now or later. A drained instance stays
+    /// registered and healthy, but gets no new request; those in flight finish. The drain
+    /// survives a directory restart, until `baker undrain`.
+    Drain {
+        /// SERVICE/ID for an instance, or SERVICE with --version.
+        #[arg(value_name = "SERVICE[/ID]")]
+        what: String,
+        /// Drain every instance of this version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Why, for the people who will see it (printable ASCII, at most 200 characters).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+
+    /// Lift a drain: the instance, or the version's instances, take traffic again.
+    Undrain {
+        /// SERVICE/ID for an instance, or SERVICE with --version.
+        #[arg(value_name = "SERVICE[/ID]")]
+        what: String,
+        /// Undrain this version.
+        #[arg(long)]
+        version: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+
+    /// What happened: the directory's last changes, oldest first, with their cause and origin.
+    ///
+    /// `baker events --since 10m --service emitter` lists what happened to emitter in the last
+    /// ten minutes: instances registered, changed, deregistered or expired, containers started,
+    /// stopped or unhealthy, routes set or cleared, drains and undrains.
+    Events {
+        /// From this time on: a duration ago (`10m`, `2h`), an RFC 3339 time, or milliseconds
+        /// since the Unix epoch.
+        #[arg(long, value_parser = point_in_time, value_name = "WHEN")]
+        since: Option<u64>,
+        /// Up to this time, in the same forms.
+        #[arg(long, value_parser = point_in_time, value_name = "WHEN")]
+        until: Option<u64>,
+        /// Only this service.
+        #[arg(short = 's', long, value_parser = service_name)]
+        service: Option<ServiceName>,
+        /// At most this many, the newest [default: 1000].
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+
+    /// List every drain in place: what, why, since when, and from where.
+    #[command(visible_alias = "maint")]
+    Maintenance,
 
     /// List the ambassadors reporting to the directory: live, and caught up with its changes?
     ///
@@ -275,6 +334,17 @@ pub fn split(value: &str) -> Result<(Version, u64), String> {
         )
     })?;
     Ok((version, pct))
+}
+
+/// Parses a point in time: a duration ago (`10m`), an RFC 3339 time, or milliseconds since the
+/// Unix epoch; answers milliseconds since the Unix epoch.
+fn point_in_time(value: &str) -> Result<u64, String> {
+    if let Ok(ago) = baker_client::config::parse_duration(value) {
+        let now = baker_client::events::unix_millis(std::time::SystemTime::now());
+        return Ok(now.saturating_sub(ago.as_millis() as u64));
+    }
+    baker_client::events::parse_time(value)
+        .map_err(|_| "must be a duration ago such as 10m, an RFC 3339 time such as 2026-12-03T10:00:00Z, or milliseconds since the Unix epoch".to_owned())
 }
 
 /// Parses a duration such as `30s`.

@@ -3,6 +3,7 @@
 use std::cmp::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use baker_client::maintenance::describe_state;
 use baker_client::model::{Instance, Route, Source, Tag, Version};
 
 /// `address:port`, with an IPv6 address in brackets.
@@ -30,6 +31,9 @@ pub fn instance_line(i: &Instance) -> String {
     if i.source == Source::Docker {
         line.push_str(" (docker)");
     }
+    if !i.state.is_up() {
+        line.push_str(&format!(" {}", describe_state(i.state, i.reason.as_ref())));
+    }
     line
 }
 
@@ -51,6 +55,11 @@ pub fn instance_changes(old: &Instance, new: &Instance) -> Vec<String> {
     note("tags", tags(&old.tags), tags(&new.tags));
     note("source", old.source.to_string(), new.source.to_string());
     note("ttl", ms(old.ttl_ms), ms(new.ttl_ms));
+    note(
+        "state",
+        describe_state(old.state, old.reason.as_ref()),
+        describe_state(new.state, new.reason.as_ref()),
+    );
     changes
 }
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use baker_client::maintenance::describe_state;
 use baker_client::model::{Instance, Route, ServiceName, ServiceResponse, Source, Version};
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -93,7 +94,7 @@ pub fn instances_table<'a>(
     now: SystemTime,
 ) -> Table {
     let mut headers = vec![
-        "id", "address", "version", "weight", "source", "tags", "ttl", "seen",
+        "id", "address", "version", "weight", "state", "source", "tags", "ttl", "seen",
     ];
     if with_service {
         headers.insert(0, "service");
@@ -107,6 +108,7 @@ pub fn instances_table<'a>(
             authority(i.address.as_str(), i.port),
             i.version.to_string(),
             i.weight.to_string(),
+            describe_state(i.state, i.reason.as_ref()),
             i.source.to_string(),
             i.tags.join(","),
             ttl(i),
@@ -228,13 +230,15 @@ mod tests {
         let now = UNIX_EPOCH + Duration::from_millis(1_003_000);
         let mut c = inst("emitter", "c", "1");
         c.source = Source::Docker;
+        c.state = baker_client::maintenance::InstanceState::Draining;
+        c.reason = Some("disk".parse().unwrap());
         let list = [b, inst("emitter", "a", "1"), c];
         assert_eq!(
             instances_table(&list, false, now).render(true),
-            "ID   ADDRESS          VERSION   WEIGHT   SOURCE      TAGS     TTL   SEEN\n\
-             a    10.0.0.1:8080    1         100      registrar   -        6s    3s ago\n\
-             b    [fd00::2]:8080   2         10       registrar   canary   6s    3s ago\n\
-             c    10.0.0.1:8080    1         100      docker      -        -     3s ago\n"
+            "ID   ADDRESS          VERSION   WEIGHT   STATE             SOURCE      TAGS     TTL   SEEN\n\
+             a    10.0.0.1:8080    1         100      up                registrar   -        6s    3s ago\n\
+             b    [fd00::2]:8080   2         10       up                registrar   canary   6s    3s ago\n\
+             c    10.0.0.1:8080    1         100      draining (disk)   docker      -        -     3s ago\n"
         );
         assert!(instances_table(&list, true, now)
             .render(false)

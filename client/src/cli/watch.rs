@@ -27,6 +27,7 @@ pub fn describe(known: Option<&State>, event: &WatchEvent) -> Vec<String> {
             index,
             services,
             routes,
+            ..
         } => {
             let instances: usize = services.values().map(Vec::len).sum();
             let live = services.values().filter(|i| !i.is_empty()).count();
@@ -87,6 +88,20 @@ pub fn describe(known: Option<&State>, event: &WatchEvent) -> Vec<String> {
             before.routes.get(service),
             route.as_ref(),
         )),
+        WatchEvent::Maintenance {
+            service, action, ..
+        } => {
+            let what = if action.drained { "drain" } else { "undrain" };
+            let reason = action
+                .reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            lines.push(format!(
+                "{what} {service} {}{reason} by {}",
+                action.target, action.origin
+            ));
+        }
         WatchEvent::Ping { .. } => {}
     }
     lines
@@ -255,6 +270,7 @@ mod tests {
                 .map(|r| ("emitter".parse().unwrap(), r))
                 .into_iter()
                 .collect(),
+            maintenance: Default::default(),
         }
     }
 

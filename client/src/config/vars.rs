@@ -56,6 +56,7 @@ pub const ENV_DOCKER_NETWORK: &str = "BAKER_DOCKER_NETWORK";
 pub const ENV_DRAIN_TIMEOUT: &str = "BAKER_DRAIN_TIMEOUT";
 pub const ENV_FALL: &str = "BAKER_FALL";
 pub const ENV_GRACE: &str = "BAKER_GRACE";
+pub const ENV_HISTORY: &str = "BAKER_HISTORY";
 pub const ENV_HAPROXY: &str = "BAKER_HAPROXY";
 pub const ENV_HTTP_PORT: &str = "BAKER_HTTP_PORT";
 pub const ENV_ID: &str = "BAKER_ID";
@@ -65,6 +66,7 @@ pub const ENV_LINK: &str = "BAKER_LINK";
 pub const ENV_LINK_PORT: &str = "BAKER_LINK_PORT";
 pub const ENV_LISTEN: &str = "BAKER_LISTEN";
 pub const ENV_MAX_CONNECTIONS: &str = "BAKER_MAX_CONNECTIONS";
+pub const ENV_MAX_DRAINS: &str = "BAKER_MAX_DRAINS";
 pub const ENV_MAX_INSTANCES: &str = "BAKER_MAX_INSTANCES";
 pub const ENV_MAX_INSTANCES_PER_SERVICE: &str = "BAKER_MAX_INSTANCES_PER_SERVICE";
 pub const ENV_MAX_ROUTES: &str = "BAKER_MAX_ROUTES";
@@ -148,6 +150,16 @@ pub const DIRECTORY: Program = Program {
         ),
         var(ENV_MAX_INSTANCES, "250000", "live instances in all at most"),
         var(ENV_MAX_ROUTES, "10000", "routes at most"),
+        var(
+            ENV_HISTORY,
+            "10000",
+            "events of the history (GET /v1/events) kept at most",
+        ),
+        var(
+            ENV_MAX_DRAINS,
+            "10000",
+            "drains (of instances and versions) in place at most",
+        ),
         var(
             ENV_REQUEST_TIMEOUT,
             "10s",

@@ -615,7 +615,7 @@ impl Registry {
             return;
         }
         t.store.set_revision(rev.saturating_sub(1));
-        self.apply_route(t, service, route);
+        self.apply_route(t, service, route, None);
     }
 
     /// Makes the mirror what `snapshot` says, publishing only what differs, at its revision.

@@ -71,7 +71,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
 #[derive(Debug, Deserialize)]
 struct GreetingQuery {
     name: Option<String>,
+    /// Answer only after this many milliseconds (at most [`MAX_DELAY_MS`]): a slow request,
+    /// for tests of what happens to requests in flight.
+    delay_ms: Option<u64>,
 }
+
+/// Longest `delay_ms` a greeting accepts.
+const MAX_DELAY_MS: u64 = 10_000;
 
 #[derive(Debug, Serialize)]
 struct GreetingBody<'a> {
@@ -110,6 +116,16 @@ async fn greeting(
         }
         Some(name) => Cow::Owned(format!("Hello, {name}!")),
     };
+    match query.delay_ms {
+        Some(ms) if ms > MAX_DELAY_MS => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("delay_ms must be at most {MAX_DELAY_MS}"),
+            )
+        }
+        Some(ms) => tokio::time::sleep(std::time::Duration::from_millis(ms)).await,
+        None => {}
+    }
     let body = GreetingBody {
         id: shared.counter.fetch_add(1, Ordering::Relaxed) + 1,
         content,
