@@ -691,9 +691,10 @@ pub struct ErrorBody {
 /// - **v1** (no `v`, kept for one release for older watchers): an instance change is a
 ///   `service` event carrying the service's whole new instance list, and lines carry no `prev`.
 ///
-/// `index` is the directory's revision: it grows by one with every change to the table, so an
-/// unfiltered stream's `prev` is always `index - 1`; a stream filtered by service skips the
-/// revisions of other services. A watcher that falls too far behind is disconnected and should
+/// `index` is the directory's revision: in memory it grows by one with every change to the
+/// table, so an unfiltered stream's `prev` is always `index - 1`; on etcd it is the etcd
+/// revision, which grows but not by one (and which changes made by one etcd revision share), so
+/// only `prev` tells a gap. A stream filtered by service skips the revisions of other services. A watcher that falls too far behind is disconnected and should
 /// reconnect, receiving a fresh snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
