@@ -643,7 +643,7 @@ function eventItem(e) {
     if (k === 'route' && typeof v === 'object') details.push(`route ${routeText(v)}`);
     else details.push(`${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`);
   }
-  if (e.origin) details.push(`from ${e.origin}`);
+  if (e.origin) details.push(`by ${e.origin}`);
   return el('li', { 'data-index': e.index },
     el('time', { title: new Date(e.at).toString() }, fmtTime(e.at)),
     el('span', { class: `dot ${kindClass(String(e.kind))}` }),

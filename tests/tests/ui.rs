@@ -2,7 +2,7 @@
 //! ambassador and HAProxy. The page follows the table without a reload, is read-only without
 //! the token, changes routes (and drains instances) with it, and what it changes takes effect
 //! on the ambassador; values from the table are shown as text, never run as script. The test
-//! writes a screenshot of the page to `target/ui/dashboard.png`.
+//! writes screenshots of the page to `target/ui/` (`dashboard.png`, `routes.png`).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -243,10 +243,170 @@ async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
     )
     .await;
 
-    let shot = artefacts("ui").join("dashboard.png");
+    let shot = artefacts("ui").join("routes.png");
     page.screenshot(&shot).await;
     eprintln!("screenshot: {}", shot.display());
     assert_eq!(page.script_activity().await, Vec::<String>::new());
+}
+
+/// Text the model allows in a reason, written to break out of HTML if it were ever parsed.
+const HOSTILE: &str =
+    r#"<img src=x onerror=alert(1)></td><script>alert("r")</script> & 'q' {{ x }}"#;
+
+/// `PUT /v1/maintenance/greeting/{what}` with `reason`, as an operator's client would.
+async fn drain_by_api(dir: &TestDirectory, what: &str, reason: &str) -> reqwest::StatusCode {
+    reqwest::Client::new()
+        .put(format!("{}/v1/maintenance/greeting/{what}", dir.url))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "reason": reason }))
+        .send()
+        .await
+        .expect("a drain call")
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
+    if !require(Needs::Haproxy) || !require(Needs::Chromium) {
+        return;
+    }
+    let dir = TestDirectory::start(&[("BAKER_TOKEN", TOKEN)]).await;
+    let g1 = Greeting::start("1", "greeting-1").await;
+    let g2 = Greeting::start("1", "greeting-2").await;
+    let g3 = Greeting::start("2", "greeting-3").await;
+    register(&dir.client, "greeting-1", "1", &g1).await;
+    register(&dir.client, "greeting-2", "1", &g2).await;
+    register(&dir.client, "greeting-3", "2", &g3).await;
+    let amb = TestAmbassador::start(&dir.url, &["greeting"], &[("BAKER_TOKEN", TOKEN)]).await;
+    let url = format!("{}/greeting", amb.url("greeting"));
+    let all = ["greeting-1", "greeting-2", "greeting-3"];
+    wait_served_by(&url, &all, "the ambassador to serve").await;
+
+    let browser = Browser::start(1440, 1000).await;
+    let page = browser.open(&format!("{}/ui", dir.url)).await;
+    let drain2 = "button[data-action=drain][data-id=\"greeting-2\"]";
+    page.wait_for(
+        &format!("document.querySelector('{drain2}')"),
+        WAIT,
+        "the drain buttons",
+    )
+    .await;
+    assert_eq!(
+        page.eval(&format!("document.querySelector('{drain2}').disabled"))
+            .await,
+        true,
+        "read-only without the token"
+    );
+    page.type_into("#token", TOKEN).await;
+    page.click("#unlock").await;
+    page.wait_for(
+        &format!("!document.querySelector('{drain2}').disabled"),
+        WAIT,
+        "drain to be enabled",
+    )
+    .await;
+
+    // Drain greeting-2 from the page: the ambassador stops sending it requests.
+    page.click(drain2).await;
+    page.wait_for(
+        "document.getElementById('drain-dialog').open",
+        WAIT,
+        "the drain dialog",
+    )
+    .await;
+    page.type_into("#drain-reason", "kernel upgrade").await;
+    page.click("#drain-apply").await;
+    page.wait_for(
+        "!document.getElementById('drain-dialog').open",
+        WAIT,
+        "the drain dialog to close",
+    )
+    .await;
+    wait_served_by(
+        &url,
+        &["greeting-1", "greeting-3"],
+        "greeting-2 out of rotation",
+    )
+    .await;
+    page.wait_for(
+        &format!(
+            "(() => {{ const r = document.querySelector('{}'); \
+             return r && r.classList.contains('draining') && r.innerText.includes('kernel upgrade') \
+             && r.innerText.includes('drain on 1/1'); }})()",
+            row("greeting-2")
+        ),
+        WAIT,
+        "greeting-2 draining on the page, as the ambassador reports it",
+    )
+    .await;
+    page.wait_for(
+        "(() => { const t = document.getElementById('timeline'); \
+         return !document.getElementById('history').hidden && t.innerText.includes('drained') \
+         && t.innerText.includes('kernel upgrade') && t.innerText.includes('by ui from'); })()",
+        WAIT,
+        "the drain in the history, from the page",
+    )
+    .await;
+    let shot = artefacts("ui").join("dashboard.png");
+    page.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+
+    // Hostile text where the model allows text shows as text, and nothing runs.
+    assert!(drain_by_api(&dir, "instances/greeting-3", HOSTILE)
+        .await
+        .is_success());
+    assert!(drain_by_api(&dir, "versions/9", HOSTILE).await.is_success());
+    let refused = reqwest::Client::new()
+        .put(format!(
+            "{}/v1/services/%3Cb%3Ex%3C%2Fb%3E/instances/x",
+            dir.url
+        ))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "address": "127.0.0.1", "port": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::BAD_REQUEST);
+    let shown = page
+        .wait_for(
+            &format!(
+                "(() => {{ const r = document.querySelector('{} .reason'); return r && r.textContent; }})()",
+                row("greeting-3")
+            ),
+            WAIT,
+            "greeting-3's reason",
+        )
+        .await;
+    assert_eq!(shown, HOSTILE);
+    page.wait_for(
+        &format!(
+            "document.getElementById('timeline').textContent.split({}).length === 3",
+            serde_json::json!(HOSTILE)
+        ),
+        WAIT,
+        "both hostile reasons in the history, as text",
+    )
+    .await;
+    assert_eq!(
+        page.eval(
+            "document.querySelectorAll('main img, main script, main iframe, main svg').length"
+        )
+        .await,
+        0,
+        "no element came from a reason"
+    );
+    assert!(!page.text("main").await.contains("<b>x</b>"));
+    assert_eq!(page.script_activity().await, Vec::<String>::new());
+
+    // Undrain from the page: greeting-2 serves again.
+    page.click("button[data-action=undrain][data-id=\"greeting-2\"]")
+        .await;
+    wait_served_by(
+        &url,
+        &["greeting-1", "greeting-2"],
+        "greeting-2 back in rotation",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
