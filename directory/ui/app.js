@@ -490,7 +490,8 @@ function fillCard(card, name) {
   const list = S.services[name] || [];
   const route = S.routes[name] || null;
   const maintenance = S.maintenanceApi;
-  const headSig = JSON.stringify([list.map((i) => [i.version, i.weight]), route, S.canWrite, Object.keys(S.services)]);
+  const headSig = JSON.stringify([list.map((i) => [i.version, i.weight, Boolean(drainOf(name, i))]), route,
+    S.canWrite, Object.keys(S.services)]);
   const items = [{ key: 'head', sig: headSig, build: () => serviceHead(name) }];
   if (!list.length) {
     items.push({

@@ -332,11 +332,12 @@ async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
         &format!(
             "(() => {{ const r = document.querySelector('{}'); \
              return r && r.classList.contains('draining') && r.innerText.includes('kernel upgrade') \
-             && r.innerText.includes('drain on 1/1'); }})()",
+             && r.innerText.includes('drain on 1/1') \
+             && document.querySelector('[data-service=\"greeting\"] .bar').innerText.includes('v1 50%'); }})()",
             row("greeting-2")
         ),
         WAIT,
-        "greeting-2 draining on the page, as the ambassador reports it",
+        "greeting-2 draining on the page, as the ambassador reports it, and out of the split",
     )
     .await;
     page.wait_for(
