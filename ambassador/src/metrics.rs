@@ -110,7 +110,7 @@ impl Default for Metrics {
         registry.register("servers", "Servers planned per service", m.servers.clone());
         registry.register(
             "route_fallback",
-            "1 while a service's route falls back to all live instances: none of its versions has one",
+            "1 while a service's route falls back to all live instances: none of its targets has one",
             m.route_fallback.clone(),
         );
         Metrics { registry, ..m }
@@ -132,8 +132,8 @@ impl Metrics {
             if on && falling_back.insert(service.clone()) {
                 tracing::warn!(
                     service = %service,
-                    "no live instance has a version the route sends traffic to: falling back \
-                     to all live instances by their weights until one does"
+                    "no live instance belongs to a target the route sends traffic to: falling \
+                     back to all live instances by their weights until one does"
                 );
             } else if !on && falling_back.remove(service) {
                 tracing::info!(

@@ -2,26 +2,31 @@
 //! state and the configured services.
 //!
 //! With no route, every instance serves in proportion to its own weight. With a route
-//! (`{"1": 90, "2": 10}`) each version receives its percentage of the traffic whatever its
-//! number of instances, shared among its instances by their weights; a version with no live
-//! instance gives its share to the other named versions, and versions the route does not name
-//! get weight 0 (kept as servers, so that a later route change is a weight change).
+//! (`{"1": 90, "2": 10}`, or `{"monolith@*": 70, "barker@*": 30}` naming other services) each
+//! target receives its percentage of the traffic whatever its number of instances, shared
+//! among its instances by their weights; a target with no live instance gives its share to the
+//! other targets, and versions of the service the route does not name get weight 0 (kept as
+//! servers, so that a later route change is a weight change). The instances of another
+//! service that belong to a target are servers of the backend too (named `service:id`), at
+//! weight 0 while the target's share is 0.
 //!
 //! An instance an operator drained (its `state` is `draining`) stays a server, at weight 0 and
 //! marked to drain: it takes no new requests, and the weights above are shared among the
 //! others, so a route's split holds while one of its instances is out.
 //!
-//! A route whose versions all lack live instances would leave no server with a weight: the
-//! service then falls back to all its live instances by their own weights, as with no route
-//! ([`route_falls_back`]), until an instance of a routed version appears. [`fallbacks`] says
-//! which services are in that state, for the log and metrics.
+//! A route whose targets all lack live instances would leave no server with a weight: the
+//! service then falls back to all its own live instances by their own weights, as with no
+//! route ([`route_falls_back`]), until an instance of a target appears. [`fallbacks`] says
+//! which services are in that state, for the log and metrics; [`watched`] which services'
+//! instances the plan reads.
 
 use std::borrow::Borrow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use baker_client::model::{
-    route_falls_back, Address, Instance, InstanceId, Route, ServiceName, State, Version, MAX_WEIGHT,
+    route_falls_back, Address, Instance, InstanceId, Route, ServiceName, State, Target, Version,
+    MAX_WEIGHT,
 };
 use serde::Serialize;
 
@@ -138,10 +143,12 @@ pub type Desired = BTreeMap<ServiceName, Backend>;
 pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
     let mut desired = Desired::new();
     for svc in services {
-        let (serving, drained): (Vec<&Instance>, Vec<&Instance>) = usable(state, &svc.name)
-            .into_iter()
-            .partition(|i| i.state.is_up());
-        let weights = weights(&serving, state.routes.get(&svc.name));
+        let route = state.routes.get(&svc.name);
+        let (serving, drained): (Vec<&Instance>, Vec<&Instance>) =
+            candidates(state, &svc.name, route)
+                .into_iter()
+                .partition(|i| i.state.is_up());
+        let weights = weights(&svc.name, &serving, route);
         let backend = serving
             .iter()
             .zip(weights)
@@ -168,20 +175,53 @@ pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
     desired
 }
 
-/// Every configured service, and whether its route falls back to all live instances because
-/// none of the versions it routes to has a live one.
+/// Every configured service, and whether its route falls back to all its live instances
+/// because none of the targets it sends traffic to has a live one.
 pub fn fallbacks(state: &State, services: &[ServiceRoute]) -> BTreeMap<String, bool> {
     services
         .iter()
         .map(|svc| {
-            let mut instances = usable(state, &svc.name);
+            let route = state.routes.get(&svc.name);
+            let mut instances = candidates(state, &svc.name, route);
             instances.retain(|i| i.state.is_up());
-            let falls_back = state.routes.get(&svc.name).is_some_and(|route| {
-                route_falls_back(route, instances.iter().map(|i| i.version.as_str()))
-            });
+            let falls_back = route
+                .is_some_and(|route| route_falls_back(route, &svc.name, instances.iter().copied()));
             (svc.name.to_string(), falls_back)
         })
         .collect()
+}
+
+/// The services whose instances the ambassador needs to plan `services`: the services
+/// themselves, and every other service their routes name.
+pub fn watched(state: &State, services: &[ServiceRoute]) -> BTreeSet<ServiceName> {
+    let mut out: BTreeSet<ServiceName> = services.iter().map(|s| s.name.clone()).collect();
+    for svc in services {
+        if let Some(route) = state.routes.get(&svc.name) {
+            out.extend(route.other_services(&svc.name).into_iter().cloned());
+        }
+    }
+    out
+}
+
+/// The instances a backend may have: every usable instance of its own service, and those of
+/// other services that belong to one of its route's targets (at 0 % too, so that moving
+/// traffic to them later is a weight change, not a new server).
+fn candidates<'a>(
+    state: &'a State,
+    service: &ServiceName,
+    route: Option<&Route>,
+) -> Vec<&'a Instance> {
+    let mut out = usable(state, service);
+    if let Some(route) = route {
+        for other in route.other_services(service) {
+            out.extend(
+                usable(state, other)
+                    .into_iter()
+                    .filter(|i| route.target_of(service, i).is_some()),
+            );
+        }
+    }
+    out
 }
 
 /// A service's instances that can be planned: all of them (their names and addresses are
@@ -194,20 +234,29 @@ fn usable<'a>(state: &'a State, service: &ServiceName) -> Vec<&'a Instance> {
         .unwrap_or_default()
 }
 
-/// HAProxy weights for `instances` (same order), following `route` if there is one and it
-/// does not fall back.
-pub fn weights(instances: &[&Instance], route: Option<&Route>) -> Vec<u16> {
-    let route =
-        route.filter(|r| !route_falls_back(r, instances.iter().map(|i| i.version.as_str())));
+/// HAProxy weights for `instances` (same order) in the backend of `routed`, following `route`
+/// if there is one and it does not fall back. Instances of other services are those of the
+/// route's targets; with no route to follow they get weight 0.
+pub fn weights(routed: &ServiceName, instances: &[&Instance], route: Option<&Route>) -> Vec<u16> {
+    let route = route.filter(|r| !route_falls_back(r, routed, instances.iter().copied()));
     let Some(route) = route else {
-        return instances.iter().map(|i| i.weight.min(MAX_WEIGHT)).collect();
+        return instances
+            .iter()
+            .map(|i| {
+                if i.service == *routed {
+                    i.weight.min(MAX_WEIGHT)
+                } else {
+                    0
+                }
+            })
+            .collect();
     };
-    // Each live named version's share, renormalised over the versions that have instances.
-    let mut live: BTreeMap<&Version, (f64, Vec<usize>)> = BTreeMap::new();
+    // Each live target's share, renormalised over the targets that have instances.
+    let mut live: BTreeMap<&Target, (f64, Vec<usize>)> = BTreeMap::new();
     for (idx, i) in instances.iter().enumerate() {
-        if let Some(&pct) = route.get(&i.version) {
+        if let Some((target, pct)) = route.target_of(routed, i) {
             if pct > 0 {
-                live.entry(&i.version)
+                live.entry(target)
                     .or_insert((f64::from(pct), Vec::new()))
                     .1
                     .push(idx);
@@ -301,7 +350,10 @@ mod tests {
     fn no_route_uses_instance_weights() {
         let v = [inst("a", "1", 100), inst("b", "1", 50), inst("c", "2", 256)];
         let refs: Vec<_> = v.iter().collect();
-        assert_eq!(weights(&refs, None), vec![100, 50, 256]);
+        assert_eq!(
+            weights(&"svc".parse().unwrap(), &refs, None),
+            vec![100, 50, 256]
+        );
     }
 
     #[test]
@@ -310,7 +362,11 @@ mod tests {
             let mut v: Vec<Instance> = (0..n1).map(|i| inst(&format!("a{i}"), "1", 100)).collect();
             v.extend((0..n2).map(|i| inst(&format!("b{i}"), "2", 100)));
             let refs: Vec<_> = v.iter().collect();
-            let w = weights(&refs, Some(&route(&[("1", 90), ("2", 10)])));
+            let w = weights(
+                &"svc".parse().unwrap(),
+                &refs,
+                Some(&route(&[("1", 90), ("2", 10)])),
+            );
             assert!(w.iter().all(|&x| (1..=256).contains(&x)), "{w:?}");
             let s = shares(&v, &w);
             assert!((s["1"] - 90.0).abs() <= 1.0, "{n1}/{n2}: {s:?} {w:?}");
@@ -322,7 +378,11 @@ mod tests {
     fn canary_respects_instance_weights_within_a_version() {
         let v = [inst("a", "1", 100), inst("b", "1", 50), inst("c", "2", 100)];
         let refs: Vec<_> = v.iter().collect();
-        let w = weights(&refs, Some(&route(&[("1", 50), ("2", 50)])));
+        let w = weights(
+            &"svc".parse().unwrap(),
+            &refs,
+            Some(&route(&[("1", 50), ("2", 50)])),
+        );
         let s = shares(&v, &w);
         assert!((s["1"] - 50.0).abs() <= 1.0, "{w:?}");
         assert!(
@@ -339,10 +399,18 @@ mod tests {
             inst("c", "1", 100),
         ];
         let refs: Vec<_> = v.iter().collect();
-        let w = weights(&refs, Some(&route(&[("1", 90), ("2", 10)])));
+        let w = weights(
+            &"svc".parse().unwrap(),
+            &refs,
+            Some(&route(&[("1", 90), ("2", 10)])),
+        );
         assert_eq!(w[1], 0, "version 3 is not named");
         assert!(w[0] > 0 && w[0] == w[2], "{w:?}");
-        let w = weights(&refs, Some(&route(&[("1", 0), ("3", 100)])));
+        let w = weights(
+            &"svc".parse().unwrap(),
+            &refs,
+            Some(&route(&[("1", 0), ("3", 100)])),
+        );
         assert_eq!((w[0], w[2]), (0, 0));
         assert!(w[1] > 0);
     }
@@ -355,15 +423,145 @@ mod tests {
             route(&[("3", 100)]),
             route(&[("1", 0), ("2", 0), ("3", 100)]),
         ] {
-            assert_eq!(weights(&refs, Some(&r)), vec![100, 50, 256], "{r:?}");
+            assert_eq!(
+                weights(&"svc".parse().unwrap(), &refs, Some(&r)),
+                vec![100, 50, 256],
+                "{r:?}"
+            );
         }
         // As soon as one routed version is live, the route applies again.
         let mut back = v.to_vec();
         back.push(inst("d", "3", 100));
         let refs: Vec<_> = back.iter().collect();
         assert_eq!(
-            weights(&refs, Some(&route(&[("3", 100)]))),
+            weights(&"svc".parse().unwrap(), &refs, Some(&route(&[("3", 100)]))),
             vec![0, 0, 0, 256]
+        );
+    }
+
+    fn of(service: &str, id: &str, version: &str, weight: u16) -> Instance {
+        Instance {
+            version: version.parse().unwrap(),
+            weight,
+            ..Instance::sample(service, id)
+        }
+    }
+
+    fn flat(pairs: &[(&str, u64)]) -> Route {
+        let splits = pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        baker_client::model::validate_route_of(&"svc".parse().unwrap(), &splits).unwrap()
+    }
+
+    /// Each service's share of the total weight, in percent.
+    fn service_shares(instances: &[&Instance], w: &[u16]) -> BTreeMap<String, f64> {
+        let total: f64 = w.iter().map(|&x| f64::from(x)).sum();
+        let mut out = BTreeMap::new();
+        for (i, &x) in instances.iter().zip(w) {
+            *out.entry(i.service.to_string()).or_insert(0.0) += f64::from(x) * 100.0 / total;
+        }
+        out
+    }
+
+    fn svc_route(name: &str) -> ServiceRoute {
+        ServiceRoute {
+            name: name.parse().unwrap(),
+            port: None,
+            mode: Mode::Http,
+            options: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_split_across_services_ignores_instance_counts() {
+        let svc: ServiceName = "svc".parse().unwrap();
+        for (n1, n2) in [(1, 1), (1, 9), (9, 1), (3, 2), (20, 1), (1, 40)] {
+            let mut v: Vec<Instance> = (0..n1)
+                .map(|i| of("svc", &format!("a{i}"), "1", 100))
+                .collect();
+            v.extend((0..n2).map(|i| of("barker", &format!("b{i}"), "3", 100)));
+            let refs: Vec<_> = v.iter().collect();
+            let w = weights(&svc, &refs, Some(&flat(&[("svc@*", 70), ("barker@*", 30)])));
+            let s = service_shares(&refs, &w);
+            assert!((s["svc"] - 70.0).abs() <= 1.0, "{n1}/{n2}: {s:?} {w:?}");
+            assert!((s["barker"] - 30.0).abs() <= 1.0, "{n1}/{n2}: {s:?} {w:?}");
+            // The flip: every request to barker, the monolith's servers kept at weight 0.
+            let w = weights(&svc, &refs, Some(&flat(&[("svc@*", 0), ("barker@*", 100)])));
+            assert!(
+                w[..n1].iter().all(|&x| x == 0) && w[n1..].iter().all(|&x| x > 0),
+                "{w:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_version_of_another_service_gets_its_share_and_only_its_instances() {
+        let mut state = State::default();
+        state.services.insert(
+            "svc".parse().unwrap(),
+            vec![of("svc", "a", "1", 100), of("svc", "b", "2", 100)],
+        );
+        state.services.insert(
+            "barker".parse().unwrap(),
+            vec![
+                of("barker", "x", "2", 100),
+                of("barker", "y", "3", 100),
+                of("barker", "z", "2", 50),
+            ],
+        );
+        state
+            .routes
+            .insert("svc".parse().unwrap(), flat(&[("1", 90), ("barker@2", 10)]));
+        let d = plan(&state, &[svc_route("svc")]);
+        let names: Vec<_> = d["svc"].keys().map(ServerName::as_str).collect();
+        assert_eq!(
+            names,
+            ["a", "b", "barker:x", "barker:z"],
+            "barker 3 is no target"
+        );
+        let b = &d["svc"];
+        assert_eq!(b["b"].weight, 0, "version 2 of svc is not named");
+        let total: f64 = b.values().map(|s| f64::from(s.weight)).sum();
+        let barker = f64::from(b["barker:x"].weight + b["barker:z"].weight);
+        assert!((barker * 100.0 / total - 10.0).abs() <= 1.0, "{b:?}");
+        assert!(
+            (f64::from(b["barker:x"].weight) / f64::from(b["barker:z"].weight) - 2.0).abs() < 0.2,
+            "{b:?}"
+        );
+        assert_eq!(b["barker:x"].service, "barker");
+        assert_eq!(
+            watched(&state, &[svc_route("svc"), svc_route("other")])
+                .iter()
+                .map(ServiceName::as_str)
+                .collect::<Vec<_>>(),
+            ["barker", "other", "svc"]
+        );
+    }
+
+    #[test]
+    fn a_target_service_with_no_live_instance_gives_its_share_back() {
+        let svc: ServiceName = "svc".parse().unwrap();
+        let a = of("svc", "a", "1", 100);
+        let refs = vec![&a];
+        let route = flat(&[("svc@*", 70), ("barker@*", 30)]);
+        assert!(weights(&svc, &refs, Some(&route))[0] > 0);
+        // Nothing of the route is live: the service falls back to its own instances.
+        let old = of("svc", "o", "9", 40);
+        let refs = vec![&old];
+        let route = flat(&[("1", 50), ("barker@*", 50)]);
+        assert_eq!(weights(&svc, &refs, Some(&route)), [40]);
+        let mut state = State::default();
+        state.services.insert(svc.clone(), vec![old.clone()]);
+        state.routes.insert(svc.clone(), route);
+        assert!(fallbacks(&state, &[svc_route("svc")])["svc"]);
+        // Barker comes: it takes everything (version 1 of svc is still not live).
+        state
+            .services
+            .insert("barker".parse().unwrap(), vec![of("barker", "x", "1", 100)]);
+        assert!(!fallbacks(&state, &[svc_route("svc")])["svc"]);
+        let d = plan(&state, &[svc_route("svc")]);
+        assert_eq!(
+            (d["svc"]["o"].weight, d["svc"]["barker:x"].weight),
+            (0, 256)
         );
     }
 

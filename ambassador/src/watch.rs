@@ -8,6 +8,12 @@
 //! `BAKER_GRACE`), and in any case once it has been held for the cap ([`hold_end`]).
 //! Additions apply at once. While the directory is unreachable nothing changes, except that
 //! holds older than the cap end.
+//!
+//! The ambassador watches only the services it needs ([`Tracker::covered`]): those it routes,
+//! and the other services their routes send traffic to. When a route names a service outside
+//! the watch, [`run`] reconnects at once with the wider filter: the new stream starts with a
+//! snapshot of every watched service, so nothing that changed before or during the switch is
+//! missed, and since the new filter holds the old one no instance goes missing from it.
 
 use baker_client::errors::chain;
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,7 +76,8 @@ struct Hold {
 pub struct Tracker {
     state: State,
     seen_snapshot: bool,
-    /// Services the ambassador routes: holds are kept (and graces computed) for these only.
+    /// Services the ambassador routes: holds are kept (and graces computed) for these and the
+    /// services their routes send traffic to only.
     routed: BTreeSet<ServiceName>,
     cap: Duration,
     held: BTreeMap<(ServiceName, InstanceId), Hold>,
@@ -98,7 +105,8 @@ impl Tracker {
     pub fn apply(&mut self, event: WatchEvent, now: Instant) {
         let is_snapshot = matches!(event, WatchEvent::Snapshot { .. });
         let old = if is_snapshot && self.seen_snapshot {
-            Some(std::mem::take(&mut self.state.services))
+            let covered = self.covered();
+            Some((std::mem::take(&mut self.state.services), covered))
         } else {
             None
         };
@@ -107,8 +115,9 @@ impl Tracker {
             self.seen_snapshot = true;
             self.up_since = Some(now);
         }
-        if let Some(old) = old {
-            self.hold_missing(old, now);
+        if let Some((old, mut covered)) = old {
+            covered.extend(self.covered());
+            self.hold_missing(old, &covered, now);
         }
         let listed: Vec<_> = self
             .held
@@ -123,10 +132,28 @@ impl Tracker {
             .retain(|svc, _| self.held.keys().any(|(s, _)| s == svc));
     }
 
-    /// Holds the routed instances of `old` that the fresh snapshot just applied lacks.
-    fn hold_missing(&mut self, old: BTreeMap<ServiceName, Vec<Instance>>, now: Instant) {
+    /// The services whose instances the routed services need: themselves, and every other
+    /// service their routes (as last received) send traffic to.
+    pub fn covered(&self) -> BTreeSet<ServiceName> {
+        let mut out = self.routed.clone();
+        for service in &self.routed {
+            if let Some(route) = self.state.routes.get(service) {
+                out.extend(route.other_services(service).into_iter().cloned());
+            }
+        }
+        out
+    }
+
+    /// Holds the instances of `old` in `covered` services that the fresh snapshot just applied
+    /// lacks.
+    fn hold_missing(
+        &mut self,
+        old: BTreeMap<ServiceName, Vec<Instance>>,
+        covered: &BTreeSet<ServiceName>,
+        now: Instant,
+    ) {
         for (service, instances) in old {
-            if !self.routed.contains(&service) {
+            if !covered.contains(&service) {
                 continue;
             }
             let held = self
@@ -235,13 +262,17 @@ pub async fn run(
         }
         metrics.progress.planned(tracker.index());
     };
-    // Only the services it routes: its memory and work follow its routes, not the directory.
-    let routed: Vec<ServiceName> = services.iter().map(|s| s.name.clone()).collect();
+    // Only the services it routes and those their routes send to: its memory and work follow
+    // its routes, not the directory.
     let mut was_connected = false;
+    let mut widened_last = false;
     loop {
+        let watching = tracker.covered();
+        let filter: Vec<ServiceName> = watching.iter().cloned().collect();
+        let mut widen = false;
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
-            s = client.watch_services(Some(&routed)) => s,
+            s = client.watch_services(Some(&filter)) => s,
         };
         match stream {
             Err(e) => {
@@ -250,7 +281,7 @@ pub async fn run(
             Ok(stream) => {
                 tracing::info!(directory = %client.base(), "watching the directory");
                 metrics.directory_connected.set(1);
-                if was_connected {
+                if was_connected && !widened_last {
                     metrics.directory_reconnects.inc();
                 }
                 was_connected = true;
@@ -282,6 +313,20 @@ pub async fn run(
                                 metrics.watch_events.inc();
                                 publish(&mut tracker, snapshot);
                             }
+                            let wanted = tracker.covered();
+                            if !wanted.is_subset(&watching) {
+                                let new: Vec<String> = wanted
+                                    .difference(&watching)
+                                    .map(ToString::to_string)
+                                    .collect();
+                                tracing::info!(
+                                    services = %new.join(","),
+                                    "a route sends traffic to services outside the watch; \
+                                     watching them too"
+                                );
+                                widen = true;
+                                break;
+                            }
                         }
                         Some(Err(e)) => {
                             tracing::warn!(directory = %client.base(), "lost the directory's watch stream: {}; keeping the last known servers", chain(&e));
@@ -293,6 +338,11 @@ pub async fn run(
                 tracker.disconnected();
                 metrics.directory_connected.set(0);
             }
+        }
+        widened_last = widen;
+        if widen {
+            // A wider watch, at once: its snapshot holds everything the old one had and more.
+            continue;
         }
         let end = Instant::now() + backoff.next_delay();
         // Holds may still end (at the cap) while the directory is away.
@@ -520,6 +570,41 @@ mod tests {
             now += Duration::from_secs(1);
         }
         assert_eq!(ids(&t.view(now), "svc"), ["a"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn servers_of_a_routed_to_service_are_held_too() {
+        let mut t = tracker();
+        let now = Instant::now();
+        assert_eq!(t.covered().len(), 2);
+        let route: baker_client::Route = {
+            let splits = [("svc@*".to_owned(), 70), ("barker@*".to_owned(), 30)].into();
+            baker_client::model::validate_route_of(&"svc".parse().unwrap(), &splits).unwrap()
+        };
+        let with_route = |index: u64, barker: &[Instance]| {
+            let WatchEvent::Snapshot { services, .. } = snapshot_with(index, &["a"], barker) else {
+                unreachable!()
+            };
+            WatchEvent::Snapshot {
+                index,
+                services,
+                routes: [("svc".parse().unwrap(), route.clone())].into(),
+                maintenance: BTreeMap::new(),
+            }
+        };
+        t.apply(with_route(10, &[inst("barker", "x", 4000)]), now);
+        let covered: Vec<String> = t.covered().iter().map(ToString::to_string).collect();
+        assert_eq!(covered, ["barker", "other", "svc"]);
+        // A restarted directory's snapshot lacks barker's instance: held for barker's TTL.
+        t.apply(with_route(1, &[]), now);
+        assert_eq!(ids(&t.view(now), "barker"), ["x"]);
+        assert_eq!(t.next_expiry(), Some(now + Duration::from_secs(4)));
+        assert!(ids(&t.view(now + Duration::from_secs(4)), "barker").is_empty());
+        // A service no route names is not held.
+        let mut t = tracker();
+        t.apply(snapshot_with(10, &["a"], &[inst("barker", "x", 4000)]), now);
+        t.apply(snapshot(1, &["a"]), now);
+        assert!(ids(&t.view(now), "barker").is_empty());
     }
 
     #[tokio::test(start_paused = true)]

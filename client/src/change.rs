@@ -109,6 +109,9 @@ pub enum Change {
         index: u64,
         at: u64,
         service: ServiceName,
+        /// Its versions in `route`, its other targets beside it in `targets` (see
+        /// [`crate::route`]).
+        #[serde(flatten, with = "crate::route::split_one")]
         route: Option<Route>,
         /// Where the operator's call came from; `None` when the directory itself put a route
         /// back (a route it could not save).

@@ -2,6 +2,8 @@
 //!
 //! - [`model`]: the wire types (instances, routes, watch events) and the validation that keeps
 //!   anything unchecked out of HAProxy's configuration.
+//! - [`route`]: routes, their targets (versions, services, versions of other services) and
+//!   their two JSON forms.
 //! - [`change`]: the directory's change feed: each change with its revision, cause and time.
 //! - [`ops`]: ambassadors' reports and what the directory makes of them.
 //! - [`maintenance`]: drained instances and versions, and instance states.
@@ -26,6 +28,7 @@ pub mod links;
 pub mod maintenance;
 pub mod model;
 pub mod ops;
+pub mod route;
 
 pub use api::{ClientError, DirectoryClient};
 pub use model::{

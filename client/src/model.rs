@@ -558,77 +558,10 @@ impl Instance {
     }
 }
 
-/// A canary split: version → percent of the service's traffic; the percentages sum to 100.
-pub type Route = BTreeMap<Version, u8>;
-
-/// Validates a route as sent by a user (`{"1": 90, "2": 10}`), reporting all problems at once.
-pub fn validate_route(splits: &BTreeMap<String, u64>) -> Result<Route, Vec<ValidationError>> {
-    let mut errors = Vec::new();
-    let mut route = Route::new();
-    if splits.is_empty() {
-        errors.push(ValidationError::new(
-            "route",
-            "must name at least one version",
-        ));
-    }
-    if splits.len() > 64 {
-        errors.push(ValidationError::new(
-            "route",
-            "may name at most 64 versions",
-        ));
-    }
-    let mut sum: u64 = 0;
-    for (version, &pct) in splits {
-        let version = match Version::parse_as(&format!("route.{}", printable(version)), version) {
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        if pct > 100 {
-            errors.push(ValidationError::new(
-                format!("route.{version}"),
-                format!("must be a percentage between 0 and 100, got {pct}"),
-            ));
-            continue;
-        }
-        sum += pct;
-        route.insert(version, pct as u8);
-    }
-    if errors.is_empty() && sum != 100 {
-        errors.push(ValidationError::new(
-            "route",
-            format!("percentages must sum to 100, got {sum}"),
-        ));
-    }
-    if errors.is_empty() {
-        Ok(route)
-    } else {
-        Err(errors)
-    }
-}
-
-/// Whether `route` is set aside for now: some instance is live (`live_versions` holds each live
-/// instance's version) but none has a version the route gives a share to.
-///
-/// The service then falls back to all its live instances, by their own weights, as if it had no
-/// route, until an instance of a routed version registers: a route never leaves a service that
-/// has live instances with no server. The directory, the ambassador and the CLI all decide it
-/// here.
-pub fn route_falls_back<'a>(
-    route: &Route,
-    live_versions: impl IntoIterator<Item = &'a str>,
-) -> bool {
-    let mut any_live = false;
-    for version in live_versions {
-        if route.get(version).is_some_and(|&pct| pct > 0) {
-            return false;
-        }
-        any_live = true;
-    }
-    any_live
-}
+pub use crate::route::{
+    route_falls_back, route_falls_back_by_version, validate_route, validate_route_of, Route,
+    Target, MAX_ROUTE_TARGETS,
+};
 
 /// Renders a possibly hostile string for an error message: escaped and cut short.
 pub fn printable(value: &str) -> String {
@@ -654,6 +587,7 @@ pub struct ServiceResponse {
     pub index: u64,
     pub service: ServiceName,
     pub instances: Vec<Instance>,
+    #[serde(flatten, with = "crate::route::split_one")]
     pub route: Option<Route>,
 }
 
@@ -661,6 +595,7 @@ pub struct ServiceResponse {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutesResponse {
     pub index: u64,
+    #[serde(flatten, with = "crate::route::split_all")]
     pub routes: BTreeMap<ServiceName, Route>,
 }
 
@@ -669,6 +604,7 @@ pub struct RoutesResponse {
 pub struct RouteResponse {
     pub index: u64,
     pub service: ServiceName,
+    #[serde(flatten, with = "crate::route::split_one")]
     pub route: Option<Route>,
 }
 
@@ -703,6 +639,7 @@ pub enum WatchEvent {
     Snapshot {
         index: u64,
         services: BTreeMap<ServiceName, Vec<Instance>>,
+        #[serde(flatten, with = "crate::route::split_all")]
         routes: BTreeMap<ServiceName, Route>,
         /// Every service's drains (absent from an older directory, and when none).
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -739,6 +676,7 @@ pub enum WatchEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         at: Option<u64>,
         service: ServiceName,
+        #[serde(flatten, with = "crate::route::split_one")]
         route: Option<Route>,
     },
     /// v2: a service's drains changed; `maintenance` is its whole new maintenance (empty when
@@ -1095,22 +1033,6 @@ mod tests {
     }
 
     #[test]
-    fn routes() {
-        let r = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let route = validate_route(&r(&[("1", 90), ("2", 10)])).unwrap();
-        assert_eq!(route.len(), 2);
-        assert_eq!(route["2"], 10);
-        let errs = validate_route(&r(&[("1", 90), ("B#", 10)])).unwrap_err();
-        assert_eq!(errs[0].field, "route.B#");
-        assert!(validate_route(&r(&[("1", 100), ("2", 0)])).is_ok());
-        assert!(validate_route(&r(&[("1", 80), ("2", 10)])).is_err());
-        assert!(validate_route(&r(&[("1", 100), ("2", 10)])).is_err());
-        assert!(validate_route(&r(&[("1", 90), ("B#", 10)])).is_err());
-        assert!(validate_route(&r(&[("1", 300)])).is_err());
-        assert!(validate_route(&r(&[])).is_err());
-    }
-
-    #[test]
     fn watch_events_round_trip_and_apply() {
         let inst = Instance {
             port: 80,
@@ -1303,25 +1225,5 @@ mod tests {
         let old = r#"{"service":"web","id":"a","address":"10.0.0.1","port":80,"version":"1","weight":100,"source":"registrar","ttl_ms":6000,"last_seen":0}"#;
         let i: Instance = serde_json::from_str(old).unwrap();
         assert_eq!((i.state, i.reason), (InstanceState::Up, None));
-    }
-
-    #[test]
-    fn a_route_falls_back_only_when_no_routed_version_is_live() {
-        let route: Route = [
-            ("1".parse().unwrap(), 0),
-            ("2".parse().unwrap(), 90),
-            ("3".parse().unwrap(), 10),
-        ]
-        .into();
-        assert!(
-            route_falls_back(&route, ["1", "4"]),
-            "only 0 % and unnamed versions live"
-        );
-        assert!(!route_falls_back(&route, ["1", "3"]));
-        assert!(!route_falls_back(&route, ["2"]));
-        assert!(
-            !route_falls_back(&route, []),
-            "nothing live: nothing to fall back to"
-        );
     }
 }

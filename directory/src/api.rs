@@ -25,7 +25,7 @@ use baker_client::maintenance::{
     ORIGIN_HEADER,
 };
 use baker_client::model::{
-    printable, validate_route, ErrorBody, Instance, InstanceId, InstanceSpec, RouteResponse,
+    printable, validate_route_of, ErrorBody, Instance, InstanceId, InstanceSpec, RouteResponse,
     RoutesResponse, ServiceName, ServiceResponse, ServicesResponse, ValidationError, Version,
 };
 use baker_client::ops::{AmbassadorReport, AmbassadorsResponse, ReportAck};
@@ -463,7 +463,30 @@ async fn put_route(
         ))
     })?;
     let splits: BTreeMap<String, u64> = read_json(&headers, body).await?;
-    let route = validate_route(&splits).map_err(ApiError::invalid)?;
+    let route = validate_route_of(&service, &splits).map_err(ApiError::invalid)?;
+    if !query.force {
+        // Another service the route sends to must be one the directory has seen, as the routed
+        // service must: a misspelt name would silently give its share back to the others.
+        let unseen: Vec<ValidationError> = route
+            .iter()
+            .filter(|(t, _)| *t.service(&service) != service)
+            .filter(|(t, _)| !app.registry.knows(t.service(&service)))
+            .map(|(t, _)| {
+                ValidationError::new(
+                    format!("route.{t}"),
+                    format!(
+                        "service {} has never had a live instance since the directory started, \
+                         so the name may be a mistake: check it, or set the route anyway with \
+                         force=true (baker route set --force)",
+                        t.service(&service)
+                    ),
+                )
+            })
+            .collect();
+        if !unseen.is_empty() {
+            return Err(ApiError::invalid(unseen));
+        }
+    }
     if !query.force && !app.registry.knows(&service) {
         return Err(ApiError::Conflict(format!(
             "service {service} has never had a live instance since the directory started, so \

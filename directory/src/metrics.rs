@@ -146,7 +146,7 @@ impl Metrics {
         );
         registry.register(
             "routes_falling_back",
-            "Services whose route falls back to all live instances: none of its versions has one",
+            "Services whose route falls back to all live instances: none of its targets has one",
             m.routes_falling_back.clone(),
         );
         registry.register("watchers", "Open watch streams", m.watchers.clone());

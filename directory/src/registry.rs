@@ -29,8 +29,8 @@ use baker_client::maintenance::{
     Drain, DrainResponse, InstanceState, Maintenance, MaintenanceEntry, Reason, Target,
 };
 use baker_client::model::{
-    route_falls_back, Instance, InstanceId, Route, RouteResponse, RoutesResponse, ServiceName,
-    ServiceResponse, ServicesResponse, Source, ValidSpec, WatchEvent,
+    route_falls_back_by_version, Instance, InstanceId, Route, RouteResponse, RoutesResponse,
+    ServiceName, ServiceResponse, ServicesResponse, Source, ValidSpec, Version, WatchEvent,
 };
 use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
@@ -113,7 +113,7 @@ struct Table {
     /// Services that have had a live instance since the directory started.
     known: BTreeSet<ServiceName>,
     /// Services whose route falls back to all their live instances, because none of the
-    /// versions it routes to has one ([`route_falls_back`]).
+    /// targets it routes to has one ([`route_falls_back_by_version`]).
     falling_back: BTreeSet<ServiceName>,
     /// Whether this process expires instances by their TTL (memory); with etcd, etcd does.
     local_expiry: bool,
@@ -122,6 +122,27 @@ struct Table {
     /// With etcd: why the instances deleted at one revision went, as that revision's
     /// transaction said; a deletion with no cause is a lease that ran out.
     causes: (u64, HashMap<(ServiceName, InstanceId), RemoveCause>),
+    /// For each service another service's route sends traffic to, the services routing to it:
+    /// a change of its instances may start or end their fallback.
+    targeted_by: BTreeMap<ServiceName, BTreeSet<ServiceName>>,
+}
+
+impl Table {
+    /// Notes that `service`'s route now names the other services of `route` (none when cleared).
+    fn index_targets(&mut self, service: &ServiceName, route: Option<&Route>) {
+        self.targeted_by.retain(|_, by| {
+            by.remove(service);
+            !by.is_empty()
+        });
+        if let Some(route) = route {
+            for other in route.other_services(service) {
+                self.targeted_by
+                    .entry(other.clone())
+                    .or_default()
+                    .insert(service.clone());
+            }
+        }
+    }
 }
 
 /// A call over the API that would change an instance another source owns.
@@ -373,19 +394,24 @@ impl Registry {
         quotas: Quotas,
     ) -> Registry {
         let local_expiry = replica.is_none();
+        let mut table = Table {
+            store,
+            feed: Feed::new(event_capacity),
+            deadlines: BTreeSet::new(),
+            leases: HashMap::new(),
+            known: BTreeSet::new(),
+            falling_back: BTreeSet::new(),
+            local_expiry,
+            owners: HashMap::new(),
+            causes: (0, HashMap::new()),
+            targeted_by: BTreeMap::new(),
+        };
+        for (service, route) in table.store.routes() {
+            table.index_targets(&service, Some(&route));
+        }
         Registry {
             inner: Arc::new(Inner {
-                table: Mutex::new(Table {
-                    store,
-                    feed: Feed::new(event_capacity),
-                    deadlines: BTreeSet::new(),
-                    leases: HashMap::new(),
-                    known: BTreeSet::new(),
-                    falling_back: BTreeSet::new(),
-                    local_expiry,
-                    owners: HashMap::new(),
-                    causes: (0, HashMap::new()),
-                }),
+                table: Mutex::new(table),
                 wake: Notify::new(),
                 metrics,
                 quotas,
@@ -432,6 +458,9 @@ impl Registry {
                 .set(count as i64);
         }
         self.inner.metrics.changes.inc();
+        if let Change::Route { route, .. } = &change {
+            t.index_targets(&service, route.as_ref());
+        }
         // A v1 watcher gets the service's whole list: built only while one is subscribed.
         let legacy = t.feed.wants_legacy().then(|| {
             let event = match &change {
@@ -457,6 +486,14 @@ impl Registry {
         });
         t.feed.publish(Published::new(change, legacy));
         self.follow_fallback(t, &service);
+        let routing: Vec<ServiceName> = t
+            .targeted_by
+            .get(&service)
+            .map(|by| by.iter().cloned().collect())
+            .unwrap_or_default();
+        for other in routing {
+            self.follow_fallback(t, &other);
+        }
     }
 
     /// Publishes the upsert of `instance` at `revision`. Called with the lock held.
@@ -514,8 +551,11 @@ impl Registry {
         let route = t.store.route(service);
         let now = match route {
             Some(r) => {
-                let versions = t.store.versions(service);
-                route_falls_back(r, versions.iter().map(|v| v.as_str()))
+                let mut live: Vec<(ServiceName, Version)> = Vec::new();
+                for s in std::iter::once(service).chain(r.other_services(service)) {
+                    live.extend(t.store.versions(s).into_iter().map(|v| (s.clone(), v)));
+                }
+                route_falls_back_by_version(r, service, live.iter().map(|(s, v)| (s, v)))
             }
             None => false,
         };
@@ -528,8 +568,8 @@ impl Registry {
                 service = %service,
                 route = %route.map(describe).unwrap_or_default(),
                 live,
-                "no live instance has a version the route sends traffic to: the service falls \
-                 back to all its live instances by their weights until one does"
+                "no live instance belongs to a target the route sends traffic to: the service \
+                 falls back to all its live instances by their weights until one does"
             );
             t.falling_back.insert(service.clone());
         } else {

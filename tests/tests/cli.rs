@@ -187,7 +187,7 @@ async fn route_set_list_clear_round_trip() {
     let routes = dir.client.routes().await.unwrap();
     assert_eq!(
         routes.routes["emitter"],
-        BTreeMap::from([("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)])
+        baker_client::Route::from([("1".parse().unwrap(), 90), ("2".parse().unwrap(), 10)])
     );
 
     // A service that never had an instance needs --force: its name may be a typo.
@@ -366,7 +366,7 @@ async fn watch_json_prints_the_directory_events() {
         });
         let route = ev.iter().any(|e| {
             matches!(e, WatchEvent::Route { service, route: Some(r), .. }
-                if service == "emitter" && r.get("1") == Some(&100))
+                if service == "emitter" && r.version_share("1") == Some(100))
         });
         (instance && route).then_some(())
     })

@@ -4,7 +4,7 @@
 //! types the directory uses, so a typo is a usage error (exit 2) before any request is sent.
 
 use baker_client::api::DEFAULT_DIRECTORY;
-use baker_client::model::{printable, Address, InstanceId, ServiceName, ValidationError, Version};
+use baker_client::model::{printable, Address, InstanceId, ServiceName, Target, ValidationError};
 use clap::{Args, Parser, Subcommand};
 
 const AFTER_HELP: &str = "\
@@ -223,14 +223,18 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum RouteCommand {
-    /// Split a service's traffic between versions, in percent summing to 100.
+    /// Split a service's traffic between versions or services, in percent summing to 100.
     ///
     /// `baker route set emitter 1=90 2=10` sends 90 % to version 1 and 10 % to version 2;
-    /// versions not named get nothing. While none of the versions given a share has a live
-    /// instance, the route is set aside and every live instance serves, as with no route.
+    /// versions not named get nothing. `baker route set monolith monolith=70 barker=30` sends
+    /// 30 % of monolith's traffic to the service barker, and `barker@2=10` to its version 2
+    /// (`barker@*` is the whole service, written out). While none of the targets given a share
+    /// has a live instance, the route is set aside and every live instance serves, as with no
+    /// route.
     Set {
-        /// Set the route even if the service has never had a live instance (the directory
-        /// refuses such a route otherwise: its name is likely a mistake).
+        /// Set the route even if the service, or another service it sends to, has never had a
+        /// live instance (the directory refuses such a route otherwise: its name is likely a
+        /// mistake).
         #[arg(long)]
         force: bool,
         /// The service.
@@ -238,14 +242,15 @@ pub enum RouteCommand {
         service: ServiceName,
         #[command(flatten)]
         wait: Wait,
-        /// VERSION=PERCENT pairs, separated by spaces or commas.
+        /// TARGET=PERCENT pairs, separated by spaces or commas; a target is a version (`2`), a
+        /// service (`barker`, or `barker@*`) or a version of a service (`barker@2`).
         #[arg(
             required = true,
             value_parser = split,
             value_delimiter = ',',
-            value_name = "VERSION=PERCENT"
+            value_name = "TARGET=PERCENT"
         )]
-        splits: Vec<(Version, u64)>,
+        splits: Vec<(Target, u64)>,
     },
     /// List every route.
     #[command(visible_alias = "ls")]
@@ -317,23 +322,28 @@ fn instance_id(value: &str) -> Result<InstanceId, String> {
     value.parse().map_err(|e: ValidationError| e.message)
 }
 
-/// Parses `VERSION=PERCENT` (`1=90`). The whole route is checked later, all problems at once.
-pub fn split(value: &str) -> Result<(Version, u64), String> {
-    let (version, pct) = value
-        .split_once('=')
-        .ok_or_else(|| "expected VERSION=PERCENT, such as 1=90".to_owned())?;
-    let version: Version = version
-        .trim()
-        .parse()
-        .map_err(|e: ValidationError| format!("version {}", e.message))?;
+/// Parses `TARGET=PERCENT` (`1=90`, `barker=30`, `barker@2=10`). A bare name is read as a
+/// version here; `baker route set` decides later whether it names a service. The whole route
+/// is checked later, all problems at once.
+pub fn split(value: &str) -> Result<(Target, u64), String> {
+    let (target, pct) = value.split_once('=').ok_or_else(|| {
+        "expected TARGET=PERCENT, such as 1=90, barker=30 or barker@2=10".to_owned()
+    })?;
+    let target = Target::parse_as("target", target.trim(), None).map_err(|e| {
+        if target.contains('@') {
+            format!("target {}: {}", printable(target.trim()), e.message)
+        } else {
+            format!("version or service {}", e.message)
+        }
+    })?;
     let pct = pct.trim().trim_end_matches('%');
     let pct: u64 = pct.parse().map_err(|_| {
         format!(
-            "percent of version {version} must be a whole number from 0 to 100, got {:?}",
+            "percent of {target} must be a whole number from 0 to 100, got {:?}",
             printable(pct)
         )
     })?;
-    Ok((version, pct))
+    Ok((target, pct))
 }
 
 /// Parses a point in time: a duration ago (`10m`), an RFC 3339 time, or milliseconds since the
@@ -418,14 +428,24 @@ mod tests {
 
     #[test]
     fn splits() {
-        let split = |v| split(v).map(|(version, pct)| (version.to_string(), pct));
+        let split = |v| split(v).map(|(target, pct)| (target.to_string(), pct));
         assert_eq!(split("1=90").unwrap(), ("1".parse().unwrap(), 90));
+        assert_eq!(split("barker@2=10").unwrap(), ("barker@2".into(), 10));
+        assert_eq!(split("barker@*=30").unwrap(), ("barker@*".into(), 30));
+        assert!(split("barker@=30")
+            .unwrap_err()
+            .starts_with("target barker@: "));
+        assert!(split("Barker@2=30")
+            .unwrap_err()
+            .contains("service before '@'"));
         assert_eq!(split("v2.1=10%").unwrap(), ("v2.1".parse().unwrap(), 10));
         assert_eq!(split(" 2 = 0 ").unwrap(), ("2".parse().unwrap(), 0));
-        assert!(split("1:90").unwrap_err().contains("VERSION=PERCENT"));
+        assert!(split("1:90").unwrap_err().contains("TARGET=PERCENT"));
         assert!(split("1=ninety").unwrap_err().contains("whole number"));
         assert!(split("1=-5").is_err());
-        assert!(split("V1=90").unwrap_err().starts_with("version "));
+        assert!(split("V1=90")
+            .unwrap_err()
+            .starts_with("version or service "));
         assert!(split("=90").is_err());
     }
 
@@ -443,8 +463,11 @@ mod tests {
                 assert!(!wait.wait);
                 assert_eq!(wait.timeout, std::time::Duration::from_secs(30));
                 assert_eq!(service, "emitter");
-                let splits: Vec<_> = splits.iter().map(|(v, p)| (v.as_str(), *p)).collect();
-                assert_eq!(splits, [("1", 80), ("2", 10), ("3", 10)]);
+                let splits: Vec<_> = splits.iter().map(|(t, p)| (t.to_string(), *p)).collect();
+                assert_eq!(
+                    splits,
+                    [("1".into(), 80), ("2".into(), 10), ("3".into(), 10)]
+                );
             }
             other => panic!("parsed as {other:?}"),
         }

@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baker_client::maintenance::describe_state;
-use baker_client::model::{Instance, Route, Source, Tag, Version};
+use baker_client::model::{Instance, Route, ServiceName, Source, Tag, Target, Version};
 
 /// `address:port`, with an IPv6 address in brackets.
 pub fn authority(address: &str, port: u16) -> String {
@@ -71,13 +71,18 @@ fn tags(tags: &[Tag]) -> String {
     }
 }
 
-/// `1=90 2=10`, in version order, the same syntax `baker route set` takes.
-pub fn route_text(route: &Route) -> String {
-    let mut pairs: Vec<(&Version, &u8)> = route.iter().collect();
-    pairs.sort_by(|a, b| version_order(a.0.as_str(), b.0.as_str()));
+/// `1=90 2=10 barker@*=5 barker@3=5` for the route of `service`: its versions in version
+/// order (or `service@*`), then the other targets, the same syntax `baker route set` takes.
+pub fn route_text(service: &ServiceName, route: &Route) -> String {
+    let mut pairs: Vec<(&Target, &u8)> = route.iter().collect();
+    let own = |t: &Target| !matches!(t, Target::Service(s) if s != service);
+    pairs.sort_by(|a, b| match (a.0, b.0) {
+        (Target::Version(x), Target::Version(y)) => version_order(x.as_str(), y.as_str()),
+        (x, y) => own(y).cmp(&own(x)).then(x.cmp(y)),
+    });
     pairs
         .iter()
-        .map(|(v, p)| format!("{v}={p}"))
+        .map(|(t, p)| format!("{t}={p}"))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -184,7 +189,10 @@ mod tests {
             ("canary".parse().unwrap(), 10),
         ]
         .into();
-        assert_eq!(route_text(&route), "1=70 2=15 10=5 canary=10");
+        assert_eq!(
+            route_text(&"s".parse().unwrap(), &route),
+            "1=70 2=15 10=5 canary=10"
+        );
         let mut a = inst();
         a.version = "10".parse().unwrap();
         let mut b = inst();

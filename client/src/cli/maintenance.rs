@@ -153,7 +153,7 @@ pub fn events_table(resp: &EventsResponse) -> Table {
             cause.push_str(&format!(" ({r})"));
         }
         if let Some(route) = &e.route {
-            cause.push_str(&format!(": {}", route_text(route)));
+            cause.push_str(&format!(": {}", route_text(&e.service, route)));
         }
         t.row(vec![
             rfc3339(e.at),

@@ -64,7 +64,10 @@ pub fn services_table(rows: &[ServiceSummary]) -> Table {
             s.service.to_string(),
             s.instances.to_string(),
             s.versions.join(","),
-            s.route.as_ref().map(route_text).unwrap_or_default(),
+            s.route
+                .as_ref()
+                .map(|r| route_text(&s.service, r))
+                .unwrap_or_default(),
         ]);
     }
     t
@@ -165,7 +168,7 @@ pub async fn instances(ctx: &Ctx, service: Option<&ServiceName>) -> anyhow::Resu
     let table = instances_table(&resp.instances, false, SystemTime::now());
     ctx.print_table(&table, &format!("no live instances of {service}"))?;
     if let Some(route) = &resp.route {
-        eprintln!("route: {}", route_text(route));
+        eprintln!("route: {}", route_text(service, route));
     }
     Ok(())
 }

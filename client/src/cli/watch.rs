@@ -143,7 +143,7 @@ fn route_diff(service: &ServiceName, old: Option<&Route>, new: Option<&Route>) -
         return None;
     }
     Some(match new {
-        Some(r) => format!("route {service} {}", route_text(r)),
+        Some(r) => format!("route {service} {}", route_text(service, r)),
         None => format!("route {service} cleared"),
     })
 }
