@@ -98,29 +98,6 @@ impl Greeting {
             .unwrap_or_else(|e| panic!("decoding a greeting from {}: {e}", self.proc.name))
     }
 
-    /// Registers this process as instance `id` of `service` at `version`, with a minute's TTL
-    /// (no heartbeats needed for the length of a test).
-    pub async fn register(
-        &self,
-        client: &baker_client::DirectoryClient,
-        service: &str,
-        id: &str,
-        version: &str,
-    ) {
-        let spec = baker_client::InstanceSpec {
-            address: self.addr.ip().to_string(),
-            port: u64::from(self.addr.port()),
-            version: Some(version.to_owned()),
-            weight: None,
-            tags: vec![],
-            ttl_ms: Some(60_000),
-        };
-        client
-            .register(service, id, &spec)
-            .await
-            .unwrap_or_else(|e| panic!("registering {service}/{id}: {e}"));
-    }
-
     /// Asks the process to exit (`POST /control/exit`) and waits until it has.
     pub async fn exit(&mut self) {
         let _ = http()

@@ -9,9 +9,12 @@ use std::time::Duration;
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::cli::baker;
 use baker_tests::directory::TestDirectory;
-use baker_tests::greeting::Greeting;
+use baker_tests::greeting::{register, Greeting};
 use baker_tests::load::Load;
 use baker_tests::{eventually, require, Needs};
+
+/// Long enough that no registration expires during a test.
+const TTL_MS: u64 = 60_000;
 
 /// HAProxy's current weight of each server of `backend`.
 fn weights(amb: &TestAmbassador, backend: &str) -> BTreeMap<String, u32> {
@@ -75,9 +78,9 @@ async fn a_service_shares_its_traffic_with_another_service_and_flips_without_a_r
     let m1 = Greeting::start("1", "m1").await;
     let m2 = Greeting::start("1", "m2").await;
     let b1 = Greeting::start("1", "b1").await;
-    m1.register(&dir.client, "monolith", "m1", "1").await;
-    m2.register(&dir.client, "monolith", "m2", "1").await;
-    b1.register(&dir.client, "barker", "b1", "1").await;
+    register(&dir.client, "monolith", &m1, "m1", "1", TTL_MS).await;
+    register(&dir.client, "monolith", &m2, "m2", "1", TTL_MS).await;
+    register(&dir.client, "barker", &b1, "b1", "1", TTL_MS).await;
     let amb = TestAmbassador::start(&dir.url, &["monolith"], &[]).await;
     eventually(
         Duration::from_secs(10),
@@ -155,7 +158,7 @@ async fn a_service_shares_its_traffic_with_another_service_and_flips_without_a_r
         .await
         .unwrap();
     let b2 = Greeting::start("1", "b2").await;
-    b2.register(&dir.client, "barker", "b2", "1").await;
+    register(&dir.client, "barker", &b2, "b2", "1", TTL_MS).await;
     until_weights(&amb, "monolith", "the new barker instance's server", |w| {
         w.get("barker:b2").is_some_and(|&x| x > 0)
     })
@@ -183,10 +186,10 @@ async fn one_version_of_another_service_and_a_missing_target_gives_its_share_bac
     let m2 = Greeting::start("2", "m2").await;
     let b1 = Greeting::start("1", "b1").await;
     let mut b2 = Greeting::start("2", "b2").await;
-    m1.register(&dir.client, "monolith", "m1", "1").await;
-    m2.register(&dir.client, "monolith", "m2", "2").await;
-    b1.register(&dir.client, "barker", "b1", "1").await;
-    b2.register(&dir.client, "barker", "b2", "2").await;
+    register(&dir.client, "monolith", &m1, "m1", "1", TTL_MS).await;
+    register(&dir.client, "monolith", &m2, "m2", "2", TTL_MS).await;
+    register(&dir.client, "barker", &b1, "b1", "1", TTL_MS).await;
+    register(&dir.client, "barker", &b2, "b2", "2", TTL_MS).await;
     let amb = TestAmbassador::start(&dir.url, &["monolith"], &[]).await;
     eventually(
         Duration::from_secs(10),
@@ -245,7 +248,7 @@ async fn one_version_of_another_service_and_a_missing_target_gives_its_share_bac
 async fn bad_cross_service_routes_change_nothing() {
     let dir = TestDirectory::start(&[]).await;
     let m1 = Greeting::start("1", "m1").await;
-    m1.register(&dir.client, "monolith", "m1", "1").await;
+    register(&dir.client, "monolith", &m1, "m1", "1", TTL_MS).await;
     baker(&dir.url, None, &["route", "set", "monolith", "1=100"])
         .await
         .ok();
