@@ -116,7 +116,12 @@ impl EtcdCluster {
         for _ in 0..5 {
             match Self::try_start(n).await {
                 Ok(cluster) => return cluster,
-                Err(log) if log.contains("address already in use") => last = log,
+                Err(log)
+                    if log.contains("address already in use")
+                        || log.contains("has duplicate url") =>
+                {
+                    last = log
+                }
                 Err(log) => panic!("an etcd member exited at start; its log:\n{log}"),
             }
         }

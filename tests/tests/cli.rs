@@ -82,16 +82,21 @@ async fn registered_instances_show_in_services_and_instances() {
     let lines: Vec<&str> = instances.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{instances:#?}");
     assert!(
-        lines[0]
-            .starts_with("ID   ADDRESS          VERSION   WEIGHT   SOURCE      TAGS   TTL   SEEN"),
+        lines[0].starts_with(
+            "ID   ADDRESS          VERSION   WEIGHT   STATE   SOURCE      TAGS   TTL   SEEN"
+        ),
         "{instances:#?}"
     );
     assert!(
-        lines[1].starts_with("a    10.0.0.1:8080    1         100      registrar   blue   10m   "),
+        lines[1].starts_with(
+            "a    10.0.0.1:8080    1         100      up      registrar   blue   10m   "
+        ),
         "{instances:#?}"
     );
     assert!(
-        lines[2].starts_with("b    127.0.0.1:9000   2         100      registrar   -      10m   "),
+        lines[2].starts_with(
+            "b    127.0.0.1:9000   2         100      up      registrar   -      10m   "
+        ),
         "{instances:#?}"
     );
     assert!(lines[1].ends_with(" ago"), "{instances:#?}");
@@ -299,7 +304,7 @@ async fn bad_route_is_rejected_with_a_message_and_changes_nothing() {
     );
 
     for (args, needle) in [
-        (vec!["1:90"], "expected VERSION=PERCENT"),
+        (vec!["1:90"], "expected TARGET=PERCENT"),
         (vec!["1=ninety"], "whole number"),
         (
             vec!["1=150"],
@@ -307,7 +312,7 @@ async fn bad_route_is_rejected_with_a_message_and_changes_nothing() {
         ),
         (
             vec!["V2=100"],
-            "version must start with a lowercase letter or digit",
+            "version or service must start with a lowercase letter or digit",
         ),
     ] {
         let mut full = vec!["route", "set", "emitter"];

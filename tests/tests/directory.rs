@@ -283,7 +283,7 @@ async fn bad_input_is_rejected_with_a_message_and_changes_nothing() {
         (r#"{"1":90,"2":20}"#, "sum to 100, got 110"),
         (r#"{"1":90,"B#":10}"#, "route.B#"),
         (r#"{"1":300}"#, "route.1"),
-        (r#"{}"#, "at least one version"),
+        (r#"{}"#, "at least one target"),
         (r#"[90,10]"#, "invalid JSON body"),
         (r#"{"1":90,"2":10"#, "invalid JSON body: EOF"),
     ] {

@@ -238,7 +238,10 @@ async fn a_routes_json_of_an_earlier_build_is_moved_into_one_file_per_route_at_s
         files(&data.join("routes")),
         ["emitter.json", "transform.json"]
     );
-    assert_eq!(files(&data), ["routes", "routes.json.migrated"]);
+    assert_eq!(
+        files(&data),
+        ["maintenance", "routes", "routes.json.migrated"]
+    );
     dir.proc
         .wait_for_log("moving the routes of", Duration::from_secs(1))
         .await;
