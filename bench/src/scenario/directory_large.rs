@@ -25,12 +25,13 @@ use anyhow::{bail, Context};
 use baker_client::{DirectoryClient, InstanceSpec, WatchEvent};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::directory_scale::{pinned_directory, pinned_directory_with, put};
+use super::directory_scale::{
+    open_watch, pinned_directory, pinned_directory_with, put, WATCH_TOKEN,
+};
 use crate::daemons::{self, Ambassador, Bins};
 use crate::load::Conn;
 use crate::procfs::{self, Sampler};
@@ -143,28 +144,6 @@ async fn registration(bins: &Bins, n: usize) -> anyhow::Result<(f64, f64)> {
     Ok((out[0], out[1]))
 }
 
-/// Opens `path` (a watch) on its own connection; the sender is held while the body is read.
-async fn open_watch(
-    addr: SocketAddr,
-    path: &str,
-) -> anyhow::Result<(SendRequest<Full<Bytes>>, hyper::body::Incoming)> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Full::new(Bytes::new()))?;
-    let resp = sender.send_request(req).await?;
-    if !resp.status().is_success() {
-        bail!("GET {path}: {}", resp.status());
-    }
-    Ok((sender, resp.into_body()))
-}
-
 /// The probe instances a watch line names: a v1 `service` event of the probe service lists
 /// them, a v2 `upsert` carries one. Snapshots are skipped without decoding.
 fn probe_ids(line: &[u8]) -> Vec<u64> {
@@ -192,11 +171,20 @@ struct Watchers {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// How many watchers may be receiving their snapshot at once. A 100,000-instance snapshot is
+/// about 20 MB: a thousand of them at once would be gigabytes queued on loopback, and the
+/// directory closes watchers that fall that far behind, which reconnect and ask for another.
+const SNAPSHOTS_IN_FLIGHT: usize = 16;
+/// How long the watchers get to connect before the window starts anyway.
+const CONNECT_LIMIT: Duration = Duration::from_secs(600);
+
+/// `n` watchers on `path`; one counts as connected once its snapshot has arrived whole.
 fn watchers(
     addr: SocketAddr,
     n: usize,
     path: &'static str,
     sent: Arc<Mutex<HashMap<u64, Instant>>>,
+    snapshots: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
 ) -> Watchers {
     let connected = Arc::new(AtomicU64::new(0));
@@ -206,17 +194,21 @@ fn watchers(
         .map(|_| {
             let (stop, sent, fanout) = (stop.clone(), sent.clone(), fanout.clone());
             let (connected, reconnects) = (connected.clone(), reconnects.clone());
+            let snapshots = snapshots.clone();
             tokio::spawn(async move {
                 let mut seen = HashSet::<u64>::new();
                 let mut first = true;
                 while !stop.is_cancelled() {
+                    let Ok(permit) = snapshots.clone().acquire_owned().await else {
+                        return;
+                    };
                     let Ok((_sender, mut body)) = open_watch(addr, path).await else {
+                        drop(permit);
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     };
-                    let counter = if first { &connected } else { &reconnects };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    first = false;
+                    // Held until the snapshot's line has ended.
+                    let mut permit = Some(permit);
                     // A snapshot (up to tens of MB with 2,000 watchers) is skipped as it
                     // comes, never held: each byte is looked at once.
                     let mut buf = BytesMut::new();
@@ -233,6 +225,11 @@ fn watchers(
                         let mut data = &data[..];
                         while !data.is_empty() {
                             let newline = data.iter().position(|&b| b == b'\n');
+                            if newline.is_some() && permit.take().is_some() {
+                                let counter = if first { &connected } else { &reconnects };
+                                counter.fetch_add(1, Ordering::Relaxed);
+                                first = false;
+                            }
                             if skipping {
                                 match newline {
                                     Some(p) => (skipping, data) = (false, &data[p + 1..]),
@@ -403,6 +400,9 @@ struct Figures {
     fanout_filtered: Summary,
     deliveries: (u64, u64, u64),
     reconnects: u64,
+    /// Watchers that had their snapshot before the window, and how long they took.
+    watchers_connected: u64,
+    connect_s: f64,
     directory: procfs::Footprint,
     ambassador_rss_mib: f64,
     seconds: f64,
@@ -422,11 +422,13 @@ async fn measure(bins: &Bins, s: Sizes) -> anyhow::Result<Figures> {
     let (measuring, hb_stop) = (Arc::new(AtomicBool::new(false)), CancellationToken::new());
     let hb = heartbeats(addr, reqs, measuring.clone(), hb_stop.clone());
     let (sent, stop) = (Arc::default(), CancellationToken::new());
+    let snapshots = Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_IN_FLIGHT));
     let all = watchers(
         addr,
         s.watchers_all,
         "/v1/watch?v=2",
         Arc::clone(&sent),
+        snapshots.clone(),
         stop.clone(),
     );
     let filtered = watchers(
@@ -434,16 +436,24 @@ async fn measure(bins: &Bins, s: Sizes) -> anyhow::Result<Figures> {
         s.watchers_filtered,
         "/v1/watch?v=2&service=fanout",
         Arc::clone(&sent),
+        snapshots,
         stop.clone(),
     );
+    // Each watcher counts once its snapshot has arrived; a directory that cannot serve them
+    // all within the limit is measured with those it did serve, and the report says how many.
     let want = (s.watchers_all + s.watchers_filtered) as u64;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while all.connected.load(Ordering::Relaxed) + filtered.connected.load(Ordering::Relaxed) < want
-    {
-        if Instant::now() > deadline {
-            bail!("the watchers did not all connect within 300 s");
-        }
+    let connecting = Instant::now();
+    let connected =
+        || all.connected.load(Ordering::Relaxed) + filtered.connected.load(Ordering::Relaxed);
+    while connected() < want && connecting.elapsed() < CONNECT_LIMIT {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (watchers_connected, connect_s) = (connected(), connecting.elapsed().as_secs_f64());
+    if watchers_connected < want {
+        eprintln!(
+            "directory-100k: {watchers_connected} of {want} watchers had their snapshot after \
+             {CONNECT_LIMIT:?}; measuring with those"
+        );
     }
 
     // The measured window: heartbeats, probes, and the directory's footprint.
@@ -469,7 +479,8 @@ async fn measure(bins: &Bins, s: Sizes) -> anyhow::Result<Figures> {
         - expired_before;
 
     // An ambassador routing the probe service, beside the full directory.
-    let mut amb = Ambassador::start_with(bins, &url, &[PROBE], &[]).await?;
+    let mut amb =
+        Ambassador::start_with(bins, &url, &[PROBE], &[("BAKER_WATCH_TOKEN", WATCH_TOKEN)]).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let ambassador_rss_mib =
         procfs::usage(amb.proc.pid()).map_or(0.0, |u| u.rss_kib as f64 / 1024.0);
@@ -512,6 +523,8 @@ async fn measure(bins: &Bins, s: Sizes) -> anyhow::Result<Figures> {
         fanout_all,
         fanout_filtered,
         reconnects,
+        watchers_connected,
+        connect_s,
         directory,
         ambassador_rss_mib,
         seconds,
@@ -563,6 +576,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         "expiries",
         "fan-out p99 all ms",
         "fan-out p99 filtered ms",
+        "watchers connected (s)",
         "deliveries all/filtered (probes)",
         "reconnects",
         "dir CPU",
@@ -581,6 +595,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             format!("{:.0}", f.expiries),
             ms(f.fanout_all.p99_ms),
             ms(f.fanout_filtered.p99_ms),
+            format!("{} ({:.0})", f.watchers_connected, f.connect_s),
             format!("{}/{} ({})", f.deliveries.0, f.deliveries.1, f.deliveries.2),
             f.reconnects.to_string(),
             format!("{:.0}%", f.directory.cpu_cores * 100.0),
@@ -608,7 +623,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "directory 100k: fan-out p99",
             "< 100 ms",
             format!("{fan:.1} ms"),
-            fan < 100.0 && f.fanout_all.count > 0 && f.fanout_filtered.count > 0,
+            fan < 100.0
+                && f.fanout_all.count > 0
+                && f.fanout_filtered.count > 0
+                && f.watchers_connected == s.watchers_all as u64 + s.watchers_filtered as u64,
         ),
         Check::new(
             "directory 100k: RSS",

@@ -35,7 +35,7 @@ const PROBE_SERVICE: &str = "fanout";
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const CONNS: usize = 32;
 /// The directory requires it of watchers (`BAKER_WATCH_TOKEN`), as a fleet would.
-const WATCH_TOKEN: &str = "bench-watch-token";
+pub(crate) const WATCH_TOKEN: &str = "bench-watch-token";
 
 /// Starts the directory pinned to CPU 1 (the last core when there are fewer).
 pub(crate) async fn pinned_directory(
@@ -98,14 +98,16 @@ fn heartbeats(instances: usize) -> Vec<(String, Bytes)> {
         .collect()
 }
 
-/// Opens `GET /v1/watch` on its own connection and returns the streaming body.
+/// Opens the watch `path` (`/v1/watch` and its query) on its own connection, with the watch
+/// token, and returns the streaming body.
 ///
 /// The watchers read lines as bytes and decode only the probe service's events: 500 watchers
 /// each decoding every 10,000-instance snapshot would make this process, not the directory,
 /// the bottleneck on a two-core machine.
 /// The request sender is returned with the body, to be held while the stream is read.
-async fn open_watch(
+pub(crate) async fn open_watch(
     addr: SocketAddr,
+    path: &str,
 ) -> anyhow::Result<(SendRequest<Full<Bytes>>, hyper::body::Incoming)> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let _ = stream.set_nodelay(true);
@@ -114,7 +116,7 @@ async fn open_watch(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = hyper::Request::get("/v1/watch")
+    let req = hyper::Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
         .header(
             hyper::header::AUTHORIZATION,
@@ -123,7 +125,7 @@ async fn open_watch(
         .body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await?;
     if !resp.status().is_success() {
-        bail!("GET /v1/watch: {}", resp.status());
+        bail!("GET {path}: {}", resp.status());
     }
     Ok((sender, resp.into_body()))
 }
@@ -263,7 +265,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             let mut seen = std::collections::HashSet::<u64>::new();
             let mut first = true;
             while !stop.is_cancelled() {
-                let Ok((_sender, mut body)) = open_watch(addr).await else {
+                let Ok((_sender, mut body)) = open_watch(addr, "/v1/watch").await else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
