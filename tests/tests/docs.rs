@@ -509,6 +509,11 @@ fn docker_md() {
 }
 
 #[test]
+fn ha_md() {
+    docker_doc("docs/ha.md", true);
+}
+
+#[test]
 fn registrar_md() {
     docker_doc("docs/registrar.md", false);
 }
@@ -542,6 +547,7 @@ fn every_doc_is_covered() {
         "directory.md",
         "docker.md",
         "greeting.md",
+        "ha.md",
         "registrar.md",
     ];
     let dir = repo_root().join("docs");
