@@ -298,6 +298,16 @@ impl Compose {
         )
     }
 
+    /// The host address (`127.0.0.1:49153`) where a service's container `port` is published.
+    pub fn port(&self, service: &str, port: u16) -> String {
+        let address = self.run_ok(&["port", service, &port.to_string()]);
+        assert!(
+            !address.is_empty() && !address.ends_with(":0"),
+            "compose service {service} does not publish port {port}"
+        );
+        address
+    }
+
     /// The container id of a service (its first container).
     pub fn container(&self, service: &str) -> String {
         let ids = self.run_ok(&["ps", "-q", service]);

@@ -1,11 +1,13 @@
 //! The compose topologies of `compose/` on the real engine: the quick start comes up and its
 //! client, which knows only `GREETING_PORT_8000_TCP`, reaches both Greeting instances through
-//! the ambassador; the canary file sends part of the traffic to version 2.
+//! the ambassador; the canary file sends part of the traffic to version 2; the HA file keeps
+//! answering while a directory replica and an etcd member are killed.
 
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use baker_tests::docker::{require_images, Compose};
-use baker_tests::eventually;
+use baker_tests::docker::{docker_ok, require_images, Compose};
+use baker_tests::{bin, eventually};
 
 const PUBLISH_ANY: [(&str, &str); 3] = [
     ("BAKER_DIRECTORY_PUBLISH", "127.0.0.1:0"),
@@ -110,4 +112,142 @@ async fn labels_file_discovers_containers_without_registrars() {
             "{logs}"
         );
     }
+}
+
+const HA_PUBLISH_ANY: [(&str, &str); 4] = [
+    ("BAKER_DIRECTORY_1_PUBLISH", "127.0.0.1:0"),
+    ("BAKER_DIRECTORY_2_PUBLISH", "127.0.0.1:0"),
+    ("BAKER_GREETING_PUBLISH", "127.0.0.1:0"),
+    ("BAKER_ADMIN_PUBLISH", "127.0.0.1:0"),
+];
+
+/// The host's `baker` CLI against `directory` (one URL or several), which must succeed.
+fn baker(directory: &str, args: &[&str]) -> String {
+    let out = Command::new(bin("baker"))
+        .args(args)
+        .env("BAKER_DIRECTORY", directory)
+        .output()
+        .expect("running baker");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "baker {} against {directory} failed ({}):\n{text}",
+        args.join(" "),
+        out.status
+    );
+    text
+}
+
+/// The client's failed requests (it prints `failed: <why>` for each) and its answers.
+fn client_counts(logs: &str) -> (usize, usize) {
+    let failed = logs.lines().filter(|l| l.contains("failed: ")).count();
+    let answered = logs.lines().filter(|l| l.contains("answered by ")).count();
+    (failed, answered)
+}
+
+#[tokio::test]
+async fn ha_file_keeps_answering_through_a_killed_replica_and_etcd_member() {
+    if !require_images() {
+        return;
+    }
+    let project = Compose::new("ha", &["compose/ha.yml"], &HA_PUBLISH_ANY);
+    project.up();
+    eventually(
+        Duration::from_secs(60),
+        "the HA file's client to be answered by greeting-1 and greeting-2",
+        || async {
+            let logs = project.logs("client");
+            (logs.contains("instance=greeting-1") && logs.contains("instance=greeting-2"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Until both instances are registered the ambassador may have nothing to route to; from
+    // here on, no request may fail.
+    let (failed_before, _) = client_counts(&project.logs("client"));
+    let replica_2 = format!("http://{}", project.port("directory-2", 7700));
+    let both = format!("http://{},{replica_2}", project.port("directory-1", 7700));
+    let ambassador = project.logs("ambassador");
+    assert!(
+        ambassador
+            .lines()
+            .any(|l| l.contains("watching the directory") && l.contains("http://directory-1:7700")),
+        "the ambassador should watch the first replica it lists:\n{ambassador}"
+    );
+
+    // The replica the ambassador watches and the registrars heartbeat to dies without a word.
+    docker_ok(&["kill", &project.container("directory-1")]);
+    let killed = Instant::now();
+    eventually(
+        Duration::from_secs(20),
+        "the ambassador to watch directory-2",
+        || async {
+            project
+                .logs("ambassador")
+                .lines()
+                .any(|l| l.contains("watching the directory") && l.contains("directory-2"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Past the instances' 3 s TTL: they stay because the registrars heartbeat through the
+    // other replica, which lists both (alone, and as the CLI's fallback).
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed())).await;
+    for directory in [&replica_2, &both] {
+        let listed = baker(directory, &["instances", "greeting"]);
+        assert!(
+            listed.contains("greeting-1") && listed.contains("greeting-2"),
+            "{listed}"
+        );
+    }
+    // A change through the surviving replica reaches the ambassador.
+    let set = baker(
+        &both,
+        &[
+            "route",
+            "set",
+            "greeting",
+            "1=100",
+            "--wait",
+            "--timeout",
+            "20s",
+        ],
+    );
+    assert!(set.contains("route of greeting set: 1=100"), "{set}");
+
+    // One etcd member dies (the first the replicas list): the other two keep a quorum, writes
+    // commit and leases are renewed.
+    docker_ok(&["kill", &project.container("etcd-1")]);
+    let killed = Instant::now();
+    let cleared = baker(&replica_2, &["route", "clear", "greeting"]);
+    assert!(cleared.contains("greeting"), "{cleared}");
+    let routes = baker(&replica_2, &["route", "list"]);
+    assert!(
+        !routes.contains("1=100"),
+        "the route was not cleared:\n{routes}"
+    );
+    let (_, answered_before) = client_counts(&project.logs("client"));
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed())).await;
+    let listed = baker(&replica_2, &["instances", "greeting"]);
+    assert!(
+        listed.contains("greeting-1") && listed.contains("greeting-2"),
+        "{listed}"
+    );
+
+    let logs = project.logs("client");
+    let (failed, answered) = client_counts(&logs);
+    assert!(
+        answered > answered_before,
+        "the client was not answered after etcd-1 died:\n{logs}"
+    );
+    assert_eq!(
+        failed - failed_before,
+        0,
+        "requests failed after both instances were up:\n{logs}"
+    );
+    project.run_ok(&["down", "-v", "-t", "2"]);
 }
