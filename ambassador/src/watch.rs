@@ -279,7 +279,10 @@ pub async fn run(
                 tracing::warn!(directory = %client.base(), "cannot watch the directory: {}", chain(&e));
             }
             Ok(stream) => {
-                tracing::info!(directory = %client.base(), "watching the directory");
+                // The replica this stream comes from: once it breaks, the client already
+                // points at the next one.
+                let source = client.base().to_owned();
+                tracing::info!(directory = %source, "watching the directory");
                 metrics.directory_connected.set(1);
                 if was_connected && !widened_last {
                     metrics.directory_reconnects.inc();
@@ -329,7 +332,7 @@ pub async fn run(
                             }
                         }
                         Some(Err(e)) => {
-                            tracing::warn!(directory = %client.base(), "lost the directory's watch stream: {}; keeping the last known servers", chain(&e));
+                            tracing::warn!(directory = %source, "lost the directory's watch stream: {}; keeping the last known servers", chain(&e));
                             break;
                         }
                         None => break,
