@@ -9,8 +9,9 @@
 //! - [`daemons`]: starting and stopping the binaries under test.
 //! - [`haproxy`]: the static HAProxy floor and the master socket's reload count.
 //! - [`report`]: tables, target checks, machine description, JSON output.
-//! - [`scenario`]: the six scenarios (request path, convergence, churn, rolling restart,
-//!   directory scale, footprint).
+//! - [`scenario`]: the scenarios (request path, convergence, churn, rolling restart,
+//!   directory scale on memory or etcd, directory at 100,000 instances, footprint), and the
+//!   heartbeating fleet, watchers and fan-out probe the directory scenarios share.
 
 pub mod daemons;
 pub mod haproxy;
@@ -20,4 +21,4 @@ pub mod report;
 pub mod scenario;
 pub mod stats;
 
-pub use scenario::{Ctx, Scenario};
+pub use scenario::{Ctx, DirectoryOpts, Scenario, Store};

@@ -1,10 +1,11 @@
 //! `baker-bench <scenario>|all [--quick]`: runs Baker's benchmarks and prints their figures.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use baker_bench::report::{checks_table, write_json, Machine};
-use baker_bench::{daemons::Bins, Ctx, Scenario};
+use baker_bench::{daemons::Bins, Ctx, DirectoryOpts, Scenario, Store};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -27,9 +28,52 @@ struct Args {
     /// HAProxy binary (default: `BAKER_HAPROXY`, `haproxy` on PATH, /usr/sbin/haproxy).
     #[arg(long)]
     haproxy: Option<PathBuf>,
+    /// directory: the store under test: `memory` (one directory pinned to a core), or `etcd`
+    /// (side by side: the memory store, two replicas on a three-member etcd cluster, and the
+    /// same leases, keep-alives and watches straight against etcd).
+    #[arg(long, value_enum, default_value_t = Store::Memory)]
+    store: Store,
+    /// directory: instances heartbeating every 2 s (default 10,000; 1,000 with --quick).
+    #[arg(long)]
+    instances: Option<usize>,
+    /// directory: watchers on the watch stream (default 500; 50 with --quick).
+    #[arg(long)]
+    watchers: Option<usize>,
+    /// directory: the measured window, as `10s` or `1m` (default 60 s on memory, 30 s per mode
+    /// with --store etcd; 15 s and 10 s with --quick).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    window: Option<Duration>,
     /// Where JSON results go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
+}
+
+/// The directory options make sense only for `directory` (or `all`), and sizes of zero
+/// measure nothing.
+fn check_directory_opts(scenario: &str, o: &DirectoryOpts) -> anyhow::Result<()> {
+    let given = o.store != Store::Memory
+        || o.instances.is_some()
+        || o.watchers.is_some()
+        || o.window.is_some();
+    if given && scenario != "directory" && scenario != "all" {
+        bail!(
+            "--store, --instances, --watchers and --window apply to the directory scenario, not to {scenario:?}"
+        );
+    }
+    let mut wrong = Vec::new();
+    if o.instances == Some(0) {
+        wrong.push("--instances must be at least 1");
+    }
+    if o.watchers == Some(0) && o.store == Store::Etcd {
+        wrong.push("--watchers must be at least 1 with --store etcd (the fan-out needs one)");
+    }
+    if o.window.is_some_and(|w| w < Duration::from_secs(1)) {
+        wrong.push("--window must be at least 1s");
+    }
+    if !wrong.is_empty() {
+        bail!("{}", wrong.join("; "));
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -53,6 +97,13 @@ async fn main() -> anyhow::Result<()> {
             )
         })?]
     };
+    let directory = DirectoryOpts {
+        store: args.store,
+        instances: args.instances,
+        watchers: args.watchers,
+        window: args.window,
+    };
+    check_directory_opts(&args.scenario, &directory)?;
     let baseline = match args.baseline_bin_dir {
         Some(dir) => Some(Bins::locate(Some(dir), args.haproxy.clone())?),
         None => None,
@@ -71,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         bins,
         quick: args.quick,
         baseline,
+        directory,
     };
     let mut failed = Vec::new();
     for s in scenarios {
@@ -104,4 +156,37 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("scenarios that could not run: {}", failed.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_options_are_checked() {
+        let etcd = DirectoryOpts {
+            store: Store::Etcd,
+            ..DirectoryOpts::default()
+        };
+        assert!(check_directory_opts("directory", &etcd).is_ok());
+        assert!(check_directory_opts("all", &etcd).is_ok());
+        assert!(check_directory_opts("directory", &DirectoryOpts::default()).is_ok());
+        assert!(check_directory_opts("churn", &DirectoryOpts::default()).is_ok());
+        let e = check_directory_opts("churn", &etcd)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("apply to the directory scenario"), "{e}");
+        let zero = DirectoryOpts {
+            instances: Some(0),
+            watchers: Some(0),
+            window: Some(Duration::from_millis(10)),
+            ..etcd
+        };
+        let e = check_directory_opts("directory", &zero)
+            .unwrap_err()
+            .to_string();
+        for what in ["--instances", "--watchers", "--window"] {
+            assert!(e.contains(what), "{e}");
+        }
+    }
 }

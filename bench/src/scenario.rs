@@ -1,13 +1,17 @@
 //! The scenarios, one module each, and what they share.
 
+use std::time::Duration;
+
 use crate::daemons::Bins;
 use crate::report::Report;
 
 pub mod churn;
 pub mod convergence;
+pub mod directory_etcd;
 pub mod directory_large;
 pub mod directory_scale;
 pub mod docker;
+pub mod fleet;
 pub mod footprint;
 pub mod request_path;
 pub mod rolling;
@@ -21,6 +25,28 @@ pub struct Ctx {
     /// Binaries of an earlier build, measured side by side with `bins` where a scenario
     /// supports it (convergence, churn, directory-100k).
     pub baseline: Option<Bins>,
+    /// The `directory` scenario's store and sizes.
+    pub directory: DirectoryOpts,
+}
+
+/// Which store the `directory` scenario measures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Store {
+    /// One directory on the memory store, pinned to one core.
+    #[default]
+    Memory,
+    /// Side by side: the memory store, two replicas on a three-member etcd cluster, and the
+    /// same work done straight against etcd.
+    Etcd,
+}
+
+/// The `directory` scenario's options; sizes left `None` take the scenario's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct DirectoryOpts {
+    pub store: Store,
+    pub instances: Option<usize>,
+    pub watchers: Option<usize>,
+    pub window: Option<Duration>,
 }
 
 impl Ctx {
@@ -79,7 +105,10 @@ impl Scenario {
             Scenario::Convergence => convergence::run(ctx).await,
             Scenario::Churn => churn::run(ctx).await,
             Scenario::Rolling => rolling::run(ctx).await,
-            Scenario::Directory => directory_scale::run(ctx).await,
+            Scenario::Directory => match ctx.directory.store {
+                Store::Memory => directory_scale::run(ctx).await,
+                Store::Etcd => directory_etcd::run(ctx).await,
+            },
             Scenario::DirectoryLarge => directory_large::run(ctx).await,
             Scenario::Footprint => footprint::run(ctx).await,
         }

@@ -65,6 +65,11 @@ impl Member {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// The member's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// Whether the member's process runs (frozen or not).
     pub fn is_running(&self) -> bool {
         self.proc.is_some()

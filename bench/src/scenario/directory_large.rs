@@ -15,37 +15,33 @@
 //! `?v=2&service=fanout`; a directory that predates filters ignores the query and sends them
 //! everything, in its only form, which is the "before" this scenario compares with.
 
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use baker_client::{DirectoryClient, InstanceSpec, WatchEvent};
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
+use baker_client::{DirectoryClient, InstanceSpec};
+use bytes::Bytes;
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::directory_scale::{
-    open_watch, pinned_directory, pinned_directory_with, put, WATCH_TOKEN,
+use super::directory_scale::{pinned_directory, pinned_directory_with, WATCH_TOKEN};
+use super::fleet::{
+    heartbeats, join_heartbeats, metric, probe, register_all, watchers, ApiProbe, HttpBeat, Put,
+    Watchers, PROBE, SNAPSHOTS_IN_FLIGHT,
 };
 use crate::daemons::{self, Ambassador, Bins};
-use crate::load::Conn;
 use crate::procfs::{self, Sampler};
 use crate::report::{ms, Check, Report, Table};
 use crate::scenario::Ctx;
-use crate::stats::{Samples, Summary};
+use crate::stats::Summary;
 
 const BIG: &str = "big";
-const PROBE: &str = "fanout";
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const TTL_MS: u64 = 30_000;
-const CONNS: usize = 32;
-/// How a snapshot line starts.
-const SNAPSHOT: &[u8] = br#"{"type":"snapshot""#;
+/// How long the watchers get to connect before the window starts anyway.
+const CONNECT_LIMIT: Duration = Duration::from_secs(600);
 
 /// The sizes of a run.
 #[derive(Debug, Clone, Copy)]
@@ -63,9 +59,6 @@ impl Sizes {
         self.big + self.services * self.per_service
     }
 }
-
-/// One registration request: (path, body).
-type Put = (String, Bytes);
 
 fn spec_body(i: usize) -> Bytes {
     let spec = InstanceSpec {
@@ -99,35 +92,6 @@ fn fleet(s: Sizes) -> Vec<Put> {
     all
 }
 
-/// Sends every request over `CONNS` keep-alive connections; the time it took.
-async fn register_all(addr: SocketAddr, reqs: Arc<Vec<Put>>) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNS {
-        let (reqs, next) = (reqs.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::new(addr);
-            let mut failed = 0u64;
-            while let Some((path, body)) = reqs.get(next.fetch_add(1, Ordering::Relaxed) as usize) {
-                match conn.send(put(addr, path, body.clone())).await {
-                    Ok((s, _)) if s.is_success() => {}
-                    _ => failed += 1,
-                }
-            }
-            failed
-        }));
-    }
-    let mut failed = 0;
-    for t in tasks {
-        failed += t.await.unwrap_or(0);
-    }
-    if failed > 0 {
-        bail!("{failed} of {} registrations failed", reqs.len());
-    }
-    Ok(started.elapsed())
-}
-
 /// Registering `n` instances into one service, then `n` over `n / 100` services, each into a
 /// fresh directory: the seconds each took.
 async fn registration(bins: &Bins, n: usize) -> anyhow::Result<(f64, f64)> {
@@ -138,252 +102,10 @@ async fn registration(bins: &Bins, n: usize) -> anyhow::Result<(f64, f64)> {
     ] {
         let data = tempfile::tempdir()?;
         let (mut dir, addr) = pinned_directory(bins, data.path()).await?;
-        out.push(register_all(addr, Arc::new(reqs)).await?.as_secs_f64());
+        out.push(register_all(&[addr], Arc::new(reqs)).await?.as_secs_f64());
         daemons::stop(&mut dir, Duration::from_secs(10)).await;
     }
     Ok((out[0], out[1]))
-}
-
-/// The probe instances a watch line names: a v1 `service` event of the probe service lists
-/// them, a v2 `upsert` carries one. Snapshots are skipped without decoding.
-fn probe_ids(line: &[u8]) -> Vec<u64> {
-    let needle = format!(r#""service":"{PROBE}""#);
-    if line.starts_with(SNAPSHOT) || !line.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-        return Vec::new();
-    }
-    let id = |i: &baker_client::Instance| i.id.as_str().strip_prefix('p')?.parse().ok();
-    match serde_json::from_slice::<WatchEvent>(line.trim_ascii_end()) {
-        Ok(WatchEvent::Service {
-            service, instances, ..
-        }) if service == PROBE => instances.iter().filter_map(id).collect(),
-        Ok(WatchEvent::Upsert { instance, .. }) if instance.service == PROBE => {
-            id(&instance).into_iter().collect()
-        }
-        _ => Vec::new(),
-    }
-}
-
-/// A group of watchers on one path, each noting when it first sees each probe instance.
-struct Watchers {
-    connected: Arc<AtomicU64>,
-    reconnects: Arc<AtomicU64>,
-    fanout: Arc<Mutex<Samples>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// How many watchers may be receiving their snapshot at once. A 100,000-instance snapshot is
-/// about 20 MB: a thousand of them at once would be gigabytes queued on loopback, and the
-/// directory closes watchers that fall that far behind, which reconnect and ask for another.
-const SNAPSHOTS_IN_FLIGHT: usize = 16;
-/// How long the watchers get to connect before the window starts anyway.
-const CONNECT_LIMIT: Duration = Duration::from_secs(600);
-
-/// `n` watchers on `path`; one counts as connected once its snapshot has arrived whole.
-fn watchers(
-    addr: SocketAddr,
-    n: usize,
-    path: &'static str,
-    sent: Arc<Mutex<HashMap<u64, Instant>>>,
-    snapshots: Arc<tokio::sync::Semaphore>,
-    stop: CancellationToken,
-) -> Watchers {
-    let connected = Arc::new(AtomicU64::new(0));
-    let reconnects = Arc::new(AtomicU64::new(0));
-    let fanout = Arc::new(Mutex::new(Samples::new()));
-    let tasks = (0..n)
-        .map(|_| {
-            let (stop, sent, fanout) = (stop.clone(), sent.clone(), fanout.clone());
-            let (connected, reconnects) = (connected.clone(), reconnects.clone());
-            let snapshots = snapshots.clone();
-            tokio::spawn(async move {
-                let mut seen = HashSet::<u64>::new();
-                let mut first = true;
-                while !stop.is_cancelled() {
-                    let Ok(permit) = snapshots.clone().acquire_owned().await else {
-                        return;
-                    };
-                    let Ok((_sender, mut body)) = open_watch(addr, path).await else {
-                        drop(permit);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    };
-                    // Held until the snapshot's line has ended.
-                    let mut permit = Some(permit);
-                    // A snapshot (up to tens of MB with 2,000 watchers) is skipped as it
-                    // comes, never held: each byte is looked at once.
-                    let mut buf = BytesMut::new();
-                    let mut skipping = false;
-                    loop {
-                        let frame = tokio::select! {
-                            f = body.frame() => f,
-                            _ = stop.cancelled() => return,
-                        };
-                        let Some(Ok(frame)) = frame else { break };
-                        let Ok(data) = frame.into_data() else {
-                            continue;
-                        };
-                        let mut data = &data[..];
-                        while !data.is_empty() {
-                            let newline = data.iter().position(|&b| b == b'\n');
-                            if newline.is_some() && permit.take().is_some() {
-                                let counter = if first { &connected } else { &reconnects };
-                                counter.fetch_add(1, Ordering::Relaxed);
-                                first = false;
-                            }
-                            if skipping {
-                                match newline {
-                                    Some(p) => (skipping, data) = (false, &data[p + 1..]),
-                                    None => data = &[],
-                                }
-                                continue;
-                            }
-                            let Some(p) = newline else {
-                                buf.extend_from_slice(data);
-                                data = &[];
-                                if buf.starts_with(SNAPSHOT) {
-                                    (skipping, buf) = (true, BytesMut::new());
-                                }
-                                continue;
-                            };
-                            buf.extend_from_slice(&data[..=p]);
-                            data = &data[p + 1..];
-                            let line = buf.split();
-                            let now = Instant::now();
-                            for k in probe_ids(&line) {
-                                if !seen.insert(k) {
-                                    continue;
-                                }
-                                let t0 = sent
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get(&k)
-                                    .copied();
-                                if let Some(t0) = t0 {
-                                    fanout
-                                        .lock()
-                                        .unwrap_or_else(|p| p.into_inner())
-                                        .push(now.saturating_duration_since(t0));
-                                }
-                            }
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    Watchers {
-        connected,
-        reconnects,
-        fanout,
-        tasks,
-    }
-}
-
-/// Heartbeats every request of `reqs` once per `HEARTBEAT_EVERY`, open loop over the pool,
-/// until `stop`; latencies count only while `measuring`. Returns (ok, failed, latencies).
-fn heartbeats(
-    addr: SocketAddr,
-    reqs: Arc<Vec<Put>>,
-    measuring: Arc<AtomicBool>,
-    stop: CancellationToken,
-) -> Vec<tokio::task::JoinHandle<(u64, u64, Samples)>> {
-    let start = Instant::now();
-    let interval = HEARTBEAT_EVERY.div_f64(reqs.len() as f64);
-    let next = Arc::new(AtomicU64::new(0));
-    (0..CONNS)
-        .map(|_| {
-            let (reqs, next, measuring, stop) =
-                (reqs.clone(), next.clone(), measuring.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut conn = Conn::new(addr);
-                let (mut ok, mut failed, mut latency) = (0u64, 0u64, Samples::new());
-                while !stop.is_cancelled() {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    let slot = start + interval.mul_f64(k as f64);
-                    // A late slot is charged from its scheduled time.
-                    let origin = if Instant::now() < slot {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(slot) => {}
-                            _ = stop.cancelled() => break,
-                        }
-                        Instant::now()
-                    } else {
-                        slot
-                    };
-                    let (path, body) = &reqs[k as usize % reqs.len()];
-                    let result = conn.send(put(addr, path, body.clone())).await;
-                    if !measuring.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    match result {
-                        Ok((s, _)) if s.is_success() => {
-                            ok += 1;
-                            latency.push(origin.elapsed());
-                        }
-                        _ => failed += 1,
-                    }
-                }
-                (ok, failed, latency)
-            })
-        })
-        .collect()
-}
-
-/// Adds and removes a probe instance twice a second until `stop`; (probes, errors).
-fn probe(
-    client: DirectoryClient,
-    sent: Arc<Mutex<HashMap<u64, Instant>>>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<(u64, u64)> {
-    tokio::spawn(async move {
-        let spec = InstanceSpec {
-            address: "127.0.0.1".into(),
-            port: 1,
-            version: None,
-            weight: None,
-            tags: Vec::new(),
-            ttl_ms: Some(600_000),
-        };
-        let (mut k, mut errors) = (0u64, 0u64);
-        while !stop.is_cancelled() {
-            sent.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(k, Instant::now());
-            if client
-                .register(PROBE, &format!("p{k}"), &spec)
-                .await
-                .is_err()
-            {
-                errors += 1;
-            }
-            if k > 0
-                && client
-                    .deregister(PROBE, &format!("p{}", k - 1))
-                    .await
-                    .is_err()
-            {
-                errors += 1;
-            }
-            k += 1;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        (k, errors)
-    })
-}
-
-/// One value of the directory's `/metrics`.
-async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let req = hyper::Request::get("/metrics")
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let (status, body) = Conn::new(addr).send(req).await.ok()?;
-    if !status.is_success() {
-        return None;
-    }
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// What one build measured.
@@ -417,34 +139,45 @@ async fn measure(bins: &Bins, s: Sizes) -> anyhow::Result<Figures> {
         pinned_directory_with(bins, data.path(), &[("BAKER_MAX_CONNECTIONS", "8192")]).await?;
     let url = format!("http://{addr}");
     let reqs = Arc::new(fleet(s));
-    let fleet_registration_s = register_all(addr, reqs.clone()).await?.as_secs_f64();
+    let fleet_registration_s = register_all(&[addr], reqs.clone()).await?.as_secs_f64();
 
     let (measuring, hb_stop) = (Arc::new(AtomicBool::new(false)), CancellationToken::new());
-    let hb = heartbeats(addr, reqs, measuring.clone(), hb_stop.clone());
+    let workers = HttpBeat::pool(&[addr], &reqs);
+    let hb = heartbeats(
+        reqs.len(),
+        HEARTBEAT_EVERY,
+        workers,
+        measuring.clone(),
+        hb_stop.clone(),
+    );
     let (sent, stop) = (Arc::default(), CancellationToken::new());
-    let snapshots = Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_IN_FLIGHT));
-    let all = watchers(
+    let snapshots = Arc::new(Semaphore::new(SNAPSHOTS_IN_FLIGHT));
+    let (mut all, mut filtered) = (Watchers::new(), Watchers::new());
+    let path = "/v1/watch?v=2";
+    watchers(
+        &mut all,
         addr,
         s.watchers_all,
-        "/v1/watch?v=2",
-        Arc::clone(&sent),
-        snapshots.clone(),
-        stop.clone(),
+        path,
+        &sent,
+        &snapshots,
+        &stop,
     );
-    let filtered = watchers(
+    let path = "/v1/watch?v=2&service=fanout";
+    watchers(
+        &mut filtered,
         addr,
         s.watchers_filtered,
-        "/v1/watch?v=2&service=fanout",
-        Arc::clone(&sent),
-        snapshots,
-        stop.clone(),
+        path,
+        &sent,
+        &snapshots,
+        &stop,
     );
     // Each watcher counts once its snapshot has arrived; a directory that cannot serve them
     // all within the limit is measured with those it did serve, and the report says how many.
     let want = (s.watchers_all + s.watchers_filtered) as u64;
     let connecting = Instant::now();
-    let connected =
-        || all.connected.load(Ordering::Relaxed) + filtered.connected.load(Ordering::Relaxed);
+    let connected = || all.connected() + filtered.connected();
     while connected() < want && connecting.elapsed() < CONNECT_LIMIT {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -465,7 +198,8 @@ async fn measure(bins: &Bins, s: Sizes) -> anyhow::Result<Figures> {
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
     let probe_stop = CancellationToken::new();
-    let probes = probe(DirectoryClient::new(&url, None)?, sent, probe_stop.clone());
+    let client = DirectoryClient::new(&url, None)?;
+    let probes = probe(ApiProbe(client), sent, probe_stop.clone());
     tokio::time::sleep(s.window).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = start.elapsed().as_secs_f64();
@@ -488,29 +222,13 @@ async fn measure(bins: &Bins, s: Sizes) -> anyhow::Result<Figures> {
 
     stop.cancel();
     hb_stop.cancel();
-    let (mut heartbeats_ok, mut heartbeats_failed, mut latency) = (0, 0, Samples::new());
-    for t in hb {
-        let (o, f, l) = t.await.context("a heartbeat worker")?;
-        heartbeats_ok += o;
-        heartbeats_failed += f;
-        latency.extend(l);
-    }
+    let (heartbeats_ok, heartbeats_failed, latency) = join_heartbeats(hb).await?;
     let reconnects =
         all.reconnects.load(Ordering::Relaxed) + filtered.reconnects.load(Ordering::Relaxed);
-    for t in all.tasks.into_iter().chain(filtered.tasks) {
-        let _ = t.await;
-    }
+    let (fanout_all, fanout_filtered) = (all.fanout(), filtered.fanout());
+    all.join().await;
+    filtered.join().await;
     daemons::stop(&mut dir, Duration::from_secs(10)).await;
-    let fanout_all = all
-        .fanout
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .summary();
-    let fanout_filtered = filtered
-        .fanout
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .summary();
     Ok(Figures {
         one_service_s,
         spread_s,
@@ -662,29 +380,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::HashSet;
 
-    #[test]
-    fn finds_probe_ids_in_both_forms() {
-        let inst = |id: &str| {
-            format!(
-                r#"{{"service":"fanout","id":"{id}","address":"127.0.0.1","port":1,"version":"1","weight":100,"tags":[],"source":"registrar","ttl_ms":60000,"last_seen":1}}"#
-            )
-        };
-        let v1 = format!(
-            r#"{{"type":"service","index":7,"service":"fanout","instances":[{},{}]}}"#,
-            inst("p3"),
-            inst("p4")
-        );
-        assert_eq!(probe_ids(format!("{v1}\n").as_bytes()), vec![3, 4]);
-        let v2 = format!(
-            r#"{{"prev":6,"type":"upsert","index":7,"at":1,"cause":"registered","instance":{}}}"#,
-            inst("p5")
-        );
-        assert_eq!(probe_ids(v2.as_bytes()), vec![5]);
-        let snapshot = r#"{"type":"snapshot","index":7,"services":{"fanout":[]},"routes":{}}"#;
-        assert!(probe_ids(snapshot.as_bytes()).is_empty());
-    }
+    use super::*;
 
     #[test]
     fn the_fleet_has_the_sizes_asked_for() {

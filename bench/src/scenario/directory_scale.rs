@@ -30,9 +30,9 @@ use crate::report::{ms, Check, Report, Table};
 use crate::scenario::Ctx;
 use crate::stats::Samples;
 
-const SERVICES: usize = 100;
+pub(crate) const SERVICES: usize = 100;
 const PROBE_SERVICE: &str = "fanout";
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const CONNS: usize = 32;
 /// The directory requires it of watchers (`BAKER_WATCH_TOKEN`), as a fleet would.
 pub(crate) const WATCH_TOKEN: &str = "bench-watch-token";
@@ -76,8 +76,9 @@ pub(crate) fn put(addr: SocketAddr, path: &str, body: Bytes) -> hyper::Request<F
         .expect("a valid request")
 }
 
-/// Per-instance heartbeat requests: (path, body).
-fn heartbeats(instances: usize) -> Vec<(String, Bytes)> {
+/// Per-instance heartbeat requests, `instances` in `SERVICES` services with a 6 s TTL:
+/// (path, body).
+pub(crate) fn heartbeats(instances: usize) -> Vec<(String, Bytes)> {
     let per = instances.div_ceil(SERVICES);
     (0..instances)
         .map(|i| {
@@ -151,18 +152,24 @@ fn probe_ids(line: &[u8]) -> Vec<u64> {
     }
 }
 
+/// A size from the command line, else from `var`, else `default`: `--instances`, `--watchers`,
+/// or BAKER_BENCH_INSTANCES and BAKER_BENCH_WATCHERS, override the sizes, to find where a
+/// limit lies.
+pub(crate) fn size(arg: Option<usize>, var: &str, default: usize) -> usize {
+    arg.or_else(|| std::env::var(var).ok().and_then(|v| v.parse().ok()))
+        .unwrap_or(default)
+}
+
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
-    // BAKER_BENCH_INSTANCES and BAKER_BENCH_WATCHERS override the sizes, to find where a
-    // limit lies.
-    let size = |var: &str, default: usize| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let instances = size("BAKER_BENCH_INSTANCES", ctx.pick(10_000, 1_000)).max(1);
-    let watchers = size("BAKER_BENCH_WATCHERS", ctx.pick(500, 50));
-    let duration = Duration::from_secs(ctx.pick(60, 15));
+    let o = &ctx.directory;
+    let instances = size(
+        o.instances,
+        "BAKER_BENCH_INSTANCES",
+        ctx.pick(10_000, 1_000),
+    )
+    .max(1);
+    let watchers = size(o.watchers, "BAKER_BENCH_WATCHERS", ctx.pick(500, 50));
+    let duration = o.window.unwrap_or(Duration::from_secs(ctx.pick(60, 15)));
     let rate = instances as f64 / HEARTBEAT_EVERY.as_secs_f64();
 
     let data = tempfile::tempdir()?;
