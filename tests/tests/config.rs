@@ -6,6 +6,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
+use baker_client::config::vars;
 use baker_tests::{bin, Proc};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -266,4 +267,29 @@ async fn the_cli_refuses_a_value_that_is_not_utf8_and_warns_of_a_misspelt_name()
         "{r:#?}"
     );
     assert!(r.stdout.starts_with("A_PORT=tcp://b:1\n"), "{r:#?}");
+}
+
+/// Every variable the compose files substitute is known as theirs: a daemon that finds one
+/// exported in its environment ignores it with a warning instead of refusing to start.
+#[test]
+fn every_variable_of_the_compose_files_is_known_as_theirs() {
+    let uses = regex::Regex::new(r"\$\{(BAKER_[A-Z0-9_]+)").expect("a regex");
+    let dir = baker_tests::docker::repo_root().join("compose");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("reading compose/") {
+        let path = entry.expect("a compose/ entry").path();
+        let text = std::fs::read_to_string(&path).expect("reading a compose file");
+        for name in uses.captures_iter(&text).map(|c| c[1].to_owned()) {
+            seen += 1;
+            let readers = vars::readers_of(&name, &vars::DIRECTORY);
+            assert!(
+                readers.contains(&"the compose files"),
+                "{}: {name} is not listed with the compose files' variables in \
+                 client/src/config/vars.rs (TOOLS), so a daemon that sees it exported refuses \
+                 to start",
+                path.display()
+            );
+        }
+    }
+    assert!(seen > 0, "no BAKER_ variable found in {}", dir.display());
 }

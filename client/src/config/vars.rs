@@ -373,7 +373,10 @@ pub const TOOLS: &[(&str, &[&str])] = &[
         &[
             "BAKER_NETWORK",
             "BAKER_DIRECTORY_PUBLISH",
+            "BAKER_DIRECTORY_1_PUBLISH",
+            "BAKER_DIRECTORY_2_PUBLISH",
             "BAKER_GREETING_PUBLISH",
+            "BAKER_ADMIN_PUBLISH",
         ],
     ),
     ("docker/build.sh", &["BAKER_IMAGE_TAG", ENV_HAPROXY]),
