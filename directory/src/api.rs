@@ -645,7 +645,7 @@ async fn drain(
     match app.registry.drain(&service, target, reason, origin).await {
         Ok(resp) => Ok(Json(resp)),
         Err(DrainError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(e @ DrainError::NotInEtcd) => Err(ApiError::Conflict(e.to_string())),
+        Err(DrainError::Unavailable(e)) => Err(unavailable(&e)),
         Err(DrainError::Store(e)) => Err(ApiError::Internal(
             anyhow::Error::new(e).context(format!("saving the drains of {service}")),
         )),
@@ -667,7 +667,7 @@ async fn undrain(
             "{target} of service {service} is not drained"
         ))),
         Err(DrainError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(e @ DrainError::NotInEtcd) => Err(ApiError::Conflict(e.to_string())),
+        Err(DrainError::Unavailable(e)) => Err(unavailable(&e)),
         Err(DrainError::Store(e)) => Err(ApiError::Internal(
             anyhow::Error::new(e).context(format!("saving the drains of {service}")),
         )),

@@ -8,6 +8,12 @@
 //!   whichever replica took the last heartbeat, and even if that replica is gone.
 //! - `<prefix>/routes/<service>`: one service's canary route, as JSON, a plain key: a write is
 //!   committed by a majority of the members before the call that made it answers.
+//! - `<prefix>/maintenance/<service>`: one service's drains, with the drain or undrain that left
+//!   them so and when ([`DrainRecord`]), a plain key written in a transaction that checks it is
+//!   still what the writing replica read: two replicas draining one service at once do not lose
+//!   either drain. A record with no drain left (the service's last drain was lifted) is bound to
+//!   the writing replica's lease, so the key goes once that lease does, and carries the undrain
+//!   to the other replicas meanwhile.
 //! - `<prefix>/causes/<replica>`: why the instances deleted in the same transaction went
 //!   (deregistered, container stopped, ...), as a JSON list, bound to the writing replica's
 //!   own lease and overwritten by its next removal. A replica removes instances only in a
@@ -29,11 +35,12 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use baker_client::change::RemoveCause;
+use baker_client::change::{MaintenanceAction, RemoveCause};
+use baker_client::maintenance::Maintenance;
 use baker_client::model::{Instance, InstanceId, Route, ServiceName};
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures_util::Stream;
 
@@ -153,6 +160,13 @@ pub enum Change {
     Route { service: ServiceName, route: Route },
     /// A service's route was cleared.
     RouteCleared { service: ServiceName },
+    /// A service's drains were written.
+    Maintenance {
+        service: ServiceName,
+        record: DrainRecord,
+    },
+    /// A service's drains key was deleted (its lease ran out after its last drain was lifted).
+    MaintenanceCleared { service: ServiceName },
     /// Why the instances deleted at the same revision were removed.
     Causes(Vec<Removal>),
 }
@@ -165,6 +179,26 @@ pub struct Removal {
     pub cause: RemoveCause,
 }
 
+/// One service's drains as etcd holds them, and the call that left them so.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DrainRecord {
+    /// The service's drains (none once its last drain was lifted).
+    pub maintenance: Maintenance,
+    /// The drain or undrain that left them so.
+    pub action: MaintenanceAction,
+    /// When, in milliseconds since the Unix epoch.
+    pub at: u64,
+}
+
+/// What a conditional write of a service's drains did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swap {
+    /// Written, at this revision.
+    Done(i64),
+    /// The key had changed since it was read: nothing written; etcd was at this revision.
+    Stale(i64),
+}
+
 /// The whole table at one revision.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
@@ -172,6 +206,8 @@ pub struct Snapshot {
     /// Every instance, with the lease its key is bound to.
     pub instances: Vec<(Instance, i64)>,
     pub routes: BTreeMap<ServiceName, Route>,
+    /// Every service's drains key, with the revision it was last written at.
+    pub maintenance: BTreeMap<ServiceName, (DrainRecord, i64)>,
 }
 
 /// A connection to the etcd cluster. Cheap to clone.
@@ -268,6 +304,10 @@ impl Etcd {
         format!("{}/routes/{service}", self.prefix)
     }
 
+    fn maintenance_key(&self, service: &ServiceName) -> String {
+        format!("{}/maintenance/{service}", self.prefix)
+    }
+
     fn causes_key(&self, lease: i64) -> String {
         format!("{}/causes/{lease:x}", self.prefix)
     }
@@ -292,6 +332,10 @@ impl Etcd {
                 }
                 Some(Change::Route { service, route }) => {
                     snap.routes.insert(service, route);
+                }
+                Some(Change::Maintenance { service, record }) => {
+                    snap.maintenance
+                        .insert(service, (record, kv.mod_revision()));
                 }
                 _ => {}
             }
@@ -323,6 +367,14 @@ impl Etcd {
                 let route: Route = serde_json::from_slice(kv.value())
                     .map_err(|e| format!("its value is not a route: {e}"))?;
                 Ok(Change::Route { service, route })
+            }
+            (Key::Maintenance(service), EventType::Delete) => {
+                Ok(Change::MaintenanceCleared { service })
+            }
+            (Key::Maintenance(service), EventType::Put) => {
+                let record: DrainRecord = serde_json::from_slice(kv.value())
+                    .map_err(|e| format!("its value is not a service's drains: {e}"))?;
+                Ok(Change::Maintenance { service, record })
             }
             (Key::Causes, EventType::Put) => serde_json::from_slice(kv.value())
                 .map(Change::Causes)
@@ -541,15 +593,48 @@ impl Etcd {
         };
         Ok(resp.map_or(0, |h| h.revision()))
     }
+
+    /// Writes `service`'s drains `record` if its key was last written at revision `seen` (0: no
+    /// key), in one transaction; a record with no drain is bound to `lease`, so the key goes
+    /// with it. Retried like any call: an attempt that committed but whose answer was lost
+    /// makes the next one find the key moved ([`Swap::Stale`]).
+    pub async fn set_maintenance(
+        &self,
+        service: &ServiceName,
+        record: &DrainRecord,
+        seen: i64,
+        lease: Option<i64>,
+    ) -> Result<Swap, EtcdError> {
+        // Names, numbers and printable text: serialization cannot fail.
+        let value = serde_json::to_vec(record).expect("drain records always serialize");
+        let key = self.maintenance_key(service);
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, seen)])
+            .and_then([TxnOp::put(key, value, options)]);
+        let resp = retried(&self.client, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(if resp.succeeded() {
+            Swap::Done(revision)
+        } else {
+            Swap::Stale(revision)
+        })
+    }
 }
 
 enum Key {
     Instance(ServiceName, InstanceId),
     Route(ServiceName),
+    Maintenance(ServiceName),
     Causes,
 }
 
-/// `instances/<service>/<id>` or `routes/<service>`, names checked as the API checks them.
+/// `instances/<service>/<id>`, `routes/<service>`, `maintenance/<service>` or
+/// `causes/<lease>`, names checked as the API checks them.
 fn decode_key(rest: &str) -> Result<Key, String> {
     let parts: Vec<&str> = rest.split('/').collect();
     let service = |s: &str| {
@@ -563,6 +648,7 @@ fn decode_key(rest: &str) -> Result<Key, String> {
                 .map_err(|e| format!("{id:?} is not an instance id: {}", e.message))?,
         )),
         ["routes", s] => Ok(Key::Route(service(s)?)),
+        ["maintenance", s] => Ok(Key::Maintenance(service(s)?)),
         ["causes", lease] if i64::from_str_radix(lease, 16).is_ok() => Ok(Key::Causes),
         _ => Err("it is not a key Baker writes".into()),
     }
@@ -609,11 +695,16 @@ mod tests {
             Ok(Key::Instance(..))
         ));
         assert!(matches!(decode_key("routes/emitter"), Ok(Key::Route(_))));
+        assert!(matches!(
+            decode_key("maintenance/emitter"),
+            Ok(Key::Maintenance(_))
+        ));
         assert!(matches!(decode_key("causes/7f3a"), Ok(Key::Causes)));
         for bad in [
             "instances/Emitter/a",
             "instances/emitter",
             "routes/emitter/x",
+            "maintenance/Emitter",
             "other/emitter",
             "causes/nothex",
         ] {

@@ -119,6 +119,10 @@ struct Table {
     local_expiry: bool,
     /// With etcd: the lease each instance's key is bound to.
     owners: HashMap<(ServiceName, InstanceId), i64>,
+    /// With etcd: the revision each service's drains key was last written at, which a drain
+    /// written through this replica expects to find (another replica's write in between makes
+    /// it decide again).
+    drain_revisions: HashMap<ServiceName, i64>,
     /// With etcd: why the instances deleted at one revision went, as that revision's
     /// transaction said; a deletion with no cause is a lease that ran out.
     causes: (u64, HashMap<(ServiceName, InstanceId), RemoveCause>),
@@ -185,12 +189,9 @@ pub enum DrainError {
     Quota(#[from] Exceeded),
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The table lives in etcd, which does not hold drains (yet).
-    #[error(
-        "drains are kept in the data directory of a directory whose table is in memory; with \
-         BAKER_STORE=etcd://... they are refused"
-    )]
-    NotInEtcd,
+    /// etcd could not commit it (quorum lost, or no member answered).
+    #[error(transparent)]
+    Unavailable(#[from] crate::etcd::EtcdError),
 }
 
 /// What an upsert did to the table.
@@ -316,6 +317,20 @@ impl Table {
         };
         quotas.admit_instance(service, occupancy)
     }
+
+    /// How many drains are in place, in every service.
+    fn drain_count(&self) -> usize {
+        self.store
+            .all_maintenance()
+            .values()
+            .map(Maintenance::len)
+            .sum()
+    }
+
+    /// Whether a new drain of `service` fits `quotas`, whichever store holds the drains.
+    fn admit_drain(&self, quotas: &Quotas, service: &ServiceName) -> Result<(), Exceeded> {
+        quotas.admit_drain(service, self.drain_count())
+    }
 }
 
 /// A subscription to the change feed, with the snapshot it starts from. Dropping it
@@ -404,6 +419,7 @@ impl Registry {
             local_expiry,
             owners: HashMap::new(),
             causes: (0, HashMap::new()),
+            drain_revisions: HashMap::new(),
             targeted_by: BTreeMap::new(),
         };
         for (service, route) in table.store.routes() {
@@ -1113,8 +1129,9 @@ impl Registry {
     /// drain may name an instance or version that is not registered (yet): it applies to any
     /// that registers later.
     ///
-    /// The service's drains are on disk before anything is applied or published: a drain that
-    /// answered survives a crash, and one that could not be written changed nothing.
+    /// The service's drains are stored before anything is applied or published (on disk in
+    /// memory mode, committed by etcd with etcd): a drain that answered survives a crash, and
+    /// one that could not be stored changed nothing.
     pub async fn drain(
         &self,
         service: &ServiceName,
@@ -1122,55 +1139,45 @@ impl Registry {
         reason: Option<Reason>,
         origin: String,
     ) -> Result<DrainResponse, DrainError> {
-        let _writing = self.inner.maintenance_writes.lock().await;
-        let next = {
-            let t = self.lock();
-            let mut next = t.store.maintenance(service).cloned().unwrap_or_default();
-            match next.get(&target) {
-                Some(old) if old.reason == reason => {
-                    return Ok(DrainResponse {
-                        index: t.store.revision(),
-                        drain: MaintenanceEntry::of(service, &target, old),
-                    });
+        let written = self
+            .change_drains(service, |t| {
+                let mut next = t.store.maintenance(service).cloned().unwrap_or_default();
+                match next.get(&target) {
+                    Some(old) if old.reason == reason => {
+                        return Ok(DrainPlan::Answer(Some(DrainResponse {
+                            index: t.store.revision(),
+                            drain: MaintenanceEntry::of(service, &target, old),
+                        })));
+                    }
+                    Some(_) => {}
+                    None => t
+                        .admit_drain(&self.inner.quotas, service)
+                        .inspect_err(|e| self.refused(e))?,
                 }
-                Some(_) => {}
-                None => {
-                    let total = t
-                        .store
-                        .all_maintenance()
-                        .values()
-                        .map(Maintenance::len)
-                        .sum();
-                    self.inner
-                        .quotas
-                        .admit_drain(service, total)
-                        .inspect_err(|e| self.refused(e))?;
-                }
-            }
-            let drain = Drain {
-                reason: reason.clone(),
-                since: unix_millis(),
-                origin: origin.clone(),
-            };
-            next.insert(target.clone(), drain);
-            next
-        };
-        let drain = next.get(&target).cloned().expect("inserted above");
-        let action = MaintenanceAction {
-            drained: true,
-            target: target.clone(),
-            reason,
-            origin,
-        };
-        let index = self.apply_drains(service, next, action).await?;
-        Ok(DrainResponse {
-            index,
-            drain: MaintenanceEntry::of(service, &target, &drain),
-        })
+                let drain = Drain {
+                    reason: reason.clone(),
+                    since: unix_millis(),
+                    origin: origin.clone(),
+                };
+                let entry = MaintenanceEntry::of(service, &target, &drain);
+                next.insert(target.clone(), drain);
+                Ok(DrainPlan::Write {
+                    next,
+                    action: MaintenanceAction {
+                        drained: true,
+                        target: target.clone(),
+                        reason: reason.clone(),
+                        origin: origin.clone(),
+                    },
+                    entry,
+                })
+            })
+            .await?;
+        Ok(written.expect("a drain always answers with the drain in place"))
     }
 
     /// Lifts the drain of `target` of `service`, on a call from `origin`. Returns the drain
-    /// lifted, `Ok(None)` when `target` was not drained. Durable before it answers, as
+    /// lifted, `Ok(None)` when `target` was not drained. Stored before it answers, as
     /// [`Registry::drain`].
     pub async fn undrain(
         &self,
@@ -1178,31 +1185,72 @@ impl Registry {
         target: Target,
         origin: String,
     ) -> Result<Option<DrainResponse>, DrainError> {
-        let _writing = self.inner.maintenance_writes.lock().await;
-        let (next, old) = {
-            let t = self.lock();
+        self.change_drains(service, |t| {
             let mut next = t.store.maintenance(service).cloned().unwrap_or_default();
-            match next.remove(&target) {
-                None => return Ok(None),
-                Some(old) => (next, old),
-            }
-        };
-        let action = MaintenanceAction {
-            drained: false,
-            target: target.clone(),
-            reason: old.reason.clone(),
-            origin,
-        };
-        let index = self.apply_drains(service, next, action).await?;
-        Ok(Some(DrainResponse {
-            index,
-            drain: MaintenanceEntry::of(service, &target, &old),
-        }))
+            let Some(old) = next.remove(&target) else {
+                return Ok(DrainPlan::Answer(None));
+            };
+            Ok(DrainPlan::Write {
+                next,
+                action: MaintenanceAction {
+                    drained: false,
+                    target: target.clone(),
+                    reason: old.reason.clone(),
+                    origin: origin.clone(),
+                },
+                entry: MaintenanceEntry::of(service, &target, &old),
+            })
+        })
+        .await
     }
 
-    /// Writes `service`'s drains `next`, then applies and publishes them with `action`; the
-    /// index of the change. Called with the drain writes serialized.
-    async fn apply_drains(
+    /// Decides a change of `service`'s drains with `decide` (under the table's lock), stores
+    /// it, then applies and publishes it. With etcd, when another replica changed the
+    /// service's drains between the decision and the write, decides again on its drains.
+    async fn change_drains(
+        &self,
+        service: &ServiceName,
+        decide: impl Fn(&Table) -> Result<DrainPlan, DrainError>,
+    ) -> Result<Option<DrainResponse>, DrainError> {
+        // One drain write at a time in this process: each stores the drains the previous
+        // one left.
+        let _writing = self.inner.maintenance_writes.lock().await;
+        loop {
+            let (plan, seen) = {
+                let t = self.lock();
+                (decide(&t)?, t.drain_revisions.get(service).copied())
+            };
+            let (next, action, entry) = match plan {
+                DrainPlan::Answer(answer) => return Ok(answer),
+                DrainPlan::Write {
+                    next,
+                    action,
+                    entry,
+                } => (next, action, entry),
+            };
+            let index = match &self.inner.replica {
+                Some(replica) => {
+                    let seen = seen.unwrap_or_default();
+                    match self
+                        .write_drains_through_etcd(replica, service, next, action, seen)
+                        .await?
+                    {
+                        Some(index) => index,
+                        None => continue,
+                    }
+                }
+                None => self.save_drains(service, next, action).await?,
+            };
+            return Ok(Some(DrainResponse {
+                index,
+                drain: entry,
+            }));
+        }
+    }
+
+    /// Writes `service`'s drains `next` to the data directory, then applies and publishes
+    /// them with `action`; the index of the change.
+    async fn save_drains(
         &self,
         service: &ServiceName,
         next: Maintenance,
@@ -1212,7 +1260,7 @@ impl Registry {
             .inner
             .maintenance_files
             .clone()
-            .ok_or(DrainError::NotInEtcd)?;
+            .expect("a registry whose table is in memory has a data directory");
         let dir = files.dir().to_owned();
         let (svc, drains) = (service.clone(), next.clone());
         tokio::task::spawn_blocking(move || files.save(&svc, &drains))
@@ -1222,14 +1270,21 @@ impl Registry {
                 source: std::io::Error::other(e),
             })??;
         let mut t = self.lock();
+        Ok(self.apply_drains(&mut t, service, next, action, unix_millis()))
+    }
+
+    /// Applies and publishes `service`'s drains `next`, changed by `action` at `at`; returns
+    /// the index of the change. Called with the lock held.
+    fn apply_drains(
+        &self,
+        t: &mut Table,
+        service: &ServiceName,
+        next: Maintenance,
+        action: MaintenanceAction,
+        at: u64,
+    ) -> u64 {
         let (revision, _) = t.store.set_maintenance(service, next.clone());
-        let total: usize = t
-            .store
-            .all_maintenance()
-            .values()
-            .map(Maintenance::len)
-            .sum();
-        self.inner.metrics.drains.set(total as i64);
+        self.inner.metrics.drains.set(t.drain_count() as i64);
         let (verb, target, origin) = (
             if action.drained {
                 "drained"
@@ -1242,14 +1297,26 @@ impl Registry {
         tracing::info!(%service, %target, %origin, "{verb} {service} {target}");
         let change = Change::Maintenance {
             index: revision,
-            at: unix_millis(),
+            at,
             service: service.clone(),
             maintenance: next,
             action,
         };
-        self.publish(&mut t, change);
-        Ok(revision)
+        self.publish(t, change);
+        revision
     }
+}
+
+/// What a drain or undrain does to a service's drains, decided under the table's lock.
+enum DrainPlan {
+    /// Nothing to change: the answer as things stand (`None`: an undrain of nothing).
+    Answer(Option<DrainResponse>),
+    /// Store the service's drains `next`, changed by `action`, and answer with `entry`.
+    Write {
+        next: Maintenance,
+        action: MaintenanceAction,
+        entry: MaintenanceEntry,
+    },
 }
 
 /// Marks each of `list` by `maintenance`.

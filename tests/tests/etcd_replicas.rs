@@ -2,15 +2,21 @@
 //! three-member cluster: a write is read back at once from the replica that took it and seen by
 //! the others, every replica streams the same changes at the same indexes, an instance expires
 //! within its TTL (with the cause `expired`) whichever replica took its last heartbeat, and a
-//! lost quorum refuses writes with the reason while reads go on, until it returns.
+//! lost quorum refuses writes with the reason while reads go on, until it returns. A drain taken
+//! by one replica shows on the others (API, watch stream, instance state, their ambassadors'
+//! servers) and outlives them all; drains of one service through two replicas at once are all
+//! kept.
 
 use std::time::{Duration, Instant};
 
 use baker_client::change::RemoveCause;
+use baker_client::maintenance::{InstanceState, Target};
 use baker_client::model::{InstanceSpec, WatchEvent};
 use baker_client::ClientError;
+use baker_tests::ambassador::TestAmbassador;
 use baker_tests::directory::TestDirectory;
 use baker_tests::etcd::EtcdCluster;
+use baker_tests::greeting::{register, Greeting};
 use baker_tests::{eventually, require, Needs};
 use futures_util::{Stream, StreamExt};
 use reqwest::StatusCode;
@@ -217,10 +223,23 @@ async fn a_lost_quorum_refuses_writes_with_the_reason_and_recovers_without_a_res
         Some(StatusCode::SERVICE_UNAVAILABLE),
         "{route}"
     );
-    // Reads answer from the last view, on both replicas.
+    let drain = b
+        .client
+        .drain("emitter", &Target::Instance("kept".parse().unwrap()), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        drain.status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE),
+        "{drain}"
+    );
+    assert!(drain.to_string().contains("lost its quorum"), "{drain}");
+    // Reads answer from the last view, on both replicas; the refused drain changed nothing.
     for d in [&a, &b] {
         let svc = d.client.service("emitter").await.unwrap();
         assert_eq!(svc.instances[0].id, "kept");
+        assert_eq!(svc.instances[0].state, InstanceState::Up);
+        assert!(d.client.maintenance().await.unwrap().maintenance.is_empty());
     }
 
     cluster.restart(leader).await;
@@ -247,4 +266,173 @@ async fn a_lost_quorum_refuses_writes_with_the_reason_and_recovers_without_a_res
         "writes accepted and seen by both replicas {:?} after the members returned",
         back.elapsed()
     );
+}
+
+/// The admin state of each server of `greeting` in `amb`'s HAProxy, once it is `want` for every
+/// server named there.
+async fn servers_become(amb: &TestAmbassador, want: &[(&str, &str)]) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("greeting's servers {want:?}"),
+        || async {
+            let servers = amb.servers("greeting");
+            want.iter()
+                .all(|(name, state)| servers.get(*name).map(String::as_str) == Some(*state))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// The next `maintenance` change on `watch`, skipping other lines.
+async fn next_maintenance(
+    watch: &mut (impl Stream<Item = Result<WatchEvent, ClientError>> + Unpin),
+) -> WatchEvent {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(15), watch.next())
+            .await
+            .expect("a change within 15 s")
+            .expect("the stream goes on")
+            .expect("a readable event");
+        if matches!(event, WatchEvent::Maintenance { .. }) {
+            return event;
+        }
+    }
+}
+
+/// The state of `greeting`'s instance `id` as `dir` lists it.
+async fn state_of(dir: &TestDirectory, id: &str) -> InstanceState {
+    let listed = dir.client.service("greeting").await.unwrap();
+    listed
+        .instances
+        .iter()
+        .find(|i| i.id == id)
+        .unwrap_or_else(|| panic!("{id} is not listed: {listed:?}"))
+        .state
+}
+
+#[tokio::test]
+async fn a_drain_through_one_replica_drains_everywhere_and_outlives_every_replica() {
+    if !require(Needs::Etcd) || !require(Needs::Haproxy) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let store = cluster.store_url("/baker");
+    let (mut a, mut b) = replicas(&cluster).await;
+    let (g1, g2) = (
+        Greeting::start("1", "g1").await,
+        Greeting::start("1", "g2").await,
+    );
+    register(&a.client, "greeting", &g1, "g1", "1", 600_000).await;
+    register(&a.client, "greeting", &g2, "g2", "1", 600_000).await;
+    // The ambassador watches b; the drain goes through a.
+    let amb = TestAmbassador::start(&b.url, &["greeting"], &[("BAKER_ID", "amb")]).await;
+    servers_become(&amb, &[("g1", "ready"), ("g2", "ready")]).await;
+    let mut wb = Box::pin(b.client.watch().await.unwrap());
+    wb.next().await.unwrap().unwrap();
+
+    let g1_target = Target::Instance("g1".parse().unwrap());
+    let drained = a
+        .client
+        .clone()
+        .with_origin("cli:ops")
+        .drain("greeting", &g1_target, Some("disk swap"))
+        .await
+        .unwrap();
+    // b streams the change at the index a answered with, with who did it and why.
+    match next_maintenance(&mut wb).await {
+        WatchEvent::Maintenance {
+            index,
+            service,
+            maintenance,
+            action,
+            ..
+        } => {
+            assert_eq!(index, drained.index);
+            assert_eq!(service, "greeting");
+            assert_eq!(maintenance.len(), 1);
+            assert!(action.drained);
+            assert_eq!(action.target, g1_target);
+            assert_eq!(action.origin, "cli:ops from 127.0.0.1");
+            assert_eq!(action.reason.unwrap().as_str(), "disk swap");
+        }
+        other => unreachable!("{other:?}"),
+    }
+    let listed = b.client.maintenance().await.unwrap();
+    assert_eq!(listed.maintenance.len(), 1, "{listed:?}");
+    assert_eq!(listed.maintenance[0].target(), Some(g1_target.clone()));
+    assert_eq!(listed.maintenance[0].origin, "cli:ops from 127.0.0.1");
+    assert_eq!(state_of(&b, "g1").await, InstanceState::Draining);
+    assert_eq!(state_of(&b, "g2").await, InstanceState::Up);
+    servers_become(&amb, &[("g1", "drain"), ("g2", "ready")]).await;
+
+    // Both replicas die: the drain is in etcd; a new replica has it, and b, restarted, too.
+    a.kill9();
+    b.kill9();
+    let c = TestDirectory::start(&[("BAKER_STORE", &store)]).await;
+    let kept = c.client.maintenance().await.unwrap();
+    assert_eq!(kept.maintenance.len(), 1, "{kept:?}");
+    assert_eq!(
+        kept.maintenance[0].reason.as_ref().unwrap().as_str(),
+        "disk swap"
+    );
+    assert_eq!(state_of(&c, "g1").await, InstanceState::Draining);
+    b.restart().await;
+    assert_eq!(state_of(&b, "g1").await, InstanceState::Draining);
+    let mut wb = Box::pin(b.client.watch().await.unwrap());
+    match wb.next().await.unwrap().unwrap() {
+        WatchEvent::Snapshot { maintenance, .. } => {
+            assert_eq!(maintenance["greeting"].len(), 1, "{maintenance:?}")
+        }
+        other => panic!("the stream starts with a snapshot, not {other:?}"),
+    }
+
+    // Undrained through the new replica: b streams it, and the ambassador's server is ready.
+    let undrained = c.client.undrain("greeting", &g1_target).await.unwrap();
+    match next_maintenance(&mut wb).await {
+        WatchEvent::Maintenance {
+            index,
+            maintenance,
+            action,
+            ..
+        } => {
+            assert_eq!(index, undrained.index);
+            assert!(maintenance.is_empty(), "{maintenance:?}");
+            assert!(!action.drained);
+            assert_eq!(action.target, g1_target);
+        }
+        other => unreachable!("{other:?}"),
+    }
+    assert!(b.client.maintenance().await.unwrap().maintenance.is_empty());
+    assert_eq!(state_of(&b, "g1").await, InstanceState::Up);
+    servers_become(&amb, &[("g1", "ready"), ("g2", "ready")]).await;
+}
+
+#[tokio::test]
+async fn drains_of_one_service_through_two_replicas_at_once_are_all_kept() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let (a, b) = replicas(&cluster).await;
+    // Each call reads the service's drains, adds its own and writes them back: the writes race.
+    let calls = (0..8).map(|i| {
+        let client = if i % 2 == 0 { &a.client } else { &b.client };
+        let target = Target::Instance(format!("g{i}").parse().unwrap());
+        async move { client.drain("greeting", &target, None).await }
+    });
+    for result in futures_util::future::join_all(calls).await {
+        result.unwrap();
+    }
+    for d in [&a, &b] {
+        eventually(
+            Duration::from_secs(5),
+            "all eight drains listed",
+            || async {
+                let listed = d.client.maintenance().await.ok()?;
+                (listed.maintenance.len() == 8).then_some(())
+            },
+        )
+        .await;
+    }
 }

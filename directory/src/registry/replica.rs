@@ -26,7 +26,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use baker_client::change::RemoveCause;
+use baker_client::change::{MaintenanceAction, RemoveCause};
+use baker_client::maintenance::Maintenance;
 use baker_client::model::{
     Instance, InstanceId, Route, RouteResponse, ServiceName, Source, ValidSpec,
 };
@@ -36,10 +37,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    check_takeover, instance_of, same_but_last_seen, Conflict, Outcome, Refused, Registry,
-    RouteError, Table,
+    check_takeover, instance_of, same_but_last_seen, unix_millis, Conflict, DrainError, Outcome,
+    Refused, Registry, RouteError, Table,
 };
-use crate::etcd::{lease_seconds, Change, Etcd, EtcdError, Removal, Snapshot, REQUEST_TIMEOUT};
+use crate::etcd::{
+    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Removal, Snapshot, Swap, REQUEST_TIMEOUT,
+};
 use crate::metrics::Metrics;
 use crate::quota::{Exceeded, Quotas};
 use crate::store::MemoryStore;
@@ -118,17 +121,21 @@ impl Replica {
     /// Waits until the mirror has applied `revision` (bounded: the change is committed
     /// whatever happens to this replica's watch).
     async fn applied(&self, revision: i64) {
-        let revision = u64::try_from(revision).unwrap_or_default();
-        let mut rx = self.applied.subscribe();
-        if tokio::time::timeout(REQUEST_TIMEOUT, rx.wait_for(|a| *a >= revision))
-            .await
-            .is_err()
-        {
+        if !self.caught_up(revision).await {
             tracing::warn!(
                 revision,
                 "answering before the mirror has applied a committed change"
             );
         }
+    }
+
+    /// Waits until the mirror has applied `revision`, for [`REQUEST_TIMEOUT`] at most;
+    /// whether it has.
+    async fn caught_up(&self, revision: i64) -> bool {
+        let revision = u64::try_from(revision).unwrap_or_default();
+        let mut rx = self.applied.subscribe();
+        let waited = tokio::time::timeout(REQUEST_TIMEOUT, rx.wait_for(|a| *a >= revision)).await;
+        matches!(waited, Ok(Ok(_)))
     }
 }
 
@@ -307,6 +314,60 @@ impl Registry {
             service: service.clone(),
             route,
         }))
+    }
+
+    /// Writes `service`'s drains `next`, changed by `action`, if the key is still at `seen`
+    /// (the revision this replica's mirror last saw it written at); answers once etcd has
+    /// committed it and the mirror has applied it, with the index of the change. `None` when
+    /// another replica wrote the service's drains first: the mirror then has them, and the
+    /// caller decides again.
+    pub(super) async fn write_drains_through_etcd(
+        &self,
+        replica: &Replica,
+        service: &ServiceName,
+        next: Maintenance,
+        action: MaintenanceAction,
+        seen: i64,
+    ) -> Result<Option<u64>, DrainError> {
+        let record = DrainRecord {
+            maintenance: next,
+            action,
+            at: unix_millis(),
+        };
+        // The record of an undrain that left no drain is bound to this replica's lease: it
+        // carries the undrain to the other replicas, and then goes.
+        let lease = if record.maintenance.is_empty() {
+            Some(replica.own_lease().await?)
+        } else {
+            None
+        };
+        let swap = match replica
+            .etcd
+            .set_maintenance(service, &record, seen, lease)
+            .await
+        {
+            Err(e) if lease_gone(&e) => {
+                *replica.lease.lock().await = None;
+                let lease = Some(replica.own_lease().await?);
+                replica
+                    .etcd
+                    .set_maintenance(service, &record, seen, lease)
+                    .await?
+            }
+            other => other?,
+        };
+        match swap {
+            Swap::Done(revision) => {
+                replica.applied(revision).await;
+                Ok(Some(u64::try_from(revision).unwrap_or_default()))
+            }
+            Swap::Stale(revision) if replica.caught_up(revision).await => {
+                tracing::debug!(%service, "another replica changed the drains first; deciding again");
+                Ok(None)
+            }
+            // The mirror cannot show what changed: deciding again would decide the same.
+            Swap::Stale(_) => Err(EtcdError::Timeout(REQUEST_TIMEOUT).into()),
+        }
     }
 
     /// [`Registry::upsert`] with etcd. Docker's instances become wanted, and the reconciler
@@ -535,6 +596,16 @@ impl Registry {
                     self.mirror_route(&mut t, rev, &service, Some(route))
                 }
                 Change::RouteCleared { service } => self.mirror_route(&mut t, rev, &service, None),
+                Change::Maintenance { service, record } => {
+                    t.drain_revisions.insert(service.clone(), revision);
+                    self.mirror_drains(&mut t, rev, &service, record);
+                }
+                Change::MaintenanceCleared { service } => {
+                    t.drain_revisions.remove(&service);
+                    if let Some(record) = cleared(&t, &service) {
+                        self.mirror_drains(&mut t, rev, &service, record);
+                    }
+                }
                 Change::Causes(removals) => {
                     t.causes = (
                         rev,
@@ -618,6 +689,17 @@ impl Registry {
         self.apply_route(t, service, route, None);
     }
 
+    /// Applies `service`'s drains as etcd holds them at `rev`, publishing them if they differ
+    /// from the mirror's.
+    fn mirror_drains(&self, t: &mut Table, rev: u64, service: &ServiceName, record: DrainRecord) {
+        let held = t.store.maintenance(service).cloned().unwrap_or_default();
+        if held == record.maintenance {
+            return;
+        }
+        t.store.set_revision(rev.saturating_sub(1));
+        self.apply_drains(t, service, record.maintenance, record.action, record.at);
+    }
+
     /// Makes the mirror what `snapshot` says, publishing only what differs, at its revision.
     fn resync(&self, snapshot: Snapshot) {
         let replica = self.inner.replica.as_ref().expect("called in etcd mode");
@@ -655,6 +737,21 @@ impl Registry {
             }
             for (service, route) in snapshot.routes {
                 self.mirror_route(&mut t, rev, &service, Some(route));
+            }
+            t.drain_revisions = snapshot
+                .maintenance
+                .iter()
+                .map(|(service, (_, written))| (service.clone(), *written))
+                .collect();
+            for service in t.store.all_maintenance().into_keys() {
+                if !snapshot.maintenance.contains_key(&service) {
+                    if let Some(record) = cleared(&t, &service) {
+                        self.mirror_drains(&mut t, rev, &service, record);
+                    }
+                }
+            }
+            for (service, (record, _)) in snapshot.maintenance {
+                self.mirror_drains(&mut t, rev, &service, record);
             }
             if t.store.revision() < rev {
                 t.store.set_revision(rev);
@@ -785,4 +882,22 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// The record of `service`'s drains when its key is gone from etcd with drains still in the
+/// mirror (deleted by hand, say): none left, lifted by the store itself. `None` when the
+/// mirror holds none.
+fn cleared(t: &Table, service: &ServiceName) -> Option<DrainRecord> {
+    let held = t.store.maintenance(service)?;
+    let first = held.entries(service).into_iter().next()?;
+    Some(DrainRecord {
+        maintenance: Maintenance::default(),
+        action: MaintenanceAction {
+            drained: false,
+            target: first.target()?,
+            reason: first.reason,
+            origin: "etcd".into(),
+        },
+        at: unix_millis(),
+    })
 }
