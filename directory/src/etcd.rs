@@ -30,7 +30,7 @@
 //! leaders, for up to [`REQUEST_TIMEOUT`]; a cluster still without a leader by then has lost
 //! its quorum, and [`EtcdError::NoQuorum`] says so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -208,6 +208,10 @@ pub struct Snapshot {
     pub routes: BTreeMap<ServiceName, Route>,
     /// Every service's drains key, with the revision it was last written at.
     pub maintenance: BTreeMap<ServiceName, (DrainRecord, i64)>,
+    /// Why the instances named by the causes keys still in etcd were removed, with the
+    /// revision of their removal: a replica whose watch broke tells a deregistration made
+    /// meanwhile from an expiry by these.
+    pub causes: HashMap<(ServiceName, InstanceId), (RemoveCause, i64)>,
 }
 
 /// A connection to the etcd cluster. Cheap to clone.
@@ -336,6 +340,18 @@ impl Etcd {
                 Some(Change::Maintenance { service, record }) => {
                     snap.maintenance
                         .insert(service, (record, kv.mod_revision()));
+                }
+                Some(Change::Causes(removals)) => {
+                    let at = kv.mod_revision();
+                    for r in removals {
+                        let newer = snap
+                            .causes
+                            .get(&(r.service.clone(), r.id.clone()))
+                            .is_none_or(|(_, seen)| *seen < at);
+                        if newer {
+                            snap.causes.insert((r.service, r.id), (r.cause, at));
+                        }
+                    }
                 }
                 _ => {}
             }

@@ -1,12 +1,17 @@
 //! The directory's etcd layer against a real three-member cluster: instances bound to leases
 //! that keep-alives renew and that run out within their TTL, routes as plain keys, watches from
 //! a snapshot's revision that every member streams alike, the loss of the leader, and the loss
-//! of quorum refused with a reason and recovered without a restart.
+//! of quorum refused with a reason and recovered without a restart; a snapshot holds the
+//! removal causes and the drains still in etcd, and a drains write over a moved key is refused.
 
 use std::time::{Duration, Instant};
 
+use baker_client::change::{MaintenanceAction, RemoveCause};
+use baker_client::maintenance::{Maintenance, Target};
 use baker_client::model::{Instance, Route};
-use baker_directory::etcd::{lease_seconds, Change, Etcd, EtcdError, StoreUrl};
+use baker_directory::etcd::{
+    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Removal, StoreUrl, Swap,
+};
 use baker_tests::etcd::EtcdCluster;
 use baker_tests::{eventually, require, Needs};
 use futures_util::StreamExt;
@@ -241,4 +246,55 @@ async fn a_member_frozen_for_ten_seconds_loses_no_lease() {
         "expiry within TTL + 1 s, took {:?}",
         stopped.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_snapshot_holds_the_removal_causes_and_the_drains_still_in_etcd() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let etcd = connect(&cluster, &[0, 1, 2], "/t4").await;
+    let gone = inst("gone", 60_000);
+    let lease = etcd.grant(60).await.unwrap();
+    etcd.put_instance(&gone, lease).await.unwrap();
+    let removal = Removal {
+        service: gone.service.clone(),
+        id: gone.id.clone(),
+        cause: RemoveCause::Deregistered,
+    };
+    let (removed, deleted) = etcd.remove_instances(&[removal], lease).await.unwrap();
+    assert_eq!(deleted, 1);
+
+    // A service's drains: written only over the revision the writer read.
+    let record = DrainRecord {
+        maintenance: Maintenance::default(),
+        action: MaintenanceAction {
+            drained: false,
+            target: Target::Instance(gone.id.clone()),
+            reason: None,
+            origin: "test".into(),
+        },
+        at: 1,
+    };
+    let Swap::Done(written) = etcd
+        .set_maintenance(&gone.service, &record, 0, None)
+        .await
+        .unwrap()
+    else {
+        panic!("the first write of a service's drains expects no key");
+    };
+    let stale = etcd
+        .set_maintenance(&gone.service, &record, 0, None)
+        .await
+        .unwrap();
+    assert_eq!(stale, Swap::Stale(written), "a write over a moved key");
+
+    let snap = etcd.snapshot().await.unwrap();
+    assert!(snap.instances.is_empty());
+    assert_eq!(
+        snap.causes.get(&(gone.service.clone(), gone.id.clone())),
+        Some(&(RemoveCause::Deregistered, removed))
+    );
+    assert_eq!(snap.maintenance[&gone.service], (record, written));
 }

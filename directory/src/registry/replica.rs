@@ -6,7 +6,8 @@
 //! Every replica so publishes the same changes in the same order, and the watch stream's
 //! `index` is the etcd revision. When the watch breaks (a member died, quorum lost, the
 //! revision compacted), the replica reads a new snapshot once etcd answers again and publishes
-//! only what differs from its mirror.
+//! only what differs from its mirror; an instance removed meanwhile goes out with the cause
+//! etcd still holds for its removal (each replica's last), else as `expired`.
 //!
 //! Changes go to etcd, never to the mirror directly: a registration is a key bound to a lease
 //! of the instance's TTL, a heartbeat keeps that lease alive (a changed TTL takes a new
@@ -711,6 +712,9 @@ impl Registry {
                 .into_iter()
                 .map(|(i, lease)| ((i.service.clone(), i.id.clone()), (i, lease)))
                 .collect();
+            // A removal whose cause etcd still holds, made after the mirror's last change, was
+            // made while this replica was not watching: it goes out with its own cause.
+            let seen = i64::try_from(t.store.revision()).unwrap_or(i64::MAX);
             let held: Vec<(ServiceName, InstanceId, Source)> = t
                 .store
                 .services(None)
@@ -719,11 +723,18 @@ impl Registry {
                 .map(|i| (i.service, i.id, i.source))
                 .collect();
             for (service, id, source) in held {
-                if !now.contains_key(&(service.clone(), id.clone())) {
-                    let cause = match source {
+                let key = (service.clone(), id.clone());
+                if !now.contains_key(&key) {
+                    let told = snapshot
+                        .causes
+                        .get(&key)
+                        .filter(|(_, at)| *at > seen)
+                        .map(|(cause, _)| *cause);
+                    let cause = told.or(match source {
                         Source::Docker => Some(RemoveCause::DockerResync),
+                        // No cause: its lease ran out.
                         Source::Registrar => None,
-                    };
+                    });
                     self.mirror_take(&mut t, rev, &service, &id, cause);
                 }
             }
@@ -900,4 +911,97 @@ fn cleared(t: &Table, service: &ServiceName) -> Option<DrainRecord> {
         },
         at: unix_millis(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::StoreUrl;
+    use crate::feed::Receiver;
+    use baker_client::change::Change as Published;
+
+    /// A mirror fed by hand: no member answers at this address.
+    async fn mirror() -> Registry {
+        let url: StoreUrl = "etcd://127.0.0.1:9".parse().unwrap();
+        let etcd = Etcd::connect(&url)
+            .await
+            .expect("connecting waits for no member");
+        Registry::with_etcd(
+            etcd,
+            std::sync::Arc::new(Metrics::new()),
+            64,
+            Quotas::default(),
+        )
+    }
+
+    fn instance(id: &str) -> Instance {
+        let spec = ValidSpec {
+            address: "10.0.0.1".parse().unwrap(),
+            port: 8080,
+            version: "1".parse().unwrap(),
+            weight: 100,
+            tags: vec![],
+            ttl_ms: 6000,
+        };
+        instance_of(
+            &"web".parse().unwrap(),
+            &id.parse().unwrap(),
+            spec,
+            Source::Registrar,
+        )
+    }
+
+    /// (id, cause) of each removal published.
+    fn removals(rx: &mut Receiver) -> Vec<(String, RemoveCause)> {
+        let mut out = Vec::new();
+        while let Some(p) = rx.try_recv() {
+            if let Published::Remove {
+                cause, instance, ..
+            } = &p.change
+            {
+                out.push((instance.id.to_string(), *cause));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_resync_gives_removals_made_during_the_gap_the_cause_etcd_still_holds() {
+        let r = mirror().await;
+        for (rev, id) in [(5, "a"), (6, "b"), (7, "c")] {
+            r.apply_mirrored(
+                rev,
+                Change::Instance {
+                    instance: instance(id),
+                    lease: 1,
+                },
+            );
+        }
+        let mut sub = r.subscribe(None, false);
+        // The watch broke at revision 7. Meanwhile a was deregistered (its cause still in
+        // etcd), b's lease ran out, and c was deregistered before the mirror's last change
+        // (an old cause naming it again is not this removal's).
+        let mut snapshot = Snapshot {
+            revision: 12,
+            ..Snapshot::default()
+        };
+        let key = |id: &str| ("web".parse().unwrap(), id.parse().unwrap());
+        snapshot
+            .causes
+            .insert(key("a"), (RemoveCause::Deregistered, 10));
+        snapshot
+            .causes
+            .insert(key("c"), (RemoveCause::Deregistered, 4));
+        r.resync(snapshot);
+        let mut got = removals(&mut sub.feed);
+        got.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            got,
+            [
+                ("a".to_owned(), RemoveCause::Deregistered),
+                ("b".to_owned(), RemoveCause::Expired),
+                ("c".to_owned(), RemoveCause::Expired),
+            ]
+        );
+    }
 }
