@@ -32,6 +32,6 @@ pub mod route;
 
 pub use api::{ClientError, DirectoryClient};
 pub use model::{
-    Address, Instance, InstanceId, InstanceSpec, Route, ServiceName, Source, State, Tag, Version,
-    WatchEvent,
+    Address, Instance, InstanceId, InstanceSpec, NodeName, Route, ServiceName, Source, State, Tag,
+    Version, WatchEvent,
 };

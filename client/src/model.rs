@@ -193,6 +193,89 @@ name_type!(
     "tag"
 );
 
+/// Longest node name: a fully qualified host name.
+pub const MAX_NODE_LEN: usize = 253;
+
+/// The name of the node (host) whose Docker engine runs a container the directory discovered:
+/// letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most
+/// [`MAX_NODE_LEN`] characters, as `hostname` and `docker info` show host names (case kept).
+/// It is shown to operators and never written into an HAProxy configuration.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct NodeName(String);
+
+impl NodeName {
+    /// The field an invalid value is reported as by [`FromStr`].
+    pub const FIELD: &'static str = "node";
+
+    /// Parses `value`, naming `field` in the error (`BAKER_NODE`, for instance).
+    pub fn parse_as(field: &str, value: &str) -> Result<Self, ValidationError> {
+        let problem = |message: String| Err(ValidationError::new(field, message));
+        let Some(first) = value.chars().next() else {
+            return problem("must not be empty".into());
+        };
+        let chars = value.chars().count();
+        if chars > MAX_NODE_LEN {
+            return problem(format!(
+                "must be at most {MAX_NODE_LEN} characters, got {chars}"
+            ));
+        }
+        if !first.is_ascii_alphanumeric() {
+            return problem(format!(
+                "must start with a letter or digit, got {:?}",
+                first
+            ));
+        }
+        if let Some(bad) = value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return problem(format!(
+                "may contain only letters, digits, '.', '_' and '-', got {bad:?}"
+            ));
+        }
+        Ok(NodeName(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for NodeName {
+    type Err = ValidationError;
+
+    fn from_str(value: &str) -> Result<Self, ValidationError> {
+        Self::parse_as(Self::FIELD, value)
+    }
+}
+
+impl TryFrom<String> for NodeName {
+    type Error = ValidationError;
+
+    fn try_from(value: String) -> Result<Self, ValidationError> {
+        value.parse()
+    }
+}
+
+impl Serialize for NodeName {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<&str> for NodeName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 impl Default for Version {
     /// [`DEFAULT_VERSION`].
     fn default() -> Self {
@@ -436,6 +519,9 @@ pub struct ValidSpec {
     pub weight: u16,
     pub tags: Vec<Tag>,
     pub ttl_ms: u64,
+    /// The node whose Docker engine runs the instance: set by Docker discovery, never by a
+    /// registration over the API.
+    pub node: Option<NodeName>,
 }
 
 impl InstanceSpec {
@@ -488,6 +574,7 @@ impl InstanceSpec {
                 weight,
                 tags,
                 ttl_ms,
+                node: None,
             }),
             _ => Err(errors),
         }
@@ -516,6 +603,10 @@ pub struct Instance {
     /// The drain's reason, while draining with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
+    /// The node whose Docker engine runs it, for an instance discovered from Docker (absent
+    /// otherwise, and from older directories; older clients ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
 }
 
 impl Instance {
@@ -539,6 +630,7 @@ impl Instance {
             last_seen: 0,
             state: InstanceState::Up,
             reason: None,
+            node: None,
         }
     }
 
@@ -941,6 +1033,57 @@ mod tests {
             let e = bad.parse::<Address>().unwrap_err();
             assert_eq!(e.field, "address", "{bad}");
         }
+    }
+
+    #[test]
+    fn node_names() {
+        for ok in [
+            "h1",
+            "Johns-MacBook.local",
+            "ip-10-0-0-1.ec2.internal",
+            "n_2",
+            &"a".repeat(253),
+        ] {
+            let node: NodeName = ok.parse().unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(node.as_str(), ok);
+        }
+        for (bad, says) in [
+            ("", "must not be empty"),
+            ("-h", "must start with a letter or digit"),
+            (".h", "must start with a letter or digit"),
+            ("h 1", "may contain only letters, digits"),
+            ("h;1", "may contain only letters, digits"),
+            ("h\nserver x", "may contain only letters, digits"),
+            ("hé", "may contain only letters, digits"),
+            (&"a".repeat(254), "at most 253 characters, got 254"),
+        ] {
+            let e = NodeName::parse_as("BAKER_NODE", bad).unwrap_err();
+            assert_eq!(e.field, "BAKER_NODE", "{bad}");
+            assert!(e.message.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_node_travels_only_when_known() {
+        let mut i = Instance::sample("web", "a");
+        let json = serde_json::to_value(&i).unwrap();
+        assert!(json.get("node").is_none(), "no node, no field: {json}");
+        i.source = Source::Docker;
+        i.node = Some("host-1".parse().unwrap());
+        let json = serde_json::to_value(&i).unwrap();
+        assert_eq!(json["node"], "host-1");
+        assert_eq!(serde_json::from_value::<Instance>(json.clone()).unwrap(), i);
+        // An instance from a directory that sends no node has none.
+        let mut older = json.clone();
+        older.as_object_mut().unwrap().remove("node");
+        assert_eq!(
+            serde_json::from_value::<Instance>(older).unwrap().node,
+            None
+        );
+        let mut bad = json;
+        bad["node"] = "a b".into();
+        let e = serde_json::from_value::<Instance>(bad).unwrap_err();
+        assert!(e.to_string().starts_with("node: "), "{e}");
     }
 
     #[test]

@@ -10,9 +10,11 @@ use baker_client::api::parse_token;
 use baker_client::config::vars::{
     self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_HISTORY, ENV_LISTEN, ENV_MAX_CONNECTIONS,
     ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES,
-    ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_REQUEST_TIMEOUT, ENV_STORE, ENV_TOKEN, ENV_WATCH_TOKEN,
+    ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_REQUEST_TIMEOUT, ENV_STORE, ENV_TOKEN,
+    ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
+use baker_client::model::NodeName;
 
 use crate::etcd::StoreUrl;
 use crate::quota::Quotas;
@@ -110,6 +112,9 @@ pub struct Config {
     /// `BAKER_DOCKER_NETWORK`: used by Docker discovery, the network whose address a discovered
     /// container is registered with (default: the container's first network).
     pub docker_network: Option<String>,
+    /// `BAKER_NODE`: the node name Docker discovery gives the containers it finds (default:
+    /// the engine's own name, as `docker info` shows it, else the host name).
+    pub node: Option<NodeName>,
     /// `BAKER_MAX_CONNECTIONS`: open connections beyond this wait in the kernel's accept queue.
     pub max_connections: usize,
     /// `BAKER_MAX_WATCHES`: open watch streams at most, fewer than `max_connections`, so that
@@ -146,6 +151,7 @@ impl Default for Config {
             store: StoreMode::Memory,
             docker: DockerMode::Auto,
             docker_network: None,
+            node: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_watches: DEFAULT_MAX_CONNECTIONS / 2,
             quotas: Quotas::default(),
@@ -175,6 +181,9 @@ impl Config {
         let store = r.parse(ENV_STORE, str::parse::<StoreMode>);
         let docker = r.value(ENV_DOCKER, DockerMode::Auto);
         let docker_network = r.parse(ENV_DOCKER_NETWORK, parse_network);
+        let node = r.parse(ENV_NODE, |s| {
+            NodeName::parse_as(ENV_NODE, s).map_err(|e| e.message)
+        });
         let max_connections = r.parse(ENV_MAX_CONNECTIONS, |s| match s.parse::<usize>() {
             Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
             _ => Err("must be a number between 1 and 1000000"),
@@ -213,6 +222,7 @@ impl Config {
             store: store.unwrap_or_default(),
             docker,
             docker_network,
+            node,
             max_connections,
             max_watches,
             quotas,
@@ -261,6 +271,7 @@ mod tests {
         assert_eq!(c.store, StoreMode::Memory);
         assert_eq!(c.token, None);
         assert_eq!(c.docker_network, None);
+        assert_eq!(c.node, None);
     }
 
     #[test]
@@ -272,6 +283,7 @@ mod tests {
             ("BAKER_DOCKER", "OFF"),
             ("BAKER_STORE", "etcd://e1:2379,e2:2379/team"),
             ("BAKER_DOCKER_NETWORK", "baker_net"),
+            ("BAKER_NODE", "Host-1.example"),
             ("BAKER_MAX_CONNECTIONS", "10"),
             ("BAKER_MAX_WATCHES", "9"),
             ("BAKER_WATCH_TOKEN", "w4tch"),
@@ -301,6 +313,10 @@ mod tests {
         assert_eq!(c.data, PathBuf::from("/tmp/x"));
         assert_eq!(c.docker, DockerMode::Off);
         assert_eq!(c.docker_network.as_deref(), Some("baker_net"));
+        assert_eq!(
+            c.node.as_ref().map(NodeName::as_str),
+            Some("Host-1.example")
+        );
         assert_eq!(c.max_connections, 10);
         assert_eq!(c.request_timeout, Duration::from_secs(2));
         let empty = Config::from_env(&env(&[("BAKER_TOKEN", ""), ("BAKER_DATA", " ")])).unwrap();
@@ -371,6 +387,7 @@ mod tests {
             ("BAKER_STORE", "etcd://e1"),
             ("BAKER_DOCKER", "maybe"),
             ("BAKER_DOCKER_NETWORK", "bad/net"),
+            ("BAKER_NODE", "my host"),
             ("BAKER_MAX_CONNECTIONS", "0"),
             ("BAKER_MAX_WATCHES", "x"),
             ("BAKER_MAX_ROUTES", "0"),
@@ -387,12 +404,17 @@ mod tests {
                 "BAKER_STORE",
                 "BAKER_DOCKER",
                 "BAKER_DOCKER_NETWORK",
+                "BAKER_NODE",
                 "BAKER_MAX_CONNECTIONS",
                 "BAKER_MAX_WATCHES",
                 "BAKER_MAX_ROUTES",
                 "BAKER_REQUEST_TIMEOUT",
                 "BAKER_TOKN",
             ]
+        );
+        assert_eq!(
+            errs.0[5].1,
+            "may contain only letters, digits, '.', '_' and '-', got ' ' (got \"my host\")"
         );
         assert_eq!(
             errs.0.last().unwrap().1,

@@ -15,6 +15,10 @@
 //! crashes. The instance id is the container's name, made unique when it has to be lower-cased
 //! or shortened ([`instance_id`]).
 //!
+//! Each instance carries the node it runs on: `BAKER_NODE`, else the engine's own name (as
+//! `docker info` shows it), else the host name ([`default_node`]). With replicas on etcd, it
+//! tells which replica's engine a container was found on.
+//!
 //! When the stream breaks (engine restarted, socket gone), discovery reconnects with capped
 //! backoff and resynchronises ([`Registry::sync_source`]). The API version is negotiated, so
 //! engines from 20.10 (API 1.41) to current ones work.
@@ -30,7 +34,7 @@ use baker_client::backoff::Backoff;
 use baker_client::change::RemoveCause;
 use baker_client::errors::chain;
 use baker_client::model::{
-    printable, validate_port, InstanceId, InstanceSpec, ServiceName, Source, ValidSpec,
+    printable, validate_port, InstanceId, InstanceSpec, NodeName, ServiceName, Source, ValidSpec,
     ValidationError, MAX_NAME_LEN,
 };
 use bollard::errors::Error as DockerError;
@@ -67,6 +71,23 @@ pub fn enabled(mode: DockerMode) -> bool {
             std::env::var_os("DOCKER_HOST").is_some() || Path::new(DEFAULT_SOCKET).exists()
         }
     }
+}
+
+/// The node name discovered instances get when `BAKER_NODE` is not set: the engine's own
+/// name (`engine`, from its `/info`), else the host name (`host`), whichever is first a valid
+/// [`NodeName`]; `None` when neither is.
+pub fn default_node(engine: Option<&str>, host: Option<&str>) -> Option<NodeName> {
+    [engine, host]
+        .into_iter()
+        .flatten()
+        .find_map(|name| name.trim().parse().ok())
+}
+
+/// This machine's host name, if it has a readable one.
+fn host_name() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
 }
 
 /// What to do with one container.
@@ -442,6 +463,8 @@ struct Tracker {
     stopping: HashSet<String>,
     /// The last reason logged for each container, so each is logged once.
     noted: HashMap<String, String>,
+    /// The node every instance registered is given.
+    node: Option<NodeName>,
 }
 
 impl Tracker {
@@ -483,10 +506,15 @@ impl Tracker {
         for (cid, verdict) in listed {
             seen.insert(cid.clone());
             match verdict {
-                Verdict::Register { service, id, spec } if !self.stopping.contains(&cid) => {
+                Verdict::Register {
+                    service,
+                    id,
+                    mut spec,
+                } if !self.stopping.contains(&cid) => {
                     self.labelled.insert(cid.clone());
                     self.noted.remove(&cid);
                     registered.insert(cid, (service.clone(), id.clone()));
+                    spec.node = self.node.clone();
                     desired.push((service, id, spec));
                 }
                 Verdict::Register { .. } => {}
@@ -509,7 +537,12 @@ impl Tracker {
                 self.deregister(registry, container, RemoveCause::DockerLeftOut);
                 self.forget(container);
             }
-            Verdict::Register { service, id, spec } => {
+            Verdict::Register {
+                service,
+                id,
+                mut spec,
+            } => {
+                spec.node = self.node.clone();
                 self.labelled.insert(container.to_owned());
                 if self.stopping.contains(container) {
                     return;
@@ -605,7 +638,13 @@ pub fn permission_denied(err: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Follows the Docker engine until `shutdown`, keeping the registry's Docker-sourced instances
 /// equal to the labelled containers that count; reconnects and resyncs after any failure.
-pub async fn run(registry: Registry, network: Option<String>, shutdown: CancellationToken) {
+/// Instances get the node `node` (`BAKER_NODE`), or when it is `None`, [`default_node`].
+pub async fn run(
+    registry: Registry,
+    network: Option<String>,
+    node: Option<NodeName>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     let mut tracker = Tracker::default();
     let mut failures = 0u32;
@@ -613,6 +652,7 @@ pub async fn run(registry: Registry, network: Option<String>, shutdown: Cancella
         let result = session(
             &registry,
             network.as_deref(),
+            node.as_ref(),
             &mut tracker,
             &shutdown,
             || {
@@ -653,6 +693,7 @@ pub async fn run(registry: Registry, network: Option<String>, shutdown: Cancella
 async fn session(
     registry: &Registry,
     network: Option<&str>,
+    node: Option<&NodeName>,
     tracker: &mut Tracker,
     shutdown: &CancellationToken,
     synced: impl FnOnce(),
@@ -661,6 +702,24 @@ async fn session(
     let docker = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
         d = docker.negotiate_version() => d.map_err(SessionError::Connect)?,
+    };
+    tracker.node = match node {
+        Some(node) => Some(node.clone()),
+        None => {
+            let engine = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                i = docker.info() => i.map_err(SessionError::Api)?.name,
+            };
+            let node = default_node(engine.as_deref(), host_name().as_deref());
+            if node.is_none() {
+                tracing::warn!(
+                    engine = ?engine,
+                    "docker discovery: neither the engine's name nor the host name is a valid \
+                     node name; discovered instances carry none (set BAKER_NODE)"
+                );
+            }
+            node
+        }
     };
     // Events from one second before the listing on: nothing between the two is missed, and a
     // replayed event only makes discovery read a container again.
@@ -701,6 +760,7 @@ async fn session(
     let labelled = verdicts.len();
     let count = tracker.resync(registry, verdicts);
     tracing::info!(
+        node = tracker.node.as_ref().map_or("none", NodeName::as_str),
         "docker discovery: following engine API {}, {labelled} labelled container(s), {count} registered",
         docker.client_version(),
     );
@@ -1095,6 +1155,37 @@ mod tests {
             tracker.apply(&registry, "c1", verdict(&c, Some("baker")));
         });
         assert_eq!(text.matches(" WARN ").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn the_node_is_the_engines_name_else_the_host_name() {
+        let node = |engine, host| default_node(engine, host).map(|n| n.to_string());
+        assert_eq!(node(Some("Host-A"), Some("b")).as_deref(), Some("Host-A"));
+        assert_eq!(node(None, Some("b.local")).as_deref(), Some("b.local"));
+        // An engine name that is not a valid node name gives way to the host name.
+        assert_eq!(node(Some("bad name"), Some("b")).as_deref(), Some("b"));
+        assert_eq!(node(Some(""), Some("b")).as_deref(), Some("b"));
+        assert_eq!(node(Some("x;y"), Some("-b")), None);
+        assert_eq!(node(None, None), None);
+    }
+
+    #[test]
+    fn discovered_instances_carry_the_node() {
+        let (registry, _dir) = test_registry();
+        let mut tracker = Tracker {
+            node: Some("node-a".parse().unwrap()),
+            ..Tracker::default()
+        };
+        let c = container(&[("baker.service", "orders")], &[("bridge", "172.17.0.3")]);
+        let mut other = c.clone();
+        other.name = Some("/orders_2".into());
+        tracker.resync(&registry, vec![("c1".into(), verdict(&c, None))]);
+        tracker.apply(&registry, "c2", verdict(&other, None));
+        let nodes: Vec<Option<String>> = registry.services().services["orders"]
+            .iter()
+            .map(|i| i.node.as_ref().map(ToString::to_string))
+            .collect();
+        assert_eq!(nodes, [Some("node-a".into()), Some("node-a".into())]);
     }
 
     /// The error bollard reports when connecting fails with `kind`, made the way bollard makes

@@ -127,15 +127,23 @@ pub async fn run(
     });
     registry.first_snapshot(etcd::REQUEST_TIMEOUT).await;
     let discovery = docker::enabled(config.docker).then(|| {
-        let (registry, network, shutdown) = (
+        let (registry, network, node, shutdown) = (
             registry.clone(),
             config.docker_network.clone(),
+            config.node.clone(),
             shutdown.clone(),
         );
         tokio::spawn(supervise::supervise(
             "docker discovery",
             shutdown.clone(),
-            move || docker::run(registry.clone(), network.clone(), shutdown.clone()),
+            move || {
+                docker::run(
+                    registry.clone(),
+                    network.clone(),
+                    node.clone(),
+                    shutdown.clone(),
+                )
+            },
         ))
     });
     if config.token.is_none() {

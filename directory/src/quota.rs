@@ -275,6 +275,7 @@ mod tests {
                 weight: 100,
                 tags: vec![],
                 ttl_ms: 60_000,
+                node: None,
             }
         }
 

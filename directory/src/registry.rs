@@ -199,7 +199,8 @@ pub enum DrainError {
 enum Outcome {
     /// A new instance.
     Added,
-    /// An existing instance whose address, port, version, weight, tags, TTL or source changed.
+    /// An existing instance whose address, port, version, weight, tags, TTL, source or
+    /// node changed.
     Changed,
     /// A heartbeat: only `last_seen` (and the TTL deadline) moved.
     Renewed,
@@ -221,6 +222,7 @@ fn same_but_last_seen(a: &Instance, b: &Instance) -> bool {
         && a.tags == b.tags
         && a.source == b.source
         && a.ttl_ms == b.ttl_ms
+        && a.node == b.node
 }
 
 impl Table {
@@ -1346,6 +1348,7 @@ fn instance_of(
         last_seen: unix_millis(),
         state: InstanceState::Up,
         reason: None,
+        node: spec.node,
     }
 }
 
@@ -1434,6 +1437,7 @@ mod tests {
             weight: 100,
             tags: vec![],
             ttl_ms,
+            node: None,
         }
     }
 

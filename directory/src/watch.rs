@@ -241,6 +241,7 @@ mod tests {
                 .map(|i| format!("tag-{i:0>40}").parse().unwrap())
                 .collect(),
             ttl_ms: 60_000,
+            node: None,
         }
     }
 

@@ -90,21 +90,26 @@ pub async fn services(ctx: &Ctx) -> anyhow::Result<()> {
     ctx.print_table(&services_table(&rows), "no services")
 }
 
-/// The `baker instances` table; with `with_service`, a SERVICE column comes first.
+/// The `baker instances` table; with `with_service`, a SERVICE column comes first. A NODE
+/// column follows SOURCE when an instance listed carries a node (Docker discovery's).
 pub fn instances_table<'a>(
     instances: impl IntoIterator<Item = &'a Instance>,
     with_service: bool,
     now: SystemTime,
 ) -> Table {
+    let mut instances: Vec<&Instance> = instances.into_iter().collect();
+    instances.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
+    let with_node = instances.iter().any(|i| i.node.is_some());
     let mut headers = vec![
         "id", "address", "version", "weight", "state", "source", "tags", "ttl", "seen",
     ];
+    if with_node {
+        headers.insert(6, "node");
+    }
     if with_service {
         headers.insert(0, "service");
     }
     let mut t = Table::new(&headers);
-    let mut instances: Vec<&Instance> = instances.into_iter().collect();
-    instances.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
     for i in instances {
         let mut row = vec![
             i.id.to_string(),
@@ -117,6 +122,14 @@ pub fn instances_table<'a>(
             ttl(i),
             ago(i.last_seen, now),
         ];
+        if with_node {
+            row.insert(
+                6,
+                i.node
+                    .as_ref()
+                    .map_or_else(String::new, ToString::to_string),
+            );
+        }
         if with_service {
             row.insert(0, i.service.to_string());
         }
@@ -246,5 +259,20 @@ mod tests {
         assert!(instances_table(&list, true, now)
             .render(false)
             .starts_with("emitter   a   10.0.0.1:8080"));
+    }
+
+    #[test]
+    fn the_node_column_shows_when_an_instance_has_a_node() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_003_000);
+        let mut d = inst("emitter", "d", "1");
+        d.source = Source::Docker;
+        d.node = Some("host-1".parse().unwrap());
+        let list = [inst("emitter", "a", "1"), d];
+        assert_eq!(
+            instances_table(&list, true, now).render(true),
+            "SERVICE   ID   ADDRESS         VERSION   WEIGHT   STATE   SOURCE      NODE     TAGS   TTL   SEEN\n\
+             emitter   a    10.0.0.1:8080   1         100      up      registrar   -        -      6s    3s ago\n\
+             emitter   d    10.0.0.1:8080   1         100      up      docker      host-1   -      -     3s ago\n"
+        );
     }
 }

@@ -72,6 +72,7 @@ pub const ENV_MAX_INSTANCES_PER_SERVICE: &str = "BAKER_MAX_INSTANCES_PER_SERVICE
 pub const ENV_MAX_ROUTES: &str = "BAKER_MAX_ROUTES";
 pub const ENV_MAX_SERVICES: &str = "BAKER_MAX_SERVICES";
 pub const ENV_MAX_WATCHES: &str = "BAKER_MAX_WATCHES";
+pub const ENV_NODE: &str = "BAKER_NODE";
 pub const ENV_PATH: &str = "BAKER_PATH";
 pub const ENV_REQUEST_TIMEOUT: &str = "BAKER_REQUEST_TIMEOUT";
 pub const ENV_RISE: &str = "BAKER_RISE";
@@ -127,6 +128,11 @@ pub const DIRECTORY: Program = Program {
             ENV_DOCKER_NETWORK,
             "none",
             "network whose address a discovered container gets",
+        ),
+        var(
+            ENV_NODE,
+            "the Docker engine's name, else the host name",
+            "node name shown with the containers discovered here",
         ),
         var(
             ENV_MAX_CONNECTIONS,

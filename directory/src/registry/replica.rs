@@ -942,6 +942,7 @@ mod tests {
             weight: 100,
             tags: vec![],
             ttl_ms: 6000,
+            node: None,
         };
         instance_of(
             &"web".parse().unwrap(),
