@@ -199,6 +199,15 @@ pub enum Swap {
     Stale(i64),
 }
 
+/// What a conditional put ([`Etcd::put_instance_if`]) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// Written, at this revision.
+    Written(i64),
+    /// Not written: the key is bound to this other lease (`0`: none, or it just went).
+    Held(i64),
+}
+
 /// The whole table at one revision.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
@@ -527,6 +536,61 @@ impl Etcd {
         })
         .await?;
         Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Puts `instance` bound to `lease` only if its key is bound to `expected` (`None`: the
+    /// key is absent) or already to `lease`, in one transaction: of two replicas that both
+    /// saw a container absent (or held by a lease that ran out) and both write it, one wins
+    /// and the other leaves it alone, instead of taking it over unseen. Retried like any call:
+    /// a retry after a commit whose answer was lost finds the key bound to `lease` and
+    /// succeeds again.
+    pub async fn put_instance_if(
+        &self,
+        instance: &Instance,
+        lease: i64,
+        expected: Option<i64>,
+    ) -> Result<Put, EtcdError> {
+        // An instance holds names, numbers and lists of them: serialization cannot fail.
+        let value = serde_json::to_vec(instance).expect("instances always serialize");
+        let key = self.instance_key(&instance.service, &instance.id);
+        let put = TxnOp::put(
+            key.clone(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        let expected = match expected {
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+            Some(other) => Compare::lease(key.clone(), CompareOp::Equal, other),
+        };
+        let txn = Txn::new()
+            .when([expected])
+            .and_then([put.clone()])
+            .or_else([TxnOp::txn(
+                Txn::new()
+                    .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+                    .and_then([put])
+                    .or_else([TxnOp::get(key, None)]),
+            )]);
+        let resp = retried(&self.client, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        if resp.succeeded() {
+            return Ok(Put::Written(revision));
+        }
+        match resp.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Txn(inner)) if inner.succeeded() => Ok(Put::Written(revision)),
+            Some(TxnOpResponse::Txn(inner)) => {
+                let holder = inner.op_responses().into_iter().find_map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first().map(KeyValue::lease),
+                    _ => None,
+                });
+                Ok(Put::Held(holder.unwrap_or_default()))
+            }
+            _ => Ok(Put::Held(0)),
+        }
     }
 
     /// Deletes an instance's key; returns the revision after the call and whether it existed.

@@ -10,7 +10,7 @@ use baker_client::change::{MaintenanceAction, RemoveCause};
 use baker_client::maintenance::{Maintenance, Target};
 use baker_client::model::{Instance, Route};
 use baker_directory::etcd::{
-    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Removal, StoreUrl, Swap,
+    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Put, Removal, StoreUrl, Swap,
 };
 use baker_tests::etcd::EtcdCluster;
 use baker_tests::{eventually, require, Needs};
@@ -117,6 +117,82 @@ async fn instances_live_by_their_lease_and_every_member_streams_the_same_changes
     ));
     let snap = b.snapshot().await.unwrap();
     assert_eq!(snap.routes.get("emitter"), Some(&route));
+}
+
+/// Two replicas that both saw a container absent both write it: the second write finds the
+/// key bound to the first one's lease and leaves it, instead of taking it over.
+#[tokio::test]
+async fn a_conditional_put_never_takes_an_instance_from_another_lease() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let a = connect(&cluster, &[0], "/cas").await;
+    let b = connect(&cluster, &[1], "/cas").await;
+    let (la, lb) = (a.grant(10).await.unwrap(), b.grant(10).await.unwrap());
+    let i = Instance {
+        node: Some("node-a".parse().unwrap()),
+        ..inst("c1", 10_000)
+    };
+    let mine = Instance {
+        node: Some("node-b".parse().unwrap()),
+        ..i.clone()
+    };
+    let held = |etcd: &Etcd| {
+        let etcd = etcd.clone();
+        async move {
+            let snap = etcd.snapshot().await.unwrap();
+            let (instance, lease) = snap.instances.into_iter().next().expect("the instance");
+            (instance.node.unwrap().to_string(), lease)
+        }
+    };
+
+    // Both saw it absent: the first write wins, the second finds it held.
+    assert!(matches!(
+        a.put_instance_if(&i, la, None).await.unwrap(),
+        Put::Written(_)
+    ));
+    assert_eq!(
+        b.put_instance_if(&mine, lb, None).await.unwrap(),
+        Put::Held(la)
+    );
+    assert_eq!(held(&b).await, ("node-a".to_owned(), la));
+    // Its holder writes it again (changed, or retried after a lost answer).
+    let changed = Instance {
+        port: 9090,
+        ..i.clone()
+    };
+    assert!(matches!(
+        a.put_instance_if(&changed, la, None).await.unwrap(),
+        Put::Written(_)
+    ));
+    assert!(matches!(
+        a.put_instance_if(&changed, la, Some(la)).await.unwrap(),
+        Put::Written(_)
+    ));
+    // Expecting the holder it has, another lease takes it over (a registration Docker
+    // replaces); expecting another holder, it does not.
+    assert_eq!(
+        b.put_instance_if(&mine, lb, Some(1)).await.unwrap(),
+        Put::Held(la)
+    );
+    assert!(matches!(
+        b.put_instance_if(&mine, lb, Some(la)).await.unwrap(),
+        Put::Written(_)
+    ));
+    assert_eq!(held(&a).await, ("node-b".to_owned(), lb));
+    assert_eq!(
+        a.put_instance_if(&i, la, None).await.unwrap(),
+        Put::Held(lb)
+    );
+
+    // Once its holder's lease is gone, the key is absent again and the other one may write it.
+    b.revoke(lb).await.unwrap();
+    assert!(matches!(
+        a.put_instance_if(&i, la, None).await.unwrap(),
+        Put::Written(_)
+    ));
+    assert_eq!(held(&b).await, ("node-a".to_owned(), la));
 }
 
 #[tokio::test]

@@ -42,7 +42,8 @@ use super::{
     Refused, Registry, RouteError, Table,
 };
 use crate::etcd::{
-    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Removal, Snapshot, Swap, REQUEST_TIMEOUT,
+    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Put, Removal, Snapshot, Swap,
+    REQUEST_TIMEOUT,
 };
 use crate::metrics::Metrics;
 use crate::quota::{Exceeded, Quotas};
@@ -836,19 +837,21 @@ impl Registry {
         let (puts, removals) = {
             let t = self.lock();
             let mut d = replica.discovered();
-            let puts: Vec<Instance> = d
+            // Each with the lease its key is bound to as the mirror knows it (`None`: absent).
+            let puts: Vec<(Instance, Option<i64>)> = d
                 .wanted
                 .iter()
-                .filter(|(key, want)| {
-                    let owner = t.owners.get(*key).copied();
-                    match t.store.instance(&key.0, &key.1) {
+                .filter_map(|(key, want)| {
+                    let owner = t.owners.get(key).copied();
+                    let put = match t.store.instance(&key.0, &key.1) {
                         None => true,
                         // Another replica's container: its lease says when it goes.
                         Some(i) if i.source == Source::Docker && owner != Some(lease) => false,
                         Some(i) => owner != Some(lease) || !same_but_last_seen(i, want),
-                    }
+                    };
+                    let expected = t.store.instance(&key.0, &key.1).and(owner);
+                    put.then(|| (want.clone(), expected))
                 })
-                .map(|(_, want)| want.clone())
                 .collect();
             let mut removals: Vec<Removal> = Vec::new();
             for (key, owner) in &t.owners {
@@ -874,9 +877,21 @@ impl Registry {
             (puts, removals)
         };
         let mut last = 0;
-        for instance in &puts {
-            match replica.etcd.put_instance(instance, lease).await {
-                Ok(revision) => last = last.max(revision),
+        for (instance, expected) in &puts {
+            match replica
+                .etcd
+                .put_instance_if(instance, lease, *expected)
+                .await
+            {
+                Ok(Put::Written(revision)) => last = last.max(revision),
+                // Another replica wrote it first: the mirror learns whose it is from the
+                // watch, and this replica leaves it alone from then on.
+                Ok(Put::Held(holder)) => tracing::debug!(
+                    service = %instance.service,
+                    id = %instance.id,
+                    holder = format_args!("{holder:x}"),
+                    "another replica holds a container this engine runs"
+                ),
                 Err(e) if lease_gone(&e) => {
                     *replica.lease.lock().await = None;
                     return Err(e);
