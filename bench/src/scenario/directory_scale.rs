@@ -45,14 +45,31 @@ pub(crate) async fn pinned_directory(
     pinned_directory_with(bins, data, &[]).await
 }
 
+/// The CPU the directory is pinned to: 1, or 0 on a one-CPU machine. Counted from the CPUs
+/// online, not from this process's affinity, so that the harness itself can be pinned to CPU 0
+/// (`taskset -c 0 baker-bench ...`) and leave CPU 1 to the directory alone.
+fn directory_core() -> usize {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let last = online
+        .trim()
+        .rsplit([',', '-'])
+        .next()
+        .and_then(|n| n.parse::<usize>().ok());
+    match last {
+        Some(last) => last.min(1),
+        None => std::thread::available_parallelism()
+            .map_or(1, |n| n.get() - 1)
+            .min(1),
+    }
+}
+
 /// [`pinned_directory`] with extra variables.
 pub(crate) async fn pinned_directory_with(
     bins: &Bins,
     data: &std::path::Path,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<(Proc, SocketAddr)> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let core = (cores - 1).min(1).to_string();
+    let core = directory_core().to_string();
     let data = data.display().to_string();
     let bin = bins.path("baker-directory")?.display().to_string();
     let mut env = vec![
