@@ -1,5 +1,6 @@
-//! A real `baker-directory` for end-to-end tests: on an ephemeral port, with its own data
-//! directory that survives [`TestDirectory::restart`] and [`TestDirectory::kill9`].
+//! A real `baker-directory` for end-to-end tests: on a port of its own ([`crate::free_port`]),
+//! with its own data directory, both of which survive [`TestDirectory::restart`] and
+//! [`TestDirectory::kill9`].
 //!
 //! `BAKER_TEST_STORE=etcd` runs every directory the tests start on etcd instead of memory: each
 //! [`TestDirectory`] then starts its own three-member cluster ([`EtcdCluster`]) and sets
@@ -17,7 +18,7 @@ use baker_client::model::InstanceSpec;
 use baker_client::DirectoryClient;
 
 use crate::etcd::EtcdCluster;
-use crate::{require, Needs, Proc};
+use crate::{free_port, require, Needs, Proc};
 
 /// The variable that selects the store every [`TestDirectory`] runs on: `memory` (default) or
 /// `etcd`.
@@ -34,10 +35,11 @@ pub fn on_etcd() -> bool {
 
 /// A running directory (`baker-directory`) with a temporary `BAKER_DATA`.
 ///
-/// The directory listens on `127.0.0.1:0` the first time; [`restart`](Self::restart) brings it
-/// back on the same address, with the same data directory and variables, so clients and
-/// ambassadors pointed at [`url`](Self::url) find it again. Docker discovery is off
-/// (`BAKER_DOCKER=off`) unless `extra_env` says otherwise.
+/// The directory listens on a port [`crate::free_port`] hands out, not on port 0: a port the
+/// kernel picked could be given to another program while the directory is down, and
+/// [`restart`](Self::restart) brings it back on the same address, with the same data directory
+/// and variables, so clients and ambassadors pointed at [`url`](Self::url) find it again.
+/// Docker discovery is off (`BAKER_DOCKER=off`) unless `extra_env` says otherwise.
 pub struct TestDirectory {
     /// The running process.
     pub proc: Proc,
@@ -56,7 +58,7 @@ pub struct TestDirectory {
 
 impl TestDirectory {
     /// Starts a directory with `extra_env` added to (or overriding) the defaults
-    /// `BAKER_LISTEN=127.0.0.1:0`, `BAKER_DATA=<temp dir>`, `BAKER_DOCKER=off`.
+    /// `BAKER_LISTEN=127.0.0.1:<a free port>`, `BAKER_DATA=<temp dir>`, `BAKER_DOCKER=off`.
     pub async fn start(extra_env: &[(&str, &str)]) -> TestDirectory {
         let sets_store = extra_env.iter().any(|(k, _)| *k == "BAKER_STORE");
         if on_etcd() && !sets_store {
@@ -100,7 +102,7 @@ impl TestDirectory {
             .tempdir()
             .expect("creating a temporary BAKER_DATA");
         let mut env: Vec<(String, String)> = vec![
-            ("BAKER_LISTEN".into(), "127.0.0.1:0".into()),
+            ("BAKER_LISTEN".into(), format!("127.0.0.1:{}", free_port())),
             ("BAKER_DATA".into(), data.path().display().to_string()),
             ("BAKER_DOCKER".into(), "off".into()),
         ];

@@ -106,9 +106,8 @@ impl EtcdCluster {
     /// Starts an `n`-member cluster and returns once it has a leader and every member answers.
     ///
     /// Panics naming what is missing when etcd is not installed; callers check
-    /// [`crate::require`]`(Needs::Etcd)` first so that `BAKER_TEST_SKIP=etcd` can opt out. A
-    /// member that finds one of its free ports taken in the meantime (by another test) makes
-    /// the whole cluster start again on other ports.
+    /// [`crate::require`]`(Needs::Etcd)` first so that `BAKER_TEST_SKIP=etcd` can opt out.
+    /// Every port comes from [`free_port`]: no other test is given it.
     pub async fn start(n: usize) -> EtcdCluster {
         assert!(
             etcd_available(),
@@ -117,24 +116,6 @@ impl EtcdCluster {
              of the tests that need it",
             etcd_bin()
         );
-        let mut last = String::new();
-        for _ in 0..5 {
-            match Self::try_start(n).await {
-                Ok(cluster) => return cluster,
-                Err(log)
-                    if log.contains("address already in use")
-                        || log.contains("has duplicate url") =>
-                {
-                    last = log
-                }
-                Err(log) => panic!("an etcd member exited at start; its log:\n{log}"),
-            }
-        }
-        panic!("etcd members kept finding their ports taken; the last log:\n{last}");
-    }
-
-    /// One attempt at [`start`](Self::start): the log of a member that exited, if one did.
-    async fn try_start(n: usize) -> Result<EtcdCluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("baker-etcd-")
             .tempdir()
@@ -179,7 +160,7 @@ impl EtcdCluster {
                 if exited {
                     let mut p = m.proc.take().expect("a member that ran");
                     p.wait_exit(Duration::from_secs(1)).await;
-                    return Err(p.log_text());
+                    panic!("an etcd member exited at start; its log:\n{}", p.log_text());
                 }
             }
             if cluster.current_leader().await.is_some() {
@@ -200,7 +181,7 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.wait_member(i, Duration::from_secs(20)).await;
         }
-        Ok(cluster)
+        cluster
     }
 
     fn spawn(&mut self, i: usize) {

@@ -1,8 +1,10 @@
-//! The harness for Baker's end-to-end tests: real binaries as child processes, on ephemeral
-//! ports, with deadlines instead of sleeps.
+//! The harness for Baker's end-to-end tests: real binaries as child processes, on ports of
+//! their own, with deadlines instead of sleeps.
 //!
 //! - [`Proc`] runs one of the workspace's binaries, keeps its log, and kills it when dropped.
 //! - [`eventually`] polls a condition until it holds or a deadline passes.
+//! - [`free_port`] hands out a port no other test of the run gets, for programs that cannot
+//!   bind port 0 and report it (HAProxy, etcd); Baker's daemons bind port 0.
 //! - [`dns::SilentResolver`] gives a child process a DNS resolver that never answers.
 //! - [`proxy::LineDropProxy`] stands between a watcher and the directory and loses one line of
 //!   the watch stream on demand.
@@ -25,11 +27,14 @@ pub mod docker;
 pub mod etcd;
 pub mod greeting;
 pub mod load;
+pub mod ports;
 pub mod proxy;
+
+pub use ports::free_port;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -54,12 +59,6 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A free TCP port on 127.0.0.1, for programs (HAProxy) that cannot report an ephemeral port.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port");
-    l.local_addr().expect("local address").port()
 }
 
 /// Something a test needs from the machine.
