@@ -111,6 +111,16 @@ fn op_states(amb: &TestAmbassador, backend: &str) -> BTreeMap<String, &'static s
         .collect()
 }
 
+/// Connections HAProxy holds open to the servers of `backend` now (`show stat`, `scur`).
+fn server_sessions(amb: &TestAmbassador, backend: &str) -> u64 {
+    amb.admin_command("show stat")
+        .lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f.len() > 4 && f[0] == backend && f[1] != "FRONTEND" && f[1] != "BACKEND")
+        .filter_map(|f| f[4].parse::<u64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn sticky_clients_keep_their_server_even_one_added_at_run_time() {
     if !require(Needs::Haproxy) {
@@ -185,15 +195,26 @@ async fn answers_beside_a_held_connection(options: &str, n: usize) -> BTreeMap<S
     .await;
     // HAProxy connects to a server as soon as a client connects in TCP mode.
     let held = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let one_held = || async { (server_sessions(&amb, "db") == 1).then_some(()) };
+    eventually(
+        Duration::from_secs(5),
+        "the held connection on a server",
+        one_held,
+    )
+    .await;
     let mut seen = BTreeMap::new();
     for _ in 0..n {
         let inst = tcp_greet(port)
             .await
             .expect("a request beside the held one");
         *seen.entry(inst).or_insert(0) += 1;
-        // HAProxy counts the finished connection out.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The next choice is made once HAProxy has counted the finished connection out.
+        eventually(
+            Duration::from_secs(5),
+            "only the held connection left",
+            one_held,
+        )
+        .await;
     }
     drop(held);
     seen
@@ -269,7 +290,10 @@ async fn a_backup_serves_only_while_the_primary_is_down() {
         return;
     }
     let dir = TestDirectory::start(&[]).await;
-    let mut primary = Greeting::start("1", "primary").await;
+    // On a port of its own, not one the kernel picked: it comes back there after a SIGKILL.
+    let listen = format!("127.0.0.1:{}", baker_tests::free_port());
+    let mut primary =
+        Greeting::start_with("1", "primary", &[("BAKER_LISTEN", listen.as_str())]).await;
     let spare = Greeting::start("1", "spare").await;
     register(&dir.client, "db", "primary", primary.addr, &[]).await;
     register(&dir.client, "db", "spare", spare.addr, &["backup"]).await;
@@ -291,7 +315,6 @@ async fn a_backup_serves_only_while_the_primary_is_down() {
     let takeover = killed.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The primary comes back on its address.
-    let listen = primary.addr.to_string();
     let back = Greeting::start_with("1", "primary", &[("BAKER_LISTEN", listen.as_str())]).await;
     let restarted = Instant::now();
     load.wait_for("primary", "traffic back on the primary")
@@ -346,11 +369,8 @@ async fn retries_zero_lets_a_refused_connection_fail() {
     }
     let dir = TestDirectory::start(&[]).await;
     let good = Greeting::start("1", "good").await;
-    // A port nothing listens on.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port nothing listens on: handed to no other test.
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], baker_tests::free_port()));
     for svc in ["web", "once"] {
         register(&dir.client, svc, "good", good.addr, &[]).await;
         register(&dir.client, svc, "dead", closed, &[]).await;
