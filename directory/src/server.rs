@@ -8,6 +8,10 @@
 //! heartbeats, route changes and `/healthz`. A connection whose writes make no progress for
 //! `write_stall` (its client reads nothing: a watcher that never reads its snapshot) is closed,
 //! so it does not keep its slot either.
+//!
+//! An answer may come before the request's body was read (a 401, a 413, a bad name in the
+//! path): the rest of that body is then read and discarded, within a bound ([`Drained`]), so
+//! that a client still sending it gets the answer instead of a broken pipe.
 
 use std::io;
 use std::net::SocketAddr;
@@ -137,7 +141,8 @@ async fn connection(
     let (peer, close) = (info.peer, info.close.clone());
     let stream = Watched::new(stream);
     let writes = stream.writes.clone();
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let mut req = req.map(Drained::new);
         req.extensions_mut().insert(info.clone());
         app.clone().oneshot(req)
     });
@@ -330,6 +335,114 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Most of a request body that was answered before it was read, read to be discarded.
+pub const DRAIN_BYTES: u64 = 8 << 20;
+/// Longest time spent reading a request body that was answered before it was read.
+pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+/// Longest wait for more of such a body: a client that sends nothing for this long is not
+/// still sending (it may be the slow client a 408 answered), and its connection closes.
+pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
+/// A request's body that, dropped before its end (the answer came first: a 401, a 413, a bad
+/// name in the path), is read to its end in the background and discarded, up to
+/// [`DRAIN_BYTES`] within [`DRAIN_TIME`], as long as more comes within [`DRAIN_IDLE`].
+///
+/// Without it, hyper closes a connection whose request body was not read, and the kernel resets
+/// a connection closed with data it never read: a client still sending the body fails to
+/// write, and most clients (reqwest, hence Baker's own CLI, registrar and ambassador) report a
+/// broken pipe instead of the status and the JSON error. Read to its end, the body leaves the
+/// connection clean: the client finishes sending, reads the answer, and may keep the
+/// connection. A body declared larger than the bound, or one that goes on past it, is not
+/// worth the wait: the connection closes as before.
+pub struct Drained {
+    body: Option<Incoming>,
+    /// The body ended (or failed) while it was read.
+    ended: bool,
+}
+
+impl Drained {
+    fn new(body: Incoming) -> Drained {
+        Drained {
+            body: Some(body),
+            ended: false,
+        }
+    }
+}
+
+impl Body for Drained {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            this.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else {
+            return;
+        };
+        if self.ended || body.is_end_stream() || body.size_hint().lower() > DRAIN_BYTES {
+            return;
+        }
+        // Dropped by a handler or a layer, always on the runtime; without one, hyper closes.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(discard(body));
+        }
+    }
+}
+
+/// Reads `body` to its end, up to [`DRAIN_BYTES`] within [`DRAIN_TIME`], each part within
+/// [`DRAIN_IDLE`]; dropping it then lets hyper go on with the connection (or close it, when
+/// the end was not reached).
+async fn discard(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let mut read = 0u64;
+    let reading = async {
+        loop {
+            match tokio::time::timeout(DRAIN_IDLE, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if read > DRAIN_BYTES {
+                        return false;
+                    }
+                }
+                Ok(None) => return true,
+                Ok(Some(Err(_))) | Err(_) => return false,
+            }
+        }
+    };
+    let ended = tokio::time::timeout(DRAIN_TIME, reading).await == Ok(true);
+    if !ended {
+        tracing::debug!(
+            read,
+            "closing a connection whose rejected request body did not end"
+        );
     }
 }
 
