@@ -26,13 +26,15 @@
 //! a key or value that is not a valid name, instance or route is reported and skipped.
 //!
 //! Requests require a leader (`require_leader`): without one, etcd refuses them instead of
-//! hanging. A call is tried again, on any member, while members are down, frozen or between
-//! leaders, for up to [`REQUEST_TIMEOUT`]; a cluster still without a leader by then has lost
-//! its quorum, and [`EtcdError::NoQuorum`] says so.
+//! hanging. A call is tried again, on the next member, while members are down, frozen or
+//! between leaders, for up to [`REQUEST_TIMEOUT`]; a cluster still without a leader by then has
+//! lost its quorum, and [`EtcdError::NoQuorum`] says so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baker_client::change::{MaintenanceAction, RemoveCause};
@@ -226,8 +228,76 @@ pub struct Snapshot {
 /// A connection to the etcd cluster. Cheap to clone.
 #[derive(Clone)]
 pub struct Etcd {
-    client: Client,
+    client: Members,
     prefix: String,
+}
+
+/// A client per member, and the member calls go to first.
+///
+/// One client over all the members would pick a member at random for every attempt, the
+/// frozen one included: each attempt that meets it costs [`ATTEMPT_TIMEOUT`], and a few in a
+/// row use up [`REQUEST_TIMEOUT`] while the other members would have answered at once (on a
+/// 3-member cluster, 4 picks of the frozen member in a row: one call in 81). Here a member
+/// that does not answer is passed over: the next attempt, and the calls after it, go to the
+/// next member.
+///
+/// A member that answers but has no leader is passed over too (it may be cut off from the
+/// others), but the move skips a member that was silent in the last [`SILENT_SKIP`]: while
+/// the others elect a new leader in place of a frozen one, calls wait for them instead of
+/// going back to the frozen member.
+#[derive(Clone)]
+struct Members {
+    clients: Arc<[Client]>,
+    /// Index of the member calls go to first.
+    current: Arc<AtomicUsize>,
+    /// When each member last let an attempt time out, in milliseconds after `start`, plus
+    /// one; 0: never.
+    silent_at: Arc<[AtomicU64]>,
+    start: tokio::time::Instant,
+}
+
+/// How long a member that let an attempt time out is passed over when calls move on.
+const SILENT_SKIP: Duration = Duration::from_secs(10);
+
+impl Members {
+    fn new(clients: Vec<Client>) -> Members {
+        Members {
+            silent_at: clients.iter().map(|_| AtomicU64::new(0)).collect(),
+            clients: clients.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The member to try now, and its client.
+    fn pick(&self) -> (usize, Client) {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        (i, self.clients[i].clone())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Member `i` did not answer (`silent`), could not be reached or has no leader: calls go
+    /// to the next member not silent of late (or to the next one, if all were), unless another
+    /// call moved on already.
+    fn pass(&self, i: usize, silent: bool) {
+        let now = self.now_ms();
+        if silent {
+            self.silent_at[i].store(now, Ordering::Relaxed);
+        }
+        let silent_at: Vec<u64> = self
+            .silent_at
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .collect();
+        let quiet_since = now.saturating_sub(SILENT_SKIP.as_millis() as u64);
+        let next = next_member(i, &silent_at, quiet_since);
+        let _ = self
+            .current
+            .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
 }
 
 async fn timed<T>(
@@ -239,13 +309,24 @@ async fn timed<T>(
     }
 }
 
-/// Runs `call` with a clone of `client` until it succeeds, fails for another reason than an
-/// unreachable or silent member, or [`REQUEST_TIMEOUT`] passes. The client's channel may pick
-/// a member that is down (the connection is refused) or frozen (it accepts and never answers:
-/// an attempt is given up after [`ATTEMPT_TIMEOUT`]); the next attempt goes elsewhere. A lease
-/// of a 2 s TTL is thus renewed through the other members while one is frozen. Every call
-/// retried this way is idempotent (a put of the same value, a delete, a lease renewal).
-async fn retried<T, F, Fut>(client: &Client, mut call: F) -> Result<T, EtcdError>
+/// The member after `i` that was not silent since `quiet_since` (`silent_at`: when each was
+/// last silent, 0 for never), or the one after `i` if all were.
+fn next_member(i: usize, silent_at: &[u64], quiet_since: u64) -> usize {
+    let n = silent_at.len();
+    (1..n)
+        .map(|k| (i + k) % n)
+        .find(|&j| silent_at[j] <= quiet_since)
+        .unwrap_or((i + 1) % n)
+}
+
+/// Runs `call` with the client of the current member until it succeeds, fails for another
+/// reason than an unreachable or silent member, or [`REQUEST_TIMEOUT`] passes. A member that
+/// is down (the connection is refused), frozen (it accepts and never answers: an attempt is
+/// given up after [`ATTEMPT_TIMEOUT`]) or without a leader is passed over: the next attempt
+/// goes to the next member. A lease of a 2 s TTL is thus renewed through the other members
+/// while one is frozen. Every call retried this way is idempotent (a put of the same value, a
+/// delete, a lease renewal).
+async fn retried<T, F, Fut>(members: &Members, mut call: F) -> Result<T, EtcdError>
 where
     F: FnMut(Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -256,15 +337,21 @@ where
     let mut leaderless = false;
     let last = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), call(client.clone())).await {
-            Err(_) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => continue,
-            Err(_) => break EtcdError::Timeout(REQUEST_TIMEOUT),
+        let (member, client) = members.pick();
+        match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), call(client)).await {
+            Err(_) => {
+                members.pass(member, true);
+                if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                    break EtcdError::Timeout(REQUEST_TIMEOUT);
+                }
+            }
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => match EtcdError::of(e) {
                 // A member down, or one without a leader for the moment (an election after
                 // the leader was lost takes about one election timeout): try again. No leader
                 // until the deadline is a lost quorum.
                 e @ (EtcdError::Unreachable(_) | EtcdError::NoQuorum) => {
+                    members.pass(member, false);
                     leaderless |= matches!(e, EtcdError::NoQuorum);
                     if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                         break e;
@@ -293,8 +380,8 @@ pub fn lease_seconds(ttl_ms: u64) -> i64 {
 }
 
 impl Etcd {
-    /// Connects to the members of `url`. Does not wait for any of them to answer: a replica
-    /// starts, and serves what it has, while etcd is away.
+    /// Connects to the members of `url`, a client for each. Does not wait for any of them to
+    /// answer: a replica starts, and serves what it has, while etcd is away.
     pub async fn connect(url: &StoreUrl) -> Result<Etcd, EtcdError> {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
@@ -302,9 +389,12 @@ impl Etcd {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
-        let client = timed(Client::connect(&url.endpoints, Some(options))).await?;
+        let mut clients = Vec::with_capacity(url.endpoints.len());
+        for endpoint in &url.endpoints {
+            clients.push(timed(Client::connect([endpoint], Some(options.clone()))).await?);
+        }
         Ok(Etcd {
-            client,
+            client: Members::new(clients),
             prefix: url.prefix.clone(),
         })
     }
@@ -737,6 +827,20 @@ fn decode_key(rest: &str) -> Result<Key, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calls_move_on_to_a_member_that_was_not_silent_of_late() {
+        // Member 0 froze (silent at 500); member 1 has no leader yet: the next is 2, then 1
+        // again, never 0 while it is recent.
+        let silent = [500, 0, 0];
+        assert_eq!(next_member(1, &silent, 0), 2);
+        assert_eq!(next_member(2, &silent, 0), 1);
+        // Long ago: its turn comes again.
+        assert_eq!(next_member(2, &silent, 600), 0);
+        // All silent: the next one anyway.
+        assert_eq!(next_member(0, &[5, 6, 7], 0), 1);
+        assert_eq!(next_member(0, &[0], 0), 0);
+    }
 
     #[test]
     fn store_urls() {
