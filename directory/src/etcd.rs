@@ -242,27 +242,29 @@ pub struct Etcd {
 /// next member.
 ///
 /// A member that answers but has no leader is passed over too (it may be cut off from the
-/// others), but the move skips a member that was silent in the last [`SILENT_SKIP`]: while
-/// the others elect a new leader in place of a frozen one, calls wait for them instead of
-/// going back to the frozen member.
+/// others), but the move skips a member that failed (was silent or could not be reached) in
+/// the last [`SILENT_SKIP`]: while the others elect a new leader in place of a frozen one,
+/// calls wait for them instead of going back to the frozen member. When every other member
+/// failed of late, the one that failed longest ago is next.
 #[derive(Clone)]
 struct Members {
     clients: Arc<[Client]>,
     /// Index of the member calls go to first.
     current: Arc<AtomicUsize>,
-    /// When each member last let an attempt time out, in milliseconds after `start`, plus
-    /// one; 0: never.
-    silent_at: Arc<[AtomicU64]>,
+    /// When each member last let an attempt time out or refused it, in milliseconds after
+    /// `start`, plus one; 0: never.
+    failed_at: Arc<[AtomicU64]>,
     start: tokio::time::Instant,
 }
 
-/// How long a member that let an attempt time out is passed over when calls move on.
+/// How long a member that let an attempt time out or refused it is passed over when calls
+/// move on.
 const SILENT_SKIP: Duration = Duration::from_secs(10);
 
 impl Members {
     fn new(clients: Vec<Client>) -> Members {
         Members {
-            silent_at: clients.iter().map(|_| AtomicU64::new(0)).collect(),
+            failed_at: clients.iter().map(|_| AtomicU64::new(0)).collect(),
             clients: clients.into(),
             current: Arc::new(AtomicUsize::new(0)),
             start: tokio::time::Instant::now(),
@@ -279,21 +281,20 @@ impl Members {
         self.start.elapsed().as_millis() as u64 + 1
     }
 
-    /// Member `i` did not answer (`silent`), could not be reached or has no leader: calls go
-    /// to the next member not silent of late (or to the next one, if all were), unless another
-    /// call moved on already.
-    fn pass(&self, i: usize, silent: bool) {
+    /// Member `i` did not answer or could not be reached (`failed`), or has no leader: calls
+    /// go to the next member that did not fail of late, unless another call moved on already.
+    fn pass(&self, i: usize, failed: bool) {
         let now = self.now_ms();
-        if silent {
-            self.silent_at[i].store(now, Ordering::Relaxed);
+        if failed {
+            self.failed_at[i].store(now, Ordering::Relaxed);
         }
-        let silent_at: Vec<u64> = self
-            .silent_at
+        let failed_at: Vec<u64> = self
+            .failed_at
             .iter()
             .map(|t| t.load(Ordering::Relaxed))
             .collect();
         let quiet_since = now.saturating_sub(SILENT_SKIP.as_millis() as u64);
-        let next = next_member(i, &silent_at, quiet_since);
+        let next = next_member(i, &failed_at, quiet_since);
         let _ = self
             .current
             .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
@@ -309,14 +310,16 @@ async fn timed<T>(
     }
 }
 
-/// The member after `i` that was not silent since `quiet_since` (`silent_at`: when each was
-/// last silent, 0 for never), or the one after `i` if all were.
-fn next_member(i: usize, silent_at: &[u64], quiet_since: u64) -> usize {
-    let n = silent_at.len();
-    (1..n)
-        .map(|k| (i + k) % n)
-        .find(|&j| silent_at[j] <= quiet_since)
-        .unwrap_or((i + 1) % n)
+/// The first member after `i` that did not fail since `quiet_since` (`failed_at`: when each
+/// last failed, 0 for never), or else the other member that failed longest ago.
+fn next_member(i: usize, failed_at: &[u64], quiet_since: u64) -> usize {
+    let n = failed_at.len();
+    let others = (1..n).map(|k| (i + k) % n);
+    others
+        .clone()
+        .find(|&j| failed_at[j] <= quiet_since)
+        .or_else(|| others.min_by_key(|&j| failed_at[j]))
+        .unwrap_or(i)
 }
 
 /// Runs `call` with the client of the current member until it succeeds, fails for another
@@ -351,7 +354,7 @@ where
                 // the leader was lost takes about one election timeout): try again. No leader
                 // until the deadline is a lost quorum.
                 e @ (EtcdError::Unreachable(_) | EtcdError::NoQuorum) => {
-                    members.pass(member, false);
+                    members.pass(member, matches!(e, EtcdError::Unreachable(_)));
                     leaderless |= matches!(e, EtcdError::NoQuorum);
                     if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                         break e;
@@ -829,16 +832,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn calls_move_on_to_a_member_that_was_not_silent_of_late() {
+    fn calls_move_on_to_a_member_that_did_not_fail_of_late() {
         // Member 0 froze (silent at 500); member 1 has no leader yet: the next is 2, then 1
         // again, never 0 while it is recent.
-        let silent = [500, 0, 0];
-        assert_eq!(next_member(1, &silent, 0), 2);
-        assert_eq!(next_member(2, &silent, 0), 1);
+        let failed = [500, 0, 0];
+        assert_eq!(next_member(1, &failed, 0), 2);
+        assert_eq!(next_member(2, &failed, 0), 1);
         // Long ago: its turn comes again.
-        assert_eq!(next_member(2, &silent, 600), 0);
-        // All silent: the next one anyway.
-        assert_eq!(next_member(0, &[5, 6, 7], 0), 1);
+        assert_eq!(next_member(2, &failed, 600), 0);
+        // Two members down (refused at 600 and 700), the survivor slow at 500 while it had
+        // not yet seen the others go: it is the one that failed longest ago, so it is asked
+        // again (and says it has no leader) instead of calls going between the two down.
+        assert_eq!(next_member(1, &[500, 600, 700], 0), 0);
+        assert_eq!(next_member(2, &[500, 600, 700], 0), 0);
+        assert_eq!(next_member(0, &[500, 600, 700], 0), 1);
         assert_eq!(next_member(0, &[0], 0), 0);
     }
 
