@@ -19,6 +19,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
+use baker_client::api::MAX_WATCH_SERVICES;
 use baker_client::events::{parse_time, EventsResponse};
 use baker_client::maintenance::{
     validate_client, DrainRequest, DrainResponse, MaintenanceResponse, Reason, Target,
@@ -73,7 +74,8 @@ pub enum ApiError {
     /// The call contradicts the directory's state (409); the message says why.
     Conflict(String),
     TooLarge,
-    /// A new instance or route past a quota (429): the body names the quota and its variable.
+    /// A new instance, route, drain or ambassador past a quota (429): the body names the quota
+    /// and its variable.
     Quota(Exceeded),
     /// Every watch slot is taken (503): the client should retry later.
     Busy(String),
@@ -327,13 +329,54 @@ fn origin(headers: &HeaderMap, conn: Option<&Extension<ConnInfo>>) -> Result<Str
     }
 }
 
-/// Reads a JSON body of at most [`MAX_BODY`] bytes.
-async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+/// A request body: a JSON object of a known shape.
+///
+/// serde reads a struct from a JSON array as readily as from an object (`["10.0.0.5",8000]`
+/// is an instance to it), so every body is checked to be an object before it is read:
+/// anything else is refused with 400 and a message naming what was expected.
+trait JsonBody: DeserializeOwned {
+    /// What the body must be, with an example, for the error message.
+    const EXPECTED: &'static str;
+}
+
+impl JsonBody for InstanceSpec {
+    const EXPECTED: &'static str = r#"an instance such as {"address":"10.0.0.5","port":8000}"#;
+}
+
+impl JsonBody for BTreeMap<String, u64> {
+    const EXPECTED: &'static str = r#"a route such as {"1":90,"2":10}"#;
+}
+
+impl JsonBody for DrainRequest {
+    const EXPECTED: &'static str = r#"a drain such as {"reason":"disk full"}, or no body"#;
+}
+
+impl JsonBody for AmbassadorReport {
+    const EXPECTED: &'static str = r#"an ambassador's report such as {"host":"node-1","services":[],"applied_index":0,"reloads":0,"servers":[],"ttl_ms":7000}"#;
+}
+
+/// What kind of JSON value `bytes` holds when it is not an object: `None` for an object, or
+/// for text that is no JSON value at all (serde says what is wrong with it).
+fn not_an_object(bytes: &[u8]) -> Option<&'static str> {
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace())?;
+    let value = &bytes[start..];
+    match value[0] {
+        b'[' => Some("an array"),
+        b'"' => Some("a string"),
+        b'-' | b'0'..=b'9' => Some("a number"),
+        _ if value.starts_with(b"true") || value.starts_with(b"false") => Some("a boolean"),
+        _ if value.starts_with(b"null") => Some("null"),
+        _ => None,
+    }
+}
+
+/// Reads a JSON object of at most [`MAX_BODY`] bytes.
+async fn read_json<T: JsonBody>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
     read_json_or(headers, body, None).await
 }
 
-/// Reads a JSON body of at most [`MAX_BODY`] bytes; an empty body is `empty` when given.
-async fn read_json_or<T: DeserializeOwned>(
+/// Reads a JSON object of at most [`MAX_BODY`] bytes; an empty body is `empty` when given.
+async fn read_json_or<T: JsonBody>(
     headers: &HeaderMap,
     body: Body,
     empty: Option<T>,
@@ -358,9 +401,16 @@ async fn read_json_or<T: DeserializeOwned>(
         if let Some(empty) = empty {
             return Ok(empty);
         }
-        return Err(ApiError::BadRequest(
-            "the request body is empty: a JSON object is expected".into(),
-        ));
+        return Err(ApiError::BadRequest(format!(
+            "the request body is empty: a JSON object is expected, {}",
+            T::EXPECTED
+        )));
+    }
+    if let Some(found) = not_an_object(&bytes) {
+        return Err(ApiError::BadRequest(format!(
+            "the request body must be a JSON object, {}; got {found}",
+            T::EXPECTED
+        )));
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
@@ -740,7 +790,11 @@ async fn put_ambassador(
         .map(|Extension(c)| c.peer.to_string())
         .unwrap_or_default();
     let host = report.host.clone();
-    if app.ambassadors.put(id.clone(), report, peer) {
+    if app
+        .ambassadors
+        .put(id.clone(), report, peer)
+        .map_err(ApiError::Quota)?
+    {
         tracing::debug!(ambassador = %id, %host, "an ambassador reported for the first time");
     }
     Ok(Json(ReportAck {
@@ -819,6 +873,16 @@ impl WatchQuery {
                     Err(e) => errors.push(e),
                 }
             }
+            if only.len() > MAX_WATCH_SERVICES {
+                errors.push(ValidationError::new(
+                    "service",
+                    format!(
+                        "names {} services; a watch may name at most {MAX_WATCH_SERVICES} \
+                         (watch them all without service=)",
+                        only.len()
+                    ),
+                ));
+            }
             only
         });
         if errors.is_empty() {
@@ -879,4 +943,64 @@ async fn watch(
         body,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_must_be_an_object() {
+        for (body, found) in [
+            (r#"["127.0.0.1",8080]"#, Some("an array")),
+            (" \n[\"reason\"]", Some("an array")),
+            (r#""reason""#, Some("a string")),
+            ("true", Some("a boolean")),
+            ("null", Some("null")),
+            ("-1", Some("a number")),
+            ("8080", Some("a number")),
+            (r#" {"address":"10.0.0.5","port":8000}"#, None),
+            ("not json", None),
+        ] {
+            assert_eq!(not_an_object(body.as_bytes()), found, "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_body_refuses_an_array_naming_what_it_expected() {
+        async fn refused<T: JsonBody + std::fmt::Debug>(body: &str) -> String {
+            match read_json::<T>(&HeaderMap::new(), Body::from(body.to_owned())).await {
+                Err(ApiError::BadRequest(m)) => m,
+                other => panic!("{body} gave {other:?}"),
+            }
+        }
+        assert_eq!(
+            refused::<InstanceSpec>(r#"["127.0.0.1",8080]"#).await,
+            r#"the request body must be a JSON object, an instance such as {"address":"10.0.0.5","port":8000}; got an array"#
+        );
+        assert!(refused::<DrainRequest>(r#"["reason"]"#)
+            .await
+            .ends_with("a drain such as {\"reason\":\"disk full\"}, or no body; got an array"));
+        assert!(refused::<BTreeMap<String, u64>>("[]")
+            .await
+            .contains("a route such as"));
+        assert!(refused::<AmbassadorReport>("null")
+            .await
+            .ends_with("got null"));
+        // The example of each message is itself a body its endpoint accepts.
+        for example in [InstanceSpec::EXPECTED, AmbassadorReport::EXPECTED] {
+            let json = &example[example.find('{').unwrap()..];
+            assert!(
+                serde_json::from_str::<serde_json::Value>(json).is_ok(),
+                "{json}"
+            );
+        }
+        let spec: InstanceSpec = read_json(
+            &HeaderMap::new(),
+            Body::from(r#"{"address":"10.0.0.5","port":8000}"#),
+        )
+        .await
+        .unwrap();
+        assert_eq!(spec.port, 8000);
+    }
 }

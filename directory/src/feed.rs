@@ -190,6 +190,11 @@ impl Feed {
         }
     }
 
+    /// How many v1 watchers are subscribed.
+    pub fn legacy_watchers(&self) -> usize {
+        self.legacy
+    }
+
     /// How many filtered subscriptions are registered for `service` (for tests and metrics).
     pub fn filtered_on(&self, service: &ServiceName) -> usize {
         self.by_service.get(service).map_or(0, Vec::len)
