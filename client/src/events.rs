@@ -232,14 +232,19 @@ pub fn parse_time(value: &str) -> Result<u64, String> {
             crate::model::printable(value)
         )
     })?;
-    Ok(unix_millis(t))
+    Ok(unix_millis_of(t))
 }
 
 /// Milliseconds since the Unix epoch of `t` (0 before it).
-pub fn unix_millis(t: SystemTime) -> u64 {
+pub fn unix_millis_of(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+/// Milliseconds since the Unix epoch, now: the time stamp of instances, events and reports.
+pub fn unix_millis() -> u64 {
+    unix_millis_of(SystemTime::now())
 }
 
 /// `t` as RFC 3339 in UTC, to the second.

@@ -7,8 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use baker_client::events::unix_millis;
 use baker_client::model::{InstanceId, ServiceName};
 use baker_client::ops::{AmbassadorReport, AmbassadorStatus, AmbassadorsResponse, ServerState};
 use tokio::time::Instant;
@@ -29,13 +30,6 @@ pub struct Reports {
     reports: Mutex<BTreeMap<InstanceId, Stored>>,
     /// The index of each service's last change, from the change feed.
     last: Mutex<BTreeMap<ServiceName, u64>>,
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 impl Reports {

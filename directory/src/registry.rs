@@ -22,9 +22,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use baker_client::change::{Change, MaintenanceAction, RemoveCause, UpsertCause};
+use baker_client::events::unix_millis;
 use baker_client::maintenance::{
     Drain, DrainResponse, InstanceState, Maintenance, MaintenanceEntry, Reason, Target,
 };
@@ -204,13 +205,6 @@ enum Outcome {
     Changed,
     /// A heartbeat: only `last_seen` (and the TTL deadline) moved.
     Renewed,
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// Whether two instances differ in anything a consumer acts on (all but `last_seen`).
