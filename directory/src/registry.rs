@@ -171,9 +171,9 @@ pub enum Refused {
     Quota(#[from] Exceeded),
 }
 
-/// Why a route change failed.
+/// Why a change of the hard state (a route, a drain or an undrain) failed: it changed nothing.
 #[derive(Debug, thiserror::Error)]
-pub enum RouteError {
+pub enum ChangeError {
     #[error(transparent)]
     Quota(#[from] Exceeded),
     #[error(transparent)]
@@ -183,17 +183,11 @@ pub enum RouteError {
     Unavailable(#[from] crate::etcd::EtcdError),
 }
 
-/// Why a drain or undrain failed (it changed nothing).
-#[derive(Debug, thiserror::Error)]
-pub enum DrainError {
-    #[error(transparent)]
-    Quota(#[from] Exceeded),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// etcd could not commit it (quorum lost, or no member answered).
-    #[error(transparent)]
-    Unavailable(#[from] crate::etcd::EtcdError),
-}
+/// Why a route change failed.
+pub type RouteError = ChangeError;
+
+/// Why a drain or undrain failed.
+pub type DrainError = ChangeError;
 
 /// What an upsert did to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
