@@ -127,24 +127,18 @@ pub async fn follow(
     registry: crate::Registry,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use tokio::sync::broadcast::error::RecvError;
-    let mut changes = registry.changes();
-    loop {
-        let published = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = changes.recv() => p,
-        };
-        match published {
-            Ok(p) => reports.changed(p.change.service(), p.index()),
-            Err(RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    missed = n,
-                    "fell behind the change feed; ambassadors' wanted indexes may lag"
-                );
-            }
-            Err(RecvError::Closed) => return,
-        }
-    }
+    crate::feed::consume(
+        registry.changes(),
+        &shutdown,
+        |p| reports.changed(p.change.service(), p.index()),
+        |n| {
+            tracing::warn!(
+                missed = n,
+                "fell behind the change feed; ambassadors' wanted indexes may lag"
+            )
+        },
+    )
+    .await;
 }
 
 /// Drops the reports silent for longer than their TTL and [`FORGET_AFTER`].
