@@ -284,7 +284,7 @@ fn parse_rfc3339(value: &str) -> Result<u64, String> {
         return Err(String::new());
     }
     let t = humantime::parse_rfc3339_weak(local).map_err(|_| String::new())?;
-    let ms = i128::from(unix_millis(t)) - i128::from(offset_s) * 1000;
+    let ms = i128::from(unix_millis_of(t)) - i128::from(offset_s) * 1000;
     if ms < 0 {
         return Err(", which is before 1970".into());
     }
@@ -313,10 +313,15 @@ fn offset_seconds(offset: &str) -> Option<i64> {
 }
 
 /// Milliseconds since the Unix epoch of `t` (0 before it).
-pub fn unix_millis(t: SystemTime) -> u64 {
+pub fn unix_millis_of(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+/// Milliseconds since the Unix epoch, now: the time stamp of instances, events and reports.
+pub fn unix_millis() -> u64 {
+    unix_millis_of(SystemTime::now())
 }
 
 /// `t` as RFC 3339 in UTC, to the second.

@@ -17,8 +17,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use baker_client::events::unix_millis;
 use baker_client::model::{InstanceId, ServiceName};
 use baker_client::ops::{AmbassadorReport, AmbassadorStatus, AmbassadorsResponse, ServerState};
 use tokio::time::Instant;
@@ -112,13 +113,6 @@ pub struct Reports {
     /// remembered at most.
     quotas: Quotas,
     metrics: Arc<Metrics>,
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -268,24 +262,18 @@ pub async fn follow(
     registry: crate::Registry,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use tokio::sync::broadcast::error::RecvError;
-    let mut changes = registry.changes();
-    loop {
-        let published = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = changes.recv() => p,
-        };
-        match published {
-            Ok(p) => reports.changed(p.change.service(), p.index()),
-            Err(RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    missed = n,
-                    "fell behind the change feed; ambassadors' wanted indexes may lag"
-                );
-            }
-            Err(RecvError::Closed) => return,
-        }
-    }
+    crate::feed::consume(
+        registry.changes(),
+        &shutdown,
+        |p| reports.changed(p.change.service(), p.index()),
+        |n| {
+            tracing::warn!(
+                missed = n,
+                "fell behind the change feed; ambassadors' wanted indexes may lag"
+            )
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ambassadors::Reports;
 use crate::history::{self, History};
 use crate::quota::Exceeded;
-use crate::registry::{DrainError, Registry, RouteError, WriteError};
+use crate::registry::{ChangeError, Registry, WriteError};
 use crate::server::ConnInfo;
 use crate::watch;
 
@@ -110,6 +110,16 @@ fn unavailable(e: &crate::etcd::EtcdError) -> ApiError {
         "the change was not stored: {}",
         baker_client::errors::chain(e)
     ))
+}
+
+/// The answer to a route or drain change that failed; a store fault is logged with `doing`
+/// (`saving the route of web`) and answered as a bare 500.
+fn change_failed(e: ChangeError, doing: impl FnOnce() -> String) -> ApiError {
+    match e {
+        ChangeError::Quota(e) => ApiError::Quota(e),
+        ChangeError::Unavailable(e) => unavailable(&e),
+        ChangeError::Store(e) => ApiError::Internal(anyhow::Error::new(e).context(doing())),
+    }
 }
 
 impl From<PathRejection> for ApiError {
@@ -193,11 +203,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/v1/maintenance", get(list_maintenance))
         .route(
             "/v1/maintenance/{service}/instances/{id}",
-            put(drain_instance).delete(undrain_instance),
+            put(drain::<InstancePath>).delete(undrain::<InstancePath>),
         )
         .route(
             "/v1/maintenance/{service}/versions/{version}",
-            put(drain_version).delete(undrain_version),
+            put(drain::<VersionPath>).delete(undrain::<VersionPath>),
         )
         .route("/v1/ambassadors", get(list_ambassadors))
         .route(
@@ -553,11 +563,9 @@ async fn put_route(
         Ok(None) => Err(ApiError::Internal(anyhow::anyhow!(
             "setting the route of {service} reported no route"
         ))),
-        Err(RouteError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(RouteError::Unavailable(e)) => Err(unavailable(&e)),
-        Err(RouteError::Store(e)) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("saving the route of {service}")),
-        )),
+        Err(e) => Err(change_failed(e, || {
+            format!("saving the route of {service}")
+        })),
     }
 }
 
@@ -580,11 +588,9 @@ async fn delete_route(
         Ok(None) => Err(ApiError::NotFound(format!(
             "service {service} has no route"
         ))),
-        Err(RouteError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(RouteError::Unavailable(e)) => Err(unavailable(&e)),
-        Err(RouteError::Store(e)) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("clearing the route of {service}")),
-        )),
+        Err(e) => Err(change_failed(e, || {
+            format!("clearing the route of {service}")
+        })),
     }
 }
 
@@ -676,102 +682,91 @@ fn version_path(service: &str, version: &str) -> Result<(ServiceName, Target), A
     }
 }
 
-/// Drains `target` of `service` after checking the origin and the body.
-async fn drain(
-    app: &AppState,
-    service: ServiceName,
-    target: Target,
+/// How a maintenance path names its target: `/v1/maintenance/{service}/instances/{id}` or
+/// `/v1/maintenance/{service}/versions/{version}`.
+trait TargetPath {
+    /// The service and the target, from the path's two segments; every bad one reported.
+    fn parse(service: &str, name: &str) -> Result<(ServiceName, Target), ApiError>;
+}
+
+/// `/v1/maintenance/{service}/instances/{id}`.
+struct InstancePath;
+
+impl TargetPath for InstancePath {
+    fn parse(service: &str, id: &str) -> Result<(ServiceName, Target), ApiError> {
+        let (service, id) = instance_path(service, id)?;
+        Ok((service, Target::Instance(id)))
+    }
+}
+
+/// `/v1/maintenance/{service}/versions/{version}`.
+struct VersionPath;
+
+impl TargetPath for VersionPath {
+    fn parse(service: &str, version: &str) -> Result<(ServiceName, Target), ApiError> {
+        version_path(service, version)
+    }
+}
+
+/// `PUT` on a maintenance path: drains its target.
+async fn drain<P: TargetPath>(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<DrainResponse>, ApiError> {
-    let origin = origin(&headers, conn.as_ref())?;
-    let request: DrainRequest = read_json_or(&headers, body, Some(DrainRequest::default())).await?;
-    let reason = request
-        .reason
-        .map(|r| r.parse::<Reason>())
-        .transpose()
-        .map_err(|e| ApiError::invalid(vec![e]))?;
-    match app.registry.drain(&service, target, reason, origin).await {
-        Ok(resp) => Ok(Json(resp)),
-        Err(DrainError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(DrainError::Unavailable(e)) => Err(unavailable(&e)),
-        Err(DrainError::Store(e)) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("saving the drains of {service}")),
-        )),
-    }
+    maintain::<P>(&app, path, conn, headers, Some(body)).await
 }
 
-/// Undrains `target` of `service` after checking the origin.
-async fn undrain(
-    app: &AppState,
-    service: ServiceName,
-    target: Target,
+/// `DELETE` on a maintenance path: undrains its target.
+async fn undrain<P: TargetPath>(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
 ) -> Result<Json<DrainResponse>, ApiError> {
+    maintain::<P>(&app, path, conn, headers, None).await
+}
+
+/// Drains (with the request's `body`) or undrains (without one) the target named by `path`,
+/// after checking the token, the path, the origin and the body, in that order.
+async fn maintain<P: TargetPath>(
+    app: &AppState,
+    path: Result<Path<(String, String)>, PathRejection>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+    body: Option<Body>,
+) -> Result<Json<DrainResponse>, ApiError> {
+    app.authorize(&headers)?;
+    let Path((service, name)) = path?;
+    let (service, target) = P::parse(&service, &name)?;
     let origin = origin(&headers, conn.as_ref())?;
-    match app.registry.undrain(&service, target.clone(), origin).await {
+    let changed = match body {
+        Some(body) => {
+            let request: DrainRequest =
+                read_json_or(&headers, body, Some(DrainRequest::default())).await?;
+            let reason = request
+                .reason
+                .map(|r| r.parse::<Reason>())
+                .transpose()
+                .map_err(|e| ApiError::invalid(vec![e]))?;
+            app.registry
+                .drain(&service, target.clone(), reason, origin)
+                .await
+                .map(Some)
+        }
+        None => app.registry.undrain(&service, target.clone(), origin).await,
+    };
+    match changed {
         Ok(Some(resp)) => Ok(Json(resp)),
         Ok(None) => Err(ApiError::NotFound(format!(
             "{target} of service {service} is not drained"
         ))),
-        Err(DrainError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(DrainError::Unavailable(e)) => Err(unavailable(&e)),
-        Err(DrainError::Store(e)) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("saving the drains of {service}")),
-        )),
+        Err(e) => Err(change_failed(e, || {
+            format!("saving the drains of {service}")
+        })),
     }
-}
-
-async fn drain_instance(
-    State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    conn: Option<Extension<ConnInfo>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
-    let Path((service, id)) = path?;
-    let (service, id) = instance_path(&service, &id)?;
-    drain(&app, service, Target::Instance(id), conn, headers, body).await
-}
-
-async fn undrain_instance(
-    State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    conn: Option<Extension<ConnInfo>>,
-    headers: HeaderMap,
-) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
-    let Path((service, id)) = path?;
-    let (service, id) = instance_path(&service, &id)?;
-    undrain(&app, service, Target::Instance(id), conn, headers).await
-}
-
-async fn drain_version(
-    State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    conn: Option<Extension<ConnInfo>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
-    let Path((service, version)) = path?;
-    let (service, target) = version_path(&service, &version)?;
-    drain(&app, service, target, conn, headers, body).await
-}
-
-async fn undrain_version(
-    State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    conn: Option<Extension<ConnInfo>>,
-    headers: HeaderMap,
-) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
-    let Path((service, version)) = path?;
-    let (service, target) = version_path(&service, &version)?;
-    undrain(&app, service, target, conn, headers).await
 }
 
 async fn put_ambassador(

@@ -22,9 +22,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use baker_client::change::{Change, MaintenanceAction, RemoveCause, UpsertCause};
+use baker_client::events::unix_millis;
 use baker_client::maintenance::{
     Drain, DrainResponse, InstanceState, Maintenance, MaintenanceEntry, Reason, Target,
 };
@@ -172,9 +173,9 @@ pub enum Refused {
     Quota(#[from] Exceeded),
 }
 
-/// Why a route change failed.
+/// Why a change of the hard state (a route, a drain or an undrain) failed: it changed nothing.
 #[derive(Debug, thiserror::Error)]
-pub enum RouteError {
+pub enum ChangeError {
     #[error(transparent)]
     Quota(#[from] Exceeded),
     #[error(transparent)]
@@ -184,17 +185,11 @@ pub enum RouteError {
     Unavailable(#[from] crate::etcd::EtcdError),
 }
 
-/// Why a drain or undrain failed (it changed nothing).
-#[derive(Debug, thiserror::Error)]
-pub enum DrainError {
-    #[error(transparent)]
-    Quota(#[from] Exceeded),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// etcd could not commit it (quorum lost, or no member answered).
-    #[error(transparent)]
-    Unavailable(#[from] crate::etcd::EtcdError),
-}
+/// Why a route change failed.
+pub type RouteError = ChangeError;
+
+/// Why a drain or undrain failed.
+pub type DrainError = ChangeError;
 
 /// What an upsert did to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,13 +201,6 @@ enum Outcome {
     Changed,
     /// A heartbeat: only `last_seen` (and the TTL deadline) moved.
     Renewed,
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// Whether two instances differ in anything a consumer acts on (all but `last_seen`).

@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::directory_scale::{self, size, HEARTBEAT_EVERY, SERVICES, WATCH_TOKEN};
 use super::fleet::{
-    heartbeats, join_heartbeats, metric, probe, register_all, watchers, ApiProbe, Beat, HttpBeat,
-    ProbeStep, Put, Sent, Watchers, CONNS, PROBE, SNAPSHOTS_IN_FLIGHT,
+    heartbeats, join_heartbeats, metric, probe, register_all, watchers, ApiProbe, Beat, Beats,
+    HttpBeat, ProbeStep, Put, Sent, Watchers, CONNS, PROBE, SNAPSHOTS_IN_FLIGHT,
 };
 use crate::daemons::{self, Bins};
 use crate::procfs::{Footprint, Sampler};
@@ -203,7 +203,12 @@ async fn drive<B: Beat, P: ProbeStep>(
 
     hb_stop.cancel();
     u.stop.cancel();
-    let (heartbeats_ok, heartbeats_failed, latency) = join_heartbeats(hb).await?;
+    let Beats {
+        ok: heartbeats_ok,
+        failed: heartbeats_failed,
+        latency,
+        ..
+    } = join_heartbeats(hb).await?;
     let (fanout, reconnects) = (
         u.watchers.fanout(),
         u.watchers.reconnects.load(Ordering::Relaxed),

@@ -351,7 +351,7 @@ pub fn split(value: &str) -> Result<(Target, u64), String> {
 /// milliseconds since the Unix epoch; answers milliseconds since the Unix epoch.
 fn point_in_time(value: &str) -> Result<u64, String> {
     if let Ok(ago) = baker_client::config::parse_duration(value) {
-        let now = baker_client::events::unix_millis(std::time::SystemTime::now());
+        let now = baker_client::events::unix_millis();
         return Ok(now.saturating_sub(ago.as_millis() as u64));
     }
     baker_client::events::parse_time_or(
