@@ -821,8 +821,20 @@ async fn list_ambassadors(State(app): State<AppState>) -> Json<AmbassadorsRespon
     Json(app.ambassadors.status(app.registry.index()))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// `200 {"status":"ok"}` while the directory serves; `503` on a replica that cannot follow
+/// etcd (it serves its last view, and takes no change).
+async fn healthz(State(app): State<AppState>) -> Response {
+    match app.registry.following() {
+        Some(Err(cause)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "not following etcd",
+                "error": format!("this replica cannot follow etcd: {cause}"),
+            })),
+        )
+            .into_response(),
+        _ => Json(serde_json::json!({"status": "ok"})).into_response(),
+    }
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {

@@ -171,6 +171,10 @@ pub enum Refused {
     Conflict(#[from] Conflict),
     #[error(transparent)]
     Quota(#[from] Exceeded),
+    /// The table lives in etcd, where a registrar's change is written by
+    /// [`Registry::register`] or [`Registry::unregister`], which answer once it is stored.
+    #[error("the table lives in etcd: a registrar's change is written by register or unregister")]
+    NotStored,
 }
 
 /// Why a change of the hard state (a route, a drain or an undrain) failed: it changed nothing.
@@ -697,7 +701,7 @@ impl Registry {
         &self,
         service: &ServiceName,
         id: &InstanceId,
-    ) -> Result<Option<Instance>, Conflict> {
+    ) -> Result<Option<Instance>, Refused> {
         if self.inner.replica.is_some() {
             return self.deregister_through_etcd(service, id);
         }
@@ -706,7 +710,8 @@ impl Registry {
             return Err(Conflict {
                 service: service.clone(),
                 id: id.clone(),
-            });
+            }
+            .into());
         }
         Ok(self.take(&mut t, service, id, RemoveCause::Deregistered))
     }
@@ -1045,7 +1050,8 @@ impl Registry {
     }
 
     /// [`Registry::set_route`], recording where the call came from (`origin`) on the change
-    /// (in the memory store: etcd keeps no origin).
+    /// (on disk nothing but the route: a directory that restarts has no origin to give; in
+    /// etcd, with the route).
     pub async fn set_route_by(
         &self,
         service: &ServiceName,
@@ -1054,7 +1060,9 @@ impl Registry {
     ) -> Result<Option<RouteResponse>, RouteError> {
         let file = match (&self.inner.route_file, &self.inner.replica) {
             (_, Some(replica)) => {
-                return self.set_route_through_etcd(replica, service, route).await
+                return self
+                    .set_route_through_etcd(replica, service, route, origin)
+                    .await
             }
             (Some(file), None) => file.clone(),
             (None, None) => unreachable!("a registry has a route file or a replica"),
@@ -1096,7 +1104,7 @@ impl Registry {
                 Some(r) => file.put(&name, &r),
                 None => file.clear(&name),
             });
-            let index = self.apply_route(&mut t, service, route.clone(), origin);
+            let index = self.apply_route(&mut t, service, route.clone(), origin, unix_millis());
             (index, previous, write)
         };
         let saved = write.await.map_err(|e| StoreError::Write {
@@ -1104,7 +1112,7 @@ impl Registry {
             source: std::io::Error::other(e),
         });
         if let Err(e) = saved.and_then(|r| r) {
-            let index = self.apply_route(&mut self.lock(), service, previous, None);
+            let index = self.apply_route(&mut self.lock(), service, previous, None, unix_millis());
             tracing::error!(
                 %service, index, cause = %baker_client::errors::chain(&e),
                 "the route could not be saved; the previous route applies again"
@@ -1134,7 +1142,8 @@ impl Registry {
         }
     }
 
-    /// Applies and publishes `service`'s route; returns the index of the change. Called with
+    /// Applies and publishes `service`'s route, set or cleared by a call from `origin` at
+    /// `at` (`None`: put back by the directory); returns the index of the change. Called with
     /// the lock held.
     fn apply_route(
         &self,
@@ -1142,6 +1151,7 @@ impl Registry {
         service: &ServiceName,
         route: Option<Route>,
         origin: Option<String>,
+        at: u64,
     ) -> u64 {
         let (revision, _) = t.store.set_route(service, route.clone());
         match &route {
@@ -1151,7 +1161,7 @@ impl Registry {
         self.inner.metrics.routes.set(t.store.route_count() as i64);
         let change = Change::Route {
             index: revision,
-            at: unix_millis(),
+            at,
             service: service.clone(),
             route,
             origin,
@@ -1690,10 +1700,7 @@ mod tests {
             .upsert(&svc("web"), &iid("c1"), spec(9999, 100), Source::Registrar)
             .unwrap_err();
         assert!(err.to_string().contains("discovered from Docker"), "{err}");
-        assert_eq!(
-            r.deregister(&svc("web"), &iid("c1")).map_err(Refused::from),
-            Err(err)
-        );
+        assert_eq!(r.deregister(&svc("web"), &iid("c1")), Err(err));
         assert!(events(rx).is_empty());
         // ... so nothing expires, and the container's instance stays.
         assert_eq!(r.next_deadline(), None);

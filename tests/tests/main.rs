@@ -25,6 +25,7 @@ mod etcd_cluster;
 mod etcd_docker;
 mod etcd_faults;
 mod etcd_replicas;
+mod etcd_scale;
 mod etcd_store;
 mod host;
 mod registrar;

@@ -91,24 +91,21 @@ pub(crate) trait Beat: Send + 'static {
     fn beat(&mut self, i: usize) -> impl Future<Output = bool> + Send;
 }
 
-/// Heartbeats over the directory's API: `PUT` of the instance on one keep-alive connection.
+/// Heartbeats over the directory's API: `PUT` of the instance on a keep-alive connection to
+/// one of the directories. Instance `i` always goes to directory `i % n`, as a registrar
+/// heartbeats through the first replica it reaches, not through any.
 pub(crate) struct HttpBeat {
-    conn: Conn,
-    addr: SocketAddr,
+    conns: Vec<(SocketAddr, Conn)>,
     reqs: Arc<Vec<Put>>,
 }
 
 impl HttpBeat {
-    /// One worker per connection of `CONNS`, the connections spread over `addrs`.
+    /// `CONNS` workers, each with a connection to every one of `addrs`.
     pub(crate) fn pool(addrs: &[SocketAddr], reqs: &Arc<Vec<Put>>) -> Vec<HttpBeat> {
         (0..CONNS)
-            .map(|c| {
-                let addr = addrs[c % addrs.len()];
-                HttpBeat {
-                    conn: Conn::new(addr),
-                    addr,
-                    reqs: reqs.clone(),
-                }
+            .map(|_| HttpBeat {
+                conns: addrs.iter().map(|a| (*a, Conn::new(*a))).collect(),
+                reqs: reqs.clone(),
             })
             .collect()
     }
@@ -117,8 +114,10 @@ impl HttpBeat {
 impl Beat for HttpBeat {
     async fn beat(&mut self, i: usize) -> bool {
         let (path, body) = &self.reqs[i];
+        let n = self.conns.len();
+        let (addr, conn) = &mut self.conns[i % n];
         matches!(
-            self.conn.send(put(self.addr, path, body.clone())).await,
+            conn.send(put(*addr, path, body.clone())).await,
             Ok((s, _)) if s.is_success()
         )
     }
