@@ -45,7 +45,6 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("baker_ambassador");
         let m = Metrics {
             reloads: Counter::default(),
             reload_failures: Counter::default(),
@@ -62,57 +61,20 @@ impl Default for Metrics {
             progress: crate::report::Progress::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "reloads",
-            "HAProxy reloads (seamless, through the master CLI)",
-            m.reloads.clone(),
-        );
-        registry.register(
-            "reload_failures",
-            "HAProxy reloads that failed (the previous worker kept serving)",
-            m.reload_failures.clone(),
-        );
-        registry.register(
-            "refused_configs",
-            "Rendered configurations refused by haproxy -c",
-            m.refused_configs.clone(),
-        );
-        registry.register(
-            "runtime_commands",
-            "Commands sent over HAProxy's runtime API",
-            m.runtime_commands.clone(),
-        );
-        registry.register(
-            "runtime_failures",
-            "Runtime API commands HAProxy refused",
-            m.runtime_failures.clone(),
-        );
-        registry.register(
-            "haproxy_restarts",
-            "Times HAProxy died and was started again",
-            m.haproxy_restarts.clone(),
-        );
-        registry.register(
-            "watch_events",
-            "Changes received from the directory",
-            m.watch_events.clone(),
-        );
-        registry.register(
-            "directory_reconnects",
-            "Times the directory's watch stream was reopened",
-            m.directory_reconnects.clone(),
-        );
-        registry.register(
-            "directory_connected",
-            "1 while the directory's watch stream is open",
-            m.directory_connected.clone(),
-        );
-        registry.register("servers", "Servers planned per service", m.servers.clone());
-        registry.register(
-            "route_fallback",
-            "1 while a service's route falls back to all live instances: none of its targets has one",
-            m.route_fallback.clone(),
-        );
+        let registry = baker_client::metrics_registry!("baker_ambassador", m, {
+            reloads: "HAProxy reloads (seamless, through the master CLI)",
+            reload_failures: "HAProxy reloads that failed (the previous worker kept serving)",
+            refused_configs: "Rendered configurations refused by haproxy -c",
+            runtime_commands: "Commands sent over HAProxy's runtime API",
+            runtime_failures: "Runtime API commands HAProxy refused",
+            haproxy_restarts: "Times HAProxy died and was started again",
+            watch_events: "Changes received from the directory",
+            directory_reconnects: "Times the directory's watch stream was reopened",
+            directory_connected: "1 while the directory's watch stream is open",
+            servers: "Servers planned per service",
+            route_fallback: "1 while a service's route falls back to all live instances: none of \
+                             its targets has one",
+        });
         Metrics { registry, ..m }
     }
 }
@@ -181,10 +143,7 @@ pub async fn serve(
 
 async fn metrics_page(AxumState(s): AxumState<Shared>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, baker_client::metrics::CONTENT_TYPE)],
         s.metrics.encode(),
     )
 }

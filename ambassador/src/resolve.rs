@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::plan::Desired;
+use crate::watch::sleep_until_opt;
 
 /// How long an address found by a lookup is used before it is looked up again (it stays in use
 /// while the new lookup runs).
@@ -210,13 +211,6 @@ fn spawn_lookup(name: String, done: mpsc::UnboundedSender<(String, Option<IpAddr
         });
     if let Err(e) = spawned {
         tracing::warn!(%name, cause = %e, "cannot start a DNS lookup");
-    }
-}
-
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -363,7 +363,8 @@ pub async fn run(
     }
 }
 
-async fn sleep_until_opt(t: Option<Instant>) {
+/// Sleeps until `t`, or forever when there is none: a `select!` arm for an optional deadline.
+pub(crate) async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,

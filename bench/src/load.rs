@@ -245,6 +245,64 @@ pub async fn open_loop(target: &Target, rate: f64, duration: Duration, conns: us
     open_loop_until(target, rate, conns, Some(slots), CancellationToken::new()).await
 }
 
+/// Open-loop pacing, shared by the workers that send: slot `k` is due `k` intervals after the
+/// start, and each slot is taken by one worker.
+///
+/// A worker free before its slot waits for it and the latency counts from the actual send (the
+/// generator's timer is not the server's fault); a worker still busy at its slot sends late and
+/// the latency counts from the slot, so time spent queued behind a slow answer is charged to
+/// the system under test.
+#[derive(Debug)]
+pub struct Schedule {
+    start: Instant,
+    interval: Duration,
+    next: AtomicU64,
+}
+
+/// A slot that is due: where its latency counts from, and how late its worker took it.
+#[derive(Debug, Clone, Copy)]
+pub struct Due {
+    pub origin: Instant,
+    pub late: Duration,
+}
+
+impl Schedule {
+    /// Slots `interval` apart from now.
+    pub fn new(interval: Duration) -> Schedule {
+        Schedule {
+            start: Instant::now(),
+            interval,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// The number of the next slot not yet taken.
+    pub fn take(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Waits until slot `k` is due; `None` when `stop` comes first.
+    pub async fn wait(&self, k: u64, stop: &CancellationToken) -> Option<Due> {
+        let slot = self.start + self.interval.mul_f64(k as f64);
+        let now = Instant::now();
+        if now < slot {
+            tokio::select! {
+                _ = tokio::time::sleep_until(slot) => {}
+                _ = stop.cancelled() => return None,
+            }
+            Some(Due {
+                origin: Instant::now(),
+                late: Duration::ZERO,
+            })
+        } else {
+            Some(Due {
+                origin: slot,
+                late: now - slot,
+            })
+        }
+    }
+}
+
 async fn open_loop_until(
     target: &Target,
     rate: f64,
@@ -252,34 +310,25 @@ async fn open_loop_until(
     slots: Option<u64>,
     stop: CancellationToken,
 ) -> Outcome {
-    let start = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
-    let next = Arc::new(AtomicU64::new(0));
+    let schedule = Arc::new(Schedule::new(Duration::from_secs_f64(1.0 / rate.max(1e-3))));
     let mut tasks = Vec::new();
     for _ in 0..conns.max(1) {
         let target = target.clone();
-        let next = next.clone();
+        let schedule = schedule.clone();
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = Outcome::default();
             let mut conn = Conn::new(target.addr);
             loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
+                let k = schedule.take();
                 if slots.is_some_and(|s| k >= s) || stop.is_cancelled() {
                     break;
                 }
-                let slot = start + interval.mul_f64(k as f64);
-                let origin = if Instant::now() < slot {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(slot) => {}
-                        _ = stop.cancelled() => break,
-                    }
-                    Instant::now()
-                } else {
-                    slot
+                let Some(due) = schedule.wait(k, &stop).await else {
+                    break;
                 };
                 let result = conn.call(&target).await;
-                out.record(&result, origin.elapsed());
+                out.record(&result, due.origin.elapsed());
                 if result.is_err() {
                     tokio::time::sleep(FAILURE_PAUSE).await;
                 }
@@ -287,7 +336,7 @@ async fn open_loop_until(
             out
         }));
     }
-    collect(tasks, start).await
+    collect(tasks, schedule.start).await
 }
 
 async fn collect(tasks: Vec<tokio::task::JoinHandle<Outcome>>, start: Instant) -> Outcome {
@@ -346,6 +395,29 @@ mod tests {
         assert_eq!(o.failed["http 503"], 1);
         assert_eq!(o.failed["timeout"], 2);
         assert_eq!(o.latency.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_waits_when_early_and_counts_from_the_slot_when_late() {
+        let start = Instant::now();
+        let schedule = Schedule::new(Duration::from_millis(100));
+        let stop = CancellationToken::new();
+        let (first, second) = (schedule.take(), schedule.take());
+        let due = schedule.wait(first, &stop).await.unwrap();
+        assert_eq!((due.origin, due.late), (start, Duration::ZERO));
+        // Busy past the second slot (at 100 ms): it counts from the slot, 150 ms late.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let due = schedule.wait(second, &stop).await.unwrap();
+        assert_eq!(due.origin, start + Duration::from_millis(100));
+        assert_eq!(due.late, Duration::from_millis(150));
+        // Free before the next slot not taken (at 300 ms: the one at 200 ms is skipped): waits
+        // for it, and counts from then.
+        let (_, fourth) = (schedule.take(), schedule.take());
+        let due = schedule.wait(fourth, &stop).await.unwrap();
+        assert_eq!(due.origin, start + Duration::from_millis(300));
+        assert_eq!(due.late, Duration::ZERO);
+        stop.cancel();
+        assert!(schedule.wait(schedule.take(), &stop).await.is_none());
     }
 }
 

@@ -38,6 +38,9 @@ pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const WATCH_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most replicas one client may name.
 pub const MAX_REPLICAS: usize = 16;
+/// Most services one filtered watch may name (`GET /v1/watch?service=...`); the directory
+/// refuses more with 400.
+pub const MAX_WATCH_SERVICES: usize = 1_000;
 /// Longest line accepted on the watch stream.
 const MAX_WATCH_LINE: usize = 64 * 1024 * 1024;
 
@@ -547,13 +550,15 @@ impl DirectoryClient {
     }
 
     /// Like [`DirectoryClient::watch`], of the services in `only` (and their routes) when given.
+    /// More than [`MAX_WATCH_SERVICES`] services are watched with an unfiltered watch, a
+    /// superset of them.
     pub async fn watch_services(
         &self,
         only: Option<&[ServiceName]>,
     ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static, ClientError>
     {
         let mut path = "/v1/watch?v=2".to_owned();
-        if let Some(only) = only {
+        if let Some(only) = only.filter(|o| o.len() <= MAX_WATCH_SERVICES) {
             // Service names are URL-safe by construction.
             let names: Vec<&str> = only.iter().map(ServiceName::as_str).collect();
             path.push_str("&service=");

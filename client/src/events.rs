@@ -218,28 +218,110 @@ pub struct EventsResponse {
     pub capacity: usize,
 }
 
+/// An RFC 3339 time as the error messages give it.
+pub const TIME_EXAMPLE: &str = "2026-12-03T10:00:00Z or 2026-12-03T12:00:00+02:00";
+
 /// Parses a point in time as the directory's `since` and `until` take it: milliseconds since
-/// the Unix epoch, or an RFC 3339 time (`2026-12-03T10:00:00Z`). Answers milliseconds.
+/// the Unix epoch, or an RFC 3339 time with its offset from UTC (`2026-12-03T10:00:00Z`,
+/// `2026-12-03T12:00:00+02:00`). Answers milliseconds. A time without an offset is refused:
+/// which zone it meant cannot be known.
 pub fn parse_time(value: &str) -> Result<u64, String> {
+    parse_time_or(
+        value,
+        &format!(
+            "milliseconds since the Unix epoch or an RFC 3339 time with its offset from UTC, \
+             such as {TIME_EXAMPLE}"
+        ),
+    )
+}
+
+/// [`parse_time`], whose error says the value `must be {expected}` (for a caller that takes
+/// other forms too, and has tried them).
+pub fn parse_time_or(value: &str, expected: &str) -> Result<u64, String> {
     let value = value.trim();
     if let Ok(ms) = value.parse::<u64>() {
         return Ok(ms);
     }
-    let t = humantime::parse_rfc3339_weak(value).map_err(|_| {
+    parse_rfc3339(value).map_err(|why| {
         format!(
-            "must be milliseconds since the Unix epoch or an RFC 3339 time such as \
-             2026-12-03T10:00:00Z, got {:?}",
+            "must be {expected}; got {:?}{why}",
             crate::model::printable(value)
         )
-    })?;
-    Ok(unix_millis(t))
+    })
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 time: `YYYY-MM-DDTHH:MM:SS`, optional
+/// fractions of a second, then `Z` or an offset `+HH:MM` / `-HH:MM` (`t`, `z` and a space for
+/// `T` are accepted, as RFC 3339 allows). The error, when there is one, is a clause that
+/// completes the caller's message: empty, or `, which has no offset: ...`.
+fn parse_rfc3339(value: &str) -> Result<u64, String> {
+    // humantime takes `T` or a space between date and time, not `t`.
+    let value = &match value.as_bytes().get(10) {
+        Some(b't') => format!("{}T{}", &value[..10], &value[11..]),
+        _ => value.to_owned(),
+    };
+    let (local, offset_s) = if let Some(local) = value.strip_suffix(['Z', 'z']) {
+        (local, 0i64)
+    } else {
+        let split = value
+            .len()
+            .checked_sub(6)
+            .filter(|&i| value.is_char_boundary(i));
+        let parsed = split.and_then(|i| Some((&value[..i], offset_seconds(&value[i..])?)));
+        match parsed {
+            Some(found) => found,
+            None if humantime::parse_rfc3339_weak(value).is_ok() => {
+                return Err(format!(
+                    ", which has no offset from UTC: add Z for UTC or the offset of its zone, \
+                     such as {value}Z or {value}+02:00"
+                ));
+            }
+            None => return Err(String::new()),
+        }
+    };
+    // The date and time without offset, in the strict form (no space and no `Z` left).
+    if local.len() < 19 || local.contains(['Z', 'z', '+']) {
+        return Err(String::new());
+    }
+    let t = humantime::parse_rfc3339_weak(local).map_err(|_| String::new())?;
+    let ms = i128::from(unix_millis_of(t)) - i128::from(offset_s) * 1000;
+    if ms < 0 {
+        return Err(", which is before 1970".into());
+    }
+    u64::try_from(ms).map_err(|_| String::new())
+}
+
+/// Seconds east of UTC of an offset `+HH:MM` or `-HH:MM`. ` HH:MM` is `+HH:MM`: a `+` typed
+/// unencoded into a URL's query arrives as a space.
+fn offset_seconds(offset: &str) -> Option<i64> {
+    let b = offset.as_bytes();
+    let sign = match b.first()? {
+        b'+' | b' ' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let digits = |r: std::ops::Range<usize>| -> Option<i64> {
+        let text = offset.get(r)?;
+        text.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| text.parse().ok())
+            .flatten()
+    };
+    let (hours, minutes) = (digits(1..3)?, digits(4..6)?);
+    (b.len() == 6 && b[3] == b':' && hours < 24 && minutes < 60)
+        .then_some(sign * (hours * 3600 + minutes * 60))
 }
 
 /// Milliseconds since the Unix epoch of `t` (0 before it).
-pub fn unix_millis(t: SystemTime) -> u64 {
+pub fn unix_millis_of(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+/// Milliseconds since the Unix epoch, now: the time stamp of instances, events and reports.
+pub fn unix_millis() -> u64 {
+    unix_millis_of(SystemTime::now())
 }
 
 /// `t` as RFC 3339 in UTC, to the second.
@@ -310,7 +392,50 @@ mod tests {
         assert_eq!(parse_time("1796292666510"), Ok(1_796_292_666_510));
         assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
         assert_eq!(parse_time("1970-01-01T00:00:01.5Z"), Ok(1500));
+        assert_eq!(parse_time("1970-01-01t00:00:01z"), Ok(1000));
         assert!(parse_time("10m").unwrap_err().contains("RFC 3339"));
         assert_eq!(rfc3339(1500), "1970-01-01T00:00:01Z");
+    }
+
+    #[test]
+    fn rfc3339_offsets_are_honoured_and_a_time_without_one_is_refused() {
+        let utc = parse_time("2026-12-06T08:00:00Z").unwrap();
+        assert_eq!(parse_time("2026-12-06T10:00:00+02:00"), Ok(utc));
+        assert_eq!(parse_time("2026-12-06T03:30:00-04:30"), Ok(utc));
+        assert_eq!(parse_time("2026-12-06T08:00:00+00:00"), Ok(utc));
+        assert_eq!(parse_time("2026-12-06T08:00:00-00:00"), Ok(utc));
+        assert_eq!(parse_time("2026-12-06 10:00:00.250+02:00"), Ok(utc + 250));
+        assert_eq!(parse_time("1970-01-01T01:00:01+01:00"), Ok(1000));
+        assert_eq!(
+            parse_time("2026-12-06T10:00:00 02:00"),
+            Ok(utc),
+            "a + sent unencoded"
+        );
+        let e = parse_time("2026-12-06T10:00:00").unwrap_err();
+        assert_eq!(
+            e,
+            "must be milliseconds since the Unix epoch or an RFC 3339 time with its offset from \
+             UTC, such as 2026-12-03T10:00:00Z or 2026-12-03T12:00:00+02:00; got \
+             \"2026-12-06T10:00:00\", which has no offset from UTC: add Z for UTC or the offset \
+             of its zone, such as 2026-12-06T10:00:00Z or 2026-12-06T10:00:00+02:00"
+        );
+        for bad in [
+            "2026-12-06T10:00:00+2:00",
+            "2026-12-06T10:00:00+24:00",
+            "2026-12-06T10:00:00+02:60",
+            "2026-12-06T10:00:00+0200",
+            "2026-12-06T10:00+02:00",
+            "2026-12-06+02:00",
+            "2026-12-06T10:00:00Z+02:00",
+            "2026-13-06T10:00:00Z",
+            "yesterday",
+            "",
+        ] {
+            let e = parse_time(bad).unwrap_err();
+            assert!(e.contains("such as 2026-12-03T10:00:00Z"), "{bad}: {e}");
+        }
+        assert!(parse_time("1970-01-01T00:30:00+01:00")
+            .unwrap_err()
+            .ends_with("which is before 1970"));
     }
 }

@@ -14,6 +14,7 @@
 //! - [`backoff`]: capped, jittered backoff for loops that retry forever.
 //! - [`errors`]: an error and its causes on one line.
 //! - [`daemon`]: logging and stop-signal handling shared by the daemons.
+//! - [`metrics`]: what the daemons' Prometheus metrics share.
 //!
 //! The `baker` operator CLI is this crate's binary.
 
@@ -26,6 +27,7 @@ pub mod errors;
 pub mod events;
 pub mod links;
 pub mod maintenance;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod route;

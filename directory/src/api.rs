@@ -19,6 +19,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
+use baker_client::api::MAX_WATCH_SERVICES;
 use baker_client::events::{parse_time, EventsResponse};
 use baker_client::maintenance::{
     validate_client, DrainRequest, DrainResponse, MaintenanceResponse, Reason, Target,
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ambassadors::Reports;
 use crate::history::{self, History};
 use crate::quota::Exceeded;
-use crate::registry::{DrainError, Registry, RouteError, WriteError};
+use crate::registry::{ChangeError, Registry, WriteError};
 use crate::server::ConnInfo;
 use crate::watch;
 
@@ -73,7 +74,8 @@ pub enum ApiError {
     /// The call contradicts the directory's state (409); the message says why.
     Conflict(String),
     TooLarge,
-    /// A new instance or route past a quota (429): the body names the quota and its variable.
+    /// A new instance, route, drain or ambassador past a quota (429): the body names the quota
+    /// and its variable.
     Quota(Exceeded),
     /// Every watch slot is taken (503): the client should retry later.
     Busy(String),
@@ -108,6 +110,16 @@ fn unavailable(e: &crate::etcd::EtcdError) -> ApiError {
         "the change was not stored: {}",
         baker_client::errors::chain(e)
     ))
+}
+
+/// The answer to a route or drain change that failed; a store fault is logged with `doing`
+/// (`saving the route of web`) and answered as a bare 500.
+fn change_failed(e: ChangeError, doing: impl FnOnce() -> String) -> ApiError {
+    match e {
+        ChangeError::Quota(e) => ApiError::Quota(e),
+        ChangeError::Unavailable(e) => unavailable(&e),
+        ChangeError::Store(e) => ApiError::Internal(anyhow::Error::new(e).context(doing())),
+    }
 }
 
 impl From<PathRejection> for ApiError {
@@ -191,11 +203,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/v1/maintenance", get(list_maintenance))
         .route(
             "/v1/maintenance/{service}/instances/{id}",
-            put(drain_instance).delete(undrain_instance),
+            put(drain::<InstancePath>).delete(undrain::<InstancePath>),
         )
         .route(
             "/v1/maintenance/{service}/versions/{version}",
-            put(drain_version).delete(undrain_version),
+            put(drain::<VersionPath>).delete(undrain::<VersionPath>),
         )
         .route("/v1/ambassadors", get(list_ambassadors))
         .route(
@@ -327,13 +339,54 @@ fn origin(headers: &HeaderMap, conn: Option<&Extension<ConnInfo>>) -> Result<Str
     }
 }
 
-/// Reads a JSON body of at most [`MAX_BODY`] bytes.
-async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+/// A request body: a JSON object of a known shape.
+///
+/// serde reads a struct from a JSON array as readily as from an object (`["10.0.0.5",8000]`
+/// is an instance to it), so every body is checked to be an object before it is read:
+/// anything else is refused with 400 and a message naming what was expected.
+trait JsonBody: DeserializeOwned {
+    /// What the body must be, with an example, for the error message.
+    const EXPECTED: &'static str;
+}
+
+impl JsonBody for InstanceSpec {
+    const EXPECTED: &'static str = r#"an instance such as {"address":"10.0.0.5","port":8000}"#;
+}
+
+impl JsonBody for BTreeMap<String, u64> {
+    const EXPECTED: &'static str = r#"a route such as {"1":90,"2":10}"#;
+}
+
+impl JsonBody for DrainRequest {
+    const EXPECTED: &'static str = r#"a drain such as {"reason":"disk full"}, or no body"#;
+}
+
+impl JsonBody for AmbassadorReport {
+    const EXPECTED: &'static str = r#"an ambassador's report such as {"host":"node-1","services":[],"applied_index":0,"reloads":0,"servers":[],"ttl_ms":7000}"#;
+}
+
+/// What kind of JSON value `bytes` holds when it is not an object: `None` for an object, or
+/// for text that is no JSON value at all (serde says what is wrong with it).
+fn not_an_object(bytes: &[u8]) -> Option<&'static str> {
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace())?;
+    let value = &bytes[start..];
+    match value[0] {
+        b'[' => Some("an array"),
+        b'"' => Some("a string"),
+        b'-' | b'0'..=b'9' => Some("a number"),
+        _ if value.starts_with(b"true") || value.starts_with(b"false") => Some("a boolean"),
+        _ if value.starts_with(b"null") => Some("null"),
+        _ => None,
+    }
+}
+
+/// Reads a JSON object of at most [`MAX_BODY`] bytes.
+async fn read_json<T: JsonBody>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
     read_json_or(headers, body, None).await
 }
 
-/// Reads a JSON body of at most [`MAX_BODY`] bytes; an empty body is `empty` when given.
-async fn read_json_or<T: DeserializeOwned>(
+/// Reads a JSON object of at most [`MAX_BODY`] bytes; an empty body is `empty` when given.
+async fn read_json_or<T: JsonBody>(
     headers: &HeaderMap,
     body: Body,
     empty: Option<T>,
@@ -358,9 +411,16 @@ async fn read_json_or<T: DeserializeOwned>(
         if let Some(empty) = empty {
             return Ok(empty);
         }
-        return Err(ApiError::BadRequest(
-            "the request body is empty: a JSON object is expected".into(),
-        ));
+        return Err(ApiError::BadRequest(format!(
+            "the request body is empty: a JSON object is expected, {}",
+            T::EXPECTED
+        )));
+    }
+    if let Some(found) = not_an_object(&bytes) {
+        return Err(ApiError::BadRequest(format!(
+            "the request body must be a JSON object, {}; got {found}",
+            T::EXPECTED
+        )));
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
@@ -503,11 +563,9 @@ async fn put_route(
         Ok(None) => Err(ApiError::Internal(anyhow::anyhow!(
             "setting the route of {service} reported no route"
         ))),
-        Err(RouteError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(RouteError::Unavailable(e)) => Err(unavailable(&e)),
-        Err(RouteError::Store(e)) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("saving the route of {service}")),
-        )),
+        Err(e) => Err(change_failed(e, || {
+            format!("saving the route of {service}")
+        })),
     }
 }
 
@@ -530,11 +588,9 @@ async fn delete_route(
         Ok(None) => Err(ApiError::NotFound(format!(
             "service {service} has no route"
         ))),
-        Err(RouteError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(RouteError::Unavailable(e)) => Err(unavailable(&e)),
-        Err(RouteError::Store(e)) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("clearing the route of {service}")),
-        )),
+        Err(e) => Err(change_failed(e, || {
+            format!("clearing the route of {service}")
+        })),
     }
 }
 
@@ -626,102 +682,91 @@ fn version_path(service: &str, version: &str) -> Result<(ServiceName, Target), A
     }
 }
 
-/// Drains `target` of `service` after checking the origin and the body.
-async fn drain(
-    app: &AppState,
-    service: ServiceName,
-    target: Target,
+/// How a maintenance path names its target: `/v1/maintenance/{service}/instances/{id}` or
+/// `/v1/maintenance/{service}/versions/{version}`.
+trait TargetPath {
+    /// The service and the target, from the path's two segments; every bad one reported.
+    fn parse(service: &str, name: &str) -> Result<(ServiceName, Target), ApiError>;
+}
+
+/// `/v1/maintenance/{service}/instances/{id}`.
+struct InstancePath;
+
+impl TargetPath for InstancePath {
+    fn parse(service: &str, id: &str) -> Result<(ServiceName, Target), ApiError> {
+        let (service, id) = instance_path(service, id)?;
+        Ok((service, Target::Instance(id)))
+    }
+}
+
+/// `/v1/maintenance/{service}/versions/{version}`.
+struct VersionPath;
+
+impl TargetPath for VersionPath {
+    fn parse(service: &str, version: &str) -> Result<(ServiceName, Target), ApiError> {
+        version_path(service, version)
+    }
+}
+
+/// `PUT` on a maintenance path: drains its target.
+async fn drain<P: TargetPath>(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<DrainResponse>, ApiError> {
-    let origin = origin(&headers, conn.as_ref())?;
-    let request: DrainRequest = read_json_or(&headers, body, Some(DrainRequest::default())).await?;
-    let reason = request
-        .reason
-        .map(|r| r.parse::<Reason>())
-        .transpose()
-        .map_err(|e| ApiError::invalid(vec![e]))?;
-    match app.registry.drain(&service, target, reason, origin).await {
-        Ok(resp) => Ok(Json(resp)),
-        Err(DrainError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(DrainError::Unavailable(e)) => Err(unavailable(&e)),
-        Err(DrainError::Store(e)) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("saving the drains of {service}")),
-        )),
-    }
+    maintain::<P>(&app, path, conn, headers, Some(body)).await
 }
 
-/// Undrains `target` of `service` after checking the origin.
-async fn undrain(
-    app: &AppState,
-    service: ServiceName,
-    target: Target,
+/// `DELETE` on a maintenance path: undrains its target.
+async fn undrain<P: TargetPath>(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
 ) -> Result<Json<DrainResponse>, ApiError> {
+    maintain::<P>(&app, path, conn, headers, None).await
+}
+
+/// Drains (with the request's `body`) or undrains (without one) the target named by `path`,
+/// after checking the token, the path, the origin and the body, in that order.
+async fn maintain<P: TargetPath>(
+    app: &AppState,
+    path: Result<Path<(String, String)>, PathRejection>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+    body: Option<Body>,
+) -> Result<Json<DrainResponse>, ApiError> {
+    app.authorize(&headers)?;
+    let Path((service, name)) = path?;
+    let (service, target) = P::parse(&service, &name)?;
     let origin = origin(&headers, conn.as_ref())?;
-    match app.registry.undrain(&service, target.clone(), origin).await {
+    let changed = match body {
+        Some(body) => {
+            let request: DrainRequest =
+                read_json_or(&headers, body, Some(DrainRequest::default())).await?;
+            let reason = request
+                .reason
+                .map(|r| r.parse::<Reason>())
+                .transpose()
+                .map_err(|e| ApiError::invalid(vec![e]))?;
+            app.registry
+                .drain(&service, target.clone(), reason, origin)
+                .await
+                .map(Some)
+        }
+        None => app.registry.undrain(&service, target.clone(), origin).await,
+    };
+    match changed {
         Ok(Some(resp)) => Ok(Json(resp)),
         Ok(None) => Err(ApiError::NotFound(format!(
             "{target} of service {service} is not drained"
         ))),
-        Err(DrainError::Quota(e)) => Err(ApiError::Quota(e)),
-        Err(DrainError::Unavailable(e)) => Err(unavailable(&e)),
-        Err(DrainError::Store(e)) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("saving the drains of {service}")),
-        )),
+        Err(e) => Err(change_failed(e, || {
+            format!("saving the drains of {service}")
+        })),
     }
-}
-
-async fn drain_instance(
-    State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    conn: Option<Extension<ConnInfo>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
-    let Path((service, id)) = path?;
-    let (service, id) = instance_path(&service, &id)?;
-    drain(&app, service, Target::Instance(id), conn, headers, body).await
-}
-
-async fn undrain_instance(
-    State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    conn: Option<Extension<ConnInfo>>,
-    headers: HeaderMap,
-) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
-    let Path((service, id)) = path?;
-    let (service, id) = instance_path(&service, &id)?;
-    undrain(&app, service, Target::Instance(id), conn, headers).await
-}
-
-async fn drain_version(
-    State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    conn: Option<Extension<ConnInfo>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
-    let Path((service, version)) = path?;
-    let (service, target) = version_path(&service, &version)?;
-    drain(&app, service, target, conn, headers, body).await
-}
-
-async fn undrain_version(
-    State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    conn: Option<Extension<ConnInfo>>,
-    headers: HeaderMap,
-) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
-    let Path((service, version)) = path?;
-    let (service, target) = version_path(&service, &version)?;
-    undrain(&app, service, target, conn, headers).await
 }
 
 async fn put_ambassador(
@@ -740,7 +785,11 @@ async fn put_ambassador(
         .map(|Extension(c)| c.peer.to_string())
         .unwrap_or_default();
     let host = report.host.clone();
-    if app.ambassadors.put(id.clone(), report, peer) {
+    if app
+        .ambassadors
+        .put(id.clone(), report, peer)
+        .map_err(ApiError::Quota)?
+    {
         tracing::debug!(ambassador = %id, %host, "an ambassador reported for the first time");
     }
     Ok(Json(ReportAck {
@@ -772,8 +821,20 @@ async fn list_ambassadors(State(app): State<AppState>) -> Json<AmbassadorsRespon
     Json(app.ambassadors.status(app.registry.index()))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// `200 {"status":"ok"}` while the directory serves; `503` on a replica that cannot follow
+/// etcd (it serves its last view, and takes no change).
+async fn healthz(State(app): State<AppState>) -> Response {
+    match app.registry.following() {
+        Some(Err(cause)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "not following etcd",
+                "error": format!("this replica cannot follow etcd: {cause}"),
+            })),
+        )
+            .into_response(),
+        _ => Json(serde_json::json!({"status": "ok"})).into_response(),
+    }
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
@@ -818,6 +879,16 @@ impl WatchQuery {
                     }
                     Err(e) => errors.push(e),
                 }
+            }
+            if only.len() > MAX_WATCH_SERVICES {
+                errors.push(ValidationError::new(
+                    "service",
+                    format!(
+                        "names {} services; a watch may name at most {MAX_WATCH_SERVICES} \
+                         (watch them all without service=)",
+                        only.len()
+                    ),
+                ));
             }
             only
         });
@@ -879,4 +950,64 @@ async fn watch(
         body,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_must_be_an_object() {
+        for (body, found) in [
+            (r#"["127.0.0.1",8080]"#, Some("an array")),
+            (" \n[\"reason\"]", Some("an array")),
+            (r#""reason""#, Some("a string")),
+            ("true", Some("a boolean")),
+            ("null", Some("null")),
+            ("-1", Some("a number")),
+            ("8080", Some("a number")),
+            (r#" {"address":"10.0.0.5","port":8000}"#, None),
+            ("not json", None),
+        ] {
+            assert_eq!(not_an_object(body.as_bytes()), found, "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_body_refuses_an_array_naming_what_it_expected() {
+        async fn refused<T: JsonBody + std::fmt::Debug>(body: &str) -> String {
+            match read_json::<T>(&HeaderMap::new(), Body::from(body.to_owned())).await {
+                Err(ApiError::BadRequest(m)) => m,
+                other => panic!("{body} gave {other:?}"),
+            }
+        }
+        assert_eq!(
+            refused::<InstanceSpec>(r#"["127.0.0.1",8080]"#).await,
+            r#"the request body must be a JSON object, an instance such as {"address":"10.0.0.5","port":8000}; got an array"#
+        );
+        assert!(refused::<DrainRequest>(r#"["reason"]"#)
+            .await
+            .ends_with("a drain such as {\"reason\":\"disk full\"}, or no body; got an array"));
+        assert!(refused::<BTreeMap<String, u64>>("[]")
+            .await
+            .contains("a route such as"));
+        assert!(refused::<AmbassadorReport>("null")
+            .await
+            .ends_with("got null"));
+        // The example of each message is itself a body its endpoint accepts.
+        for example in [InstanceSpec::EXPECTED, AmbassadorReport::EXPECTED] {
+            let json = &example[example.find('{').unwrap()..];
+            assert!(
+                serde_json::from_str::<serde_json::Value>(json).is_ok(),
+                "{json}"
+            );
+        }
+        let spec: InstanceSpec = read_json(
+            &HeaderMap::new(),
+            Body::from(r#"{"address":"10.0.0.5","port":8000}"#),
+        )
+        .await
+        .unwrap();
+        assert_eq!(spec.port, 8000);
+    }
 }

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use baker_client::api::parse_token;
 use baker_client::config::vars::{
-    self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_HISTORY, ENV_LISTEN, ENV_MAX_CONNECTIONS,
-    ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES,
-    ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_REQUEST_TIMEOUT, ENV_STORE, ENV_TOKEN,
-    ENV_WATCH_TOKEN,
+    self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_HISTORY, ENV_LISTEN, ENV_MAX_AMBASSADORS,
+    ENV_MAX_CONNECTIONS, ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE,
+    ENV_MAX_ROUTES, ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_REQUEST_TIMEOUT, ENV_STORE,
+    ENV_TOKEN, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::NodeName;
@@ -121,7 +121,7 @@ pub struct Config {
     /// watchers never take the slots heartbeats, route changes and `/healthz` need.
     pub max_watches: usize,
     /// `BAKER_MAX_INSTANCES_PER_SERVICE`, `BAKER_MAX_SERVICES`, `BAKER_MAX_ROUTES`,
-    /// `BAKER_MAX_INSTANCES`.
+    /// `BAKER_MAX_INSTANCES`, `BAKER_MAX_DRAINS`, `BAKER_MAX_AMBASSADORS`.
     pub quotas: Quotas,
     /// `BAKER_HISTORY`: how many events the history keeps (`GET /v1/events`).
     pub history: usize,
@@ -206,6 +206,7 @@ impl Config {
             routes: quota(&mut r, ENV_MAX_ROUTES).unwrap_or(defaults.quotas.routes),
             instances: quota(&mut r, ENV_MAX_INSTANCES).unwrap_or(defaults.quotas.instances),
             drains: quota(&mut r, ENV_MAX_DRAINS).unwrap_or(defaults.quotas.drains),
+            ambassadors: quota(&mut r, ENV_MAX_AMBASSADORS).unwrap_or(defaults.quotas.ambassadors),
         };
         let history = r
             .parse(ENV_HISTORY, |s| match s.parse::<usize>() {
@@ -292,6 +293,7 @@ mod tests {
             ("BAKER_MAX_ROUTES", "7"),
             ("BAKER_MAX_INSTANCES", "8"),
             ("BAKER_MAX_DRAINS", "3"),
+            ("BAKER_MAX_AMBASSADORS", "4"),
             ("BAKER_REQUEST_TIMEOUT", "2s"),
         ]))
         .unwrap();
@@ -306,6 +308,7 @@ mod tests {
                 routes: 7,
                 instances: 8,
                 drains: 3,
+                ambassadors: 4,
             }
         );
         assert_eq!(c.listen.port(), 0);
@@ -346,6 +349,7 @@ mod tests {
             (ENV_MAX_ROUTES, q.routes),
             (ENV_MAX_INSTANCES, q.instances),
             (ENV_MAX_DRAINS, q.drains),
+            (ENV_MAX_AMBASSADORS, q.ambassadors),
         ] {
             assert_eq!(shown(name), Some(value.to_string()), "{name}");
         }

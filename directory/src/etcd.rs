@@ -6,8 +6,11 @@
 //!   bound to an etcd lease of its TTL (rounded up to whole seconds, etcd's unit). A heartbeat
 //!   keeps the lease alive; when heartbeats stop, etcd deletes the key once the lease runs out,
 //!   whichever replica took the last heartbeat, and even if that replica is gone.
-//! - `<prefix>/routes/<service>`: one service's canary route, as JSON, a plain key: a write is
-//!   committed by a majority of the members before the call that made it answers.
+//! - `<prefix>/routes/<service>`: one service's canary route, with the call that set it (its
+//!   origin) and when ([`RouteRecord`]), a plain key: a write is committed by a majority of the
+//!   members before the call that made it answers. A cleared route is a record of no route,
+//!   bound to the clearing replica's lease: it carries the clearing and its origin to the other
+//!   replicas, and then goes.
 //! - `<prefix>/maintenance/<service>`: one service's drains, with the drain or undrain that left
 //!   them so and when ([`DrainRecord`]), a plain key written in a transaction that checks it is
 //!   still what the writing replica read: two replicas draining one service at once do not lose
@@ -20,15 +23,19 @@
 //!   transaction that also puts this key, so a deleted instance key with no such put in the
 //!   same revision is one whose lease ran out: it expired.
 //!
-//! A replica reads the whole prefix at one revision ([`Etcd::snapshot`]) and then follows every
-//! change after it ([`Etcd::watch`]): all replicas see the same changes in the same order, and
-//! the etcd revision of each is the same on every replica. What is read is checked like input:
+//! A replica reads the whole prefix at one revision ([`Etcd::snapshot`], in pages of
+//! [`SNAPSHOT_PAGE`] keys) and then follows every change after it ([`Etcd::watch`]): all
+//! replicas see the same changes in the same order, and the etcd revision of each is the same
+//! on every replica. A transaction that grows with its input (many removals) is split under
+//! etcd's `--max-txn-ops` ([`MAX_TXN_OPS`]). What is read is checked like input:
 //! a key or value that is not a valid name, instance or route is reported and skipped.
 //!
 //! Requests require a leader (`require_leader`): without one, etcd refuses them instead of
 //! hanging. A call is tried again, on the next member, while members are down, frozen or
 //! between leaders, for up to [`REQUEST_TIMEOUT`]; a cluster still without a leader by then has
-//! lost its quorum, and [`EtcdError::NoQuorum`] says so.
+//! lost its quorum, and [`EtcdError::NoQuorum`] says so. What etcd refuses as such (by its gRPC
+//! status code: an invalid request, no permission, a lease it no longer knows, a compacted
+//! revision) is not tried again ([`EtcdError::of`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -41,8 +48,8 @@ use baker_client::change::{MaintenanceAction, RemoveCause};
 use baker_client::maintenance::Maintenance;
 use baker_client::model::{Instance, InstanceId, Route, ServiceName};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, KvClient,
+    PutOptions, Txn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 use futures_util::Stream;
 
@@ -121,7 +128,7 @@ impl fmt::Display for StoreUrl {
     }
 }
 
-/// What can go wrong with etcd.
+/// What can go wrong with etcd, told apart by the gRPC status code etcd answered with.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     #[error(
@@ -131,20 +138,71 @@ pub enum EtcdError {
     NoQuorum,
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
+    /// No member answered, or the one that did could not serve for the moment: tried again.
     #[error("cannot reach etcd")]
     Unreachable(#[source] etcd_client::Error),
+    /// etcd no longer knows the lease named (it ran out, or was revoked): not tried again.
+    #[error("etcd no longer knows the lease (it ran out)")]
+    LeaseNotFound,
+    /// The revision read from was compacted (up to the revision given, when etcd says): the
+    /// reader starts again from a new snapshot.
+    #[error("etcd has compacted the revisions asked for")]
+    Compacted(i64),
+    /// etcd refused the request itself (an invalid or too large request, no permission, no
+    /// space left): trying again would get the same answer.
+    #[error("etcd refused the request")]
+    Refused(#[source] etcd_client::Error),
     #[error("etcd's watch was cancelled: {0}")]
     WatchCancelled(String),
+    /// etcd committed the change, but this replica's mirror has not applied it in time.
+    #[error(
+        "etcd committed the change, but this replica has not applied it within {0:?}: it \
+         cannot follow etcd for the moment"
+    )]
+    NotApplied(Duration),
+    /// A registrar's change made by a call that cannot wait for etcd: with etcd, registrars'
+    /// changes are written by calls that answer once etcd has committed them.
+    #[error("the table lives in etcd: this change must be written through etcd, and was not")]
+    NotStored,
 }
 
 impl EtcdError {
-    fn of(e: etcd_client::Error) -> EtcdError {
-        let text = e.to_string();
-        if text.contains("no leader") || text.contains("leader changed") {
-            EtcdError::NoQuorum
-        } else {
-            EtcdError::Unreachable(e)
+    /// Classifies an error of the etcd client by the gRPC status code etcd answered with.
+    ///
+    /// `Unavailable` is a member that cannot serve for the moment; etcd answers it with the
+    /// descriptions "etcdserver: no leader" and "etcdserver: leader changed" when the cluster
+    /// is between leaders (etcd's own client tells these apart by the same descriptions), which
+    /// is a lost quorum if it lasts. `OutOfRange` is a compacted revision (a future one, the
+    /// other meaning etcd gives it, is never asked for). `NotFound` is a lease etcd no longer
+    /// knows, the only thing Baker names that etcd may not find.
+    pub fn of(e: etcd_client::Error) -> EtcdError {
+        use tonic::Code;
+        let (code, leaderless) = status_of(&e);
+        match code {
+            Code::Unavailable if leaderless => EtcdError::NoQuorum,
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Aborted
+            | Code::Internal => EtcdError::Unreachable(e),
+            Code::NotFound => EtcdError::LeaseNotFound,
+            Code::OutOfRange => EtcdError::Compacted(0),
+            Code::Ok
+            | Code::InvalidArgument
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::ResourceExhausted
+            | Code::FailedPrecondition
+            | Code::Unimplemented
+            | Code::DataLoss
+            | Code::Unauthenticated => EtcdError::Refused(e),
         }
+    }
+
+    /// Whether trying again, on any member, may succeed.
+    fn transient(&self) -> bool {
+        matches!(self, EtcdError::Unreachable(_) | EtcdError::NoQuorum)
     }
 }
 
@@ -158,9 +216,13 @@ pub enum Change {
         service: ServiceName,
         id: InstanceId,
     },
-    /// A service's route was set.
-    Route { service: ServiceName, route: Route },
-    /// A service's route was cleared.
+    /// A service's route was set or cleared, by the call its record names.
+    Route {
+        service: ServiceName,
+        record: RouteRecord,
+    },
+    /// A service's route key was deleted (its lease ran out after the route was cleared, or
+    /// someone deleted it by hand).
     RouteCleared { service: ServiceName },
     /// A service's drains were written.
     Maintenance {
@@ -192,6 +254,35 @@ pub struct DrainRecord {
     pub at: u64,
 }
 
+/// One service's route as etcd holds it, and the call that set or cleared it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRecord {
+    /// The route; `None` once cleared (the record is then bound to the clearing replica's
+    /// lease: it carries the clearing to the other replicas, and then goes).
+    pub route: Option<Route>,
+    /// Where the call came from.
+    pub origin: Option<String>,
+    /// When, in milliseconds since the Unix epoch.
+    pub at: u64,
+}
+
+impl RouteRecord {
+    /// Reads a route key's value: a record, or a bare route as written before routes had
+    /// records (its origin unknown).
+    fn parse(value: &[u8]) -> Result<RouteRecord, String> {
+        serde_json::from_slice(value).or_else(|e| {
+            serde_json::from_slice::<Route>(value)
+                .map(|route| RouteRecord {
+                    route: Some(route),
+                    origin: Some("etcd".into()),
+                    at: 0,
+                })
+                .map_err(|_| format!("its value is not a route: {e}"))
+        })
+    }
+}
+
 /// What a conditional write of a service's drains did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Swap {
@@ -216,7 +307,8 @@ pub struct Snapshot {
     pub revision: i64,
     /// Every instance, with the lease its key is bound to.
     pub instances: Vec<(Instance, i64)>,
-    pub routes: BTreeMap<ServiceName, Route>,
+    /// Every route set, with its record.
+    pub routes: BTreeMap<ServiceName, RouteRecord>,
     /// Every service's drains key, with the revision it was last written at.
     pub maintenance: BTreeMap<ServiceName, (DrainRecord, i64)>,
     /// Why the instances named by the causes keys still in etcd were removed, with the
@@ -228,11 +320,42 @@ pub struct Snapshot {
 /// A connection to the etcd cluster. Cheap to clone.
 #[derive(Clone)]
 pub struct Etcd {
-    client: Members,
+    /// A client per member, and its key-value and watch services, which take answers of up
+    /// to [`MAX_MESSAGE`] (the gRPC default is 4 MiB); all three move to the next member
+    /// together ([`Members`]).
+    client: Via<Client>,
+    kv: Via<KvClient>,
+    watcher: Via<WatchClient>,
     prefix: String,
 }
 
-/// A client per member, and the member calls go to first.
+/// Keys read per page of a snapshot: a few hundred kilobytes of instances.
+pub const SNAPSHOT_PAGE: i64 = 1000;
+/// Largest answer decoded from etcd: a snapshot page of [`SNAPSHOT_PAGE`] keys, and a watch
+/// message (etcd splits larger ones, asked to by the watch), each well under it.
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// Operations per transaction at most: etcd's default `--max-txn-ops`. A transaction that
+/// grows with its input (the removal of many instances at once) is split into transactions of
+/// this many operations.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// One service's client for each member (`C`: the whole client, or its key-value or watch
+/// service), and the [`Members`] state they share.
+#[derive(Clone)]
+struct Via<C> {
+    clients: Arc<[C]>,
+    members: Members,
+}
+
+impl<C: Clone> Via<C> {
+    /// The member to try now, and its client.
+    fn pick(&self) -> (usize, C) {
+        let i = self.members.current.load(Ordering::Relaxed) % self.clients.len();
+        (i, self.clients[i].clone())
+    }
+}
+
+/// Which member calls go to first, and which failed of late.
 ///
 /// One client over all the members would pick a member at random for every attempt, the
 /// frozen one included: each attempt that meets it costs [`ATTEMPT_TIMEOUT`], and a few in a
@@ -248,7 +371,6 @@ pub struct Etcd {
 /// failed of late, the one that failed longest ago is next.
 #[derive(Clone)]
 struct Members {
-    clients: Arc<[Client]>,
     /// Index of the member calls go to first.
     current: Arc<AtomicUsize>,
     /// When each member last let an attempt time out or refused it, in milliseconds after
@@ -262,19 +384,12 @@ struct Members {
 const SILENT_SKIP: Duration = Duration::from_secs(10);
 
 impl Members {
-    fn new(clients: Vec<Client>) -> Members {
+    fn new(count: usize) -> Members {
         Members {
-            failed_at: clients.iter().map(|_| AtomicU64::new(0)).collect(),
-            clients: clients.into(),
+            failed_at: (0..count).map(|_| AtomicU64::new(0)).collect(),
             current: Arc::new(AtomicUsize::new(0)),
             start: tokio::time::Instant::now(),
         }
-    }
-
-    /// The member to try now, and its client.
-    fn pick(&self) -> (usize, Client) {
-        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
-        (i, self.clients[i].clone())
     }
 
     fn now_ms(&self) -> u64 {
@@ -329,9 +444,10 @@ fn next_member(i: usize, failed_at: &[u64], quiet_since: u64) -> usize {
 /// goes to the next member. A lease of a 2 s TTL is thus renewed through the other members
 /// while one is frozen. Every call retried this way is idempotent (a put of the same value, a
 /// delete, a lease renewal).
-async fn retried<T, F, Fut>(members: &Members, mut call: F) -> Result<T, EtcdError>
+async fn retried<C, T, F, Fut>(via: &Via<C>, mut call: F) -> Result<T, EtcdError>
 where
-    F: FnMut(Client) -> Fut,
+    C: Clone,
+    F: FnMut(C) -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
@@ -340,21 +456,22 @@ where
     let mut leaderless = false;
     let last = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let (member, client) = members.pick();
+        let (member, client) = via.pick();
         match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), call(client)).await {
             Err(_) => {
-                members.pass(member, true);
+                via.members.pass(member, true);
                 if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                     break EtcdError::Timeout(REQUEST_TIMEOUT);
                 }
             }
             Ok(Ok(v)) => return Ok(v),
+            // A member down, or one without a leader for the moment (an election after the
+            // leader was lost takes about one election timeout): try again. No leader until
+            // the deadline is a lost quorum.
             Ok(Err(e)) => match EtcdError::of(e) {
-                // A member down, or one without a leader for the moment (an election after
-                // the leader was lost takes about one election timeout): try again. No leader
-                // until the deadline is a lost quorum.
-                e @ (EtcdError::Unreachable(_) | EtcdError::NoQuorum) => {
-                    members.pass(member, matches!(e, EtcdError::Unreachable(_)));
+                e if e.transient() => {
+                    via.members
+                        .pass(member, matches!(e, EtcdError::Unreachable(_)));
                     leaderless |= matches!(e, EtcdError::NoQuorum);
                     if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                         break e;
@@ -377,6 +494,47 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(750);
 /// Pause between two attempts of a call that found a member down.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// The end of the range of every key that starts with `prefix`: `prefix` with its last byte
+/// that is not 0xff incremented, and what follows dropped (etcd's prefix range).
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the key space.
+    vec![0]
+}
+
+/// The gRPC status code of an error of the etcd client, and whether it says the cluster is
+/// between leaders. An error of the client itself (not etcd's answer) is `Unavailable` when the
+/// connection failed, `InvalidArgument` when the request was wrong.
+fn status_of(e: &etcd_client::Error) -> (tonic::Code, bool) {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(status) => (
+            status.code(),
+            matches!(
+                status.message(),
+                "etcdserver: no leader" | "etcdserver: leader changed"
+            ),
+        ),
+        // The client's own words for a keep-alive answered with a TTL of 0: etcd does not know
+        // the lease.
+        etcd_client::Error::LeaseKeepAliveError(m) if m == "lease not found" => {
+            (Code::NotFound, false)
+        }
+        // The connection itself failed: another member may answer.
+        etcd_client::Error::TransportError(_)
+        | etcd_client::Error::IoError(_)
+        | etcd_client::Error::LeaseKeepAliveError(_)
+        | etcd_client::Error::WatchError(_) => (Code::Unavailable, false),
+        _ => (Code::InvalidArgument, false),
+    }
+}
+
 /// An instance's TTL in etcd's whole seconds, rounded up: the key never goes before its TTL.
 pub fn lease_seconds(ttl_ms: u64) -> i64 {
     i64::try_from(ttl_ms.div_ceil(1000).max(1)).unwrap_or(i64::MAX)
@@ -396,8 +554,26 @@ impl Etcd {
         for endpoint in &url.endpoints {
             clients.push(timed(Client::connect([endpoint], Some(options.clone()))).await?);
         }
+        let members = Members::new(clients.len());
         Ok(Etcd {
-            client: Members::new(clients),
+            kv: Via {
+                clients: clients
+                    .iter()
+                    .map(|c| c.kv_client().max_decoding_message_size(MAX_MESSAGE))
+                    .collect(),
+                members: members.clone(),
+            },
+            watcher: Via {
+                clients: clients
+                    .iter()
+                    .map(|c| c.watch_client().max_decoding_message_size(MAX_MESSAGE))
+                    .collect(),
+                members: members.clone(),
+            },
+            client: Via {
+                clients: clients.into(),
+                members,
+            },
             prefix: url.prefix.clone(),
         })
     }
@@ -418,47 +594,70 @@ impl Etcd {
         format!("{}/causes/{lease:x}", self.prefix)
     }
 
-    /// Everything under the prefix, at the revision etcd reports.
+    /// Everything under the prefix, at the revision etcd reports, read in pages of
+    /// [`SNAPSHOT_PAGE`] keys: the first page is read at the newest revision, and each next
+    /// one at that same revision from the key after the last one read, so the pages make one
+    /// consistent view however much changes meanwhile. A revision compacted between two pages
+    /// fails the snapshot ([`EtcdError::Compacted`]); the caller reads a new one.
     pub async fn snapshot(&self) -> Result<Snapshot, EtcdError> {
-        let key = format!("{}/", self.prefix);
-        let resp = retried(&self.client, |mut c| {
-            let key = key.clone();
-            async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let mut snap = Snapshot {
-            revision,
-            ..Snapshot::default()
-        };
-        for kv in resp.kvs() {
-            match self.decode(EventType::Put, kv) {
-                Some(Change::Instance { instance, lease }) => {
-                    snap.instances.push((instance, lease))
+        let start = format!("{}/", self.prefix);
+        let end = range_end(start.as_bytes());
+        let mut from = start.into_bytes();
+        let mut snap = Snapshot::default();
+        loop {
+            let revision = snap.revision;
+            let resp = retried(&self.kv, |mut c| {
+                let (from, end) = (from.clone(), end.clone());
+                async move {
+                    let options = GetOptions::new()
+                        .with_range(end)
+                        .with_limit(SNAPSHOT_PAGE)
+                        .with_revision(revision);
+                    c.get(from, Some(options)).await
                 }
-                Some(Change::Route { service, route }) => {
-                    snap.routes.insert(service, route);
+            })
+            .await?;
+            if snap.revision == 0 {
+                snap.revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                self.add_to(&mut snap, kv);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
                 }
-                Some(Change::Maintenance { service, record }) => {
-                    snap.maintenance
-                        .insert(service, (record, kv.mod_revision()));
-                }
-                Some(Change::Causes(removals)) => {
-                    let at = kv.mod_revision();
-                    for r in removals {
-                        let newer = snap
-                            .causes
-                            .get(&(r.service.clone(), r.id.clone()))
-                            .is_none_or(|(_, seen)| *seen < at);
-                        if newer {
-                            snap.causes.insert((r.service, r.id), (r.cause, at));
-                        }
-                    }
-                }
-                _ => {}
+                _ => return Ok(snap),
             }
         }
-        Ok(snap)
+    }
+
+    /// Adds one key-value read at the snapshot's revision to it.
+    fn add_to(&self, snap: &mut Snapshot, kv: &KeyValue) {
+        match self.decode(EventType::Put, kv) {
+            Some(Change::Instance { instance, lease }) => snap.instances.push((instance, lease)),
+            Some(Change::Route { service, record }) if record.route.is_some() => {
+                snap.routes.insert(service, record);
+            }
+            Some(Change::Maintenance { service, record }) => {
+                snap.maintenance
+                    .insert(service, (record, kv.mod_revision()));
+            }
+            Some(Change::Causes(removals)) => {
+                let at = kv.mod_revision();
+                for r in removals {
+                    let newer = snap
+                        .causes
+                        .get(&(r.service.clone(), r.id.clone()))
+                        .is_none_or(|(_, seen)| *seen < at);
+                    if newer {
+                        snap.causes.insert((r.service, r.id), (r.cause, at));
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Reads one key-value as a change; `None` (logged) for anything that is not Baker's.
@@ -482,9 +681,8 @@ impl Etcd {
             }
             (Key::Route(service), EventType::Delete) => Ok(Change::RouteCleared { service }),
             (Key::Route(service), EventType::Put) => {
-                let route: Route = serde_json::from_slice(kv.value())
-                    .map_err(|e| format!("its value is not a route: {e}"))?;
-                Ok(Change::Route { service, route })
+                let record = RouteRecord::parse(kv.value())?;
+                Ok(Change::Route { service, record })
             }
             (Key::Maintenance(service), EventType::Delete) => {
                 Ok(Change::MaintenanceCleared { service })
@@ -517,11 +715,12 @@ impl Etcd {
     ) -> Result<impl Stream<Item = Result<(i64, Change), EtcdError>> + Send + 'static, EtcdError>
     {
         let key = format!("{}/", self.prefix);
-        let stream = retried(&self.client, |mut c| {
+        let stream = retried(&self.watcher, |mut c| {
             let key = key.clone();
             async move {
                 let options = WatchOptions::new()
                     .with_prefix()
+                    .with_fragment()
                     .with_start_revision(revision + 1);
                 c.watch(key, Some(options)).await
             }
@@ -550,12 +749,14 @@ impl Etcd {
                             }
                             Err(e) => return Some((Err(EtcdError::of(e)), (stream, queued, true))),
                         };
+                        if resp.compact_revision() > 0 {
+                            return Some((
+                                Err(EtcdError::Compacted(resp.compact_revision())),
+                                (stream, queued, true),
+                            ));
+                        }
                         if resp.canceled() {
-                            let why = if resp.compact_revision() > 0 {
-                                format!("revision {} was compacted", resp.compact_revision())
-                            } else {
-                                resp.cancel_reason().to_owned()
-                            };
+                            let why = resp.cancel_reason().to_owned();
                             return Some((
                                 Err(EtcdError::WatchCancelled(why)),
                                 (stream, queued, true),
@@ -593,7 +794,7 @@ impl Etcd {
             };
             match renewed.await {
                 Ok(resp) => Ok(resp.is_some_and(|r| r.ttl() > 0)),
-                Err(e) if e.to_string().contains("lease not found") => Ok(false),
+                Err(e) if status_of(&e).0 == tonic::Code::NotFound => Ok(false),
                 Err(e) => Err(e),
             }
         })
@@ -610,7 +811,7 @@ impl Etcd {
         {
             Ok(_) => Ok(()),
             // Already gone: what revoking wanted.
-            Err(EtcdError::Unreachable(e)) if e.to_string().contains("not found") => Ok(()),
+            Err(EtcdError::LeaseNotFound) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -704,14 +905,39 @@ impl Etcd {
         ))
     }
 
-    /// Deletes the keys of `removals` in one transaction that also says why (the writing
-    /// replica's causes key, bound to its `lease`); returns the revision of the change and
-    /// how many keys existed.
+    /// Deletes the keys of `removals` in transactions that also say why (the writing
+    /// replica's causes key, bound to its `lease`), each of [`MAX_TXN_OPS`] operations at most
+    /// (the causes key and the deletions whose causes it holds); returns the revision of the
+    /// last change and how many keys existed. A failure leaves the transactions before it
+    /// committed: the caller removes what is left again.
     pub async fn remove_instances(
         &self,
         removals: &[Removal],
         lease: i64,
     ) -> Result<(i64, i64), EtcdError> {
+        let (mut revision, mut deleted) = (0, 0);
+        for chunk in removals.chunks(MAX_TXN_OPS - 1) {
+            let ops = self.removal_ops(chunk, lease);
+            let resp = retried(&self.kv, |mut c| {
+                let ops = ops.clone();
+                async move { c.txn(Txn::new().and_then(ops)).await }
+            })
+            .await?;
+            deleted += resp
+                .op_responses()
+                .iter()
+                .map(|r| match r {
+                    TxnOpResponse::Delete(d) => d.deleted(),
+                    _ => 0,
+                })
+                .sum::<i64>();
+            revision = resp.header().map_or(revision, |h| h.revision());
+        }
+        Ok((revision, deleted))
+    }
+
+    /// The operations of one removal transaction: the causes key first, then the deletions.
+    fn removal_ops(&self, removals: &[Removal], lease: i64) -> Vec<TxnOp> {
         // Names and causes: serialization cannot fail.
         let value = serde_json::to_vec(removals).expect("removals always serialize");
         let mut ops = vec![TxnOp::put(
@@ -724,47 +950,37 @@ impl Etcd {
                 .iter()
                 .map(|r| TxnOp::delete(self.instance_key(&r.service, &r.id), None)),
         );
-        let resp = retried(&self.client, |mut c| {
-            let ops = ops.clone();
-            async move { c.txn(Txn::new().and_then(ops)).await }
-        })
-        .await?;
-        let deleted = resp
-            .op_responses()
-            .iter()
-            .map(|r| match r {
-                TxnOpResponse::Delete(d) => d.deleted(),
-                _ => 0,
-            })
-            .sum();
-        Ok((resp.header().map_or(0, |h| h.revision()), deleted))
+        ops
     }
 
-    /// Sets (`Some`) or clears (`None`) a service's route; returns the revision of the change.
+    /// Compacts etcd's history up to `revision`: watches from before it are then refused.
+    pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
+        retried(
+            &self.kv,
+            |mut c| async move { c.compact(revision, None).await },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Writes `service`'s route `record` (a cleared route is a record of none, bound to
+    /// `lease`); returns the revision of the change.
     pub async fn set_route(
         &self,
         service: &ServiceName,
-        route: Option<&Route>,
+        record: &RouteRecord,
+        lease: Option<i64>,
     ) -> Result<i64, EtcdError> {
         let key = self.route_key(service);
-        let resp = match route {
-            Some(route) => {
-                let value = serde_json::to_vec(route).expect("routes always serialize");
-                retried(&self.client, |mut c| {
-                    let (key, value) = (key.clone(), value.clone());
-                    async move { c.put(key, value, None).await.map(|r| r.header().cloned()) }
-                })
-                .await?
-            }
-            None => {
-                retried(&self.client, |mut c| {
-                    let key = key.clone();
-                    async move { c.delete(key, None).await.map(|r| r.header().cloned()) }
-                })
-                .await?
-            }
-        };
-        Ok(resp.map_or(0, |h| h.revision()))
+        // Names, numbers and printable text: serialization cannot fail.
+        let value = serde_json::to_vec(record).expect("route records always serialize");
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        let resp = retried(&self.client, |mut c| {
+            let (key, value, options) = (key.clone(), value.clone(), options.clone());
+            async move { c.put(key, value, options).await }
+        })
+        .await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
     /// Writes `service`'s drains `record` if its key was last written at revision `seen` (0: no
@@ -901,5 +1117,106 @@ mod tests {
         ] {
             assert!(decode_key(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_are_told_apart_by_their_grpc_status_code() {
+        use tonic::{Code, Status};
+        let of = |code: Code, message: &str| {
+            EtcdError::of(etcd_client::Error::GRpcStatus(Status::new(code, message)))
+        };
+        assert!(matches!(
+            of(Code::Unavailable, "etcdserver: no leader"),
+            EtcdError::NoQuorum
+        ));
+        assert!(matches!(
+            of(Code::Unavailable, "etcdserver: leader changed"),
+            EtcdError::NoQuorum
+        ));
+        for (code, message) in [
+            (Code::Unavailable, "etcdserver: request timed out"),
+            (
+                Code::Unavailable,
+                "error trying to connect: connection refused",
+            ),
+            (Code::DeadlineExceeded, "timeout expired"),
+            (Code::Unknown, "transport error"),
+        ] {
+            let e = of(code, message);
+            assert!(matches!(e, EtcdError::Unreachable(_)), "{code:?}: {e:?}");
+            assert!(e.transient(), "{code:?} is tried again");
+        }
+        // A lease etcd no longer knows: whatever the words, not retried.
+        let e = of(Code::NotFound, "etcdserver: requested lease not found");
+        assert!(matches!(e, EtcdError::LeaseNotFound), "{e:?}");
+        assert!(!e.transient());
+        let e = of(
+            Code::OutOfRange,
+            "mvcc: required revision has been compacted",
+        );
+        assert!(matches!(e, EtcdError::Compacted(_)), "{e:?}");
+        assert!(!e.transient());
+        for (code, message) in [
+            (
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+            (Code::InvalidArgument, "etcdserver: request is too large"),
+            (Code::PermissionDenied, "etcdserver: permission denied"),
+            (Code::Unauthenticated, "etcdserver: invalid auth token"),
+            (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
+            ),
+            (Code::FailedPrecondition, "etcdserver: not leader"),
+        ] {
+            let e = of(code, message);
+            assert!(matches!(e, EtcdError::Refused(_)), "{code:?}: {e:?}");
+            assert!(!e.transient(), "{code:?} is not tried again");
+        }
+        // A keep-alive answered with a TTL of 0, which the client reports in its own words.
+        assert!(matches!(
+            EtcdError::of(etcd_client::Error::LeaseKeepAliveError(
+                "lease not found".into()
+            )),
+            EtcdError::LeaseNotFound
+        ));
+        // Words alone make no kind: "not found" in an unavailable member's answer is retried.
+        assert!(of(Code::Unavailable, "lease not found").transient());
+        assert!(matches!(
+            EtcdError::of(etcd_client::Error::InvalidArgs("bad".into())),
+            EtcdError::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn prefix_ranges_end_after_every_key_of_the_prefix() {
+        assert_eq!(range_end(b"/baker/"), b"/baker0");
+        assert_eq!(range_end(b"a\xff"), b"b");
+        assert_eq!(range_end(b"\xff\xff"), b"\0");
+    }
+
+    #[test]
+    fn route_records_carry_their_origin_and_bare_routes_still_read() {
+        let route: Route = [("1".parse().unwrap(), 100)].into();
+        let record = RouteRecord {
+            route: Some(route.clone()),
+            origin: Some("cli:ops from 127.0.0.1".into()),
+            at: 7,
+        };
+        let bytes = serde_json::to_vec(&record).unwrap();
+        assert_eq!(RouteRecord::parse(&bytes).unwrap(), record);
+        let cleared = RouteRecord {
+            route: None,
+            ..record
+        };
+        let bytes = serde_json::to_vec(&cleared).unwrap();
+        assert_eq!(RouteRecord::parse(&bytes).unwrap(), cleared);
+        // A route written before routes had records: its origin is unknown, not the directory.
+        let bare = serde_json::to_vec(&route).unwrap();
+        let old = RouteRecord::parse(&bare).unwrap();
+        assert_eq!(old.route, Some(route));
+        assert_eq!(old.origin.as_deref(), Some("etcd"));
+        assert!(RouteRecord::parse(b"[1]").is_err());
     }
 }

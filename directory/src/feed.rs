@@ -18,6 +18,29 @@ use baker_client::change::Change;
 use baker_client::model::ServiceName;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Hands each change of `changes` (from [`Registry::changes`](crate::Registry::changes)) to
+/// `each`, until `shutdown` or the end of the feed. A consumer that fell behind misses changes:
+/// `lagged` is told how many, and it goes on with the next.
+pub async fn consume(
+    mut changes: broadcast::Receiver<Arc<Published>>,
+    shutdown: &CancellationToken,
+    mut each: impl FnMut(&Published),
+    mut lagged: impl FnMut(u64),
+) {
+    loop {
+        let published = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = changes.recv() => p,
+        };
+        match published {
+            Ok(p) => each(&p),
+            Err(broadcast::error::RecvError::Lagged(n)) => lagged(n),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
 
 /// One change as published: the change, and its serialized forms.
 #[derive(Debug)]
@@ -188,6 +211,11 @@ impl Feed {
                 }
             }
         }
+    }
+
+    /// How many v1 watchers are subscribed.
+    pub fn legacy_watchers(&self) -> usize {
+        self.legacy
     }
 
     /// How many filtered subscriptions are registered for `service` (for tests and metrics).

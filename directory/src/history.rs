@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use baker_client::events::Event;
 use baker_client::model::ServiceName;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::Registry;
@@ -95,24 +94,19 @@ impl History {
 
     /// Records every change of `registry` until `shutdown`.
     pub async fn follow(self: Arc<Self>, registry: Registry, shutdown: CancellationToken) {
-        let mut changes = registry.changes();
-        loop {
-            let published = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                p = changes.recv() => p,
-            };
-            match published {
-                Ok(p) => self.push(Event::of(&p.change)),
-                Err(RecvError::Lagged(n)) => {
-                    registry.metrics().history_missed.inc_by(n);
-                    tracing::warn!(
-                        missed = n,
-                        "the history fell behind the change feed and misses {n} change(s)"
-                    );
-                }
-                Err(RecvError::Closed) => return,
-            }
-        }
+        crate::feed::consume(
+            registry.changes(),
+            &shutdown,
+            |p| self.push(Event::of(&p.change)),
+            |n| {
+                registry.metrics().history_missed.inc_by(n);
+                tracing::warn!(
+                    missed = n,
+                    "the history fell behind the change feed and misses {n} change(s)"
+                );
+            },
+        )
+        .await;
     }
 }
 

@@ -159,7 +159,7 @@ pub async fn run(
     };
     let history = Arc::new(history::History::new(config.history));
     tokio::spawn(history.clone().follow(registry.clone(), shutdown.clone()));
-    let reports = Arc::new(ambassadors::Reports::default());
+    let reports = Arc::new(ambassadors::Reports::new(config.quotas, metrics.clone()));
     tokio::spawn(ambassadors::follow(
         reports.clone(),
         registry.clone(),

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Content type of the `/metrics` answer.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use baker_client::metrics::CONTENT_TYPE;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabel {
@@ -83,7 +83,6 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("baker_directory");
         let m = Metrics {
             instances: Family::default(),
             registrations: Family::default(),
@@ -103,78 +102,27 @@ impl Metrics {
             connections_stalled: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "instances",
-            "Live instances per service",
-            m.instances.clone(),
-        );
-        registry.register(
-            "registrations",
-            "Instances that appeared, by source",
-            m.registrations.clone(),
-        );
-        registry.register(
-            "deregistrations",
-            "Instances removed on request or by the Docker engine, by source",
-            m.deregistrations.clone(),
-        );
-        registry.register(
-            "expiries",
-            "Instances removed because their TTL ran out",
-            m.expiries.clone(),
-        );
-        registry.register(
-            "heartbeats",
-            "Registrations of an instance that was already registered",
-            m.heartbeats.clone(),
-        );
-        registry.register(
-            "changes",
-            "Changes to the table of instances and routes",
-            m.changes.clone(),
-        );
-        registry.register("routes", "Routes currently set", m.routes.clone());
-        registry.register(
-            "drains",
-            "Drains in place (instances and versions) over all services",
-            m.drains.clone(),
-        );
-        registry.register(
-            "history_missed",
-            "Changes the event history missed by falling behind the change feed",
-            m.history_missed.clone(),
-        );
-        registry.register(
-            "routes_falling_back",
-            "Services whose route falls back to all live instances: none of its targets has one",
-            m.routes_falling_back.clone(),
-        );
-        registry.register("watchers", "Open watch streams", m.watchers.clone());
-        registry.register(
-            "watchers_dropped",
-            "Watch streams disconnected because the watcher did not keep up",
-            m.watchers_dropped.clone(),
-        );
-        registry.register(
-            "watch_events",
-            "Lines (snapshots, events, pings) sent to watch streams",
-            m.watch_events.clone(),
-        );
-        registry.register(
-            "quota_refusals",
-            "Registrations and routes refused because they would exceed a quota, by quota",
-            m.quota_refusals.clone(),
-        );
-        registry.register(
-            "watches_refused",
-            "Watch requests refused because BAKER_MAX_WATCHES streams were open",
-            m.watches_refused.clone(),
-        );
-        registry.register(
-            "connections_stalled",
-            "Connections closed because their client read nothing for too long",
-            m.connections_stalled.clone(),
-        );
+        let registry = baker_client::metrics_registry!("baker_directory", m, {
+            instances: "Live instances per service",
+            registrations: "Instances that appeared, by source",
+            deregistrations: "Instances removed on request or by the Docker engine, by source",
+            expiries: "Instances removed because their TTL ran out",
+            heartbeats: "Registrations of an instance that was already registered",
+            changes: "Changes to the table of instances and routes",
+            routes: "Routes currently set",
+            drains: "Drains in place (instances and versions) over all services",
+            history_missed: "Changes the event history missed by falling behind the change feed",
+            routes_falling_back: "Services whose route falls back to all live instances: none of \
+                                  its targets has one",
+            watchers: "Open watch streams",
+            watchers_dropped: "Watch streams disconnected because the watcher did not keep up",
+            watch_events: "Lines (snapshots, events, pings) sent to watch streams",
+            quota_refusals: "Registrations and routes refused because they would exceed a quota, \
+                             by quota",
+            watches_refused: "Watch requests refused because BAKER_MAX_WATCHES streams were open",
+            connections_stalled:
+                "Connections closed because their client read nothing for too long",
+        });
         Metrics { registry, ..m }
     }
 

@@ -1,4 +1,5 @@
-//! Quotas: how many instances, services and routes the directory accepts.
+//! Quotas: how many instances, services, routes, drains and ambassadors' reports the directory
+//! accepts.
 //!
 //! Each quota is a `BAKER_MAX_*` variable whose default a real fleet does not reach by accident;
 //! its only purpose is that one misbehaving client (a registrar in a loop minting new ids, a
@@ -13,10 +14,10 @@
 //! new instance is checked against three numbers, not a scan of every service.
 
 use baker_client::config::vars::{
-    ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES,
-    ENV_MAX_SERVICES,
+    ENV_MAX_AMBASSADORS, ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE,
+    ENV_MAX_ROUTES, ENV_MAX_SERVICES,
 };
-use baker_client::model::ServiceName;
+use baker_client::model::{InstanceId, ServiceName};
 
 /// Default of `BAKER_MAX_INSTANCES_PER_SERVICE`.
 pub const DEFAULT_INSTANCES_PER_SERVICE: usize = 20_000;
@@ -28,6 +29,8 @@ pub const DEFAULT_ROUTES: usize = 10_000;
 pub const DEFAULT_INSTANCES: usize = 250_000;
 /// Default of `BAKER_MAX_DRAINS`.
 pub const DEFAULT_DRAINS: usize = 10_000;
+/// Default of `BAKER_MAX_AMBASSADORS`.
+pub const DEFAULT_AMBASSADORS: usize = 10_000;
 
 /// The limits in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub struct Quotas {
     pub instances: usize,
     /// Drains (of instances and versions) in place, over all services.
     pub drains: usize,
+    /// Ambassadors whose reports are kept ([`crate::ambassadors`]).
+    pub ambassadors: usize,
 }
 
 impl Default for Quotas {
@@ -52,6 +57,7 @@ impl Default for Quotas {
             routes: DEFAULT_ROUTES,
             instances: DEFAULT_INSTANCES,
             drains: DEFAULT_DRAINS,
+            ambassadors: DEFAULT_AMBASSADORS,
         }
     }
 }
@@ -64,6 +70,7 @@ pub enum Quota {
     Routes,
     Instances,
     Drains,
+    Ambassadors,
 }
 
 impl Quota {
@@ -75,6 +82,7 @@ impl Quota {
             Quota::Routes => "routes",
             Quota::Instances => "instances",
             Quota::Drains => "drains",
+            Quota::Ambassadors => "ambassadors",
         }
     }
 
@@ -86,6 +94,7 @@ impl Quota {
             Quota::Routes => ENV_MAX_ROUTES,
             Quota::Instances => ENV_MAX_INSTANCES,
             Quota::Drains => ENV_MAX_DRAINS,
+            Quota::Ambassadors => ENV_MAX_AMBASSADORS,
         }
     }
 }
@@ -97,25 +106,40 @@ pub struct Exceeded {
     pub quota: Quota,
     /// The limit in force.
     pub limit: usize,
-    /// The service the refused change was for.
-    pub service: ServiceName,
+    /// What the refused change was for.
+    pub subject: Subject,
+}
+
+/// What a refused change was for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// An instance, route or drain of this service.
+    Service(ServiceName),
+    /// The report of this ambassador.
+    Ambassador(InstanceId),
 }
 
 impl Exceeded {
     fn describe(&self) -> String {
+        let service = match &self.subject {
+            Subject::Service(s) => s.as_str(),
+            Subject::Ambassador(id) => id.as_str(),
+        };
         let what = match self.quota {
             Quota::InstancesPerService => {
-                format!("service {} has {} live instances", self.service, self.limit)
+                format!("service {service} has {} live instances", self.limit)
             }
             Quota::Services => format!("{} services have live instances", self.limit),
             Quota::Routes => format!("{} routes are set", self.limit),
             Quota::Instances => format!("{} instances are live", self.limit),
             Quota::Drains => format!("{} drains are in place", self.limit),
+            Quota::Ambassadors => format!("{} ambassadors are reporting", self.limit),
         };
         let refused = match self.quota {
-            Quota::Routes => format!("a route for {} is refused", self.service),
-            Quota::Drains => format!("a new drain in {} is refused", self.service),
-            _ => format!("a new instance of {} is refused", self.service),
+            Quota::Routes => format!("a route for {service} is refused"),
+            Quota::Drains => format!("a new drain in {service} is refused"),
+            Quota::Ambassadors => format!("the report of ambassador {service} is refused"),
+            _ => format!("a new instance of {service} is refused"),
         };
         format!(
             "quota {} reached: {what}, the most {} allows, so {refused}; raise {} if the \
@@ -147,7 +171,7 @@ impl Quotas {
             Err(Exceeded {
                 quota,
                 limit,
-                service: service.clone(),
+                subject: Subject::Service(service.clone()),
             })
         };
         if now.in_service >= self.instances_per_service {
@@ -168,7 +192,7 @@ impl Quotas {
             return Err(Exceeded {
                 quota: Quota::Routes,
                 limit: self.routes,
-                service: service.clone(),
+                subject: Subject::Service(service.clone()),
             });
         }
         Ok(())
@@ -180,7 +204,19 @@ impl Quotas {
             return Err(Exceeded {
                 quota: Quota::Drains,
                 limit: self.drains,
-                service: service.clone(),
+                subject: Subject::Service(service.clone()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the report of a new ambassador `id` fits beside `ambassadors` kept ones.
+    pub fn admit_ambassador(&self, id: &InstanceId, ambassadors: usize) -> Result<(), Exceeded> {
+        if ambassadors >= self.ambassadors {
+            return Err(Exceeded {
+                quota: Quota::Ambassadors,
+                limit: self.ambassadors,
+                subject: Subject::Ambassador(id.clone()),
             });
         }
         Ok(())
@@ -197,6 +233,7 @@ mod tests {
         routes: 1,
         instances: 5,
         drains: 1,
+        ambassadors: 2,
     };
 
     fn svc() -> ServiceName {

@@ -22,9 +22,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use baker_client::change::{Change, MaintenanceAction, RemoveCause, UpsertCause};
+use baker_client::events::unix_millis;
 use baker_client::maintenance::{
     Drain, DrainResponse, InstanceState, Maintenance, MaintenanceEntry, Reason, Target,
 };
@@ -44,6 +45,7 @@ use crate::quota::{Exceeded, Occupancy, Quotas};
 use crate::routes::{RouteStore, StoreError};
 use crate::store::{MemoryStore, Store};
 
+mod known;
 mod replica;
 
 pub use replica::{WriteError, REPLICA_LEASE};
@@ -110,8 +112,9 @@ struct Table {
     deadlines: BTreeSet<(Instant, ServiceName, InstanceId)>,
     /// ... and each expiring instance's deadline.
     leases: HashMap<(ServiceName, InstanceId), Instant>,
-    /// Services that have had a live instance since the directory started.
-    known: BTreeSet<ServiceName>,
+    /// Services that have had a live instance since the directory started, the
+    /// `BAKER_MAX_SERVICES` seen last.
+    known: known::Known,
     /// Services whose route falls back to all their live instances, because none of the
     /// targets it routes to has one ([`route_falls_back_by_version`]).
     falling_back: BTreeSet<ServiceName>,
@@ -168,31 +171,29 @@ pub enum Refused {
     Conflict(#[from] Conflict),
     #[error(transparent)]
     Quota(#[from] Exceeded),
+    /// The table lives in etcd, where a registrar's change is written by
+    /// [`Registry::register`] or [`Registry::unregister`], which answer once it is stored.
+    #[error("the table lives in etcd: a registrar's change is written by register or unregister")]
+    NotStored,
+}
+
+/// Why a change of the hard state (a route, a drain or an undrain) failed: it changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Quota(#[from] Exceeded),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// etcd could not commit it (quorum lost, or no member answered).
+    #[error(transparent)]
+    Unavailable(#[from] crate::etcd::EtcdError),
 }
 
 /// Why a route change failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RouteError {
-    #[error(transparent)]
-    Quota(#[from] Exceeded),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// etcd could not commit it (quorum lost, or no member answered).
-    #[error(transparent)]
-    Unavailable(#[from] crate::etcd::EtcdError),
-}
+pub type RouteError = ChangeError;
 
-/// Why a drain or undrain failed (it changed nothing).
-#[derive(Debug, thiserror::Error)]
-pub enum DrainError {
-    #[error(transparent)]
-    Quota(#[from] Exceeded),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// etcd could not commit it (quorum lost, or no member answered).
-    #[error(transparent)]
-    Unavailable(#[from] crate::etcd::EtcdError),
-}
+/// Why a drain or undrain failed.
+pub type DrainError = ChangeError;
 
 /// What an upsert did to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,13 +205,6 @@ enum Outcome {
     Changed,
     /// A heartbeat: only `last_seen` (and the TTL deadline) moved.
     Renewed,
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// Whether two instances differ in anything a consumer acts on (all but `last_seen`).
@@ -250,9 +244,7 @@ impl Table {
             _ => None,
         };
         let (service, id) = (instance.service.clone(), instance.id.clone());
-        if !self.known.contains(&service) {
-            self.known.insert(service.clone());
-        }
+        self.known.note(&service);
         self.lease(&service, &id, deadline);
         let outcome = match self.store.instance(&service, &id) {
             Some(old) if same_but_last_seen(old, &instance) => {
@@ -275,6 +267,9 @@ impl Table {
     fn take(&mut self, service: &ServiceName, id: &InstanceId) -> Option<(u64, Instance)> {
         let taken = self.store.remove(service, id)?;
         self.lease(service, id, None);
+        if self.store.count(service) == 0 {
+            self.known.touch(service);
+        }
         Some(taken)
     }
 
@@ -342,19 +337,64 @@ pub struct Subscription {
     pub snapshot: Line,
     /// Every change after the snapshot, of the filtered services when filtered.
     pub feed: Receiver,
+    _registration: Registration,
+}
+
+/// A subscriber's place in the feed: dropping it unsubscribes (and stops counting a v1
+/// watcher). It never exists while the table's lock is held, so dropping it (even while
+/// unwinding) cannot deadlock on that lock.
+struct Registration {
     registry: Registry,
     id: u64,
     only: Option<BTreeSet<ServiceName>>,
     legacy: bool,
 }
 
-impl Drop for Subscription {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.registry
             .lock()
             .feed
             .unsubscribe(self.id, self.only.as_ref(), self.legacy);
     }
+}
+
+/// A claim on one service's route-write lock. Dropping it, when the write is done or when the
+/// call is cancelled (its client went away, its deadline passed), forgets the lock once no
+/// other call holds or waits for it: the locks in memory are those of the route writes under
+/// way, never one per service ever written.
+struct RouteClaim {
+    registry: Registry,
+    service: ServiceName,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for RouteClaim {
+    fn drop(&mut self) {
+        let mut locks = self
+            .registry
+            .inner
+            .route_writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Clones are made under this lock only: the map's and this claim's make two when no
+        // other call has one.
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(&self.service);
+        }
+    }
+}
+
+/// What a snapshot is made from, read under the table's lock.
+enum SnapshotSource {
+    /// The cached line of the subscription's index.
+    Cached(Line),
+    /// The table's content at that index, to serialize outside the lock.
+    Table(
+        BTreeMap<ServiceName, Vec<Instance>>,
+        BTreeMap<ServiceName, Route>,
+        BTreeMap<ServiceName, Maintenance>,
+    ),
 }
 
 impl Registry {
@@ -416,7 +456,7 @@ impl Registry {
             feed: Feed::new(event_capacity),
             deadlines: BTreeSet::new(),
             leases: HashMap::new(),
-            known: BTreeSet::new(),
+            known: known::Known::new(quotas.services),
             falling_back: BTreeSet::new(),
             local_expiry,
             owners: HashMap::new(),
@@ -600,11 +640,12 @@ impl Registry {
             .set(t.falling_back.len() as i64);
     }
 
-    /// Whether `service` has had a live instance since the directory started, or has a route.
-    /// A route for any other service needs `force`: its name is likely a mistake.
+    /// Whether `service` has a live instance or a route, or had a live instance since the
+    /// directory started (of the last `BAKER_MAX_SERVICES` services that had one). A route for
+    /// any other service needs `force`: its name is likely a mistake.
     pub fn knows(&self, service: &ServiceName) -> bool {
         let t = self.lock();
-        t.known.contains(service) || t.store.route(service).is_some()
+        t.store.count(service) > 0 || t.known.contains(service) || t.store.route(service).is_some()
     }
 
     /// Wakes the expiry timer if `after` is earlier than `before`.
@@ -660,7 +701,7 @@ impl Registry {
         &self,
         service: &ServiceName,
         id: &InstanceId,
-    ) -> Result<Option<Instance>, Conflict> {
+    ) -> Result<Option<Instance>, Refused> {
         if self.inner.replica.is_some() {
             return self.deregister_through_etcd(service, id);
         }
@@ -669,7 +710,8 @@ impl Registry {
             return Err(Conflict {
                 service: service.clone(),
                 id: id.clone(),
-            });
+            }
+            .into());
         }
         Ok(self.take(&mut t, service, id, RemoveCause::Deregistered))
     }
@@ -896,18 +938,38 @@ impl Registry {
     /// watcher sees each later change exactly once; the unfiltered snapshot is serialized
     /// outside the lock, once per index.
     pub fn subscribe(&self, only: Option<BTreeSet<ServiceName>>, legacy: bool) -> Subscription {
-        let (id, feed, index, state) = {
+        self.subscribe_then(only, legacy, || {})
+    }
+
+    /// [`Registry::subscribe`], running `between` after the table's lock is released and
+    /// before the snapshot is serialized: what a test needs to put other subscribers and
+    /// changes exactly there.
+    ///
+    /// Everything the snapshot needs is read once, under the lock: either the cached line of
+    /// the subscription's index, or the table's content to serialize. Nothing read then is read
+    /// again after the lock is released, so no subscriber or change in between can make the
+    /// snapshot disagree with the feed. The feed is subscribed last under the lock and the
+    /// [`Registration`] that unsubscribes it (and releases the v1 watcher count) exists as soon
+    /// as the lock is released, whatever happens next.
+    fn subscribe_then(
+        &self,
+        only: Option<BTreeSet<ServiceName>>,
+        legacy: bool,
+        between: impl FnOnce(),
+    ) -> Subscription {
+        let (id, feed, index, source) = {
             let mut t = self.lock();
-            let (id, feed) = t.feed.subscribe(only.as_ref(), legacy);
             let index = t.store.revision();
-            let state = match &only {
-                None if self.cached_snapshot(index).is_some() => None,
-                None => Some((
-                    t.marked_services(None),
-                    t.store.routes(),
-                    t.store.all_maintenance(),
-                )),
-                Some(only) => Some((
+            let source = match &only {
+                None => match self.cached_snapshot(index) {
+                    Some(line) => SnapshotSource::Cached(line),
+                    None => SnapshotSource::Table(
+                        t.marked_services(None),
+                        t.store.routes(),
+                        t.store.all_maintenance(),
+                    ),
+                },
+                Some(only) => SnapshotSource::Table(
                     t.marked_services(Some(only)),
                     only.iter()
                         .filter_map(|s| Some((s.clone(), t.store.route(s)?.clone())))
@@ -915,22 +977,28 @@ impl Registry {
                     only.iter()
                         .filter_map(|s| Some((s.clone(), t.store.maintenance(s)?.clone())))
                         .collect(),
-                )),
+                ),
             };
-            (id, feed, index, state)
+            let (id, feed) = t.feed.subscribe(only.as_ref(), legacy);
+            (id, feed, index, source)
         };
-        let snapshot = match state {
-            None => self
-                .cached_snapshot(index)
-                .expect("the cached snapshot is only ever replaced by a newer one"),
-            Some((services, routes, maintenance)) => {
+        let registration = Registration {
+            registry: self.clone(),
+            id,
+            only,
+            legacy,
+        };
+        between();
+        let snapshot = match source {
+            SnapshotSource::Cached(line) => line,
+            SnapshotSource::Table(services, routes, maintenance) => {
                 let line = Line::of(&WatchEvent::Snapshot {
                     index,
                     services,
                     routes,
                     maintenance,
                 });
-                if only.is_none() {
+                if registration.only.is_none() {
                     let mut cache = self
                         .inner
                         .snapshot
@@ -946,10 +1014,7 @@ impl Registry {
         Subscription {
             snapshot,
             feed,
-            registry: self.clone(),
-            id,
-            only,
-            legacy,
+            _registration: registration,
         }
     }
 
@@ -985,7 +1050,8 @@ impl Registry {
     }
 
     /// [`Registry::set_route`], recording where the call came from (`origin`) on the change
-    /// (in the memory store: etcd keeps no origin).
+    /// (on disk nothing but the route: a directory that restarts has no origin to give; in
+    /// etcd, with the route).
     pub async fn set_route_by(
         &self,
         service: &ServiceName,
@@ -994,18 +1060,16 @@ impl Registry {
     ) -> Result<Option<RouteResponse>, RouteError> {
         let file = match (&self.inner.route_file, &self.inner.replica) {
             (_, Some(replica)) => {
-                return self.set_route_through_etcd(replica, service, route).await
+                return self
+                    .set_route_through_etcd(replica, service, route, origin)
+                    .await
             }
             (Some(file), None) => file.clone(),
             (None, None) => unreachable!("a registry has a route file or a replica"),
         };
-        let lock = self.route_lock(service);
-        let result = {
-            let _writing = lock.lock().await;
-            self.set_route_locked(&file, service, route, origin).await
-        };
-        self.release_route_lock(service, lock);
-        result
+        let claim = self.route_claim(service);
+        let _writing = claim.lock.lock().await;
+        self.set_route_locked(&file, service, route, origin).await
     }
 
     /// [`Registry::set_route_by`], with `service`'s route writes held.
@@ -1040,7 +1104,7 @@ impl Registry {
                 Some(r) => file.put(&name, &r),
                 None => file.clear(&name),
             });
-            let index = self.apply_route(&mut t, service, route.clone(), origin);
+            let index = self.apply_route(&mut t, service, route.clone(), origin, unix_millis());
             (index, previous, write)
         };
         let saved = write.await.map_err(|e| StoreError::Write {
@@ -1048,7 +1112,7 @@ impl Registry {
             source: std::io::Error::other(e),
         });
         if let Err(e) = saved.and_then(|r| r) {
-            let index = self.apply_route(&mut self.lock(), service, previous, None);
+            let index = self.apply_route(&mut self.lock(), service, previous, None, unix_millis());
             tracing::error!(
                 %service, index, cause = %baker_client::errors::chain(&e),
                 "the route could not be saved; the previous route applies again"
@@ -1063,35 +1127,23 @@ impl Registry {
         }))
     }
 
-    /// The lock that serializes the route writes of `service`. Routes of different services
-    /// are written side by side, each to its own file.
-    fn route_lock(&self, service: &ServiceName) -> Arc<tokio::sync::Mutex<()>> {
+    /// A claim on the lock that serializes the route writes of `service`. Routes of different
+    /// services are written side by side, each to its own file.
+    fn route_claim(&self, service: &ServiceName) -> RouteClaim {
         let mut locks = self
             .inner
             .route_writes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks.entry(service.clone()).or_default().clone()
-    }
-
-    /// Forgets `service`'s lock once no other call holds or waits for it.
-    fn release_route_lock(&self, service: &ServiceName, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut locks = self
-            .inner
-            .route_writes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        drop(lock);
-        // Clones are made under this lock only, so a count of one means no other call has it.
-        if locks
-            .get(service)
-            .is_some_and(|l| Arc::strong_count(l) == 1)
-        {
-            locks.remove(service);
+        RouteClaim {
+            registry: self.clone(),
+            service: service.clone(),
+            lock: locks.entry(service.clone()).or_default().clone(),
         }
     }
 
-    /// Applies and publishes `service`'s route; returns the index of the change. Called with
+    /// Applies and publishes `service`'s route, set or cleared by a call from `origin` at
+    /// `at` (`None`: put back by the directory); returns the index of the change. Called with
     /// the lock held.
     fn apply_route(
         &self,
@@ -1099,6 +1151,7 @@ impl Registry {
         service: &ServiceName,
         route: Option<Route>,
         origin: Option<String>,
+        at: u64,
     ) -> u64 {
         let (revision, _) = t.store.set_route(service, route.clone());
         match &route {
@@ -1108,7 +1161,7 @@ impl Registry {
         self.inner.metrics.routes.set(t.store.route_count() as i64);
         let change = Change::Route {
             index: revision,
-            at: unix_millis(),
+            at,
             service: service.clone(),
             route,
             origin,
@@ -1647,10 +1700,7 @@ mod tests {
             .upsert(&svc("web"), &iid("c1"), spec(9999, 100), Source::Registrar)
             .unwrap_err();
         assert!(err.to_string().contains("discovered from Docker"), "{err}");
-        assert_eq!(
-            r.deregister(&svc("web"), &iid("c1")).map_err(Refused::from),
-            Err(err)
-        );
+        assert_eq!(r.deregister(&svc("web"), &iid("c1")), Err(err));
         assert!(events(rx).is_empty());
         // ... so nothing expires, and the container's instance stays.
         assert_eq!(r.next_deadline(), None);
@@ -1896,6 +1946,102 @@ mod tests {
             .is_err());
         assert!(!r.routes().routes.contains_key("other"));
         std::fs::remove_file(&data).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_newer_subscriber_right_after_the_lock_changes_nothing_and_the_v1_count_follows() {
+        let (r, _dir) = registry();
+        let legacy = |r: &Registry| r.lock().feed.legacy_watchers();
+        r.upsert(&svc("a"), &iid("1"), spec(80, 6000), Source::Registrar)
+            .unwrap();
+        // The snapshot of index 1 is cached.
+        drop(r.subscribe(None, false));
+        let mut sub = r.subscribe_then(None, true, || {
+            // Where the cache used to be read a second time: a change, and a newer subscriber
+            // that replaces the cached snapshot with index 2's.
+            r.upsert(&svc("b"), &iid("1"), spec(80, 6000), Source::Registrar)
+                .unwrap();
+            let newer = r.subscribe(None, true);
+            assert_eq!(newer.snapshot.index, 2);
+            assert_eq!(legacy(&r), 2);
+        });
+        assert_eq!(sub.snapshot.index, 1);
+        let snap: WatchEvent = serde_json::from_slice(&sub.snapshot.bytes).unwrap();
+        let mut state = baker_client::State::default();
+        state.apply(snap);
+        for c in events(&mut sub.feed) {
+            let prev = state.index;
+            state.apply(WatchEvent::of_change(c, prev));
+        }
+        assert_eq!(state.services, r.services().services);
+        assert_eq!(legacy(&r), 1, "the newer subscriber is gone");
+        drop(sub);
+        assert_eq!(legacy(&r), 0);
+
+        // Whatever fails once the lock is released, the subscription is undone.
+        for only in [None, Some(BTreeSet::from([svc("a")]))] {
+            let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                r.subscribe_then(only, true, || panic!("failing between lock and snapshot"))
+            }));
+            assert!(failed.is_err());
+            assert_eq!(legacy(&r), 0);
+            assert_eq!(r.lock().feed.filtered_on(&svc("a")), 0);
+        }
+    }
+
+    #[test]
+    fn the_services_known_are_bounded_and_live_ones_always_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::with_quotas(
+            RouteStore::open(dir.path()).unwrap(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+            Arc::new(Metrics::new()),
+            64,
+            Quotas {
+                services: 2,
+                ..Quotas::default()
+            },
+        );
+        for name in ["a", "b", "c"] {
+            r.upsert(&svc(name), &iid("1"), spec(80, 6000), Source::Registrar)
+                .unwrap();
+            r.deregister(&svc(name), &iid("1")).unwrap().unwrap();
+        }
+        assert!(
+            !r.knows(&svc("a")),
+            "the service gone longest ago is forgotten"
+        );
+        assert!(r.knows(&svc("b")) && r.knows(&svc("c")));
+        r.upsert(&svc("a"), &iid("1"), spec(80, 6000), Source::Registrar)
+            .unwrap();
+        r.upsert(&svc("d"), &iid("1"), spec(80, 6000), Source::Registrar)
+            .unwrap();
+        assert!(
+            r.knows(&svc("a")) && r.knows(&svc("d")),
+            "live services are known"
+        );
+        assert_eq!(r.lock().known.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_route_write_leaves_no_lock_behind() {
+        let (r, _dir) = registry();
+        let locks = |r: &Registry| r.inner.route_writes.lock().unwrap().len();
+        let route: Route = [("1".parse().unwrap(), 100)].into();
+        let a = svc("a");
+        let held = r.route_claim(&a);
+        let writing = held.lock.lock().await;
+        let waiting = r.set_route(&a, Some(route.clone()));
+        assert!(tokio::time::timeout(Duration::from_millis(50), waiting)
+            .await
+            .is_err());
+        assert_eq!(locks(&r), 1);
+        drop(writing);
+        drop(held);
+        assert_eq!(locks(&r), 0, "the cancelled call's claim is gone with it");
+        r.set_route(&a, Some(route)).await.unwrap();
+        assert_eq!(locks(&r), 0);
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use baker_client::model::InstanceSpec;
 use baker_client::ops::{AmbassadorsResponse, ServerState};
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::cli::baker;
-use baker_tests::directory::{on_etcd, TestDirectory};
+use baker_tests::directory::TestDirectory;
 use baker_tests::greeting::{register, Greeting};
 use baker_tests::load::{greet, Load};
 use baker_tests::{eventually, require, Needs};
@@ -555,9 +555,14 @@ async fn the_history_records_each_kind_with_its_cause_filters_and_keeps_its_boun
     assert_eq!(drained.origin.as_deref(), Some("cli:ops from 127.0.0.1"));
     assert_eq!(drained.reason.as_ref().unwrap().as_str(), "disk <swap>");
     assert_eq!(all.events[9].cause, "no heartbeat within its TTL of 200 ms");
-    // etcd keeps a drain's origin with it, but no route's.
-    let route_origin = (!on_etcd()).then_some("cli:ops from 127.0.0.1");
-    assert_eq!(all.events[5].origin.as_deref(), route_origin);
+    // Both stores keep a route change's origin and cause with it, as a drain's.
+    for (event, cause) in [
+        (&all.events[5], "set by an operator"),
+        (&all.events[6], "cleared by an operator"),
+    ] {
+        assert_eq!(event.origin.as_deref(), Some("cli:ops from 127.0.0.1"));
+        assert_eq!(event.cause, cause);
+    }
 
     // Filters: by service, and by time (each bound inclusive).
     let other = dir

@@ -69,24 +69,66 @@ fn share_of(shares: &BTreeMap<String, f64>, prefix: &str) -> f64 {
         .sum()
 }
 
+/// A directory, the greetings of `instances` (service, id, version) registered, and an
+/// ambassador routing the monolith that has all of the monolith's instances as servers.
+struct Monolith {
+    amb: TestAmbassador,
+    greetings: Vec<Greeting>,
+    dir: TestDirectory,
+}
+
+impl Monolith {
+    async fn start(instances: &[(&str, &str, &str)]) -> Monolith {
+        let dir = TestDirectory::start(&[]).await;
+        let mut greetings = Vec::new();
+        for &(_, id, version) in instances {
+            greetings.push(Greeting::start(version, id).await);
+        }
+        for (&(service, id, version), g) in instances.iter().zip(&greetings) {
+            register(&dir.client, service, g, id, version, TTL_MS).await;
+        }
+        let amb = TestAmbassador::start(&dir.url, &["monolith"], &[]).await;
+        let servers = instances.iter().filter(|i| i.0 == "monolith").count();
+        eventually(
+            Duration::from_secs(10),
+            "the monolith's servers",
+            || async { (amb.servers("monolith").len() == servers).then_some(()) },
+        )
+        .await;
+        Monolith {
+            amb,
+            greetings,
+            dir,
+        }
+    }
+}
+
+/// Stops `load`: no request failed, and `amb` did not reload since it had `reloads`.
+async fn no_failure_nor_reload(load: Load, amb: &TestAmbassador, reloads: u64) {
+    let (ok, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {ok} requests failed: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(amb.proc_info().reloads, reloads, "no reload for any of it");
+}
+
 #[tokio::test]
 async fn a_service_shares_its_traffic_with_another_service_and_flips_without_a_reload() {
     if !require(Needs::Haproxy) {
         return;
     }
-    let dir = TestDirectory::start(&[]).await;
-    let m1 = Greeting::start("1", "m1").await;
-    let m2 = Greeting::start("1", "m2").await;
-    let b1 = Greeting::start("1", "b1").await;
-    register(&dir.client, "monolith", &m1, "m1", "1", TTL_MS).await;
-    register(&dir.client, "monolith", &m2, "m2", "1", TTL_MS).await;
-    register(&dir.client, "barker", &b1, "b1", "1", TTL_MS).await;
-    let amb = TestAmbassador::start(&dir.url, &["monolith"], &[]).await;
-    eventually(
-        Duration::from_secs(10),
-        "the monolith's servers",
-        || async { (amb.servers("monolith").len() == 2).then_some(()) },
-    )
+    // Bindings drop in reverse: the ambassador first, the directory last.
+    let Monolith {
+        dir,
+        greetings: _greetings,
+        amb,
+    } = Monolith::start(&[
+        ("monolith", "m1", "1"),
+        ("monolith", "m2", "1"),
+        ("barker", "b1", "1"),
+    ])
     .await;
 
     // Two monolith instances, one barker: the split is by service, not by instance.
@@ -167,13 +209,7 @@ async fn a_service_shares_its_traffic_with_another_service_and_flips_without_a_r
     assert!(grown.get("b2").is_some_and(|&s| s > 15.0), "{grown:?}");
     assert!((share_of(&grown, "b") - 50.0).abs() <= 5.0, "{grown:?}");
 
-    let (ok, failures) = load.finish().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {ok} requests failed: {failures:?}",
-        failures.len()
-    );
-    assert_eq!(amb.proc_info().reloads, reloads, "no reload for any of it");
+    no_failure_nor_reload(load, &amb, reloads).await;
 }
 
 #[tokio::test]
@@ -181,21 +217,16 @@ async fn one_version_of_another_service_and_a_missing_target_gives_its_share_bac
     if !require(Needs::Haproxy) {
         return;
     }
-    let dir = TestDirectory::start(&[]).await;
-    let m1 = Greeting::start("1", "m1").await;
-    let m2 = Greeting::start("2", "m2").await;
-    let b1 = Greeting::start("1", "b1").await;
-    let mut b2 = Greeting::start("2", "b2").await;
-    register(&dir.client, "monolith", &m1, "m1", "1", TTL_MS).await;
-    register(&dir.client, "monolith", &m2, "m2", "2", TTL_MS).await;
-    register(&dir.client, "barker", &b1, "b1", "1", TTL_MS).await;
-    register(&dir.client, "barker", &b2, "b2", "2", TTL_MS).await;
-    let amb = TestAmbassador::start(&dir.url, &["monolith"], &[]).await;
-    eventually(
-        Duration::from_secs(10),
-        "the monolith's servers",
-        || async { (amb.servers("monolith").len() == 2).then_some(()) },
-    )
+    let Monolith {
+        dir,
+        mut greetings,
+        amb,
+    } = Monolith::start(&[
+        ("monolith", "m1", "1"),
+        ("monolith", "m2", "2"),
+        ("barker", "b1", "1"),
+        ("barker", "b2", "2"),
+    ])
     .await;
     baker(
         &dir.url,
@@ -226,7 +257,7 @@ async fn one_version_of_another_service_and_a_missing_target_gives_its_share_bac
 
     // Barker's version 2 goes away: its share goes back to the monolith's version 1.
     dir.client.deregister("barker", "b2").await.unwrap();
-    b2.exit().await;
+    greetings[3].exit().await; // b2
     eventually(
         Duration::from_secs(10),
         "barker's server to leave",
@@ -235,13 +266,7 @@ async fn one_version_of_another_service_and_a_missing_target_gives_its_share_bac
     .await;
     let alone = shares(&load, 500).await;
     assert_eq!(alone.get("m1").copied(), Some(100.0), "{alone:?}");
-    let (ok, failures) = load.finish().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {ok} requests failed: {failures:?}",
-        failures.len()
-    );
-    assert_eq!(amb.proc_info().reloads, reloads, "no reload for any of it");
+    no_failure_nor_reload(load, &amb, reloads).await;
 }
 
 #[tokio::test]

@@ -284,7 +284,7 @@ async fn bad_input_is_rejected_with_a_message_and_changes_nothing() {
         (r#"{"1":90,"B#":10}"#, "route.B#"),
         (r#"{"1":300}"#, "route.1"),
         (r#"{}"#, "at least one target"),
-        (r#"[90,10]"#, "invalid JSON body"),
+        (r#"[90,10]"#, "must be a JSON object, a route such as"),
         (r#"{"1":90,"2":10"#, "invalid JSON body: EOF"),
     ] {
         cases.push((
@@ -295,6 +295,29 @@ async fn bad_input_is_rejected_with_a_message_and_changes_nothing() {
             400,
             words,
         ));
+    }
+    // A body is a JSON object, whatever serde would make of an array: a struct from a sequence.
+    let maintenance = |target: &str| format!("{}/v1/maintenance/emitter/{target}", dir.url);
+    for (url, json, words) in [
+        (
+            inst("emitter", "new"),
+            r#"["127.0.0.1",8080]"#,
+            r#"the request body must be a JSON object, an instance such as {"address":"10.0.0.5","port":8000}; got an array"#,
+        ),
+        (
+            maintenance("instances/good"),
+            r#"["reason"]"#,
+            "must be a JSON object, a drain such as",
+        ),
+        (maintenance("versions/1"), r#""reason""#, "got a string"),
+        (route_url.clone(), "null", "got null"),
+        (
+            format!("{}/v1/ambassadors/amb-1", dir.url),
+            r#"["host-1",[],0,0,[],7000]"#,
+            "must be a JSON object, an ambassador's report",
+        ),
+    ] {
+        cases.push((Method::PUT, url, Some(token), body(json), 400, words));
     }
     let huge = vec![b' '; 1024 * 1024];
     cases.push((
@@ -352,6 +375,7 @@ async fn bad_input_is_rejected_with_a_message_and_changes_nothing() {
     }
     let after = (c.services().await.unwrap(), c.routes().await.unwrap());
     assert_eq!(before, after, "rejected calls must change nothing");
+    assert!(c.ambassadors().await.unwrap().ambassadors.is_empty());
 
     // The right token works.
     let (status, _) = call(
@@ -440,6 +464,90 @@ async fn an_error_reaches_a_client_still_sending_its_body() {
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     assert!(dir.client.services().await.unwrap().services.is_empty());
+}
+
+#[tokio::test]
+async fn events_take_rfc3339_times_with_offsets_and_refuse_a_time_without_one() {
+    let dir = TestDirectory::start(&[]).await;
+    let c = &dir.client;
+    c.register("emitter", "a", &spec(8000, Some(60_000)))
+        .await
+        .unwrap();
+    let at = eventually(
+        Duration::from_secs(5),
+        "the registration in the history",
+        || async {
+            let events = c.events(None, None, Some("emitter"), None).await.ok()?;
+            Some(events.events.first()?.at)
+        },
+    )
+    .await;
+    // The registration's second, written in the time of a zone `east` ms ahead of UTC.
+    let second = (at / 1000 * 1000) as i64;
+    let zoned = |shift_s: i64, east: i64, offset: &str| {
+        let local = baker_client::events::rfc3339((second + (shift_s + east) * 1000) as u64);
+        format!("{}{offset}", local.trim_end_matches('Z'))
+    };
+    let count = |query: Vec<(&'static str, String)>| {
+        // `+` encoded as a query must send it; nothing else here needs encoding.
+        let query: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.replace('+', "%2B")))
+            .collect();
+        let url = format!("{}/v1/events?{}", dir.url, query.join("&"));
+        async move {
+            let resp = reqwest::get(url).await.unwrap();
+            let status = resp.status();
+            let body: serde_json::Value = resp.json().await.unwrap();
+            match status {
+                StatusCode::OK => Ok(body["events"].as_array().unwrap().len()),
+                _ => Err((
+                    status,
+                    body["error"].as_str().unwrap_or_default().to_owned(),
+                )),
+            }
+        }
+    };
+    let service = || ("service", "emitter".to_owned());
+    for (east, offset) in [(7200, "+02:00"), (-16_200, "-04:30"), (0, "Z")] {
+        let since = zoned(0, east, offset);
+        assert_eq!(
+            count(vec![service(), ("since", since.clone())]).await,
+            Ok(1),
+            "{since}"
+        );
+        let until = zoned(-1, east, offset);
+        assert_eq!(
+            count(vec![service(), ("until", until.clone())]).await,
+            Ok(0),
+            "{until}"
+        );
+    }
+    // A `+` typed into a URL unencoded arrives as a space: it is still the offset.
+    let raw = format!(
+        "{}/v1/events?service=emitter&since={}",
+        dir.url,
+        zoned(0, 7200, "+02:00")
+    );
+    let resp = reqwest::get(&raw).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{raw}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["events"].as_array().unwrap().len(), 1, "{raw}");
+    // Without an offset, the time could be any zone's: refused, with an example.
+    let local = zoned(0, 0, "");
+    let (status, message) = count(vec![("since", local.clone())]).await.unwrap_err();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        message.starts_with("since: must be milliseconds since the Unix epoch or an RFC 3339 time with its offset from UTC, such as 2026-12-03T10:00:00Z or 2026-12-03T12:00:00+02:00"),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&format!(
+            "which has no offset from UTC: add Z for UTC or the offset of its zone, such as \
+             {local}Z or {local}+02:00"
+        )),
+        "{message}"
+    );
 }
 
 #[tokio::test]

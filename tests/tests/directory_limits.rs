@@ -348,3 +348,103 @@ async fn quotas_answer_429_naming_the_quota_and_change_nothing() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn ambassador_reports_need_the_token_and_have_a_quota() {
+    let dir = TestDirectory::start(&[
+        ("BAKER_TOKEN", "main-token"),
+        ("BAKER_WATCH_TOKEN", "watch-token"),
+        ("BAKER_MAX_AMBASSADORS", "2"),
+    ])
+    .await;
+    let report = baker_client::ops::AmbassadorReport {
+        host: "host-1".parse().unwrap(),
+        services: vec![],
+        applied_index: 0,
+        reloads: 0,
+        servers: vec![],
+        ttl_ms: 60_000,
+    };
+    let status = |client: baker_client::DirectoryClient, id: &'static str| {
+        let report = report.clone();
+        async move {
+            match client.report(id, &report).await {
+                Ok(_) => (StatusCode::OK, String::new()),
+                Err(ClientError::Refused { status, message }) => (status, message),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    // With BAKER_TOKEN set, a report must carry it: neither no token nor the watch token will do.
+    for token in [None, Some("watch-token"), Some("wrong")] {
+        let (got, message) = status(dir.client_with_token(token), "amb-1").await;
+        assert_eq!(got, StatusCode::UNAUTHORIZED, "{token:?}: {message}");
+    }
+    let c = || dir.client.clone();
+    assert_eq!(status(c(), "amb-1").await.0, StatusCode::OK);
+    assert_eq!(status(c(), "amb-2").await.0, StatusCode::OK);
+    // Both are live: a third is refused with the quota's 429, and changes nothing.
+    let (got, message) = status(c(), "amb-3").await;
+    assert_eq!(got, StatusCode::TOO_MANY_REQUESTS, "{message}");
+    assert_eq!(
+        message,
+        "quota ambassadors reached: 2 ambassadors are reporting, the most BAKER_MAX_AMBASSADORS \
+         allows, so the report of ambassador amb-3 is refused; raise BAKER_MAX_AMBASSADORS if \
+         the fleet really is this large"
+    );
+    // Kept ambassadors go on reporting; one that signs off makes room.
+    assert_eq!(status(c(), "amb-1").await.0, StatusCode::OK);
+    c().sign_off("amb-2").await.unwrap();
+    assert_eq!(status(c(), "amb-3").await.0, StatusCode::OK);
+    let kept: Vec<String> = c()
+        .ambassadors()
+        .await
+        .unwrap()
+        .ambassadors
+        .iter()
+        .map(|a| a.id.to_string())
+        .collect();
+    assert_eq!(kept, ["amb-1", "amb-3"]);
+    assert_eq!(
+        dir.metric("baker_directory_quota_refusals_total{quota=\"ambassadors\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_filtered_watch_names_at_most_a_thousand_services() {
+    let dir = TestDirectory::start(&[]).await;
+    let names = |n: usize| {
+        (0..n)
+            .map(|i| format!("s{i}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let watch = |n: usize| {
+        let url = format!("{}/v1/watch?v=2&service={}", dir.url, names(n));
+        async move {
+            let resp = reqwest::get(url).await.unwrap();
+            let status = resp.status();
+            // The stream's first line (or the error), not the endless rest.
+            let mut body = resp.bytes_stream();
+            let first = body.next().await.unwrap().unwrap();
+            (status, String::from_utf8_lossy(&first).into_owned())
+        }
+    };
+    let (status, first) = watch(1_000).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert!(first.starts_with(r#"{"type":"snapshot""#), "{first}");
+    let (status, error) = watch(1_001).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error.contains("service: names 1001 services; a watch may name at most 1000"),
+        "{error}"
+    );
+    // The client library watches that many with an unfiltered watch instead.
+    let many: Vec<baker_client::ServiceName> = (0..1_001)
+        .map(|i| format!("s{i}").parse().unwrap())
+        .collect();
+    let mut stream = Box::pin(dir.client.watch_services(Some(&many)).await.unwrap());
+    assert!(stream.next().await.unwrap().is_ok());
+}

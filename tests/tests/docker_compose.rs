@@ -15,21 +15,48 @@ const PUBLISH_ANY: [(&str, &str); 3] = [
     ("BAKER_ADMIN_PUBLISH", "127.0.0.1:0"),
 ];
 
+/// What the client prints when both Greeting instances have answered it.
+const BOTH_ANSWERED: [&str; 2] = ["instance=greeting-1", "instance=greeting-2"];
+
+/// Brings up the project `prefix` of `files` with `env`, and waits (up to a minute) for `what`:
+/// until the client's log holds each of `answers`.
+async fn up_until_answered(
+    prefix: &str,
+    files: &[&str],
+    env: &[(&str, &str)],
+    what: &str,
+    answers: &[&str],
+) -> Compose {
+    let project = Compose::new(prefix, files, env);
+    project.up();
+    eventually(Duration::from_secs(60), what, || async {
+        let logs = project.logs("client");
+        answers.iter().all(|a| logs.contains(a)).then_some(())
+    })
+    .await;
+    project
+}
+
+/// Asserts that `baker instances greeting` against `directory` lists both instances.
+fn lists_both_instances(directory: &str) {
+    let listed = baker(directory, &["instances", "greeting"]);
+    assert!(
+        listed.contains("greeting-1") && listed.contains("greeting-2"),
+        "{listed}"
+    );
+}
+
 #[tokio::test]
 async fn quickstart_client_reaches_both_instances_through_the_ambassador() {
     if !require_images() {
         return;
     }
-    let project = Compose::new("qs", &["compose/quickstart.yml"], &PUBLISH_ANY);
-    project.up();
-    eventually(
-        Duration::from_secs(60),
+    let project = up_until_answered(
+        "qs",
+        &["compose/quickstart.yml"],
+        &PUBLISH_ANY,
         "the quick start's client to be answered by greeting-1 and greeting-2",
-        || async {
-            let logs = project.logs("client");
-            (logs.contains("instance=greeting-1") && logs.contains("instance=greeting-2"))
-                .then_some(())
-        },
+        &BOTH_ANSWERED,
     )
     .await;
     // `stop` (and `down`) stop the registrars before the directory they depend on, so each
@@ -49,26 +76,18 @@ async fn canary_route_sends_part_of_the_traffic_to_version_2() {
     if !require_images() {
         return;
     }
-    let project = Compose::new(
+    let project = up_until_answered(
         "canary",
         &["compose/quickstart.yml", "compose/canary.yml"],
         &PUBLISH_ANY,
-    );
-    project.up();
-    eventually(
-        Duration::from_secs(60),
         "the canary route to be set and version 2 to answer the client",
-        || async {
-            let logs = project.logs("client");
-            logs.contains("instance=greeting-v2 version=2")
-                .then_some(())
-        },
+        &["instance=greeting-v2 version=2"],
     )
     .await;
     // The route container set the route on its first run (it waits for a healthy directory),
     // so `up` shows its success rather than a failure followed by a restart it does not show.
     let route = project.container("route");
-    let runs = baker_tests::docker::docker_ok(&[
+    let runs = docker_ok(&[
         "inspect",
         "--format",
         "{{.RestartCount}} {{.State.ExitCode}}",
@@ -90,16 +109,12 @@ async fn labels_file_discovers_containers_without_registrars() {
     let network = baker_tests::docker::unique("labels");
     let mut env = PUBLISH_ANY.to_vec();
     env.push(("BAKER_NETWORK", &network));
-    let project = Compose::new("labels", &["compose/labels.yml"], &env);
-    project.up();
-    eventually(
-        Duration::from_secs(60),
+    let project = up_until_answered(
+        "labels",
+        &["compose/labels.yml"],
+        &env,
         "the labels file's client to be answered by greeting-1 and greeting-2",
-        || async {
-            let logs = project.logs("client");
-            (logs.contains("instance=greeting-1") && logs.contains("instance=greeting-2"))
-                .then_some(())
-        },
+        &BOTH_ANSWERED,
     )
     .await;
     // Registered by the directory itself, from the labels: no registrar runs in this file.
@@ -154,16 +169,12 @@ async fn ha_file_keeps_answering_through_a_killed_replica_and_etcd_member() {
     if !require_images() {
         return;
     }
-    let project = Compose::new("ha", &["compose/ha.yml"], &HA_PUBLISH_ANY);
-    project.up();
-    eventually(
-        Duration::from_secs(60),
+    let project = up_until_answered(
+        "ha",
+        &["compose/ha.yml"],
+        &HA_PUBLISH_ANY,
         "the HA file's client to be answered by greeting-1 and greeting-2",
-        || async {
-            let logs = project.logs("client");
-            (logs.contains("instance=greeting-1") && logs.contains("instance=greeting-2"))
-                .then_some(())
-        },
+        &BOTH_ANSWERED,
     )
     .await;
     // Until both instances are registered the ambassador may have nothing to route to; from
@@ -198,11 +209,7 @@ async fn ha_file_keeps_answering_through_a_killed_replica_and_etcd_member() {
     // other replica, which lists both (alone, and as the CLI's fallback).
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed())).await;
     for directory in [&replica_2, &both] {
-        let listed = baker(directory, &["instances", "greeting"]);
-        assert!(
-            listed.contains("greeting-1") && listed.contains("greeting-2"),
-            "{listed}"
-        );
+        lists_both_instances(directory);
     }
     // A change through the surviving replica reaches the ambassador.
     let set = baker(
@@ -232,11 +239,7 @@ async fn ha_file_keeps_answering_through_a_killed_replica_and_etcd_member() {
     );
     let (_, answered_before) = client_counts(&project.logs("client"));
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed())).await;
-    let listed = baker(&replica_2, &["instances", "greeting"]);
-    assert!(
-        listed.contains("greeting-1") && listed.contains("greeting-2"),
-        "{listed}"
-    );
+    lists_both_instances(&replica_2);
 
     let logs = project.logs("client");
     let (failed, answered) = client_counts(&logs);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use baker_client::model::{Instance, Route};
-use baker_directory::etcd::{lease_seconds, Etcd, StoreUrl};
+use baker_directory::etcd::{lease_seconds, Etcd, RouteRecord, StoreUrl};
 use baker_tests::docker::{docker, require_images, Container};
 use baker_tests::eventually;
 
@@ -25,7 +25,12 @@ async fn the_etcd_image_runs_a_member_the_directory_layer_can_use() {
         .expect("a store URL");
     let etcd = Etcd::connect(&url).await.expect("connecting to the member");
     let route: Route = [("1".parse().unwrap(), 100)].into();
-    etcd.set_route(&"emitter".parse().unwrap(), Some(&route))
+    let record = RouteRecord {
+        route: Some(route),
+        origin: Some("test".into()),
+        at: 1,
+    };
+    etcd.set_route(&"emitter".parse().unwrap(), &record, None)
         .await
         .expect("a route written");
     let i = Instance::sample("emitter", "a");
@@ -34,7 +39,7 @@ async fn the_etcd_image_runs_a_member_the_directory_layer_can_use() {
         .await
         .expect("an instance written");
     let snap = etcd.snapshot().await.expect("a snapshot");
-    assert_eq!(snap.routes.get("emitter"), Some(&route));
+    assert_eq!(snap.routes.get("emitter"), Some(&record));
     assert_eq!(snap.instances.len(), 1);
     // FROM scratch: etcd and the probe, and no shell.
     let shell = docker(&["exec", &member.name, "/bin/sh", "-c", "true"]);

@@ -6,7 +6,7 @@
 //! Each file's shell gets its own process namespace (every process it starts ends with the test)
 //! and, unless its examples reach ports Docker publishes on the host, its own network namespace,
 //! so its fixed ports (`127.0.0.1:7700`, ...) collide with nothing. Files that drive Docker run
-//! one at a time (nextest's `docker` group), and every container, network and volume they
+//! one at a time (nextest's `docker-host` group), and every container, network and volume they
 //! created is removed at the end.
 
 use std::collections::{BTreeSet, HashMap};

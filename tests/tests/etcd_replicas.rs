@@ -32,12 +32,42 @@ fn spec(port: u64, ttl_ms: u64) -> InstanceSpec {
     }
 }
 
-/// Two replicas on a fresh cluster.
-async fn replicas(cluster: &EtcdCluster) -> (TestDirectory, TestDirectory) {
+/// A fresh three-member cluster and two replicas on it.
+async fn cluster_and_replicas() -> (EtcdCluster, TestDirectory, TestDirectory) {
+    let cluster = EtcdCluster::start(3).await;
     let store = cluster.store_url("/baker");
     let a = TestDirectory::start(&[("BAKER_STORE", &store)]).await;
     let b = a.replica().await;
-    (a, b)
+    (cluster, a, b)
+}
+
+/// The next line of `watch`, within 15 s.
+async fn next_event(
+    watch: &mut (impl Stream<Item = Result<WatchEvent, ClientError>> + Unpin),
+) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(15), watch.next())
+        .await
+        .expect("a change within 15 s")
+        .expect("the stream goes on")
+        .expect("a readable event")
+}
+
+/// Waits until `dir` lists `n` instances of emitter.
+async fn lists_emitters(dir: &TestDirectory, n: usize, what: &str) {
+    eventually(Duration::from_secs(5), what, || async {
+        (dir.client.service("emitter").await.ok()?.instances.len() == n).then_some(())
+    })
+    .await;
+}
+
+/// Asserts that `refused` is a 503 that gives the lost quorum as its reason.
+fn refused_for_quorum(refused: &ClientError) {
+    assert_eq!(
+        refused.status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("lost its quorum"), "{refused}");
 }
 
 /// (index, prev, what) of each change line, until `until` matches one.
@@ -47,11 +77,7 @@ async fn changes_until(
 ) -> Vec<(u64, u64, String)> {
     let mut out = Vec::new();
     loop {
-        let event = tokio::time::timeout(Duration::from_secs(15), watch.next())
-            .await
-            .expect("a change within 15 s")
-            .expect("the stream goes on")
-            .expect("a readable event");
+        let event = next_event(watch).await;
         let line = match &event {
             WatchEvent::Upsert {
                 index,
@@ -100,8 +126,7 @@ async fn replicas_serve_one_table_and_stream_the_same_changes() {
     if !require(Needs::Etcd) {
         return;
     }
-    let cluster = EtcdCluster::start(3).await;
-    let (a, b) = replicas(&cluster).await;
+    let (_cluster, a, b) = cluster_and_replicas().await;
     let mut wa = Box::pin(a.client.watch().await.unwrap());
     let mut wb = Box::pin(b.client.watch().await.unwrap());
     let (sa, sb) = (
@@ -187,16 +212,12 @@ async fn a_lost_quorum_refuses_writes_with_the_reason_and_recovers_without_a_res
     if !require(Needs::Etcd) {
         return;
     }
-    let mut cluster = EtcdCluster::start(3).await;
-    let (a, b) = replicas(&cluster).await;
+    let (mut cluster, a, b) = cluster_and_replicas().await;
     a.client
         .register("emitter", "kept", &spec(8001, 60_000))
         .await
         .unwrap();
-    eventually(Duration::from_secs(5), "b to see the instance", || async {
-        (b.client.service("emitter").await.ok()?.instances.len() == 1).then_some(())
-    })
-    .await;
+    lists_emitters(&b, 1, "b to see the instance").await;
 
     let leader = cluster.leader().await;
     let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
@@ -207,33 +228,19 @@ async fn a_lost_quorum_refuses_writes_with_the_reason_and_recovers_without_a_res
         .register("emitter", "new", &spec(8002, 60_000))
         .await
         .unwrap_err();
-    assert_eq!(
-        refused.status(),
-        Some(StatusCode::SERVICE_UNAVAILABLE),
-        "{refused}"
-    );
-    assert!(refused.to_string().contains("lost its quorum"), "{refused}");
+    refused_for_quorum(&refused);
     let route = b
         .client
         .set_route_forced("emitter", &[("1".to_owned(), 100)].into())
         .await
         .unwrap_err();
-    assert_eq!(
-        route.status(),
-        Some(StatusCode::SERVICE_UNAVAILABLE),
-        "{route}"
-    );
+    refused_for_quorum(&route);
     let drain = b
         .client
         .drain("emitter", &Target::Instance("kept".parse().unwrap()), None)
         .await
         .unwrap_err();
-    assert_eq!(
-        drain.status(),
-        Some(StatusCode::SERVICE_UNAVAILABLE),
-        "{drain}"
-    );
-    assert!(drain.to_string().contains("lost its quorum"), "{drain}");
+    refused_for_quorum(&drain);
     // Reads answer from the last view, on both replicas; the refused drain changed nothing.
     for d in [&a, &b] {
         let svc = d.client.service("emitter").await.unwrap();
@@ -256,12 +263,7 @@ async fn a_lost_quorum_refuses_writes_with_the_reason_and_recovers_without_a_res
         },
     )
     .await;
-    eventually(
-        Duration::from_secs(5),
-        "b to see the new instance",
-        || async { (b.client.service("emitter").await.ok()?.instances.len() == 2).then_some(()) },
-    )
-    .await;
+    lists_emitters(&b, 2, "b to see the new instance").await;
     eprintln!(
         "writes accepted and seen by both replicas {:?} after the members returned",
         back.elapsed()
@@ -289,11 +291,7 @@ async fn next_maintenance(
     watch: &mut (impl Stream<Item = Result<WatchEvent, ClientError>> + Unpin),
 ) -> WatchEvent {
     loop {
-        let event = tokio::time::timeout(Duration::from_secs(15), watch.next())
-            .await
-            .expect("a change within 15 s")
-            .expect("the stream goes on")
-            .expect("a readable event");
+        let event = next_event(watch).await;
         if matches!(event, WatchEvent::Maintenance { .. }) {
             return event;
         }
@@ -316,9 +314,8 @@ async fn a_drain_through_one_replica_drains_everywhere_and_outlives_every_replic
     if !require(Needs::Etcd) || !require(Needs::Haproxy) {
         return;
     }
-    let cluster = EtcdCluster::start(3).await;
+    let (cluster, mut a, mut b) = cluster_and_replicas().await;
     let store = cluster.store_url("/baker");
-    let (mut a, mut b) = replicas(&cluster).await;
     let (g1, g2) = (
         Greeting::start("1", "g1").await,
         Greeting::start("1", "g2").await,
@@ -413,8 +410,7 @@ async fn drains_of_one_service_through_two_replicas_at_once_are_all_kept() {
     if !require(Needs::Etcd) {
         return;
     }
-    let cluster = EtcdCluster::start(3).await;
-    let (a, b) = replicas(&cluster).await;
+    let (_cluster, a, b) = cluster_and_replicas().await;
     // Each call reads the service's drains, adds its own and writes them back: the writes race.
     let calls = (0..8).map(|i| {
         let client = if i % 2 == 0 { &a.client } else { &b.client };

@@ -3,6 +3,9 @@
 //! a snapshot's revision that every member streams alike, the loss of the leader, and the loss
 //! of quorum refused with a reason and recovered without a restart; a snapshot holds the
 //! removal causes and the drains still in etcd, and a drains write over a moved key is refused.
+//! Removals of more instances than etcd takes operations in one transaction go through, a
+//! snapshot of more than the gRPC default of 4 MiB is read in pages at one revision, and a
+//! watch from a compacted revision ends with [`EtcdError::Compacted`].
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +13,8 @@ use baker_client::change::{MaintenanceAction, RemoveCause};
 use baker_client::maintenance::{Maintenance, Target};
 use baker_client::model::{Instance, Route};
 use baker_directory::etcd::{
-    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Put, Removal, StoreUrl, Swap,
+    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Put, Removal, RouteRecord, StoreUrl, Swap,
+    MAX_TXN_OPS, SNAPSHOT_PAGE,
 };
 use baker_tests::etcd::EtcdCluster;
 use baker_tests::{eventually, require, Needs};
@@ -32,6 +36,15 @@ async fn connect(cluster: &EtcdCluster, members: &[usize], prefix: &str) -> Etcd
         .parse()
         .expect("a store URL");
     Etcd::connect(&url).await.expect("connecting to etcd")
+}
+
+/// A route record set (or cleared) by a test.
+fn record_of(route: Option<&Route>) -> RouteRecord {
+    RouteRecord {
+        route: route.cloned(),
+        origin: Some("test".into()),
+        at: 1,
+    }
 }
 
 async fn ids(etcd: &Etcd) -> Vec<String> {
@@ -67,7 +80,7 @@ async fn instances_live_by_their_lease_and_every_member_streams_the_same_changes
     assert!(r2 > r1 && r1 > start, "{start} {r1} {r2}");
     let route: Route = [("1".parse().unwrap(), 100)].into();
     let r3 = b
-        .set_route(&"emitter".parse().unwrap(), Some(&route))
+        .set_route(&"emitter".parse().unwrap(), &record_of(Some(&route)), None)
         .await
         .unwrap();
 
@@ -116,7 +129,7 @@ async fn instances_live_by_their_lease_and_every_member_streams_the_same_changes
         Change::InstanceGone { id, .. } if id.as_str() == "left"
     ));
     let snap = b.snapshot().await.unwrap();
-    assert_eq!(snap.routes.get("emitter"), Some(&route));
+    assert_eq!(snap.routes.get("emitter"), Some(&record_of(Some(&route))));
 }
 
 /// Two replicas that both saw a container absent both write it: the second write finds the
@@ -235,7 +248,10 @@ async fn a_lease_survives_the_leader_and_quorum_loss_is_refused_then_recovered()
         || {
             let lone = lone.clone();
             async move {
-                match lone.set_route(&"emitter".parse().unwrap(), None).await {
+                match lone
+                    .set_route(&"emitter".parse().unwrap(), &record_of(None), None)
+                    .await
+                {
                     Err(e @ EtcdError::NoQuorum) => Some(e),
                     _ => None,
                 }
@@ -257,7 +273,7 @@ async fn a_lease_survives_the_leader_and_quorum_loss_is_refused_then_recovered()
             let lone = lone.clone();
             async move {
                 let route: Route = [("1".parse().unwrap(), 100)].into();
-                lone.set_route(&"emitter".parse().unwrap(), Some(&route))
+                lone.set_route(&"emitter".parse().unwrap(), &record_of(Some(&route)), None)
                     .await
                     .ok()
             }
@@ -378,4 +394,165 @@ async fn a_snapshot_holds_the_removal_causes_and_the_drains_still_in_etcd() {
         Some(&(RemoveCause::Deregistered, removed))
     );
     assert_eq!(snap.maintenance[&gone.service], (record, written));
+}
+
+/// `n` instances of `emitter` put under `prefix` on `lease`, a hundred per transaction.
+async fn put_many(cluster: &EtcdCluster, prefix: &str, n: usize, lease: i64) -> Vec<Instance> {
+    let instances: Vec<Instance> = (0..n)
+        .map(|i| Instance {
+            // Tags make each instance about 250 bytes, as a registrar's usually is.
+            tags: vec![
+                format!("zone-{}", i % 7).parse().unwrap(),
+                "tier-web-frontend-canary".parse().unwrap(),
+            ],
+            ..inst(&format!("i-{i:05}"), 60_000)
+        })
+        .collect();
+    let mut c = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .expect("connecting to the cluster");
+    for chunk in instances.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(
+                    format!("{prefix}/instances/{}/{}", i.service, i.id),
+                    serde_json::to_vec(i).unwrap(),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("a put");
+    }
+    instances
+}
+
+#[tokio::test]
+async fn removing_more_instances_than_one_transaction_takes_goes_through() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let etcd = connect(&cluster, &[0, 1, 2], "/t5").await;
+    let lease = etcd.grant(60).await.unwrap();
+    let n = 300;
+    assert!(n > MAX_TXN_OPS * 2);
+    let instances = put_many(&cluster, "/t5", n, lease).await;
+    let start = etcd.snapshot().await.unwrap();
+    assert_eq!(start.instances.len(), n);
+    let mut watch = Box::pin(etcd.watch(start.revision).await.unwrap());
+    let removals: Vec<Removal> = instances
+        .iter()
+        .map(|i| Removal {
+            service: i.service.clone(),
+            id: i.id.clone(),
+            cause: RemoveCause::DockerStopped,
+        })
+        .collect();
+    let (_, deleted) = etcd.remove_instances(&removals, lease).await.unwrap();
+    assert_eq!(deleted, n as i64, "every key deleted");
+    assert!(etcd.snapshot().await.unwrap().instances.is_empty());
+
+    // Each deletion comes after the causes naming it, at the same revision.
+    let mut causes: std::collections::HashMap<String, i64> = Default::default();
+    let mut gone = 0;
+    while gone < n {
+        let (rev, change) = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("a change within 5 s")
+            .expect("the watch goes on")
+            .expect("a change");
+        match change {
+            Change::Causes(rs) => {
+                assert!(
+                    rs.len() < MAX_TXN_OPS,
+                    "{} causes in one transaction",
+                    rs.len()
+                );
+                for r in rs {
+                    assert_eq!(r.cause, RemoveCause::DockerStopped);
+                    causes.insert(r.id.to_string(), rev);
+                }
+            }
+            Change::InstanceGone { id, .. } => {
+                assert_eq!(causes.get(id.as_str()), Some(&rev), "{id}: its cause first");
+                gone += 1;
+            }
+            other => panic!("unexpected change {other:?}"),
+        }
+    }
+    assert_eq!(gone, n);
+}
+
+#[tokio::test]
+async fn a_snapshot_larger_than_a_grpc_message_is_read_in_pages_at_one_revision() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let etcd = connect(&cluster, &[0, 1, 2], "/t6").await;
+    let lease = etcd.grant(600).await.unwrap();
+    // More than 4 MiB of instances, over many pages.
+    let n = 22_000;
+    let instances = put_many(&cluster, "/t6", n, lease).await;
+    let bytes: usize = instances
+        .iter()
+        .map(|i| serde_json::to_vec(i).unwrap().len())
+        .sum();
+    assert!(bytes > 4 << 20, "{bytes} bytes of instances");
+    assert!(n as i64 > SNAPSHOT_PAGE * 10);
+
+    // A write between two pages does not show: every page is read at the first one's revision.
+    let writer = etcd.clone();
+    let late = inst("late", 60_000);
+    let during = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        writer.put_instance(&late, lease).await.unwrap()
+    });
+    let t0 = Instant::now();
+    let snap = etcd.snapshot().await.expect("a snapshot in pages");
+    let took = t0.elapsed();
+    let late_rev = during.await.unwrap();
+    let mut ids: Vec<String> = snap
+        .instances
+        .iter()
+        .map(|(i, _)| i.id.to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let want = if late_rev <= snap.revision { n + 1 } else { n };
+    assert_eq!(
+        ids.len(),
+        want,
+        "every instance once, at revision {}",
+        snap.revision
+    );
+    assert_eq!(snap.instances.len(), want);
+    assert!(took < Duration::from_secs(10), "snapshot took {took:?}");
+}
+
+#[tokio::test]
+async fn a_watch_from_a_compacted_revision_ends_with_compacted() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let etcd = connect(&cluster, &[0, 1, 2], "/t7").await;
+    let lease = etcd.grant(60).await.unwrap();
+    let old = etcd.snapshot().await.unwrap().revision;
+    etcd.put_instance(&inst("a", 60_000), lease).await.unwrap();
+    let now = etcd.put_instance(&inst("b", 60_000), lease).await.unwrap();
+    etcd.compact(now).await.unwrap();
+    let mut watch = Box::pin(etcd.watch(old).await.unwrap());
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("an answer within 5 s")
+        .expect("the watch says why it ends");
+    assert!(
+        matches!(first, Err(EtcdError::Compacted(r)) if r >= now),
+        "{first:?}"
+    );
+    assert!(watch.next().await.is_none(), "the watch ends there");
 }

@@ -62,6 +62,72 @@ fn row(id: &str) -> String {
     format!("[data-service=\"greeting\"] tr[data-id=\"{id}\"]")
 }
 
+/// Waits until the page shows instance `id`'s row.
+async fn wait_for_row(page: &Page, id: &str, what: &str) {
+    page.wait_for(
+        &format!("document.querySelector('{}')", row(id)),
+        WAIT,
+        what,
+    )
+    .await;
+}
+
+/// Types `token` into the page's token field and unlocks with it.
+async fn unlock(page: &Page, token: &str) {
+    page.type_into("#token", token).await;
+    page.click("#unlock").await;
+}
+
+/// The instances of the dashboard tests: greeting-1 and greeting-2 of version 1, greeting-3 of
+/// version 2, behind a directory that requires [`TOKEN`] and an ambassador routing them.
+struct Fleet {
+    /// Fields drop in order: the ambassador first, the directory last.
+    _amb: TestAmbassador,
+    greetings: [Greeting; 3],
+    dir: TestDirectory,
+    /// `/greeting` through the ambassador.
+    url: String,
+}
+
+/// Each instance's id and version.
+const INSTANCES: [(&str, &str); 3] = [
+    ("greeting-1", "1"),
+    ("greeting-2", "1"),
+    ("greeting-3", "2"),
+];
+
+impl Fleet {
+    /// Starts it with the first `registered` instances registered, once the ambassador serves
+    /// those.
+    async fn start(registered: usize) -> Fleet {
+        let dir = TestDirectory::start(&[("BAKER_TOKEN", TOKEN)]).await;
+        let greetings = [
+            Greeting::start(INSTANCES[0].1, INSTANCES[0].0).await,
+            Greeting::start(INSTANCES[1].1, INSTANCES[1].0).await,
+            Greeting::start(INSTANCES[2].1, INSTANCES[2].0).await,
+        ];
+        for (&(id, version), g) in INSTANCES.iter().zip(&greetings).take(registered) {
+            register(&dir.client, id, version, g).await;
+        }
+        let amb = TestAmbassador::start(&dir.url, &["greeting"], &[("BAKER_TOKEN", TOKEN)]).await;
+        let url = format!("{}/greeting", amb.url("greeting"));
+        let serving: Vec<&str> = INSTANCES[..registered].iter().map(|i| i.0).collect();
+        wait_served_by(&url, &serving, "the ambassador to serve").await;
+        Fleet {
+            _amb: amb,
+            greetings,
+            dir,
+            url,
+        }
+    }
+
+    /// Registers instance `i` (0 to 2) under its id and version.
+    async fn register(&self, i: usize) {
+        let (id, version) = INSTANCES[i];
+        register(&self.dir.client, id, version, &self.greetings[i]).await;
+    }
+}
+
 async fn open_route_editor(page: &Page) {
     page.wait_for(
         "!document.querySelector('button[data-action=route][data-service=greeting]').disabled",
@@ -84,29 +150,12 @@ async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
     if !require(Needs::Haproxy) || !require(Needs::Chromium) {
         return;
     }
-    let dir = TestDirectory::start(&[("BAKER_TOKEN", TOKEN)]).await;
-    let g1 = Greeting::start("1", "greeting-1").await;
-    let g2 = Greeting::start("1", "greeting-2").await;
-    let g3 = Greeting::start("2", "greeting-3").await;
-    register(&dir.client, "greeting-1", "1", &g1).await;
-    register(&dir.client, "greeting-2", "1", &g2).await;
-    let amb = TestAmbassador::start(&dir.url, &["greeting"], &[("BAKER_TOKEN", TOKEN)]).await;
-    let url = format!("{}/greeting", amb.url("greeting"));
-    wait_served_by(
-        &url,
-        &["greeting-1", "greeting-2"],
-        "the ambassador to serve",
-    )
-    .await;
+    let fleet = Fleet::start(2).await;
+    let (dir, url) = (&fleet.dir, &fleet.url);
 
     let browser = Browser::start(1440, 1000).await;
     let page = browser.open(&format!("{}/ui", dir.url)).await;
-    page.wait_for(
-        &format!("document.querySelector('{}')", row("greeting-2")),
-        WAIT,
-        "the instances",
-    )
-    .await;
+    wait_for_row(&page, "greeting-2", "the instances").await;
 
     // Without the token: read-only, and it says so; the controls are disabled.
     assert_eq!(page.text("#mode").await, "read-only");
@@ -134,20 +183,14 @@ async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
 
     // A new instance shows up without a reload, within a second.
     let registered = Instant::now();
-    register(&dir.client, "greeting-3", "2", &g3).await;
-    page.wait_for(
-        &format!("document.querySelector('{}')", row("greeting-3")),
-        WAIT,
-        "greeting-3 on the page",
-    )
-    .await;
+    fleet.register(2).await;
+    wait_for_row(&page, "greeting-3", "greeting-3 on the page").await;
     let shown = registered.elapsed();
     eprintln!("a new instance was on the page {shown:?} after its registration");
     assert!(shown < Duration::from_secs(1), "took {shown:?}");
 
     // A wrong token leaves the page read-only; the right one enables changes.
-    page.type_into("#token", "not-the-token").await;
-    page.click("#unlock").await;
+    unlock(&page, "not-the-token").await;
     page.wait_for(
         "document.getElementById('notice').innerText.includes('Wrong token')",
         WAIT,
@@ -155,8 +198,7 @@ async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
     )
     .await;
     assert_eq!(page.text("#mode").await, "read-only");
-    page.type_into("#token", TOKEN).await;
-    page.click("#unlock").await;
+    unlock(&page, TOKEN).await;
     page.wait_for(
         "document.getElementById('mode').innerText === 'changes enabled'",
         WAIT,
@@ -198,7 +240,7 @@ async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
         serde_json::to_value(&routes.routes["greeting"]).unwrap(),
         serde_json::json!({"2": 100})
     );
-    wait_served_by(&url, &["greeting-3"], "every answer from version 2").await;
+    wait_served_by(url, &["greeting-3"], "every answer from version 2").await;
     page.wait_for(
         "document.querySelector('[data-service=\"greeting\"] .bar').innerText.includes('100%')",
         WAIT,
@@ -217,7 +259,7 @@ async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
     .await;
     assert!(dir.client.routes().await.unwrap().routes.is_empty());
     wait_served_by(
-        &url,
+        url,
         &["greeting-1", "greeting-2", "greeting-3"],
         "every instance to serve again",
     )
@@ -270,17 +312,8 @@ async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
     if !require(Needs::Haproxy) || !require(Needs::Chromium) {
         return;
     }
-    let dir = TestDirectory::start(&[("BAKER_TOKEN", TOKEN)]).await;
-    let g1 = Greeting::start("1", "greeting-1").await;
-    let g2 = Greeting::start("1", "greeting-2").await;
-    let g3 = Greeting::start("2", "greeting-3").await;
-    register(&dir.client, "greeting-1", "1", &g1).await;
-    register(&dir.client, "greeting-2", "1", &g2).await;
-    register(&dir.client, "greeting-3", "2", &g3).await;
-    let amb = TestAmbassador::start(&dir.url, &["greeting"], &[("BAKER_TOKEN", TOKEN)]).await;
-    let url = format!("{}/greeting", amb.url("greeting"));
-    let all = ["greeting-1", "greeting-2", "greeting-3"];
-    wait_served_by(&url, &all, "the ambassador to serve").await;
+    let fleet = Fleet::start(3).await;
+    let (dir, url) = (&fleet.dir, &fleet.url);
 
     let browser = Browser::start(1440, 1000).await;
     let page = browser.open(&format!("{}/ui", dir.url)).await;
@@ -297,8 +330,7 @@ async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
         true,
         "read-only without the token"
     );
-    page.type_into("#token", TOKEN).await;
-    page.click("#unlock").await;
+    unlock(&page, TOKEN).await;
     page.wait_for(
         &format!("!document.querySelector('{drain2}').disabled"),
         WAIT,
@@ -323,7 +355,7 @@ async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
     )
     .await;
     wait_served_by(
-        &url,
+        url,
         &["greeting-1", "greeting-3"],
         "greeting-2 out of rotation",
     )
@@ -353,10 +385,10 @@ async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
     eprintln!("screenshot: {}", shot.display());
 
     // Hostile text where the model allows text shows as text, and nothing runs.
-    assert!(drain_by_api(&dir, "instances/greeting-3", HOSTILE)
+    assert!(drain_by_api(dir, "instances/greeting-3", HOSTILE)
         .await
         .is_success());
-    assert!(drain_by_api(&dir, "versions/9", HOSTILE).await.is_success());
+    assert!(drain_by_api(dir, "versions/9", HOSTILE).await.is_success());
     let refused = reqwest::Client::new()
         .put(format!(
             "{}/v1/services/%3Cb%3Ex%3C%2Fb%3E/instances/x",
@@ -403,7 +435,7 @@ async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
     page.click("button[data-action=undrain][data-id=\"greeting-2\"]")
         .await;
     wait_served_by(
-        &url,
+        url,
         &["greeting-1", "greeting-2"],
         "greeting-2 back in rotation",
     )
@@ -427,27 +459,16 @@ async fn without_the_watch_token_the_dashboard_reads_the_table_every_second() {
         "the page to poll, the watch stream refusing it",
     )
     .await;
-    page.wait_for(
-        &format!("document.querySelector('{}')", row("greeting-1")),
-        WAIT,
-        "greeting-1",
-    )
-    .await;
+    wait_for_row(&page, "greeting-1", "greeting-1").await;
     let registered = Instant::now();
     register(&dir.client, "greeting-2", "1", &g1).await;
-    page.wait_for(
-        &format!("document.querySelector('{}')", row("greeting-2")),
-        WAIT,
-        "greeting-2",
-    )
-    .await;
+    wait_for_row(&page, "greeting-2", "greeting-2").await;
     let shown = registered.elapsed();
     eprintln!("polling: a new instance was on the page {shown:?} after its registration");
     assert!(shown < Duration::from_millis(2500), "took {shown:?}");
 
     // With the token, the page follows the watch stream again.
-    page.type_into("#token", TOKEN).await;
-    page.click("#unlock").await;
+    unlock(&page, TOKEN).await;
     page.wait_for(
         "document.getElementById('live').innerText === 'live'",
         WAIT,

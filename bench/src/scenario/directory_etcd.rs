@@ -3,8 +3,9 @@
 //! second) measured three ways, one after the other in one run:
 //!
 //! 1. **memory**: one directory on the memory store;
-//! 2. **etcd**: two directory replicas on a fresh three-member etcd cluster on loopback, the
-//!    heartbeat connections and the watchers split between them, the probe through the first;
+//! 2. **etcd**: two directory replicas on a fresh three-member etcd cluster on loopback,
+//!    each instance heartbeating through one of them (as a registrar does through the first it
+//!    reaches), the watchers split between them, the probe through the first;
 //! 3. **raw etcd**: this harness doing the same work straight against a fresh cluster with the
 //!    etcd client the directory uses: a lease of the TTL per instance with its key bound to
 //!    it, one keep-alive per instance per period on the same schedule, one prefix watch per
@@ -13,9 +14,9 @@
 //! Each mode: register the fleet, start heartbeating, connect the watchers, let one TTL pass
 //! (instances that ran out while the fleet registered come back), then measure a window:
 //! heartbeats (open loop, as in [`super::fleet::heartbeats`]), the probe's fan-out to every
-//! watcher, expiries of the healthy fleet, and the CPU and RSS of the directories and of the
-//! etcd members. Nothing is pinned to a core: the directories, the members and the harness
-//! share the machine alike.
+//! watcher, expiries of the healthy fleet, the gRPC messages etcd received per heartbeat, and
+//! the CPU and RSS of the directories and of the etcd members. Nothing is pinned to a core:
+//! the directories, the members and the harness share the machine alike.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -37,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::directory_scale::{self, size, HEARTBEAT_EVERY, SERVICES, WATCH_TOKEN};
 use super::fleet::{
-    heartbeats, join_heartbeats, metric, probe, register_all, watchers, ApiProbe, Beat, HttpBeat,
-    ProbeStep, Put, Sent, Watchers, CONNS, PROBE, SNAPSHOTS_IN_FLIGHT,
+    heartbeats, join_heartbeats, metric, probe, register_all, watchers, ApiProbe, Beat, Beats,
+    HttpBeat, ProbeStep, Put, Sent, Watchers, CONNS, PROBE, SNAPSHOTS_IN_FLIGHT,
 };
 use crate::daemons::{self, Bins};
 use crate::procfs::{Footprint, Sampler};
@@ -80,6 +81,8 @@ struct Figures {
     reconnects: u64,
     expiries: f64,
     live_at_end: Option<usize>,
+    /// gRPC messages the etcd members received over the window, per heartbeat answered.
+    etcd_messages_per_heartbeat: Option<f64>,
     directory: Option<Footprint>,
     etcd: Option<Footprint>,
 }
@@ -151,6 +154,37 @@ struct Setup<B, P> {
     table: Readout,
     directory_pids: Vec<u32>,
     etcd_pids: Vec<u32>,
+    /// The client addresses of the etcd members, whose `/metrics` count gRPC messages.
+    etcd_members: Vec<SocketAddr>,
+}
+
+/// gRPC messages the etcd members at `members` have received (etcd's
+/// `grpc_server_msg_received_total`, summed over methods and members).
+async fn etcd_messages(members: &[SocketAddr]) -> Option<f64> {
+    let mut total = 0.0;
+    for addr in members {
+        let req = hyper::Request::get("/metrics")
+            .header(hyper::header::HOST, addr.to_string())
+            .body(http_body_util::Full::new(Bytes::new()))
+            .ok()?;
+        let (status, body) = crate::load::Conn::new(*addr).send(req).await.ok()?;
+        if !status.is_success() {
+            return None;
+        }
+        total += String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| l.starts_with("grpc_server_msg_received_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Some(total)
+}
+
+fn member_addrs(c: &EtcdCluster) -> Vec<SocketAddr> {
+    c.members
+        .iter()
+        .map(|m| SocketAddr::from(([127, 0, 0, 1], m.client_port)))
+        .collect()
 }
 
 /// Drives a mode: heartbeats from now on, watchers connected, one TTL to settle, then the
@@ -175,6 +209,7 @@ async fn drive<B: Beat, P: ProbeStep>(
     tokio::time::sleep(TTL).await;
 
     let expired_before = u.table.expiries().await;
+    let messages_before = etcd_messages(&u.etcd_members).await;
     let footprint = |pids: Vec<u32>| {
         (!pids.is_empty()).then(|| Sampler::start(Duration::from_millis(500), move || pids.clone()))
     };
@@ -199,11 +234,23 @@ async fn drive<B: Beat, P: ProbeStep>(
         None => None,
     };
     let expiries = u.table.expiries().await - expired_before;
+    let messages = etcd_messages(&u.etcd_members).await;
     let live_at_end = u.table.live().await;
 
     hb_stop.cancel();
     u.stop.cancel();
-    let (heartbeats_ok, heartbeats_failed, latency) = join_heartbeats(hb).await?;
+    let Beats {
+        ok: heartbeats_ok,
+        failed: heartbeats_failed,
+        latency,
+        ..
+    } = join_heartbeats(hb).await?;
+    let etcd_messages_per_heartbeat = match (messages_before, messages) {
+        (Some(a), Some(b)) if !u.etcd_members.is_empty() => {
+            Some(ratio(b - a, heartbeats_ok as f64))
+        }
+        _ => None,
+    };
     let (fanout, reconnects) = (
         u.watchers.fanout(),
         u.watchers.reconnects.load(Ordering::Relaxed),
@@ -222,6 +269,7 @@ async fn drive<B: Beat, P: ProbeStep>(
         reconnects,
         expiries,
         live_at_end,
+        etcd_messages_per_heartbeat,
         directory,
         etcd,
     })
@@ -308,6 +356,7 @@ async fn directory_mode(
         table: Readout::Directory(addrs[0]),
         directory_pids: procs.iter().map(Proc::pid).collect(),
         etcd_pids: cluster.map(member_pids).unwrap_or_default(),
+        etcd_members: cluster.map(member_addrs).unwrap_or_default(),
     };
     let figures = drive(mode, s, setup).await;
     for p in &mut procs {
@@ -555,6 +604,7 @@ async fn raw_mode(s: Sizes, cluster: &EtcdCluster) -> anyhow::Result<Figures> {
         },
         directory_pids: Vec::new(),
         etcd_pids: member_pids(cluster),
+        etcd_members: member_addrs(cluster),
     };
     drive("raw etcd", s, setup).await
 }
@@ -625,6 +675,7 @@ fn report(ctx: &Ctx, s: Sizes, modes: [Figures; 3]) -> Report {
         "reconnects",
         "expiries",
         "live at end",
+        "etcd msgs/hb",
         "dir CPU",
         "dir RSS max MiB",
         "etcd CPU",
@@ -648,6 +699,8 @@ fn report(ctx: &Ctx, s: Sizes, modes: [Figures; 3]) -> Report {
             f.reconnects.to_string(),
             format!("{:.0}", f.expiries),
             f.live_at_end.map_or("?".into(), |n| n.to_string()),
+            f.etcd_messages_per_heartbeat
+                .map_or("-".into(), |m| format!("{m:.3}")),
             dir_cpu,
             dir_rss,
             etcd_cpu,
@@ -656,7 +709,9 @@ fn report(ctx: &Ctx, s: Sizes, modes: [Figures; 3]) -> Report {
     }
     text += &t.render();
     text += "CPU: share of one core over the window, summed over the directories (or the \
-             members); RSS: the peak of their sum. Live at end: the fleet plus the probe.\n";
+             members); RSS: the peak of their sum. Live at end: the fleet plus the probe. etcd \
+             msgs/hb: gRPC messages the members received over the window (watches and the \
+             probe included), per heartbeat answered.\n";
     let e = &modes[1];
     let speed = ratio(e.heartbeats_per_second(), raw_rate);
     let checks = vec![

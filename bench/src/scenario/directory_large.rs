@@ -19,8 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use baker_client::{DirectoryClient, InstanceSpec};
-use bytes::Bytes;
+use baker_client::DirectoryClient;
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -28,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::directory_scale::{pinned_directory, pinned_directory_with, WATCH_TOKEN};
 use super::fleet::{
-    heartbeats, join_heartbeats, metric, probe, register_all, watchers, ApiProbe, HttpBeat, Put,
-    Watchers, PROBE, SNAPSHOTS_IN_FLIGHT,
+    heartbeats, join_heartbeats, metric, probe, register_all, spec_body, watchers, ApiProbe, Beats,
+    HttpBeat, Put, Watchers, PROBE, SNAPSHOTS_IN_FLIGHT,
 };
 use crate::daemons::{self, Ambassador, Bins};
 use crate::procfs::{self, Sampler};
@@ -60,25 +59,13 @@ impl Sizes {
     }
 }
 
-fn spec_body(i: usize) -> Bytes {
-    let spec = InstanceSpec {
-        address: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
-        port: 8080,
-        version: Some("1".into()),
-        weight: None,
-        tags: Vec::new(),
-        ttl_ms: Some(TTL_MS),
-    };
-    Bytes::from(serde_json::to_vec(&spec).expect("a spec serializes"))
-}
-
 /// `count` instances spread over services named by `service(i)`.
 fn puts(count: usize, service: impl Fn(usize) -> String) -> Vec<Put> {
     (0..count)
         .map(|i| {
             (
                 format!("/v1/services/{}/instances/i{i:06}", service(i)),
-                spec_body(i),
+                spec_body(i, TTL_MS),
             )
         })
         .collect()
@@ -222,7 +209,12 @@ async fn measure(bins: &Bins, s: Sizes) -> anyhow::Result<Figures> {
 
     stop.cancel();
     hb_stop.cancel();
-    let (heartbeats_ok, heartbeats_failed, latency) = join_heartbeats(hb).await?;
+    let Beats {
+        ok: heartbeats_ok,
+        failed: heartbeats_failed,
+        latency,
+        ..
+    } = join_heartbeats(hb).await?;
     let reconnects =
         all.reconnects.load(Ordering::Relaxed) + filtered.reconnects.load(Ordering::Relaxed);
     let (fanout_all, fanout_filtered) = (all.fanout(), filtered.fanout());

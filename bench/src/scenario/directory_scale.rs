@@ -3,37 +3,36 @@
 //! is pinned to one core (`taskset -c 1`). Measures heartbeats/s sustained, the fan-out
 //! latency of a change to every watcher, and the directory's CPU and RSS.
 //!
-//! Fan-out probe: twice a second a new instance `p<k>` joins service `fanout` (and `p<k-1>`
-//! leaves); each watcher notes when it first sees `p<k>` in an event; the latency is from just
-//! before the registering `PUT` to that moment, both on this process's monotonic clock.
+//! The fleet, the watchers and the fan-out probe are [`super::fleet`]'s; the measured window
+//! starts once every watcher has had its snapshot.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use baker_client::{DirectoryClient, InstanceSpec, WatchEvent};
+use anyhow::bail;
+use baker_client::DirectoryClient;
 use baker_tests::Proc;
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
+use bytes::Bytes;
+use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::fleet::{
+    self, join_heartbeats, register_all, spec_body, ApiProbe, Beats, HttpBeat, Sent, Watchers,
+    SNAPSHOTS_IN_FLIGHT,
+};
 use crate::daemons::{self, Bins};
-use crate::load::Conn;
 use crate::procfs::Sampler;
 use crate::report::{ms, Check, Report, Table};
 use crate::scenario::Ctx;
-use crate::stats::Samples;
 
 pub(crate) const SERVICES: usize = 100;
-const PROBE_SERVICE: &str = "fanout";
 pub(crate) const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
-const CONNS: usize = 32;
 /// The directory requires it of watchers (`BAKER_WATCH_TOKEN`), as a fleet would.
 pub(crate) const WATCH_TOKEN: &str = "bench-watch-token";
 
@@ -99,18 +98,9 @@ pub(crate) fn heartbeats(instances: usize) -> Vec<(String, Bytes)> {
     let per = instances.div_ceil(SERVICES);
     (0..instances)
         .map(|i| {
-            let spec = InstanceSpec {
-                address: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
-                port: 8080,
-                version: Some("1".into()),
-                weight: None,
-                tags: Vec::new(),
-                ttl_ms: Some(6_000),
-            };
-            let body = serde_json::to_vec(&spec).expect("a spec serializes");
             (
                 format!("/v1/services/s{:03}/instances/i{i:05}", i / per),
-                Bytes::from(body),
+                spec_body(i, 6_000),
             )
         })
         .collect()
@@ -148,27 +138,6 @@ pub(crate) async fn open_watch(
     Ok((sender, resp.into_body()))
 }
 
-/// The probe instances (`p<k>`) named by a watch line, if it is an event of the probe service.
-fn probe_ids(line: &[u8]) -> Vec<u64> {
-    let is_probe = |l: &[u8]| {
-        let needle = format!(r#""service":"{PROBE_SERVICE}""#);
-        l.starts_with(br#"{"type":"service""#)
-            && l.windows(needle.len()).any(|w| w == needle.as_bytes())
-    };
-    if !is_probe(line) {
-        return Vec::new();
-    }
-    match serde_json::from_slice::<WatchEvent>(line.trim_ascii_end()) {
-        Ok(WatchEvent::Service {
-            service, instances, ..
-        }) if service == PROBE_SERVICE => instances
-            .iter()
-            .filter_map(|i| i.id.as_str().strip_prefix('p')?.parse().ok())
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// A size from the command line, else from `var`, else `default`: `--instances`, `--watchers`,
 /// or BAKER_BENCH_INSTANCES and BAKER_BENCH_WATCHERS, override the sizes, to find where a
 /// limit lies.
@@ -195,216 +164,59 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let reqs = Arc::new(heartbeats(instances));
 
     // Register everyone before the watchers connect, as fast as the pool allows.
-    let registered = Instant::now();
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNS {
-        let (reqs, next) = (reqs.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::new(addr);
-            let mut failed = 0u64;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some((path, body)) = reqs.get(i) else {
-                    break;
-                };
-                match conn.send(put(addr, path, body.clone())).await {
-                    Ok((s, _)) if s.is_success() => {}
-                    _ => failed += 1,
-                }
-            }
-            failed
-        }));
-    }
-    let mut failed_registrations = 0;
-    for t in tasks {
-        failed_registrations += t.await.unwrap_or(0);
-    }
-    if failed_registrations > 0 {
-        bail!("{failed_registrations} of {instances} registrations failed");
-    }
-    let register_seconds = registered.elapsed().as_secs_f64();
+    let register_seconds = register_all(&[addr], reqs.clone()).await?.as_secs_f64();
 
     // Heartbeats at the rate 10,000 instances every 2 s need, open loop over the pool, from
     // right after registration (instances must not expire while the watchers connect); only
     // those sent in the measured window are counted.
-    let hb_start = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let hb_stop = CancellationToken::new();
-    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNS {
-        let (reqs, next) = (reqs.clone(), next.clone());
-        let (hb_stop, measuring) = (hb_stop.clone(), measuring.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::new(addr);
-            let (mut ok, mut failed, mut latency, mut max_late) =
-                (0u64, 0u64, Samples::new(), Duration::ZERO);
-            while !hb_stop.is_cancelled() {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                let slot = hb_start + interval.mul_f64(k as f64);
-                let counted = measuring.load(Ordering::Relaxed);
-                // As in the load generator: a late slot is charged from its scheduled time.
-                let origin = if Instant::now() < slot {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(slot) => {}
-                        _ = hb_stop.cancelled() => break,
-                    }
-                    Instant::now()
-                } else {
-                    if counted {
-                        max_late = max_late.max(slot.elapsed());
-                    }
-                    slot
-                };
-                let (path, body) = &reqs[k as usize % reqs.len()];
-                let result = conn.send(put(addr, path, body.clone())).await;
-                if !counted {
-                    continue;
-                }
-                match result {
-                    Ok((s, _)) if s.is_success() => {
-                        ok += 1;
-                        latency.push(origin.elapsed());
-                    }
-                    _ => failed += 1,
-                }
-            }
-            (ok, failed, latency, max_late)
-        }));
-    }
+    let (measuring, hb_stop) = (Arc::new(AtomicBool::new(false)), CancellationToken::new());
+    let hb = fleet::heartbeats(
+        instances,
+        HEARTBEAT_EVERY,
+        HttpBeat::pool(&[addr], &reqs),
+        measuring.clone(),
+        hb_stop.clone(),
+    );
 
     // Watchers: each notes when it first sees each probe instance.
-    let stop = CancellationToken::new();
-    let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let fanout = Arc::new(Mutex::new(Samples::new()));
-    let reconnects = Arc::new(AtomicU64::new(0));
-    let connected = Arc::new(AtomicU64::new(0));
-    let mut watch_tasks = Vec::new();
-    for _ in 0..watchers {
-        let (stop, sent, fanout) = (stop.clone(), sent.clone(), fanout.clone());
-        let (reconnects, connected) = (reconnects.clone(), connected.clone());
-        watch_tasks.push(tokio::spawn(async move {
-            let mut seen = std::collections::HashSet::<u64>::new();
-            let mut first = true;
-            while !stop.is_cancelled() {
-                let Ok((_sender, mut body)) = open_watch(addr, "/v1/watch").await else {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                };
-                if first {
-                    connected.fetch_add(1, Ordering::Relaxed);
-                    first = false;
-                } else {
-                    reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-                let mut buf = BytesMut::new();
-                let mut scanned = 0;
-                loop {
-                    let frame = tokio::select! {
-                        f = body.frame() => f,
-                        _ = stop.cancelled() => return,
-                    };
-                    let Some(Ok(frame)) = frame else { break };
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    buf.extend_from_slice(&data);
-                    while let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n') {
-                        let line = buf.split_to(scanned + pos + 1);
-                        scanned = 0;
-                        let now = Instant::now();
-                        for k in probe_ids(&line) {
-                            if seen.insert(k) {
-                                let t0 = sent
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get(&k)
-                                    .copied();
-                                if let Some(t0) = t0 {
-                                    fanout
-                                        .lock()
-                                        .unwrap_or_else(|p| p.into_inner())
-                                        .push(now.saturating_duration_since(t0));
-                                }
-                            }
-                        }
-                    }
-                    scanned = buf.len();
-                }
-            }
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (connected.load(Ordering::Relaxed) as usize) < watchers {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {watchers} watchers connected within 120 s",
-                connected.load(Ordering::Relaxed)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (sent, stop) = (Sent::default(), CancellationToken::new());
+    let mut group = Watchers::new();
+    let snapshots = Arc::new(Semaphore::new(SNAPSHOTS_IN_FLIGHT));
+    fleet::watchers(
+        &mut group,
+        addr,
+        watchers,
+        "/v1/watch",
+        &sent,
+        &snapshots,
+        &stop,
+    );
+    group
+        .wait_connected(watchers, Duration::from_secs(120))
+        .await?;
 
-    // The measured window starts once every watcher is connected.
+    // The measured window starts once every watcher has its snapshot.
     let dir_pid = dir.pid();
     let sampler = Sampler::start(Duration::from_millis(500), move || vec![dir_pid]);
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
     // The fan-out probe, alongside.
-    let client = DirectoryClient::new(&url, None)?;
     let probe_stop = CancellationToken::new();
-    let probe = {
-        let (sent, probe_stop) = (sent.clone(), probe_stop.clone());
-        tokio::spawn(async move {
-            let mut k = 0u64;
-            let mut errors = 0u64;
-            while !probe_stop.is_cancelled() {
-                let spec = InstanceSpec {
-                    address: "127.0.0.1".into(),
-                    port: 1,
-                    version: None,
-                    weight: None,
-                    tags: Vec::new(),
-                    ttl_ms: Some(60_000),
-                };
-                sent.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(k, Instant::now());
-                if client
-                    .register(PROBE_SERVICE, &format!("p{k}"), &spec)
-                    .await
-                    .is_err()
-                {
-                    errors += 1;
-                }
-                if k > 0
-                    && client
-                        .deregister(PROBE_SERVICE, &format!("p{}", k - 1))
-                        .await
-                        .is_err()
-                {
-                    errors += 1;
-                }
-                k += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            (k, errors)
-        })
-    };
+    let probe = fleet::probe(
+        ApiProbe(DirectoryClient::new(&url, None)?),
+        sent,
+        probe_stop.clone(),
+    );
     tokio::time::sleep(duration).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
     hb_stop.cancel();
-    let (mut ok, mut failed, mut latency, mut max_late) = (0, 0, Samples::new(), Duration::ZERO);
-    for t in tasks {
-        let (o, f, l, m) = t.await.context("a heartbeat worker")?;
-        ok += o;
-        failed += f;
-        latency.extend(l);
-        max_late = max_late.max(m);
-    }
+    let Beats {
+        ok,
+        failed,
+        latency,
+        max_late,
+    } = join_heartbeats(hb).await?;
     probe_stop.cancel();
     let (probes, probe_errors) = probe.await.unwrap_or((0, 0));
     // Let the last probe reach every watcher.
@@ -416,12 +228,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         .map(|s| s.services.values().map(Vec::len).sum::<usize>())
         .ok();
     stop.cancel();
-    for t in watch_tasks {
-        let _ = t.await;
-    }
+    let (fan, reconnects) = (group.fanout(), group.reconnects.load(Ordering::Relaxed));
+    group.join().await;
     daemons::stop(&mut dir, Duration::from_secs(10)).await;
 
-    let fan = fanout.lock().unwrap_or_else(|p| p.into_inner()).summary();
     let hb = latency.summary();
     let achieved = ok as f64 / elapsed;
     let expected_samples = probes * watchers as u64;
@@ -454,7 +264,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         ms(fan.p99_ms),
         ms(fan.max_ms),
         format!("{}/{}", fan.count, expected_samples),
-        reconnects.load(Ordering::Relaxed).to_string(),
+        reconnects.to_string(),
         format!("{:.1}%", footprint.cpu_cores * 100.0),
         format!("{:.1}", footprint.rss_max_mib),
     ]);
@@ -508,37 +318,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "max_lateness_ms": max_late.as_secs_f64() * 1e3,
             "fanout_latency": fan,
             "fanout_expected_deliveries": expected_samples,
-            "watch_reconnects": reconnects.load(Ordering::Relaxed),
+            "watch_reconnects": reconnects,
             "directory": footprint,
             "live_at_end": live,
             "initial_registration_seconds": register_seconds,
         }),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_probe_ids_only_in_probe_service_events() {
-        let inst = |id: &str| {
-            format!(
-                r#"{{"service":"fanout","id":"{id}","address":"127.0.0.1","port":1,"version":"1","weight":100,"tags":[],"source":"registrar","ttl_ms":60000,"last_seen":1}}"#
-            )
-        };
-        let line = format!(
-            r#"{{"type":"service","index":7,"service":"fanout","instances":[{},{}]}}"#,
-            inst("p3"),
-            inst("p4")
-        );
-        assert_eq!(probe_ids(format!("{line}\n").as_bytes()), vec![3, 4]);
-        let other = line.replace(
-            r#""service":"fanout","instances""#,
-            r#""service":"s001","instances""#,
-        );
-        assert!(probe_ids(other.as_bytes()).is_empty());
-        let snapshot = r#"{"type":"snapshot","index":7,"services":{"fanout":[]},"routes":{}}"#;
-        assert!(probe_ids(snapshot.as_bytes()).is_empty());
-    }
 }

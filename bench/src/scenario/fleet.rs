@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::directory_scale::{open_watch, put};
-use crate::load::Conn;
+use crate::load::{Conn, Schedule};
 use crate::stats::Samples;
 
 /// The service the fan-out probe changes.
@@ -38,6 +38,20 @@ pub(crate) type Put = (String, Bytes);
 
 /// When each probe instance was sent, by its number.
 pub(crate) type Sent = Arc<Mutex<HashMap<u64, Instant>>>;
+
+/// The registration body of fleet instance `i`: a distinct address `10.x.y.z`, port 8080,
+/// version 1, with a TTL of `ttl_ms`.
+pub(crate) fn spec_body(i: usize, ttl_ms: u64) -> Bytes {
+    let spec = InstanceSpec {
+        address: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
+        port: 8080,
+        version: Some("1".into()),
+        weight: None,
+        tags: Vec::new(),
+        ttl_ms: Some(ttl_ms),
+    };
+    Bytes::from(serde_json::to_vec(&spec).expect("a spec serializes"))
+}
 
 /// Sends every request of `reqs` over `CONNS` keep-alive connections spread over `addrs`;
 /// the time it took.
@@ -77,24 +91,21 @@ pub(crate) trait Beat: Send + 'static {
     fn beat(&mut self, i: usize) -> impl Future<Output = bool> + Send;
 }
 
-/// Heartbeats over the directory's API: `PUT` of the instance on one keep-alive connection.
+/// Heartbeats over the directory's API: `PUT` of the instance on a keep-alive connection to
+/// one of the directories. Instance `i` always goes to directory `i % n`, as a registrar
+/// heartbeats through the first replica it reaches, not through any.
 pub(crate) struct HttpBeat {
-    conn: Conn,
-    addr: SocketAddr,
+    conns: Vec<(SocketAddr, Conn)>,
     reqs: Arc<Vec<Put>>,
 }
 
 impl HttpBeat {
-    /// One worker per connection of `CONNS`, the connections spread over `addrs`.
+    /// `CONNS` workers, each with a connection to every one of `addrs`.
     pub(crate) fn pool(addrs: &[SocketAddr], reqs: &Arc<Vec<Put>>) -> Vec<HttpBeat> {
         (0..CONNS)
-            .map(|c| {
-                let addr = addrs[c % addrs.len()];
-                HttpBeat {
-                    conn: Conn::new(addr),
-                    addr,
-                    reqs: reqs.clone(),
-                }
+            .map(|_| HttpBeat {
+                conns: addrs.iter().map(|a| (*a, Conn::new(*a))).collect(),
+                reqs: reqs.clone(),
             })
             .collect()
     }
@@ -103,22 +114,37 @@ impl HttpBeat {
 impl Beat for HttpBeat {
     async fn beat(&mut self, i: usize) -> bool {
         let (path, body) = &self.reqs[i];
+        let n = self.conns.len();
+        let (addr, conn) = &mut self.conns[i % n];
         matches!(
-            self.conn.send(put(self.addr, path, body.clone())).await,
+            conn.send(put(*addr, path, body.clone())).await,
             Ok((s, _)) if s.is_success()
         )
     }
 }
 
-/// What one heartbeat worker counted while measuring: (ok, failed, latencies).
-pub(crate) type Beats = (u64, u64, Samples);
+/// What heartbeat workers counted while measuring.
+#[derive(Debug, Default)]
+pub(crate) struct Beats {
+    pub ok: u64,
+    pub failed: u64,
+    /// Latency of each renewal, from its send or, when sent late, from its slot.
+    pub latency: Samples,
+    /// The most a renewal was sent after its slot.
+    pub max_late: Duration,
+}
 
-/// Renews each of `fleet` instances once per `every`, open loop over `workers`, until `stop`;
-/// counts only while `measuring`.
-///
-/// As in the load generator, each renewal has a slot; a worker free before its slot waits for
-/// it and the latency counts from the send, a worker still busy at its slot sends late and
-/// the latency counts from the slot, so a stall is charged to the system under test.
+impl Beats {
+    fn add(&mut self, other: Beats) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.latency.extend(other.latency);
+        self.max_late = self.max_late.max(other.max_late);
+    }
+}
+
+/// Renews each of `fleet` instances once per `every`, open loop over `workers` on the load
+/// generator's [`Schedule`], until `stop`; counts only while `measuring`.
 pub(crate) fn heartbeats<B: Beat>(
     fleet: usize,
     every: Duration,
@@ -126,39 +152,31 @@ pub(crate) fn heartbeats<B: Beat>(
     measuring: Arc<AtomicBool>,
     stop: CancellationToken,
 ) -> Vec<JoinHandle<Beats>> {
-    let start = Instant::now();
-    let interval = every.div_f64(fleet.max(1) as f64);
-    let next = Arc::new(AtomicU64::new(0));
+    let schedule = Arc::new(Schedule::new(every.div_f64(fleet.max(1) as f64)));
     workers
         .into_iter()
         .map(|mut w| {
-            let (next, measuring, stop) = (next.clone(), measuring.clone(), stop.clone());
+            let (schedule, measuring, stop) = (schedule.clone(), measuring.clone(), stop.clone());
             tokio::spawn(async move {
-                let (mut ok, mut failed, mut latency) = (0u64, 0u64, Samples::new());
+                let mut beats = Beats::default();
                 while !stop.is_cancelled() {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    let slot = start + interval.mul_f64(k as f64);
-                    let origin = if Instant::now() < slot {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(slot) => {}
-                            _ = stop.cancelled() => break,
-                        }
-                        Instant::now()
-                    } else {
-                        slot
+                    let k = schedule.take();
+                    let Some(due) = schedule.wait(k, &stop).await else {
+                        break;
                     };
                     let renewed = w.beat(k as usize % fleet).await;
                     if !measuring.load(Ordering::Relaxed) {
                         continue;
                     }
+                    beats.max_late = beats.max_late.max(due.late);
                     if renewed {
-                        ok += 1;
-                        latency.push(origin.elapsed());
+                        beats.ok += 1;
+                        beats.latency.push(due.origin.elapsed());
                     } else {
-                        failed += 1;
+                        beats.failed += 1;
                     }
                 }
-                (ok, failed, latency)
+                beats
             })
         })
         .collect()
@@ -166,16 +184,14 @@ pub(crate) fn heartbeats<B: Beat>(
 
 /// Waits for every heartbeat worker (stopped first) and adds up what they counted.
 pub(crate) async fn join_heartbeats(tasks: Vec<JoinHandle<Beats>>) -> anyhow::Result<Beats> {
-    let (mut ok, mut failed, mut latency) = (0, 0, Samples::new());
+    let mut total = Beats::default();
     for t in tasks {
-        let (o, f, l) = t
-            .await
-            .map_err(|e| anyhow::anyhow!("a heartbeat worker: {e}"))?;
-        ok += o;
-        failed += f;
-        latency.extend(l);
+        total.add(
+            t.await
+                .map_err(|e| anyhow::anyhow!("a heartbeat worker: {e}"))?,
+        );
     }
-    Ok((ok, failed, latency))
+    Ok(total)
 }
 
 /// The probe instances a watch line names: a v1 `service` event of the probe service lists
@@ -449,7 +465,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_probe_ids_in_both_forms() {
+    fn finds_probe_ids_in_both_forms_of_probe_service_events_only() {
         let inst = |id: &str| {
             format!(
                 r#"{{"service":"fanout","id":"{id}","address":"127.0.0.1","port":1,"version":"1","weight":100,"tags":[],"source":"registrar","ttl_ms":60000,"last_seen":1}}"#
@@ -466,6 +482,11 @@ mod tests {
             inst("p5")
         );
         assert_eq!(probe_ids(v2.as_bytes()), vec![5]);
+        let other = v1.replace(
+            r#""service":"fanout","instances""#,
+            r#""service":"s001","instances""#,
+        );
+        assert!(probe_ids(other.as_bytes()).is_empty());
         let snapshot = r#"{"type":"snapshot","index":7,"services":{"fanout":[]},"routes":{}}"#;
         assert!(probe_ids(snapshot.as_bytes()).is_empty());
     }
@@ -489,7 +510,12 @@ mod tests {
         // Slots at 0, 0.2, ..., 1.8 s: two periods, then the one at 2.0 s.
         tokio::time::sleep(Duration::from_millis(2_100)).await;
         stop.cancel();
-        let (ok, failed, latency) = join_heartbeats(tasks).await.unwrap();
+        let Beats {
+            ok,
+            failed,
+            latency,
+            ..
+        } = join_heartbeats(tasks).await.unwrap();
         let mut asked = asked.lock().unwrap().clone();
         asked.sort_unstable();
         assert_eq!(asked, vec![0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]);

@@ -170,8 +170,9 @@ pub enum Command {
     /// ten minutes: instances registered, changed, deregistered or expired, containers started,
     /// stopped or unhealthy, routes set or cleared, drains and undrains.
     Events {
-        /// From this time on: a duration ago (`10m`, `2h`), an RFC 3339 time, or milliseconds
-        /// since the Unix epoch.
+        /// From this time on: a duration ago (`10m`, `2h`), an RFC 3339 time with its offset
+        /// from UTC (`2026-12-03T10:00:00Z`, `2026-12-03T12:00:00+02:00`), or milliseconds since
+        /// the Unix epoch.
         #[arg(long, value_parser = point_in_time, value_name = "WHEN")]
         since: Option<u64>,
         /// Up to this time, in the same forms.
@@ -346,15 +347,21 @@ pub fn split(value: &str) -> Result<(Target, u64), String> {
     Ok((target, pct))
 }
 
-/// Parses a point in time: a duration ago (`10m`), an RFC 3339 time, or milliseconds since the
-/// Unix epoch; answers milliseconds since the Unix epoch.
+/// Parses a point in time: a duration ago (`10m`), an RFC 3339 time with its offset, or
+/// milliseconds since the Unix epoch; answers milliseconds since the Unix epoch.
 fn point_in_time(value: &str) -> Result<u64, String> {
     if let Ok(ago) = baker_client::config::parse_duration(value) {
-        let now = baker_client::events::unix_millis(std::time::SystemTime::now());
+        let now = baker_client::events::unix_millis();
         return Ok(now.saturating_sub(ago.as_millis() as u64));
     }
-    baker_client::events::parse_time(value)
-        .map_err(|_| "must be a duration ago such as 10m, an RFC 3339 time such as 2026-12-03T10:00:00Z, or milliseconds since the Unix epoch".to_owned())
+    baker_client::events::parse_time_or(
+        value,
+        &format!(
+            "a duration ago such as 10m, an RFC 3339 time with its offset from UTC such as {}, \
+             or milliseconds since the Unix epoch",
+            baker_client::events::TIME_EXAMPLE
+        ),
+    )
 }
 
 /// Parses a duration such as `30s`.
@@ -424,6 +431,26 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn points_in_time_take_offsets_and_refuse_a_time_without_one() {
+        assert_eq!(
+            point_in_time("2026-12-06T10:00:00+02:00"),
+            point_in_time("2026-12-06T08:00:00Z")
+        );
+        assert_eq!(point_in_time("1500"), Ok(1500));
+        let e = point_in_time("2026-12-06T10:00:00").unwrap_err();
+        assert!(e.starts_with("must be a duration ago such as 10m"), "{e}");
+        assert!(
+            e.ends_with(
+                "has no offset from UTC: add Z for UTC or the offset of its zone, such \
+                 as 2026-12-06T10:00:00Z or 2026-12-06T10:00:00+02:00"
+            ),
+            "{e}"
+        );
+        let e = parse(&["events", "--since", "yesterday"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub const ENV_INTERVAL: &str = "BAKER_INTERVAL";
 pub const ENV_LINK: &str = "BAKER_LINK";
 pub const ENV_LINK_PORT: &str = "BAKER_LINK_PORT";
 pub const ENV_LISTEN: &str = "BAKER_LISTEN";
+pub const ENV_MAX_AMBASSADORS: &str = "BAKER_MAX_AMBASSADORS";
 pub const ENV_MAX_CONNECTIONS: &str = "BAKER_MAX_CONNECTIONS";
 pub const ENV_MAX_DRAINS: &str = "BAKER_MAX_DRAINS";
 pub const ENV_MAX_INSTANCES: &str = "BAKER_MAX_INSTANCES";
@@ -165,6 +166,11 @@ pub const DIRECTORY: Program = Program {
             ENV_MAX_DRAINS,
             "10000",
             "drains (of instances and versions) in place at most",
+        ),
+        var(
+            ENV_MAX_AMBASSADORS,
+            "10000",
+            "ambassadors whose reports are kept at most",
         ),
         var(
             ENV_REQUEST_TIMEOUT,

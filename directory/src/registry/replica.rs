@@ -42,7 +42,7 @@ use super::{
     Refused, Registry, RouteError, Table,
 };
 use crate::etcd::{
-    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Put, Removal, Snapshot, Swap,
+    lease_seconds, Change, DrainRecord, Etcd, EtcdError, Put, Removal, RouteRecord, Snapshot, Swap,
     REQUEST_TIMEOUT,
 };
 use crate::metrics::Metrics;
@@ -72,6 +72,7 @@ impl From<Refused> for WriteError {
         match r {
             Refused::Conflict(c) => WriteError::Conflict(c),
             Refused::Quota(q) => WriteError::Quota(q),
+            Refused::NotStored => WriteError::Unavailable(EtcdError::NotStored),
         }
     }
 }
@@ -81,6 +82,9 @@ pub(super) struct Replica {
     etcd: Etcd,
     /// The etcd revision the mirror has applied.
     applied: watch::Sender<u64>,
+    /// Whether the mirror follows etcd's watch from a snapshot (`Ok`), or why not: from
+    /// start-up until the first snapshot is read, and from a broken watch until the next one.
+    following: watch::Sender<Result<(), String>>,
     /// This replica's own lease, granted when first needed and again after it ran out.
     lease: tokio::sync::Mutex<Option<i64>>,
     /// The Docker instances this replica's engine runs, and why those it dropped went.
@@ -120,15 +124,23 @@ impl Replica {
         Ok(id)
     }
 
-    /// Waits until the mirror has applied `revision` (bounded: the change is committed
-    /// whatever happens to this replica's watch).
-    async fn applied(&self, revision: i64) {
-        if !self.caught_up(revision).await {
-            tracing::warn!(
-                revision,
-                "answering before the mirror has applied a committed change"
-            );
+    /// Notes whether the mirror follows etcd (`Ok`), or why not.
+    fn set_following(&self, state: Result<(), String>) {
+        self.following.send_modify(|f| *f = state);
+    }
+
+    /// Waits until the mirror has applied `revision`, for [`REQUEST_TIMEOUT`] at most; a
+    /// change committed but not applied by then is answered with an error (503), never as
+    /// done.
+    async fn applied(&self, revision: i64) -> Result<(), EtcdError> {
+        if self.caught_up(revision).await {
+            return Ok(());
         }
+        tracing::warn!(
+            revision,
+            "the mirror has not applied a committed change in time; answering 503"
+        );
+        Err(EtcdError::NotApplied(REQUEST_TIMEOUT))
     }
 
     /// Waits until the mirror has applied `revision`, for [`REQUEST_TIMEOUT`] at most;
@@ -141,9 +153,9 @@ impl Replica {
     }
 }
 
-/// Whether etcd refused a put because its lease ran out.
+/// Whether etcd refused a write because its lease ran out.
 fn lease_gone(e: &EtcdError) -> bool {
-    matches!(e, EtcdError::Unreachable(e) if e.to_string().contains("lease not found"))
+    matches!(e, EtcdError::LeaseNotFound)
 }
 
 impl Registry {
@@ -158,6 +170,7 @@ impl Registry {
         let replica = Replica {
             etcd,
             applied: watch::Sender::new(0),
+            following: watch::Sender::new(Err("no snapshot read yet".into())),
             lease: tokio::sync::Mutex::new(None),
             docker: std::sync::Mutex::new(Discovered::default()),
             kick: Notify::new(),
@@ -175,6 +188,14 @@ impl Registry {
     /// Whether the table lives in etcd.
     pub fn is_replica(&self) -> bool {
         self.inner.replica.is_some()
+    }
+
+    /// Whether this replica's mirror follows etcd (`Ok`), or why not; `None` in memory mode.
+    pub fn following(&self) -> Option<Result<(), String>> {
+        self.inner
+            .replica
+            .as_ref()
+            .map(|r| r.following.borrow().clone())
     }
 
     /// The etcd revision this replica's mirror has applied; `None` in memory mode.
@@ -215,7 +236,7 @@ impl Registry {
                 }
                 match replica.etcd.put_instance(&instance, lease).await {
                     Ok(revision) => {
-                        replica.applied(revision).await;
+                        replica.applied(revision).await?;
                         return Ok(instance);
                     }
                     Err(e) if lease_gone(&e) => {}
@@ -230,7 +251,7 @@ impl Registry {
             let etcd = replica.etcd.clone();
             tokio::spawn(async move { etcd.revoke(old).await });
         }
-        replica.applied(revision).await;
+        replica.applied(revision).await?;
         Ok(instance)
     }
 
@@ -281,16 +302,18 @@ impl Registry {
         if deleted == 0 {
             return Ok(None);
         }
-        replica.applied(revision).await;
+        replica.applied(revision).await?;
         Ok(Some(existing))
     }
 
-    /// [`Registry::set_route`] with etcd: the route is a key, committed before this returns.
+    /// [`Registry::set_route`] with etcd: the route is a key, its record naming the call
+    /// that set or cleared it (`origin`), committed before this returns.
     pub(super) async fn set_route_through_etcd(
         &self,
         replica: &Replica,
         service: &ServiceName,
         route: Option<Route>,
+        origin: Option<String>,
     ) -> Result<Option<RouteResponse>, RouteError> {
         {
             let t = self.lock();
@@ -309,12 +332,30 @@ impl Registry {
                     .inspect_err(|e| self.refused(e))?;
             }
         }
-        let revision = replica.etcd.set_route(service, route.as_ref()).await?;
-        replica.applied(revision).await;
+        let record = RouteRecord {
+            route,
+            origin,
+            at: unix_millis(),
+        };
+        // The record of a cleared route is bound to this replica's lease: it carries the
+        // clearing to the other replicas, and then goes.
+        let lease = match record.route {
+            Some(_) => None,
+            None => Some(replica.own_lease().await?),
+        };
+        let revision = match replica.etcd.set_route(service, &record, lease).await {
+            Err(e) if lease_gone(&e) => {
+                *replica.lease.lock().await = None;
+                let lease = Some(replica.own_lease().await?);
+                replica.etcd.set_route(service, &record, lease).await?
+            }
+            other => other?,
+        };
+        replica.applied(revision).await?;
         Ok(Some(RouteResponse {
             index: u64::try_from(revision).unwrap_or_default(),
             service: service.clone(),
-            route,
+            route: record.route,
         }))
     }
 
@@ -360,7 +401,7 @@ impl Registry {
         };
         match swap {
             Swap::Done(revision) => {
-                replica.applied(revision).await;
+                replica.applied(revision).await?;
                 Ok(Some(u64::try_from(revision).unwrap_or_default()))
             }
             Swap::Stale(revision) if replica.caught_up(revision).await => {
@@ -373,8 +414,8 @@ impl Registry {
     }
 
     /// [`Registry::upsert`] with etcd. Docker's instances become wanted, and the reconciler
-    /// writes them; a registrar's is written in the background (the API uses
-    /// [`Registry::register`], which waits).
+    /// writes them. A registrar's is refused: it is written by [`Registry::register`], which
+    /// answers once etcd has committed it and the mirror has applied it.
     pub(super) fn upsert_through_etcd(
         &self,
         service: &ServiceName,
@@ -383,7 +424,7 @@ impl Registry {
         source: Source,
     ) -> Result<Instance, Refused> {
         let replica = self.inner.replica.as_ref().expect("called in etcd mode");
-        let instance = instance_of(service, id, spec.clone(), source);
+        let instance = instance_of(service, id, spec, source);
         {
             let t = self.lock();
             check_takeover(&t, service, id, source)?;
@@ -399,41 +440,26 @@ impl Registry {
                 drop(d);
                 replica.kick.notify_one();
             }
-            Source::Registrar => {
-                let (this, service, id) = (self.clone(), service.clone(), id.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = this.register(&service, &id, spec).await {
-                        tracing::warn!(%service, %id, cause = %e, "registration not stored");
-                    }
-                });
-            }
+            Source::Registrar => return Err(Refused::NotStored),
         }
         Ok(instance)
     }
 
-    /// [`Registry::deregister`] with etcd, in the background.
+    /// [`Registry::deregister`] with etcd: refused, as it must be written by
+    /// [`Registry::unregister`], which answers once etcd has committed it.
     pub(super) fn deregister_through_etcd(
         &self,
         service: &ServiceName,
         id: &InstanceId,
-    ) -> Result<Option<Instance>, Conflict> {
-        let existing = self.lock().store.instance(service, id).cloned();
-        if existing
-            .as_ref()
-            .is_some_and(|i| i.source == Source::Docker)
-        {
-            return Err(Conflict {
+    ) -> Result<Option<Instance>, Refused> {
+        match self.lock().store.instance(service, id) {
+            Some(i) if i.source == Source::Docker => Err(Conflict {
                 service: service.clone(),
                 id: id.clone(),
-            });
-        }
-        let (this, service, id) = (self.clone(), service.clone(), id.clone());
-        tokio::spawn(async move {
-            if let Err(e) = this.unregister(&service, &id).await {
-                tracing::warn!(%service, %id, cause = %e, "deregistration not stored");
             }
-        });
-        Ok(existing)
+            .into()),
+            _ => Err(Refused::NotStored),
+        }
     }
 
     /// [`Registry::remove`] with etcd: Docker discovery drops a container; the reconciler
@@ -509,15 +535,18 @@ impl Registry {
         }
     }
 
-    /// Waits until the mirror holds a first snapshot, or `limit` passes.
+    /// Waits until the mirror holds a first snapshot and follows etcd from it, or `limit`
+    /// passes.
     pub async fn first_snapshot(&self, limit: Duration) {
         if let Some(replica) = &self.inner.replica {
-            let mut rx = replica.applied.subscribe();
-            let _ = tokio::time::timeout(limit, rx.wait_for(|a| *a > 0)).await;
+            let mut rx = replica.following.subscribe();
+            let _ = tokio::time::timeout(limit, rx.wait_for(|f| f.is_ok())).await;
         }
     }
 
-    /// The mirror: a snapshot, then etcd's watch from its revision; again after every break.
+    /// The mirror: a snapshot, then etcd's watch from its revision; again after every break
+    /// (a compacted revision included: the new snapshot is read at the newest revision).
+    /// Says whether it follows etcd ([`Registry::following`]) as it goes.
     async fn follow(&self, shutdown: CancellationToken) {
         let replica = self.inner.replica.as_ref().expect("called in etcd mode");
         let mut pause = Duration::from_millis(100);
@@ -538,6 +567,7 @@ impl Registry {
             let stream = match watched {
                 Ok(s) => s,
                 Err(e) => {
+                    replica.set_following(Err(baker_client::errors::chain(&e)));
                     if !warned {
                         tracing::warn!(cause = %e, "cannot follow etcd; serving the last view");
                         warned = true;
@@ -554,6 +584,7 @@ impl Registry {
                 tracing::info!("following etcd again");
                 warned = false;
             }
+            replica.set_following(Ok(()));
             pause = Duration::from_millis(100);
             let mut stream = std::pin::pin!(stream);
             loop {
@@ -563,11 +594,23 @@ impl Registry {
                 };
                 match item {
                     Some(Ok((revision, change))) => self.apply_mirrored(revision, change),
-                    Some(Err(e)) => {
-                        tracing::warn!(cause = %e, "etcd's watch broke; reading a new snapshot");
+                    Some(Err(e @ EtcdError::Compacted(_))) => {
+                        tracing::warn!(
+                            cause = %e,
+                            "etcd compacted past this replica's revision; reading a new snapshot"
+                        );
+                        replica.set_following(Err(baker_client::errors::chain(&e)));
                         break;
                     }
-                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(cause = %e, "etcd's watch broke; reading a new snapshot");
+                        replica.set_following(Err(baker_client::errors::chain(&e)));
+                        break;
+                    }
+                    None => {
+                        replica.set_following(Err("etcd's watch ended".into()));
+                        break;
+                    }
                 }
             }
         }
@@ -594,10 +637,12 @@ impl Registry {
                     kick =
                         self.mirror_take(&mut t, rev, &service, &id, cause) == Some(Source::Docker);
                 }
-                Change::Route { service, route } => {
-                    self.mirror_route(&mut t, rev, &service, Some(route))
+                Change::Route { service, record } => {
+                    self.mirror_route(&mut t, rev, &service, record)
                 }
-                Change::RouteCleared { service } => self.mirror_route(&mut t, rev, &service, None),
+                Change::RouteCleared { service } => {
+                    self.mirror_route(&mut t, rev, &service, route_cleared())
+                }
                 Change::Maintenance { service, record } => {
                     t.drain_revisions.insert(service.clone(), revision);
                     self.mirror_drains(&mut t, rev, &service, record);
@@ -683,12 +728,19 @@ impl Registry {
         Some(source)
     }
 
-    fn mirror_route(&self, t: &mut Table, rev: u64, service: &ServiceName, route: Option<Route>) {
-        if t.store.route(service) == route.as_ref() {
+    /// Applies `service`'s route as etcd holds it at `rev`, with the origin and time its
+    /// record gives, publishing it if it differs from the mirror's.
+    fn mirror_route(&self, t: &mut Table, rev: u64, service: &ServiceName, record: RouteRecord) {
+        if t.store.route(service) == record.route.as_ref() {
             return;
         }
         t.store.set_revision(rev.saturating_sub(1));
-        self.apply_route(t, service, route, None);
+        let at = if record.at > 0 {
+            record.at
+        } else {
+            unix_millis()
+        };
+        self.apply_route(t, service, record.route, record.origin, at);
     }
 
     /// Applies `service`'s drains as etcd holds them at `rev`, publishing them if they differ
@@ -744,11 +796,11 @@ impl Registry {
             }
             for (service, _) in t.store.routes() {
                 if !snapshot.routes.contains_key(&service) {
-                    self.mirror_route(&mut t, rev, &service, None);
+                    self.mirror_route(&mut t, rev, &service, route_cleared());
                 }
             }
-            for (service, route) in snapshot.routes {
-                self.mirror_route(&mut t, rev, &service, Some(route));
+            for (service, record) in snapshot.routes {
+                self.mirror_route(&mut t, rev, &service, record);
             }
             t.drain_revisions = snapshot
                 .maintenance
@@ -904,9 +956,20 @@ impl Registry {
             last = last.max(revision);
         }
         if last > 0 {
-            replica.applied(last).await;
+            replica.applied(last).await?;
         }
         Ok(())
+    }
+}
+
+/// The record of a route whose key is gone from etcd without a record of its clearing (its
+/// clearing record ran out while this replica was not watching, or it was deleted by hand):
+/// cleared by the store itself.
+fn route_cleared() -> RouteRecord {
+    RouteRecord {
+        route: None,
+        origin: Some("etcd".into()),
+        at: unix_millis(),
     }
 }
 
@@ -949,8 +1012,8 @@ mod tests {
         )
     }
 
-    fn instance(id: &str) -> Instance {
-        let spec = ValidSpec {
+    fn spec() -> ValidSpec {
+        ValidSpec {
             address: "10.0.0.1".parse().unwrap(),
             port: 8080,
             version: "1".parse().unwrap(),
@@ -958,7 +1021,11 @@ mod tests {
             tags: vec![],
             ttl_ms: 6000,
             node: None,
-        };
+        }
+    }
+
+    fn instance(id: &str) -> Instance {
+        let spec = spec();
         instance_of(
             &"web".parse().unwrap(),
             &id.parse().unwrap(),
@@ -1017,6 +1084,78 @@ mod tests {
                 ("a".to_owned(), RemoveCause::Deregistered),
                 ("b".to_owned(), RemoveCause::Expired),
                 ("c".to_owned(), RemoveCause::Expired),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_registrars_change_is_never_answered_before_etcd_has_it() {
+        let r = mirror().await;
+        let (web, a) = ("web".parse().unwrap(), "a".parse().unwrap());
+        // The calls that cannot wait for etcd refuse, rather than answer and write later.
+        let refused = r.upsert(&web, &a, spec(), Source::Registrar).unwrap_err();
+        assert!(matches!(refused, Refused::NotStored), "{refused}");
+        let refused = r.deregister(&web, &a).unwrap_err();
+        assert!(matches!(refused, Refused::NotStored), "{refused}");
+        assert!(r.services().services.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_mirrored_route_change_carries_the_origin_and_time_of_its_record() {
+        let r = mirror().await;
+        let mut sub = r.subscribe(None, false);
+        let web: ServiceName = "web".parse().unwrap();
+        let route: Route = [("1".parse().unwrap(), 100)].into();
+        let set = RouteRecord {
+            route: Some(route.clone()),
+            origin: Some("cli:ops from 127.0.0.1".into()),
+            at: 1_700_000_000_000,
+        };
+        r.apply_mirrored(
+            5,
+            Change::Route {
+                service: web.clone(),
+                record: set,
+            },
+        );
+        let cleared = RouteRecord {
+            route: None,
+            origin: Some("cli:ops from 127.0.0.1".into()),
+            at: 1_700_000_000_500,
+        };
+        r.apply_mirrored(
+            6,
+            Change::Route {
+                service: web.clone(),
+                record: cleared,
+            },
+        );
+        // The cleared record's lease runs out: nothing more to publish.
+        r.apply_mirrored(
+            7,
+            Change::RouteCleared {
+                service: web.clone(),
+            },
+        );
+        let mut got = Vec::new();
+        while let Some(p) = sub.feed.try_recv() {
+            if let Published::Route {
+                index,
+                at,
+                route,
+                origin,
+                ..
+            } = &p.change
+            {
+                got.push((*index, *at, route.is_some(), origin.clone()));
+            }
+        }
+        let ops = Some("cli:ops from 127.0.0.1".to_owned());
+        assert_eq!(
+            got,
+            [
+                (5, 1_700_000_000_000, true, ops.clone()),
+                (6, 1_700_000_000_500, false, ops)
             ]
         );
     }
