@@ -208,6 +208,16 @@ impl TestAmbassador {
             .collect()
     }
 
+    /// Connections HAProxy holds open to `server` of `backend` now (`show stat`, `scur`).
+    pub fn sessions(&self, backend: &str, server: &str) -> u64 {
+        self.admin_command("show stat")
+            .lines()
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f.len() > 4 && f[0] == backend && f[1] == server)
+            .filter_map(|f| f[4].parse::<u64>().ok())
+            .sum()
+    }
+
     /// Stops the ambassador with SIGTERM and returns its exit status.
     pub async fn stop(&mut self) -> std::process::ExitStatus {
         self.proc.term();

@@ -221,6 +221,12 @@ async fn a_drained_instance_gets_no_new_request_under_load_and_its_drain_outlive
             tokio::spawn(async move { greet(&http, &url).await })
         })
         .collect();
+    // The load has 4 requests in flight at most: 5 connections to g1 mean a slow one is on it.
+    // On a busy machine the drain could otherwise reach HAProxy before any slow request did.
+    eventually(DEADLINE, "a slow request in flight on g1", || async {
+        (amb.sessions("greeting", "g1") >= 5).then_some(())
+    })
+    .await;
     let hostile = "x; set server greeting/g2 state maint # <b>'\"</b>";
     let drained = dir
         .client
