@@ -164,6 +164,13 @@ pub enum EtcdError {
     /// changes are written by calls that answer once etcd has committed them.
     #[error("the table lives in etcd: this change must be written through etcd, and was not")]
     NotStored,
+    /// This replica has not renewed its session lease lately: it may be cut off from etcd,
+    /// and cannot vouch for the instances it would keep alive (their registrars move on).
+    #[error("this replica has not renewed its etcd session within {0:?}")]
+    SessionStale(Duration),
+    /// Another replica wrote the instance at the same moment, twice in a row.
+    #[error("another replica keeps writing this instance at the same time")]
+    Contended,
 }
 
 impl EtcdError {
@@ -885,6 +892,32 @@ impl Etcd {
             }
             _ => Ok(Put::Held(0)),
         }
+    }
+
+    /// Deletes an instance's key if it is still bound to `lease`, with no cause: every replica
+    /// reads the deletion as an expiry. Returns the revision of the deletion, `None` when the
+    /// key was gone or bound to another lease.
+    pub async fn expire_instance(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        lease: i64,
+    ) -> Result<Option<i64>, EtcdError> {
+        let key = self.instance_key(service, id);
+        let txn = Txn::new()
+            .when([
+                Compare::version(key.clone(), CompareOp::Greater, 0),
+                Compare::lease(key.clone(), CompareOp::Equal, lease),
+            ])
+            .and_then([TxnOp::delete(key, None)]);
+        let resp = retried(&self.kv, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
     }
 
     /// Deletes an instance's key; returns the revision after the call and whether it existed.

@@ -118,7 +118,8 @@ struct Table {
     /// Services whose route falls back to all their live instances, because none of the
     /// targets it routes to has one ([`route_falls_back_by_version`]).
     falling_back: BTreeSet<ServiceName>,
-    /// Whether this process expires instances by their TTL (memory); with etcd, etcd does.
+    /// Whether every registrar instance expires here by its TTL (memory); with etcd, only those
+    /// bound to this replica's session do, and their deadlines are set by the replica.
     local_expiry: bool,
     /// With etcd: the lease each instance's key is bound to.
     owners: HashMap<(ServiceName, InstanceId), i64>,
@@ -864,7 +865,11 @@ impl Registry {
                 _ = shutdown.cancelled() => return,
                 _ = woken => {}
                 _ = sleep_until(next) => {
-                    self.expire_due(Instant::now());
+                    if self.inner.replica.is_some() {
+                        self.expire_through_etcd(Instant::now()).await;
+                    } else {
+                        self.expire_due(Instant::now());
+                    }
                 }
             }
         }

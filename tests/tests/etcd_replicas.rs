@@ -13,6 +13,7 @@ use baker_client::change::RemoveCause;
 use baker_client::maintenance::{InstanceState, Target};
 use baker_client::model::{InstanceSpec, WatchEvent};
 use baker_client::ClientError;
+use baker_directory::etcd::{Etcd, StoreUrl};
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::directory::TestDirectory;
 use baker_tests::etcd::EtcdCluster;
@@ -205,6 +206,102 @@ async fn replicas_serve_one_table_and_stream_the_same_changes() {
         );
         assert!(pair[1].0 > pair[0].0);
     }
+}
+
+/// The etcd cluster's revision now: it moves with every write, and only with writes.
+async fn revision(etcd: &Etcd) -> i64 {
+    etcd.snapshot().await.expect("a snapshot").revision
+}
+
+#[tokio::test]
+async fn heartbeats_end_at_the_replica_and_a_registrar_that_moves_takes_one_write() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let (cluster, a, b) = cluster_and_replicas().await;
+    let url: StoreUrl = cluster.store_url("/baker").parse().expect("a store URL");
+    let etcd = Etcd::connect(&url).await.expect("connecting to etcd");
+    const N: u64 = 20;
+    const TTL: u64 = 3000;
+    for i in 0..N {
+        a.client
+            .register("emitter", &format!("i{i}"), &spec(8000 + i, TTL))
+            .await
+            .unwrap();
+    }
+    lists_emitters(&b, N as usize, "b to list every instance").await;
+    let mut wa = Box::pin(a.client.watch().await.unwrap());
+    let mut wb = Box::pin(b.client.watch().await.unwrap());
+    next_event(&mut wa).await;
+    next_event(&mut wb).await;
+
+    // Ten rounds of heartbeats through the replica that took the registrations: no write.
+    let before = revision(&etcd).await;
+    for _ in 0..10 {
+        for i in 0..N {
+            a.client
+                .register("emitter", &format!("i{i}"), &spec(8000 + i, TTL))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        revision(&etcd).await,
+        before,
+        "{} heartbeats that changed nothing wrote nothing to etcd",
+        10 * N
+    );
+
+    // i0's registrar moves to b: one write, which changes nothing any watcher sees.
+    b.client
+        .register("emitter", "i0", &spec(8000, TTL))
+        .await
+        .unwrap();
+    let moved = revision(&etcd).await;
+    assert_eq!(moved, before + 1, "the move took one write");
+
+    // From now on i0 heartbeats through b, the others through a, but for i1: nobody renews
+    // it, and it expires within its TTL on both replicas, as `expired`.
+    let (ca, cb) = (a.client.clone(), b.client.clone());
+    let beats = tokio::spawn(async move {
+        loop {
+            for i in (0..N).filter(|i| *i != 1) {
+                let client = if i == 0 { &cb } else { &ca };
+                client
+                    .register("emitter", &format!("i{i}"), &spec(8000 + i, TTL))
+                    .await
+                    .expect("a heartbeat answered");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let silent = Instant::now();
+    let expired = |e: &WatchEvent| {
+        matches!(e, WatchEvent::Remove { cause: RemoveCause::Expired, instance, .. }
+            if instance.id == "i1")
+    };
+    let seen_a = changes_until(&mut wa, expired).await;
+    let took = silent.elapsed();
+    let seen_b = changes_until(&mut wb, expired).await;
+    eprintln!("i1 expired {took:?} after its last heartbeat (TTL 3 s): {seen_a:?}");
+    assert!(
+        took < Duration::from_millis(TTL + 1000),
+        "expired {took:?} after its last heartbeat (TTL 3 s)"
+    );
+    assert_eq!(seen_a, seen_b, "both replicas stream the same changes");
+    let whats: Vec<&str> = seen_a.iter().map(|(_, _, w)| w.as_str()).collect();
+    assert_eq!(whats, ["remove i1 expired"], "nothing else left the stream");
+    // Two more seconds of heartbeats: still nothing written but the expiry.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    beats.abort();
+    assert_eq!(
+        revision(&etcd).await,
+        moved + 1,
+        "the expiry is the only write"
+    );
+    lists_emitters(&a, N as usize - 1, "a to list the live instances").await;
+    lists_emitters(&b, N as usize - 1, "b to list the live instances").await;
 }
 
 #[tokio::test]

@@ -9,14 +9,19 @@
 //! only what differs from its mirror; an instance removed meanwhile goes out with the cause
 //! etcd still holds for its removal (each replica's last), else as `expired`.
 //!
-//! Changes go to etcd, never to the mirror directly: a registration is a key bound to a lease
-//! of the instance's TTL, a heartbeat keeps that lease alive (a changed TTL takes a new
-//! lease), a deregistration deletes the key in a transaction that also writes why (see
+//! Changes go to etcd, never to the mirror directly. A registrar's instance is a key bound to
+//! the session lease of the replica that takes its heartbeats (the replica's own lease,
+//! [`REPLICA_LEASE`]); that replica keeps the instance's TTL deadline itself, with the timer
+//! the memory store uses. A heartbeat that changes nothing moves the deadline and writes
+//! nothing, while etcd renewed the session within half its TTL (else it is answered 503, and
+//! the registrar moves on); any other registration is one conditional put, which also takes
+//! over an instance whose registrar moved here from another replica. An instance whose
+//! deadline passes is deleted if still bound to this replica's session, with no cause: every
+//! replica publishes it as `expired`; one whose replica died goes with that replica's session.
+//! A deregistration deletes the key in a transaction that also writes why (see
 //! [`crate::etcd`]), a route is a plain key. The call answers once etcd has committed the
 //! change and this replica's mirror has applied it, so a client reads its own writes from the
-//! replica it wrote to. etcd expires instances whose lease runs out, whichever replica took
-//! their last heartbeat; the mirror learns of it from the watch and publishes the removal as
-//! `expired`.
+//! replica it wrote to.
 //!
 //! Docker discovery says, synchronously, which containers this replica's engine runs; a
 //! reconciler writes them to etcd bound to the replica's own lease ([`REPLICA_LEASE`]), and
@@ -87,6 +92,9 @@ pub(super) struct Replica {
     following: watch::Sender<Result<(), String>>,
     /// This replica's own lease, granted when first needed and again after it ran out.
     lease: tokio::sync::Mutex<Option<i64>>,
+    /// The session: this replica's lease as last granted or renewed (0: none), which the
+    /// registrars' instances it keeps alive are bound to, and when etcd last confirmed it.
+    session: std::sync::Mutex<(i64, Option<Instant>)>,
     /// The Docker instances this replica's engine runs, and why those it dropped went.
     docker: std::sync::Mutex<Discovered>,
     /// Wakes the Docker reconciler.
@@ -121,7 +129,32 @@ impl Replica {
             "granted this replica's lease"
         );
         *lease = Some(id);
+        self.renewed(id);
         Ok(id)
+    }
+
+    /// Notes that etcd confirmed the session `lease` (0: it ran out) just now.
+    fn renewed(&self, lease: i64) {
+        let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        *s = (lease, (lease != 0).then(Instant::now));
+    }
+
+    /// The session lease (0: none).
+    fn session_lease(&self) -> i64 {
+        self.session.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// The session lease if etcd confirmed it within the last half of [`REPLICA_LEASE`]:
+    /// only then may a heartbeat be answered without writing to etcd, since the instances
+    /// bound to it are sure to outlive the heartbeat's answer. `None`: no session yet; an
+    /// error when etcd has not confirmed it lately.
+    fn fresh_session(&self) -> Result<Option<i64>, EtcdError> {
+        let (lease, at) = *self.session.lock().unwrap_or_else(|p| p.into_inner());
+        match at {
+            None => Ok(None),
+            Some(at) if at.elapsed() <= REPLICA_LEASE / 2 => Ok(Some(lease)),
+            Some(at) => Err(EtcdError::SessionStale(at.elapsed())),
+        }
     }
 
     /// Notes whether the mirror follows etcd (`Ok`), or why not.
@@ -172,6 +205,7 @@ impl Registry {
             applied: watch::Sender::new(0),
             following: watch::Sender::new(Err("no snapshot read yet".into())),
             lease: tokio::sync::Mutex::new(None),
+            session: std::sync::Mutex::new((0, None)),
             docker: std::sync::Mutex::new(Discovered::default()),
             kick: Notify::new(),
         };
@@ -226,33 +260,60 @@ impl Registry {
                 t.owners.get(&key).copied(),
             )
         };
+        let session = match replica.session_lease() {
+            0 => replica.own_lease().await?,
+            lease => lease,
+        };
         if let (Some(old), Some(lease)) = (&existing, owner) {
-            if old.ttl_ms == instance.ttl_ms && replica.etcd.keep_alive(lease).await? {
+            if lease == session && same_but_last_seen(old, &instance) {
+                // Only a session etcd confirmed lately vouches for the instance.
+                replica.fresh_session()?;
+                // This replica keeps it alive: a local deadline, nothing written to etcd.
                 self.inner.metrics.heartbeats.inc();
-                if same_but_last_seen(old, &instance) {
-                    tracing::trace!("heartbeat from {service}/{id}");
-                    self.lock().store.renew(service, id, instance.last_seen);
+                tracing::trace!("heartbeat from {service}/{id}");
+                let mut t = self.lock();
+                if t.owners.get(&key) == Some(&session) {
+                    let before = t.next_deadline();
+                    let deadline = Instant::now() + Duration::from_millis(instance.ttl_ms);
+                    t.lease(service, id, Some(deadline));
+                    t.store.renew(service, id, instance.last_seen);
+                    self.rearm(before, t.next_deadline());
                     return Ok(instance);
-                }
-                match replica.etcd.put_instance(&instance, lease).await {
-                    Ok(revision) => {
-                        replica.applied(revision).await?;
-                        return Ok(instance);
-                    }
-                    Err(e) if lease_gone(&e) => {}
-                    Err(e) => return Err(e.into()),
                 }
             }
         }
-        let lease = replica.etcd.grant(lease_seconds(instance.ttl_ms)).await?;
-        let revision = replica.etcd.put_instance(&instance, lease).await?;
-        if let Some(old) = owner.filter(|o| *o != lease) {
-            // The key is bound to the new lease: the old one holds nothing any more.
-            let etcd = replica.etcd.clone();
-            tokio::spawn(async move { etcd.revoke(old).await });
+        if existing.is_some() {
+            self.inner.metrics.heartbeats.inc();
         }
-        replica.applied(revision).await?;
-        Ok(instance)
+        // New, changed, or bound to another replica's session (its registrar moved here): one
+        // conditional put binds it to this one's, if etcd still holds what the mirror saw.
+        let mut expected = existing.as_ref().and(owner);
+        for _ in 0..2 {
+            match replica
+                .etcd
+                .put_instance_if(&instance, session, expected)
+                .await
+            {
+                Ok(Put::Written(revision)) => {
+                    replica.applied(revision).await?;
+                    return Ok(instance);
+                }
+                Ok(Put::Held(holder)) => {
+                    tracing::debug!(
+                        %service, %id, holder = format_args!("{holder:x}"),
+                        "the instance changed in etcd since the mirror saw it; writing again"
+                    );
+                    expected = (holder != 0).then_some(holder);
+                }
+                Err(e) if lease_gone(&e) => {
+                    *replica.lease.lock().await = None;
+                    replica.renewed(0);
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EtcdError::Contended.into())
     }
 
     /// Deregisters `service`/`id` from the API, answering once the change is stored; `None`
@@ -516,9 +577,76 @@ impl Registry {
         replica.kick.notify_one();
     }
 
+    /// Expires the instances bound to this replica's session whose TTL deadline is at or
+    /// before `now`: each key is deleted if it is still bound to the session, with no cause,
+    /// so every replica publishes the removal as `expired`. One that could not be deleted
+    /// (etcd away) is tried again a second later; the session's own end removes it otherwise.
+    /// While the session is stale (heartbeats are refused), the due instances get their TTL
+    /// again instead.
+    pub(super) async fn expire_through_etcd(&self, now: Instant) {
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        let session = replica.session_lease();
+        let due: Vec<(ServiceName, InstanceId)> = {
+            let mut t = self.lock();
+            let mut due = Vec::new();
+            while let Some((deadline, service, id)) = t.deadlines.first().cloned() {
+                if deadline > now {
+                    break;
+                }
+                t.lease(&service, &id, None);
+                if t.owners.get(&(service.clone(), id.clone())) == Some(&session) {
+                    due.push((service, id));
+                }
+            }
+            due
+        };
+        if replica.fresh_session().is_err() {
+            // Cut off from etcd: the heartbeats of these instances may have been refused, and
+            // no lease runs out without a leader either. Each gets its TTL again, as etcd gives
+            // every lease its TTL again when a new leader is elected.
+            let mut t = self.lock();
+            let before = t.next_deadline();
+            for (service, id) in due {
+                let Some(ttl) = t.store.instance(&service, &id).map(|i| i.ttl_ms) else {
+                    continue;
+                };
+                t.lease(
+                    &service,
+                    &id,
+                    Some(now + Duration::from_millis(ttl.max(1000))),
+                );
+            }
+            self.rearm(before, t.next_deadline());
+            return;
+        }
+        let mut last = 0;
+        for (service, id) in due {
+            match replica.etcd.expire_instance(&service, &id, session).await {
+                Ok(Some(revision)) => last = last.max(revision),
+                // Renewed through another replica meanwhile, or already gone.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(cause = %e, "could not expire {service}/{id}; trying again");
+                    let mut t = self.lock();
+                    let before = t.next_deadline();
+                    if t.store.instance(&service, &id).is_some()
+                        && !t.leases.contains_key(&(service.clone(), id.clone()))
+                    {
+                        t.lease(&service, &id, Some(Instant::now() + Duration::from_secs(1)));
+                    }
+                    self.rearm(before, t.next_deadline());
+                }
+            }
+        }
+        if last > 0 {
+            let _ = replica.caught_up(last).await;
+        }
+    }
+
     /// Keeps this replica's mirror, its own lease and its Docker instances in step with etcd,
-    /// until `shutdown` is cancelled; then revokes the replica's lease, so its Docker
-    /// instances leave at once rather than after [`REPLICA_LEASE`]. Nothing in memory mode.
+    /// until `shutdown` is cancelled; then deletes its Docker instances, so they leave at once
+    /// rather than after [`REPLICA_LEASE`], and revokes its lease unless registrars'
+    /// instances are bound to it (they move with their registrars). Nothing in memory mode.
     pub async fn run_replica(self, shutdown: CancellationToken) {
         let Some(replica) = &self.inner.replica else {
             return;
@@ -528,10 +656,46 @@ impl Registry {
             self.keep_lease(shutdown.clone()),
             self.reconcile_docker(shutdown.clone()),
         );
-        if let Some(lease) = *replica.lease.lock().await {
+        let Some(lease) = *replica.lease.lock().await else {
+            return;
+        };
+        // Registrars' instances bound to the session stay: their registrars move to another
+        // replica, which takes them over with one write each, or they go with the session.
+        // This replica's containers go now.
+        let (docker, registrars): (Vec<Removal>, usize) = {
+            let t = self.lock();
+            let mut docker = Vec::new();
+            let mut registrars = 0;
+            for (key, owner) in &t.owners {
+                if *owner != lease {
+                    continue;
+                }
+                match t.store.instance(&key.0, &key.1).map(|i| i.source) {
+                    Some(Source::Docker) => docker.push(Removal {
+                        service: key.0.clone(),
+                        id: key.1.clone(),
+                        cause: RemoveCause::Expired,
+                    }),
+                    Some(Source::Registrar) => registrars += 1,
+                    None => {}
+                }
+            }
+            (docker, registrars)
+        };
+        if !docker.is_empty() {
+            if let Err(e) = replica.etcd.remove_instances(&docker, lease).await {
+                tracing::warn!(cause = %e, "could not remove this replica's containers");
+            }
+        }
+        if registrars == 0 {
             if let Err(e) = replica.etcd.revoke(lease).await {
                 tracing::warn!(cause = %e, "could not revoke this replica's lease");
             }
+        } else {
+            tracing::info!(
+                "leaving {registrars} registrar instance(s) on this replica's lease: their \
+                 registrars move to another replica, or they go with the lease"
+            );
         }
     }
 
@@ -679,10 +843,21 @@ impl Registry {
 
     fn mirror_put(&self, t: &mut Table, rev: u64, instance: Instance, lease: i64) {
         let key = (instance.service.clone(), instance.id.clone());
-        t.owners.insert(key, lease);
+        t.owners.insert(key.clone(), lease);
         let before = t.store.revision();
         t.store.set_revision(rev.saturating_sub(1));
-        let (outcome, revision) = t.put(instance.clone(), Instant::now());
+        let now = Instant::now();
+        let (ttl, source) = (instance.ttl_ms, instance.source);
+        let (outcome, revision) = t.put(instance.clone(), now);
+        // An instance bound to this replica's session expires here, by its TTL; one bound to
+        // another's expires there (or with that session).
+        let session = self.inner.replica.as_ref().map(|r| r.session_lease());
+        if source == Source::Registrar && session == Some(lease) {
+            let before = t.next_deadline();
+            let deadline = now + Duration::from_millis(ttl);
+            t.lease(&key.0, &key.1, Some(deadline));
+            self.rearm(before, t.next_deadline());
+        }
         if outcome == Outcome::Renewed {
             t.store.set_revision(before);
         } else {
@@ -846,10 +1021,11 @@ impl Registry {
                 continue;
             };
             match replica.etcd.keep_alive(lease).await {
-                Ok(true) => {}
+                Ok(true) => replica.renewed(lease),
                 Ok(false) => {
                     tracing::warn!("this replica's lease ran out; taking a new one");
                     *replica.lease.lock().await = None;
+                    replica.renewed(0);
                     replica.kick.notify_one();
                 }
                 Err(e) => tracing::warn!(cause = %e, "could not renew this replica's lease"),
@@ -1085,6 +1261,71 @@ mod tests {
                 ("b".to_owned(), RemoveCause::Expired),
                 ("c".to_owned(), RemoveCause::Expired),
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_that_changes_nothing_is_answered_by_the_replica_alone() {
+        let r = mirror().await;
+        let replica = r.inner.replica.as_ref().unwrap();
+        let web: ServiceName = "web".parse().unwrap();
+        let (a, b): (InstanceId, InstanceId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        replica.renewed(7);
+        // `a` is bound to this replica's session: it expires here, by its TTL.
+        r.apply_mirrored(
+            5,
+            Change::Instance {
+                instance: instance("a"),
+                lease: 7,
+            },
+        );
+        // `b` is bound to another replica's: that one expires it.
+        r.apply_mirrored(
+            6,
+            Change::Instance {
+                instance: instance("b"),
+                lease: 8,
+            },
+        );
+        let deadline = r.next_deadline().expect("a has a deadline here");
+        assert!(!r.lock().leases.contains_key(&(web.clone(), b)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // No member answers at this address: only an answer without etcd comes back at once.
+        let answered =
+            tokio::time::timeout(Duration::from_millis(500), r.register(&web, &a, spec()))
+                .await
+                .expect("answered without etcd")
+                .unwrap();
+        assert_eq!(answered.id, a);
+        assert!(
+            r.next_deadline().unwrap() > deadline,
+            "the heartbeat moved a's deadline"
+        );
+        assert_eq!(*replica.applied.borrow(), 6, "nothing was written");
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_session_is_stale_refuses_heartbeats() {
+        let r = mirror().await;
+        let replica = r.inner.replica.as_ref().unwrap();
+        r.apply_mirrored(
+            5,
+            Change::Instance {
+                instance: instance("a"),
+                lease: 7,
+            },
+        );
+        // etcd last confirmed the session more than half a lease ago.
+        *replica.session.lock().unwrap() = (
+            7,
+            Some(Instant::now() - REPLICA_LEASE / 2 - Duration::from_millis(10)),
+        );
+        let web: ServiceName = "web".parse().unwrap();
+        let a: InstanceId = "a".parse().unwrap();
+        let refused = r.register(&web, &a, spec()).await.unwrap_err();
+        assert!(
+            matches!(refused, WriteError::Unavailable(EtcdError::SessionStale(_))),
+            "{refused}"
         );
     }
 
