@@ -461,11 +461,17 @@ where
     // Whether a member said it has no leader: if no attempt succeeds, the quorum is lost,
     // whatever the last attempt met (a member down, or one that never answered).
     let mut leaderless = false;
+    // The members that could not be reached, and whether any other one was (it answered, or
+    // let an attempt time out): a majority down beside a member that is up is a lost quorum
+    // too, even before that member noticed that its leader is gone.
+    let mut down = vec![false; via.clients.len()];
+    let mut reached = false;
     let last = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let (member, client) = via.pick();
         match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), call(client)).await {
             Err(_) => {
+                reached = true;
                 via.members.pass(member, true);
                 if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                     break EtcdError::Timeout(REQUEST_TIMEOUT);
@@ -480,6 +486,10 @@ where
                     via.members
                         .pass(member, matches!(e, EtcdError::Unreachable(_)));
                     leaderless |= matches!(e, EtcdError::NoQuorum);
+                    match e {
+                        EtcdError::Unreachable(_) => down[member] = true,
+                        _ => reached = true,
+                    }
                     if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                         break e;
                     }
@@ -490,9 +500,21 @@ where
         }
     };
     match last {
-        EtcdError::Unreachable(_) | EtcdError::Timeout(_) if leaderless => Err(EtcdError::NoQuorum),
+        EtcdError::Unreachable(_) | EtcdError::Timeout(_)
+            if quorum_lost(leaderless, reached, &down) =>
+        {
+            Err(EtcdError::NoQuorum)
+        }
         e => Err(e),
     }
+}
+
+/// Whether a call that no member answered met a lost quorum: a member said it has no leader,
+/// or a majority of the members could not be reached while another one could (all of them
+/// down is etcd out of reach, not a lost quorum).
+fn quorum_lost(leaderless: bool, reached: bool, down: &[bool]) -> bool {
+    let majority = down.len() / 2 + 1;
+    leaderless || (reached && down.iter().filter(|d| **d).count() >= majority)
 }
 
 /// Longest wait for one attempt of a call: a member that has not answered by then is taken
@@ -1079,6 +1101,18 @@ fn decode_key(rest: &str) -> Result<Key, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_majority_down_beside_a_member_up_is_a_lost_quorum() {
+        // Two of three refused, the third timed out or answered: no quorum.
+        assert!(quorum_lost(false, true, &[true, true, false]));
+        // Every member refused: etcd is out of reach.
+        assert!(!quorum_lost(false, false, &[true, true, true]));
+        // One of three down: the others may still commit.
+        assert!(!quorum_lost(false, true, &[true, false, false]));
+        // A member said it has no leader.
+        assert!(quorum_lost(true, true, &[false, false, false]));
+    }
 
     #[test]
     fn calls_move_on_to_a_member_that_did_not_fail_of_late() {
