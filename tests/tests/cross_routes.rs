@@ -45,6 +45,9 @@ async fn until_weights(
 
 /// Answers per instance during the next `n` successful requests of `load`, in percent of them.
 async fn shares(load: &Load, n: u64) -> BTreeMap<String, f64> {
+    // The load's clients (4) may each have a request in flight that HAProxy routed before the
+    // change just applied: let those finish before counting.
+    load.more(20, Duration::from_secs(60)).await;
     let before = load.by_instance();
     load.more(n, Duration::from_secs(60)).await;
     let after = load.by_instance();
