@@ -4,9 +4,17 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::eventually;
+
+/// The answers to the requests sent since `from` (see [`Load::answers_from_now`]).
+#[derive(Default)]
+struct Window {
+    from: Option<Instant>,
+    by_instance: BTreeMap<String, u64>,
+    total: u64,
+}
 
 /// `clients` loops of `GET url`, half on kept-alive connections and half on a new connection
 /// per request, until [`finish`](Self::finish). Each success counts the greeting instance that
@@ -16,6 +24,7 @@ pub struct Load {
     ok: Arc<AtomicU64>,
     failures: Arc<Mutex<Vec<String>>>,
     by_instance: Arc<Mutex<BTreeMap<String, u64>>>,
+    window: Arc<Mutex<Window>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -45,26 +54,35 @@ impl Load {
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let by_instance = Arc::new(Mutex::new(BTreeMap::new()));
+        let window = Arc::new(Mutex::new(Window::default()));
         let tasks = (0..clients)
             .map(|n| {
-                let (stop, ok, failures, by_instance) = (
+                let (stop, ok, failures, by_instance, window) = (
                     stop.clone(),
                     ok.clone(),
                     failures.clone(),
                     by_instance.clone(),
+                    window.clone(),
                 );
                 let url = url.to_owned();
                 tokio::spawn(async move {
                     let c = http(n % 2 == 0);
                     while !stop.load(Ordering::Relaxed) {
+                        let sent = Instant::now();
                         match greet(&c, &url).await {
                             Ok(instance) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
+                                let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
+                                if w.from.is_some_and(|from| sent >= from) {
+                                    *w.by_instance.entry(instance.clone()).or_default() += 1;
+                                    w.total += 1;
+                                }
+                                drop(w);
                                 *by_instance
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
                                     .entry(instance)
                                     .or_default() += 1;
+                                ok.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(e) => failures.lock().unwrap_or_else(|p| p.into_inner()).push(e),
                         }
@@ -77,6 +95,7 @@ impl Load {
             ok,
             failures,
             by_instance,
+            window,
             tasks,
         }
     }
@@ -111,6 +130,25 @@ impl Load {
             || async { (self.ok() >= target).then_some(()) },
         )
         .await;
+    }
+
+    /// Waits until `n` requests sent from now on have succeeded (at most `timeout`) and returns
+    /// their answers per instance. A request already in flight, which HAProxy may have routed
+    /// under an earlier state, is not counted however late it answers.
+    pub async fn answers_from_now(&self, n: u64, timeout: Duration) -> BTreeMap<String, u64> {
+        *self.window.lock().unwrap_or_else(|p| p.into_inner()) = Window {
+            from: Some(Instant::now()),
+            ..Window::default()
+        };
+        eventually(
+            timeout,
+            &format!("{n} requests sent from now on to succeed"),
+            || async {
+                let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+                (w.total >= n).then(|| w.by_instance.clone())
+            },
+        )
+        .await
     }
 
     /// Stops the loops and returns the successes and the failures.

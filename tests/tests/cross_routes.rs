@@ -43,21 +43,11 @@ async fn until_weights(
     .await;
 }
 
-/// Answers per instance during the next `n` successful requests of `load`, in percent of them.
+/// Answers per instance to the next `n` requests of `load` sent from now on, in percent of them.
 async fn shares(load: &Load, n: u64) -> BTreeMap<String, f64> {
-    // The load's clients (4) may each have a request in flight that HAProxy routed before the
-    // change just applied: let those finish before counting.
-    load.more(20, Duration::from_secs(60)).await;
-    let before = load.by_instance();
-    load.more(n, Duration::from_secs(60)).await;
-    let after = load.by_instance();
-    let delta: BTreeMap<String, u64> = after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, v)| *v > 0)
-        .collect();
-    let total: u64 = delta.values().sum();
-    delta
+    let answers = load.answers_from_now(n, Duration::from_secs(60)).await;
+    let total: u64 = answers.values().sum();
+    answers
         .into_iter()
         .map(|(k, v)| (k, v as f64 * 100.0 / total as f64))
         .collect()
