@@ -2,8 +2,9 @@
 //! three-member cluster: a replica started on a table of more than 4 MiB (the gRPC client's
 //! default message limit) serves all of it, a replica's Docker discovery that loses hundreds
 //! of containers at once (more than etcd's 128 operations per transaction) removes them all,
-//! a replica says on `/healthz` when it cannot follow etcd, and a replica whose watch fell
-//! behind a compaction reads a new snapshot and goes on.
+//! a replica says on `/healthz` when it cannot follow etcd, a replica whose watch fell
+//! behind a compaction reads a new snapshot and goes on, and a thousand instances whose
+//! heartbeats stop at once (a host dies) leave every replica within their TTL and a second.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -238,4 +239,102 @@ async fn a_replica_cut_off_from_etcd_says_so_and_resyncs_past_a_compaction() {
         )
         .await
         .expect("a write once following again");
+}
+
+/// Heartbeats each of `n` instances (over [`SERVICES`] services, a TTL of `ttl`) once
+/// through `dir`, fifty at a time; panics on any refused heartbeat.
+async fn heartbeat_all(dir: &TestDirectory, n: usize, ttl: Duration) {
+    use futures_util::StreamExt;
+    let failed: Vec<String> = futures_util::stream::iter(0..n)
+        .map(|i| async move {
+            let spec = baker_tests::directory::spec(
+                8080 + (i % 1000) as u16,
+                Some(ttl.as_millis() as u64),
+            );
+            dir.client
+                .register(
+                    &format!("svc-{}", i % SERVICES),
+                    &format!("i-{i:04}"),
+                    &spec,
+                )
+                .await
+                .err()
+                .map(|e| format!("i-{i:04}: {e}"))
+        })
+        .buffer_unordered(50)
+        .filter_map(|failed| async move { failed })
+        .collect()
+        .await;
+    assert!(
+        failed.is_empty(),
+        "{} heartbeats failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_instances_that_stop_at_once_leave_every_replica_within_their_ttl_and_a_second()
+{
+    if !require(Needs::Etcd) {
+        return;
+    }
+    const N: usize = 1_000;
+    const TTL: Duration = Duration::from_secs(3);
+    let cluster = EtcdCluster::start(3).await;
+    let store = cluster.store_url("/baker");
+    let first = TestDirectory::start(&[("BAKER_STORE", &store)]).await;
+    let second = first.replica().await;
+
+    // A host's worth of instances heartbeating through the first replica, once a second.
+    let mut last_round = Instant::now();
+    for round in 0..4 {
+        last_round = Instant::now();
+        heartbeat_all(&first, N, TTL).await;
+        if round == 0 {
+            for dir in [&first, &second] {
+                eventually(Duration::from_secs(20), "every instance listed", || async {
+                    (listed(dir).await? == N).then_some(())
+                })
+                .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1).saturating_sub(last_round.elapsed())).await;
+    }
+    for dir in [&first, &second] {
+        assert_eq!(
+            listed(dir).await,
+            Some(N),
+            "none expired while heartbeating"
+        );
+    }
+
+    // The host dies: no heartbeat from now on. Each instance's last one was sent after
+    // `last_round`, so each is due by `last_round` + TTL.
+    let mut gone = [None, None];
+    let deadline = last_round + TTL + Duration::from_secs(10);
+    while gone.iter().any(Option::is_none) && Instant::now() < deadline {
+        for (i, dir) in [&first, &second].into_iter().enumerate() {
+            if gone[i].is_none() && listed(dir).await == Some(0) {
+                gone[i] = Some(last_round.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if gone.iter().any(Option::is_none) {
+        eprintln!(
+            "still listed: {:?} {:?}; the first replica's log:\n{}",
+            listed(&first).await,
+            listed(&second).await,
+            first.proc.log_text()
+        );
+    }
+    eprintln!("{N} instances gone from the replicas {gone:?} after their last heartbeats began (TTL {TTL:?})");
+    for (name, took) in ["first", "second"].into_iter().zip(gone) {
+        let took = took.unwrap_or_else(|| panic!("the {name} replica still lists instances"));
+        assert!(
+            took <= TTL + Duration::from_secs(1),
+            "the {name} replica listed instances {took:?} after their last heartbeats, past TTL {TTL:?} + 1 s"
+        );
+    }
 }

@@ -619,25 +619,35 @@ impl Registry {
             self.rearm(before, t.next_deadline());
             return;
         }
-        let mut last = 0;
-        for (service, id) in due {
-            match replica.etcd.expire_instance(&service, &id, session).await {
-                Ok(Some(revision)) => last = last.max(revision),
-                // Renewed through another replica meanwhile, or already gone.
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(cause = %e, "could not expire {service}/{id}; trying again");
-                    let mut t = self.lock();
-                    let before = t.next_deadline();
+        if due.is_empty() {
+            return;
+        }
+        let last = match replica.etcd.expire_instances(&due, session).await {
+            // An instance not deleted was renewed through another replica meanwhile, or is
+            // already gone.
+            Ok((revision, _)) => revision,
+            Err(e) => {
+                tracing::warn!(
+                    cause = %e,
+                    "could not expire {} instances (first {}/{}); trying again",
+                    due.len(),
+                    due[0].0,
+                    due[0].1
+                );
+                let mut t = self.lock();
+                let before = t.next_deadline();
+                let again = Instant::now() + Duration::from_secs(1);
+                for (service, id) in due {
                     if t.store.instance(&service, &id).is_some()
                         && !t.leases.contains_key(&(service.clone(), id.clone()))
                     {
-                        t.lease(&service, &id, Some(Instant::now() + Duration::from_secs(1)));
+                        t.lease(&service, &id, Some(again));
                     }
-                    self.rearm(before, t.next_deadline());
                 }
+                self.rearm(before, t.next_deadline());
+                return;
             }
-        }
+        };
         if last > 0 {
             let _ = replica.caught_up(last).await;
         }
