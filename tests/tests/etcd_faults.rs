@@ -2,19 +2,23 @@
 //! three-member etcd cluster and two greetings registered by real registrars: the etcd leader
 //! killed with SIGKILL, one member frozen with SIGSTOP for 10 s, and the directory replica that
 //! the ambassador watches and the registrars heartbeat to killed with SIGKILL. Each costs no
-//! failed request out of 20,000 and more, no server, and no HAProxy reload; and an instance
+//! failed request out of 20,000 and more, no server, no HAProxy reload, and no instance ever
+//! leaves either replica's watch stream (a reconnecting watcher on each); and an instance
 //! whose registrar dies afterwards still leaves within its TTL and one second. With two members
 //! down (quorum lost) writes are refused with the reason while routing goes on, and once they
 //! are back a new instance is routable within 2 s.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use baker_client::model::{ServiceName, WatchEvent};
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::directory::TestDirectory;
 use baker_tests::etcd::EtcdCluster;
 use baker_tests::greeting::Greeting;
 use baker_tests::load::Load;
 use baker_tests::{eventually, require, Needs, Proc};
+use futures_util::StreamExt;
 
 /// The registrars' probe interval; their TTL is three of them.
 const INTERVAL: &str = "1s";
@@ -30,6 +34,52 @@ struct Rig {
     load: Load,
     registrars: Vec<Proc>,
     _greetings: Vec<Greeting>,
+    /// Every time a or b left a replica's stream: (replica, what the stream said).
+    left: Arc<Mutex<Vec<String>>>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Watches `dir` until aborted, reconnecting when its stream ends, and notes in `left` every
+/// time a or b leaves it: a removal, or a snapshot (on a reconnect) without it.
+fn watch_for_departures(
+    dir: &TestDirectory,
+    left: Arc<Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<()> {
+    let (client, url) = (dir.client.clone(), dir.url.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok(stream) = client.watch().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(event)) = stream.next().await {
+                let gone = match event {
+                    WatchEvent::Snapshot { services, .. } => {
+                        let listed = services.get(&"emitter".parse::<ServiceName>().unwrap());
+                        ["a", "b"]
+                            .into_iter()
+                            .filter(|id| {
+                                !listed.is_some_and(|l| l.iter().any(|i| i.id.as_str() == *id))
+                            })
+                            .map(|id| format!("{url}: {id} missing from a snapshot"))
+                            .collect()
+                    }
+                    WatchEvent::Remove {
+                        cause, instance, ..
+                    } => {
+                        vec![format!(
+                            "{url}: {} removed ({})",
+                            instance.id,
+                            cause.as_str()
+                        )]
+                    }
+                    _ => vec![],
+                };
+                left.lock().unwrap().extend(gone);
+            }
+        }
+    })
 }
 
 async fn ids(dir: &TestDirectory) -> Vec<String> {
@@ -73,6 +123,11 @@ async fn rig() -> Rig {
     )
     .await;
     load.more(1_000, Duration::from_secs(30)).await;
+    let left = Arc::new(Mutex::new(Vec::new()));
+    let watchers = vec![
+        watch_for_departures(&first, left.clone()),
+        watch_for_departures(&second, left.clone()),
+    ];
     Rig {
         cluster,
         first,
@@ -81,6 +136,8 @@ async fn rig() -> Rig {
         load,
         registrars,
         _greetings: greetings,
+        left,
+        watchers,
     }
 }
 
@@ -98,6 +155,8 @@ impl Rig {
             load,
             mut registrars,
             _greetings,
+            left,
+            watchers,
         } = self;
         let live: Vec<&TestDirectory> = if first_alive {
             vec![&second, &first]
@@ -135,6 +194,14 @@ impl Rig {
         assert!(
             !amb.proc.log_text().contains("the grace period ended"),
             "{what}: no server may be dropped"
+        );
+        for w in watchers {
+            w.abort();
+        }
+        let left = left.lock().unwrap().clone();
+        assert!(
+            left.is_empty(),
+            "{what}: instances left a replica's stream: {left:?}"
         );
 
         registrars[0].kill9();
@@ -248,6 +315,11 @@ async fn a_lost_quorum_keeps_routing_refuses_writes_and_a_new_instance_routes_so
         ids(&rig.first).await,
         ["a", "b", "c"],
         "no instance may be lost"
+    );
+    let left = rig.left.lock().unwrap().clone();
+    assert!(
+        left.is_empty(),
+        "instances left a replica's stream: {left:?}"
     );
     let (ok, failures) = rig.load.finish().await;
     assert!(
