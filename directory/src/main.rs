@@ -6,14 +6,14 @@ use tokio_util::sync::CancellationToken;
 fn main() {
     handle_command_line(&vars::DIRECTORY, env!("CARGO_PKG_VERSION"));
     baker_client::daemon::init_tracing();
-    let config = match Config::from_env(&Environment::from_process()) {
+    let mut config = match Config::from_env(&Environment::from_process()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("baker-directory: {e}");
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
-    baker_directory::server::raise_open_files(config.max_connections);
+    baker_directory::server::fit_open_files(&mut config.max_connections, &mut config.max_watches);
     if let Err(e) = serve(config) {
         eprintln!("baker-directory: {e:#}");
         std::process::exit(1);

@@ -186,17 +186,19 @@ async fn connection(
 const SPARE_FILES: u64 = 64;
 
 /// Raises the soft limit on open files to the hard limit, as every connection is a file and
-/// the usual soft default (1024) is far below `max_connections`; warns when even the hard
-/// limit leaves fewer files than `max_connections` need, since connections past it are then
-/// refused by the kernel instead of waiting for a slot.
-pub fn raise_open_files(max_connections: usize) {
+/// the usual soft default (1024) is far below the default `max_connections`; when even the
+/// hard limit leaves fewer files than `max_connections` need, lowers `max_connections` (and
+/// `max_watches` with it, to half of them at most) to what the limit holds and says so, so
+/// that connections past the limit wait in the accept queue for a slot, and refused watches
+/// give theirs back, instead of failing to be accepted (`EMFILE`) with registrations among
+/// them. Returns the limit found, `None` when it could not be read.
+pub fn fit_open_files(max_connections: &mut usize, max_watches: &mut usize) -> Option<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let needed = max_connections as u64 + SPARE_FILES;
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
         Err(e) => {
             tracing::warn!(cause = %e, "cannot read the open-file limit");
-            return;
+            return None;
         }
     };
     let limit = if soft < hard {
@@ -210,17 +212,33 @@ pub fn raise_open_files(max_connections: usize) {
     } else {
         soft
     };
-    if limit < needed {
+    let (connections, watches) = fitted(limit, *max_connections, *max_watches);
+    if connections < *max_connections {
         tracing::warn!(
-            limit,
-            needed,
-            "the open-file limit is below BAKER_MAX_CONNECTIONS + {SPARE_FILES}: connections past \
-             it fail to be accepted; raise the limit (ulimit -n, docker run --ulimit nofile=) or \
-             lower BAKER_MAX_CONNECTIONS"
+            "the open-file limit is {limit}: BAKER_MAX_CONNECTIONS lowered from {} to \
+             {connections} and BAKER_MAX_WATCHES from {} to {watches}, so that connections past \
+             them wait for a slot instead of failing; raise the limit (ulimit -n, docker run \
+             --ulimit nofile=N) to serve more",
+            *max_connections,
+            *max_watches
         );
+        (*max_connections, *max_watches) = (connections, watches);
     } else {
         tracing::debug!(limit, "open-file limit");
     }
+    Some(limit)
+}
+
+/// The connection and watch caps that an open-file limit of `limit` holds: `max_connections`
+/// less [`SPARE_FILES`] at most (and 16 at least), and half of those for watches at most.
+fn fitted(limit: u64, max_connections: usize, max_watches: usize) -> (usize, usize) {
+    let room = usize::try_from(limit.saturating_sub(SPARE_FILES))
+        .unwrap_or(usize::MAX)
+        .max(16);
+    if room >= max_connections {
+        return (max_connections, max_watches);
+    }
+    (room, max_watches.min(room / 2))
 }
 
 /// When a connection's writes were last blocked without progress.
@@ -485,6 +503,19 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const BIG: usize = 64 << 20;
+
+    #[test]
+    fn the_caps_fit_the_open_file_limit() {
+        // Room for the defaults: unchanged.
+        assert_eq!(fitted(1 << 20, 8192, 4096), (8192, 4096));
+        assert_eq!(fitted(8192 + SPARE_FILES, 8192, 4096), (8192, 4096));
+        // A container's usual 1024: the spare files kept, watches at half.
+        assert_eq!(fitted(1024, 8192, 4096), (960, 480));
+        // Fewer watches asked for than half: kept.
+        assert_eq!(fitted(1024, 8192, 100), (960, 100));
+        // A tiny limit still leaves a few connections.
+        assert_eq!(fitted(10, 8192, 4096), (16, 8));
+    }
 
     #[tokio::test]
     async fn a_client_that_reads_nothing_is_closed_after_the_write_stall() {
