@@ -9,7 +9,7 @@ fn main() {
     let config = match Config::from_env(&Environment::from_process()) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("{e}");
+            eprintln!("baker-ambassador: {e}");
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
@@ -33,7 +33,7 @@ async fn serve(config: Config) -> anyhow::Result<i32> {
     match baker_ambassador::run(config, shutdown).await {
         Ok(code) => Ok(code),
         Err(e) if e.is_config() => {
-            tracing::error!("{:#}", anyhow::Error::from(e));
+            eprintln!("baker-ambassador: {:#}", anyhow::Error::from(e));
             Ok(EXIT_BAD_CONFIG)
         }
         Err(e) => Err(e).context("the ambassador failed"),

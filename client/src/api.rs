@@ -131,11 +131,38 @@ pub fn parse_directories(list: &str) -> Result<Vec<String>, ClientError> {
     Ok(urls)
 }
 
+/// The message of an error answer from `url`: a directory's `{"error": ...}`, or else what was
+/// sent instead and that `url` does not answer as a directory (an ambassador's port, another
+/// server), which is most likely a wrong `BAKER_DIRECTORY`.
+fn error_message(url: &str, body: &[u8]) -> String {
+    if let Ok(b) = serde_json::from_slice::<ErrorBody>(body) {
+        return b.error;
+    }
+    let text = String::from_utf8_lossy(body);
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty());
+    let sent = match first {
+        None => "an empty body".to_owned(),
+        Some(line) if line.chars().count() > 80 => {
+            format!("{:?}...", line.chars().take(80).collect::<String>())
+        }
+        Some(line) => format!("{line:?}"),
+    };
+    format!(
+        "{url} does not answer as a Baker directory (whose errors are JSON with an \"error\"): \
+         it sent {sent}; check BAKER_DIRECTORY (or --directory)"
+    )
+}
+
 /// Checks a bearer token: printable ASCII without spaces, what an `Authorization` header can
 /// carry. The directory, the registrar, the ambassador and the CLI all apply this rule.
 pub fn parse_token(token: &str) -> Result<String, &'static str> {
     if token.is_empty() {
         Err("must not be empty")
+    } else if token
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
+    {
+        Err("must be the token alone, without the `Bearer ` prefix (Baker adds it)")
     } else if token.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(token.to_owned())
     } else {
@@ -307,9 +334,7 @@ impl DirectoryClient {
             source: e,
         })?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
+            let message = error_message(url, &body);
             return Err(ClientError::Refused { status, message });
         }
         serde_json::from_slice(&body).map_err(|e| ClientError::Decode(Box::new(e)))
@@ -433,7 +458,9 @@ impl DirectoryClient {
         }
     }
 
-    /// Drains `target` of `service` (`PUT /v1/maintenance/...`), with an optional reason.
+    /// Drains `target` of `service` (`PUT /v1/maintenance/...`), with an optional reason. The
+    /// directory refuses (409) a target that matches no live instance: see
+    /// [`drain_forced`](Self::drain_forced).
     pub async fn drain(
         &self,
         service: &str,
@@ -445,6 +472,21 @@ impl DirectoryClient {
         };
         self.send_json(Method::PUT, &maintenance_path(service, target), &body)
             .await
+    }
+
+    /// Drains `target` of `service` even when it matches no live instance: ahead of its
+    /// registration.
+    pub async fn drain_forced(
+        &self,
+        service: &str,
+        target: &Target,
+        reason: Option<&str>,
+    ) -> Result<DrainResponse, ClientError> {
+        let body = DrainRequest {
+            reason: reason.map(str::to_owned),
+        };
+        let path = format!("{}?force=true", maintenance_path(service, target));
+        self.send_json(Method::PUT, &path, &body).await
     }
 
     /// Lifts the drain of `target` of `service` (`DELETE /v1/maintenance/...`); the directory
@@ -607,10 +649,8 @@ impl DirectoryClient {
         };
         let status = resp.status();
         if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<ErrorBody>(&body)
-                .map(|b| b.error)
-                .unwrap_or(body);
+            let body = resp.bytes().await.unwrap_or_default();
+            let message = error_message(&url, &body);
             return Err(ClientError::Refused { status, message });
         }
         let chunks = resp.bytes_stream().map(move |chunk| {
@@ -994,6 +1034,15 @@ mod tests {
         for bad in ["", "two words", "s3\u{7}cret", "tab\t", "é", "line\n"] {
             assert!(parse_token(bad).is_err(), "{bad:?}");
         }
+        // The header's value pasted whole: said so, whatever its case.
+        for bearer in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret"] {
+            assert_eq!(
+                parse_token(bearer),
+                Err("must be the token alone, without the `Bearer ` prefix (Baker adds it)"),
+                "{bearer:?}"
+            );
+        }
+        assert_eq!(parse_token("Bearers3cret").as_deref(), Ok("Bearers3cret"));
         let url = "http://127.0.0.1:7700";
         assert!(DirectoryClient::new(url, Some(String::new())).is_ok());
         assert!(DirectoryClient::new(url, Some("ok".into())).is_ok());

@@ -110,11 +110,22 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
             route::clear(ctx, &service, wait).await
         }
         Command::Drain {
+            force,
             what,
             version,
             reason,
             wait,
-        } => maintenance::drain(ctx, &what, version.as_deref(), reason.as_deref(), wait).await,
+        } => {
+            maintenance::drain(
+                ctx,
+                &what,
+                version.as_deref(),
+                reason.as_deref(),
+                force,
+                wait,
+            )
+            .await
+        }
         Command::Undrain {
             what,
             version,

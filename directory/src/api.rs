@@ -554,6 +554,9 @@ async fn put_route(
              (baker route set --force)"
         )));
     }
+    if !query.force {
+        route_reaches_a_live_instance(&app.registry, &service, &route)?;
+    }
     match app
         .registry
         .set_route_by(&service, Some(route), Some(origin))
@@ -567,6 +570,49 @@ async fn put_route(
             format!("saving the route of {service}")
         })),
     }
+}
+
+/// Refuses (409) a route none of whose targets has a live instance while `service` has some,
+/// naming what runs: such a route would be set aside at once (every live instance serving as
+/// with no route), which is rarely what was meant (`v1=90 v2=10` for versions `1` and `2`).
+fn route_reaches_a_live_instance(
+    registry: &Registry,
+    service: &ServiceName,
+    route: &baker_client::model::Route,
+) -> Result<(), ApiError> {
+    let mut live = registry
+        .service(service)
+        .map(|s| s.instances)
+        .unwrap_or_default();
+    if live.is_empty() {
+        return Ok(());
+    }
+    let own: BTreeSet<Version> = live.iter().map(|i| i.version.clone()).collect();
+    for other in route.other_services(service) {
+        live.extend(
+            registry
+                .service(other)
+                .map(|s| s.instances)
+                .unwrap_or_default(),
+        );
+    }
+    if !baker_client::route::route_falls_back(route, service, &live) {
+        return Ok(());
+    }
+    let targets: Vec<String> = route.iter().map(|(t, _)| t.to_string()).collect();
+    let own: Vec<&Version> = own.iter().collect();
+    Err(ApiError::Conflict(format!(
+        "no live instance matches a target of this route ({}): {service} runs {} {}; check the \
+         targets, or set the route anyway with force=true (baker route set --force), and all \
+         of {service}'s live instances serve as with no route until one registers",
+        targets.join(", "),
+        if own.len() == 1 {
+            "version"
+        } else {
+            "versions"
+        },
+        listed(&own, own.len())
+    )))
 }
 
 async fn delete_route(
@@ -708,15 +754,31 @@ impl TargetPath for VersionPath {
     }
 }
 
+/// The query of `PUT /v1/maintenance/...`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainQuery {
+    /// Drain even a target that matches no live instance (ahead of its registration).
+    #[serde(default)]
+    force: bool,
+}
+
 /// `PUT` on a maintenance path: drains its target.
 async fn drain<P: TargetPath>(
     State(app): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<DrainQuery>, QueryRejection>,
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<DrainResponse>, ApiError> {
-    maintain::<P>(&app, path, conn, headers, Some(body)).await
+    let Query(query) = query.map_err(|r| {
+        ApiError::BadRequest(format!(
+            "bad query: {} (the only parameter is force=true|false)",
+            r.body_text()
+        ))
+    })?;
+    maintain::<P>(&app, path, conn, headers, Some((body, query.force))).await
 }
 
 /// `DELETE` on a maintenance path: undrains its target.
@@ -729,21 +791,98 @@ async fn undrain<P: TargetPath>(
     maintain::<P>(&app, path, conn, headers, None).await
 }
 
-/// Drains (with the request's `body`) or undrains (without one) the target named by `path`,
-/// after checking the token, the path, the origin and the body, in that order.
+/// How many names a refusal lists before "and N more".
+const NAMES_SHOWN: usize = 10;
+
+/// `names`, comma-separated, the first [`NAMES_SHOWN`] of `total`.
+fn listed<T: std::fmt::Display>(names: &[T], total: usize) -> String {
+    let shown: Vec<String> = names
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(ToString::to_string)
+        .collect();
+    let more = total.saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// Refuses (409) a drain whose target matches no live instance, naming what there is: a
+/// misspelt service, id or version would drain nothing and say it had.
+fn drain_target_is_live(
+    registry: &Registry,
+    service: &ServiceName,
+    target: &Target,
+) -> Result<(), ApiError> {
+    let instances = registry
+        .service(service)
+        .map(|s| s.instances)
+        .unwrap_or_default();
+    let matches = instances.iter().any(|i| match target {
+        Target::Instance(id) => i.id == *id,
+        Target::Version(version) => i.version == *version,
+    });
+    if matches {
+        return Ok(());
+    }
+    let found = if instances.is_empty() {
+        let (names, total) = registry.live_services(NAMES_SHOWN);
+        if total == 0 {
+            format!("service {service} has no live instance, nor has any other service")
+        } else {
+            format!(
+                "service {service} has no live instance (services with live instances: {})",
+                listed(&names, total)
+            )
+        }
+    } else {
+        match target {
+            Target::Instance(id) => {
+                let ids: Vec<&InstanceId> = instances.iter().map(|i| &i.id).collect();
+                format!(
+                    "service {service} has no live instance {id} (its instances: {})",
+                    listed(&ids, ids.len())
+                )
+            }
+            Target::Version(version) => {
+                let versions: BTreeSet<&Version> = instances.iter().map(|i| &i.version).collect();
+                let versions: Vec<&Version> = versions.into_iter().collect();
+                format!(
+                    "no live instance of {service} runs version {version} (it runs {} {})",
+                    if versions.len() == 1 {
+                        "version"
+                    } else {
+                        "versions"
+                    },
+                    listed(&versions, versions.len())
+                )
+            }
+        }
+    };
+    Err(ApiError::Conflict(format!(
+        "{found}: check the name, or drain it ahead of its registration with force=true \
+         (baker drain --force)"
+    )))
+}
+
+/// Drains (with the request's `body` and whether it is forced) or undrains (without one) the
+/// target named by `path`, after checking the token, the path, the origin and the body, in
+/// that order, and for a drain that is not forced, that its target matches a live instance.
 async fn maintain<P: TargetPath>(
     app: &AppState,
     path: Result<Path<(String, String)>, PathRejection>,
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
-    body: Option<Body>,
+    body: Option<(Body, bool)>,
 ) -> Result<Json<DrainResponse>, ApiError> {
     app.authorize(&headers)?;
     let Path((service, name)) = path?;
     let (service, target) = P::parse(&service, &name)?;
     let origin = origin(&headers, conn.as_ref())?;
     let changed = match body {
-        Some(body) => {
+        Some((body, force)) => {
             let request: DrainRequest =
                 read_json_or(&headers, body, Some(DrainRequest::default())).await?;
             let reason = request
@@ -751,6 +890,9 @@ async fn maintain<P: TargetPath>(
                 .map(|r| r.parse::<Reason>())
                 .transpose()
                 .map_err(|e| ApiError::invalid(vec![e]))?;
+            if !force {
+                drain_target_is_live(&app.registry, &service, &target)?;
+            }
             app.registry
                 .drain(&service, target.clone(), reason, origin)
                 .await

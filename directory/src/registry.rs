@@ -889,6 +889,12 @@ impl Registry {
         }
     }
 
+    /// The first `n` services with live instances, in name order, and how many there are.
+    pub fn live_services(&self, n: usize) -> (Vec<ServiceName>, usize) {
+        let t = self.lock();
+        (t.store.service_names(n), t.store.totals().0)
+    }
+
     /// One service's instances and route; `None` when it has neither.
     pub fn service(&self, service: &ServiceName) -> Option<ServiceResponse> {
         let t = self.lock();

@@ -71,6 +71,8 @@ pub trait Store: Send {
         &self,
         only: Option<&BTreeSet<ServiceName>>,
     ) -> BTreeMap<ServiceName, Vec<Instance>>;
+    /// The first `n` services with live instances, in name order.
+    fn service_names(&self, n: usize) -> Vec<ServiceName>;
     /// The ids of every instance from `source`.
     fn of_source(&self, source: Source) -> Vec<(ServiceName, InstanceId)>;
     /// How many services have live instances, and how many live instances there are in all.
@@ -258,6 +260,10 @@ impl Store for MemoryStore {
 
     fn totals(&self) -> (usize, usize) {
         (self.services.len(), self.instances)
+    }
+
+    fn service_names(&self, n: usize) -> Vec<ServiceName> {
+        self.services.keys().take(n).cloned().collect()
     }
 
     fn of_source(&self, source: Source) -> Vec<(ServiceName, InstanceId)> {

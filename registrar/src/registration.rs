@@ -117,9 +117,10 @@ impl Registration {
         }
     }
 
-    /// One register-or-heartbeat; returns the registered address.
-    async fn register(&self) -> Result<String, String> {
-        let address = self.address().await?;
+    /// One register-or-heartbeat; returns the registered address, or why it failed and
+    /// whether the directory may hold the instance anyway.
+    async fn register(&self) -> Result<String, (String, bool)> {
+        let address = self.address().await.map_err(|e| (e, false))?;
         let spec = self.spec(address.clone());
         match tokio::time::timeout(
             self.request_timeout,
@@ -129,8 +130,8 @@ impl Registration {
         .await
         {
             Ok(Ok(_)) => Ok(address),
-            Ok(Err(e)) => Err(describe(&e)),
-            Err(_) => Err(format!("no answer within {:?}", self.request_timeout)),
+            Ok(Err(e)) => Err((describe(&e), !surely_not_stored(&e))),
+            Err(_) => Err((format!("no answer within {:?}", self.request_timeout), true)),
         }
     }
 
@@ -175,6 +176,7 @@ impl Registration {
             let mut next: Option<Instant> = None;
             match now_status {
                 Status::Up => {
+                    let held_before = maybe_registered;
                     maybe_registered = true;
                     let attempt = tokio::select! {
                         r = self.register() => Some(r),
@@ -203,8 +205,10 @@ impl Registration {
                             backoff.reset();
                             next = Some(Instant::now() + jitter(self.interval, 0.9, 1.0));
                         }
-                        Some(Err(e)) => {
+                        Some(Err((e, maybe_stored))) => {
                             registered = None;
+                            // Refused, or never reached: nothing to deregister at the stop.
+                            maybe_registered = held_before || maybe_stored;
                             outage.failed(&format!("cannot register {name}"), e);
                             next = Some(Instant::now() + backoff.next_delay());
                         }
@@ -339,20 +343,40 @@ async fn resolve(host: &str, port: u16) -> Result<IpAddr, String> {
         .ok_or_else(|| format!("{host} resolves to no address"))
 }
 
+/// A directory error in a few words, with the variable to check when one is likely wrong.
 fn describe(e: &ClientError) -> String {
-    if let ClientError::Unreachable { source, .. } = e {
+    if let ClientError::Unreachable { url, source } = e {
+        let hint = format!("check that baker-directory runs at {url} (BAKER_DIRECTORY)");
         let mut cause: Option<&dyn std::error::Error> = Some(source);
         while let Some(c) = cause {
             if let Some(io) = c.downcast_ref::<std::io::Error>() {
-                return format!("{e}: {io}");
+                return format!("{e}: {io}; {hint}");
             }
             cause = c.source();
         }
         if source.is_timeout() {
-            return format!("{e}: timed out");
+            return format!("{e}: timed out; {hint}");
         }
+        return format!("{}; {hint}", chain(e));
+    }
+    if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) {
+        return format!(
+            "{}; check BAKER_TOKEN: it must be the directory's BAKER_TOKEN",
+            chain(e)
+        );
     }
     chain(e)
+}
+
+/// Whether the directory surely did not store a registration that failed with `e`: it refused
+/// the request itself (4xx), or the connection was refused. After a timeout or a 5xx it may
+/// have.
+fn surely_not_stored(e: &ClientError) -> bool {
+    match e {
+        ClientError::Refused { status, .. } => status.is_client_error(),
+        ClientError::Unreachable { source, .. } => source.is_connect(),
+        _ => false,
+    }
 }
 
 /// `d` scaled by a random factor in `lo..hi`, so that registrars started together spread out.

@@ -385,7 +385,7 @@ async fn a_route_to_a_version_with_no_instance_falls_back_to_the_live_ones() {
 
     // Version 3 has no instance: the route is set aside rather than answering 503.
     dir.client
-        .set_route("emitter", &[("3".to_owned(), 100)].into())
+        .set_route_forced("emitter", &[("3".to_owned(), 100)].into())
         .await
         .unwrap();
     let own = format!("http://{}/ambassador/metrics", amb.admin);

@@ -125,6 +125,24 @@ async fn registered_instances_show_in_services_and_instances() {
         ]
     );
 
+    // With a route, the table is followed by it, on stdout; with --no-headers only the rows
+    // are.
+    baker(url, None, &["route", "set", "emitter", "1=90", "2=10"])
+        .await
+        .ok();
+    let routed = baker(url, None, &["instances", "emitter"]).await.ok();
+    assert_eq!(
+        routed.stdout.lines().last(),
+        Some("route: 1=90 2=10"),
+        "{routed:#?}"
+    );
+    let rows = baker(url, None, &["--no-headers", "instances", "emitter"])
+        .await
+        .ok();
+    assert_eq!(rows.stdout.lines().count(), 2, "{rows:#?}");
+    assert_eq!(rows.stderr, "route: 1=90 2=10\n", "{rows:#?}");
+    baker(url, None, &["route", "clear", "emitter"]).await.ok();
+
     let none = baker(url, None, &["instances", "nothing"]).await.ok();
     assert!(
         none.stderr.contains("no live instances of nothing"),
@@ -498,6 +516,14 @@ async fn a_token_that_cannot_be_sent_is_bad_configuration() {
     }
     let flag = baker(&url, None, &["--token", "two words", "services"]).await;
     assert_eq!(flag.code, 64, "{flag:#?}");
+    let bearer = baker(&url, Some("Bearer s3cret"), &["services"]).await;
+    assert_eq!(bearer.code, 64, "{bearer:#?}");
+    assert_eq!(
+        bearer.stderr.lines().next().unwrap_or_default(),
+        "error: --token / BAKER_TOKEN must be the token alone, without the `Bearer ` prefix \
+         (Baker adds it): it is sent in an Authorization header",
+        "{bearer:#?}"
+    );
 }
 
 #[tokio::test]
@@ -625,4 +651,41 @@ async fn links_prints_the_docker_block_exactly() {
         assert_eq!(run.code, 2, "{bad}: {run:#?}");
         assert_eq!(run.stdout, "", "{bad}");
     }
+}
+
+#[test]
+fn help_names_each_variable_without_showing_an_empty_value() {
+    let out = std::process::Command::new(baker_tests::bin("baker"))
+        .arg("--help")
+        .env_remove("BAKER_DIRECTORY")
+        .env_remove("BAKER_TOKEN")
+        .output()
+        .expect("running baker --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    assert!(help.contains("[env: BAKER_DIRECTORY]"), "{help}");
+    assert!(help.contains("[env: BAKER_TOKEN]"), "{help}");
+    assert!(
+        !help.contains("=]"),
+        "an unset variable shown with an empty value: {help}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_a_directory_is_named_as_such() {
+    // An ambassador's port, or any other HTTP server, given as the directory.
+    let other = baker_tests::greeting::Greeting::start("1", "g1").await;
+    let run = baker(&other.url(), None, &["services"]).await;
+    assert_eq!(run.code, 1, "{run:#?}");
+    let line = run.stderr.lines().next().unwrap_or_default();
+    assert!(
+        line.starts_with("error: the directory refused to list services (404 Not Found): ")
+            && line.contains(&format!(
+                "{} does not answer as a Baker directory (whose errors are JSON with an \
+                 \"error\"): it sent ",
+                other.url()
+            ))
+            && line.ends_with("; check BAKER_DIRECTORY (or --directory)"),
+        "{run:#?}"
+    );
 }

@@ -151,6 +151,11 @@ async fn a_misspelt_variable_is_fatal_and_named_with_the_right_name() {
         assert_eq!(r.code, Some(64), "{r:#?}");
         let line = format!("{typo}: is not a variable of {binary}; did you mean {right}?");
         assert!(r.stderr.contains(&line), "{line:?} not in {r:#?}");
+        // One format everywhere: the program's name, then what is wrong, not a log line.
+        assert!(
+            r.stderr.starts_with(&format!("{binary}: ")),
+            "{binary} reports bad configuration otherwise: {r:#?}"
+        );
     }
 }
 
@@ -232,6 +237,17 @@ async fn a_token_that_cannot_be_sent_is_refused_at_start() {
         assert!(
             r.stderr
                 .contains("BAKER_TOKEN: must be printable ASCII without spaces"),
+            "{r:#?}"
+        );
+        assert!(!r.stderr.contains("cret"), "the token is shown: {r:#?}");
+        // The whole header value, as a curl example would show it.
+        let r = run_with(binary, &[], &[("BAKER_TOKEN", b"Bearer s3cret")]).await;
+        assert_eq!(r.code, Some(64), "{r:#?}");
+        assert!(
+            r.stderr.contains(
+                "BAKER_TOKEN: must be the token alone, without the `Bearer ` prefix (Baker adds \
+                 it)"
+            ),
             "{r:#?}"
         );
         assert!(!r.stderr.contains("cret"), "the token is shown: {r:#?}");

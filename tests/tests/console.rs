@@ -283,7 +283,7 @@ async fn a_drained_instance_gets_no_new_request_under_load_and_its_drain_outlive
     // Drained before it registers: it joins HAProxy draining, never ready.
     let g3_target = Target::Instance("g3".parse().unwrap());
     dir.client
-        .drain("greeting", &g3_target, Some("not yet"))
+        .drain_forced("greeting", &g3_target, Some("not yet"))
         .await
         .unwrap();
     register(&dir.client, "greeting", &g3, "g3", "1", 600_000).await;
@@ -361,6 +361,17 @@ async fn put(
 #[tokio::test]
 async fn bad_drains_are_refused_and_change_nothing() {
     let dir = TestDirectory::start(&[("BAKER_TOKEN", "s3cret"), ("BAKER_MAX_DRAINS", "1")]).await;
+    for (id, version) in [("g1", "1"), ("g2", "2")] {
+        let spec = InstanceSpec {
+            address: "127.0.0.1".into(),
+            port: 8080,
+            version: Some(version.into()),
+            weight: None,
+            tags: vec![],
+            ttl_ms: Some(600_000),
+        };
+        dir.client.register("greeting", id, &spec).await.unwrap();
+    }
     let before = dir.client.maintenance().await.unwrap().index;
     let path = "/v1/maintenance/greeting/instances/g1";
     let long = format!(r#"{{"reason":"{}"}}"#, "a".repeat(201));
@@ -438,6 +449,40 @@ async fn bad_drains_are_refused_and_change_nothing() {
             "",
             404,
             "no such endpoint",
+        ),
+        (
+            "/v1/maintenance/greeting/instances/g1?force=maybe",
+            Some("s3cret"),
+            None,
+            "",
+            400,
+            "bad query",
+        ),
+        // What matches no live instance is refused, naming what runs.
+        (
+            "/v1/maintenance/greeting/instances/g9",
+            Some("s3cret"),
+            None,
+            "",
+            409,
+            "service greeting has no live instance g9 (its instances: g1, g2): check the name, \
+             or drain it ahead of its registration with force=true (baker drain --force)",
+        ),
+        (
+            "/v1/maintenance/greeting/versions/7",
+            Some("s3cret"),
+            None,
+            "",
+            409,
+            "no live instance of greeting runs version 7 (it runs versions 1, 2)",
+        ),
+        (
+            "/v1/maintenance/gretting/instances/g1",
+            Some("s3cret"),
+            None,
+            "",
+            409,
+            "service gretting has no live instance (services with live instances: greeting)",
         ),
     ] {
         let (got, text) = put(&dir, path, token, origin, body).await;

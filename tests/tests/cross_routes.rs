@@ -291,6 +291,12 @@ async fn bad_cross_service_routes_change_nothing() {
             2,
             "percentages must sum to 100, got 90",
         ),
+        (
+            vec!["v1=90", "v2=10"],
+            1,
+            "(409 Conflict): no live instance matches a target of this route (v1, v2): \
+             monolith runs version 1; check the targets, or set the route anyway with force=true",
+        ),
     ] {
         let mut all = vec!["route", "set", "monolith"];
         all.extend(args.iter().copied());

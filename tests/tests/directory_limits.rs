@@ -141,6 +141,84 @@ async fn two_thousand_watchers_that_never_read_do_not_starve_the_api() {
 }
 
 #[tokio::test]
+async fn under_an_open_file_limit_of_1024_watchers_past_it_wait_and_registrations_are_served() {
+    raise_open_files();
+    // As `docker run --ulimit nofile=1024:1024` starts it: the directory cannot raise the
+    // limit, so it fits its caps to it.
+    let data = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", baker_tests::free_port());
+    let directory = baker_tests::bin("baker-directory");
+    let mut proc = Proc::spawn(
+        "directory",
+        "prlimit",
+        &["--nofile=1024:1024", "--", directory.to_str().unwrap()],
+        &[
+            ("BAKER_LISTEN", listen.as_str()),
+            ("BAKER_DATA", data.path().to_str().unwrap()),
+            ("BAKER_DOCKER", "off"),
+        ],
+    );
+    let addr = proc.listen_addr().await;
+    let said = proc
+        .wait_for_log("the open-file limit is 1024", Duration::from_secs(5))
+        .await;
+    assert!(
+        said.contains("BAKER_MAX_CONNECTIONS lowered from 8192 to 960")
+            && said.contains("BAKER_MAX_WATCHES from 4096 to 480")
+            && said.contains("ulimit"),
+        "{said}"
+    );
+    let dir_url = format!("http://{addr}");
+    let c = baker_client::api::DirectoryClient::new(&dir_url, None).unwrap();
+    const WATCHERS: usize = 1_100;
+    let hostile = tokio::task::spawn_blocking(move || {
+        (0..WATCHERS)
+            .map(|_| hostile_watcher(addr, None))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let metric = |name: &'static str| {
+        let url = format!("{dir_url}/metrics");
+        async move {
+            let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        }
+    };
+    eventually(
+        Duration::from_secs(30),
+        "480 watch streams, the rest refused",
+        || async {
+            let served = metric("baker_directory_watchers").await?;
+            let refused = metric("baker_directory_watches_refused_total").await?;
+            (served == 480.0 && refused == (WATCHERS - 480) as f64).then_some(())
+        },
+    )
+    .await;
+    // Registrations and reads are served, on fresh connections, beside the held watchers.
+    let started = Instant::now();
+    for i in 0..50u16 {
+        let c = baker_client::api::DirectoryClient::new(&dir_url, None).unwrap();
+        c.register("emitter", &format!("i{i}"), &spec(8000 + i, TTL_MS))
+            .await
+            .unwrap_or_else(|e| panic!("registration {i} beside {WATCHERS} watchers: {e}"));
+    }
+    assert_eq!(c.service("emitter").await.unwrap().instances.len(), 50);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "50 registrations took {took:?} beside {WATCHERS} watchers"
+    );
+    assert!(
+        !proc.log_text().contains("accepting a connection failed"),
+        "no connection may fail to be accepted: {}",
+        proc.log_text()
+    );
+    drop(hostile);
+}
+
+#[tokio::test]
 async fn watches_past_their_slots_are_refused_and_leave_the_api_its_own() {
     let dir =
         TestDirectory::start(&[("BAKER_MAX_CONNECTIONS", "12"), ("BAKER_MAX_WATCHES", "4")]).await;
@@ -319,7 +397,7 @@ async fn quotas_answer_429_naming_the_quota_and_change_nothing() {
     );
     // Changing the route that exists is not growth.
     assert_eq!(
-        call_json(reqwest::Method::PUT, &routes("a"), r#"{"2":100}"#)
+        call_json(reqwest::Method::PUT, &routes("a"), r#"{"1":90,"2":10}"#)
             .await
             .0,
         StatusCode::OK

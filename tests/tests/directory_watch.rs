@@ -253,7 +253,8 @@ async fn a_filtered_watch_streams_only_its_services() {
     c.register("a", "2", &spec(8001, None, Some(60_000)))
         .await
         .unwrap();
-    c.set_route("a", &[("2".to_owned(), 100)].into())
+    // No instance of a runs version 2: forced, the route is streamed all the same.
+    c.set_route_forced("a", &[("2".to_owned(), 100)].into())
         .await
         .unwrap();
     c.set_route("c", &[("1".to_owned(), 100)].into())
@@ -354,7 +355,10 @@ async fn fifty_watchers_converge_to_the_same_state() {
                     }
                     if i % 8 == 0 {
                         let v = format!("{}", i % 3 + 1);
-                        c.set_route(&service, &[(v, 100)].into()).await.unwrap();
+                        // A version with no instance yet is fine here: forced.
+                        c.set_route_forced(&service, &[(v, 100)].into())
+                            .await
+                            .unwrap();
                     }
                 }
             })

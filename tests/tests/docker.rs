@@ -582,3 +582,39 @@ async fn a_registrar_in_the_apps_network_namespace_registers_a_dialable_address(
     .await;
     assert_eq!(got, (want, 8080), "registered a loopback or wrong address");
 }
+
+#[tokio::test]
+async fn a_cli_command_given_to_the_directory_image_says_how_to_run_the_cli() {
+    if !require_images() {
+        return;
+    }
+    let name = unique("cli-in-image");
+    let out = baker_tests::docker::docker(&[
+        "run",
+        "--rm",
+        "--name",
+        &name,
+        "baker/directory",
+        "baker",
+        "services",
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{said}");
+    assert!(
+        said.contains("baker-directory takes no command")
+            && said.contains("docker run --rm --entrypoint baker baker/directory services"),
+        "{said}"
+    );
+    // And the way it gives works.
+    let version = docker_ok(&[
+        "run",
+        "--rm",
+        "--name",
+        &name,
+        "--entrypoint",
+        "baker",
+        "baker/directory",
+        "--version",
+    ]);
+    assert!(version.starts_with("baker "), "{version}");
+}

@@ -512,7 +512,8 @@ async fn drains_of_one_service_through_two_replicas_at_once_are_all_kept() {
     let calls = (0..8).map(|i| {
         let client = if i % 2 == 0 { &a.client } else { &b.client };
         let target = Target::Instance(format!("g{i}").parse().unwrap());
-        async move { client.drain("greeting", &target, None).await }
+        // None of them is registered: forced.
+        async move { client.drain_forced("greeting", &target, None).await }
     });
     for result in futures_util::future::join_all(calls).await {
         result.unwrap();

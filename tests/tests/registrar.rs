@@ -399,3 +399,63 @@ async fn the_greeting_stops_at_once_on_sigterm() {
         started.elapsed()
     );
 }
+
+/// A registrar of `app` as emitter/a on `directory` with `token`, probing every 100 ms.
+fn registrar_of(app: &Greeting, directory: &str, token: Option<&str>) -> Proc {
+    let target = app.url();
+    let mut env = vec![
+        ("BAKER_DIRECTORY", directory),
+        ("BAKER_SERVICE", "emitter"),
+        ("BAKER_ID", "a"),
+        ("BAKER_TARGET", target.as_str()),
+        ("BAKER_INTERVAL", "100ms"),
+        ("BAKER_RISE", "1"),
+    ];
+    if let Some(t) = token {
+        env.push(("BAKER_TOKEN", t));
+    }
+    Proc::baker("registrar", "baker-registrar", &env)
+}
+
+#[tokio::test]
+async fn a_registrar_that_cannot_register_names_the_variable_to_check_and_stops_at_once() {
+    let dir = TestDirectory::start(&[("BAKER_TOKEN", "s3cret")]).await;
+    let app = Greeting::start("1", "a").await;
+    let nowhere = format!("http://127.0.0.1:{}", baker_tests::free_port());
+    for (directory, token, hint) in [
+        (
+            dir.url.as_str(),
+            Some("wrong"),
+            "check BAKER_TOKEN: it must be the directory's BAKER_TOKEN".to_owned(),
+        ),
+        (
+            nowhere.as_str(),
+            None,
+            format!("check that baker-directory runs at {nowhere} (BAKER_DIRECTORY)"),
+        ),
+    ] {
+        let mut registrar = registrar_of(&app, directory, token);
+        registrar.wait_for_log(&hint, Duration::from_secs(10)).await;
+        // Nothing was registered: nothing to deregister, so it stops at once.
+        registrar.term();
+        let stopping = Instant::now();
+        let status = registrar.wait_exit(Duration::from_secs(5)).await;
+        let took = stopping.elapsed();
+        assert!(status.success(), "{status:?}: {}", registrar.log_text());
+        assert!(
+            took < Duration::from_secs(1) && !registrar.log_text().contains("deregistering"),
+            "took {took:?} to stop: {}",
+            registrar.log_text()
+        );
+    }
+    assert!(
+        dir.client.service("emitter").await.is_err()
+            || dir
+                .client
+                .service("emitter")
+                .await
+                .unwrap()
+                .instances
+                .is_empty()
+    );
+}

@@ -388,7 +388,9 @@ async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
     assert!(drain_by_api(dir, "instances/greeting-3", HOSTILE)
         .await
         .is_success());
-    assert!(drain_by_api(dir, "versions/9", HOSTILE).await.is_success());
+    assert!(drain_by_api(dir, "versions/9?force=true", HOSTILE)
+        .await
+        .is_success());
     let refused = reqwest::Client::new()
         .put(format!(
             "{}/v1/services/%3Cb%3Ex%3C%2Fb%3E/instances/x",

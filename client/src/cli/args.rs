@@ -44,6 +44,7 @@ pub struct Global {
         long,
         global = true,
         env = "BAKER_DIRECTORY",
+        hide_env_values = true,
         default_value = DEFAULT_DIRECTORY,
         value_name = "URL"
     )]
@@ -139,6 +140,10 @@ pub enum Command {
     /// registered and healthy, but gets no new request; those in flight finish. The drain
     /// survives a directory restart, until `baker undrain`.
     Drain {
+        /// Drain even if no live instance matches (ahead of its registration); the directory
+        /// refuses such a drain otherwise, naming what runs: the name is likely a mistake.
+        #[arg(long)]
+        force: bool,
         /// SERVICE/ID for an instance, or SERVICE with --version.
         #[arg(value_name = "SERVICE[/ID]")]
         what: String,
@@ -234,8 +239,8 @@ pub enum RouteCommand {
     /// route.
     Set {
         /// Set the route even if the service, or another service it sends to, has never had a
-        /// live instance (the directory refuses such a route otherwise: its name is likely a
-        /// mistake).
+        /// live instance, or if none of its targets has one while the service has some (the
+        /// directory refuses such a route otherwise: a name in it is likely a mistake).
         #[arg(long)]
         force: bool,
         /// The service.

@@ -42,6 +42,7 @@ pub async fn drain(
     what: &str,
     version: Option<&str>,
     reason: Option<&str>,
+    force: bool,
     wait: Wait,
 ) -> anyhow::Result<()> {
     let (service, target) = target(what, version)?;
@@ -50,10 +51,13 @@ pub async fn drain(
             .map_err(|e| Failure::Usage(format!("--reason: {}", e.message)))?;
     }
     let client = ctx.client()?;
-    let resp = client
-        .drain(service.as_str(), &target, reason)
-        .await
-        .map_err(|e| Failure::from_client(&client, &format!("drain {service} {target}"), e))?;
+    let sent = if force {
+        client.drain_forced(service.as_str(), &target, reason).await
+    } else {
+        client.drain(service.as_str(), &target, reason).await
+    };
+    let resp =
+        sent.map_err(|e| Failure::from_client(&client, &format!("drain {service} {target}"), e))?;
     if ctx.json() {
         ctx.print_json(&resp)?;
     } else {

@@ -180,8 +180,15 @@ pub async fn instances(ctx: &Ctx, service: Option<&ServiceName>) -> anyhow::Resu
     }
     let table = instances_table(&resp.instances, false, SystemTime::now());
     ctx.print_table(&table, &format!("no live instances of {service}"))?;
+    // The route is part of the answer for people; a script reading rows (--no-headers) gets
+    // rows only, and the route from `baker route list`.
     if let Some(route) = &resp.route {
-        eprintln!("route: {}", route_text(service, route));
+        let line = format!("route: {}", route_text(service, route));
+        if ctx.global.no_headers {
+            eprintln!("{line}");
+        } else {
+            ctx.print(&line)?;
+        }
     }
     Ok(())
 }

@@ -29,12 +29,25 @@ pub fn command_line(
         .about(program.about)
         .after_help(variables_help(program))
         .disable_help_subcommand(true);
+    let args: Vec<OsString> = args.into_iter().collect();
+    // A word where no argument belongs: most likely a command meant for the CLI, given to a
+    // daemon's image (`docker run baker/directory baker services`).
+    let command_given = args
+        .get(1)
+        .is_some_and(|a| !a.to_string_lossy().starts_with('-'));
     match command.try_get_matches_from(args) {
         Ok(_) => Invocation::Run,
         Err(e) => match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 Invocation::Print(e.to_string())
             }
+            _ if command_given => Invocation::Refuse(format!(
+                "{e}\n{} takes no command: its settings are BAKER_* variables (see --help). To \
+                 run the baker CLI from the images, use baker/directory's: `docker run --rm \
+                 --entrypoint baker baker/directory services`, or `docker exec CONTAINER baker \
+                 services` in a running directory container.\n",
+                program.name
+            )),
             _ => Invocation::Refuse(e.to_string()),
         },
     }
@@ -107,5 +120,18 @@ mod tests {
                 "{args:?} accepted"
             );
         }
+        // A command for the CLI, given to a daemon's image: how to run the CLI instead.
+        let Invocation::Refuse(said) = run(&["baker", "services"]) else {
+            panic!("accepted")
+        };
+        assert!(
+            said.contains("baker-directory takes no command")
+                && said.contains("docker run --rm --entrypoint baker baker/directory services"),
+            "{said}"
+        );
+        let Invocation::Refuse(said) = run(&["--listen", "x"]) else {
+            panic!("accepted")
+        };
+        assert!(!said.contains("--entrypoint"), "{said}");
     }
 }

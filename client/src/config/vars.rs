@@ -114,7 +114,11 @@ pub const DIRECTORY: Program = Program {
             "none",
             "bearer token a watch must send (BAKER_TOKEN works too)",
         ),
-        var(ENV_DATA, "./data", "directory holding the routes"),
+        var(
+            ENV_DATA,
+            "./data",
+            "directory holding the routes and drains (memory store)",
+        ),
         var(
             ENV_STORE,
             "memory",
