@@ -105,7 +105,29 @@ pub(super) struct Replica {
 struct Discovered {
     wanted: BTreeMap<(ServiceName, InstanceId), Instance>,
     dropped: HashMap<(ServiceName, InstanceId), RemoveCause>,
+    /// When each wanted container was last added to `wanted` (a start seen by this engine).
+    since: HashMap<(ServiceName, InstanceId), Instant>,
+    /// Containers another replica removed for a reason of the engine's (stopped, died, ...),
+    /// and when this replica learnt it: another replica on the same engine saw the stop
+    /// first, and this one's own event is on its way. Such a container is not written again
+    /// for [`STOPPED_ELSEWHERE`], unless this engine started it since.
+    stopped_elsewhere: HashMap<(ServiceName, InstanceId), Instant>,
 }
+
+impl Discovered {
+    /// Whether the wanted container `key` was removed by another replica for a reason of the
+    /// engine's since this replica last saw it start, lately enough to wait for this
+    /// replica's own event instead of writing it again.
+    fn stopped_elsewhere(&self, key: &(ServiceName, InstanceId)) -> bool {
+        self.stopped_elsewhere.get(key).is_some_and(|at| {
+            at.elapsed() < STOPPED_ELSEWHERE && self.since.get(key).is_none_or(|s| s <= at)
+        })
+    }
+}
+
+/// How long a container another replica removed as stopped is left alone by this one, while
+/// its own engine still lists it as running: its own stop event comes within this.
+const STOPPED_ELSEWHERE: Duration = Duration::from_secs(10);
 
 impl Replica {
     fn discovered(&self) -> std::sync::MutexGuard<'_, Discovered> {
@@ -497,6 +519,9 @@ impl Registry {
                 let key = (service.clone(), id.clone());
                 let mut d = replica.discovered();
                 d.dropped.remove(&key);
+                if !d.wanted.contains_key(&key) {
+                    d.since.insert(key.clone(), Instant::now());
+                }
                 d.wanted.insert(key, instance.clone());
                 drop(d);
                 replica.kick.notify_one();
@@ -535,6 +560,7 @@ impl Registry {
         let key = (service.clone(), id.clone());
         let mut d = replica.discovered();
         let was = d.wanted.remove(&key).is_some();
+        d.since.remove(&key);
         d.dropped.insert(key, cause);
         drop(d);
         replica.kick.notify_one();
@@ -567,10 +593,15 @@ impl Registry {
             .cloned()
             .collect();
         for key in gone {
+            d.since.remove(&key);
             d.dropped.insert(key, RemoveCause::DockerResync);
         }
+        let now = Instant::now();
         for key in wanted.keys() {
             d.dropped.remove(key);
+            if !d.wanted.contains_key(key) {
+                d.since.insert(key.clone(), now);
+            }
         }
         d.wanted = wanted;
         drop(d);
@@ -885,7 +916,7 @@ impl Registry {
         id: &InstanceId,
         cause: Option<RemoveCause>,
     ) -> Option<Source> {
-        t.owners.remove(&(service.clone(), id.clone()));
+        let owner = t.owners.remove(&(service.clone(), id.clone()));
         let before = t.store.revision();
         t.store.set_revision(rev.saturating_sub(1));
         let Some((revision, instance)) = t.take(service, id) else {
@@ -893,6 +924,21 @@ impl Registry {
             return None;
         };
         let source = instance.source;
+        let replica = self.inner.replica.as_ref().expect("called in etcd mode");
+        // Another replica's container, gone for a reason of its engine (not as `expired`:
+        // its lease ran out, or its replica stopped and handed it over, when this replica is
+        // to take it over): if this engine runs it too, its stop event here is on its way.
+        if source == Source::Docker
+            && cause.is_some_and(|c| c != RemoveCause::Expired)
+            && owner.is_some_and(|o| o != replica.session_lease())
+        {
+            let mut d = replica.discovered();
+            let now = Instant::now();
+            d.stopped_elsewhere
+                .retain(|_, at| now.duration_since(*at) < STOPPED_ELSEWHERE);
+            d.stopped_elsewhere
+                .insert((service.clone(), id.clone()), now);
+        }
         let cause = cause.unwrap_or_else(|| {
             self.inner.metrics.expiries.inc();
             tracing::info!(
@@ -1082,7 +1128,7 @@ impl Registry {
                 .filter_map(|(key, want)| {
                     let owner = t.owners.get(key).copied();
                     let put = match t.store.instance(&key.0, &key.1) {
-                        None => true,
+                        None => !d.stopped_elsewhere(key),
                         // Another replica's container: its lease says when it goes.
                         Some(i) if i.source == Source::Docker && owner != Some(lease) => false,
                         Some(i) => owner != Some(lease) || !same_but_last_seen(i, want),
@@ -1272,6 +1318,27 @@ mod tests {
                 ("c".to_owned(), RemoveCause::Expired),
             ]
         );
+    }
+
+    #[test]
+    fn a_container_stopped_elsewhere_waits_for_this_engines_event_unless_it_started_since() {
+        let key: (ServiceName, InstanceId) = ("web".parse().unwrap(), "c1".parse().unwrap());
+        let now = Instant::now();
+        let mut d = Discovered::default();
+        assert!(!d.stopped_elsewhere(&key), "nothing known: written");
+        // Seen starting here, then removed by another replica as stopped: left alone.
+        d.since.insert(key.clone(), now - Duration::from_secs(3));
+        d.stopped_elsewhere
+            .insert(key.clone(), now - Duration::from_secs(1));
+        assert!(d.stopped_elsewhere(&key));
+        // Started again here after that removal: written.
+        d.since.insert(key.clone(), now);
+        assert!(!d.stopped_elsewhere(&key));
+        // The removal is older than the grace and this engine still lists it: written.
+        d.since.insert(key.clone(), now - STOPPED_ELSEWHERE * 3);
+        d.stopped_elsewhere
+            .insert(key.clone(), now - STOPPED_ELSEWHERE * 2);
+        assert!(!d.stopped_elsewhere(&key));
     }
 
     #[tokio::test]
