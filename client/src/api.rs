@@ -467,10 +467,7 @@ impl DirectoryClient {
         target: &Target,
         reason: Option<&str>,
     ) -> Result<DrainResponse, ClientError> {
-        let body = DrainRequest {
-            reason: reason.map(str::to_owned),
-        };
-        self.send_json(Method::PUT, &maintenance_path(service, target), &body)
+        self.put_drain(maintenance_path(service, target), reason)
             .await
     }
 
@@ -482,10 +479,19 @@ impl DirectoryClient {
         target: &Target,
         reason: Option<&str>,
     ) -> Result<DrainResponse, ClientError> {
+        let path = format!("{}?force=true", maintenance_path(service, target));
+        self.put_drain(path, reason).await
+    }
+
+    /// `PUT` of a drain with its optional reason on `path`.
+    async fn put_drain(
+        &self,
+        path: String,
+        reason: Option<&str>,
+    ) -> Result<DrainResponse, ClientError> {
         let body = DrainRequest {
             reason: reason.map(str::to_owned),
         };
-        let path = format!("{}?force=true", maintenance_path(service, target));
         self.send_json(Method::PUT, &path, &body).await
     }
 
