@@ -596,6 +596,11 @@ pub struct Instance {
     pub ttl_ms: u64,
     /// When the directory last heard of this instance, in milliseconds since the Unix epoch.
     pub last_seen: u64,
+    /// When the instance joined the directory (its first registration, or the discovery of its
+    /// container), in milliseconds since the Unix epoch: heartbeats and changes keep it, so
+    /// `now - since` is its age. 0 from older directories.
+    #[serde(default)]
+    pub since: u64,
     /// `up`, or `draining` while an operator's drain of its id or version is in place (an
     /// older directory sends none: `up`).
     #[serde(default)]
@@ -628,6 +633,7 @@ impl Instance {
             source: Source::Registrar,
             ttl_ms: 6000,
             last_seen: 0,
+            since: 0,
             state: InstanceState::Up,
             reason: None,
             node: None,

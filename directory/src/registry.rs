@@ -208,7 +208,16 @@ enum Outcome {
     Renewed,
 }
 
-/// Whether two instances differ in anything a consumer acts on (all but `last_seen`).
+/// Keeps the time `old`, the instance `instance` replaces, joined the directory: a change or a
+/// heartbeat does not make an instance new.
+fn joined_as(instance: &mut Instance, old: Option<&Instance>) {
+    if let Some(old) = old.filter(|o| o.since != 0) {
+        instance.since = old.since;
+    }
+}
+
+/// Whether two instances differ in anything a consumer acts on (all but `last_seen` and
+/// `since`).
 fn same_but_last_seen(a: &Instance, b: &Instance) -> bool {
     a.address == b.address
         && a.port == b.port
@@ -236,8 +245,9 @@ impl Table {
         }
     }
 
-    /// Puts `instance`; returns what it did and, for a change, its revision.
-    fn put(&mut self, instance: Instance, now: Instant) -> (Outcome, u64) {
+    /// Puts `instance`, keeping when it joined if it was there (`instance` is given that time
+    /// too); returns what it did and, for a change, its revision.
+    fn put(&mut self, instance: &mut Instance, now: Instant) -> (Outcome, u64) {
         let deadline = match instance.source {
             Source::Registrar if self.local_expiry => {
                 Some(now + Duration::from_millis(instance.ttl_ms))
@@ -247,15 +257,17 @@ impl Table {
         let (service, id) = (instance.service.clone(), instance.id.clone());
         self.known.note(&service);
         self.lease(&service, &id, deadline);
-        let outcome = match self.store.instance(&service, &id) {
-            Some(old) if same_but_last_seen(old, &instance) => {
+        let old = self.store.instance(&service, &id);
+        joined_as(instance, old);
+        let outcome = match old {
+            Some(old) if same_but_last_seen(old, instance) => {
                 self.store.renew(&service, &id, instance.last_seen);
                 return (Outcome::Renewed, self.store.revision());
             }
             Some(_) => Outcome::Changed,
             None => Outcome::Added,
         };
-        let (revision, _) = self.store.put(instance);
+        let (revision, _) = self.store.put(instance.clone());
         (outcome, revision)
     }
 
@@ -675,13 +687,13 @@ impl Registry {
         if self.inner.replica.is_some() {
             return self.upsert_through_etcd(service, id, spec, source);
         }
-        let instance = instance_of(service, id, spec, source);
+        let mut instance = instance_of(service, id, spec, source);
         let mut t = self.lock();
         check_takeover(&t, service, id, source)?;
         t.admit(&self.inner.quotas, service, id)
             .inspect_err(|e| self.refused(e))?;
         let before = t.next_deadline();
-        let (outcome, revision) = t.put(instance.clone(), Instant::now());
+        let (outcome, revision) = t.put(&mut instance, Instant::now());
         self.rearm(before, t.next_deadline());
         if outcome != Outcome::Added {
             self.inner.metrics.heartbeats.inc();
@@ -691,7 +703,6 @@ impl Registry {
         } else {
             self.publish_upsert(&mut t, outcome, revision, instance.clone());
         }
-        let mut instance = instance;
         instance.mark(t.store.maintenance(service));
         Ok(instance)
     }
@@ -796,8 +807,8 @@ impl Registry {
                 refused.1 += 1;
                 continue;
             }
-            let instance = instance_of(&service, &id, spec, source);
-            let (outcome, revision) = t.put(instance.clone(), now);
+            let mut instance = instance_of(&service, &id, spec, source);
+            let (outcome, revision) = t.put(&mut instance, now);
             if outcome != Outcome::Renewed {
                 self.publish_upsert(&mut t, outcome, revision, instance);
             }
@@ -1392,13 +1403,15 @@ fn mark_all(list: &mut [Instance], maintenance: Option<&Maintenance>) {
     }
 }
 
-/// The instance `spec` describes, last seen now.
+/// The instance `spec` describes, last seen now and joined now ([`joined_as`] keeps an
+/// earlier start).
 fn instance_of(
     service: &ServiceName,
     id: &InstanceId,
     spec: ValidSpec,
     source: Source,
 ) -> Instance {
+    let now = unix_millis();
     Instance {
         service: service.clone(),
         id: id.clone(),
@@ -1409,7 +1422,8 @@ fn instance_of(
         tags: spec.tags,
         source,
         ttl_ms: spec.ttl_ms,
-        last_seen: unix_millis(),
+        last_seen: now,
+        since: now,
         state: InstanceState::Up,
         reason: None,
         node: spec.node,
@@ -1611,6 +1625,45 @@ mod tests {
         );
         assert_eq!(r.metrics().heartbeats.get(), 3);
         assert_eq!(r.services().services["emitter"][0].weight, 50);
+    }
+
+    #[tokio::test]
+    async fn an_instance_keeps_when_it_joined_through_heartbeats_and_changes() {
+        let (r, _dir) = registry();
+        let mut sub = r.subscribe(None, false);
+        let joined = r
+            .upsert(&svc("emitter"), &iid("a"), spec(80, 1000), Source::Registrar)
+            .unwrap();
+        assert_eq!(joined.since, joined.last_seen);
+        std::thread::sleep(Duration::from_millis(5));
+        let renewed = r
+            .upsert(&svc("emitter"), &iid("a"), spec(80, 1000), Source::Registrar)
+            .unwrap();
+        assert_eq!(renewed.since, joined.since, "a heartbeat keeps it");
+        assert!(renewed.last_seen > joined.since);
+        std::thread::sleep(Duration::from_millis(5));
+        let mut heavier = spec(80, 1000);
+        heavier.weight = 50;
+        let changed = r
+            .upsert(&svc("emitter"), &iid("a"), heavier, Source::Registrar)
+            .unwrap();
+        assert_eq!(changed.since, joined.since, "a change keeps it");
+        let listed = &r.services().services["emitter"][0];
+        assert_eq!((listed.since, listed.weight), (joined.since, 50));
+        let published: Vec<u64> = events(&mut sub.feed)
+            .iter()
+            .filter_map(|e| match e {
+                Change::Upsert { instance, .. } => Some(instance.since),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(published, [joined.since, joined.since]);
+        r.remove(&svc("emitter"), &iid("a"), RemoveCause::Deregistered);
+        std::thread::sleep(Duration::from_millis(5));
+        let again = r
+            .upsert(&svc("emitter"), &iid("a"), spec(80, 1000), Source::Registrar)
+            .unwrap();
+        assert!(again.since > joined.since, "registered anew, it joins anew");
     }
 
     #[tokio::test(start_paused = true)]

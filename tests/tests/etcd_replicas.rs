@@ -209,6 +209,18 @@ async fn replicas_serve_one_table_and_stream_the_same_changes() {
 }
 
 /// The etcd cluster's revision now: it moves with every write, and only with writes.
+/// When emitter/`id` joined the directory, as `dir` lists it.
+async fn since_of(dir: &TestDirectory, id: &str) -> u64 {
+    let service = dir.client.service("emitter").await.expect("reading emitter");
+    let i = service
+        .instances
+        .iter()
+        .find(|i| i.id == id)
+        .unwrap_or_else(|| panic!("emitter/{id} is listed"));
+    assert_ne!(i.since, 0, "emitter/{id} says when it joined");
+    i.since
+}
+
 async fn revision(etcd: &Etcd) -> i64 {
     etcd.snapshot().await.expect("a snapshot").revision
 }
@@ -253,13 +265,17 @@ async fn heartbeats_end_at_the_replica_and_a_registrar_that_moves_takes_one_writ
         10 * N
     );
 
-    // i0's registrar moves to b: one write, which changes nothing any watcher sees.
+    // i0's registrar moves to b: one write, which changes nothing any watcher sees, nor when
+    // i0 joined.
+    let joined = since_of(&a, "i0").await;
     b.client
         .register("emitter", "i0", &spec(8000, TTL))
         .await
         .unwrap();
     let moved = revision(&etcd).await;
     assert_eq!(moved, before + 1, "the move took one write");
+    assert_eq!(since_of(&b, "i0").await, joined, "i0 joined when it did, on b");
+    assert_eq!(since_of(&a, "i0").await, joined, "i0 joined when it did, on a");
 
     // From now on i0 heartbeats through b, the others through a, but for i1: nobody renews
     // it, and it expires within its TTL on both replicas, as `expired`.

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    check_takeover, instance_of, same_but_last_seen, unix_millis, Conflict, DrainError, Outcome,
+    check_takeover, instance_of, joined_as, same_but_last_seen, unix_millis, Conflict, DrainError, Outcome,
     Refused, Registry, RouteError, Table,
 };
 use crate::etcd::{
@@ -270,7 +270,7 @@ impl Registry {
         let Some(replica) = &self.inner.replica else {
             return Ok(self.upsert(service, id, spec, Source::Registrar)?);
         };
-        let instance = instance_of(service, id, spec, Source::Registrar);
+        let mut instance = instance_of(service, id, spec, Source::Registrar);
         let key = (service.clone(), id.clone());
         let (existing, owner) = {
             let t = self.lock();
@@ -282,6 +282,7 @@ impl Registry {
                 t.owners.get(&key).copied(),
             )
         };
+        joined_as(&mut instance, existing.as_ref());
         let session = match replica.session_lease() {
             0 => replica.own_lease().await?,
             lease => lease,
@@ -882,14 +883,14 @@ impl Registry {
         }
     }
 
-    fn mirror_put(&self, t: &mut Table, rev: u64, instance: Instance, lease: i64) {
+    fn mirror_put(&self, t: &mut Table, rev: u64, mut instance: Instance, lease: i64) {
         let key = (instance.service.clone(), instance.id.clone());
         t.owners.insert(key.clone(), lease);
         let before = t.store.revision();
         t.store.set_revision(rev.saturating_sub(1));
         let now = Instant::now();
         let (ttl, source) = (instance.ttl_ms, instance.source);
-        let (outcome, revision) = t.put(instance.clone(), now);
+        let (outcome, revision) = t.put(&mut instance, now);
         // An instance bound to this replica's session expires here, by its TTL; one bound to
         // another's expires there (or with that session).
         let session = self.inner.replica.as_ref().map(|r| r.session_lease());
@@ -1133,8 +1134,13 @@ impl Registry {
                         Some(i) if i.source == Source::Docker && owner != Some(lease) => false,
                         Some(i) => owner != Some(lease) || !same_but_last_seen(i, want),
                     };
-                    let expected = t.store.instance(&key.0, &key.1).and(owner);
-                    put.then(|| (want.clone(), expected))
+                    let stored = t.store.instance(&key.0, &key.1);
+                    let expected = stored.and(owner);
+                    put.then(|| {
+                        let mut want = want.clone();
+                        joined_as(&mut want, stored);
+                        (want, expected)
+                    })
                 })
                 .collect();
             let mut removals: Vec<Removal> = Vec::new();
