@@ -62,6 +62,8 @@ pub struct AppState {
     pub watch: watch::Limits,
     /// Cancelled when the directory shuts down: watch streams end.
     pub shutdown: CancellationToken,
+    /// Which replica this is and where its table lives, for the dashboard's header.
+    pub about: Arc<crate::ui::About>,
 }
 
 /// An error answer.

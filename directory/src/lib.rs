@@ -165,6 +165,10 @@ pub async fn run(
         registry.clone(),
         shutdown.clone(),
     ));
+    let addr = listener.local_addr().map_err(Error::Listener)?;
+    // The data directory exists by now in memory mode (the route store created it).
+    let data = std::fs::canonicalize(&config.data).unwrap_or_else(|_| config.data.clone());
+    let about = ui::About::here(addr, &config.store, &data);
     let state = api::AppState {
         registry,
         ambassadors: reports,
@@ -177,9 +181,9 @@ pub async fn run(
             backlog_bytes: config.watch_backlog_bytes,
         },
         shutdown: shutdown.clone(),
+        about: Arc::new(about),
     };
     let app = api::router(state, config.request_timeout);
-    let addr = listener.local_addr().map_err(Error::Listener)?;
     tracing::info!("listening on {addr}");
     let limits = server::Limits {
         max_connections: config.max_connections,

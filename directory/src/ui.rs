@@ -8,7 +8,12 @@
 //! maintenance, events) and builds the page with DOM calls only (`textContent`), so no value
 //! of the table is ever parsed as HTML. Changes need the bearer token, which the page sends
 //! as everyone else does; `GET /ui/auth` only tells the page whether a token is right.
+//!
+//! The page's header names the replica that serves it and the store its table lives in
+//! ([`About`]), so that with several replicas on one etcd an operator knows which one they see.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::LazyLock;
 
 use axum::extract::State;
@@ -22,6 +27,7 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::api::{ApiError, AppState};
+use crate::config::StoreMode;
 
 /// The page's template.
 const PAGE: &str = include_str!("../ui/index.html");
@@ -45,6 +51,55 @@ static TEMPLATES: LazyLock<tera::Tera> = LazyLock::new(|| {
     tera
 });
 
+/// Which replica serves the page and where its table lives, as the header shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct About {
+    /// `<hostname>:<port>`: the machine the directory runs on and the port it listens on.
+    pub replica: String,
+    /// `memory (routes and drains kept in <dir>)`, or `etcd (<members>, prefix <prefix>)`.
+    pub store: String,
+}
+
+impl About {
+    /// What a directory on `hostname`, listening on `listen`, says of itself with `store` (and
+    /// `data`, where a memory store keeps its routes and drains). Only the members' host and
+    /// port are shown: anything before an `@` (credentials) never is.
+    pub fn new(hostname: &str, listen: SocketAddr, store: &StoreMode, data: &Path) -> About {
+        let host = if hostname.is_empty() {
+            listen.ip().to_string()
+        } else {
+            hostname.to_owned()
+        };
+        let store = match store {
+            StoreMode::Memory => format!("memory (routes and drains kept in {})", data.display()),
+            StoreMode::Etcd(url) => {
+                let members: Vec<&str> = url
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let hostport = e.split_once("://").map_or(e.as_str(), |(_, rest)| rest);
+                        hostport.rsplit_once('@').map_or(hostport, |(_, h)| h)
+                    })
+                    .collect();
+                format!("etcd ({}, prefix {})", members.join(", "), url.prefix)
+            }
+        };
+        About {
+            replica: format!("{host}:{}", listen.port()),
+            store,
+        }
+    }
+
+    /// [`About::new`] with this machine's hostname (its address when it has no readable one).
+    pub fn here(listen: SocketAddr, store: &StoreMode, data: &Path) -> About {
+        let hostname = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        About::new(&hostname, listen, store, data)
+    }
+}
+
 /// The dashboard's routes, mounted by [`crate::api::router`].
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -61,6 +116,8 @@ fn context(app: &AppState) -> tera::Context {
     ctx.insert("version", env!("CARGO_PKG_VERSION"));
     ctx.insert("token_required", &app.token.is_some());
     ctx.insert("watch_token_required", &app.watch_token.is_some());
+    ctx.insert("replica", &app.about.replica);
+    ctx.insert("store", &app.about.store);
     ctx
 }
 
@@ -121,6 +178,8 @@ mod tests {
         ctx.insert("version", "<script>alert(1)</script>");
         ctx.insert("token_required", &true);
         ctx.insert("watch_token_required", &false);
+        ctx.insert("replica", "<b>host</b>:7700");
+        ctx.insert("store", "memory");
         let html = TEMPLATES.render("index.html", &ctx).unwrap();
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(
@@ -128,6 +187,51 @@ mod tests {
             "{html}"
         );
         assert!(html.contains(r#"<script src="/ui/app.js" defer></script>"#));
+        assert!(html.contains("&lt;b&gt;host&lt;&#x2F;b&gt;:7700"), "{html}");
+    }
+
+    #[test]
+    fn the_header_names_the_replica_and_its_store() {
+        let listen: SocketAddr = "0.0.0.0:7700".parse().unwrap();
+        let about = About::new(
+            "dir-a",
+            listen,
+            &StoreMode::Memory,
+            Path::new("/var/lib/baker"),
+        );
+        assert_eq!(about.replica, "dir-a:7700");
+        assert_eq!(
+            about.store,
+            "memory (routes and drains kept in /var/lib/baker)"
+        );
+        let store: StoreMode = "etcd://etcd-1:2379,etcd-2:2379,etcd-3:2379"
+            .parse()
+            .unwrap();
+        let about = About::new("dir-b", listen, &store, Path::new("./data"));
+        assert_eq!(
+            about.store,
+            "etcd (etcd-1:2379, etcd-2:2379, etcd-3:2379, prefix /baker)"
+        );
+        // With no readable hostname, the address it listens on.
+        let about = About::new("", "10.0.0.5:7701".parse().unwrap(), &store, Path::new("."));
+        assert_eq!(about.replica, "10.0.0.5:7701");
+    }
+
+    #[test]
+    fn the_header_never_shows_credentials_of_an_etcd_member() {
+        // BAKER_STORE refuses credentials in a member; a member given some anyway (built
+        // directly) is still shown by host and port only.
+        assert!("etcd://root:pw@etcd-1:2379".parse::<StoreMode>().is_err());
+        let store = StoreMode::Etcd(crate::etcd::StoreUrl {
+            endpoints: vec![
+                "http://root:s3cret@etcd-1:2379".into(),
+                "https://u:p@w@etcd-2:2379".into(),
+            ],
+            prefix: "/team".into(),
+        });
+        let about = About::new("dir", "[::]:7700".parse().unwrap(), &store, Path::new("."));
+        assert_eq!(about.store, "etcd (etcd-1:2379, etcd-2:2379, prefix /team)");
+        assert!(!about.store.contains("s3cret") && !about.store.contains("root"));
     }
 
     #[test]
