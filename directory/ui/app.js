@@ -392,7 +392,7 @@ function draw() {
 /** Refreshes the ages shown, which change with the clock rather than with the state. */
 function tick(now) {
   for (const e of document.querySelectorAll('[data-since]')) {
-    e.textContent = fmtAge(now - Number(e.dataset.since));
+    e.textContent = fmtAge(Math.max(0, now - Number(e.dataset.since)));
   }
 }
 
@@ -512,13 +512,16 @@ function fillCard(card, name) {
   }));
 }
 
+const AGE_MEANS = 'how long it has been in the directory (since its first registration, or since its '
+  + 'container was found); the CLI\'s SEEN is when the directory last heard of it';
+
 function instanceTable(maintenance) {
   return el('table', {},
     el('thead', {}, el('tr', {},
       el('th', {}, 'Instance'), el('th', {}, 'Version'), el('th', { class: 'num' }, 'Weight'),
       el('th', {}, 'State'), el('th', {}, 'Health (ambassadors)'),
       el('th', { class: 'num' }, 'Requests'), el('th', { class: 'num' }, 'Errors'),
-      el('th', {}, 'Source'), el('th', { class: 'num', title: 'since its last change' }, 'Age'),
+      el('th', {}, 'Source'), el('th', { class: 'num', title: AGE_MEANS }, 'Age'),
       maintenance ? el('th', {}, '') : null)),
     el('tbody'));
 }
@@ -557,6 +560,8 @@ function instanceRow(service, inst, maintenance) {
       onclick: () => (drain ? undrain(service, inst.id) : openDrain(service, inst.id)),
     }, drain ? 'Undrain' : 'Drain'));
   }
+  // `since` is when it joined the directory; 0 (or none) from a directory older than it.
+  const since = Number(inst.since) > 0 ? Number(inst.since) : null;
   return el('tr', { class: drain ? 'draining' : null, 'data-id': inst.id },
     el('td', {}, el('strong', {}, inst.id), ' ', el('span', { class: 'mono muted' }, `${inst.address}:${inst.port}`),
       (inst.tags || []).length ? el('div', {}, inst.tags.map((t) => el('span', { class: 'tag' }, t))) : null),
@@ -567,7 +572,7 @@ function instanceRow(service, inst, maintenance) {
     el('td', { class: 'num' }, traffic ? fmtCount(traffic.requests) : '-'),
     el('td', { class: `num${traffic && traffic.errors ? ' errors' : ''}` }, traffic ? fmtCount(traffic.errors) : '-'),
     el('td', { class: 'muted' }, inst.source),
-    el('td', { class: 'num muted', 'data-since': inst.last_seen }),
+    el('td', { class: 'num muted age', 'data-since': since, title: AGE_MEANS }, since ? null : '-'),
     action);
 }
 
