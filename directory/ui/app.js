@@ -394,6 +394,7 @@ function tick(now) {
   for (const e of document.querySelectorAll('[data-since]')) {
     e.textContent = fmtAge(Math.max(0, now - Number(e.dataset.since)));
   }
+  fitLabels();
 }
 
 function drawServices(names) {
@@ -424,12 +425,23 @@ function routeBar(segments) {
   for (const s of segments) {
     if (!s.share) continue;
     const pct = (100 * s.share) / total;
-    const seg = el('span', { class: 'seg', title: s.title }, s.label);
+    const seg = el('span', {
+      class: s.dead ? 'seg dead' : 'seg', title: s.title, 'data-long': s.long || null, 'data-short': s.long ? s.label : null,
+    }, s.label);
     seg.style.width = `${pct}%`;
     seg.style.background = s.dead ? 'repeating-linear-gradient(45deg,#b9c1cc,#b9c1cc 5px,#cfd5dd 5px,#cfd5dd 10px)' : colour(s.key);
     bar.append(seg);
   }
   return bar;
+}
+
+/** Shows each segment's long label (`v3: no instance`) where it fits, its short one elsewhere. */
+function fitLabels() {
+  for (const seg of document.querySelectorAll('.seg[data-long]')) {
+    if (!seg.clientWidth) continue;
+    if (seg.textContent !== seg.dataset.long) seg.textContent = seg.dataset.long;
+    if (seg.scrollWidth > seg.clientWidth) seg.textContent = seg.dataset.short;
+  }
 }
 
 /** How a route target reads on the bar: `v2` for a version, as written for another service. */
@@ -445,10 +457,58 @@ function routeSegments(service, route) {
       key: target,
       share: Number(pct) || 0,
       label: `${targetLabel(target)} ${pct}%`,
+      long: dead ? `${targetLabel(target)}: no instance` : null,
       dead,
       title: dead ? `${target}: ${pct}% (no live instance of this version)` : `${target}: ${pct}%`,
     };
   });
+}
+
+/** A list as people write it: `a`, `a and b`, `a, b and c`. */
+function listText(items) {
+  return items.length < 2 ? items.join('') : `${items.slice(0, -1).join(', ')} and ${items.at(-1)}`;
+}
+
+/** Whether a route target has an instance that takes requests (live and not drained). */
+function serves(service, target) {
+  let svc = service;
+  let version = target;
+  if (crossService(target, service)) {
+    [svc, version] = target.split('@');
+    if (version === undefined || version === '*') version = null;
+  }
+  return (S.services[svc] || []).some((i) => (version === null || i.version === version) && !drainOf(svc, i));
+}
+
+/**
+ * What happens to the shares of a route that go to versions with no live instance, as the
+ * ambassadors plan it (docs/ambassador.md, "Canary splits and weights"): such a share goes to
+ * the route's targets that have a serving (live, undrained) instance, in proportion to theirs;
+ * when none has, the route is set aside and every serving instance takes requests by its
+ * weight; with none at all, HAProxy has no server for the request and answers 503. Null when
+ * every share has a live instance.
+ */
+function deadShareNote(service, route) {
+  const segs = routeSegments(service, route).filter((s) => s.share > 0);
+  const dead = segs.filter((s) => s.dead);
+  if (!dead.length) return null;
+  const deadPct = dead.reduce((n, s) => n + s.share, 0);
+  const what = dead.length === 1
+    ? `version ${dead[0].key}, which has no live instance`
+    : `versions ${listText(dead.map((s) => s.key))}, which have no live instance`;
+  const head = `${deadPct} % of ${service}'s traffic is routed to ${what}`;
+  const takers = segs.filter((s) => !s.dead && serves(service, s.key));
+  if (takers.length) {
+    const total = takers.reduce((n, s) => n + s.share, 0);
+    const shares = takers.map((s) => `${targetLabel(s.key)} ${Math.round((100 * s.share) / total)} %`);
+    return `${head}: the ambassadors give that share to the route's other targets in proportion `
+      + `(${listText(shares)}) until one of its instances registers.`;
+  }
+  if ((S.services[service] || []).some((i) => !drainOf(service, i))) {
+    return `${head}: no target of the route has a serving instance, so the route is set aside and `
+      + `every serving instance of ${service} takes requests by its weight until one registers.`;
+  }
+  return `${head}: no instance of ${service} takes requests, so they fail (503) until one registers.`;
 }
 
 function weightSegments(service) {
@@ -469,6 +529,7 @@ function weightSegments(service) {
 function serviceHead(name) {
   const list = S.services[name] || [];
   const route = S.routes[name];
+  const note = route ? deadShareNote(name, route) : null;
   return el('div', { class: 'service-head' },
     el('span', { class: 'service-name' }, name),
     el('span', { class: 'muted' }, `${list.length} instance${list.length === 1 ? '' : 's'}`),
@@ -483,7 +544,8 @@ function serviceHead(name) {
       disabled: !S.canWrite,
       title: S.canWrite ? 'change the split' : 'read-only: unlock changes with the token',
       onclick: () => openRoute(name),
-    }, 'Edit route'));
+    }, 'Edit route'),
+    note ? el('p', { class: 'dead-note' }, note) : null);
 }
 
 function fillCard(card, name) {
@@ -861,6 +923,8 @@ async function undrain(service, id) {
 }
 
 // ---- start --------------------------------------------------------------------------------
+
+window.addEventListener('resize', fitLabels);
 
 async function start() {
   if (TOKEN_REQUIRED && S.token) {
