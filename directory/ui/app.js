@@ -578,14 +578,14 @@ const AGE_MEANS = 'how long it has been in the directory (since its first regist
   + 'container was found); the CLI\'s SEEN is when the directory last heard of it';
 
 function instanceTable(maintenance) {
-  return el('table', {},
+  return el('div', { class: 'scroll' }, el('table', { class: 'stack' },
     el('thead', {}, el('tr', {},
       el('th', {}, 'Instance'), el('th', {}, 'Version'), el('th', { class: 'num' }, 'Weight'),
       el('th', {}, 'State'), el('th', {}, 'Health (ambassadors)'),
       el('th', { class: 'num' }, 'Requests'), el('th', { class: 'num' }, 'Errors'),
       el('th', {}, 'Source'), el('th', { class: 'num', title: AGE_MEANS }, 'Age'),
       maintenance ? el('th', {}, '') : null)),
-    el('tbody'));
+    el('tbody')));
 }
 
 function instanceRow(service, inst, maintenance) {
@@ -610,7 +610,7 @@ function instanceRow(service, inst, maintenance) {
   let action = null;
   if (maintenance) {
     const own = drain && ownDrain(service, inst);
-    action = el('td', {}, el('button', {
+    action = el('td', { class: 'action', 'data-label': '' }, el('button', {
       class: 'small',
       type: 'button',
       'data-action': drain ? 'undrain' : 'drain',
@@ -625,16 +625,18 @@ function instanceRow(service, inst, maintenance) {
   // `since` is when it joined the directory; 0 (or none) from a directory older than it.
   const since = Number(inst.since) > 0 ? Number(inst.since) : null;
   return el('tr', { class: drain ? 'draining' : null, 'data-id': inst.id },
-    el('td', {}, el('strong', {}, inst.id), ' ', el('span', { class: 'mono muted' }, `${inst.address}:${inst.port}`),
+    el('td', { class: 'name', 'data-label': 'Instance' }, el('strong', {}, inst.id), ' ',
+      el('span', { class: 'mono muted' }, `${inst.address}:${inst.port}`),
       (inst.tags || []).length ? el('div', {}, inst.tags.map((t) => el('span', { class: 'tag' }, t))) : null),
-    el('td', {}, versionChip(inst.version)),
-    el('td', { class: 'num' }, String(inst.weight)),
-    el('td', {}, state),
-    el('td', {}, healthCell),
-    el('td', { class: 'num' }, traffic ? fmtCount(traffic.requests) : '-'),
-    el('td', { class: `num${traffic && traffic.errors ? ' errors' : ''}` }, traffic ? fmtCount(traffic.errors) : '-'),
-    el('td', { class: 'muted' }, inst.source),
-    el('td', { class: 'num muted age', 'data-since': since, title: AGE_MEANS }, since ? null : '-'),
+    el('td', { 'data-label': 'Version' }, versionChip(inst.version)),
+    el('td', { class: 'num', 'data-label': 'Weight' }, String(inst.weight)),
+    el('td', { 'data-label': 'State' }, state),
+    el('td', { 'data-label': 'Health' }, healthCell),
+    el('td', { class: 'num', 'data-label': 'Requests' }, traffic ? fmtCount(traffic.requests) : '-'),
+    el('td', { class: `num${traffic && traffic.errors ? ' errors' : ''}`, 'data-label': 'Errors' },
+      traffic ? fmtCount(traffic.errors) : '-'),
+    el('td', { class: 'muted', 'data-label': 'Source' }, inst.source),
+    el('td', { class: 'num muted age', 'data-label': 'Age', 'data-since': since, title: AGE_MEANS }, since ? null : '-'),
     action);
 }
 
@@ -653,7 +655,7 @@ function drawAmbassadors() {
   patch(box, [{
     key: 'table',
     sig: '',
-    build: () => el('div', { class: 'panel' }, el('table', {},
+    build: () => el('div', { class: 'panel scroll' }, el('table', { class: 'stack' },
       el('thead', {}, el('tr', {},
         el('th', {}, 'Ambassador'), el('th', {}, 'Serves'), el('th', {}, 'Applied'),
         el('th', { class: 'num' }, 'Index'), el('th', { class: 'num' }, 'Reloads'),
@@ -672,12 +674,14 @@ function drawAmbassadors() {
         else if (a.caught_up) pill = el('span', { class: 'pill pill-ok' }, 'caught up');
         else pill = el('span', { class: 'pill pill-warn' }, `behind (${r.applied_index} < ${a.wanted_index})`);
         return el('tr', { 'data-ambassador': a.id },
-          el('td', {}, el('strong', {}, a.id), ' ', el('span', { class: 'mono muted' }, r.host)),
-          el('td', {}, (r.services || []).map((s) => el('span', { class: 'tag' }, s.port ? `${s.service}:${s.port}` : s.service))),
-          el('td', {}, pill),
-          el('td', { class: 'num' }, String(r.applied_index)),
-          el('td', { class: 'num' }, String(r.reloads)),
-          el('td', { class: 'num muted', 'data-since': S.reported[a.id] }));
+          el('td', { class: 'name', 'data-label': 'Ambassador' }, el('strong', {}, a.id), ' ',
+            el('span', { class: 'mono muted' }, r.host)),
+          el('td', { 'data-label': 'Serves' },
+            (r.services || []).map((s) => el('span', { class: 'tag' }, s.port ? `${s.service}:${s.port}` : s.service))),
+          el('td', { 'data-label': 'Applied' }, pill),
+          el('td', { class: 'num', 'data-label': 'Index' }, String(r.applied_index)),
+          el('td', { class: 'num', 'data-label': 'Reloads' }, String(r.reloads)),
+          el('td', { class: 'num muted', 'data-label': 'Reported', 'data-since': S.reported[a.id] }));
       },
     };
   }));

@@ -285,6 +285,22 @@ impl Page {
         .await;
     }
 
+    /// Gives the page a `width`×`height` viewport (as a phone or a tablet would), whatever the
+    /// window's size, and waits until the page's layout has it.
+    pub async fn resize(&self, width: u32, height: u32) {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false }),
+        )
+        .await;
+        self.wait_for(
+            &format!("window.innerWidth === {width} && window.innerHeight === {height}"),
+            Duration::from_secs(10),
+            "the page to take its new size",
+        )
+        .await;
+    }
+
     /// The value of a JavaScript expression in the page (promises are awaited); panics when it
     /// throws.
     pub async fn eval(&self, expression: &str) -> Value {
