@@ -1,16 +1,20 @@
 //! End-to-end: the dashboard (`GET /ui`) in a real headless Chromium, against a real directory,
 //! ambassador and HAProxy. The page follows the table without a reload, is read-only without
 //! the token, changes routes (and drains instances) with it, and what it changes takes effect
-//! on the ambassador; values from the table are shown as text, never run as script. The test
-//! writes screenshots of the page to `target/ui/` (`dashboard.png`, `routes.png`).
+//! on the ambassador; values from the table are shown as text, never run as script. It fits a
+//! phone's width (every column and button in reach), says which replica and store it shows,
+//! gives each instance its age in the directory, and explains a route's share that goes to a
+//! version with no live instance. The tests write screenshots of the page to `target/ui/`
+//! (`dashboard.png`, `routes.png`, `phone.png`, `tablet.png`, `about.png`).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use baker_client::model::InstanceSpec;
 use baker_client::DirectoryClient;
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::browser::{artefacts, Browser, Page};
-use baker_tests::directory::TestDirectory;
+use baker_tests::directory::{on_etcd, TestDirectory};
 use baker_tests::greeting::Greeting;
 use baker_tests::load::greet;
 use baker_tests::{eventually, require, Needs};
@@ -477,5 +481,267 @@ async fn without_the_watch_token_the_dashboard_reads_the_table_every_second() {
         "the page to follow the watch stream with the token",
     )
     .await;
+    assert_eq!(page.script_activity().await, Vec::<String>::new());
+}
+
+/// An instance the directory holds but nobody serves: the page tests below need no HAProxy.
+fn unserved(port: u64, version: &str, weight: u64, tags: &[&str]) -> InstanceSpec {
+    InstanceSpec {
+        address: "127.0.0.1".into(),
+        port,
+        version: Some(version.to_owned()),
+        weight: Some(weight),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ttl_ms: Some(120_000),
+    }
+}
+
+/// The longest id the model allows, with nowhere to break it.
+const LONG_ID: &str = "greeting_canary_eu_west_1a_7f9c6d5b4_xk2pq_replica_0042_abcdef";
+
+/// The columns of an instance's row, as `data-label` names them.
+const COLUMNS: [&str; 9] = [
+    "Instance", "Version", "Weight", "State", "Health", "Requests", "Errors", "Source", "Age",
+];
+
+/// What in the page lies outside the window's width: the page itself if it overflows, and
+/// each cell of the instances' rows (and their drain buttons) that is empty or not wholly
+/// inside `[0, innerWidth]`. Empty when everything is in reach.
+async fn out_of_reach(page: &Page) -> Vec<String> {
+    let expr = format!(
+        "(() => {{ const out = []; const w = window.innerWidth; \
+         const de = document.documentElement; \
+         if (de.scrollWidth > w) out.push(`the page is ${{de.scrollWidth}} px wide in ${{w}}`); \
+         const rows = document.querySelectorAll('[data-service] tr[data-id]'); \
+         if (!rows.length) out.push('no instance row'); \
+         const reach = (what, e) => {{ \
+           if (!e) {{ out.push(`${{what}}: missing`); return; }} \
+           const r = e.getBoundingClientRect(); \
+           if (!(r.width > 0 && r.height > 0)) out.push(`${{what}}: empty box`); \
+           else if (r.left < -0.5 || r.right > w + 0.5) \
+             out.push(`${{what}}: ${{Math.round(r.left)}}..${{Math.round(r.right)}} in ${{w}}`); }}; \
+         for (const row of rows) {{ \
+           for (const c of {columns}) reach(`${{row.dataset.id}} ${{c}}`, row.querySelector(`td[data-label=\"${{c}}\"]`)); \
+           reach(`${{row.dataset.id}} button`, row.querySelector('button[data-action]')); }} \
+         return out; }})()",
+        columns = serde_json::json!(COLUMNS),
+    );
+    serde_json::from_value(page.eval(&expr).await).expect("a list of strings")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_phone_every_column_and_the_drain_button_are_in_reach() {
+    if !require(Needs::Chromium) {
+        return;
+    }
+    let dir = TestDirectory::start(&[("BAKER_TOKEN", TOKEN)]).await;
+    let tags = ["blue", "eu-west-1a", "canary_build_2024_11_05_rc3"];
+    for (id, port, version) in [(LONG_ID, 9001, "1"), ("greeting-2", 9002, "2")] {
+        dir.client
+            .register("greeting", id, &unserved(port, version, 100, &tags))
+            .await
+            .unwrap_or_else(|e| panic!("registering greeting/{id}: {e}"));
+    }
+    let browser = Browser::start(375, 800).await;
+    let page = browser.open(&format!("{}/ui", dir.url)).await;
+    page.resize(375, 800).await;
+    wait_for_row(&page, LONG_ID, "the instances").await;
+    wait_for_row(&page, "greeting-2", "the instances").await;
+    let drain = format!("button[data-action=drain][data-id=\"{LONG_ID}\"]");
+    page.wait_for(
+        &format!("document.querySelector('{drain}')"),
+        WAIT,
+        "the drain buttons",
+    )
+    .await;
+    assert_eq!(out_of_reach(&page).await, Vec::<String>::new(), "at 375 px");
+
+    // Unlocked with the token, Drain on the phone opens the dialog, inside the window, and drains.
+    unlock(&page, TOKEN).await;
+    page.wait_for(
+        &format!("!document.querySelector('{drain}').disabled"),
+        WAIT,
+        "drain to be enabled",
+    )
+    .await;
+    assert_eq!(
+        out_of_reach(&page).await,
+        Vec::<String>::new(),
+        "unlocked at 375 px"
+    );
+    page.click(&drain).await;
+    page.wait_for(
+        "document.getElementById('drain-dialog').open",
+        WAIT,
+        "the drain dialog",
+    )
+    .await;
+    assert_eq!(
+        page.eval(
+            "(() => { const r = document.getElementById('drain-dialog').getBoundingClientRect(); \
+             const b = document.getElementById('drain-apply').getBoundingClientRect(); \
+             return r.left >= 0 && r.right <= window.innerWidth && b.width > 0 \
+             && b.right <= window.innerWidth; })()"
+        )
+        .await,
+        true,
+        "the drain dialog and its button fit the phone"
+    );
+    page.type_into("#drain-reason", "from a phone").await;
+    page.click("#drain-apply").await;
+    page.wait_for(
+        &format!(
+            "(() => {{ const r = document.querySelector('{}'); \
+             return !document.getElementById('drain-dialog').open && r \
+             && r.classList.contains('draining') && r.innerText.includes('from a phone'); }})()",
+            row(LONG_ID)
+        ),
+        WAIT,
+        "the long-named instance draining on the page",
+    )
+    .await;
+    let drains = dir.client.maintenance().await.expect("the drains");
+    assert!(
+        drains
+            .maintenance
+            .iter()
+            .any(|d| d.id.as_ref().is_some_and(|id| id.as_str() == LONG_ID)),
+        "{drains:?}"
+    );
+    assert_eq!(
+        out_of_reach(&page).await,
+        Vec::<String>::new(),
+        "drained at 375 px"
+    );
+    page.wait_for(
+        "document.getElementById('live').innerText === 'live'",
+        WAIT,
+        "the page to follow the watch stream again after the unlock",
+    )
+    .await;
+    let shot = artefacts("ui").join("phone.png");
+    page.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+
+    // A tablet's width: the table again, every column of it in reach.
+    page.resize(800, 900).await;
+    assert_eq!(out_of_reach(&page).await, Vec::<String>::new(), "at 800 px");
+    let shot = artefacts("ui").join("tablet.png");
+    page.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+    assert_eq!(page.script_activity().await, Vec::<String>::new());
+}
+
+/// The ages the page shows in the Age column of `ids`' rows, in seconds (`fmtAge` writes
+/// `12s` under a minute), once every one of them shows `weight` for the first.
+async fn ages(page: &Page, ids: &[&str], first_weight: u64) -> Vec<u64> {
+    let expr = format!(
+        "(() => {{ const rows = {ids}.map((id) => document.querySelector(`[data-service=\"greeting\"] tr[data-id=\"${{id}}\"]`)); \
+         if (rows.some((r) => !r)) return null; \
+         if (rows[0].querySelector('td[data-label=Weight]').innerText.trim() !== '{first_weight}') return null; \
+         const ages = rows.map((r) => r.querySelector('td[data-label=Age]').innerText.trim()); \
+         return ages.every((a) => /^[0-9]+s$/.test(a)) ? ages : null; }})()",
+        ids = serde_json::json!(ids),
+    );
+    let shown = page
+        .wait_for(&expr, WAIT, "the ages of the instances")
+        .await;
+    let shown: Vec<String> = serde_json::from_value(shown).expect("a list of ages");
+    shown
+        .iter()
+        .map(|a| a.trim_end_matches('s').parse().expect("seconds"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_names_its_replica_and_store_ages_instances_and_explains_dead_shares() {
+    if !require(Needs::Chromium) {
+        return;
+    }
+    let dir = TestDirectory::start(&[("BAKER_TOKEN", TOKEN)]).await;
+    let old = unserved(9001, "1", 100, &[]);
+    dir.client
+        .register("greeting", "greeting-1", &old)
+        .await
+        .expect("registering greeting-1");
+    let registered = Instant::now();
+    // 25 % to version 3, which has no instance: the directory takes it only when forced.
+    let route = [("1".to_owned(), 75), ("3".to_owned(), 25)].into();
+    dir.client
+        .set_route_forced("greeting", &route)
+        .await
+        .expect("a route with a share for version 3");
+    let browser = Browser::start(1280, 900).await;
+    let page = browser.open(&format!("{}/ui", dir.url)).await;
+    wait_for_row(&page, "greeting-1", "greeting-1").await;
+
+    // The header says which replica this is and where its table lives.
+    let about = page.text("#about").await;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("the hostname")
+        .trim()
+        .to_owned();
+    let port = dir.addr.port();
+    assert!(
+        about.contains(&format!("replica {hostname}:{port}")),
+        "{about:?} names neither {hostname} nor {port}"
+    );
+    let store = if on_etcd() {
+        "store etcd ("
+    } else {
+        "store memory (routes and drains kept in /"
+    };
+    assert!(about.contains(store), "{about:?} does not say {store:?}");
+
+    // The share of version 3 says, on the bar and under it, what becomes of it.
+    let note = page
+        .wait_for(
+            "(() => { const n = document.querySelector('[data-service=\"greeting\"] .dead-note'); \
+             return n && n.innerText; })()",
+            WAIT,
+            "the note on version 3's share",
+        )
+        .await;
+    assert_eq!(
+        note,
+        "25 % of greeting's traffic is routed to version 3, which has no live instance: the \
+         ambassadors give that share to the route's other targets in proportion (v1 100 %) \
+         until one of its instances registers."
+    );
+    let bar = page.text("[data-service=\"greeting\"] .bar").await;
+    assert!(bar.contains("v3: no instance"), "{bar:?}");
+    let shot = artefacts("ui").join("about.png");
+    page.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+
+    // The age is the time in the directory: a heartbeat and a change keep it. This wait is the
+    // age the test needs greeting-1 to have, not a wait for a condition.
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(registered.elapsed())).await;
+    dir.client
+        .register("greeting", "greeting-1", &old)
+        .await
+        .expect("greeting-1's heartbeat");
+    let changed = unserved(9001, "1", 7, &[]);
+    dir.client
+        .register("greeting", "greeting-1", &changed)
+        .await
+        .expect("greeting-1's new weight");
+    dir.client
+        .register("greeting", "greeting-2", &unserved(9002, "1", 100, &[]))
+        .await
+        .expect("registering greeting-2");
+    let shown = ages(&page, &["greeting-1", "greeting-2"], 7).await;
+    assert!(shown[0] >= 2, "greeting-1's age reset: {shown:?}");
+    assert!(shown[1] <= 1, "greeting-2 is new: {shown:?}");
+    let title = page
+        .eval("document.querySelector('[data-service=\"greeting\"] th[title]').title")
+        .await;
+    assert!(
+        title
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("how long it has been in the directory"),
+        "{title}"
+    );
     assert_eq!(page.script_activity().await, Vec::<String>::new());
 }
