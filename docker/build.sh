@@ -13,8 +13,9 @@
 #
 # Usage: docker/build.sh [IMAGE...]     (default: all five; e.g. `docker/build.sh greeting`)
 #
-# Idempotent: when neither the sources nor these files changed, cargo and Docker's layer cache
-# make a second run take a few seconds. Installs nothing except HAProxy (the ambassador image
+# Idempotent: when neither the sources nor these files changed, cargo has nothing to do and an
+# image whose label baker.context is the digest of its staged files and Dockerfile is not
+# built again ("baker/NAME is up to date"), so a second run takes a few seconds. Installs nothing except HAProxy (the ambassador image
 # carries the host's HAProxy), etcd-server (the etcd image carries the host's etcd) and protoc (the directory's etcd client is generated from its
 # .proto files at build time), with apt-get, saying so, when they are missing.
 #
@@ -174,6 +175,17 @@ GROUP
     printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
 }
 
+# The digest of a build context and its Dockerfile: every file's path, mode and content.
+context_digest() {
+    local ctx=$1 dockerfile=$2
+    {
+        sha256sum "$dockerfile" | cut -d' ' -f1
+        (cd "$ctx" && find . -print0 | LC_ALL=C sort -z |
+            xargs -0 stat -c '%n %a %F' && find . -type f -print0 | LC_ALL=C sort -z |
+            xargs -0 sha256sum)
+    } | sha256sum | cut -d' ' -f1
+}
+
 stage_dir=$target_dir/docker
 for image in "${images[@]}"; do
     ctx=$stage_dir/$image
@@ -182,8 +194,18 @@ for image in "${images[@]}"; do
     # An empty directory, copied by the Dockerfiles with --chown to make the `baker` user's
     # writable directories (/var/lib/baker, /run/baker).
     mkdir -p "$ctx/empty"
+    # An image built from this very context is up to date: it is only tagged again.
+    digest=$(context_digest "$ctx" "$here/$image.Dockerfile")
+    built=$(docker image inspect --format '{{index .Config.Labels "baker.context"}}' \
+        "baker/$image:latest" 2>/dev/null || true)
+    if [[ $built == "$digest" ]]; then
+        say "baker/$image is up to date"
+        docker tag "baker/$image:latest" "baker/$image:$tag"
+        continue
+    fi
     say "building image baker/$image"
     if ! out=$(DOCKER_BUILDKIT=0 docker build -q -f "$here/$image.Dockerfile" \
+        --label "baker.context=$digest" \
         -t "baker/$image:latest" -t "baker/$image:$tag" "$ctx" 2>&1); then
         printf '%s\n' "$out" >&2
         die "docker build of baker/$image failed"

@@ -11,7 +11,9 @@ use baker_client::config::vars::{
     ENV_STOP_TIMEOUT, ENV_TEMPLATE, ENV_TOKEN, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
-use baker_client::model::{Address, InstanceId, ServiceName};
+use baker_client::model::{
+    generated_id_hint, is_generated_hostname, Address, InstanceId, ServiceName,
+};
 
 /// Default admin port: HAProxy's stats page, its Prometheus exporter and the ambassador's own
 /// metrics.
@@ -271,6 +273,8 @@ pub struct Config {
     pub force_reload: bool,
     /// The name this ambassador reports to the directory under (`BAKER_ID`).
     pub id: InstanceId,
+    /// Said at start when the id was made from a hostname Docker generated.
+    pub id_hint: Option<String>,
     /// The host it reports running on.
     pub host: Address,
 }
@@ -295,6 +299,7 @@ impl Config {
             grace: DEFAULT_GRACE,
             force_reload: false,
             id: default_id(&hostname(), services_port(&[], None)),
+            id_hint: None,
             host: host_address(&hostname()),
         }
     }
@@ -395,8 +400,11 @@ impl Config {
                 v.trim().parse::<InstanceId>().map_err(|e| e.message)
             })
             .unwrap_or_else(|| default_id(&host, services_port(&services, http_port)));
+        let id_hint = (!r.is_set(ENV_ID) && is_generated_hostname(&host))
+            .then(|| generated_id_hint(&id, &host));
         r.finish(Config {
             id,
+            id_hint,
             host: host_address(&host),
             directory,
             token,

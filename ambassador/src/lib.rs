@@ -100,6 +100,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
 
     let client = DirectoryClient::new(&config.directory, config.token.clone())?
         .with_watch_token(config.watch_token.clone())?;
+    if let Some(hint) = &config.id_hint {
+        tracing::warn!("{hint}");
+    }
     tasks.spawn(report::run(
         client.clone(),
         report::Identity::new(config.id.clone(), config.host.clone(), &config.services),

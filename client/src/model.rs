@@ -18,6 +18,23 @@ use crate::maintenance::{InstanceState, Maintenance, Reason};
 
 /// Longest service name, instance id, version or tag.
 pub const MAX_NAME_LEN: usize = 63;
+
+/// Whether `hostname` is one Docker makes up for a container (the first 12 hex digits of its
+/// id): a name made from it reads as a hash (`1e9ff11b9c67-8080`) in every listing.
+pub fn is_generated_hostname(hostname: &str) -> bool {
+    hostname.len() == 12
+        && hostname
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// What a daemon says at start when its default id comes from a generated hostname.
+pub fn generated_id_hint(id: &InstanceId, hostname: &str) -> String {
+    format!(
+        "the id {id} is made from the container's generated hostname {hostname}: set BAKER_ID \
+         (or run the container with --hostname NAME) to give it a name people can read"
+    )
+}
 /// Default instance weight when a registration names none.
 pub const DEFAULT_WEIGHT: u16 = 100;
 /// Highest weight HAProxy accepts for a server.

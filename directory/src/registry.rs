@@ -1632,12 +1632,22 @@ mod tests {
         let (r, _dir) = registry();
         let mut sub = r.subscribe(None, false);
         let joined = r
-            .upsert(&svc("emitter"), &iid("a"), spec(80, 1000), Source::Registrar)
+            .upsert(
+                &svc("emitter"),
+                &iid("a"),
+                spec(80, 1000),
+                Source::Registrar,
+            )
             .unwrap();
         assert_eq!(joined.since, joined.last_seen);
         std::thread::sleep(Duration::from_millis(5));
         let renewed = r
-            .upsert(&svc("emitter"), &iid("a"), spec(80, 1000), Source::Registrar)
+            .upsert(
+                &svc("emitter"),
+                &iid("a"),
+                spec(80, 1000),
+                Source::Registrar,
+            )
             .unwrap();
         assert_eq!(renewed.since, joined.since, "a heartbeat keeps it");
         assert!(renewed.last_seen > joined.since);
@@ -1661,7 +1671,12 @@ mod tests {
         r.remove(&svc("emitter"), &iid("a"), RemoveCause::Deregistered);
         std::thread::sleep(Duration::from_millis(5));
         let again = r
-            .upsert(&svc("emitter"), &iid("a"), spec(80, 1000), Source::Registrar)
+            .upsert(
+                &svc("emitter"),
+                &iid("a"),
+                spec(80, 1000),
+                Source::Registrar,
+            )
             .unwrap();
         assert!(again.since > joined.since, "registered anew, it joins anew");
     }

@@ -10,8 +10,8 @@ use baker_client::config::vars::{
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::{
-    printable, validate_weight, InstanceId, ServiceName, Tag, ValidationError, Version,
-    DEFAULT_WEIGHT, MAX_NAME_LEN,
+    generated_id_hint, is_generated_hostname, printable, validate_weight, InstanceId, ServiceName,
+    Tag, ValidationError, Version, DEFAULT_WEIGHT, MAX_NAME_LEN,
 };
 use baker_client::DirectoryClient;
 
@@ -56,6 +56,8 @@ pub struct Config {
     pub version: Version,
     pub weight: u16,
     pub tags: Vec<Tag>,
+    /// Said at start when the id was made from a hostname Docker generated.
+    pub id_hint: Option<String>,
 }
 
 impl Config {
@@ -191,6 +193,12 @@ impl Config {
                 advertise.as_ref().map_or(0, |a| a.port),
             ))
         };
+        let id_hint = match &id {
+            Some(id) if !r.is_set(ENV_ID) && is_generated_hostname(hostname) => {
+                Some(generated_id_hint(id, hostname))
+            }
+            _ => None,
+        };
 
         match (service, id, target, advertise) {
             (Some(service), Some(id), Some(target), Some(advertise)) => r.finish(Config {
@@ -209,6 +217,7 @@ impl Config {
                 version,
                 weight,
                 tags,
+                id_hint,
             }),
             // The reason there is no service, id, target or address to advertise is recorded
             // already.
@@ -588,5 +597,30 @@ mod tests {
         }
         assert_eq!(default_id("3f2a9c0d1e7b", 8080), "3f2a9c0d1e7b-8080");
         assert_eq!(default_id("", 8080), "8080");
+    }
+
+    #[test]
+    fn an_id_made_from_a_generated_hostname_says_how_to_name_it() {
+        let env = [
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_TARGET", "http://10.0.0.5:8080"),
+        ];
+        let generated = |hostname, pairs: &[(&str, &str)]| {
+            Config::from_env(&Environment::from_pairs(pairs), hostname).expect("valid")
+        };
+        let c = generated("1e9ff11b9c67", &env);
+        assert_eq!(c.id, "1e9ff11b9c67-8080");
+        assert_eq!(
+            c.id_hint.as_deref(),
+            Some(
+                "the id 1e9ff11b9c67-8080 is made from the container's generated hostname \
+                 1e9ff11b9c67: set BAKER_ID (or run the container with --hostname NAME) to give \
+                 it a name people can read"
+            )
+        );
+        let named = [env.as_slice(), &[("BAKER_ID", "emitter-1")]].concat();
+        assert_eq!(generated("1e9ff11b9c67", &named).id_hint, None);
+        assert_eq!(generated("registrar-1", &env).id_hint, None);
+        assert_eq!(generated("1E9FF11B9C67", &env).id_hint, None);
     }
 }

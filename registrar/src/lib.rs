@@ -95,6 +95,9 @@ async fn run_service(
         },
         config.directory,
     );
+    if let Some(hint) = &config.id_hint {
+        tracing::warn!("{hint}");
+    }
     let (status_tx, status_rx) = watch::channel(Status::Starting);
     let probing = probe_loop(
         || prober.probe(),

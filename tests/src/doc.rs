@@ -324,8 +324,27 @@ pub fn normalize(line: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// An image's line in `docker/build.sh`'s report: its name and its size in MB.
+fn image_size(line: &str) -> Option<(&str, f64)> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        Regex::new(r"^(baker/\S+)\s+[0-9a-f]{12}\s+(\d+(?:\.\d+)?) MB$").expect("valid")
+    });
+    let c = re.captures(line.trim())?;
+    Some((c.get(1)?.as_str(), c[2].parse().ok()?))
+}
+
+/// How far an image's size may be from the one a doc states (a tenth): the figures stay true
+/// of what the build makes, while a library update or a small change leaves them alone.
+pub const IMAGE_SIZE_TOLERANCE: f64 = 0.10;
+
 /// Whether a quoted line (with `...` for any text) matches an output line, both normalised.
+/// An image's size in `docker/build.sh`'s report must be within [`IMAGE_SIZE_TOLERANCE`] of
+/// the quoted one.
 pub fn line_matches(quoted: &str, actual: &str) -> bool {
+    if let (Some((name, want)), Some((got_name, got))) = (image_size(quoted), image_size(actual)) {
+        return name == got_name && (got - want).abs() <= want * IMAGE_SIZE_TOLERANCE;
+    }
     let quoted = normalize(quoted);
     let actual = normalize(actual);
     if !quoted.contains("...") {
@@ -497,6 +516,31 @@ INFO stopped
                 },
             ]
         );
+    }
+
+    #[test]
+    fn image_sizes_must_be_within_a_tenth_of_the_doc() {
+        let doc = "baker/directory:latest   53c37e0b3f18  20.0 MB";
+        assert!(line_matches(
+            doc,
+            "baker/directory:latest   0123456789ab  21.5 MB"
+        ));
+        assert!(line_matches(
+            doc,
+            "baker/directory:latest   0123456789ab  18.1 MB"
+        ));
+        assert!(!line_matches(
+            doc,
+            "baker/directory:latest   0123456789ab  11.6 MB"
+        ));
+        assert!(!line_matches(
+            doc,
+            "baker/directory:latest   0123456789ab  22.1 MB"
+        ));
+        assert!(!line_matches(
+            doc,
+            "baker/registrar:latest   0123456789ab  20.0 MB"
+        ));
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! the ambassador; the canary file sends part of the traffic to version 2; the HA file keeps
 //! answering while a directory replica and an etcd member are killed.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use baker_tests::docker::{docker_ok, require_images, Compose};
+use baker_tests::docker::{docker_ok, repo_root, require_images, Compose};
 use baker_tests::{bin, eventually};
 
 const PUBLISH_ANY: [(&str, &str); 3] = [
@@ -46,17 +47,60 @@ fn lists_both_instances(directory: &str) {
     );
 }
 
+/// `scripts/quickstart ARGS` run from `root` (a checkout) with `env`: its status and what it
+/// printed.
+fn quickstart(root: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new("bash")
+        .arg(root.join("scripts/quickstart"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running scripts/quickstart");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 #[tokio::test]
 async fn quickstart_client_reaches_both_instances_through_the_ambassador() {
     if !require_images() {
         return;
     }
-    let project = up_until_answered(
-        "qs",
-        &["compose/quickstart.yml"],
-        &PUBLISH_ANY,
+    // The script itself, with the images as they are: nothing is built, and the ambassador
+    // reports under the name its compose file gives it.
+    let project = Compose::new("qs", &["compose/quickstart.yml"], &PUBLISH_ANY);
+    let mut env = PUBLISH_ANY.to_vec();
+    env.push(("BAKER_PROJECT", &project.project));
+    let (ok, said) = quickstart(&repo_root(), &["--no-build", "-d"], &env);
+    assert!(ok, "scripts/quickstart --no-build -d failed:\n{said}");
+    assert!(
+        said.contains(&format!(
+            "==> starting quickstart as the compose project {} (in the background",
+            project.project
+        )) && !said.contains("building"),
+        "{said}"
+    );
+    eventually(
+        Duration::from_secs(60),
         "the quick start's client to be answered by greeting-1 and greeting-2",
-        &BOTH_ANSWERED,
+        || async {
+            let logs = project.logs("client");
+            BOTH_ANSWERED.iter().all(|a| logs.contains(a)).then_some(())
+        },
+    )
+    .await;
+    let directory = format!("http://{}", project.port("directory", 7700));
+    eventually(
+        Duration::from_secs(20),
+        "the ambassador to report as `ambassador`",
+        || async {
+            let listed = baker(&directory, &["ambassadors", "--no-headers"]);
+            listed.lines().any(|l| l.starts_with("ambassador ")).then_some(())
+        },
     )
     .await;
     // `stop` (and `down`) stop the registrars before the directory they depend on, so each
@@ -69,6 +113,51 @@ async fn quickstart_client_reaches_both_instances_through_the_ambassador() {
             "{registrar} did not deregister cleanly on stop:\n{logs}"
         );
     }
+}
+
+#[test]
+fn quickstart_with_no_build_names_the_images_it_lacks_and_starts_nothing() {
+    if !require_images() {
+        return;
+    }
+    // A checkout whose quick start needs an image this engine does not have.
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let missing = format!("nosuch{}", std::process::id());
+    std::fs::create_dir_all(root.path().join("scripts")).unwrap();
+    std::fs::create_dir_all(root.path().join("compose")).unwrap();
+    std::fs::copy(
+        repo_root().join("scripts/quickstart"),
+        root.path().join("scripts/quickstart"),
+    )
+    .unwrap();
+    let file = std::fs::read_to_string(repo_root().join("compose/quickstart.yml")).unwrap();
+    std::fs::write(
+        root.path().join("compose/quickstart.yml"),
+        file.replace("image: baker/registrar", &format!("image: baker/{missing}")),
+    )
+    .unwrap();
+    let project = baker_tests::docker::unique("qsmissing").replace('-', "");
+    let (ok, said) = quickstart(
+        root.path(),
+        &["--no-build"],
+        &[("BAKER_PROJECT", project.as_str())],
+    );
+    assert!(!ok, "{said}");
+    assert_eq!(
+        said.trim(),
+        format!(
+            "scripts/quickstart: error: --no-build, but these images are missing: \
+             baker/{missing}; build them with scripts/quickstart (without --no-build) or \
+             docker/build.sh {missing}"
+        )
+    );
+    let containers = docker_ok(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+    ]);
+    assert_eq!(containers, "", "nothing was started");
 }
 
 #[tokio::test]

@@ -211,7 +211,11 @@ async fn replicas_serve_one_table_and_stream_the_same_changes() {
 /// The etcd cluster's revision now: it moves with every write, and only with writes.
 /// When emitter/`id` joined the directory, as `dir` lists it.
 async fn since_of(dir: &TestDirectory, id: &str) -> u64 {
-    let service = dir.client.service("emitter").await.expect("reading emitter");
+    let service = dir
+        .client
+        .service("emitter")
+        .await
+        .expect("reading emitter");
     let i = service
         .instances
         .iter()
@@ -274,8 +278,16 @@ async fn heartbeats_end_at_the_replica_and_a_registrar_that_moves_takes_one_writ
         .unwrap();
     let moved = revision(&etcd).await;
     assert_eq!(moved, before + 1, "the move took one write");
-    assert_eq!(since_of(&b, "i0").await, joined, "i0 joined when it did, on b");
-    assert_eq!(since_of(&a, "i0").await, joined, "i0 joined when it did, on a");
+    assert_eq!(
+        since_of(&b, "i0").await,
+        joined,
+        "i0 joined when it did, on b"
+    );
+    assert_eq!(
+        since_of(&a, "i0").await,
+        joined,
+        "i0 joined when it did, on a"
+    );
 
     // From now on i0 heartbeats through b, the others through a, but for i1: nobody renews
     // it, and it expires within its TTL on both replicas, as `expired`.

@@ -43,8 +43,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    check_takeover, instance_of, joined_as, same_but_last_seen, unix_millis, Conflict, DrainError, Outcome,
-    Refused, Registry, RouteError, Table,
+    check_takeover, instance_of, joined_as, same_but_last_seen, unix_millis, Conflict, DrainError,
+    Outcome, Refused, Registry, RouteError, Table,
 };
 use crate::etcd::{
     lease_seconds, Change, DrainRecord, Etcd, EtcdError, Put, Removal, RouteRecord, Snapshot, Swap,
