@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use baker_client::change::RemoveCause;
 use baker_client::maintenance::{InstanceState, Target};
-use baker_client::model::{InstanceSpec, WatchEvent};
+use baker_client::model::{InstanceSpec, ServiceResponse, WatchEvent};
 use baker_client::ClientError;
 use baker_directory::etcd::{Etcd, StoreUrl};
 use baker_tests::ambassador::TestAmbassador;
@@ -267,6 +267,20 @@ async fn heartbeats_end_at_the_replica_and_a_registrar_that_moves_takes_one_writ
         before,
         "{} heartbeats that changed nothing wrote nothing to etcd",
         10 * N
+    );
+    // Only a saw them: b's last_seen (the CLI's SEEN) is still that of the registration
+    // (docs/ha.md), three seconds of heartbeats behind a's.
+    let seen = |service: ServiceResponse| {
+        let i = service.instances.iter().find(|i| i.id == "i2").cloned();
+        i.expect("i2 is listed").last_seen
+    };
+    let (seen_a, seen_b) = (
+        seen(a.client.service("emitter").await.unwrap()),
+        seen(b.client.service("emitter").await.unwrap()),
+    );
+    assert!(
+        seen_a >= seen_b + 2_500,
+        "last seen on a {seen_a}, on b {seen_b}"
     );
 
     // i0's registrar moves to b: one write, which changes nothing any watcher sees, nor when
@@ -528,6 +542,18 @@ async fn a_drain_through_one_replica_drains_everywhere_and_outlives_every_replic
     assert!(b.client.maintenance().await.unwrap().maintenance.is_empty());
     assert_eq!(state_of(&b, "g1").await, InstanceState::Up);
     servers_become(&amb, &[("g1", "ready"), ("g2", "ready")]).await;
+
+    // History is each replica's own (docs/ha.md): b, restarted, and c, new, both have the
+    // undrain they streamed, and neither has what happened before it started.
+    for (name, dir) in [("b", &b), ("c", &c)] {
+        let events = dir.client.events(None, None, None, None).await.unwrap();
+        let indexes: Vec<u64> = events.events.iter().map(|e| e.index).collect();
+        assert!(indexes.contains(&undrained.index), "{name}: {indexes:?}");
+        assert!(
+            indexes.iter().all(|i| *i > drained.index),
+            "{name} has events from before it started: {indexes:?}"
+        );
+    }
 }
 
 #[tokio::test]
