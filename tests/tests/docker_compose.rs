@@ -99,7 +99,10 @@ async fn quickstart_client_reaches_both_instances_through_the_ambassador() {
         "the ambassador to report as `ambassador`",
         || async {
             let listed = baker(&directory, &["ambassadors", "--no-headers"]);
-            listed.lines().any(|l| l.starts_with("ambassador ")).then_some(())
+            listed
+                .lines()
+                .any(|l| l.starts_with("ambassador "))
+                .then_some(())
         },
     )
     .await;
