@@ -12,6 +12,7 @@ use clap::Parser;
 #[command(about = "Benchmarks Baker's release binaries on loopback")]
 struct Args {
     /// Scenario to run: request-path, convergence, churn, rolling, directory, directory-100k,
+    /// directory-restart,
     /// footprint, or all.
     scenario: String,
     /// Short runs with fewer trials: a smoke test of the harness, not figures to quote.

@@ -9,6 +9,7 @@ pub mod churn;
 pub mod convergence;
 pub mod directory_etcd;
 pub mod directory_large;
+pub mod directory_restart;
 pub mod directory_scale;
 pub mod docker;
 pub mod fleet;
@@ -69,17 +70,19 @@ pub enum Scenario {
     Rolling,
     Directory,
     DirectoryLarge,
+    DirectoryRestart,
     Footprint,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::RequestPath,
         Scenario::Convergence,
         Scenario::Churn,
         Scenario::Rolling,
         Scenario::Directory,
         Scenario::DirectoryLarge,
+        Scenario::DirectoryRestart,
         Scenario::Footprint,
     ];
 
@@ -91,6 +94,7 @@ impl Scenario {
             Scenario::Rolling => "rolling",
             Scenario::Directory => "directory",
             Scenario::DirectoryLarge => "directory-100k",
+            Scenario::DirectoryRestart => "directory-restart",
             Scenario::Footprint => "footprint",
         }
     }
@@ -110,6 +114,7 @@ impl Scenario {
                 Store::Etcd => directory_etcd::run(ctx).await,
             },
             Scenario::DirectoryLarge => directory_large::run(ctx).await,
+            Scenario::DirectoryRestart => directory_restart::run(ctx).await,
             Scenario::Footprint => footprint::run(ctx).await,
         }
     }

@@ -276,7 +276,7 @@ async fn drive<B: Beat, P: ProbeStep>(
 }
 
 /// A fresh three-member cluster, or why there cannot be one.
-async fn cluster() -> anyhow::Result<EtcdCluster> {
+pub(super) async fn cluster() -> anyhow::Result<EtcdCluster> {
     if !etcd_available() {
         bail!(
             "`directory --store etcd` needs etcd ({}), which does not run on this machine: \
