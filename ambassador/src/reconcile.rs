@@ -69,8 +69,12 @@ pub struct Owner {
     /// The last plan applied.
     applied: Option<Desired>,
     options: BTreeMap<String, AddOptions>,
-    /// The servers' counters at the last look for hung servers.
+    /// The servers' counters at the last look for hung servers, and when it was.
     counters: crate::hung::Readings,
+    counters_at: Instant,
+    /// The servers' counters at the last reading, and the servers holding requests unanswered.
+    last: crate::hung::Readings,
+    stalls: crate::hung::Stalls,
     /// Servers marked down as hung, probed until they answer again.
     marked: crate::hung::Marked,
     /// HAProxy was taken over from a previous ambassador before the directory answered: it
@@ -112,6 +116,9 @@ impl Owner {
             applied: None,
             options,
             counters: Default::default(),
+            counters_at: Instant::now(),
+            last: Default::default(),
+            stalls: Default::default(),
             marked: Default::default(),
             takeover_pending: false,
         })
@@ -292,10 +299,10 @@ impl Owner {
                     continue;
                 }
                 _ = tokio::time::sleep_until(next_hang_check) => {
-                    next_hang_check = Instant::now() + crate::hung::POLL;
-                    if !self.takeover_pending {
-                        self.mark_hung_servers_down().await;
-                    }
+                    // Quickly while requests flow, as seldom as timeouts need when idle.
+                    let busy = !self.takeover_pending && self.mark_hung_servers_down().await;
+                    next_hang_check = Instant::now()
+                        + if busy { crate::hung::POLL } else { crate::hung::HUNG_EVERY };
                     continue;
                 }
                 _ = tokio::time::sleep_until(wake) => {}
@@ -341,22 +348,42 @@ impl Owner {
     }
 
     /// Reads the servers' counters and marks down those of HTTP backends that stopped
-    /// answering ([`crate::hung`]). Failures are logged: the next reading tries again.
-    async fn mark_hung_servers_down(&mut self) {
-        let backends: Vec<&str> = self
+    /// answering ([`crate::hung`]): at once those that hold requests and answer none while the
+    /// others answer, and those whose requests timed out. Failures are logged: the next reading
+    /// tries again. Whether requests were flowing (held, or answered since the last reading).
+    async fn mark_hung_servers_down(&mut self) -> bool {
+        let backends: Vec<(&str, Duration)> = self
             .config
             .services
             .iter()
             .filter(|s| s.mode == crate::config::Mode::Http)
-            .map(|s| s.name.as_str())
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    crate::hung::stall_after(s.options.get_timeout),
+                )
+            })
             .collect();
         if backends.is_empty() || self.haproxy.pid().is_none() {
-            return;
+            return false;
         }
         let result = async {
             let mut session = self.haproxy.admin.session().await?;
             let now = session.counters().await?;
-            let hung = crate::hung::hung(&self.counters, &now, &backends);
+            let at = Instant::now();
+            let busy = now.iter().any(|(key, c)| {
+                c.inflight > 0 || self.last.get(key).is_none_or(|b| b.answers != c.answers)
+            });
+            let stalled = self.stalls.update(&self.last, &now, at.into_std(), &backends);
+            self.last = now.clone();
+            let mut hung = Vec::new();
+            if at >= self.counters_at + crate::hung::HUNG_EVERY {
+                let names: Vec<&str> = backends.iter().map(|(b, _)| *b).collect();
+                hung = crate::hung::hung(&self.counters, &now, &names);
+                hung.retain(|key| !stalled.contains(key));
+                self.counters = now.clone();
+                self.counters_at = at;
+            }
             self.marked.retain(|key| now.contains_key(key));
             for (backend, server) in self.marked.take_recovered() {
                 let cmd = ApiCommand::MarkUp {
@@ -367,7 +394,8 @@ impl Owner {
                 session.run(&cmd).await?;
                 tracing::info!(%backend, %server, "server answers again; marked up");
             }
-            for key in hung {
+            let found = stalled.into_iter().map(|k| (k, true));
+            for (key, stall) in found.chain(hung.into_iter().map(|k| (k, false))) {
                 let (backend, server) = key.clone();
                 let cmd = ApiCommand::MarkDown {
                     backend: backend.clone(),
@@ -378,15 +406,19 @@ impl Owner {
                 if let Some(addr) = now.get(&key).and_then(|c| c.addr) {
                     self.marked.watch(key, addr);
                 }
-                tracing::warn!(%backend, %server, "server stopped answering (requests timed out, none answered); marked down until it answers again");
+                if stall {
+                    tracing::warn!(%backend, %server, "server stopped answering (holds requests and answers none while the others answer); marked down until it answers again");
+                } else {
+                    tracing::warn!(%backend, %server, "server stopped answering (requests timed out, none answered); marked down until it answers again");
+                }
             }
-            self.counters = now;
-            Ok::<(), ApiError>(())
+            Ok::<bool, ApiError>(busy)
         }
         .await;
-        if let Err(e) = result {
+        result.unwrap_or_else(|e| {
             tracing::debug!(cause = %chain(&e), "cannot look for hung servers now");
-        }
+            false
+        })
     }
 
     async fn restart(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
