@@ -165,3 +165,128 @@ impl Load {
         (self.ok.load(Ordering::Relaxed), failures)
     }
 }
+
+/// What a [`Paced`] load saw: when each answer came, and every failure.
+#[derive(Debug, Default, Clone)]
+pub struct PacedOutcome {
+    /// Since the load started, when each successful answer arrived, in order.
+    pub answers: Vec<Duration>,
+    pub failures: Vec<String>,
+}
+
+impl PacedOutcome {
+    /// Answers that arrived in `[from, to)` (times since the load started).
+    pub fn answered_between(&self, from: Duration, to: Duration) -> usize {
+        self.answers
+            .iter()
+            .filter(|&&t| t >= from && t < to)
+            .count()
+    }
+
+    /// The fewest answers any window of `width` starting in `[from, to - width]` saw (sliding by
+    /// 10 ms), and where that window starts.
+    pub fn worst_window(&self, width: Duration, from: Duration, to: Duration) -> (usize, Duration) {
+        let step = Duration::from_millis(10);
+        let mut worst = (usize::MAX, from);
+        let mut start = from;
+        while start + width <= to {
+            let n = self.answered_between(start, start + width);
+            if n < worst.0 {
+                worst = (n, start);
+            }
+            start += step;
+        }
+        worst
+    }
+
+    /// The longest time between two answers in `[from, to)`, and when it began.
+    pub fn longest_gap(&self, from: Duration, to: Duration) -> (Duration, Duration) {
+        let mut last = from;
+        let mut gap = (Duration::ZERO, from);
+        for &t in self.answers.iter().filter(|&&t| t >= from && t < to) {
+            if t - last > gap.0 {
+                gap = (t - last, last);
+            }
+            last = t;
+        }
+        if to > last && to - last > gap.0 {
+            gap = (to - last, last);
+        }
+        gap
+    }
+}
+
+/// Open-loop load: `GET url` at a fixed `rate` per second over `conns` kept-alive connections,
+/// as a client application with a connection pool sends it. Request `k` is due `k / rate`
+/// after the start; a connection still waiting for an answer when its next request is due
+/// sends it late, so requests that wait on a hung server hold their connections, and when
+/// every connection waits, nothing is answered at all.
+pub struct Paced {
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    outcome: Arc<Mutex<PacedOutcome>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Paced {
+    pub fn start(url: &str, rate: f64, conns: usize) -> Paced {
+        let start = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let next = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcome = Arc::new(Mutex::new(PacedOutcome::default()));
+        let tasks = (0..conns)
+            .map(|_| {
+                let (next, stop, outcome) = (next.clone(), stop.clone(), outcome.clone());
+                let url = url.to_owned();
+                tokio::spawn(async move {
+                    // One connection: one request at a time, kept alive.
+                    let c = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(10))
+                        .pool_max_idle_per_host(1)
+                        .build()
+                        .expect("an HTTP client");
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep_until((start + interval.mul_f64(k as f64)).into()).await;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = greet(&c, &url).await;
+                        let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
+                        match r {
+                            Ok(_) => o.answers.push(start.elapsed()),
+                            Err(e) => o.failures.push(format!("{:?}: {e}", start.elapsed())),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Paced {
+            start,
+            stop,
+            outcome,
+            tasks,
+        }
+    }
+
+    /// Time since the load started.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Stops sending; requests in flight complete first.
+    pub async fn finish(self) -> PacedOutcome {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let mut o = self
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        o.answers.sort();
+        o
+    }
+}

@@ -28,6 +28,7 @@ mod etcd_replicas;
 mod etcd_scale;
 mod etcd_store;
 mod host;
+mod hung_instance;
 mod registrar;
 mod registrar_file;
 mod replicas;
