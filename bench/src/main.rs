@@ -34,7 +34,8 @@ struct Args {
     /// same leases, keep-alives and watches straight against etcd).
     #[arg(long, value_enum, default_value_t = Store::Memory)]
     store: Store,
-    /// directory: instances heartbeating every 2 s (default 10,000; 1,000 with --quick).
+    /// directory: instances heartbeating every 2 s (default 10,000; 1,000 with --quick);
+    /// directory-restart: instances in etcd (default 100,000; 10,000 with --quick).
     #[arg(long)]
     instances: Option<usize>,
     /// directory: watchers on the watch stream (default 500; 50 with --quick).
@@ -56,9 +57,15 @@ fn check_directory_opts(scenario: &str, o: &DirectoryOpts) -> anyhow::Result<()>
         || o.instances.is_some()
         || o.watchers.is_some()
         || o.window.is_some();
-    if given && scenario != "directory" && scenario != "all" {
+    let sizes_only = o.store == Store::Memory && o.watchers.is_none() && o.window.is_none();
+    if given
+        && scenario != "directory"
+        && scenario != "all"
+        && !(scenario == "directory-restart" && sizes_only)
+    {
         bail!(
-            "--store, --instances, --watchers and --window apply to the directory scenario, not to {scenario:?}"
+            "--store, --instances, --watchers and --window apply to the directory scenario \
+             (--instances to directory-restart too), not to {scenario:?}"
         );
     }
     let mut wrong = Vec::new();
@@ -173,6 +180,12 @@ mod tests {
         assert!(check_directory_opts("all", &etcd).is_ok());
         assert!(check_directory_opts("directory", &DirectoryOpts::default()).is_ok());
         assert!(check_directory_opts("churn", &DirectoryOpts::default()).is_ok());
+        let sized = DirectoryOpts {
+            instances: Some(5),
+            ..DirectoryOpts::default()
+        };
+        assert!(check_directory_opts("directory-restart", &sized).is_ok());
+        assert!(check_directory_opts("directory-restart", &etcd).is_err());
         let e = check_directory_opts("churn", &etcd)
             .unwrap_err()
             .to_string();

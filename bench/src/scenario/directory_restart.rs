@@ -3,6 +3,8 @@
 //! in 16 services are written straight into a fresh three-member etcd cluster on loopback,
 //! bound to one lease, a hundred per transaction, as registrars' instances are stored. Then:
 //!
+//! (`--instances N` sets another size.)
+//!
 //! 1. a replica starts on that table (the first start);
 //! 2. a second replica starts beside it;
 //! 3. the first is SIGKILLed and started again, three times (a restart after a crash).
@@ -136,7 +138,12 @@ async fn start(
 }
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
-    let n = size(None, "BAKER_BENCH_INSTANCES", ctx.pick(100_000, 10_000)).max(1);
+    let n = size(
+        ctx.directory.instances,
+        "BAKER_BENCH_INSTANCES",
+        ctx.pick(100_000, 10_000),
+    )
+    .max(1);
     let cluster = cluster().await?;
     let t0 = Instant::now();
     let bytes = fill(&cluster, n).await?;
@@ -205,4 +212,37 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         checks,
         data,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::DirectoryOpts;
+    use baker_tests::{require, Needs};
+
+    /// A tiny run against the release binaries and a real cluster: every start is timed and
+    /// the check reported. Not a measurement.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_start_is_timed_at_a_tiny_size() {
+        if !require(Needs::Etcd) {
+            return;
+        }
+        let dir = baker_tests::bin("baker-directory");
+        let ctx = Ctx {
+            bins: Bins::locate(dir.parent().map(Into::into), None).unwrap(),
+            quick: true,
+            baseline: None,
+            directory: DirectoryOpts {
+                instances: Some(300),
+                ..DirectoryOpts::default()
+            },
+        };
+        let report = run(&ctx).await.unwrap();
+        assert_eq!(report.data["instances"], 300, "{}", report.text);
+        let restarts = report.data["restarts_s"].as_array().unwrap();
+        assert_eq!(restarts.len(), RESTARTS, "{}", report.text);
+        assert!(restarts.iter().all(|s| s.as_f64().unwrap() > 0.0));
+        assert_eq!(report.checks.len(), 1);
+        assert!(report.text.contains("first replica after SIGKILL #3"));
+    }
 }
