@@ -15,9 +15,10 @@
 #
 # Idempotent: when neither the sources nor these files changed, cargo has nothing to do and an
 # image whose label baker.context is the digest of its staged files and Dockerfile is not
-# built again ("baker/NAME is up to date"), so a second run takes a few seconds. Installs nothing except HAProxy (the ambassador image
-# carries the host's HAProxy), etcd-server (the etcd image carries the host's etcd) and protoc (the directory's etcd client is generated from its
-# .proto files at build time), with apt-get, saying so, when they are missing.
+# built again ("baker/NAME is up to date"), so a second run takes a few seconds. Installs
+# nothing except HAProxy (the ambassador image carries the host's HAProxy), etcd-server (the
+# etcd image carries the host's etcd) and protoc (the directory's etcd client is generated
+# from its .proto files at build time), with apt-get, saying so, when they are missing.
 #
 # Variables: CARGO_TARGET_DIR (where cargo builds), BAKER_IMAGE_TAG (extra tag, default the
 # workspace version), BAKER_HAPROXY (the HAProxy binary to copy, default /usr/sbin/haproxy).
