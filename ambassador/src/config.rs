@@ -306,6 +306,11 @@ impl Config {
 
     /// Parses and checks every variable, reporting all problems at once.
     pub fn from_env(env: &Environment) -> Result<Config, ConfigErrors> {
+        Config::from_env_on(env, &hostname())
+    }
+
+    /// [`Config::from_env`] on a machine named `host` (which makes the default id).
+    pub fn from_env_on(env: &Environment, host: &str) -> Result<Config, ConfigErrors> {
         let mut r = Reader::new(&vars::AMBASSADOR, env);
         let directory = r
             .parse(ENV_DIRECTORY, |v| {
@@ -394,18 +399,17 @@ impl Config {
                 );
             }
         }
-        let host = hostname();
         let id = r
             .parse(ENV_ID, |v| {
                 v.trim().parse::<InstanceId>().map_err(|e| e.message)
             })
-            .unwrap_or_else(|| default_id(&host, services_port(&services, http_port)));
-        let id_hint = (!r.is_set(ENV_ID) && is_generated_hostname(&host))
-            .then(|| generated_id_hint(&id, &host));
+            .unwrap_or_else(|| default_id(host, services_port(&services, http_port)));
+        let id_hint = (!r.is_set(ENV_ID) && is_generated_hostname(host))
+            .then(|| generated_id_hint(&id, host));
         r.finish(Config {
             id,
             id_hint,
-            host: host_address(&host),
+            host: host_address(host),
             directory,
             token,
             watch_token,
@@ -683,6 +687,26 @@ mod tests {
         assert_eq!(shown(ENV_DRAIN_TIMEOUT), d(DEFAULT_DRAIN_TIMEOUT));
         assert_eq!(shown(ENV_STOP_TIMEOUT), d(DEFAULT_STOP_TIMEOUT));
         assert_eq!(shown(ENV_GRACE), d(DEFAULT_GRACE));
+    }
+
+    #[test]
+    fn an_id_made_from_a_generated_hostname_says_how_to_name_it() {
+        let routes = [("BAKER_ROUTES", "greeting=8000")];
+        let c = Config::from_env_on(&env(&routes), "be60c1106a01").unwrap();
+        assert_eq!(c.id, "be60c1106a01-8000");
+        assert_eq!(
+            c.id_hint.as_deref(),
+            Some(
+                "the id be60c1106a01-8000 is made from the container's generated hostname \
+                 be60c1106a01: set BAKER_ID (or run the container with --hostname NAME) to give \
+                 it a name people can read"
+            )
+        );
+        let named = [routes[0], ("BAKER_ID", "amb")];
+        let c = Config::from_env_on(&env(&named), "be60c1106a01").unwrap();
+        assert_eq!((c.id.as_str(), c.id_hint), ("amb", None));
+        let c = Config::from_env_on(&env(&routes), "edge-1").unwrap();
+        assert_eq!((c.id.as_str(), c.id_hint), ("edge-1-8000", None));
     }
 
     #[test]
