@@ -501,6 +501,15 @@ async fn a_drain_through_one_replica_drains_everywhere_and_outlives_every_replic
     assert_eq!(state_of(&b, "g1").await, InstanceState::Draining);
     assert_eq!(state_of(&b, "g2").await, InstanceState::Up);
     servers_become(&amb, &[("g1", "drain"), ("g2", "ready")]).await;
+    // A heartbeat through either replica answers with the drain, as on the memory store.
+    for (name, dir) in [("a", &a), ("b", &b)] {
+        let answered = dir
+            .client
+            .register("greeting", "g1", &g1.spec("1", 600_000))
+            .await
+            .unwrap();
+        assert_eq!(answered.state, InstanceState::Draining, "through {name}");
+    }
 
     // Both replicas die: the drain is in etcd; a new replica has it, and b, restarted, too.
     a.kill9();

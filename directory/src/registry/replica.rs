@@ -260,7 +260,8 @@ impl Registry {
     }
 
     /// Registers or renews `service`/`id` from the API, answering once the change is stored:
-    /// at once in memory, after etcd's commit (and this replica's mirror) with etcd.
+    /// at once in memory, after etcd's commit (and this replica's mirror) with etcd. The
+    /// instance answered is marked `up` or `draining` by its service's drains, on both stores.
     pub async fn register(
         &self,
         service: &ServiceName,
@@ -301,6 +302,8 @@ impl Registry {
                     t.lease(service, id, Some(deadline));
                     t.store.renew(service, id, instance.last_seen);
                     self.rearm(before, t.next_deadline());
+                    let mut instance = instance;
+                    instance.mark(t.store.maintenance(service));
                     return Ok(instance);
                 }
             }
@@ -319,6 +322,7 @@ impl Registry {
             {
                 Ok(Put::Written(revision)) => {
                     replica.applied(revision).await?;
+                    instance.mark(self.lock().store.maintenance(service));
                     return Ok(instance);
                 }
                 Ok(Put::Held(holder)) => {
