@@ -50,6 +50,21 @@ pub struct DirectoryOpts {
     pub window: Option<Duration>,
 }
 
+#[cfg(test)]
+impl Ctx {
+    /// A `--quick` context over the release binaries the end-to-end tests run, for a tiny run
+    /// of a scenario as a test of the harness.
+    pub(crate) fn tiny(directory: DirectoryOpts) -> Ctx {
+        let dir = baker_tests::bin("baker-directory");
+        Ctx {
+            bins: Bins::locate(dir.parent().map(Into::into), None).unwrap(),
+            quick: true,
+            baseline: None,
+            directory,
+        }
+    }
+}
+
 impl Ctx {
     /// `full` normally, `quick` with `--quick`.
     pub fn pick<T>(&self, full: T, quick: T) -> T {

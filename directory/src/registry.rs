@@ -1631,32 +1631,20 @@ mod tests {
     async fn an_instance_keeps_when_it_joined_through_heartbeats_and_changes() {
         let (r, _dir) = registry();
         let mut sub = r.subscribe(None, false);
-        let joined = r
-            .upsert(
-                &svc("emitter"),
-                &iid("a"),
-                spec(80, 1000),
-                Source::Registrar,
-            )
-            .unwrap();
+        let put = |spec| {
+            r.upsert(&svc("emitter"), &iid("a"), spec, Source::Registrar)
+                .unwrap()
+        };
+        let joined = put(spec(80, 1000));
         assert_eq!(joined.since, joined.last_seen);
         std::thread::sleep(Duration::from_millis(5));
-        let renewed = r
-            .upsert(
-                &svc("emitter"),
-                &iid("a"),
-                spec(80, 1000),
-                Source::Registrar,
-            )
-            .unwrap();
+        let renewed = put(spec(80, 1000));
         assert_eq!(renewed.since, joined.since, "a heartbeat keeps it");
         assert!(renewed.last_seen > joined.since);
         std::thread::sleep(Duration::from_millis(5));
         let mut heavier = spec(80, 1000);
         heavier.weight = 50;
-        let changed = r
-            .upsert(&svc("emitter"), &iid("a"), heavier, Source::Registrar)
-            .unwrap();
+        let changed = put(heavier);
         assert_eq!(changed.since, joined.since, "a change keeps it");
         let listed = &r.services().services["emitter"][0];
         assert_eq!((listed.since, listed.weight), (joined.since, 50));
@@ -1670,14 +1658,7 @@ mod tests {
         assert_eq!(published, [joined.since, joined.since]);
         r.remove(&svc("emitter"), &iid("a"), RemoveCause::Deregistered);
         std::thread::sleep(Duration::from_millis(5));
-        let again = r
-            .upsert(
-                &svc("emitter"),
-                &iid("a"),
-                spec(80, 1000),
-                Source::Registrar,
-            )
-            .unwrap();
+        let again = put(spec(80, 1000));
         assert!(again.since > joined.since, "registered anew, it joins anew");
     }
 

@@ -166,6 +166,18 @@ impl TestAmbassador {
         socket_command(&self.run_dir.path().join("admin.sock"), command)
     }
 
+    /// Operational state of each server of `backend`: `up` or `down` (`show servers state`).
+    pub fn op_states(&self, backend: &str) -> BTreeMap<String, &'static str> {
+        self.admin_command(&format!("show servers state {backend}"))
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 6)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[3].to_owned(), if f[5] == "2" { "up" } else { "down" })
+            })
+            .collect()
+    }
+
     /// One command on HAProxy's master CLI.
     pub fn master_command(&self, command: &str) -> String {
         socket_command(&self.run_dir.path().join("master.sock"), command)

@@ -1,7 +1,6 @@
 //! End-to-end: one of three instances stops answering (SIGSTOP) under a paced load through a
 //! real ambassador and HAProxy, and the clients barely notice.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -30,18 +29,6 @@ fn spec(addr: SocketAddr) -> InstanceSpec {
     }
 }
 
-/// Operational state of each server of `backend`: `up` or `down` (`show servers state`).
-fn op_states(amb: &TestAmbassador, backend: &str) -> BTreeMap<String, &'static str> {
-    amb.admin_command(&format!("show servers state {backend}"))
-        .lines()
-        .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 6)
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f[3].to_owned(), if f[5] == "2" { "up" } else { "down" })
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_stopped_instance_costs_milliseconds_of_throughput() {
     if !require(Needs::Haproxy) {
@@ -68,7 +55,7 @@ async fn a_stopped_instance_costs_milliseconds_of_throughput() {
     gs[2].proc.signal(Signal::SIGSTOP);
     let mut marked_down = None;
     while load.elapsed() < stopped + Duration::from_secs(5) {
-        if marked_down.is_none() && op_states(&amb, "web").get("c") == Some(&"down") {
+        if marked_down.is_none() && amb.op_states("web").get("c") == Some(&"down") {
             marked_down = Some(load.elapsed() - stopped);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -76,7 +63,7 @@ async fn a_stopped_instance_costs_milliseconds_of_throughput() {
     gs[2].proc.signal(Signal::SIGCONT);
     let continued = load.elapsed();
     eventually(Duration::from_secs(5), "c up again", || async {
-        (op_states(&amb, "web").get("c") == Some(&"up")).then_some(())
+        (amb.op_states("web").get("c") == Some(&"up")).then_some(())
     })
     .await;
     let back_after = load.elapsed() - continued;

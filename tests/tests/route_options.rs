@@ -99,18 +99,6 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// Operational state of each server of `backend`: `up` or `down` (`show servers state`).
-fn op_states(amb: &TestAmbassador, backend: &str) -> BTreeMap<String, &'static str> {
-    amb.admin_command(&format!("show servers state {backend}"))
-        .lines()
-        .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 6)
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f[3].to_owned(), if f[5] == "2" { "up" } else { "down" })
-        })
-        .collect()
-}
-
 /// Connections HAProxy holds open to the servers of `backend` now (`show stat`, `scur`).
 fn server_sessions(amb: &TestAmbassador, backend: &str) -> u64 {
     amb.admin_command("show stat")
@@ -557,7 +545,7 @@ async fn hang_one_of_three(options: &str) -> Hang {
     let stopped = Instant::now();
     let mut marked_down = None;
     while stopped.elapsed() < Duration::from_secs(5) {
-        if marked_down.is_none() && op_states(&amb, "web").get("c") == Some(&"down") {
+        if marked_down.is_none() && amb.op_states("web").get("c") == Some(&"down") {
             marked_down = Some(stopped.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -567,7 +555,7 @@ async fn hang_one_of_three(options: &str) -> Hang {
     let continued = Instant::now();
     // Its health check brings it back once it answers.
     eventually(Duration::from_secs(5), "c up again", || async {
-        (op_states(&amb, "web").get("c") == Some(&"up")).then_some(())
+        (amb.op_states("web").get("c") == Some(&"up")).then_some(())
     })
     .await;
     let back_after = continued.elapsed();

@@ -780,18 +780,12 @@ mod tests {
         if !require(Needs::Etcd) {
             return;
         }
-        let dir = baker_tests::bin("baker-directory");
-        let ctx = Ctx {
-            bins: Bins::locate(dir.parent().map(Into::into), None).unwrap(),
-            quick: true,
-            baseline: None,
-            directory: DirectoryOpts {
-                store: Store::Etcd,
-                instances: Some(60),
-                watchers: Some(4),
-                window: Some(Duration::from_secs(2)),
-            },
-        };
+        let ctx = Ctx::tiny(DirectoryOpts {
+            store: Store::Etcd,
+            instances: Some(60),
+            watchers: Some(4),
+            window: Some(Duration::from_secs(2)),
+        });
         let report = run(&ctx).await.unwrap();
         let modes = report.data["modes"].as_array().unwrap();
         let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();

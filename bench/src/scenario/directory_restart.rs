@@ -227,16 +227,10 @@ mod tests {
         if !require(Needs::Etcd) {
             return;
         }
-        let dir = baker_tests::bin("baker-directory");
-        let ctx = Ctx {
-            bins: Bins::locate(dir.parent().map(Into::into), None).unwrap(),
-            quick: true,
-            baseline: None,
-            directory: DirectoryOpts {
-                instances: Some(300),
-                ..DirectoryOpts::default()
-            },
-        };
+        let ctx = Ctx::tiny(DirectoryOpts {
+            instances: Some(300),
+            ..DirectoryOpts::default()
+        });
         let report = run(&ctx).await.unwrap();
         assert_eq!(report.data["instances"], 300, "{}", report.text);
         let restarts = report.data["restarts_s"].as_array().unwrap();
