@@ -102,6 +102,7 @@ impl From<WriteError> for ApiError {
             WriteError::Conflict(e) => ApiError::Conflict(e.to_string()),
             WriteError::Quota(e) => ApiError::Quota(e),
             WriteError::Unavailable(e) => unavailable(&e),
+            WriteError::Store(e) => ApiError::Internal(anyhow::Error::new(e)),
         }
     }
 }
@@ -118,6 +119,7 @@ fn unavailable(e: &crate::etcd::EtcdError) -> ApiError {
 /// (`saving the route of web`) and answered as a bare 500.
 fn change_failed(e: ChangeError, doing: impl FnOnce() -> String) -> ApiError {
     match e {
+        ChangeError::Conflict(e) => ApiError::Conflict(e.to_string()),
         ChangeError::Quota(e) => ApiError::Quota(e),
         ChangeError::Unavailable(e) => unavailable(&e),
         ChangeError::Store(e) => ApiError::Internal(anyhow::Error::new(e).context(doing())),

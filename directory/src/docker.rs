@@ -34,7 +34,7 @@ use baker_client::backoff::Backoff;
 use baker_client::change::RemoveCause;
 use baker_client::errors::chain;
 use baker_client::model::{
-    printable, validate_port, InstanceId, InstanceSpec, NodeName, ServiceName, Source, ValidSpec,
+    printable, validate_port, InstanceId, InstanceSpec, NodeName, ServiceName, ValidSpec,
     ValidationError, MAX_NAME_LEN,
 };
 use bollard::errors::Error as DockerError;
@@ -526,7 +526,7 @@ impl Tracker {
         self.noted.retain(|c, _| seen.contains(c));
         self.registered = registered;
         let count = desired.len();
-        registry.sync_source(Source::Docker, desired);
+        registry.sync_source(desired);
         count
     }
 
@@ -556,7 +556,7 @@ impl Tracker {
                 // Docker takes over any other source's instance; only a quota refuses it, which
                 // the registry logs. The container is registered at its next event, or at the
                 // next resync, once there is room.
-                if registry.upsert(&service, &id, spec, Source::Docker).is_ok() {
+                if registry.upsert(&service, &id, spec).is_ok() {
                     self.registered.insert(container.to_owned(), (service, id));
                 }
             }
@@ -1169,8 +1169,8 @@ mod tests {
         assert_eq!(node(None, None), None);
     }
 
-    #[test]
-    fn discovered_instances_carry_the_node() {
+    #[tokio::test]
+    async fn discovered_instances_carry_the_node() {
         let (registry, _dir) = test_registry();
         let mut tracker = Tracker {
             node: Some("node-a".parse().unwrap()),
@@ -1181,6 +1181,7 @@ mod tests {
         other.name = Some("/orders_2".into());
         tracker.resync(&registry, vec![("c1".into(), verdict(&c, None))]);
         tracker.apply(&registry, "c2", verdict(&other, None));
+        registry.reconcile_once().await.unwrap();
         let nodes: Vec<Option<String>> = registry.services().services["orders"]
             .iter()
             .map(|i| i.node.as_ref().map(ToString::to_string))

@@ -160,10 +160,6 @@ pub enum EtcdError {
          cannot follow etcd for the moment"
     )]
     NotApplied(Duration),
-    /// A registrar's change made by a call that cannot wait for etcd: with etcd, registrars'
-    /// changes are written by calls that answer once etcd has committed them.
-    #[error("the table lives in etcd: this change must be written through etcd, and was not")]
-    NotStored,
     /// This replica has not renewed its session lease lately: it may be cut off from etcd,
     /// and cannot vouch for the instances it would keep alive (their registrars move on).
     #[error("this replica has not renewed its etcd session within {0:?}")]
@@ -304,8 +300,9 @@ pub enum Swap {
 pub enum Put {
     /// Written, at this revision.
     Written(i64),
-    /// Not written: the key is bound to this other lease (`0`: none, or it just went).
-    Held(i64),
+    /// Not written: the key is bound to this other lease (`0`: none, or it just went), as
+    /// etcd held it at `revision`.
+    Held { holder: i64, revision: i64 },
 }
 
 /// The whole table at one revision.
@@ -910,9 +907,15 @@ impl Etcd {
                     TxnOpResponse::Get(g) => g.kvs().first().map(KeyValue::lease),
                     _ => None,
                 });
-                Ok(Put::Held(holder.unwrap_or_default()))
+                Ok(Put::Held {
+                    holder: holder.unwrap_or_default(),
+                    revision,
+                })
             }
-            _ => Ok(Put::Held(0)),
+            _ => Ok(Put::Held {
+                holder: 0,
+                revision,
+            }),
         }
     }
 

@@ -117,14 +117,18 @@ pub async fn run(
             )
         }
     };
-    let replica = registry.is_replica().then(|| {
+    let replica = {
         let (registry, shutdown) = (registry.clone(), shutdown.clone());
         tokio::spawn(supervise::supervise(
-            "etcd replica",
+            if registry.is_replica() {
+                "etcd replica"
+            } else {
+                "store"
+            },
             shutdown.clone(),
-            move || registry.clone().run_replica(shutdown.clone()),
+            move || registry.clone().run_store(shutdown.clone()),
         ))
-    });
+    };
     registry.first_snapshot(etcd::REQUEST_TIMEOUT).await;
     let discovery = docker::enabled(config.docker).then(|| {
         let (registry, network, node, shutdown) = (
@@ -198,9 +202,7 @@ pub async fn run(
     if let Some(discovery) = discovery {
         let _ = discovery.await;
     }
-    if let Some(replica) = replica {
-        let _ = replica.await;
-    }
+    let _ = replica.await;
     tracing::info!("stopped");
     Ok(())
 }

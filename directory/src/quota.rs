@@ -299,9 +299,9 @@ mod tests {
     mod registry {
         use super::*;
         use crate::metrics::Metrics;
-        use crate::registry::{Refused, Registry, RouteError};
+        use crate::registry::{Refused, Registry, RouteError, WriteError};
         use crate::routes::RouteStore;
-        use baker_client::model::{InstanceId, Route, Source, ValidSpec};
+        use baker_client::model::{InstanceId, Route, ValidSpec};
         use std::sync::Arc;
 
         fn spec() -> ValidSpec {
@@ -331,35 +331,35 @@ mod tests {
             (r, dir)
         }
 
-        fn put(r: &Registry, service: &str, id: &str) -> Result<(), Quota> {
+        async fn put(r: &Registry, service: &str, id: &str) -> Result<(), Quota> {
             let (s, i): (ServiceName, InstanceId) = (service.parse().unwrap(), id.parse().unwrap());
-            match r.upsert(&s, &i, spec(), Source::Registrar) {
+            match r.register(&s, &i, spec()).await {
                 Ok(_) => Ok(()),
-                Err(Refused::Quota(e)) => Err(e.quota),
+                Err(WriteError::Quota(e)) => Err(e.quota),
                 Err(other) => panic!("{other}"),
             }
         }
 
-        #[test]
-        fn a_full_table_refuses_new_instances_and_still_takes_heartbeats() {
+        #[tokio::test]
+        async fn a_full_table_refuses_new_instances_and_still_takes_heartbeats() {
             let (r, _dir) = registry(SMALL);
             for id in ["1", "2", "3"] {
-                put(&r, "a", id).unwrap();
+                put(&r, "a", id).await.unwrap();
             }
-            assert_eq!(put(&r, "a", "4"), Err(Quota::InstancesPerService));
-            put(&r, "a", "3").unwrap();
-            put(&r, "b", "1").unwrap();
-            assert_eq!(put(&r, "c", "1"), Err(Quota::Services));
-            put(&r, "b", "2").unwrap();
-            assert_eq!(put(&r, "b", "3"), Err(Quota::Instances));
+            assert_eq!(put(&r, "a", "4").await, Err(Quota::InstancesPerService));
+            put(&r, "a", "3").await.unwrap();
+            put(&r, "b", "1").await.unwrap();
+            assert_eq!(put(&r, "c", "1").await, Err(Quota::Services));
+            put(&r, "b", "2").await.unwrap();
+            assert_eq!(put(&r, "b", "3").await, Err(Quota::Instances));
             // The refusals changed nothing.
             let services = r.services().services;
             assert_eq!(services.values().map(Vec::len).sum::<usize>(), 5);
             assert!(!services.contains_key("c"));
             // Room made, room taken.
             let (a, three) = ("a".parse().unwrap(), "3".parse().unwrap());
-            r.deregister(&a, &three).unwrap().unwrap();
-            put(&r, "b", "3").unwrap();
+            r.unregister(&a, &three).await.unwrap().unwrap();
+            put(&r, "b", "3").await.unwrap();
             let text = r.metrics().encode();
             for needle in [
                 "baker_directory_quota_refusals_total{quota=\"instances_per_service\"} 1",
@@ -370,16 +370,17 @@ mod tests {
             }
         }
 
-        #[test]
-        fn docker_instances_past_a_quota_are_left_out_and_the_rest_registered() {
+        #[tokio::test]
+        async fn docker_instances_past_a_quota_are_left_out_and_the_rest_registered() {
             let (r, _dir) = registry(SMALL);
             let listed = (0..5)
                 .map(|i| ("d".parse().unwrap(), i.to_string().parse().unwrap(), spec()))
                 .collect();
-            r.sync_source(Source::Docker, listed);
+            r.sync_source(listed);
+            r.reconcile_once().await.unwrap();
             assert_eq!(r.services().services["d"].len(), 3);
             let (d, nine) = ("d".parse().unwrap(), "9".parse().unwrap());
-            let refused = r.upsert(&d, &nine, spec(), Source::Docker).unwrap_err();
+            let refused = r.upsert(&d, &nine, spec()).unwrap_err();
             assert!(matches!(refused, Refused::Quota(_)), "{refused}");
         }
 

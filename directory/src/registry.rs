@@ -1,18 +1,27 @@
 //! The table of live instances and routes: its revisions, its TTL timer and its change feed.
 //!
 //! [`Registry`] is a cheap, cloneable handle. The HTTP API and Docker discovery change the
-//! table only through it, and every real change does three things under one lock: apply it to
-//! the [`Store`] (which gives it the next revision), and publish one [`Change`] on the
-//! [`feed`](crate::feed) with its cause and time. A change to one instance carries that
-//! instance only, so its cost does not grow with the size of its service. A heartbeat that
-//! changes nothing but `last_seen` is not a change: it gets no revision and publishes nothing,
-//! so the `last_seen` carried by a change is the time of the instance's last change, while
-//! `GET /v1/services` shows the time of its last heartbeat.
+//! table only through it, and every change takes one way in, whatever the store: the registry
+//! decides it over the table (takeover, quotas, drains, route checks: functions of the table
+//! alone), its [`Backend`](backend::Backend) commits it and gives it a revision, and the
+//! committed change reaches the table through [`Registry::apply`], which applies it to the
+//! [`Store`] at that revision and publishes one [`Change`] on the [`feed`](crate::feed) with
+//! its cause and time. In memory the backend applies at once, after writing routes and drains
+//! ahead to the data directory; with etcd it commits one transaction and the change comes back
+//! through etcd's watch ([`replica`]). A call is answered once its change is applied. A change
+//! to one instance carries that instance only, so its cost does not grow with the size of its
+//! service. A heartbeat that changes nothing but `last_seen` is not a change: it gets no
+//! revision, publishes nothing and is not written to any store, so the `last_seen` carried by
+//! a change is the time of the instance's last change, while `GET /v1/services` shows the time
+//! of its last heartbeat.
 //!
 //! Instances registered over the API ([`Source::Registrar`]) expire when no heartbeat renews
-//! them within their `ttl_ms`; [`Registry::run_expiry`] sleeps until the earliest deadline, it
-//! is not driven by reads. Instances from Docker never expire by TTL: the engine says when they
-//! go ([`Registry::remove`], [`Registry::sync_source`]).
+//! them within their `ttl_ms`. Each is owned by the registry that takes its heartbeats (with
+//! etcd, it is bound to that replica's session lease), which keeps its deadline;
+//! [`Registry::run_expiry`] sleeps until the earliest one, it is not driven by reads. Instances
+//! from Docker never expire by TTL: the engine says when they go ([`Registry::remove`],
+//! [`Registry::sync_source`]), and the registry's Docker reconciler writes what the engine
+//! runs.
 //!
 //! Sources do not overwrite each other from the API: a registration or deregistration over the
 //! API of an instance that Docker discovered is refused ([`Conflict`]), since the API's
@@ -38,17 +47,21 @@ use tokio::sync::{broadcast, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::etcd::{DrainRecord, Removal, RouteRecord};
 use crate::feed::{Feed, Published, Receiver};
-use crate::maintenance::MaintenanceFiles;
 use crate::metrics::{Metrics, QuotaLabel, ServiceLabel};
 use crate::quota::{Exceeded, Occupancy, Quotas};
 use crate::routes::{RouteStore, StoreError};
 use crate::store::{MemoryStore, Store};
 
+mod backend;
+mod discovered;
 mod known;
 mod replica;
 
-pub use replica::{WriteError, REPLICA_LEASE};
+use backend::{Backend, CommitError, Committed, Entry, MemoryBackend, Proposal};
+use replica::cleared;
+pub use replica::REPLICA_LEASE;
 
 /// One NDJSON line of the watch stream, serialized once and shared by every watcher.
 #[derive(Debug, Clone)]
@@ -83,20 +96,19 @@ struct Inner {
     /// Wakes the expiry timer when a deadline earlier than all others appears.
     wake: Notify,
     metrics: Arc<Metrics>,
-    /// The limits on growth, checked under the table's lock.
+    /// The limits on growth, checked on the table as changes are decided (and, in memory,
+    /// again as they are applied).
     quotas: Quotas,
-    /// Where routes persist in memory mode; `None` with etcd, which holds them.
-    route_file: Option<RouteStore>,
-    /// With etcd: the connection, and how far this replica's mirror has come.
-    replica: Option<replica::Replica>,
-    /// One lock per service whose route is being written: a service's route writes run one
-    /// at a time (each persists the route the previous one left), other services' alongside.
-    route_writes: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<()>>>>,
-    /// Where drains persist, one file per service; `None` when the table lives in etcd.
-    maintenance_files: Option<MaintenanceFiles>,
-    /// Serializes drain writes, so that each one persists the drains as the previous one left
-    /// them.
-    maintenance_writes: tokio::sync::Mutex<()>,
+    /// Where changes are committed: the data directory, or etcd.
+    backend: Box<dyn Backend>,
+    /// The containers this registry's Docker engine runs, which its reconciler writes.
+    docker: Mutex<discovered::Discovered>,
+    /// Wakes the Docker reconciler.
+    kick: Notify,
+    /// Serializes the changes of hard state (routes, drains) made through this registry: each
+    /// is decided on the state the previous one left, so a quota checked at the decision still
+    /// holds at the commit.
+    hard_writes: tokio::sync::Mutex<()>,
     /// The newest unfiltered snapshot line built, shared by every watcher that subscribes at
     /// its index: hundreds of watchers reconnecting together cost one serialization, not
     /// hundreds, and none of it happens under the table's lock.
@@ -108,9 +120,9 @@ struct Table {
     /// Every change, published in revision order while the table is locked, so a subscriber
     /// that takes a snapshot under the same lock sees each later change exactly once.
     feed: Feed,
-    /// TTL deadlines of expiring instances, earliest first ...
+    /// TTL deadlines of the instances this registry owns, earliest first ...
     deadlines: BTreeSet<(Instant, ServiceName, InstanceId)>,
-    /// ... and each expiring instance's deadline.
+    /// ... and each such instance's deadline.
     leases: HashMap<(ServiceName, InstanceId), Instant>,
     /// Services that have had a live instance since the directory started, the
     /// `BAKER_MAX_SERVICES` seen last.
@@ -118,18 +130,12 @@ struct Table {
     /// Services whose route falls back to all their live instances, because none of the
     /// targets it routes to has one ([`route_falls_back_by_version`]).
     falling_back: BTreeSet<ServiceName>,
-    /// Whether every registrar instance expires here by its TTL (memory); with etcd, only those
-    /// bound to this replica's session do, and their deadlines are set by the replica.
-    local_expiry: bool,
-    /// With etcd: the lease each instance's key is bound to.
+    /// The owner each instance is bound to: the session of the registry that took its
+    /// heartbeats or runs its container (always 0 in memory; an etcd lease with etcd).
     owners: HashMap<(ServiceName, InstanceId), i64>,
-    /// With etcd: the revision each service's drains key was last written at, which a drain
-    /// written through this replica expects to find (another replica's write in between makes
-    /// it decide again).
-    drain_revisions: HashMap<ServiceName, i64>,
-    /// With etcd: why the instances deleted at one revision went, as that revision's
-    /// transaction said; a deletion with no cause is a lease that ran out.
-    causes: (u64, HashMap<(ServiceName, InstanceId), RemoveCause>),
+    /// The revision each service's drains were last written at, which a drain decided on them
+    /// expects to find (another write in between makes it decide again).
+    drain_revisions: HashMap<ServiceName, u64>,
     /// For each service another service's route sends traffic to, the services routing to it:
     /// a change of its instances may start or end their fallback.
     targeted_by: BTreeMap<ServiceName, BTreeSet<ServiceName>>,
@@ -172,15 +178,46 @@ pub enum Refused {
     Conflict(#[from] Conflict),
     #[error(transparent)]
     Quota(#[from] Exceeded),
-    /// The table lives in etcd, where a registrar's change is written by
-    /// [`Registry::register`] or [`Registry::unregister`], which answer once it is stored.
-    #[error("the table lives in etcd: a registrar's change is written by register or unregister")]
-    NotStored,
+}
+
+/// Why a registration or deregistration failed: it changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    #[error(transparent)]
+    Quota(#[from] Exceeded),
+    /// etcd could not commit it (quorum lost, or no member answered).
+    #[error(transparent)]
+    Unavailable(#[from] crate::etcd::EtcdError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<Refused> for WriteError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Conflict(c) => WriteError::Conflict(c),
+            Refused::Quota(q) => WriteError::Quota(q),
+        }
+    }
+}
+
+impl From<CommitError> for WriteError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Refused(r) => r.into(),
+            CommitError::Unavailable(e) => WriteError::Unavailable(e),
+            CommitError::Store(e) => WriteError::Store(e),
+        }
+    }
 }
 
 /// Why a change of the hard state (a route, a drain or an undrain) failed: it changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
     #[error(transparent)]
     Quota(#[from] Exceeded),
     #[error(transparent)]
@@ -190,13 +227,24 @@ pub enum ChangeError {
     Unavailable(#[from] crate::etcd::EtcdError),
 }
 
+impl From<CommitError> for ChangeError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Refused(Refused::Quota(q)) => ChangeError::Quota(q),
+            CommitError::Refused(Refused::Conflict(c)) => ChangeError::Conflict(c),
+            CommitError::Store(e) => ChangeError::Store(e),
+            CommitError::Unavailable(e) => ChangeError::Unavailable(e),
+        }
+    }
+}
+
 /// Why a route change failed.
 pub type RouteError = ChangeError;
 
 /// Why a drain or undrain failed.
 pub type DrainError = ChangeError;
 
-/// What an upsert did to the table.
+/// What a put did to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     /// A new instance.
@@ -204,8 +252,6 @@ enum Outcome {
     /// An existing instance whose address, port, version, weight, tags, TTL, source or
     /// node changed.
     Changed,
-    /// A heartbeat: only `last_seen` (and the TTL deadline) moved.
-    Renewed,
 }
 
 /// Keeps the time `old`, the instance `instance` replaces, joined the directory: a change or a
@@ -245,41 +291,16 @@ impl Table {
         }
     }
 
-    /// Puts `instance`, keeping when it joined if it was there (`instance` is given that time
-    /// too); returns what it did and, for a change, its revision.
-    fn put(&mut self, instance: &mut Instance, now: Instant) -> (Outcome, u64) {
-        let deadline = match instance.source {
-            Source::Registrar if self.local_expiry => {
-                Some(now + Duration::from_millis(instance.ttl_ms))
-            }
-            _ => None,
-        };
-        let (service, id) = (instance.service.clone(), instance.id.clone());
-        self.known.note(&service);
-        self.lease(&service, &id, deadline);
-        let old = self.store.instance(&service, &id);
-        joined_as(instance, old);
-        let outcome = match old {
-            Some(old) if same_but_last_seen(old, instance) => {
-                self.store.renew(&service, &id, instance.last_seen);
-                return (Outcome::Renewed, self.store.revision());
-            }
-            Some(_) => Outcome::Changed,
-            None => Outcome::Added,
-        };
-        let (revision, _) = self.store.put(instance.clone());
-        (outcome, revision)
-    }
-
     /// Where the registered `service`/`id` came from, if it is registered.
     fn source_of(&self, service: &ServiceName, id: &InstanceId) -> Option<Source> {
         Some(self.store.instance(service, id)?.source)
     }
 
-    /// Removes `service`/`id`; its revision and last value.
-    fn take(&mut self, service: &ServiceName, id: &InstanceId) -> Option<(u64, Instance)> {
-        let taken = self.store.remove(service, id)?;
+    /// Removes `service`/`id`, a change made at `revision`; its last value.
+    fn take(&mut self, revision: u64, service: &ServiceName, id: &InstanceId) -> Option<Instance> {
+        let taken = self.store.remove(revision, service, id)?;
         self.lease(service, id, None);
+        self.owners.remove(&(service.clone(), id.clone()));
         if self.store.count(service) == 0 {
             self.known.touch(service);
         }
@@ -372,32 +393,6 @@ impl Drop for Registration {
     }
 }
 
-/// A claim on one service's route-write lock. Dropping it, when the write is done or when the
-/// call is cancelled (its client went away, its deadline passed), forgets the lock once no
-/// other call holds or waits for it: the locks in memory are those of the route writes under
-/// way, never one per service ever written.
-struct RouteClaim {
-    registry: Registry,
-    service: ServiceName,
-    lock: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Drop for RouteClaim {
-    fn drop(&mut self) {
-        let mut locks = self
-            .registry
-            .inner
-            .route_writes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Clones are made under this lock only: the map's and this claim's make two when no
-        // other call has one.
-        if Arc::strong_count(&self.lock) == 2 {
-            locks.remove(&self.service);
-        }
-    }
-}
-
 /// What a snapshot is made from, read under the table's lock.
 enum SnapshotSource {
     /// The cached line of the subscription's index.
@@ -444,26 +439,23 @@ impl Registry {
         metrics
             .drains
             .set(maintenance.values().map(Maintenance::len).sum::<usize>() as i64);
-        Registry::with_store(
+        Registry::with_backend(
             Box::new(MemoryStore::new(routes, maintenance)),
-            Some(route_file),
-            None,
+            Box::new(MemoryBackend::new(route_file)),
             metrics,
             event_capacity,
             quotas,
         )
     }
 
-    /// A registry over `store`; drains persist beside `route_file`, in its data directory.
-    fn with_store(
+    /// A registry over `store`, committing changes through `backend`.
+    fn with_backend(
         store: Box<dyn Store>,
-        route_file: Option<RouteStore>,
-        replica: Option<replica::Replica>,
+        backend: Box<dyn Backend>,
         metrics: Arc<Metrics>,
         event_capacity: usize,
         quotas: Quotas,
     ) -> Registry {
-        let local_expiry = replica.is_none();
         let mut table = Table {
             store,
             feed: Feed::new(event_capacity),
@@ -471,9 +463,7 @@ impl Registry {
             leases: HashMap::new(),
             known: known::Known::new(quotas.services),
             falling_back: BTreeSet::new(),
-            local_expiry,
             owners: HashMap::new(),
-            causes: (0, HashMap::new()),
             drain_revisions: HashMap::new(),
             targeted_by: BTreeMap::new(),
         };
@@ -486,13 +476,10 @@ impl Registry {
                 wake: Notify::new(),
                 metrics,
                 quotas,
-                maintenance_files: route_file
-                    .as_ref()
-                    .map(|f| MaintenanceFiles::under(f.data())),
-                route_file,
-                replica,
-                route_writes: Mutex::new(HashMap::new()),
-                maintenance_writes: tokio::sync::Mutex::new(()),
+                backend,
+                docker: Mutex::new(discovered::Discovered::default()),
+                kick: Notify::new(),
+                hard_writes: tokio::sync::Mutex::new(()),
                 snapshot: Mutex::new(None),
             }),
         }
@@ -510,6 +497,39 @@ impl Registry {
     /// The metrics this registry updates.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Whether the table lives in etcd (this registry is one of its replicas).
+    pub fn is_replica(&self) -> bool {
+        self.inner.backend.following().is_some()
+    }
+
+    /// Whether this replica's table follows etcd (`Ok`), or why not; `None` in memory mode.
+    pub fn following(&self) -> Option<Result<(), String>> {
+        self.inner.backend.following()
+    }
+
+    /// The etcd revision this replica's table has applied; `None` in memory mode.
+    pub fn applied_revision(&self) -> Option<u64> {
+        self.inner.backend.applied_revision()
+    }
+
+    /// Waits until the table holds a first snapshot of its store, or `limit` passes (at once
+    /// in memory).
+    pub async fn first_snapshot(&self, limit: Duration) {
+        self.inner.backend.first_snapshot(limit).await
+    }
+
+    /// Keeps the store's side going until `shutdown` is cancelled: the Docker reconciler and,
+    /// with etcd, the watch that feeds the table and the session; then does what the store
+    /// needs done before the process exits (with etcd: this replica's containers leave at
+    /// once, and its lease is revoked unless registrars' instances are bound to it).
+    pub async fn run_store(self, shutdown: CancellationToken) {
+        tokio::join!(
+            self.inner.backend.run(&self, shutdown.clone()),
+            self.reconcile_docker(shutdown.clone()),
+        );
+        self.inner.backend.leave(&self).await;
     }
 
     /// Publishes `change`, which the store just applied. Called with the lock held.
@@ -670,157 +690,347 @@ impl Registry {
         }
     }
 
-    /// Registers or renews `service`/`id` (idempotent).
+    /// Registers or renews `service`/`id` from the API, answering once the change is applied:
+    /// the registrar's heartbeats end here.
     ///
-    /// A new instance, or one whose address, port, version, weight, tags, TTL or source
-    /// changed, is published to watchers; a plain heartbeat only renews the TTL and `last_seen`.
-    /// A registrar's registration of an instance Docker discovered is refused and changes
-    /// nothing; Docker's replaces a registrar's. A new instance past a quota is refused and
-    /// changes nothing.
+    /// A heartbeat that changes nothing, of an instance this registry owns, moves its deadline
+    /// and writes nothing (with etcd, only while etcd confirmed the session lately: else it is
+    /// refused, 503, and the registrar moves on). A new instance, a changed one, or one owned
+    /// by another replica (its registrar moved here) is committed, bound to this registry's
+    /// session, and published. A registration of an instance Docker discovered is refused and
+    /// changes nothing, as is a new instance past a quota. The instance answered is marked
+    /// `up` or `draining` by its service's drains.
+    pub async fn register(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        spec: ValidSpec,
+    ) -> Result<Instance, WriteError> {
+        let backend = &self.inner.backend;
+        let mut instance = instance_of(service, id, spec, Source::Registrar);
+        let session = backend.session().await?;
+        let key = (service.clone(), id.clone());
+        for _ in 0..3 {
+            let (existing, owner) = {
+                let t = self.lock();
+                check_takeover(&t, service, id, Source::Registrar)?;
+                t.admit(&self.inner.quotas, service, id)
+                    .inspect_err(|e| self.refused(e))?;
+                (
+                    t.store.instance(service, id).cloned(),
+                    t.owners.get(&key).copied(),
+                )
+            };
+            joined_as(&mut instance, existing.as_ref());
+            if let (Some(old), Some(owner)) = (&existing, owner) {
+                if owner == session && same_but_last_seen(old, &instance) {
+                    // Only a session the store confirmed lately vouches for the instance.
+                    backend.vouch()?;
+                    let mut t = self.lock();
+                    if t.owners.get(&key) == Some(&session) {
+                        self.inner.metrics.heartbeats.inc();
+                        tracing::trace!("heartbeat from {service}/{id}");
+                        let before = t.next_deadline();
+                        let deadline = Instant::now() + Duration::from_millis(instance.ttl_ms);
+                        t.lease(service, id, Some(deadline));
+                        t.store.renew(service, id, instance.last_seen);
+                        self.rearm(before, t.next_deadline());
+                        instance.mark(t.store.maintenance(service));
+                        return Ok(instance);
+                    }
+                    continue;
+                }
+            }
+            let proposal = Proposal::Put {
+                instance: instance.clone(),
+                owner: session,
+                expected: existing.as_ref().and(owner),
+            };
+            match backend.commit(self, proposal).await? {
+                Committed::Done { .. } => {
+                    if existing.is_some() {
+                        self.inner.metrics.heartbeats.inc();
+                    }
+                    instance.mark(self.lock().store.maintenance(service));
+                    return Ok(instance);
+                }
+                // Written elsewhere since the table showed it: decide again on what it shows
+                // now (the backend answers once the table has caught up).
+                Committed::Held(holder) => tracing::debug!(
+                    %service, %id, holder = format_args!("{holder:x}"),
+                    "the instance changed since it was read; deciding again"
+                ),
+                Committed::Stale => {}
+            }
+        }
+        Err(crate::etcd::EtcdError::Contended.into())
+    }
+
+    /// Deregisters `service`/`id` from the API, answering once the change is applied; `None`
+    /// when it was not registered. An instance Docker discovered is not the API's to remove.
+    pub async fn unregister(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<Option<Instance>, WriteError> {
+        let existing = {
+            let t = self.lock();
+            match t.store.instance(service, id) {
+                Some(i) if i.source == Source::Docker => {
+                    return Err(Conflict {
+                        service: service.clone(),
+                        id: id.clone(),
+                    }
+                    .into())
+                }
+                other => other.cloned(),
+            }
+        };
+        let Some(existing) = existing else {
+            return Ok(None);
+        };
+        let removals = vec![Removal {
+            service: service.clone(),
+            id: id.clone(),
+            cause: RemoveCause::Deregistered,
+        }];
+        match self
+            .inner
+            .backend
+            .commit(self, Proposal::Remove { removals })
+            .await?
+        {
+            Committed::Done { changed, .. } if changed > 0 => Ok(Some(existing)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Notes that Docker runs `service`/`id` as `spec` says; the reconciler writes it. A
+    /// registrar's instance of the same id is taken over (with a warning); a new instance past
+    /// a quota is refused and changes nothing.
     pub fn upsert(
         &self,
         service: &ServiceName,
         id: &InstanceId,
         spec: ValidSpec,
-        source: Source,
     ) -> Result<Instance, Refused> {
-        if self.inner.replica.is_some() {
-            return self.upsert_through_etcd(service, id, spec, source);
+        let instance = instance_of(service, id, spec, Source::Docker);
+        {
+            let t = self.lock();
+            check_takeover(&t, service, id, Source::Docker)?;
+            t.admit(&self.inner.quotas, service, id)
+                .inspect_err(|e| self.refused(e))?;
         }
-        let mut instance = instance_of(service, id, spec, source);
-        let mut t = self.lock();
-        check_takeover(&t, service, id, source)?;
-        t.admit(&self.inner.quotas, service, id)
-            .inspect_err(|e| self.refused(e))?;
-        let before = t.next_deadline();
-        let (outcome, revision) = t.put(&mut instance, Instant::now());
-        self.rearm(before, t.next_deadline());
-        if outcome != Outcome::Added {
-            self.inner.metrics.heartbeats.inc();
-        }
-        if outcome == Outcome::Renewed {
-            tracing::trace!("heartbeat from {service}/{id}");
-        } else {
-            self.publish_upsert(&mut t, outcome, revision, instance.clone());
-        }
-        instance.mark(t.store.maintenance(service));
+        self.discovered().want(instance.clone());
+        self.inner.kick.notify_one();
         Ok(instance)
     }
 
-    /// Deregisters `service`/`id` on an API call: removes it now and returns it, `None` if it
-    /// was not registered. An instance Docker discovered is not the API's to remove.
-    pub fn deregister(
-        &self,
-        service: &ServiceName,
-        id: &InstanceId,
-    ) -> Result<Option<Instance>, Refused> {
-        if self.inner.replica.is_some() {
-            return self.deregister_through_etcd(service, id);
-        }
-        let mut t = self.lock();
-        if t.source_of(service, id) == Some(Source::Docker) {
-            return Err(Conflict {
-                service: service.clone(),
-                id: id.clone(),
-            }
-            .into());
-        }
-        Ok(self.take(&mut t, service, id, RemoveCause::Deregistered))
-    }
-
-    /// Removes `service`/`id` now, whatever its source, for `cause`; `false` if it was not
-    /// registered.
+    /// Notes that Docker no longer runs `service`/`id`, for `cause`; the reconciler removes
+    /// it. `false` if it was not running.
     pub fn remove(&self, service: &ServiceName, id: &InstanceId, cause: RemoveCause) -> bool {
-        if self.inner.replica.is_some() {
-            return self.remove_through_etcd(service, id, cause);
-        }
-        let mut t = self.lock();
-        self.take(&mut t, service, id, cause).is_some()
+        let was = self.discovered().drop_one(service, id, cause);
+        self.inner.kick.notify_one();
+        was
     }
 
-    /// Removes `service`/`id` and publishes the change. Called with the lock held.
-    fn take(
-        &self,
-        t: &mut Table,
-        service: &ServiceName,
-        id: &InstanceId,
-        cause: RemoveCause,
-    ) -> Option<Instance> {
-        let (revision, instance) = t.take(service, id)?;
-        self.inner
-            .metrics
-            .deregistrations
-            .get_or_create(&instance.source.into())
-            .inc();
-        tracing::info!(
-            "deregistered {service}/{id} ({}, {})",
-            instance.source,
-            cause.as_str()
-        );
-        self.publish_remove(t, revision, instance.clone(), cause);
-        Some(instance)
-    }
-
-    /// Makes the instances of `source` exactly `instances` (service, id, spec): adds and updates
-    /// those listed, removes those of `source` not listed, and leaves other sources alone.
-    /// Publishes one change per instance that changed, none for the others.
-    pub fn sync_source(
-        &self,
-        source: Source,
-        instances: Vec<(ServiceName, InstanceId, ValidSpec)>,
-    ) {
-        let desired: BTreeMap<(ServiceName, InstanceId), ValidSpec> = instances
-            .into_iter()
-            .map(|(s, id, spec)| ((s, id), spec))
-            .collect();
-        if self.inner.replica.is_some() {
-            return self.sync_source_through_etcd(source, desired);
-        }
-        let mut t = self.lock();
-        let before = t.next_deadline();
-        let now = Instant::now();
-        let stale: Vec<(ServiceName, InstanceId)> = t
-            .store
-            .of_source(source)
-            .into_iter()
-            .filter(|key| !desired.contains_key(key))
-            .collect();
-        for (service, id) in stale {
-            if let Some((revision, instance)) = t.take(&service, &id) {
-                self.inner
-                    .metrics
-                    .deregistrations
-                    .get_or_create(&source.into())
-                    .inc();
-                tracing::info!("deregistered {service}/{id} ({source}, gone on resync)");
-                self.publish_remove(&mut t, revision, instance, RemoveCause::DockerResync);
-            }
-        }
+    /// Makes the instances Docker runs exactly `instances` (service, id, spec); the reconciler
+    /// writes those that changed and removes the others. Instances past a quota are left out,
+    /// with one warning.
+    pub fn sync_source(&self, instances: Vec<(ServiceName, InstanceId, ValidSpec)>) {
+        let mut wanted = BTreeMap::new();
         let mut over_quota: Option<(Exceeded, usize)> = None;
-        for ((service, id), spec) in desired {
-            if check_takeover(&t, &service, &id, source).is_err() {
-                continue;
-            }
-            if let Err(e) = t.admit(&self.inner.quotas, &service, &id) {
-                self.count_refusal(&e);
-                let refused = over_quota.get_or_insert((e, 0));
-                refused.1 += 1;
-                continue;
-            }
-            let mut instance = instance_of(&service, &id, spec, source);
-            let (outcome, revision) = t.put(&mut instance, now);
-            if outcome != Outcome::Renewed {
-                self.publish_upsert(&mut t, outcome, revision, instance);
+        {
+            let t = self.lock();
+            for (service, id, spec) in instances {
+                if check_takeover(&t, &service, &id, Source::Docker).is_err() {
+                    continue;
+                }
+                if let Err(e) = t.admit(&self.inner.quotas, &service, &id) {
+                    self.count_refusal(&e);
+                    over_quota.get_or_insert((e, 0)).1 += 1;
+                    continue;
+                }
+                let instance = instance_of(&service, &id, spec, Source::Docker);
+                wanted.insert((service, id), instance);
             }
         }
         if let Some((first, count)) = over_quota {
             tracing::warn!(
-                %source,
+                source = %Source::Docker,
                 refused = count,
                 "{count} instance(s) not registered, the first because {first}"
             );
         }
+        self.discovered().want_only(wanted);
+        self.inner.kick.notify_one();
+    }
+
+    fn discovered(&self) -> MutexGuard<'_, discovered::Discovered> {
+        self.inner
+            .docker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies one committed change at `revision`, and publishes it if it changed the table:
+    /// the only way a change reaches the table, whatever the store. Called with the lock held.
+    /// Whether the table changed.
+    fn apply(&self, t: &mut Table, revision: u64, entry: Entry) -> bool {
+        match entry {
+            Entry::Put { instance, owner } => self.apply_put(t, revision, instance, owner),
+            Entry::Gone { service, id, cause } => {
+                self.apply_gone(t, revision, &service, &id, cause).is_some()
+            }
+            Entry::Route { service, record } => self.apply_route(t, revision, &service, record),
+            Entry::Drains { service, record } => {
+                t.drain_revisions.insert(service.clone(), revision);
+                self.apply_drains(t, revision, &service, record)
+            }
+            Entry::DrainsGone { service } => {
+                t.drain_revisions.remove(&service);
+                match cleared(t, &service) {
+                    Some(record) => self.apply_drains(t, revision, &service, record),
+                    None => false,
+                }
+            }
+        }
+    }
+
+    /// Puts `instance`, bound to `owner`, at `revision`. An instance of a registrar bound to
+    /// this registry's session gets its TTL deadline here; one bound to another's expires
+    /// there (or with that session). A put that changes nothing but `last_seen` is no change.
+    fn apply_put(&self, t: &mut Table, revision: u64, mut instance: Instance, owner: i64) -> bool {
+        let (service, id) = (instance.service.clone(), instance.id.clone());
+        t.owners.insert((service.clone(), id.clone()), owner);
+        t.known.note(&service);
+        let before = t.next_deadline();
+        let deadline = (instance.source == Source::Registrar
+            && owner == self.inner.backend.current_session())
+        .then(|| Instant::now() + Duration::from_millis(instance.ttl_ms));
+        t.lease(&service, &id, deadline);
         self.rearm(before, t.next_deadline());
+        let old = t.store.instance(&service, &id);
+        joined_as(&mut instance, old);
+        let outcome = match old {
+            Some(old) if same_but_last_seen(old, &instance) => {
+                t.store.renew(&service, &id, instance.last_seen);
+                return false;
+            }
+            Some(_) => Outcome::Changed,
+            None => Outcome::Added,
+        };
+        t.store.put(revision, instance.clone());
+        self.publish_upsert(t, outcome, revision, instance);
+        true
+    }
+
+    /// Removes `service`/`id` at `revision`, for `cause` (`None`: it expired). Returns its
+    /// source, if it was in the table.
+    fn apply_gone(
+        &self,
+        t: &mut Table,
+        revision: u64,
+        service: &ServiceName,
+        id: &InstanceId,
+        cause: Option<RemoveCause>,
+    ) -> Option<Source> {
+        let owner = t.owners.get(&(service.clone(), id.clone())).copied();
+        let instance = t.take(revision, service, id)?;
+        let source = instance.source;
+        // Another replica's container, gone for a reason of its engine (not as `expired`: its
+        // lease ran out, or its replica stopped and handed it over, when this one is to take
+        // it over): if this engine runs it too, its own stop event is on its way.
+        if source == Source::Docker
+            && cause.is_some_and(|c| c != RemoveCause::Expired)
+            && owner.is_some_and(|o| o != self.inner.backend.current_session())
+        {
+            self.discovered().stopped_elsewhere(service, id);
+        }
+        let cause = cause.unwrap_or_else(|| {
+            self.inner.metrics.expiries.inc();
+            tracing::info!(
+                "expired {service}/{id}: no heartbeat for {} ms",
+                instance.ttl_ms
+            );
+            RemoveCause::Expired
+        });
+        if cause != RemoveCause::Expired {
+            tracing::info!("deregistered {service}/{id} ({source}, {})", cause.as_str());
+        }
+        self.inner
+            .metrics
+            .deregistrations
+            .get_or_create(&source.into())
+            .inc();
+        self.publish_remove(t, revision, instance, cause);
+        if source == Source::Docker {
+            // Another replica's container may have lost its owner: this one may take it.
+            self.inner.kick.notify_one();
+        }
+        Some(source)
+    }
+
+    /// Writes the Docker instances this registry's engine runs and removes those it dropped,
+    /// whenever discovery or the table changes, and every few seconds, until `shutdown`.
+    pub async fn reconcile_docker(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.inner.kick.notified() => {}
+                _ = tokio::time::sleep(discovered::RECONCILE_EVERY) => {}
+            }
+            if let Err(e) = self.reconcile_once().await {
+                tracing::warn!(cause = %e, "could not write Docker's instances");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+
+    /// One pass of the Docker reconciler: puts what the engine runs and the table lacks (or
+    /// holds otherwise), removes this registry's containers the engine no longer runs.
+    pub(crate) async fn reconcile_once(&self) -> Result<(), CommitError> {
+        if self.discovered().is_idle() {
+            return Ok(());
+        }
+        let owner = self.inner.backend.session().await?;
+        let (puts, removals) = {
+            let t = self.lock();
+            let mut d = self.discovered();
+            d.plan(&t, owner)
+        };
+        // Removals first: what the engine dropped makes room for what it started.
+        if !removals.is_empty() {
+            self.inner
+                .backend
+                .commit(self, Proposal::Remove { removals })
+                .await?;
+        }
+        for (instance, expected) in puts {
+            let (service, id) = (instance.service.clone(), instance.id.clone());
+            let proposal = Proposal::Put {
+                instance,
+                owner,
+                expected,
+            };
+            match self.inner.backend.commit(self, proposal).await {
+                Ok(Committed::Held(holder)) => tracing::debug!(
+                    %service, %id, holder = format_args!("{holder:x}"),
+                    "another replica holds a container this engine runs"
+                ),
+                Ok(_) => {}
+                // Refused on the table as it now stands (a quota filled meanwhile): the next
+                // pass decides again.
+                Err(CommitError::Refused(r)) => {
+                    tracing::debug!(%service, %id, cause = %r, "container not written")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Counts and logs a change refused by a quota.
@@ -839,27 +1049,76 @@ impl Registry {
             .inc();
     }
 
-    /// Removes every expiring instance whose deadline is at or before `now`; returns how many.
-    pub fn expire_due(&self, now: Instant) -> usize {
-        let mut t = self.lock();
-        let mut count = 0;
-        while let Some((deadline, service, id)) = t.deadlines.first().cloned() {
-            if deadline > now {
-                break;
+    /// Expires the instances this registry owns whose TTL deadline is at or before `now`:
+    /// each is removed if it is still owned here and was not renewed meanwhile (with etcd:
+    /// still bound to this replica's session), with no cause, so it is published as
+    /// `expired`. Returns how many went. One that could not be removed (etcd away) is tried
+    /// again a second later (the session's own end removes it otherwise). While the session
+    /// is stale (heartbeats are refused), the due instances get their TTL again instead.
+    pub async fn expire(&self, now: Instant) -> usize {
+        let owner = self.inner.backend.current_session();
+        let due: Vec<(ServiceName, InstanceId)> = {
+            let mut t = self.lock();
+            let mut due = Vec::new();
+            while let Some((deadline, service, id)) = t.deadlines.first().cloned() {
+                if deadline > now {
+                    break;
+                }
+                t.lease(&service, &id, None);
+                if t.owners.get(&(service.clone(), id.clone())) == Some(&owner) {
+                    due.push((service, id));
+                }
             }
-            if let Some((revision, instance)) = t.take(&service, &id) {
-                count += 1;
-                self.inner.metrics.expiries.inc();
-                tracing::info!(
-                    "expired {service}/{id}: no heartbeat for {} ms",
-                    instance.ttl_ms
+            due
+        };
+        if due.is_empty() {
+            return 0;
+        }
+        if self.inner.backend.vouch().is_err() {
+            // Cut off from etcd: the heartbeats of these instances may have been refused, and
+            // no lease runs out without a leader either. Each gets its TTL again, as etcd gives
+            // every lease its TTL again when a new leader is elected.
+            let mut t = self.lock();
+            let before = t.next_deadline();
+            for (service, id) in due {
+                let Some(ttl) = t.store.instance(&service, &id).map(|i| i.ttl_ms) else {
+                    continue;
+                };
+                let again = now + Duration::from_millis(ttl.max(1000));
+                t.lease(&service, &id, Some(again));
+            }
+            self.rearm(before, t.next_deadline());
+            return 0;
+        }
+        let proposal = Proposal::Expire {
+            due: due.clone(),
+            owner,
+        };
+        match self.inner.backend.commit(self, proposal).await {
+            Ok(Committed::Done { changed, .. }) => changed,
+            Ok(_) => 0,
+            Err(e) => {
+                tracing::warn!(
+                    cause = %e,
+                    "could not expire {} instances (first {}/{}); trying again",
+                    due.len(),
+                    due[0].0,
+                    due[0].1
                 );
-                self.publish_remove(&mut t, revision, instance, RemoveCause::Expired);
-            } else {
-                t.deadlines.pop_first();
+                let mut t = self.lock();
+                let before = t.next_deadline();
+                let again = Instant::now() + Duration::from_secs(1);
+                for (service, id) in due {
+                    if t.store.instance(&service, &id).is_some()
+                        && !t.leases.contains_key(&(service.clone(), id.clone()))
+                    {
+                        t.lease(&service, &id, Some(again));
+                    }
+                }
+                self.rearm(before, t.next_deadline());
+                0
             }
         }
-        count
     }
 
     /// The earliest TTL deadline, if any instance can expire.
@@ -876,11 +1135,7 @@ impl Registry {
                 _ = shutdown.cancelled() => return,
                 _ = woken => {}
                 _ = sleep_until(next) => {
-                    if self.inner.replica.is_some() {
-                        self.expire_through_etcd(Instant::now()).await;
-                    } else {
-                        self.expire_due(Instant::now());
-                    }
+                    self.expire(Instant::now()).await;
                 }
             }
         }
@@ -1053,16 +1308,10 @@ impl Registry {
     /// route that does not exist. Setting the route a service already has changes nothing; a new
     /// route past the routes quota is refused.
     ///
-    /// The route is durable before this returns `Ok`, but watchers hear of it while it is being
-    /// written: the write (two fsyncs) starts first, then the change is applied and published,
-    /// then the write is awaited. So ambassadors apply a route in the time of one watch event,
-    /// not of one fsync, and the answer still waits for the disk. If the write fails, the
-    /// previous route is applied and published again, and the error returned: no route stays
-    /// in effect that the directory did not persist. If the directory dies before the write
-    /// ends, it restarts with the routes on disk, and every ambassador, reconnecting, replaces
-    /// all its routes with that snapshot's (ambassadors hold no route of their own), so none
-    /// stays on a route the directory lost; the caller got no answer, so it knows nothing was
-    /// confirmed.
+    /// The route is committed before anything is applied or published (written ahead to the
+    /// data directory in memory, two fsyncs; one transaction with etcd), and the call answers
+    /// once it is applied: a route that answered survives a crash, and one that could not be
+    /// stored changed nothing and was never published.
     pub async fn set_route(
         &self,
         service: &ServiceName,
@@ -1080,30 +1329,11 @@ impl Registry {
         route: Option<Route>,
         origin: Option<String>,
     ) -> Result<Option<RouteResponse>, RouteError> {
-        let file = match (&self.inner.route_file, &self.inner.replica) {
-            (_, Some(replica)) => {
-                return self
-                    .set_route_through_etcd(replica, service, route, origin)
-                    .await
-            }
-            (Some(file), None) => file.clone(),
-            (None, None) => unreachable!("a registry has a route file or a replica"),
-        };
-        let claim = self.route_claim(service);
-        let _writing = claim.lock.lock().await;
-        self.set_route_locked(&file, service, route, origin).await
-    }
-
-    /// [`Registry::set_route_by`], with `service`'s route writes held.
-    async fn set_route_locked(
-        &self,
-        file: &RouteStore,
-        service: &ServiceName,
-        route: Option<Route>,
-        origin: Option<String>,
-    ) -> Result<Option<RouteResponse>, RouteError> {
-        let (index, previous, write) = {
-            let mut t = self.lock();
+        // One change of hard state at a time through this registry: the quota checked here
+        // still holds when the route is committed.
+        let _writing = self.inner.hard_writes.lock().await;
+        {
+            let t = self.lock();
             let current = t.store.route(service);
             if current == route.as_ref() {
                 return Ok(current.is_some().then(|| RouteResponse {
@@ -1113,83 +1343,64 @@ impl Registry {
                 }));
             }
             if current.is_none() {
-                // Checked and applied under one lock: routes of other services set at the same
-                // time cannot slip past the quota together.
                 self.inner
                     .quotas
                     .admit_route(service, t.store.route_count())
                     .inspect_err(|e| self.refused(e))?;
             }
-            let previous = current.cloned();
-            let (file, name, value) = (file.clone(), service.clone(), route.clone());
-            let write = tokio::task::spawn_blocking(move || match value {
-                Some(r) => file.put(&name, &r),
-                None => file.clear(&name),
-            });
-            let index = self.apply_route(&mut t, service, route.clone(), origin, unix_millis());
-            (index, previous, write)
-        };
-        let saved = write.await.map_err(|e| StoreError::Write {
-            path: file.path_of(service),
-            source: std::io::Error::other(e),
-        });
-        if let Err(e) = saved.and_then(|r| r) {
-            let index = self.apply_route(&mut self.lock(), service, previous, None, unix_millis());
-            tracing::error!(
-                %service, index, cause = %baker_client::errors::chain(&e),
-                "the route could not be saved; the previous route applies again"
-            );
-            return Err(e.into());
         }
-        tracing::debug!(%service, index, "the route is on disk");
+        let record = RouteRecord {
+            route,
+            origin,
+            at: unix_millis(),
+        };
+        let proposal = Proposal::Route {
+            service: service.clone(),
+            record: record.clone(),
+        };
+        let index = match self.inner.backend.commit(self, proposal).await? {
+            Committed::Done { revision, .. } => revision,
+            Committed::Held(_) | Committed::Stale => self.index(),
+        };
         Ok(Some(RouteResponse {
             index,
             service: service.clone(),
-            route,
+            route: record.route,
         }))
     }
 
-    /// A claim on the lock that serializes the route writes of `service`. Routes of different
-    /// services are written side by side, each to its own file.
-    fn route_claim(&self, service: &ServiceName) -> RouteClaim {
-        let mut locks = self
-            .inner
-            .route_writes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        RouteClaim {
-            registry: self.clone(),
-            service: service.clone(),
-            lock: locks.entry(service.clone()).or_default().clone(),
-        }
-    }
-
-    /// Applies and publishes `service`'s route, set or cleared by a call from `origin` at
-    /// `at` (`None`: put back by the directory); returns the index of the change. Called with
-    /// the lock held.
+    /// Applies `service`'s route as `record` says at `revision`, with the origin and time of
+    /// the call that set or cleared it, publishing it if it differs from the table's.
+    /// Called with the lock held.
     fn apply_route(
         &self,
         t: &mut Table,
+        revision: u64,
         service: &ServiceName,
-        route: Option<Route>,
-        origin: Option<String>,
-        at: u64,
-    ) -> u64 {
-        let (revision, _) = t.store.set_route(service, route.clone());
-        match &route {
+        record: RouteRecord,
+    ) -> bool {
+        if t.store.route(service) == record.route.as_ref() {
+            return false;
+        }
+        t.store.set_route(revision, service, record.route.clone());
+        match &record.route {
             Some(r) => tracing::info!("route of {service} set to {}", describe(r)),
             None => tracing::info!("route of {service} cleared"),
         }
         self.inner.metrics.routes.set(t.store.route_count() as i64);
         let change = Change::Route {
             index: revision,
-            at,
+            at: if record.at > 0 {
+                record.at
+            } else {
+                unix_millis()
+            },
             service: service.clone(),
-            route,
-            origin,
+            route: record.route,
+            origin: record.origin,
         };
         self.publish(t, change);
-        revision
+        true
     }
 
     /// Every drain, by service.
@@ -1281,17 +1492,18 @@ impl Registry {
         .await
     }
 
-    /// Decides a change of `service`'s drains with `decide` (under the table's lock), stores
-    /// it, then applies and publishes it. With etcd, when another replica changed the
-    /// service's drains between the decision and the write, decides again on its drains.
+    /// Decides a change of `service`'s drains with `decide` (under the table's lock), commits
+    /// it, and answers once it is applied. When another write (another replica's, with etcd)
+    /// changed the service's drains between the decision and the commit, decides again on
+    /// the drains it left.
     async fn change_drains(
         &self,
         service: &ServiceName,
         decide: impl Fn(&Table) -> Result<DrainPlan, DrainError>,
     ) -> Result<Option<DrainResponse>, DrainError> {
-        // One drain write at a time in this process: each stores the drains the previous
-        // one left.
-        let _writing = self.inner.maintenance_writes.lock().await;
+        // One change of hard state at a time through this registry: each decides on the
+        // drains the previous one left.
+        let _writing = self.inner.hard_writes.lock().await;
         loop {
             let (plan, seen) = {
                 let t = self.lock();
@@ -1305,82 +1517,67 @@ impl Registry {
                     entry,
                 } => (next, action, entry),
             };
-            let index = match &self.inner.replica {
-                Some(replica) => {
-                    let seen = seen.unwrap_or_default();
-                    match self
-                        .write_drains_through_etcd(replica, service, next, action, seen)
-                        .await?
-                    {
-                        Some(index) => index,
-                        None => continue,
-                    }
-                }
-                None => self.save_drains(service, next, action).await?,
+            let proposal = Proposal::Drains {
+                service: service.clone(),
+                record: DrainRecord {
+                    maintenance: next,
+                    action,
+                    at: unix_millis(),
+                },
+                seen: seen.unwrap_or_default(),
             };
-            return Ok(Some(DrainResponse {
-                index,
-                drain: entry,
-            }));
+            match self.inner.backend.commit(self, proposal).await? {
+                Committed::Done { revision, .. } => {
+                    return Ok(Some(DrainResponse {
+                        index: revision,
+                        drain: entry,
+                    }))
+                }
+                Committed::Held(_) | Committed::Stale => {
+                    tracing::debug!(%service, "the drains changed since they were read; deciding again");
+                }
+            }
         }
     }
 
-    /// Writes `service`'s drains `next` to the data directory, then applies and publishes
-    /// them with `action`; the index of the change.
-    async fn save_drains(
-        &self,
-        service: &ServiceName,
-        next: Maintenance,
-        action: MaintenanceAction,
-    ) -> Result<u64, DrainError> {
-        let files = self
-            .inner
-            .maintenance_files
-            .clone()
-            .expect("a registry whose table is in memory has a data directory");
-        let dir = files.dir().to_owned();
-        let (svc, drains) = (service.clone(), next.clone());
-        tokio::task::spawn_blocking(move || files.save(&svc, &drains))
-            .await
-            .map_err(|e| StoreError::Write {
-                path: dir,
-                source: std::io::Error::other(e),
-            })??;
-        let mut t = self.lock();
-        Ok(self.apply_drains(&mut t, service, next, action, unix_millis()))
-    }
-
-    /// Applies and publishes `service`'s drains `next`, changed by `action` at `at`; returns
-    /// the index of the change. Called with the lock held.
+    /// Applies `service`'s drains as `record` says at `revision`, publishing them with the
+    /// drain or undrain that left them so if they differ from the table's. Called with the
+    /// lock held.
     fn apply_drains(
         &self,
         t: &mut Table,
+        revision: u64,
         service: &ServiceName,
-        next: Maintenance,
-        action: MaintenanceAction,
-        at: u64,
-    ) -> u64 {
-        let (revision, _) = t.store.set_maintenance(service, next.clone());
+        record: DrainRecord,
+    ) -> bool {
+        let held = t.store.maintenance(service).cloned().unwrap_or_default();
+        if held == record.maintenance {
+            return false;
+        }
+        let DrainRecord {
+            maintenance,
+            action,
+            at,
+        } = record;
+        t.store
+            .set_maintenance(revision, service, maintenance.clone());
         self.inner.metrics.drains.set(t.drain_count() as i64);
-        let (verb, target, origin) = (
-            if action.drained {
-                "drained"
-            } else {
-                "undrained"
-            },
-            &action.target,
-            &action.origin,
-        );
+        let verb = if action.drained {
+            "drained"
+        } else {
+            "undrained"
+        };
+        let (target, origin) = (&action.target, &action.origin);
         tracing::info!(%service, %target, %origin, "{verb} {service} {target}");
         let change = Change::Maintenance {
             index: revision,
             at,
             service: service.clone(),
-            maintenance: next,
+            maintenance,
             action,
         };
         self.publish(t, change);
-        revision
+        true
     }
 }
 
@@ -1449,7 +1646,6 @@ fn log_upsert(outcome: Outcome, instance: &Instance) {
         Outcome::Changed => tracing::info!(
             "updated {service}/{id}: now at {address}:{port} (version {version}, weight {weight}, {source})"
         ),
-        Outcome::Renewed => {}
     }
 }
 
@@ -1498,6 +1694,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::maintenance::MaintenanceFiles;
+    use futures_util::FutureExt;
 
     fn svc(name: &str) -> ServiceName {
         name.parse().unwrap()
@@ -1581,39 +1779,24 @@ mod tests {
         let mut sub = r.subscribe(None, false);
         let (snapshot, rx) = (sub.snapshot.clone(), &mut sub.feed);
         assert_eq!(snapshot.index, 0);
-        r.upsert(
-            &svc("emitter"),
-            &iid("a"),
-            spec(80, 1000),
-            Source::Registrar,
-        )
-        .unwrap();
-        r.upsert(
-            &svc("emitter"),
-            &iid("a"),
-            spec(80, 1000),
-            Source::Registrar,
-        )
-        .unwrap();
-        r.upsert(
-            &svc("emitter"),
-            &iid("a"),
-            spec(80, 1000),
-            Source::Registrar,
-        )
-        .unwrap();
+        r.register(&svc("emitter"), &iid("a"), spec(80, 1000))
+            .await
+            .unwrap();
+        r.register(&svc("emitter"), &iid("a"), spec(80, 1000))
+            .await
+            .unwrap();
+        r.register(&svc("emitter"), &iid("a"), spec(80, 1000))
+            .await
+            .unwrap();
         assert_eq!(r.index(), 1);
         let mut heavier = spec(80, 1000);
         heavier.weight = 50;
-        r.upsert(&svc("emitter"), &iid("a"), heavier, Source::Registrar)
+        r.register(&svc("emitter"), &iid("a"), heavier)
+            .await
             .unwrap();
-        r.upsert(
-            &svc("emitter"),
-            &iid("b"),
-            spec(81, 1000),
-            Source::Registrar,
-        )
-        .unwrap();
+        r.register(&svc("emitter"), &iid("b"), spec(81, 1000))
+            .await
+            .unwrap();
         let got: Vec<_> = events(rx).iter().map(ids).collect();
         assert_eq!(
             got,
@@ -1631,20 +1814,18 @@ mod tests {
     async fn an_instance_keeps_when_it_joined_through_heartbeats_and_changes() {
         let (r, _dir) = registry();
         let mut sub = r.subscribe(None, false);
-        let put = |spec| {
-            r.upsert(&svc("emitter"), &iid("a"), spec, Source::Registrar)
-                .unwrap()
-        };
-        let joined = put(spec(80, 1000));
+        let (emitter, a) = (svc("emitter"), iid("a"));
+        let put = |spec| r.register(&emitter, &a, spec);
+        let joined = put(spec(80, 1000)).await.unwrap();
         assert_eq!(joined.since, joined.last_seen);
         std::thread::sleep(Duration::from_millis(5));
-        let renewed = put(spec(80, 1000));
+        let renewed = put(spec(80, 1000)).await.unwrap();
         assert_eq!(renewed.since, joined.since, "a heartbeat keeps it");
         assert!(renewed.last_seen > joined.since);
         std::thread::sleep(Duration::from_millis(5));
         let mut heavier = spec(80, 1000);
         heavier.weight = 50;
-        let changed = put(heavier);
+        let changed = put(heavier).await.unwrap();
         assert_eq!(changed.since, joined.since, "a change keeps it");
         let listed = &r.services().services["emitter"][0];
         assert_eq!((listed.since, listed.weight), (joined.since, 50));
@@ -1656,9 +1837,9 @@ mod tests {
             })
             .collect();
         assert_eq!(published, [joined.since, joined.since]);
-        r.remove(&svc("emitter"), &iid("a"), RemoveCause::Deregistered);
+        r.unregister(&svc("emitter"), &iid("a")).await.unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let again = put(spec(80, 1000));
+        let again = put(spec(80, 1000)).await.unwrap();
         assert!(again.since > joined.since, "registered anew, it joins anew");
     }
 
@@ -1669,30 +1850,18 @@ mod tests {
         let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
         let mut sub = r.subscribe(None, false);
         let rx = &mut sub.feed;
-        r.upsert(
-            &svc("emitter"),
-            &iid("a"),
-            spec(80, 1000),
-            Source::Registrar,
-        )
-        .unwrap();
-        r.upsert(
-            &svc("emitter"),
-            &iid("b"),
-            spec(81, 3000),
-            Source::Registrar,
-        )
-        .unwrap();
+        r.register(&svc("emitter"), &iid("a"), spec(80, 1000))
+            .await
+            .unwrap();
+        r.register(&svc("emitter"), &iid("b"), spec(81, 3000))
+            .await
+            .unwrap();
         // Keep `a` alive for 5 s with a heartbeat every 500 ms.
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            r.upsert(
-                &svc("emitter"),
-                &iid("a"),
-                spec(80, 1000),
-                Source::Registrar,
-            )
-            .unwrap();
+            r.register(&svc("emitter"), &iid("a"), spec(80, 1000))
+                .await
+                .unwrap();
         }
         // `b` went silent at t=0 and expired at t=3 s, with no read to drive it.
         let got: Vec<_> = events(rx).iter().map(ids).collect();
@@ -1722,10 +1891,12 @@ mod tests {
         let (r, _dir) = registry();
         let shutdown = CancellationToken::new();
         let timer = tokio::spawn(r.clone().run_expiry(shutdown.clone()));
-        r.upsert(&svc("s"), &iid("long"), spec(80, 60_000), Source::Registrar)
+        r.register(&svc("s"), &iid("long"), spec(80, 60_000))
+            .await
             .unwrap();
         tokio::task::yield_now().await;
-        r.upsert(&svc("s"), &iid("short"), spec(81, 200), Source::Registrar)
+        r.register(&svc("s"), &iid("short"), spec(81, 200))
+            .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
         let left: Vec<_> = r.services().services["s"]
@@ -1740,65 +1911,80 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn docker_instances_never_expire_by_ttl() {
         let (r, _dir) = registry();
-        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Docker)
-            .unwrap();
+        r.upsert(&svc("web"), &iid("c1"), spec(80, 100)).unwrap();
+        r.reconcile_once().await.unwrap();
         assert_eq!(r.next_deadline(), None);
         tokio::time::advance(Duration::from_secs(3600)).await;
-        assert_eq!(r.expire_due(Instant::now()), 0);
+        assert_eq!(r.expire(Instant::now()).await, 0);
         assert_eq!(r.services().services["web"].len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_api_cannot_take_over_a_docker_instance() {
         let (r, _dir) = registry();
-        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Docker)
-            .unwrap();
+        r.upsert(&svc("web"), &iid("c1"), spec(80, 100)).unwrap();
+        r.reconcile_once().await.unwrap();
         let mut sub = r.subscribe(None, false);
         let rx = &mut sub.feed;
         // A short-lived registration of the same id is refused and changes nothing ...
         let err = r
-            .upsert(&svc("web"), &iid("c1"), spec(9999, 100), Source::Registrar)
+            .register(&svc("web"), &iid("c1"), spec(9999, 100))
+            .await
             .unwrap_err();
         assert!(err.to_string().contains("discovered from Docker"), "{err}");
-        assert_eq!(r.deregister(&svc("web"), &iid("c1")), Err(err));
+        let refused = r.unregister(&svc("web"), &iid("c1")).await.unwrap_err();
+        assert_eq!(refused.to_string(), err.to_string());
         assert!(events(rx).is_empty());
         // ... so nothing expires, and the container's instance stays.
         assert_eq!(r.next_deadline(), None);
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!(r.expire_due(Instant::now()), 0);
+        assert_eq!(r.expire(Instant::now()).await, 0);
         let web = &r.services().services["web"];
         assert_eq!((web[0].port, web[0].source), (80, Source::Docker));
         // Another id is fine.
-        r.upsert(&svc("web"), &iid("c2"), spec(81, 100), Source::Registrar)
+        r.register(&svc("web"), &iid("c2"), spec(81, 100))
+            .await
             .unwrap();
         assert_eq!(
-            r.deregister(&svc("web"), &iid("c2")).unwrap().unwrap().id,
+            r.unregister(&svc("web"), &iid("c2"))
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
             "c2"
         );
-        assert_eq!(r.deregister(&svc("web"), &iid("c2")), Ok(None));
+        assert!(matches!(
+            r.unregister(&svc("web"), &iid("c2")).await,
+            Ok(None)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn docker_takes_over_an_api_instance_of_the_same_id() {
         let (r, _dir) = registry();
-        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Registrar)
+        r.register(&svc("web"), &iid("c1"), spec(80, 100))
+            .await
             .unwrap();
-        r.sync_source(Source::Docker, vec![(svc("web"), iid("c1"), spec(81, 100))]);
+        r.sync_source(vec![(svc("web"), iid("c1"), spec(81, 100))]);
+        r.reconcile_once().await.unwrap();
         assert_eq!(
             r.next_deadline(),
             None,
             "the registrar's TTL no longer applies"
         );
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!(r.expire_due(Instant::now()), 0);
+        assert_eq!(r.expire(Instant::now()).await, 0);
         let web = &r.services().services["web"];
         assert_eq!((web[0].port, web[0].source), (81, Source::Docker));
         // The registrar's next heartbeat is refused; once the container is gone, it is not.
         assert!(r
-            .upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Registrar)
+            .register(&svc("web"), &iid("c1"), spec(80, 100))
+            .await
             .is_err());
-        r.sync_source(Source::Docker, vec![]);
-        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Registrar)
+        r.sync_source(vec![]);
+        r.reconcile_once().await.unwrap();
+        r.register(&svc("web"), &iid("c1"), spec(80, 100))
+            .await
             .unwrap();
     }
 
@@ -1807,15 +1993,12 @@ mod tests {
         let (r, _dir) = registry();
         let mut sub = r.subscribe(None, false);
         let rx = &mut sub.feed;
-        r.upsert(
-            &svc("emitter"),
-            &iid("a"),
-            spec(80, 6000),
-            Source::Registrar,
-        )
-        .unwrap();
-        assert!(r.remove(&svc("emitter"), &iid("a"), RemoveCause::Deregistered));
-        assert!(!r.remove(&svc("emitter"), &iid("a"), RemoveCause::Deregistered));
+        r.register(&svc("emitter"), &iid("a"), spec(80, 6000))
+            .await
+            .unwrap();
+        let (emitter, a) = (svc("emitter"), iid("a"));
+        assert!(r.unregister(&emitter, &a).await.unwrap().is_some());
+        assert!(r.unregister(&emitter, &a).await.unwrap().is_none());
         assert!(r.services().services.is_empty());
         assert_eq!(r.next_deadline(), None);
         let got: Vec<_> = events(rx).iter().map(ids).collect();
@@ -1838,79 +2021,69 @@ mod tests {
     #[tokio::test]
     async fn sync_source_replaces_exactly_that_source_and_publishes_only_changes() {
         let (r, _dir) = registry();
-        r.upsert(
-            &svc("web"),
-            &iid("by-hand"),
-            spec(80, 6000),
-            Source::Registrar,
-        )
-        .unwrap();
-        r.sync_source(
-            Source::Docker,
-            vec![
-                (
-                    "web".parse().unwrap(),
-                    "c1".parse().unwrap(),
-                    spec(81, 6000),
-                ),
-                (
-                    "web".parse().unwrap(),
-                    "c2".parse().unwrap(),
-                    spec(82, 6000),
-                ),
-                (
-                    "db".parse().unwrap(),
-                    "c3".parse().unwrap(),
-                    spec(5432, 6000),
-                ),
-            ],
-        );
+        r.register(&svc("web"), &iid("by-hand"), spec(80, 6000))
+            .await
+            .unwrap();
+        r.sync_source(vec![
+            (
+                "web".parse().unwrap(),
+                "c1".parse().unwrap(),
+                spec(81, 6000),
+            ),
+            (
+                "web".parse().unwrap(),
+                "c2".parse().unwrap(),
+                spec(82, 6000),
+            ),
+            (
+                "db".parse().unwrap(),
+                "c3".parse().unwrap(),
+                spec(5432, 6000),
+            ),
+        ]);
+        r.reconcile_once().await.unwrap();
         let mut sub = r.subscribe(None, false);
         let (snapshot, rx) = (sub.snapshot.clone(), &mut sub.feed);
         assert_eq!(snapshot.index, 4, "one revision per instance");
         // Same set again: nothing changes, nothing is published.
-        r.sync_source(
-            Source::Docker,
-            vec![
-                (
-                    "web".parse().unwrap(),
-                    "c1".parse().unwrap(),
-                    spec(81, 6000),
-                ),
-                (
-                    "web".parse().unwrap(),
-                    "c2".parse().unwrap(),
-                    spec(82, 6000),
-                ),
-                (
-                    "db".parse().unwrap(),
-                    "c3".parse().unwrap(),
-                    spec(5432, 6000),
-                ),
-            ],
-        );
+        r.sync_source(vec![
+            (
+                "web".parse().unwrap(),
+                "c1".parse().unwrap(),
+                spec(81, 6000),
+            ),
+            (
+                "web".parse().unwrap(),
+                "c2".parse().unwrap(),
+                spec(82, 6000),
+            ),
+            (
+                "db".parse().unwrap(),
+                "c3".parse().unwrap(),
+                spec(5432, 6000),
+            ),
+        ]);
+        r.reconcile_once().await.unwrap();
         assert!(events(rx).is_empty());
         // c2 gone, db unchanged, a new service appears.
-        r.sync_source(
-            Source::Docker,
-            vec![
-                (
-                    "web".parse().unwrap(),
-                    "c1".parse().unwrap(),
-                    spec(81, 6000),
-                ),
-                (
-                    "db".parse().unwrap(),
-                    "c3".parse().unwrap(),
-                    spec(5432, 6000),
-                ),
-                (
-                    "cache".parse().unwrap(),
-                    "c4".parse().unwrap(),
-                    spec(6379, 6000),
-                ),
-            ],
-        );
+        r.sync_source(vec![
+            (
+                "web".parse().unwrap(),
+                "c1".parse().unwrap(),
+                spec(81, 6000),
+            ),
+            (
+                "db".parse().unwrap(),
+                "c3".parse().unwrap(),
+                spec(5432, 6000),
+            ),
+            (
+                "cache".parse().unwrap(),
+                "c4".parse().unwrap(),
+                spec(6379, 6000),
+            ),
+        ]);
+        r.reconcile_once().await.unwrap();
         let got: Vec<_> = events(rx).iter().map(ids).collect();
         assert_eq!(
             got,
@@ -1920,7 +2093,8 @@ mod tests {
             ]
         );
         // An empty sync removes every Docker instance and leaves the registrar's.
-        r.sync_source(Source::Docker, vec![]);
+        r.sync_source(vec![]);
+        r.reconcile_once().await.unwrap();
         let all = r.services().services;
         assert_eq!(all.keys().collect::<Vec<_>>(), ["web"]);
         assert_eq!(all["web"][0].id, "by-hand");
@@ -1973,7 +2147,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_route_write_leaves_the_previous_route_in_effect() {
+    async fn a_failed_route_write_changes_nothing_and_publishes_nothing() {
         let (r, dir) = registry();
         let route: Route = [("1".parse().unwrap(), 100)].into();
         r.set_route(&svc("emitter"), Some(route.clone()))
@@ -1990,15 +2164,9 @@ mod tests {
             .await
             .is_err());
         assert_eq!(r.routes().routes, [(svc("emitter"), route.clone())].into());
-        // Watchers heard of the new route while it was written, then of the old one again.
-        let got: Vec<_> = events(&mut sub.feed)
-            .into_iter()
-            .map(|c| match c {
-                Change::Route { index, route, .. } => (index, route),
-                other => panic!("not a route change: {other:?}"),
-            })
-            .collect();
-        assert_eq!(got, [(2, Some(canary)), (3, Some(route))]);
+        // Written ahead: a route that could not be stored was never published.
+        assert!(events(&mut sub.feed).is_empty());
+        assert_eq!(r.index(), 1);
         // A failed write of a new route leaves none.
         assert!(r
             .set_route(&svc("other"), Some([("1".parse().unwrap(), 100)].into()))
@@ -2012,14 +2180,17 @@ mod tests {
     async fn a_newer_subscriber_right_after_the_lock_changes_nothing_and_the_v1_count_follows() {
         let (r, _dir) = registry();
         let legacy = |r: &Registry| r.lock().feed.legacy_watchers();
-        r.upsert(&svc("a"), &iid("1"), spec(80, 6000), Source::Registrar)
+        r.register(&svc("a"), &iid("1"), spec(80, 6000))
+            .await
             .unwrap();
         // The snapshot of index 1 is cached.
         drop(r.subscribe(None, false));
         let mut sub = r.subscribe_then(None, true, || {
             // Where the cache used to be read a second time: a change, and a newer subscriber
             // that replaces the cached snapshot with index 2's.
-            r.upsert(&svc("b"), &iid("1"), spec(80, 6000), Source::Registrar)
+            r.register(&svc("b"), &iid("1"), spec(80, 6000))
+                .now_or_never()
+                .expect("a registration in memory never waits")
                 .unwrap();
             let newer = r.subscribe(None, true);
             assert_eq!(newer.snapshot.index, 2);
@@ -2049,8 +2220,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_services_known_are_bounded_and_live_ones_always_known() {
+    #[tokio::test]
+    async fn the_services_known_are_bounded_and_live_ones_always_known() {
         let dir = tempfile::tempdir().unwrap();
         let r = Registry::with_quotas(
             RouteStore::open(dir.path()).unwrap(),
@@ -2064,18 +2235,21 @@ mod tests {
             },
         );
         for name in ["a", "b", "c"] {
-            r.upsert(&svc(name), &iid("1"), spec(80, 6000), Source::Registrar)
+            r.register(&svc(name), &iid("1"), spec(80, 6000))
+                .await
                 .unwrap();
-            r.deregister(&svc(name), &iid("1")).unwrap().unwrap();
+            r.unregister(&svc(name), &iid("1")).await.unwrap().unwrap();
         }
         assert!(
             !r.knows(&svc("a")),
             "the service gone longest ago is forgotten"
         );
         assert!(r.knows(&svc("b")) && r.knows(&svc("c")));
-        r.upsert(&svc("a"), &iid("1"), spec(80, 6000), Source::Registrar)
+        r.register(&svc("a"), &iid("1"), spec(80, 6000))
+            .await
             .unwrap();
-        r.upsert(&svc("d"), &iid("1"), spec(80, 6000), Source::Registrar)
+        r.register(&svc("d"), &iid("1"), spec(80, 6000))
+            .await
             .unwrap();
         assert!(
             r.knows(&svc("a")) && r.knows(&svc("d")),
@@ -2085,33 +2259,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_cancelled_route_write_leaves_no_lock_behind() {
-        let (r, _dir) = registry();
-        let locks = |r: &Registry| r.inner.route_writes.lock().unwrap().len();
-        let route: Route = [("1".parse().unwrap(), 100)].into();
-        let a = svc("a");
-        let held = r.route_claim(&a);
-        let writing = held.lock.lock().await;
-        let waiting = r.set_route(&a, Some(route.clone()));
-        assert!(tokio::time::timeout(Duration::from_millis(50), waiting)
-            .await
-            .is_err());
-        assert_eq!(locks(&r), 1);
-        drop(writing);
-        drop(held);
-        assert_eq!(locks(&r), 0, "the cancelled call's claim is gone with it");
-        r.set_route(&a, Some(route)).await.unwrap();
-        assert_eq!(locks(&r), 0);
-    }
-
-    #[tokio::test]
     async fn snapshot_and_feed_do_not_overlap() {
         let (r, _dir) = registry();
-        r.upsert(&svc("a"), &iid("1"), spec(80, 6000), Source::Registrar)
+        r.register(&svc("a"), &iid("1"), spec(80, 6000))
+            .await
             .unwrap();
         let mut sub = r.subscribe(None, false);
         let (snapshot, rx) = (sub.snapshot.clone(), &mut sub.feed);
-        r.upsert(&svc("b"), &iid("1"), spec(80, 6000), Source::Registrar)
+        r.register(&svc("b"), &iid("1"), spec(80, 6000))
+            .await
             .unwrap();
         let snap: WatchEvent = serde_json::from_slice(&snapshot.bytes).unwrap();
         let mut state = baker_client::State::default();
@@ -2129,27 +2285,19 @@ mod tests {
     async fn a_change_carries_one_instance_and_v1_lines_only_for_v1_watchers() {
         let (r, _dir) = registry();
         for i in 0..50 {
-            r.upsert(
-                &svc("big"),
-                &iid(&i.to_string()),
-                spec(80, 60_000),
-                Source::Registrar,
-            )
-            .unwrap();
+            r.register(&svc("big"), &iid(&i.to_string()), spec(80, 60_000))
+                .await
+                .unwrap();
         }
         let mut v2 = r.subscribe(None, false);
-        r.upsert(
-            &svc("big"),
-            &iid("new"),
-            spec(80, 60_000),
-            Source::Registrar,
-        )
-        .unwrap();
+        r.register(&svc("big"), &iid("new"), spec(80, 60_000))
+            .await
+            .unwrap();
         let p = v2.feed.try_recv().unwrap();
         assert!(p.legacy().is_none(), "no v1 watcher: no whole-service line");
         assert_eq!(ids(&p.change), id4(51, "registered", "big", "new"));
         let mut v1 = r.subscribe(None, true);
-        r.remove(&svc("big"), &iid("new"), RemoveCause::DockerStopped);
+        r.unregister(&svc("big"), &iid("new")).await.unwrap();
         let p = v1.feed.try_recv().unwrap();
         let legacy: WatchEvent = serde_json::from_slice(p.legacy().unwrap()).unwrap();
         match legacy {
@@ -2164,28 +2312,26 @@ mod tests {
             WatchEvent::Remove {
                 index: 52,
                 prev: 51,
-                cause: RemoveCause::DockerStopped,
+                cause: RemoveCause::Deregistered,
                 ..
             }
         ));
         drop(v1);
         assert_eq!(v2.feed.try_recv().unwrap().index(), 52);
-        r.upsert(
-            &svc("big"),
-            &iid("new"),
-            spec(80, 60_000),
-            Source::Registrar,
-        )
-        .unwrap();
+        r.register(&svc("big"), &iid("new"), spec(80, 60_000))
+            .await
+            .unwrap();
         assert!(v2.feed.try_recv().unwrap().legacy().is_none());
     }
 
     #[tokio::test]
     async fn a_filtered_subscription_sees_only_its_services() {
         let (r, _dir) = registry();
-        r.upsert(&svc("a"), &iid("1"), spec(80, 60_000), Source::Registrar)
+        r.register(&svc("a"), &iid("1"), spec(80, 60_000))
+            .await
             .unwrap();
-        r.upsert(&svc("b"), &iid("1"), spec(80, 60_000), Source::Registrar)
+        r.register(&svc("b"), &iid("1"), spec(80, 60_000))
+            .await
             .unwrap();
         let route: Route = [("1".parse().unwrap(), 100)].into();
         r.set_route(&svc("b"), Some(route.clone())).await.unwrap();
@@ -2205,14 +2351,16 @@ mod tests {
             }
             other => panic!("not a snapshot: {other:?}"),
         }
-        r.upsert(&svc("a"), &iid("2"), spec(80, 60_000), Source::Registrar)
+        r.register(&svc("a"), &iid("2"), spec(80, 60_000))
+            .await
             .unwrap();
-        r.upsert(&svc("c"), &iid("1"), spec(80, 60_000), Source::Registrar)
+        r.register(&svc("c"), &iid("1"), spec(80, 60_000))
+            .await
             .unwrap();
         r.set_route(&svc("a"), Some([("1".parse().unwrap(), 100)].into()))
             .await
             .unwrap();
-        r.deregister(&svc("b"), &iid("1")).unwrap();
+        r.unregister(&svc("b"), &iid("1")).await.unwrap();
         let got: Vec<_> = events(&mut sub.feed).iter().map(ids).collect();
         assert_eq!(
             got,
@@ -2231,9 +2379,10 @@ mod tests {
         let (r, _dir) = registry();
         let mut feed = r.changes();
         let before = unix_millis();
-        r.upsert(&svc("web"), &iid("c1"), spec(80, 100), Source::Docker)
-            .unwrap();
+        r.upsert(&svc("web"), &iid("c1"), spec(80, 100)).unwrap();
+        r.reconcile_once().await.unwrap();
         r.remove(&svc("web"), &iid("c1"), RemoveCause::DockerUnhealthy);
+        r.reconcile_once().await.unwrap();
         let a = feed.try_recv().unwrap();
         let b = feed.try_recv().unwrap();
         assert_eq!(ids(&a.change), id4(1, "docker", "web", "c1"));
@@ -2258,12 +2407,10 @@ mod tests {
             .unwrap();
         assert_eq!(drained.index, 1);
         assert_eq!(drained.drain.id.as_ref().map(|i| i.as_str()), Some("a"));
-        let a = r
-            .upsert(&web, &iid("a"), spec(80, 60_000), Source::Registrar)
-            .unwrap();
+        let a = r.register(&web, &iid("a"), spec(80, 60_000)).await.unwrap();
         assert_eq!(a.state, InstanceState::Draining);
-        r.upsert(&web, &iid("b"), spec(81, 60_000), Source::Docker)
-            .unwrap();
+        r.upsert(&web, &iid("b"), spec(81, 60_000)).unwrap();
+        r.reconcile_once().await.unwrap();
         let changes = events(&mut v1.feed);
         match &changes[1] {
             Change::Upsert { instance, .. } => {

@@ -8,8 +8,9 @@
 //! leases for instances, keys for routes, the etcd revision as the index) can stand in without
 //! the API or the watch stream knowing.
 //!
-//! Every operation that changes the table returns the revision it gave the change; operations
-//! that change nothing a consumer acts on ([`Store::renew`]) give none. Costs follow the change,
+//! Every operation that changes the table is given the revision the change was committed at (the
+//! registry's backend numbers changes: the next one in memory, etcd's own revision with etcd);
+//! operations that change nothing a consumer acts on ([`Store::renew`]) take none. Costs follow the change,
 //! not the size of what changed: putting or removing one instance of a service of 10,000 is a
 //! map update, and the versions live in a service are counted as they change rather than
 //! recounted.
@@ -24,22 +25,26 @@ use baker_client::model::{Instance, InstanceId, Route, ServiceName, Source, Vers
 pub trait Store: Send {
     /// The revision of the last change (0 for an empty table that never changed).
     fn revision(&self) -> u64;
-    /// Makes `revision` the revision of the last change, so the next change gets the one after
-    /// it: how a mirror of a store that numbers its own changes (etcd) gives each change the
-    /// revision that store gave it. Several changes made at one revision there (a lease that
-    /// ran out with several keys) each get it here.
-    fn set_revision(&mut self, revision: u64);
+    /// Moves the revision of the last change up to `revision` (a snapshot read at a revision
+    /// with no change of its own here); never down.
+    fn advance(&mut self, revision: u64);
     /// One instance, if registered.
     fn instance(&self, service: &ServiceName, id: &InstanceId) -> Option<&Instance>;
-    /// Adds or replaces an instance: a change, given the next revision, which is returned with
-    /// the instance it replaced.
-    fn put(&mut self, instance: Instance) -> (u64, Option<Instance>);
+    /// Adds or replaces an instance, a change made at `revision`; returns the instance it
+    /// replaced.
+    fn put(&mut self, revision: u64, instance: Instance) -> Option<Instance>;
     /// Notes a heartbeat: only `last_seen` moves. Not a change: no revision.
     fn renew(&mut self, service: &ServiceName, id: &InstanceId, last_seen: u64) -> bool;
-    /// Removes an instance: a change, with the next revision, if it was registered.
-    fn remove(&mut self, service: &ServiceName, id: &InstanceId) -> Option<(u64, Instance)>;
-    /// Sets or clears a route: a change, with the next revision, returned with the old route.
-    fn set_route(&mut self, service: &ServiceName, route: Option<Route>) -> (u64, Option<Route>);
+    /// Removes an instance, a change made at `revision` if it was registered; returns it.
+    fn remove(&mut self, revision: u64, service: &ServiceName, id: &InstanceId)
+        -> Option<Instance>;
+    /// Sets or clears a route, a change made at `revision`; returns the old route.
+    fn set_route(
+        &mut self,
+        revision: u64,
+        service: &ServiceName,
+        route: Option<Route>,
+    ) -> Option<Route>;
     /// One service's route.
     fn route(&self, service: &ServiceName) -> Option<&Route>;
     /// Every route.
@@ -48,13 +53,14 @@ pub trait Store: Send {
     fn route_count(&self) -> usize {
         self.routes().len()
     }
-    /// Replaces a service's drains (an empty [`Maintenance`] clears them): a change, with the
-    /// next revision, returned with the drains it replaced (empty when there were none).
+    /// Replaces a service's drains (an empty [`Maintenance`] clears them), a change made at
+    /// `revision`; returns the drains it replaced (empty when there were none).
     fn set_maintenance(
         &mut self,
+        revision: u64,
         service: &ServiceName,
         maintenance: Maintenance,
-    ) -> (u64, Maintenance);
+    ) -> Maintenance;
     /// One service's drains, if it has any.
     fn maintenance(&self, service: &ServiceName) -> Option<&Maintenance>;
     /// Every service's drains (services with none are absent).
@@ -125,11 +131,6 @@ impl MemoryStore {
             ..MemoryStore::default()
         }
     }
-
-    fn next(&mut self) -> u64 {
-        self.revision += 1;
-        self.revision
-    }
 }
 
 impl Store for MemoryStore {
@@ -137,15 +138,15 @@ impl Store for MemoryStore {
         self.revision
     }
 
-    fn set_revision(&mut self, revision: u64) {
-        self.revision = revision;
+    fn advance(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
     }
 
     fn instance(&self, service: &ServiceName, id: &InstanceId) -> Option<&Instance> {
         self.services.get(service)?.instances.get(id)
     }
 
-    fn put(&mut self, instance: Instance) -> (u64, Option<Instance>) {
+    fn put(&mut self, revision: u64, instance: Instance) -> Option<Instance> {
         let entry = self.services.entry(instance.service.clone()).or_default();
         entry.count_version(&instance.version, true);
         let old = entry.instances.insert(instance.id.clone(), instance);
@@ -153,7 +154,8 @@ impl Store for MemoryStore {
             Some(old) => entry.count_version(&old.version, false),
             None => self.instances += 1,
         }
-        (self.next(), old)
+        self.revision = revision;
+        old
     }
 
     fn renew(&mut self, service: &ServiceName, id: &InstanceId, last_seen: u64) -> bool {
@@ -170,7 +172,12 @@ impl Store for MemoryStore {
         }
     }
 
-    fn remove(&mut self, service: &ServiceName, id: &InstanceId) -> Option<(u64, Instance)> {
+    fn remove(
+        &mut self,
+        revision: u64,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Option<Instance> {
         let entry = self.services.get_mut(service)?;
         let old = entry.instances.remove(id)?;
         entry.count_version(&old.version, false);
@@ -178,15 +185,21 @@ impl Store for MemoryStore {
         if entry.instances.is_empty() {
             self.services.remove(service);
         }
-        Some((self.next(), old))
+        self.revision = revision;
+        Some(old)
     }
 
-    fn set_route(&mut self, service: &ServiceName, route: Option<Route>) -> (u64, Option<Route>) {
-        let old = match route {
+    fn set_route(
+        &mut self,
+        revision: u64,
+        service: &ServiceName,
+        route: Option<Route>,
+    ) -> Option<Route> {
+        self.revision = revision;
+        match route {
             Some(r) => self.routes.insert(service.clone(), r),
             None => self.routes.remove(service),
-        };
-        (self.next(), old)
+        }
     }
 
     fn route(&self, service: &ServiceName) -> Option<&Route> {
@@ -203,15 +216,17 @@ impl Store for MemoryStore {
 
     fn set_maintenance(
         &mut self,
+        revision: u64,
         service: &ServiceName,
         maintenance: Maintenance,
-    ) -> (u64, Maintenance) {
+    ) -> Maintenance {
+        self.revision = revision;
         let old = if maintenance.is_empty() {
             self.maintenance.remove(service)
         } else {
             self.maintenance.insert(service.clone(), maintenance)
         };
-        (self.next(), old.unwrap_or_default())
+        old.unwrap_or_default()
     }
 
     fn maintenance(&self, service: &ServiceName) -> Option<&Maintenance> {
@@ -292,26 +307,26 @@ mod tests {
     }
 
     #[test]
-    fn every_change_gets_the_next_revision_and_renewals_none() {
+    fn every_change_takes_its_revision_and_renewals_none() {
         let mut s = MemoryStore::default();
-        assert_eq!(s.put(inst("a", "1", "1")), (1, None));
+        assert_eq!(s.put(1, inst("a", "1", "1")), None);
         assert!(s.renew(&"a".parse().unwrap(), &"1".parse().unwrap(), 42));
         assert_eq!(s.revision(), 1);
-        let (rev, old) = s.put(inst("a", "1", "2"));
-        assert_eq!(
-            (rev, old.map(|o| o.version.to_string())),
-            (2, Some("1".into()))
-        );
+        let old = s.put(2, inst("a", "1", "2"));
+        assert_eq!(old.map(|o| o.version.to_string()), Some("1".into()));
+        assert_eq!(s.revision(), 2);
         let route: Route = [("2".parse().unwrap(), 100)].into();
-        assert_eq!(s.set_route(&"a".parse().unwrap(), Some(route)), (3, None));
-        let (rev, gone) = s
-            .remove(&"a".parse().unwrap(), &"1".parse().unwrap())
+        assert_eq!(s.set_route(3, &"a".parse().unwrap(), Some(route)), None);
+        let gone = s
+            .remove(4, &"a".parse().unwrap(), &"1".parse().unwrap())
             .unwrap();
-        assert_eq!((rev, gone.version.as_str()), (4, "2"));
+        assert_eq!(gone.version.as_str(), "2");
         assert!(s
-            .remove(&"a".parse().unwrap(), &"1".parse().unwrap())
+            .remove(5, &"a".parse().unwrap(), &"1".parse().unwrap())
             .is_none());
-        assert_eq!(s.revision(), 4);
+        assert_eq!(s.revision(), 4, "removing nothing is no change");
+        s.advance(3);
+        assert_eq!(s.revision(), 4, "never down");
         let mut drains = Maintenance::default();
         drains.insert(
             Target::Version("2".parse().unwrap()),
@@ -322,11 +337,11 @@ mod tests {
             },
         );
         let a: ServiceName = "a".parse().unwrap();
-        let (rev, old) = s.set_maintenance(&a, drains.clone());
-        assert_eq!((rev, old.is_empty()), (5, true));
+        let old = s.set_maintenance(5, &a, drains.clone());
+        assert_eq!((s.revision(), old.is_empty()), (5, true));
         assert_eq!(s.maintenance(&a), Some(&drains));
-        let (rev, old) = s.set_maintenance(&a, Maintenance::default());
-        assert_eq!((rev, old), (6, drains));
+        let old = s.set_maintenance(6, &a, Maintenance::default());
+        assert_eq!((s.revision(), old), (6, drains));
         assert!(s.maintenance(&a).is_none() && s.all_maintenance().is_empty());
     }
 
@@ -334,16 +349,16 @@ mod tests {
     fn versions_are_counted_as_instances_come_and_go() {
         let mut s = MemoryStore::default();
         let a: ServiceName = "a".parse().unwrap();
-        s.put(inst("a", "1", "1"));
-        s.put(inst("a", "2", "1"));
-        s.put(inst("a", "3", "2"));
+        s.put(1, inst("a", "1", "1"));
+        s.put(2, inst("a", "2", "1"));
+        s.put(3, inst("a", "3", "2"));
         assert_eq!(s.versions(&a), ["1", "2"]);
-        s.put(inst("a", "3", "1"));
+        s.put(4, inst("a", "3", "1"));
         assert_eq!(s.versions(&a), ["1"]);
-        s.remove(&a, &"1".parse().unwrap());
-        s.remove(&a, &"2".parse().unwrap());
+        s.remove(9, &a, &"1".parse().unwrap());
+        s.remove(10, &a, &"2".parse().unwrap());
         assert_eq!(s.versions(&a), ["1"]);
-        s.remove(&a, &"3".parse().unwrap());
+        s.remove(11, &a, &"3".parse().unwrap());
         assert!(s.versions(&a).is_empty());
         assert_eq!(s.count(&a), 0);
         assert!(
@@ -374,9 +389,9 @@ mod tests {
                 format!("{}", (x >> 40) % 17),
             );
             if (x >> 20) % 3 == 0 {
-                s.remove(&service.parse().unwrap(), &id.parse().unwrap());
+                s.remove(12, &service.parse().unwrap(), &id.parse().unwrap());
             } else {
-                s.put(inst(&service, &id, "1"));
+                s.put(5, inst(&service, &id, "1"));
             }
             assert_eq!(s.totals(), recount(&s));
         }
@@ -386,9 +401,9 @@ mod tests {
     #[test]
     fn services_can_be_filtered() {
         let mut s = MemoryStore::default();
-        s.put(inst("a", "1", "1"));
-        s.put(inst("b", "1", "1"));
-        s.put(inst("c", "1", "1"));
+        s.put(6, inst("a", "1", "1"));
+        s.put(7, inst("b", "1", "1"));
+        s.put(8, inst("c", "1", "1"));
         let only: BTreeSet<ServiceName> = ["a".parse().unwrap(), "z".parse().unwrap()].into();
         let got = s.services(Some(&only));
         assert_eq!(got.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a"]);

@@ -210,7 +210,7 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::routes::RouteStore;
-    use baker_client::model::{InstanceId, ServiceName, Source, ValidSpec};
+    use baker_client::model::{InstanceId, ServiceName, ValidSpec};
     use http_body_util::BodyExt;
     use std::time::Duration;
 
@@ -260,8 +260,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn snapshot_then_events_then_pings() {
         let (r, _dir) = registry();
-        r.upsert(&svc("a"), &iid("1"), spec(0), Source::Registrar)
-            .unwrap();
+        r.register(&svc("a"), &iid("1"), spec(0)).await.unwrap();
         let mut body = open(
             &r,
             Request::default(),
@@ -274,8 +273,7 @@ mod tests {
             next_event(&mut body).await,
             WatchEvent::Snapshot { index: 1, .. }
         ));
-        r.upsert(&svc("b"), &iid("1"), spec(0), Source::Registrar)
-            .unwrap();
+        r.register(&svc("b"), &iid("1"), spec(0)).await.unwrap();
         assert!(matches!(
             next_event(&mut body).await,
             WatchEvent::Service { index: 2, .. }
@@ -299,7 +297,8 @@ mod tests {
             "slow".into(),
         );
         for i in 0..20 {
-            r.upsert(&svc("a"), &iid(&i.to_string()), spec(4), Source::Registrar)
+            r.register(&svc("a"), &iid(&i.to_string()), spec(4))
+                .await
                 .unwrap();
         }
         tokio::time::timeout(Duration::from_secs(5), connection.cancelled())
@@ -341,8 +340,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn v2_sends_one_instance_per_change_with_prev_and_filters() {
         let (r, _dir) = registry();
-        r.upsert(&svc("a"), &iid("1"), spec(0), Source::Registrar)
-            .unwrap();
+        r.register(&svc("a"), &iid("1"), spec(0)).await.unwrap();
         let request = Request {
             version: Version::V2,
             only: Some([svc("b")].into()),
@@ -361,13 +359,10 @@ mod tests {
             } => assert_eq!((index, services.len()), (1, 0)),
             other => panic!("not a snapshot: {other:?}"),
         }
-        r.upsert(&svc("a"), &iid("2"), spec(0), Source::Registrar)
-            .unwrap();
-        r.upsert(&svc("b"), &iid("1"), spec(0), Source::Registrar)
-            .unwrap();
-        r.upsert(&svc("a"), &iid("3"), spec(0), Source::Registrar)
-            .unwrap();
-        r.deregister(&svc("b"), &iid("1")).unwrap();
+        r.register(&svc("a"), &iid("2"), spec(0)).await.unwrap();
+        r.register(&svc("b"), &iid("1"), spec(0)).await.unwrap();
+        r.register(&svc("a"), &iid("3"), spec(0)).await.unwrap();
+        r.unregister(&svc("b"), &iid("1")).await.unwrap();
         match next_event(&mut body).await {
             WatchEvent::Upsert {
                 index,

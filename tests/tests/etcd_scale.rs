@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baker_client::change::{Change, RemoveCause};
-use baker_client::model::{Instance, InstanceId, ServiceName, Source, ValidSpec};
+use baker_client::model::{Instance, InstanceId, ServiceName, ValidSpec};
 use baker_directory::etcd::{Etcd, StoreUrl};
 use baker_directory::metrics::Metrics;
 use baker_directory::quota::Quotas;
@@ -106,7 +106,7 @@ async fn replica(cluster: &EtcdCluster, prefix: &str) -> (Registry, Cancellation
     let etcd = Etcd::connect(&url).await.unwrap();
     let registry = Registry::with_etcd(etcd, Arc::new(Metrics::new()), 4096, Quotas::default());
     let stop = CancellationToken::new();
-    tokio::spawn(registry.clone().run_replica(stop.clone()));
+    tokio::spawn(registry.clone().run_store(stop.clone()));
     registry.first_snapshot(Duration::from_secs(10)).await;
     (registry, stop)
 }
@@ -135,7 +135,7 @@ async fn three_hundred_containers_gone_at_once_all_leave_the_table() {
             })
             .collect()
     };
-    registry.sync_source(Source::Docker, desired(n));
+    registry.sync_source(desired(n));
     eventually(
         Duration::from_secs(30),
         "every container written",
@@ -144,7 +144,7 @@ async fn three_hundred_containers_gone_at_once_all_leave_the_table() {
     .await;
     let mut sub = registry.subscribe(None, false);
     let t0 = Instant::now();
-    registry.sync_source(Source::Docker, Vec::new());
+    registry.sync_source(Vec::new());
     eventually(
         Duration::from_secs(15),
         "every container removed",
