@@ -56,6 +56,8 @@ use crate::store::{MemoryStore, Store};
 
 mod backend;
 mod discovered;
+#[cfg(test)]
+mod fake;
 mod known;
 mod replica;
 
