@@ -161,13 +161,10 @@ impl Event {
                 let (kind, why) = match (route, origin) {
                     (Some(_), Some(_)) => (EventKind::RouteSet, "set by an operator"),
                     (None, Some(_)) => (EventKind::RouteCleared, "cleared by an operator"),
-                    (Some(_), None) => (
-                        EventKind::RouteSet,
-                        "put back by the directory: the new route could not be saved",
-                    ),
+                    (Some(_), None) => (EventKind::RouteSet, "set (its origin was not recorded)"),
                     (None, None) => (
                         EventKind::RouteCleared,
-                        "put back by the directory: the new route could not be saved",
+                        "cleared (its origin was not recorded)",
                     ),
                 };
                 Event {
