@@ -421,8 +421,11 @@ impl Backend for EtcdBackend {
             } => match self.etcd.put_instance_if(&instance, owner, expected).await {
                 Ok(Put::Written(revision)) => done(self.applied(revision).await?, 1),
                 Ok(Put::Held { holder, revision }) => {
-                    // The caller decides again on the mirror: once it shows what etcd held.
-                    self.caught_up(revision).await;
+                    // The caller decides again on the mirror, once it shows what etcd held;
+                    // a mirror that cannot catch up cannot decide (503: the client moves on).
+                    if !self.caught_up(revision).await {
+                        return Err(EtcdError::NotApplied(REQUEST_TIMEOUT).into());
+                    }
                     Ok(Committed::Held(holder))
                 }
                 Err(EtcdError::LeaseNotFound) => {
