@@ -34,7 +34,6 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
-use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::ambassadors::Reports;
@@ -42,6 +41,7 @@ use crate::history::{self, History};
 use crate::quota::Exceeded;
 use crate::registry::{ChangeError, Registry, WriteError};
 use crate::server::ConnInfo;
+use crate::tokens::{Role, Token, Tokens};
 use crate::watch;
 
 /// Largest request body accepted.
@@ -55,10 +55,8 @@ pub struct AppState {
     pub ambassadors: Arc<Reports>,
     /// The last changes, as events.
     pub history: Arc<History>,
-    /// The bearer token mutating calls need, if any.
-    pub token: Option<Arc<str>>,
-    /// The bearer token a watch needs, if any (`token` is accepted too).
-    pub watch_token: Option<Arc<str>>,
+    /// Who may do what: the tokens, and which calls need one.
+    pub auth: Arc<Auth>,
     pub watch: watch::Limits,
     /// Cancelled when the directory shuts down: watch streams end.
     pub shutdown: CancellationToken,
@@ -71,6 +69,9 @@ pub struct AppState {
 pub enum ApiError {
     BadRequest(String),
     Unauthorized(&'static str),
+    /// A known token whose role or scope does not allow the call (403): the message names the
+    /// token, its role and scope, and what it may not do.
+    Forbidden(String),
     NotFound(String),
     MethodNotAllowed(String),
     /// The call contradicts the directory's state (409); the message says why.
@@ -145,6 +146,7 @@ impl IntoResponse for ApiError {
                 )
                     .into_response();
             }
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
@@ -221,6 +223,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(crate::ui::routes())
+        .layer(middleware::from_fn_with_state(state.clone(), closed_reads))
         .layer(middleware::from_fn_with_state(request_timeout, deadline));
     Router::new()
         .route("/v1/watch", get(watch))
@@ -248,41 +251,141 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
-impl AppState {
-    /// Checks the bearer token of a mutating call, in constant time.
-    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(token) = &self.token else {
-            return Ok(());
-        };
-        let presented = bearer(headers, "BAKER_TOKEN")?;
-        if bool::from(presented.ct_eq(token.as_bytes())) {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthorized("wrong bearer token"))
+/// Who may do what: the tokens the directory knows ([`crate::tokens`]), and which calls need
+/// one. Writes need a token once `BAKER_TOKEN` or `BAKER_TOKENS` is set; reads once
+/// `BAKER_READ=token`; watches then too, or once `BAKER_WATCH_TOKEN` is set.
+pub struct Auth {
+    pub tokens: Arc<Tokens>,
+    pub writes_closed: bool,
+    pub reads_closed: bool,
+    pub watches_closed: bool,
+}
+
+/// Who made a call: the token it presented, when the directory knows it.
+pub(crate) type Caller = Option<Token>;
+
+impl Auth {
+    /// Open for everything: no token anywhere.
+    pub fn open() -> Auth {
+        Auth {
+            tokens: Arc::new(Tokens::load(Vec::new(), None).expect("no file to read")),
+            writes_closed: false,
+            reads_closed: false,
+            watches_closed: false,
         }
     }
 
-    /// Checks the bearer token of a watch: `BAKER_WATCH_TOKEN` or `BAKER_TOKEN`, when
-    /// `BAKER_WATCH_TOKEN` is set; a watch needs none otherwise.
-    fn authorize_watch(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(watch_token) = &self.watch_token else {
-            return Ok(());
-        };
-        let presented = bearer(headers, "BAKER_WATCH_TOKEN")?;
-        // Both comparisons run, whichever matches, so the time taken tells nothing.
-        let watch = presented.ct_eq(watch_token.as_bytes());
-        let main = match &self.token {
-            Some(t) => presented.ct_eq(t.as_bytes()),
-            None => subtle::Choice::from(0),
-        };
-        if bool::from(watch | main) {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthorized(
+    /// The caller of a call that needs a token when `closed`: 401 when it has none or one the
+    /// directory does not know. An open call names its caller too, when it presents a known
+    /// token.
+    fn caller(
+        &self,
+        headers: &HeaderMap,
+        closed: bool,
+        variable: &str,
+    ) -> Result<Caller, ApiError> {
+        if !closed {
+            return Ok(bearer(headers, variable)
+                .ok()
+                .and_then(|p| self.tokens.find(p)));
+        }
+        let presented = bearer(headers, variable)?;
+        match self.tokens.find(presented) {
+            Some(token) => Ok(Some(token)),
+            None if variable == "BAKER_WATCH_TOKEN" => Err(ApiError::Unauthorized(
                 "wrong bearer token: a watch needs BAKER_WATCH_TOKEN (or BAKER_TOKEN)",
-            ))
+            )),
+            None => Err(ApiError::Unauthorized("wrong bearer token")),
         }
     }
+
+    /// The caller of a change: a token is needed once writes are closed. What it may change is
+    /// checked by [`Auth::may`] once the service is known.
+    pub(crate) fn writer(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        self.caller(headers, self.writes_closed, "BAKER_TOKEN")
+    }
+
+    /// The caller of a read: a token that reads is needed once reads are closed.
+    pub(crate) fn reader(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let caller = self.caller(headers, self.reads_closed, "BAKER_TOKEN")?;
+        self.reads(&caller, self.reads_closed)?;
+        Ok(caller)
+    }
+
+    /// The caller of a watch: a token that reads is needed once reads or watches are closed.
+    pub(crate) fn watcher(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let closed = self.reads_closed || self.watches_closed;
+        let caller = self.caller(headers, closed, "BAKER_WATCH_TOKEN")?;
+        self.reads(&caller, closed)?;
+        Ok(caller)
+    }
+
+    /// The caller of an ambassador's report: a token that reads is needed once writes are
+    /// closed.
+    pub(crate) fn reporter(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let caller = self.writer(headers)?;
+        self.reads(&caller, self.writes_closed)?;
+        Ok(caller)
+    }
+
+    /// 403 when a call that needs a token that reads came with one that only registers.
+    fn reads(&self, caller: &Caller, closed: bool) -> Result<(), ApiError> {
+        match caller {
+            Some(t) if closed && t.role == Role::Register => Err(ApiError::Forbidden(format!(
+                "the token {} (role register, scope {}) may not read: reads need a token of \
+                 role read, operate or admin",
+                t.name, t.scope
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `caller` may `doing` (a change a token of `role` makes) `service`: always while
+    /// writes are open; else with an `admin` token, or one of `role` whose scope covers the
+    /// service (403 naming the token, its role and scope otherwise).
+    pub(crate) fn may(
+        &self,
+        caller: &Caller,
+        role: Role,
+        service: &ServiceName,
+        doing: &str,
+    ) -> Result<(), ApiError> {
+        if !self.writes_closed {
+            return Ok(());
+        }
+        let Some(t) = caller else {
+            return Err(ApiError::Unauthorized("wrong bearer token"));
+        };
+        if t.role == Role::Admin || (t.role == role && t.scope.covers(service)) {
+            return Ok(());
+        }
+        let why = if t.role == role {
+            format!("{service} is not in its scope")
+        } else {
+            format!("that needs a token of role {} or admin", role.as_str())
+        };
+        Err(ApiError::Forbidden(format!(
+            "the token {} (role {}, scope {}) may not {doing} {service}: {why}",
+            t.name,
+            t.role.as_str(),
+            t.scope
+        )))
+    }
+}
+
+/// The middleware that keeps reads (`GET` and `HEAD` of `/v1/...` and `/metrics`) to callers
+/// with a token that reads, once reads are closed. The watch checks its own token; `/healthz`
+/// and the dashboard's page and assets stay open.
+async fn closed_reads(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    let path = req.uri().path();
+    let gated = (path.starts_with("/v1/") && path != "/v1/watch") || path == "/metrics";
+    if read && gated {
+        if let Err(e) = app.auth.reader(req.headers()) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// The token of an `Authorization: Bearer <token>` header; `expected` names the variable the
@@ -325,8 +428,22 @@ fn instance_path(service: &str, id: &str) -> Result<(ServiceName, InstanceId), A
 }
 
 /// Where an operator's call came from: the caller's IP address, after the client it named in
-/// `X-Baker-Origin` (`cli:alice from 10.0.0.5`), which must be a short word.
-fn origin(headers: &HeaderMap, conn: Option<&Extension<ConnInfo>>) -> Result<String, ApiError> {
+/// `X-Baker-Origin` (`cli:alice from 10.0.0.5`), which must be a short word, and the name of
+/// the token it presented, when that token comes from `BAKER_TOKENS` (`cli:alice from
+/// 10.0.0.5 with token ops`).
+fn origin(
+    headers: &HeaderMap,
+    conn: Option<&Extension<ConnInfo>>,
+    caller: &Caller,
+) -> Result<String, ApiError> {
+    let from = origin_of(headers, conn)?;
+    Ok(match caller {
+        Some(t) if t.listed => format!("{from} with token {}", t.name),
+        _ => from,
+    })
+}
+
+fn origin_of(headers: &HeaderMap, conn: Option<&Extension<ConnInfo>>) -> Result<String, ApiError> {
     let peer = conn.map_or_else(|| "unknown".to_owned(), |c| c.peer.ip().to_string());
     match headers.get(ORIGIN_HEADER) {
         None => Ok(peer),
@@ -436,9 +553,11 @@ async fn put_instance(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Instance>, ApiError> {
-    app.authorize(&headers)?;
+    let caller = app.auth.writer(&headers)?;
     let Path((service, id)) = path?;
     let (service, id) = instance_path(&service, &id)?;
+    app.auth
+        .may(&caller, Role::Register, &service, "register instances of")?;
     let spec: InstanceSpec = read_json(&headers, body).await?;
     let spec = spec.validate().map_err(ApiError::invalid)?;
     match app.registry.register(&service, &id, spec).await {
@@ -452,9 +571,11 @@ async fn delete_instance(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Instance>, ApiError> {
-    app.authorize(&headers)?;
+    let caller = app.auth.writer(&headers)?;
     let Path((service, id)) = path?;
     let (service, id) = instance_path(&service, &id)?;
+    app.auth
+        .may(&caller, Role::Register, &service, "deregister instances of")?;
     match app.registry.unregister(&service, &id).await {
         Ok(Some(instance)) => Ok(Json(instance)),
         Ok(None) => Err(ApiError::NotFound(format!(
@@ -516,10 +637,12 @@ async fn put_route(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<RouteResponse>, ApiError> {
-    app.authorize(&headers)?;
+    let caller = app.auth.writer(&headers)?;
     let Path(service) = path?;
     let service = service_path(&service)?;
-    let origin = origin(&headers, conn.as_ref())?;
+    app.auth
+        .may(&caller, Role::Operate, &service, "set the route of")?;
+    let origin = origin(&headers, conn.as_ref(), &caller)?;
     let Query(query) = query.map_err(|r| {
         ApiError::BadRequest(format!(
             "bad query: {} (the only parameter is force=true|false)",
@@ -625,10 +748,12 @@ async fn delete_route(
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
 ) -> Result<Json<RouteResponse>, ApiError> {
-    app.authorize(&headers)?;
+    let caller = app.auth.writer(&headers)?;
     let Path(service) = path?;
     let service = service_path(&service)?;
-    let origin = origin(&headers, conn.as_ref())?;
+    app.auth
+        .may(&caller, Role::Operate, &service, "clear the route of")?;
+    let origin = origin(&headers, conn.as_ref(), &caller)?;
     match app
         .registry
         .set_route_by(&service, None, Some(origin))
@@ -881,10 +1006,12 @@ async fn maintain<P: TargetPath>(
     headers: HeaderMap,
     body: Option<(Body, bool)>,
 ) -> Result<Json<DrainResponse>, ApiError> {
-    app.authorize(&headers)?;
+    let caller = app.auth.writer(&headers)?;
     let Path((service, name)) = path?;
     let (service, target) = P::parse(&service, &name)?;
-    let origin = origin(&headers, conn.as_ref())?;
+    let doing = if body.is_some() { "drain" } else { "undrain" };
+    app.auth.may(&caller, Role::Operate, &service, doing)?;
+    let origin = origin(&headers, conn.as_ref(), &caller)?;
     let changed = match body {
         Some((body, force)) => {
             let request: DrainRequest =
@@ -922,7 +1049,7 @@ async fn put_ambassador(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ReportAck>, ApiError> {
-    app.authorize(&headers)?;
+    app.auth.reporter(&headers)?;
     let Path(id) = path?;
     let id: InstanceId = id.parse().map_err(|e| ApiError::invalid(vec![e]))?;
     let report: AmbassadorReport = read_json(&headers, body).await?;
@@ -948,7 +1075,7 @@ async fn delete_ambassador(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<ReportAck>, ApiError> {
-    app.authorize(&headers)?;
+    app.auth.reporter(&headers)?;
     let Path(id) = path?;
     let id: InstanceId = id.parse().map_err(|e| ApiError::invalid(vec![e]))?;
     if app.ambassadors.remove(&id) {
@@ -1052,7 +1179,7 @@ async fn watch(
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.authorize_watch(&headers)?;
+    app.auth.watcher(&headers)?;
     let Query(query) = query.map_err(|r| {
         ApiError::BadRequest(format!(
             "bad query: {} (the parameters are v=1|2 and service=NAME[,NAME...])",

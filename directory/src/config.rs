@@ -10,8 +10,8 @@ use baker_client::api::parse_token;
 use baker_client::config::vars::{
     self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_HISTORY, ENV_LISTEN, ENV_MAX_AMBASSADORS,
     ENV_MAX_CONNECTIONS, ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE,
-    ENV_MAX_ROUTES, ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_REQUEST_TIMEOUT, ENV_STORE,
-    ENV_TOKEN, ENV_WATCH_TOKEN,
+    ENV_MAX_ROUTES, ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_READ, ENV_REQUEST_TIMEOUT,
+    ENV_STORE, ENV_TOKEN, ENV_TOKENS, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::NodeName;
@@ -103,6 +103,10 @@ pub struct Config {
     /// `BAKER_WATCH_TOKEN`: a bearer token `GET /v1/watch` must present (`BAKER_TOKEN` is
     /// accepted too); `None` leaves watches open.
     pub watch_token: Option<String>,
+    /// `BAKER_TOKENS`: a file of named tokens with roles and scopes ([`crate::tokens`]).
+    pub tokens: Option<PathBuf>,
+    /// `BAKER_READ=token`: every read and watch needs a token that reads.
+    pub reads_closed: bool,
     /// `BAKER_DATA`: the directory holding the routes, created if missing.
     pub data: PathBuf,
     /// `BAKER_STORE`: where the table lives; in etcd, `data` is not used.
@@ -147,6 +151,8 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.parse().expect("constant address"),
             token: None,
             watch_token: None,
+            tokens: None,
+            reads_closed: false,
             data: PathBuf::from(DEFAULT_DATA),
             store: StoreMode::Memory,
             docker: DockerMode::Auto,
@@ -177,6 +183,20 @@ impl Config {
         });
         let token = r.parse_secret(ENV_TOKEN, parse_token);
         let watch_token = r.parse_secret(ENV_WATCH_TOKEN, parse_token);
+        let tokens = r.parse(ENV_TOKENS, |s| Ok::<_, String>(PathBuf::from(s)));
+        let reads_closed = r
+            .parse(ENV_READ, |s| match s {
+                "open" => Ok(false),
+                "token" => Ok(true),
+                _ => Err("must be open or token"),
+            })
+            .unwrap_or(false);
+        if reads_closed && token.is_none() && tokens.is_none() {
+            r.push(
+                ENV_READ,
+                "token needs BAKER_TOKEN or BAKER_TOKENS: no token could read",
+            );
+        }
         let data = r.parse(ENV_DATA, |s| Ok::<_, String>(PathBuf::from(s)));
         let store = r.parse(ENV_STORE, str::parse::<StoreMode>);
         let docker = r.value(ENV_DOCKER, DockerMode::Auto);
@@ -219,6 +239,8 @@ impl Config {
             listen: listen.unwrap_or(defaults.listen),
             token,
             watch_token,
+            tokens,
+            reads_closed,
             data: data.unwrap_or(defaults.data),
             store: store.unwrap_or_default(),
             docker,

@@ -45,6 +45,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod supervise;
+pub mod tokens;
 pub mod ui;
 pub mod watch;
 
@@ -65,6 +66,8 @@ pub enum Error {
     Listener(#[source] std::io::Error),
     #[error("cannot connect to etcd")]
     Etcd(#[from] etcd::EtcdError),
+    #[error("{0}")]
+    Tokens(String),
 }
 
 /// Runs the directory on `listener` until `shutdown` is cancelled.
@@ -80,6 +83,29 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let auth = Arc::new(api::Auth {
+        tokens: Arc::new(
+            tokens::Tokens::load(
+                config
+                    .token
+                    .iter()
+                    .map(|t| tokens::Token::of_secret("BAKER_TOKEN", tokens::Role::Admin, t))
+                    .chain(config.watch_token.iter().map(|t| {
+                        tokens::Token::of_secret("BAKER_WATCH_TOKEN", tokens::Role::Read, t)
+                    }))
+                    .collect(),
+                config.tokens.clone(),
+            )
+            .map_err(Error::Tokens)?,
+        ),
+        writes_closed: config.token.is_some() || config.tokens.is_some(),
+        reads_closed: config.reads_closed,
+        watches_closed: config.watch_token.is_some(),
+    });
+    if let Some(file) = &config.tokens {
+        tracing::info!("tokens read from {}", file.display());
+        tokio::spawn(auth.tokens.clone().follow(shutdown.clone()));
+    }
     let metrics = Arc::new(metrics::Metrics::new());
     let registry = match &config.store {
         StoreMode::Memory => {
@@ -150,7 +176,7 @@ pub async fn run(
             },
         ))
     });
-    if config.token.is_none() {
+    if config.token.is_none() && config.tokens.is_none() {
         tracing::info!("no BAKER_TOKEN: mutating calls need no token");
     }
     let expiry = {
@@ -177,8 +203,7 @@ pub async fn run(
         registry,
         ambassadors: reports,
         history,
-        token: config.token.as_deref().map(Arc::from),
-        watch_token: config.watch_token.as_deref().map(Arc::from),
+        auth,
         watch: watch::Limits {
             ping: config.watch_ping,
             backlog_lines: config.watch_backlog_lines,

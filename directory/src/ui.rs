@@ -28,6 +28,7 @@ use axum::Router;
 
 use crate::api::{ApiError, AppState};
 use crate::config::StoreMode;
+use crate::tokens::Role;
 
 /// The page's template.
 const PAGE: &str = include_str!("../ui/index.html");
@@ -114,8 +115,8 @@ pub fn routes() -> Router<AppState> {
 fn context(app: &AppState) -> tera::Context {
     let mut ctx = tera::Context::new();
     ctx.insert("version", env!("CARGO_PKG_VERSION"));
-    ctx.insert("token_required", &app.token.is_some());
-    ctx.insert("watch_token_required", &app.watch_token.is_some());
+    ctx.insert("token_required", &app.auth.writes_closed);
+    ctx.insert("watch_token_required", &app.auth.watches_closed);
     ctx.insert("replica", &app.about.replica);
     ctx.insert("store", &app.about.store);
     ctx
@@ -159,11 +160,20 @@ async fn icon() -> Response {
     safe("image/svg+xml", "no-cache", ICON)
 }
 
-/// `204` when the bearer token is right (or none is needed), `401` otherwise: how the page
-/// knows whether to offer changes before the operator makes one.
+/// `204` when the bearer token may change routes and drains (or none is needed), `401` for a
+/// token the directory does not know, `403` for one whose role cannot: how the page knows
+/// whether to offer changes before the operator makes one.
 async fn auth(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    match app.authorize(&headers) {
-        Ok(()) => safe("text/plain", "no-store", StatusCode::NO_CONTENT),
+    match app.auth.writer(&headers) {
+        Ok(Some(t)) if !matches!(t.role, Role::Operate | Role::Admin) => {
+            ApiError::Forbidden(format!(
+                "the token {} (role {}) may not change routes or drains",
+                t.name,
+                t.role.as_str()
+            ))
+            .into_response()
+        }
+        Ok(_) => safe("text/plain", "no-store", StatusCode::NO_CONTENT),
         Err(e) => e.into_response(),
     }
 }

@@ -291,10 +291,16 @@ async fn a_watch_token_guards_watches_and_the_main_token_opens_them_too() {
     // A client with only the main token sends it with its watches.
     let main = dir.client_with_token(Some("main-token"));
     assert!(main.watch().await.is_ok());
-    // The watch token opens nothing else.
+    // The watch token (a token that reads) changes nothing: 403, naming it.
     let watcher = dir.client_with_token(Some("watch-token"));
     match watcher.register("emitter", "a", &spec(8000, TTL_MS)).await {
-        Err(ClientError::Refused { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
+        Err(ClientError::Refused { status, message }) => {
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert!(
+                message.contains("BAKER_WATCH_TOKEN (role read"),
+                "{message}"
+            );
+        }
         other => panic!("{other:?}"),
     }
     // Hostile watchers without the token are answered 401 and hold no watch slot.
@@ -453,11 +459,15 @@ async fn ambassador_reports_need_the_token_and_have_a_quota() {
             }
         }
     };
-    // With BAKER_TOKEN set, a report must carry it: neither no token nor the watch token will do.
-    for token in [None, Some("watch-token"), Some("wrong")] {
+    // With BAKER_TOKEN set, a report must carry a token that reads: the watch token does, no
+    // token or a wrong one does not.
+    for token in [None, Some("wrong")] {
         let (got, message) = status(dir.client_with_token(token), "amb-1").await;
         assert_eq!(got, StatusCode::UNAUTHORIZED, "{token:?}: {message}");
     }
+    let watcher = dir.client_with_token(Some("watch-token"));
+    assert_eq!(status(watcher.clone(), "amb-0").await.0, StatusCode::OK);
+    assert!(watcher.sign_off("amb-0").await.is_ok());
     let c = || dir.client.clone();
     assert_eq!(status(c(), "amb-1").await.0, StatusCode::OK);
     assert_eq!(status(c(), "amb-2").await.0, StatusCode::OK);

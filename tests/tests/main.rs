@@ -34,6 +34,7 @@ mod registrar_file;
 mod replicas;
 mod route_options;
 mod runtime_api;
+mod tokens;
 mod ui;
 mod watch_gap;
 

@@ -87,6 +87,8 @@ pub const ENV_TARGET: &str = "BAKER_TARGET";
 pub const ENV_TEMPLATE: &str = "BAKER_TEMPLATE";
 pub const ENV_TIMEOUT: &str = "BAKER_TIMEOUT";
 pub const ENV_TOKEN: &str = "BAKER_TOKEN";
+pub const ENV_TOKENS: &str = "BAKER_TOKENS";
+pub const ENV_READ: &str = "BAKER_READ";
 pub const ENV_VERSION: &str = "BAKER_VERSION";
 pub const ENV_WATCH_TOKEN: &str = "BAKER_WATCH_TOKEN";
 pub const ENV_WEIGHT: &str = "BAKER_WEIGHT";
@@ -113,6 +115,16 @@ pub const DIRECTORY: Program = Program {
             ENV_WATCH_TOKEN,
             "none",
             "bearer token a watch must send (BAKER_TOKEN works too)",
+        ),
+        var(
+            ENV_TOKENS,
+            "none",
+            "file of named tokens with roles and scopes: NAME ROLE SCOPE sha256:HEX a line",
+        ),
+        var(
+            ENV_READ,
+            "open",
+            "open, or token: every read and watch needs a token of role read or more",
         ),
         var(
             ENV_DATA,
