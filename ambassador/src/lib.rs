@@ -5,7 +5,7 @@
 //! directory's watch stream, and keeps HAProxy's servers equal to the live instances: through
 //! HAProxy's runtime API whenever possible, by a seamless master-worker reload only when the
 //! configuration's structure must change. It supervises HAProxy as its child, restarting it if
-//! it dies, and can run as PID 1 in a container.
+//! it dies (at once: the listening sockets stay open in the ambassador meanwhile), and can run as PID 1 in a container.
 //!
 //! Modules:
 //! - [`config`]: the `BAKER_*` variables.
@@ -14,6 +14,7 @@
 //! - [`render`]: the Tera template and its context.
 //! - [`runtime_api`]: HAProxy's CLI sockets and the parsers of their answers.
 //! - [`haproxy`]: the HAProxy child process: check, start, reload, stop.
+//! - [`listeners`]: the listening sockets, held by the ambassador and inherited by HAProxy.
 //! - [`reaper`]: reaping children (and orphans, as PID 1).
 //! - [`reconcile`]: the one task that owns HAProxy.
 //! - [`hung`]: servers that accept connections but never answer, marked down.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod diff;
 pub mod haproxy;
 pub mod hung;
+pub mod listeners;
 pub mod metrics;
 pub mod plan;
 pub mod reaper;
