@@ -146,13 +146,17 @@ impl Owner {
     ///
     /// `haproxy -c` opens every `fd@N` it finds: it inherits the ambassador's sockets, but not
     /// those of a taken-over master, so the file checked names those by address.
-    async fn install(&mut self, desired: &Desired) -> Result<String, anyhow::Error> {
+    ///
+    /// Without `check` (a restart after a crash, from the template the running HAProxy
+    /// accepted), the file is installed unchecked: HAProxy's start reports a refusal in its
+    /// own words all the same, and the restart does not wait for a second HAProxy process.
+    async fn install(&mut self, desired: &Desired, check: bool) -> Result<String, anyhow::Error> {
         let fds = self.listeners.fds();
         let text = self
             .renderer
             .render(&context(&self.config, desired, &fds))?;
         let held = self.listeners.held_fds();
-        let checked = if held == fds {
+        let checked = if held == fds || !check {
             text.clone()
         } else {
             self.renderer
@@ -161,9 +165,11 @@ impl Owner {
         let path = self.haproxy.config_path().to_path_buf();
         let tmp = path.with_extension("cfg.new");
         std::fs::write(&tmp, &checked)?;
-        if let Err(e) = self.haproxy.check(&tmp).await {
-            self.metrics.refused_configs.inc();
-            return Err(e.into());
+        if check {
+            if let Err(e) = self.haproxy.check(&tmp).await {
+                self.metrics.refused_configs.inc();
+                return Err(e.into());
+            }
         }
         if checked != text {
             std::fs::write(&tmp, &text)?;
@@ -175,21 +181,25 @@ impl Owner {
     /// Binds the listening sockets HAProxy is to inherit, then renders, checks and installs
     /// `desired`. The sockets a template does not bind by `fd@N` (it names the addresses
     /// itself) are closed again, so that HAProxy can bind them.
-    async fn install_with_sockets(&mut self, desired: &Desired) -> Result<(), StartError> {
+    async fn install_with_sockets(
+        &mut self,
+        desired: &Desired,
+        check: bool,
+    ) -> Result<(), StartError> {
         let name = template_name(&self.config);
         let template = |e| StartError::Template {
             path: name.clone(),
             source: e,
         };
         self.listeners.bind(&self.addrs)?;
-        let text = self.install(desired).await.map_err(template)?;
+        let text = self.install(desired, check).await.map_err(template)?;
         let unused = self.listeners.release_unused(&text);
         if !unused.is_empty() {
             tracing::warn!(
                 addresses = ?unused,
                 "the template binds these addresses itself instead of using services[].listen, http_listen or admin.listen: while HAProxy restarts after a crash, connections to them are refused"
             );
-            self.install(desired).await.map_err(template)?;
+            self.install(desired, check).await.map_err(template)?;
         }
         Ok(())
     }
@@ -236,7 +246,7 @@ impl Owner {
         }
         // An empty state (format version 1) until the first reload saves a real one.
         let _ = std::fs::write(self.state_file(), "1\n");
-        self.install_with_sockets(desired).await?;
+        self.install_with_sockets(desired, true).await?;
         self.haproxy.start().await.map_err(StartError::Haproxy)?;
         self.started = Instant::now();
         self.applied = Some(desired.clone());
@@ -247,7 +257,7 @@ impl Owner {
     /// servers: the master passes its listening sockets to the new worker, so no connection
     /// is refused, and the old worker finishes its requests.
     async fn take_over(&mut self, desired: &Desired) -> Result<(), StartError> {
-        self.install(desired)
+        self.install(desired, true)
             .await
             .map_err(|e| StartError::Template {
                 path: template_name(&self.config),
@@ -486,7 +496,7 @@ impl Owner {
     async fn restart(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
         self.started = Instant::now();
         let _ = std::fs::write(self.state_file(), "1\n");
-        self.install_with_sockets(desired).await?;
+        self.install_with_sockets(desired, false).await?;
         self.haproxy.start().await?;
         self.drains.clear();
         self.takeover_pending = false;
@@ -701,7 +711,7 @@ impl Owner {
         desired: &Desired,
         why: &str,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if let Err(e) = self.install(desired).await {
+        if let Err(e) = self.install(desired, true).await {
             return Err(format!(
                 "refused the new HAProxy configuration; the running one stays: {}",
                 chain(&*e)
