@@ -81,6 +81,9 @@ impl RunError {
 /// 0 after a requested stop.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, RunError> {
     let config = Arc::new(config);
+    // Handled from the start: a SIGHUP that comes while HAProxy starts (its ports accept
+    // connections before it answers on its sockets) is kept, and acted on once it runs.
+    let mut hup = signal(SignalKind::hangup())?;
     let reaper = reaper::Reaper::start()?;
     std::fs::create_dir_all(&config.run_dir)?;
     let metrics = Arc::new(metrics::Metrics::default());
@@ -167,7 +170,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     );
 
     let (req_tx, req_rx) = mpsc::channel(4);
-    let mut hup = signal(SignalKind::hangup())?;
     let hup_stop = inner.clone();
     tasks.spawn(async move {
         loop {
