@@ -188,3 +188,69 @@ async fn a_killed_master_costs_at_most_ten_requests_and_keeps_the_runtime_state(
     }
     crash(Fault::Master).await;
 }
+
+/// An HAProxy taken over from a killed ambassador runs on the sockets that ambassador bound
+/// (its master keeps them): once it dies, the new ambassador binds sockets of its own, and the
+/// HAProxy after that one is covered like any other.
+#[tokio::test]
+async fn after_a_takeover_a_killed_haproxy_is_replaced_and_then_covered() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    let dir = TestDirectory::start(&[]).await;
+    let g = Greeting::start("1", "a").await;
+    dir.client
+        .register("web", "a", &spec(g.addr, None))
+        .await
+        .expect("registering");
+    let mut amb = TestAmbassador::start(&dir.url, &["web"], &[]).await;
+    let url = format!("{}/greeting", amb.url("web"));
+    let c = reqwest::Client::new();
+    eventually(Duration::from_secs(10), "traffic", || async {
+        baker_tests::load::greet(&c, &url).await.ok()
+    })
+    .await;
+    amb.proc.kill9();
+    amb.respawn().await;
+    amb.proc
+        .wait_for_log("took over the HAProxy", Duration::from_secs(10))
+        .await;
+    // The taken-over HAProxy dies: a new one starts on the ambassador's own sockets.
+    kill(Pid::from_raw(target(&amb, Fault::Master)), Signal::SIGKILL).expect("SIGKILL");
+    amb.proc
+        .wait_for_log("HAProxy is running again", Duration::from_secs(10))
+        .await;
+    let cfg = std::fs::read_to_string(amb.run_dir().join("haproxy.cfg")).expect("haproxy.cfg");
+    assert!(cfg.contains("bind fd@"), "{cfg}");
+    // And that one is covered: its worker killed under load costs at most a request per
+    // connection.
+    let load = Paced::start(&url, RATE, CONNS);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed = load.elapsed();
+    kill(Pid::from_raw(target(&amb, Fault::Worker)), Signal::SIGKILL).expect("SIGKILL");
+    eventually(Duration::from_secs(10), "a second restart", || async {
+        (amb.proc
+            .log_text()
+            .matches("HAProxy is running again")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let end = load.elapsed();
+    let out = load.finish().await;
+    let (gap, _) = out.longest_gap(killed, end);
+    eprintln!(
+        "after a takeover, worker SIGKILLed: {} failed, longest gap {gap:?}",
+        out.failures.len()
+    );
+    assert!(
+        out.failures.len() <= MAX_FAILED,
+        "{} failed requests (at most {MAX_FAILED}): {:?}",
+        out.failures.len(),
+        out.failures
+    );
+    let status = amb.stop().await;
+    assert!(status.success(), "{status}\n{}", amb.proc.log_text());
+}
