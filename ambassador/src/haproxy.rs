@@ -40,6 +40,21 @@ pub enum HaproxyError {
     Api(#[from] crate::runtime_api::ApiError),
 }
 
+/// How long HAProxy must have run for its death to be restarted at once, without backoff.
+pub const STABLE_RUN: Duration = Duration::from_secs(1);
+
+/// How long to wait before starting HAProxy again after it died, having run for `ran_for`: at
+/// once when it ran for [`STABLE_RUN`] or longer (and the backoff starts over), else the next
+/// delay of `backoff` (an HAProxy that dies as it starts is not restarted in a busy loop).
+pub fn restart_delay(ran_for: Duration, backoff: &mut baker_client::backoff::Backoff) -> Duration {
+    if ran_for >= STABLE_RUN {
+        backoff.reset();
+        Duration::ZERO
+    } else {
+        backoff.next_delay()
+    }
+}
+
 /// How often a master that is not our child is checked for being still alive.
 const ADOPTED_POLL: Duration = Duration::from_millis(200);
 
@@ -458,6 +473,29 @@ mod tests {
             workers,
             old_workers: vec![],
         }
+    }
+
+    #[test]
+    fn a_crash_after_a_stable_run_restarts_at_once_and_a_crash_loop_backs_off() {
+        let ms = Duration::from_millis;
+        let mut b = baker_client::backoff::Backoff::new(ms(200), Duration::from_secs(10));
+        assert_eq!(
+            restart_delay(Duration::from_secs(30), &mut b),
+            Duration::ZERO
+        );
+        assert_eq!(restart_delay(STABLE_RUN, &mut b), Duration::ZERO);
+        // Dying as it starts: 100-200 ms, then 200-400 ms...
+        let first = restart_delay(ms(50), &mut b);
+        assert!(first >= ms(100) && first <= ms(200), "{first:?}");
+        let second = restart_delay(ms(50), &mut b);
+        assert!(second >= ms(200) && second <= ms(400), "{second:?}");
+        // ...and at once again after a stable run, from the start of the backoff.
+        assert_eq!(
+            restart_delay(Duration::from_secs(5), &mut b),
+            Duration::ZERO
+        );
+        let again = restart_delay(ms(50), &mut b);
+        assert!(again <= ms(200), "{again:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! directory's watch stream, and keeps HAProxy's servers equal to the live instances: through
 //! HAProxy's runtime API whenever possible, by a seamless master-worker reload only when the
 //! configuration's structure must change. It supervises HAProxy as its child, restarting it if
-//! it dies, and can run as PID 1 in a container.
+//! it dies (at once: the listening sockets stay open in the ambassador meanwhile), and can run as PID 1 in a container.
 //!
 //! Modules:
 //! - [`config`]: the `BAKER_*` variables.
@@ -14,6 +14,7 @@
 //! - [`render`]: the Tera template and its context.
 //! - [`runtime_api`]: HAProxy's CLI sockets and the parsers of their answers.
 //! - [`haproxy`]: the HAProxy child process: check, start, reload, stop.
+//! - [`listeners`]: the listening sockets, held by the ambassador and inherited by HAProxy.
 //! - [`reaper`]: reaping children (and orphans, as PID 1).
 //! - [`reconcile`]: the one task that owns HAProxy.
 //! - [`hung`]: servers that accept connections but never answer, marked down.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod diff;
 pub mod haproxy;
 pub mod hung;
+pub mod listeners;
 pub mod metrics;
 pub mod plan;
 pub mod reaper;
@@ -79,6 +81,9 @@ impl RunError {
 /// 0 after a requested stop.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, RunError> {
     let config = Arc::new(config);
+    // Handled from the start: a SIGHUP that comes while HAProxy starts (its ports accept
+    // connections before it answers on its sockets) is kept, and acted on once it runs.
+    let mut hup = signal(SignalKind::hangup())?;
     let reaper = reaper::Reaper::start()?;
     std::fs::create_dir_all(&config.run_dir)?;
     let metrics = Arc::new(metrics::Metrics::default());
@@ -165,7 +170,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     );
 
     let (req_tx, req_rx) = mpsc::channel(4);
-    let mut hup = signal(SignalKind::hangup())?;
     let hup_stop = inner.clone();
     tasks.spawn(async move {
         loop {

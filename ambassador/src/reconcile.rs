@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::coalesce::Budget;
 use crate::config::Config;
 use crate::diff::{diff, drain_verdict, AddOptions, Command, DrainVerdict};
-use crate::haproxy::{Haproxy, HaproxyError, Leftover};
+use crate::haproxy::{restart_delay, Haproxy, HaproxyError, Leftover};
+use crate::listeners::{ListenError, Listeners};
 use crate::metrics::Metrics;
 use crate::plan::Desired;
 use crate::reaper::Exit;
@@ -57,6 +58,8 @@ pub enum StartError {
     },
     #[error("HAProxy did not start")]
     Haproxy(#[source] HaproxyError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
 }
 
 pub struct Owner {
@@ -81,6 +84,11 @@ pub struct Owner {
     /// keeps its servers, and is reloaded with this ambassador's configuration once the
     /// first plan arrives.
     takeover_pending: bool,
+    /// The listening sockets HAProxy inherits, and the addresses they listen on.
+    listeners: Listeners,
+    addrs: Vec<std::net::SocketAddr>,
+    /// When the running HAProxy was started (or taken over).
+    started: Instant,
 }
 
 impl Owner {
@@ -107,7 +115,11 @@ impl Owner {
                 )
             })
             .collect();
+        let addrs = crate::listeners::addresses(&config);
         Ok(Owner {
+            addrs,
+            listeners: Listeners::default(),
+            started: Instant::now(),
             config,
             haproxy,
             renderer,
@@ -129,17 +141,66 @@ impl Owner {
     }
 
     /// Renders `desired` with the current template, checks it, and installs it as the file
-    /// HAProxy starts and reloads from. A refused file leaves the installed one in place.
-    async fn install(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
-        let text = self.renderer.render(&context(&self.config, desired))?;
+    /// HAProxy starts and reloads from; returns the text installed. A refused file leaves the
+    /// installed one in place.
+    ///
+    /// `haproxy -c` opens every `fd@N` it finds: it inherits the ambassador's sockets, but not
+    /// those of a taken-over master, so the file checked names those by address.
+    ///
+    /// Without `check` (a restart after a crash, from the template the running HAProxy
+    /// accepted), the file is installed unchecked: HAProxy's start reports a refusal in its
+    /// own words all the same, and the restart does not wait for a second HAProxy process.
+    async fn install(&mut self, desired: &Desired, check: bool) -> Result<String, anyhow::Error> {
+        let fds = self.listeners.fds();
+        let text = self
+            .renderer
+            .render(&context(&self.config, desired, &fds))?;
+        let held = self.listeners.held_fds();
+        let checked = if held == fds || !check {
+            text.clone()
+        } else {
+            self.renderer
+                .render(&context(&self.config, desired, &held))?
+        };
         let path = self.haproxy.config_path().to_path_buf();
         let tmp = path.with_extension("cfg.new");
-        std::fs::write(&tmp, text)?;
-        if let Err(e) = self.haproxy.check(&tmp).await {
-            self.metrics.refused_configs.inc();
-            return Err(e.into());
+        std::fs::write(&tmp, &checked)?;
+        if check {
+            if let Err(e) = self.haproxy.check(&tmp).await {
+                self.metrics.refused_configs.inc();
+                return Err(e.into());
+            }
+        }
+        if checked != text {
+            std::fs::write(&tmp, &text)?;
         }
         std::fs::rename(&tmp, &path)?;
+        Ok(text)
+    }
+
+    /// Binds the listening sockets HAProxy is to inherit, then renders, checks and installs
+    /// `desired`. The sockets a template does not bind by `fd@N` (it names the addresses
+    /// itself) are closed again, so that HAProxy can bind them.
+    async fn install_with_sockets(
+        &mut self,
+        desired: &Desired,
+        check: bool,
+    ) -> Result<(), StartError> {
+        let name = template_name(&self.config);
+        let template = |e| StartError::Template {
+            path: name.clone(),
+            source: e,
+        };
+        self.listeners.bind(&self.addrs)?;
+        let text = self.install(desired, check).await.map_err(template)?;
+        let unused = self.listeners.release_unused(&text);
+        if !unused.is_empty() {
+            tracing::warn!(
+                addresses = ?unused,
+                "the template binds these addresses itself instead of using services[].listen, http_listen or admin.listen: while HAProxy restarts after a crash, connections to them are refused"
+            );
+            self.install(desired, check).await.map_err(template)?;
+        }
         Ok(())
     }
 
@@ -158,6 +219,7 @@ impl Owner {
             Leftover::Stop(pid) => self.haproxy.stop_stale(pid).await,
             Leftover::Adopt(pid) => {
                 self.haproxy.adopt(pid);
+                self.listeners.adopt(pid, &self.addrs);
                 if !planned {
                     tracing::info!(
                         pid,
@@ -184,13 +246,9 @@ impl Owner {
         }
         // An empty state (format version 1) until the first reload saves a real one.
         let _ = std::fs::write(self.state_file(), "1\n");
-        self.install(desired)
-            .await
-            .map_err(|e| StartError::Template {
-                path: template_name(&self.config),
-                source: e,
-            })?;
+        self.install_with_sockets(desired, true).await?;
         self.haproxy.start().await.map_err(StartError::Haproxy)?;
+        self.started = Instant::now();
         self.applied = Some(desired.clone());
         Ok(())
     }
@@ -199,12 +257,13 @@ impl Owner {
     /// servers: the master passes its listening sockets to the new worker, so no connection
     /// is refused, and the old worker finishes its requests.
     async fn take_over(&mut self, desired: &Desired) -> Result<(), StartError> {
-        self.install(desired)
+        self.install(desired, true)
             .await
             .map_err(|e| StartError::Template {
                 path: template_name(&self.config),
                 source: e,
             })?;
+        self.started = Instant::now();
         let info = self
             .haproxy
             .reload(&self.state_file())
@@ -259,21 +318,30 @@ impl Owner {
                     return exit;
                 }
                 exit = self.haproxy.exited() => {
-                    self.metrics.haproxy_restarts.inc();
-                    let delay = restart_backoff.next_delay();
+                    // At once after a crash of an HAProxy that ran for a while; with a growing
+                    // delay while it keeps failing. Its listening sockets stay open meanwhile
+                    // ([`crate::listeners`]): clients wait in the backlog, they are not refused.
+                    let mut delay = restart_delay(self.started.elapsed(), &mut restart_backoff);
                     tracing::error!("HAProxy exited unexpectedly ({exit}); starting it again in {delay:?}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Some(exit),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    let generation = self.metrics.progress.output_generation();
-                    let desired = desired_rx.borrow_and_update().clone();
-                    pending = None;
-                    if let Err(e) = self.restart(&desired).await {
-                        tracing::error!("restarting HAProxy failed: {e:#}");
-                    } else {
-                        restart_backoff.reset();
-                        self.metrics.progress.applied(generation);
+                    loop {
+                        self.metrics.haproxy_restarts.inc();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Some(exit),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        let generation = self.metrics.progress.output_generation();
+                        let desired = desired_rx.borrow_and_update().clone();
+                        pending = None;
+                        match self.restart(&desired).await {
+                            Ok(()) => {
+                                self.metrics.progress.applied(generation);
+                                break;
+                            }
+                            Err(e) => {
+                                delay = restart_backoff.next_delay();
+                                tracing::error!("restarting HAProxy failed: {e:#}; trying again in {delay:?}");
+                            }
+                        }
                     }
                     continue;
                 }
@@ -421,13 +489,25 @@ impl Owner {
         })
     }
 
+    /// Starts a new HAProxy in place of one that died, from a file rendered with the current
+    /// plan: servers, addresses, weights and operators' drains (at weight 0) are in the file,
+    /// and a state saved at an earlier reload is not loaded over them. The drains' `state
+    /// drain` follows over the runtime API as soon as the worker answers.
     async fn restart(&mut self, desired: &Desired) -> Result<(), anyhow::Error> {
-        self.install(desired).await?;
+        self.started = Instant::now();
+        let _ = std::fs::write(self.state_file(), "1\n");
+        self.install_with_sockets(desired, false).await?;
         self.haproxy.start().await?;
         self.drains.clear();
         self.takeover_pending = false;
         self.applied = Some(desired.clone());
-        tracing::info!("HAProxy is running again");
+        if let Err(e) = self.apply_runtime(desired).await {
+            tracing::warn!("after restarting HAProxy: {}", chain(&*e));
+        }
+        tracing::info!(
+            took_ms = self.started.elapsed().as_millis() as u64,
+            "HAProxy is running again"
+        );
         Ok(())
     }
 
@@ -631,7 +711,7 @@ impl Owner {
         desired: &Desired,
         why: &str,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if let Err(e) = self.install(desired).await {
+        if let Err(e) = self.install(desired, true).await {
             return Err(format!(
                 "refused the new HAProxy configuration; the running one stays: {}",
                 chain(&*e)

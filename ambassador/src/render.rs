@@ -2,7 +2,7 @@
 //! `BAKER_TEMPLATE`) and the documented context.
 
 use baker_client::errors::chain;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use serde::Serialize;
@@ -10,6 +10,7 @@ use serde::Serialize;
 use baker_client::model::{Address, ServiceName, Version};
 
 use crate::config::{Balance, Checks, Config, Mode, RouteOptions};
+use crate::listeners::{bind_spec, Fds};
 use crate::plan::{Desired, ServerName};
 
 /// The embedded default template.
@@ -54,6 +55,9 @@ impl Renderer {
 pub struct Context {
     /// Address the service ports bind (`BAKER_BIND`).
     pub bind: String,
+    /// What the shared HTTP port's `bind` line names: `fd@N`, a socket HAProxy inherits from
+    /// the ambassador (see [`crate::listeners`]), or the address itself.
+    pub http_listen: Option<String>,
     pub services: Vec<ServiceContext>,
     /// The shared HTTP port (`BAKER_HTTP_PORT`), if any.
     pub http_port: Option<u16>,
@@ -76,6 +80,9 @@ pub struct Context {
 pub struct ServiceContext {
     pub name: ServiceName,
     pub port: Option<u16>,
+    /// What its `bind` line names: `fd@N`, a socket HAProxy inherits from the ambassador, or
+    /// the address itself (none without a port).
+    pub listen: Option<String>,
     pub mode: Mode,
     pub servers: Vec<ServerContext>,
     /// Options every server line of this backend carries; the ambassador uses the same ones on
@@ -112,6 +119,8 @@ pub struct ServerContext {
 pub struct AdminContext {
     pub address: String,
     pub port: u16,
+    /// What its `bind` line names: `fd@N` or the address.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,8 +199,10 @@ pub fn sticky_cookie(service: &ServiceName) -> String {
     format!("baker-{service}")
 }
 
-/// Builds the context from the configuration and the servers to run.
-pub fn context(config: &Config, desired: &Desired) -> Context {
+/// Builds the context from the configuration, the servers to run, and the listening sockets
+/// HAProxy inherits (by address).
+pub fn context(config: &Config, desired: &Desired, fds: &Fds) -> Context {
+    let listen = |port: u16| bind_spec(fds, SocketAddr::new(config.bind, port));
     let defaults = Defaults {
         timeout_connect: "500ms".into(),
         timeout_client: "1m".into(),
@@ -210,6 +221,7 @@ pub fn context(config: &Config, desired: &Desired) -> Context {
         .map(|s| ServiceContext {
             name: s.name.clone(),
             port: s.port,
+            listen: s.port.map(listen),
             mode: s.mode,
             servers: desired
                 .get(&s.name)
@@ -244,6 +256,7 @@ pub fn context(config: &Config, desired: &Desired) -> Context {
     let path = |name: &str| config.run_dir.join(name).display().to_string();
     Context {
         bind: host(config.bind),
+        http_listen: config.http_port.map(listen),
         services,
         http_port: config.http_port,
         http_services: config
@@ -255,6 +268,7 @@ pub fn context(config: &Config, desired: &Desired) -> Context {
         admin: config.admin.map(|a| AdminContext {
             address: host(a.ip()),
             port: a.port(),
+            listen: bind_spec(fds, a),
         }),
         admin_socket: path("admin.sock"),
         master_socket: path("master.sock"),
@@ -291,7 +305,7 @@ pub fn config_path(run_dir: &Path) -> std::path::PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::ServiceRoute;
     use crate::plan::DesiredServer;
@@ -368,12 +382,20 @@ mod tests {
         (c, d)
     }
 
+    /// The service port of `emitter` and the admin port inherited; the others bound by HAProxy.
+    fn fds() -> Fds {
+        Fds::from([
+            ("0.0.0.0:8000".parse().unwrap(), 3),
+            ("127.0.0.1:8404".parse().unwrap(), 4),
+        ])
+    }
+
     #[test]
     fn default_rendering_matches_golden_file() {
         let (c, d) = sample();
         let out = Renderer::new(DEFAULT_TEMPLATE)
             .unwrap()
-            .render(&context(&c, &d))
+            .render(&context(&c, &d, &fds()))
             .unwrap();
         let golden_path = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/default.cfg");
         if std::env::var_os("BAKER_BLESS").is_some() {
@@ -394,9 +416,12 @@ mod tests {
         }
         let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/default.cfg");
         let dir = tempfile::tempdir().unwrap();
+        // `haproxy -c` does not look at inherited descriptors: check the file with addresses.
         let text = std::fs::read_to_string(golden)
             .unwrap()
-            .replace("/run/baker/", &format!("{}/", dir.path().display()));
+            .replace("/run/baker/", &format!("{}/", dir.path().display()))
+            .replace("bind fd@3", "bind 0.0.0.0:8000")
+            .replace("bind fd@4", "bind 127.0.0.1:8404");
         let cfg = dir.path().join("haproxy.cfg");
         std::fs::write(&cfg, text).unwrap();
         let out = std::process::Command::new(bin)
@@ -420,7 +445,7 @@ mod tests {
         ));
         let r = Renderer::new("{{ nosuch.field }}").unwrap();
         let (c, d) = sample();
-        let e = r.render(&context(&c, &d)).unwrap_err();
+        let e = r.render(&context(&c, &d, &Fds::new())).unwrap_err();
         assert!(e.to_string().contains("nosuch"), "{e}");
     }
 }

@@ -171,6 +171,8 @@ impl Load {
 pub struct PacedOutcome {
     /// Since the load started, when each successful answer arrived, in order.
     pub answers: Vec<Duration>,
+    /// The same answers with the instance that gave each.
+    pub answered_by: Vec<(Duration, String)>,
     pub failures: Vec<String>,
 }
 
@@ -181,6 +183,19 @@ impl PacedOutcome {
             .iter()
             .filter(|&&t| t >= from && t < to)
             .count()
+    }
+
+    /// Answers per instance that arrived in `[from, to)`.
+    pub fn instances_between(&self, from: Duration, to: Duration) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (_, instance) in self
+            .answered_by
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+        {
+            *out.entry(instance.clone()).or_default() += 1;
+        }
+        out
     }
 
     /// The fewest answers any window of `width` starting in `[from, to - width]` saw (sliding by
@@ -255,7 +270,11 @@ impl Paced {
                         let r = greet(&c, &url).await;
                         let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
                         match r {
-                            Ok(_) => o.answers.push(start.elapsed()),
+                            Ok(instance) => {
+                                let at = start.elapsed();
+                                o.answers.push(at);
+                                o.answered_by.push((at, instance));
+                            }
                             Err(e) => o.failures.push(format!("{:?}: {e}", start.elapsed())),
                         }
                     }
@@ -287,6 +306,7 @@ impl Paced {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         o.answers.sort();
+        o.answered_by.sort();
         o
     }
 }

@@ -27,6 +27,7 @@ mod etcd_faults;
 mod etcd_replicas;
 mod etcd_scale;
 mod etcd_store;
+mod haproxy_crash;
 mod host;
 mod hung_instance;
 mod registrar;
