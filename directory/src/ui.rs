@@ -117,6 +117,7 @@ fn context(app: &AppState) -> tera::Context {
     ctx.insert("version", env!("CARGO_PKG_VERSION"));
     ctx.insert("token_required", &app.auth.writes_closed);
     ctx.insert("watch_token_required", &app.auth.watches_closed);
+    ctx.insert("read_token_required", &app.auth.reads_closed);
     ctx.insert("replica", &app.about.replica);
     ctx.insert("store", &app.about.store);
     ctx
@@ -160,20 +161,30 @@ async fn icon() -> Response {
     safe("image/svg+xml", "no-cache", ICON)
 }
 
-/// `204` when the bearer token may change routes and drains (or none is needed), `401` for a
-/// token the directory does not know, `403` for one whose role cannot: how the page knows
-/// whether to offer changes before the operator makes one.
+/// What the bearer token may do, for the page to show before the operator acts: `204` for
+/// `BAKER_TOKEN` (everything) or when no token is needed for anything, `200` with `{"name",
+/// "role", "scope", "reads", "changes"}` for another token the directory knows (`changes`: it
+/// may change routes and drains, of the services in its scope), `401` for a token the directory
+/// does not know.
 async fn auth(State(app): State<AppState>, headers: HeaderMap) -> Response {
     match app.auth.writer(&headers) {
-        Ok(Some(t)) if !matches!(t.role, Role::Operate | Role::Admin) => {
-            ApiError::Forbidden(format!(
-                "the token {} (role {}) may not change routes or drains",
-                t.name,
-                t.role.as_str()
-            ))
-            .into_response()
+        Ok(Some(t)) if !t.listed && t.role == Role::Admin => {
+            safe("text/plain", "no-store", StatusCode::NO_CONTENT)
         }
-        Ok(_) => safe("text/plain", "no-store", StatusCode::NO_CONTENT),
+        Ok(Some(t)) => {
+            let body = serde_json::json!({
+                "name": t.name,
+                "role": t.role.as_str(),
+                "scope": t.scope.to_string(),
+                "reads": t.role != Role::Register,
+                "changes": matches!(t.role, Role::Operate | Role::Admin),
+            });
+            safe("application/json", "no-store", body.to_string())
+        }
+        Ok(None) if !app.auth.writes_closed && !app.auth.reads_closed => {
+            safe("text/plain", "no-store", StatusCode::NO_CONTENT)
+        }
+        Ok(None) => ApiError::Unauthorized("missing bearer token").into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -188,6 +199,7 @@ mod tests {
         ctx.insert("version", "<script>alert(1)</script>");
         ctx.insert("token_required", &true);
         ctx.insert("watch_token_required", &false);
+        ctx.insert("read_token_required", &false);
         ctx.insert("replica", "<b>host</b>:7700");
         ctx.insert("store", "memory");
         let html = TEMPLATES.render("index.html", &ctx).unwrap();

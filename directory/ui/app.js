@@ -10,6 +10,8 @@ const EVENTS_SHOWN = 200;
 
 const body = document.body;
 const TOKEN_REQUIRED = body.dataset.tokenRequired === 'true';
+// Reads need a token too (BAKER_READ=token): nothing is shown until one that reads is given.
+const READ_TOKEN_REQUIRED = body.dataset.readTokenRequired === 'true';
 const TOKEN_KEY = 'baker.token';
 
 const S = {
@@ -28,6 +30,10 @@ const S = {
   events: null,
   token: sessionStorage.getItem(TOKEN_KEY) || '',
   canWrite: !TOKEN_REQUIRED,
+  canRead: !READ_TOKEN_REQUIRED,
+  // What the token given may do, as the directory says (name, role, scope).
+  grant: null,
+  started: false,
   live: 'connecting',
 };
 
@@ -118,6 +124,11 @@ let watchAbort = null;
 /** Follows the watch stream forever, reconnecting (with a fresh snapshot) when it ends. */
 async function watch() {
   for (;;) {
+    if (!S.canRead) {
+      // The token that read was taken back: nothing is read until another is given.
+      await sleep(POLL_MS);
+      continue;
+    }
     watchAbort = new AbortController();
     try {
       const resp = await fetch('/v1/watch?v=2', {
@@ -223,8 +234,10 @@ function poke() {
 /** Reads the soft state (ambassadors) and the operator's state (maintenance, history). */
 async function poll() {
   for (;;) {
-    await Promise.all([pollAmbassadors(), pollMaintenance(), pollEvents()]);
-    render();
+    if (S.canRead) {
+      await Promise.all([pollAmbassadors(), pollMaintenance(), pollEvents()]);
+      render();
+    }
     await new Promise((r) => {
       pokeWake = r;
       pokeTimer = setTimeout(r, POLL_MS);
@@ -758,12 +771,16 @@ function notice(text, error) {
 function drawMode() {
   const mode = $('mode');
   const locked = TOKEN_REQUIRED && !S.canWrite;
-  mode.textContent = locked ? 'read-only' : 'changes enabled';
+  const grant = S.grant ? ` · token ${S.grant.name}: ${S.grant.role} (${S.grant.scope})` : '';
+  mode.textContent = (locked ? 'read-only' : 'changes enabled') + grant;
   mode.className = `mode ${locked ? 'mode-ro' : 'mode-rw'}`;
-  $('token').hidden = !TOKEN_REQUIRED || S.canWrite;
-  $('unlock').hidden = !TOKEN_REQUIRED || S.canWrite;
-  $('lock').hidden = !TOKEN_REQUIRED || !S.canWrite;
-  if (locked) {
+  const asking = (TOKEN_REQUIRED && !S.canWrite) || !S.canRead;
+  $('token').hidden = !asking;
+  $('unlock').hidden = !asking;
+  $('lock').hidden = !S.token;
+  if (!S.canRead) {
+    notice('This directory shows its table only to a token that reads (BAKER_READ=token): enter one.');
+  } else if (locked) {
     notice('Read-only: enter the directory\'s token (BAKER_TOKEN) to change routes and drain instances.');
   } else if (!TOKEN_REQUIRED) {
     notice('This directory has no BAKER_TOKEN: anyone who can reach it can change routes and drain instances.');
@@ -773,41 +790,63 @@ function drawMode() {
   render();
 }
 
+/** What `token` may do: {reads, changes, name, role, scope}, or null for a token the
+ *  directory does not know. */
 async function unlock(token) {
   const resp = await fetch('/ui/auth', {
     headers: { Authorization: `Bearer ${token}` }, cache: 'no-store',
   });
-  return resp.status === 204;
+  if (resp.status === 204) return { reads: true, changes: true };
+  if (!resp.ok) return null;
+  return resp.json();
+}
+
+/** Takes `grant` (what unlock answered for `token`) as the page's token. */
+function take(token, grant) {
+  S.token = token;
+  S.grant = grant.name ? grant : null;
+  S.canRead = grant.reads || !READ_TOKEN_REQUIRED;
+  S.canWrite = grant.changes || !TOKEN_REQUIRED;
+  sessionStorage.setItem(TOKEN_KEY, token);
 }
 
 $('auth').addEventListener('submit', async (ev) => {
   ev.preventDefault();
   const token = $('token').value.trim();
   if (!token) return;
-  if (await unlock(token)) {
-    S.token = token;
-    S.canWrite = true;
-    sessionStorage.setItem(TOKEN_KEY, token);
+  const grant = await unlock(token).catch(() => null);
+  if (grant && (grant.reads || !READ_TOKEN_REQUIRED)) {
+    take(token, grant);
     $('token').value = '';
     drawMode();
     if (watchAbort) watchAbort.abort();
+    begin();
   } else {
-    notice('Wrong token: the page stays read-only.', true);
+    notice(grant ? 'This token may not read the directory.' : 'Wrong token: the page stays read-only.', true);
   }
 });
 
 $('lock').addEventListener('click', () => {
   S.token = '';
+  S.grant = null;
   S.canWrite = !TOKEN_REQUIRED;
+  S.canRead = !READ_TOKEN_REQUIRED;
   sessionStorage.removeItem(TOKEN_KEY);
+  if (!S.canRead) {
+    // Nothing read with the token stays on the screen once it is taken back.
+    Object.assign(S, { index: null, services: {}, routes: {}, ambassadors: [], traffic: {}, drains: {}, events: null });
+  }
   drawMode();
+  if (watchAbort) watchAbort.abort();
 });
 
 /** After a change was refused for its token: back to read-only. */
 function refused(err) {
   if (err.status === 401 && TOKEN_REQUIRED) {
     S.token = '';
+    S.grant = null;
     S.canWrite = false;
+    S.canRead = !READ_TOKEN_REQUIRED;
     sessionStorage.removeItem(TOKEN_KEY);
     drawMode();
   }
@@ -930,14 +969,26 @@ async function undrain(service, id) {
 
 window.addEventListener('resize', fitLabels);
 
-async function start() {
-  if (TOKEN_REQUIRED && S.token) {
-    S.canWrite = await unlock(S.token).catch(() => false);
-    if (!S.canWrite) sessionStorage.removeItem(TOKEN_KEY);
-  }
-  drawMode();
+/** Starts following the directory, once: when its table may be read. */
+function begin() {
+  if (S.started || !S.canRead) return;
+  S.started = true;
   watch();
   poll();
+}
+
+async function start() {
+  if (S.token) {
+    const grant = await unlock(S.token).catch(() => null);
+    if (grant) {
+      take(S.token, grant);
+    } else {
+      S.token = '';
+      sessionStorage.removeItem(TOKEN_KEY);
+    }
+  }
+  drawMode();
+  begin();
 }
 
 start();

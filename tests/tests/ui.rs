@@ -4,7 +4,8 @@
 //! on the ambassador; values from the table are shown as text, never run as script. It fits a
 //! phone's width (every column and button in reach), says which replica and store it shows,
 //! gives each instance its age in the directory, and explains a route's share that goes to a
-//! version with no live instance. The tests write screenshots of the page to `target/ui/`
+//! version with no live instance. With closed reads it shows nothing until a token that reads
+//! is given, and says what the token may do. The tests write screenshots of the page to `target/ui/`
 //! (`dashboard.png`, `routes.png`, `phone.png`, `tablet.png`, `about.png`).
 
 use std::collections::BTreeSet;
@@ -742,6 +743,69 @@ async fn the_page_names_its_replica_and_store_ages_instances_and_explains_dead_s
             .unwrap_or_default()
             .starts_with("how long it has been in the directory"),
         "{title}"
+    );
+    assert_eq!(page.script_activity().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn with_closed_reads_the_page_asks_for_a_token_and_shows_what_it_may_do() {
+    if !require(Needs::Chromium) {
+        return;
+    }
+    let tokens = tempfile::NamedTempFile::new().unwrap();
+    let line = |name: &str, role: &str, scope: &str, secret: &str| {
+        use sha2::Digest;
+        let hash = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
+        format!("{name} {role} {scope} sha256:{hash}\n")
+    };
+    let text = line("reader", "read", "*", "reader-ui-1")
+        + &line("ops", "operate", "greeting", "ops-ui-2")
+        + &line("root", "admin", "*", "root-ui-3");
+    std::fs::write(tokens.path(), text).unwrap();
+    let file = tokens.path().to_str().unwrap();
+    let dir = TestDirectory::start(&[("BAKER_TOKENS", file), ("BAKER_READ", "token")]).await;
+    let g1 = Greeting::start("1", "greeting-1").await;
+    register(
+        &dir.client_with_token(Some("root-ui-3")),
+        "greeting-1",
+        "1",
+        &g1,
+    )
+    .await;
+
+    let browser = Browser::start(1280, 800).await;
+    let page = browser.open(&format!("{}/ui", dir.url)).await;
+    page.wait_for(
+        "document.getElementById('notice').innerText.includes('only to a token that reads')",
+        WAIT,
+        "the page to ask for a token that reads",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let none = format!("document.querySelector('{}') === null", row("greeting-1"));
+    assert_eq!(
+        page.eval(&none).await,
+        true,
+        "nothing is shown without a token"
+    );
+
+    // A token that reads shows the table, read-only, and says what it is.
+    unlock(&page, "reader-ui-1").await;
+    wait_for_row(&page, "greeting-1", "the table with the read token").await;
+    assert_eq!(
+        page.text("#mode").await,
+        "read-only · token reader: read (*)"
+    );
+    // Taken back, the table goes with it.
+    page.click("#lock").await;
+    page.wait_for(&none, WAIT, "the table gone with the token")
+        .await;
+    // An operator's token shows the table and enables changes, within its scope.
+    unlock(&page, "ops-ui-2").await;
+    wait_for_row(&page, "greeting-1", "the table with the operate token").await;
+    assert_eq!(
+        page.text("#mode").await,
+        "changes enabled · token ops: operate (greeting)"
     );
     assert_eq!(page.script_activity().await, Vec::<String>::new());
 }
