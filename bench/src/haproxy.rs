@@ -45,6 +45,42 @@ backend greeting
     )
 }
 
+/// The ambassador's `rendered` file made to run on its own, beside the ambassador: `service`'s
+/// frontend listens on `bind` instead of the ambassador's socket, every other listener on a
+/// free port, and the sockets and state files live under `dir`. Everything else (defaults,
+/// backends, servers, rules) is left as rendered.
+pub fn standalone_copy(rendered: &str, service: &str, bind: SocketAddr, dir: &Path) -> String {
+    let mut section = String::new();
+    let mut out = String::new();
+    for line in rendered.lines() {
+        let trimmed = line.trim_start();
+        if !line.starts_with(' ') && !line.is_empty() {
+            section = line.trim().to_owned();
+        }
+        let replaced = if let Some(rest) = trimmed.strip_prefix("bind ") {
+            let addr = if section == format!("frontend {service}") {
+                bind
+            } else {
+                SocketAddr::from(([127, 0, 0, 1], baker_tests::free_port()))
+            };
+            let options = rest.split_once(' ').map_or("", |(_, o)| o);
+            format!("    bind {addr} {options}")
+        } else if trimmed.starts_with("stats socket ") {
+            format!(
+                "    stats socket {}/admin.sock mode 600 level admin",
+                dir.display()
+            )
+        } else if trimmed.starts_with("server-state-file ") {
+            format!("    server-state-file {}/state", dir.display())
+        } else {
+            line.to_owned()
+        };
+        out.push_str(replaced.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Starts HAProxy in master-worker mode on `cfg`.
 pub fn spawn_static(haproxy: &Path, cfg: &Path) -> Proc {
     Proc::spawn(
@@ -69,6 +105,21 @@ mod tests {
     use super::*;
     use baker_ambassador::haproxy::Haproxy;
     use baker_ambassador::reaper::Reaper;
+
+    #[test]
+    fn a_standalone_copy_listens_on_addresses_and_keeps_everything_else() {
+        let rendered = "global\n    stats socket /run/a/admin.sock mode 600 level admin\n    \
+            server-state-file /run/a/state\n\nfrontend greeting\n    mode http\n    bind fd@7\n    \
+            default_backend greeting\n\nbackend greeting\n    server s1 127.0.0.1:9 weight 100\n\n\
+            frontend baker:admin\n    bind fd@8\n";
+        let dir = Path::new("/tmp/copy");
+        let copy = standalone_copy(rendered, "greeting", "127.0.0.1:4000".parse().unwrap(), dir);
+        assert!(copy.contains("frontend greeting\n    mode http\n    bind 127.0.0.1:4000\n"));
+        assert!(!copy.contains("fd@"), "{copy}");
+        assert!(copy.contains("stats socket /tmp/copy/admin.sock mode 600 level admin"));
+        assert!(copy.contains("server-state-file /tmp/copy/state"));
+        assert!(copy.contains("    server s1 127.0.0.1:9 weight 100\n"));
+    }
 
     #[tokio::test]
     async fn static_config_passes_haproxy_check() {

@@ -1,6 +1,9 @@
 //! Scenario 1, the request path: one greeting instance reached directly, through the
-//! ambassador's HAProxy, and through a hand-written static HAProxy (the floor), in interleaved
-//! rounds (A, B, C, A, B, C, ...) so that drift on a busy machine hits all three alike.
+//! ambassador's HAProxy, through a second HAProxy running the ambassador's rendered file with no
+//! ambassador beside it, and through a hand-written static HAProxy (the floor), in interleaved
+//! rounds (A, B, C, D, A, B, ...) so that drift on a busy machine hits all four alike. The
+//! rendered file alone against the floor is what the configuration costs; the ambassador against
+//! the rendered file alone is what its periodic work (reading HAProxy's counters) costs.
 
 use std::time::Duration;
 
@@ -66,11 +69,24 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let cfg = run_dir.path().join("static.cfg");
     std::fs::write(&cfg, haproxy::static_config(floor_addr, app_addr))?;
     let mut floor = haproxy::spawn_static(&ctx.bins.haproxy, &cfg);
+    let rendered = std::fs::read_to_string(amb.run_dir.path().join("haproxy.cfg"))
+        .context("reading the ambassador's rendered file")?;
+    let copy_addr = std::net::SocketAddr::from(([127, 0, 0, 1], baker_tests::free_port()));
+    let copy_cfg = run_dir.path().join("rendered.cfg");
+    std::fs::write(
+        &copy_cfg,
+        haproxy::standalone_copy(&rendered, SERVICE, copy_addr, run_dir.path()),
+    )?;
+    let mut copy = haproxy::spawn_static(&ctx.bins.haproxy, &copy_cfg);
 
     let mut variants = vec![
         Variant::new("direct", Target::get(app_addr, "/greeting")),
         Variant::new("ambassador", Target::get(amb.addr(SERVICE), "/greeting")),
         Variant::new("static haproxy", Target::get(floor_addr, "/greeting")),
+        Variant::new(
+            "rendered file, no ambassador",
+            Target::get(copy_addr, "/greeting"),
+        ),
     ];
     for v in &variants {
         daemons::wait_ready(&v.target, Duration::from_secs(30))
@@ -118,12 +134,20 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         ));
     }
 
-    for p in [&mut reg, &mut amb.proc, &mut floor, &mut dir, &mut app] {
+    for p in [
+        &mut reg,
+        &mut amb.proc,
+        &mut floor,
+        &mut copy,
+        &mut dir,
+        &mut app,
+    ] {
         daemons::stop(p, Duration::from_secs(10)).await;
     }
 
     let floor_v = &variants[2];
     let amb_v = &variants[1];
+    let copy_v = &variants[3];
     let (floor_rps, amb_rps) = (median(&floor_v.closed_rps), median(&amb_v.closed_rps));
     let (floor_open, amb_open) = (floor_v.open.summary(), amb_v.open.summary());
     let mut text = format!(
@@ -199,6 +223,34 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     }
 
     let rps_ratio = ratio(amb_rps, floor_rps);
+    let copy_rps = median(&copy_v.closed_rps);
+    // The same split paired per round: the configuration's cost, and the ambassador's own.
+    let per_round = |a: &Variant, b: &Variant| -> Vec<f64> {
+        a.closed_rps
+            .iter()
+            .zip(&b.closed_rps)
+            .map(|(x, y)| ratio(*x, *y))
+            .collect()
+    };
+    let config_cost = per_round(copy_v, floor_v);
+    let periodic_cost = per_round(amb_v, copy_v);
+    text += &format!(
+        "
+where the difference lies, closed loop, per round: rendered file / floor {} (median \
+         {:.3}); ambassador / rendered file {} (median {:.3})\n",
+        config_cost
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        median(&config_cost),
+        periodic_cost
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        median(&periodic_cost),
+    );
     // Paired per round (the two ran seconds apart), then the median: one noisy round on a
     // shared machine does not decide the verdict.
     let deltas: Vec<f64> = amb_v
@@ -252,6 +304,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         })).collect::<Vec<_>>(),
         "wrk": wrk_rows.iter().map(|(n, r)| json!({"path": n, "wrk": r})).collect::<Vec<_>>(),
         "ambassador_over_floor_rps": rps_ratio,
+        "rendered_file_over_floor_rps": ratio(copy_rps, floor_rps),
+        "rendered_over_floor_per_round": config_cost,
+        "ambassador_over_rendered_per_round": periodic_cost,
         "ambassador_minus_floor_open_p99_ms_per_round": deltas,
         "ambassador_minus_floor_open_p99_ms_median": p99_delta,
     });
