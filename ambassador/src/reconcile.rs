@@ -80,6 +80,11 @@ pub struct Owner {
     stalls: crate::hung::Stalls,
     /// Servers marked down as hung, probed until they answer again.
     marked: crate::hung::Marked,
+    /// The admin connection the counters are read over, kept open between readings (with
+    /// the master pid it was opened under): a connection per reading, twenty a second while
+    /// requests flow, took a twentieth of the throughput of a loaded HAProxy. Closed before a
+    /// reload and before a stop, so that the worker it reaches can leave.
+    counters_session: Option<(i32, Session)>,
     /// HAProxy was taken over from a previous ambassador before the directory answered: it
     /// keeps its servers, and is reloaded with this ambassador's configuration once the
     /// first plan arrives.
@@ -132,6 +137,7 @@ impl Owner {
             last: Default::default(),
             stalls: Default::default(),
             marked: Default::default(),
+            counters_session: None,
             takeover_pending: false,
         })
     }
@@ -314,6 +320,8 @@ impl Owner {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     tracing::info!("stopping HAProxy");
+                    // An open admin connection would hold the worker until hard-stop-after.
+                    self.counters_session = None;
                     let exit = self.haproxy.stop(self.config.stop_timeout).await;
                     return exit;
                 }
@@ -432,11 +440,15 @@ impl Owner {
                 )
             })
             .collect();
-        if backends.is_empty() || self.haproxy.pid().is_none() {
+        let Some(pid) = self.haproxy.pid().filter(|_| !backends.is_empty()) else {
             return false;
-        }
+        };
+        let kept = self.counters_session.take();
         let result = async {
-            let mut session = self.haproxy.admin.session().await?;
+            let mut session = match kept {
+                Some((p, s)) if p == pid => s,
+                _ => self.haproxy.admin.session().await?,
+            };
             let now = session.counters().await?;
             let at = Instant::now();
             let busy = now.iter().any(|(key, c)| {
@@ -480,13 +492,19 @@ impl Owner {
                     tracing::warn!(%backend, %server, "server stopped answering (requests timed out, none answered); marked down until it answers again");
                 }
             }
-            Ok::<bool, ApiError>(busy)
+            Ok::<(bool, Session), ApiError>((busy, session))
         }
         .await;
-        result.unwrap_or_else(|e| {
-            tracing::debug!(cause = %chain(&e), "cannot look for hung servers now");
-            false
-        })
+        match result {
+            Ok((busy, session)) => {
+                self.counters_session = Some((pid, session));
+                busy
+            }
+            Err(e) => {
+                tracing::debug!(cause = %chain(&e), "cannot look for hung servers now");
+                false
+            }
+        }
     }
 
     /// Starts a new HAProxy in place of one that died, from a file rendered with the current
@@ -711,6 +729,7 @@ impl Owner {
         desired: &Desired,
         why: &str,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.counters_session = None;
         if let Err(e) = self.install(desired, true).await {
             return Err(format!(
                 "refused the new HAProxy configuration; the running one stays: {}",
