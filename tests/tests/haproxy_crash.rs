@@ -3,6 +3,8 @@
 //! listening sockets, so the port stays open while HAProxy is down: clients wait in the
 //! backlog instead of being refused, and only the requests inside the dead process fail. The
 //! replacement starts at once with the runtime state back (an operator's drain, a weight).
+//! The same holds with ten more instances at DNS names whose resolver never answers: their
+//! lookups run beside the HAProxy that is replaced, never in its way.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use baker_client::maintenance::Target;
 use baker_client::model::InstanceSpec;
 use baker_tests::ambassador::TestAmbassador;
 use baker_tests::directory::TestDirectory;
+use baker_tests::dns::SilentResolver;
 use baker_tests::greeting::Greeting;
 use baker_tests::load::Paced;
 use baker_tests::{eventually, require, Needs};
@@ -70,7 +73,17 @@ fn target(amb: &TestAmbassador, fault: Fault) -> i32 {
     }
 }
 
-async fn crash(fault: Fault) {
+/// Instances at DNS names the silent resolver is asked for, and never answers.
+const SILENT_NAMES: usize = 10;
+
+async fn crash(fault: Fault, silent_dns: bool) {
+    let dns = match silent_dns {
+        true => match SilentResolver::start() {
+            Some(dns) => Some(dns),
+            None => return,
+        },
+        false => None,
+    };
     let dir = TestDirectory::start(&[]).await;
     let mut gs = Vec::new();
     for id in ["a", "b", "c"] {
@@ -81,7 +94,24 @@ async fn crash(fault: Fault) {
             .expect("registering");
         gs.push(g);
     }
-    let mut amb = TestAmbassador::start(&dir.url, &["web"], &[]).await;
+    for i in 0..SILENT_NAMES {
+        if dns.is_none() {
+            break;
+        }
+        let unresolved = InstanceSpec {
+            address: format!("silent-{i}.example.org"),
+            ..spec(gs[0].addr, None)
+        };
+        dir.client
+            .register("web", &format!("dns-{i}"), &unresolved)
+            .await
+            .expect("registering an instance at a DNS name");
+    }
+    let mut amb = match &dns {
+        Some(dns) => TestAmbassador::start_wrapped(&dir.url, &["web"], &[], &dns.wrapper()).await,
+        None => TestAmbassador::start(&dir.url, &["web"], &[]).await,
+    };
+    // The instances at names that never resolve are left out of HAProxy: three servers.
     eventually(Duration::from_secs(10), "three servers", || async {
         (amb.servers("web").len() == 3).then_some(())
     })
@@ -178,7 +208,7 @@ async fn a_killed_worker_costs_at_most_ten_requests_and_keeps_the_runtime_state(
     if !require(Needs::Haproxy) {
         return;
     }
-    crash(Fault::Worker).await;
+    crash(Fault::Worker, false).await;
 }
 
 #[tokio::test]
@@ -186,7 +216,23 @@ async fn a_killed_master_costs_at_most_ten_requests_and_keeps_the_runtime_state(
     if !require(Needs::Haproxy) {
         return;
     }
-    crash(Fault::Master).await;
+    crash(Fault::Master, false).await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_beside_names_that_never_resolve_costs_at_most_ten_requests() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    crash(Fault::Worker, true).await;
+}
+
+#[tokio::test]
+async fn a_killed_master_beside_names_that_never_resolve_costs_at_most_ten_requests() {
+    if !require(Needs::Haproxy) {
+        return;
+    }
+    crash(Fault::Master, true).await;
 }
 
 /// An HAProxy taken over from a killed ambassador runs on the sockets that ambassador bound
