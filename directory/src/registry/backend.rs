@@ -17,10 +17,10 @@
 
 use async_trait::async_trait;
 use baker_client::change::RemoveCause;
-use baker_client::model::{Instance, InstanceId, ServiceName};
+use baker_client::model::{Instance, InstanceId, ServiceName, Source};
 use tokio_util::sync::CancellationToken;
 
-use super::{check_takeover, Refused, Registry};
+use super::{Conflict, Refused, Registry};
 use crate::etcd::{DrainRecord, EtcdError, Removal, RouteRecord};
 use crate::maintenance::MaintenanceFiles;
 use crate::routes::{RouteStore, StoreError};
@@ -214,9 +214,19 @@ impl Backend for MemoryBackend {
                 if held != expected && held != Some(owner) {
                     return Ok(Committed::Held(held.unwrap_or_default()));
                 }
-                // Checked again under the lock the change is applied under: two registrations
-                // decided side by side cannot both pass a quota with room for one.
-                check_takeover(&t, service, id, instance.source).map_err(Refused::from)?;
+                // Checked again under the lock the change is applied under: a container
+                // discovered meanwhile is not overwritten by a registrar, and two registrations
+                // decided side by side cannot both pass a quota with room for one. (A
+                // container taking over a registrar's instance was warned of as it was decided.)
+                if instance.source == Source::Registrar
+                    && t.store.instance(service, id).map(|i| i.source) == Some(Source::Docker)
+                {
+                    return Err(Refused::from(Conflict {
+                        service: service.clone(),
+                        id: id.clone(),
+                    })
+                    .into());
+                }
                 if held.is_none() {
                     t.admit(&registry.inner.quotas, service, id)
                         .inspect_err(|e| registry.refused(e))
