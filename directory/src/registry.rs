@@ -1694,7 +1694,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::maintenance::MaintenanceFiles;
     use futures_util::FutureExt;
@@ -1707,7 +1707,7 @@ mod tests {
         id.parse().unwrap()
     }
 
-    fn spec(port: u16, ttl_ms: u64) -> ValidSpec {
+    pub(super) fn spec(port: u16, ttl_ms: u64) -> ValidSpec {
         ValidSpec {
             address: "10.0.0.1".parse().unwrap(),
             port,

@@ -222,15 +222,17 @@ mod tests {
     use tokio::time::Instant;
 
     fn spec() -> ValidSpec {
-        ValidSpec {
-            address: "10.0.0.1".parse().unwrap(),
-            port: 8080,
-            version: "1".parse().unwrap(),
-            weight: 100,
-            tags: vec![],
-            ttl_ms: 3000,
-            node: None,
-        }
+        crate::registry::tests::spec(8080, 3000)
+    }
+
+    /// Two replicas over one fake store, with sessions 1 and 2.
+    fn two() -> (Arc<FakeStore>, Registry, Registry) {
+        let store = Arc::new(FakeStore::default());
+        let (a, b) = (
+            store.replica(1, Quotas::default()),
+            store.replica(2, Quotas::default()),
+        );
+        (store, a, b)
     }
 
     fn commits(store: &FakeStore) -> usize {
@@ -244,11 +246,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn heartbeats_end_at_the_replica_that_owns_the_instance() {
-        let store = Arc::new(FakeStore::default());
-        let (a, b) = (
-            store.replica(1, Quotas::default()),
-            store.replica(2, Quotas::default()),
-        );
+        let (store, a, b) = two();
         let (web, x) = ("web".parse().unwrap(), "x".parse().unwrap());
         a.register(&web, &x, spec()).await.unwrap();
         assert_eq!(commits(&store), 1);
@@ -280,11 +278,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_registrar_that_moves_takes_its_instance_with_one_write_and_nothing_leaves() {
-        let store = Arc::new(FakeStore::default());
-        let (a, b) = (
-            store.replica(1, Quotas::default()),
-            store.replica(2, Quotas::default()),
-        );
+        let (store, a, b) = two();
         let (web, x) = ("web".parse().unwrap(), "x".parse().unwrap());
         a.register(&web, &x, spec()).await.unwrap();
         let (mut on_a, mut on_b) = (a.subscribe(None, false), b.subscribe(None, false));
@@ -314,11 +308,7 @@ mod tests {
 
     #[tokio::test]
     async fn drains_written_side_by_side_on_two_replicas_are_both_kept() {
-        let store = Arc::new(FakeStore::default());
-        let (a, b) = (
-            store.replica(1, Quotas::default()),
-            store.replica(2, Quotas::default()),
-        );
+        let (store, a, b) = two();
         let web: ServiceName = "web".parse().unwrap();
         let (one, two) = (
             Target::Version("1".parse().unwrap()),

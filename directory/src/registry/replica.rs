@@ -665,15 +665,7 @@ mod tests {
     }
 
     fn spec() -> ValidSpec {
-        ValidSpec {
-            address: "10.0.0.1".parse().unwrap(),
-            port: 8080,
-            version: "1".parse().unwrap(),
-            weight: 100,
-            tags: vec![],
-            ttl_ms: 6000,
-            node: None,
-        }
+        crate::registry::tests::spec(8080, 6000)
     }
 
     fn instance(id: &str) -> Instance {
