@@ -252,6 +252,9 @@ pub struct Config {
     pub token: Option<String>,
     /// `BAKER_WATCH_TOKEN`: sent with the watch instead of `token`, when set.
     pub watch_token: Option<String>,
+    /// `BAKER_CA`: the CA bundle trusted for an `https://` directory (default: the system's
+    /// roots).
+    pub ca: Option<std::path::PathBuf>,
     pub services: Vec<ServiceRoute>,
     pub http_port: Option<u16>,
     /// Address of the admin listener (loopback unless `BAKER_ADMIN` names an address); `None`
@@ -286,6 +289,7 @@ impl Config {
             directory: baker_client::api::DEFAULT_DIRECTORY.to_owned(),
             token: None,
             watch_token: None,
+            ca: None,
             services,
             http_port: None,
             admin: Some(SocketAddr::new(DEFAULT_ADMIN_IP, DEFAULT_ADMIN_PORT)),
@@ -319,6 +323,7 @@ impl Config {
             .unwrap_or_else(|| baker_client::api::DEFAULT_DIRECTORY.to_owned());
         let token = r.parse_secret(ENV_TOKEN, parse_token);
         let watch_token = r.parse_secret(ENV_WATCH_TOKEN, parse_token);
+        let ca = r.parse(vars::ENV_CA, baker_client::tls::parse_bundle_path);
         let http_port = r.parse(ENV_HTTP_PORT, parse_port);
         let services = match r.get(ENV_ROUTES) {
             None => {
@@ -413,6 +418,7 @@ impl Config {
             directory,
             token,
             watch_token,
+            ca,
             services,
             http_port,
             admin,

@@ -103,8 +103,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     )
     .await?;
 
-    let client = DirectoryClient::new(&config.directory, config.token.clone())?
-        .with_watch_token(config.watch_token.clone())?;
+    let client = DirectoryClient::trusting(
+        &config.directory,
+        config.token.clone(),
+        config.ca.as_deref(),
+    )?
+    .with_watch_token(config.watch_token.clone())?;
     if let Some(hint) = &config.id_hint {
         tracing::warn!("{hint}");
     }

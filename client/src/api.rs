@@ -47,8 +47,14 @@ const MAX_WATCH_LINE: usize = 64 * 1024 * 1024;
 /// What can go wrong talking to the directory.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("directory address {0:?} is not an http:// URL")]
+    #[error("directory address {0:?} is not an http:// or https:// URL")]
     BadUrl(String),
+    /// The CA bundle given to trust `https://` directories cannot be used.
+    #[error(transparent)]
+    Trust(#[from] crate::tls::TrustError),
+    /// An `https://` directory's certificate did not verify (or the TLS handshake failed).
+    #[error("the directory at {url} presented a certificate that does not verify: {reason}")]
+    Untrusted { url: String, reason: String },
     #[error("the directory list {0}")]
     BadList(String),
     #[error("the token {0}")]
@@ -89,7 +95,10 @@ impl ClientError {
     /// cannot serve now (502, 503, 504). A refusal of the request itself (4xx) is final.
     pub fn is_replica_fault(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } | ClientError::Idle(_) | ClientError::Ended => true,
+            ClientError::Unreachable { .. }
+            | ClientError::Untrusted { .. }
+            | ClientError::Idle(_)
+            | ClientError::Ended => true,
             ClientError::Refused { status, .. } => matches!(
                 *status,
                 StatusCode::BAD_GATEWAY
@@ -102,8 +111,8 @@ impl ClientError {
 }
 
 /// Parses a directory address or a comma-separated list of replicas (`http://d1:7700,
-/// http://d2:7700`): each an `http://` URL, trailing `/` dropped, none twice, at most
-/// [`MAX_REPLICAS`].
+/// http://d2:7700`): each an `http://` or `https://` URL, trailing `/` dropped, none twice, at
+/// most [`MAX_REPLICAS`].
 pub fn parse_directories(list: &str) -> Result<Vec<String>, ClientError> {
     let mut urls: Vec<String> = Vec::new();
     for part in list.split(',') {
@@ -114,7 +123,9 @@ pub fn parse_directories(list: &str) -> Result<Vec<String>, ClientError> {
             ));
         }
         let parsed = reqwest::Url::parse(url).map_err(|_| ClientError::BadUrl(url.to_owned()))?;
-        if parsed.scheme() != "http" || parsed.host_str().is_none_or(str::is_empty) {
+        if !matches!(parsed.scheme(), "http" | "https")
+            || parsed.host_str().is_none_or(str::is_empty)
+        {
             return Err(ClientError::BadUrl(url.to_owned()));
         }
         if urls.iter().any(|u| u == url) {
@@ -184,6 +195,8 @@ pub struct DirectoryClient {
     /// came from.
     origin: Option<String>,
     http: reqwest::Client,
+    /// Where the trust in `https://` replicas comes from, as told in errors.
+    trust: Arc<str>,
 }
 
 impl DirectoryClient {
@@ -191,12 +204,22 @@ impl DirectoryClient {
     /// [`parse_directories`]), sending `token` as a bearer token if given (an empty token is
     /// none; see [`parse_token`] for what a token may hold).
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+        Self::trusting(base, token, None)
+    }
+
+    /// As [`DirectoryClient::new`], trusting only the CA certificates of the PEM bundle `ca`
+    /// (`BAKER_CA`) for `https://` replicas when given; the system's roots otherwise.
+    pub fn trusting(
+        base: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
         let replicas = parse_directories(base)?;
         let token = token.filter(|t| !t.is_empty());
         if let Some(t) = &token {
             parse_token(t).map_err(ClientError::BadToken)?;
         }
-        let http = reqwest::Client::builder()
+        let http = crate::tls::builder(ca)?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))
@@ -212,6 +235,7 @@ impl DirectoryClient {
             watch_token: None,
             origin: None,
             http,
+            trust: crate::tls::describe(ca).into(),
         })
     }
 
@@ -248,6 +272,21 @@ impl DirectoryClient {
     /// The replicas as the list they were given in (`http://d1:7700,http://d2:7700`).
     pub fn list(&self) -> String {
         self.replicas.join(",")
+    }
+
+    /// The error for a call to `url` that got no answer: [`ClientError::Untrusted`] when the
+    /// cause is the replica's certificate, [`ClientError::Unreachable`] otherwise.
+    fn unreachable(&self, url: &str, source: reqwest::Error) -> ClientError {
+        match crate::tls::untrusted_reason(&source, &self.trust) {
+            Some(reason) => ClientError::Untrusted {
+                url: url.to_owned(),
+                reason,
+            },
+            None => ClientError::Unreachable {
+                url: url.to_owned(),
+                source,
+            },
+        }
     }
 
     /// Makes the replica after `failed` current, unless another call moved on already.
@@ -324,15 +363,9 @@ impl DirectoryClient {
             .timeout(Duration::from_secs(10))
             .send()
             .await
-            .map_err(|e| ClientError::Unreachable {
-                url: url.clone(),
-                source: e,
-            })?;
+            .map_err(|e| self.unreachable(url, e))?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: url.clone(),
-            source: e,
-        })?;
+        let body = resp.bytes().await.map_err(|e| self.unreachable(url, e))?;
         if !status.is_success() {
             let message = error_message(url, &body);
             return Err(ClientError::Refused { status, message });
@@ -559,10 +592,7 @@ impl DirectoryClient {
                 .send()
                 .await
             {
-                Err(e) => Err(ClientError::Unreachable {
-                    url: url.clone(),
-                    source: e,
-                }),
+                Err(e) => Err(self.unreachable(url, e)),
                 Ok(resp) if resp.status().is_success() => Ok(()),
                 Ok(resp) => Err(ClientError::Refused {
                     status: resp.status(),
@@ -648,10 +678,7 @@ impl DirectoryClient {
         let send = req.send();
         let resp = match tokio::time::timeout(WATCH_OPEN_TIMEOUT, send).await {
             Err(_) => return Err(ClientError::Idle(WATCH_OPEN_TIMEOUT)),
-            Ok(r) => r.map_err(|e| ClientError::Unreachable {
-                url: url.clone(),
-                source: e,
-            })?,
+            Ok(r) => r.map_err(|e| self.unreachable(&url, e))?,
         };
         let status = resp.status();
         if !status.is_success() {

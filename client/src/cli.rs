@@ -170,7 +170,11 @@ impl Ctx {
             .ok()
             .filter(|o| baker_client::maintenance::validate_client(o).is_ok())
             .unwrap_or_else(|| "cli".to_owned());
-        let client = DirectoryClient::new(directory, self.global.token.clone());
+        let client = DirectoryClient::trusting(
+            directory,
+            self.global.token.clone(),
+            self.global.ca.as_deref(),
+        );
         client.map(|c| c.with_origin(&origin)).map_err(|e| match e {
             ClientError::BadToken(why) => Failure::Config(format!(
                 "--token / BAKER_TOKEN {why}: it is sent in an Authorization header"
@@ -179,8 +183,9 @@ impl Ctx {
                 "--directory / BAKER_DIRECTORY: {e}, got {:?}",
                 printable(&self.global.directory)
             )),
+            ClientError::Trust(e) => Failure::Config(format!("--ca / BAKER_CA: {e}")),
             _ => Failure::Config(format!(
-                "--directory / BAKER_DIRECTORY must be an http:// URL such as {}, or a \
+                "--directory / BAKER_DIRECTORY must be an http:// or https:// URL such as {}, or a \
                  comma-separated list of the directory's replicas, got {:?}",
                 baker_client::api::DEFAULT_DIRECTORY,
                 printable(&self.global.directory)

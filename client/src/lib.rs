@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod route;
+pub mod tls;
 
 pub use api::{ClientError, DirectoryClient};
 pub use model::{

@@ -1,12 +1,13 @@
 //! The registrar's configuration, from `BAKER_*` variables and Docker-link variables.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use baker_client::api::{parse_token, DEFAULT_DIRECTORY};
 use baker_client::config::vars::{
-    self, ENV_ADVERTISE, ENV_CHECK, ENV_CHECK_BODY, ENV_CHECK_CODES, ENV_DIRECTORY, ENV_FALL,
-    ENV_ID, ENV_INTERVAL, ENV_RISE, ENV_SERVICE, ENV_TAGS, ENV_TARGET, ENV_TIMEOUT, ENV_TOKEN,
-    ENV_VERSION, ENV_WEIGHT,
+    self, ENV_ADVERTISE, ENV_CA, ENV_CHECK, ENV_CHECK_BODY, ENV_CHECK_CODES, ENV_DIRECTORY,
+    ENV_FALL, ENV_ID, ENV_INTERVAL, ENV_RISE, ENV_SERVICE, ENV_TAGS, ENV_TARGET, ENV_TIMEOUT,
+    ENV_TOKEN, ENV_VERSION, ENV_WEIGHT,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::{
@@ -36,6 +37,9 @@ pub struct Config {
     pub directory: String,
     /// Sent as `Authorization: Bearer <token>` (`BAKER_TOKEN`).
     pub token: Option<String>,
+    /// `BAKER_CA`: the CA bundle trusted for an `https://` directory (default: the system's
+    /// roots).
+    pub ca: Option<PathBuf>,
     /// `BAKER_SERVICE` (required).
     pub service: ServiceName,
     /// `BAKER_ID`, default `<hostname>-<advertised port>` made into a valid name.
@@ -65,7 +69,7 @@ impl Config {
     /// Docker-link variables when `BAKER_TARGET` is unset. `hostname` makes the default id.
     pub fn from_env(env: &Environment, hostname: &str) -> Result<Config, ConfigErrors> {
         let mut r = Reader::new(&vars::REGISTRAR, env);
-        let (directory, token) = directory_and_token(&mut r);
+        let (directory, token, ca) = directory_and_token(&mut r);
 
         let service = r.required(
             ENV_SERVICE,
@@ -204,6 +208,7 @@ impl Config {
             (Some(service), Some(id), Some(target), Some(advertise)) => r.finish(Config {
                 directory,
                 token,
+                ca,
                 service,
                 id,
                 target,
@@ -231,22 +236,25 @@ impl Config {
     }
 }
 
-/// `BAKER_DIRECTORY` and `BAKER_TOKEN`, which every service of one registrar shares.
-pub fn directory_and_token(r: &mut Reader<'_>) -> (String, Option<String>) {
+/// `BAKER_DIRECTORY`, `BAKER_TOKEN` and `BAKER_CA`, which every service of one registrar
+/// shares.
+pub fn directory_and_token(r: &mut Reader<'_>) -> (String, Option<String>, Option<PathBuf>) {
     let directory = r
         .parse(ENV_DIRECTORY, |v| {
             DirectoryClient::new(v, None)
                 .map(|c| c.list())
                 .map_err(|e| match e {
                     baker_client::ClientError::BadList(_) => e.to_string(),
-                    _ => "must be the directory's URL, such as http://directory:7700, or a \
+                    _ => "must be the directory's URL, such as http://directory:7700 or \
+                          https://directory:7700, or a \
                           comma-separated list of its replicas"
                         .to_owned(),
                 })
         })
         .unwrap_or_else(|| DEFAULT_DIRECTORY.to_owned());
     let token = r.parse_secret(ENV_TOKEN, parse_token);
-    (directory, token)
+    let ca = r.parse(ENV_CA, baker_client::tls::parse_bundle_path);
+    (directory, token, ca)
 }
 
 /// `BAKER_TAGS`: a comma-separated list of names.

@@ -42,7 +42,11 @@ pub struct Registration {
 impl Registration {
     pub fn new(config: &Config) -> Result<Self, ClientError> {
         Ok(Self {
-            client: DirectoryClient::new(&config.directory, config.token.clone())?,
+            client: DirectoryClient::trusting(
+                &config.directory,
+                config.token.clone(),
+                config.ca.as_deref(),
+            )?,
             service: config.service.clone(),
             id: config.id.clone(),
             advertise: config.advertise.clone(),

@@ -37,7 +37,7 @@ pub fn from_env(
 ) -> Result<Vec<Config>, ConfigErrors> {
     let mut r = Reader::new(&vars::REGISTRAR, env);
     let path = r.get(ENV_CONFIG).map(|p| p.trim().to_owned());
-    let (directory, token) = directory_and_token(&mut r);
+    let (directory, token, ca) = directory_and_token(&mut r);
     let Some(path) = path else {
         // Config::from_env checks the names of the variables, once.
         let mut errs = r.value_errors();
@@ -115,6 +115,7 @@ pub fn from_env(
                 seen.insert(key, format!("[{table}]"));
                 config.directory.clone_from(&directory);
                 config.token.clone_from(&token);
+                config.ca.clone_from(&ca);
                 config.target_from = format!("{path} [{table}]");
                 configs.push(config);
             }

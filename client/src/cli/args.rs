@@ -61,6 +61,17 @@ pub struct Global {
     )]
     pub token: Option<String>,
 
+    /// PEM bundle of the CA certificates to trust for an https:// directory (default: the
+    /// system's roots).
+    #[arg(
+        long,
+        global = true,
+        env = "BAKER_CA",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
+    pub ca: Option<std::path::PathBuf>,
+
     /// Print JSON for programs instead of tables and lines for humans.
     #[arg(long, global = true)]
     pub json: bool,

@@ -31,6 +31,9 @@ pub enum Failure {
     /// No answer from the directory.
     #[error("cannot reach the directory at {url}: {reason}")]
     Unreachable { url: String, reason: String },
+    /// An https:// directory whose certificate did not verify.
+    #[error("the directory at {url} presented a certificate that does not verify: {reason}")]
+    Untrusted { url: String, reason: String },
     /// The directory answered with an error.
     #[error("the directory refused to {action} ({status}): {message}")]
     Refused {
@@ -56,8 +59,10 @@ impl Failure {
         let url = client.base().to_owned();
         match err {
             ClientError::BadUrl(u) => Failure::Config(format!(
-                "--directory / BAKER_DIRECTORY must be an http:// URL, got {u:?}"
+                "--directory / BAKER_DIRECTORY must be an http:// or https:// URL, got {u:?}"
             )),
+            ClientError::Trust(e) => Failure::Config(format!("--ca / BAKER_CA: {e}")),
+            ClientError::Untrusted { url, reason } => Failure::Untrusted { url, reason },
             ClientError::BadList(_) => {
                 Failure::Config(format!("--directory / BAKER_DIRECTORY: {err}"))
             }
@@ -100,7 +105,7 @@ impl Failure {
         match self {
             Failure::Usage(_) => EXIT_USAGE,
             Failure::Config(_) => EXIT_BAD_CONFIG,
-            Failure::Unreachable { .. } => EXIT_UNAVAILABLE,
+            Failure::Unreachable { .. } | Failure::Untrusted { .. } => EXIT_UNAVAILABLE,
             Failure::Refused { .. } | Failure::Protocol { .. } => EXIT_FAILURE,
             Failure::ClosedOutput => 0,
         }
@@ -114,6 +119,15 @@ impl Failure {
                  BAKER_DIRECTORY."
                     .to_owned(),
             ),
+            Failure::Untrusted { .. } => Some(if global.ca.is_some() {
+                "is --ca / BAKER_CA the bundle of the CA that signed the directory's certificate, \
+                 and is that certificate current and made for this host name?"
+                    .to_owned()
+            } else {
+                "point --ca or BAKER_CA at the PEM bundle of the CA that signed the directory's \
+                 certificate."
+                    .to_owned()
+            }),
             Failure::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED => {
                 Some(if global.token.as_deref().unwrap_or_default().is_empty() {
                     "this directory requires a token: set BAKER_TOKEN (or pass --token).".to_owned()

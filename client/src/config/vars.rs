@@ -87,6 +87,12 @@ pub const ENV_TARGET: &str = "BAKER_TARGET";
 pub const ENV_TEMPLATE: &str = "BAKER_TEMPLATE";
 pub const ENV_TIMEOUT: &str = "BAKER_TIMEOUT";
 pub const ENV_TOKEN: &str = "BAKER_TOKEN";
+pub const ENV_CA: &str = "BAKER_CA";
+pub const ENV_TLS_CERT: &str = "BAKER_TLS_CERT";
+pub const ENV_TLS_KEY: &str = "BAKER_TLS_KEY";
+pub const ENV_ETCD_CA: &str = "BAKER_ETCD_CA";
+pub const ENV_ETCD_CERT: &str = "BAKER_ETCD_CERT";
+pub const ENV_ETCD_KEY: &str = "BAKER_ETCD_KEY";
 pub const ENV_TOKENS: &str = "BAKER_TOKENS";
 pub const ENV_READ: &str = "BAKER_READ";
 pub const ENV_VERSION: &str = "BAKER_VERSION";
@@ -126,6 +132,32 @@ pub const DIRECTORY: Program = Program {
             "open",
             "open, or token: every read and watch needs a token of role read or more",
         ),
+        var(
+            ENV_TLS_CERT,
+            "none",
+            "PEM certificate chain: with BAKER_TLS_KEY, the directory serves HTTPS only",
+        ),
+        var(
+            ENV_TLS_KEY,
+            "none",
+            "PEM private key of BAKER_TLS_CERT (both files are reloaded when they change)",
+        ),
+        var(
+            ENV_ETCD_CA,
+            "BAKER_CA",
+            "PEM bundle of the CA that signed the etcds:// members' certificates",
+        ),
+        var(
+            ENV_CA,
+            "none",
+            "PEM bundle trusted for etcds:// members when BAKER_ETCD_CA is not set",
+        ),
+        var(
+            ENV_ETCD_CERT,
+            "none",
+            "PEM client certificate for etcd members that require one (with BAKER_ETCD_KEY)",
+        ),
+        var(ENV_ETCD_KEY, "none", "PEM private key of BAKER_ETCD_CERT"),
         var(
             ENV_DATA,
             "./data",
@@ -212,6 +244,11 @@ pub const REGISTRAR: Program = Program {
         ),
         var(ENV_TOKEN, "none", "the directory's bearer token"),
         var(
+            ENV_CA,
+            "the system's roots",
+            "PEM bundle of the CA certificates trusted for an https:// directory",
+        ),
+        var(
             ENV_SERVICE,
             "required",
             "the service to register the app under",
@@ -262,6 +299,11 @@ pub const AMBASSADOR: Program = Program {
             "the directory's URL, or its replicas' URLs separated by commas",
         ),
         var(ENV_TOKEN, "none", "the directory's bearer token"),
+        var(
+            ENV_CA,
+            "the system's roots",
+            "PEM bundle of the CA certificates trusted for an https:// directory",
+        ),
         var(
             ENV_WATCH_TOKEN,
             "BAKER_TOKEN",
@@ -376,6 +418,11 @@ pub const CLI: Program = Program {
         ),
         var(ENV_TOKEN, "none", "the directory's bearer token (--token)"),
         var(
+            ENV_CA,
+            "the system's roots",
+            "PEM bundle of the CA certificates trusted for an https:// directory (--ca)",
+        ),
+        var(
             ENV_WATCH_TOKEN,
             "BAKER_TOKEN",
             "the token `baker watch` sends (--watch-token)",
@@ -405,6 +452,7 @@ pub const TOOLS: &[(&str, &[&str])] = &[
             "BAKER_DIRECTORY_2_PUBLISH",
             "BAKER_GREETING_PUBLISH",
             "BAKER_ADMIN_PUBLISH",
+            "BAKER_HA_SECRETS",
         ],
     ),
     ("docker/build.sh", &["BAKER_IMAGE_TAG", ENV_HAPROXY]),
