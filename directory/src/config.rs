@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use baker_client::api::parse_token;
 use baker_client::config::vars::{
-    self, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_HISTORY, ENV_LISTEN, ENV_MAX_AMBASSADORS,
-    ENV_MAX_CONNECTIONS, ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE,
-    ENV_MAX_ROUTES, ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_READ, ENV_REQUEST_TIMEOUT,
-    ENV_STORE, ENV_TOKEN, ENV_TOKENS, ENV_WATCH_TOKEN,
+    self, ENV_CA, ENV_DATA, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_ETCD_CA, ENV_ETCD_CERT,
+    ENV_ETCD_KEY, ENV_HISTORY, ENV_LISTEN, ENV_MAX_AMBASSADORS, ENV_MAX_CONNECTIONS,
+    ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES,
+    ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_READ, ENV_REQUEST_TIMEOUT, ENV_STORE,
+    ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN, ENV_TOKENS, ENV_WATCH_TOKEN,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::NodeName;
@@ -107,6 +108,8 @@ pub struct Config {
     pub tokens: Option<PathBuf>,
     /// `BAKER_READ=token`: every read and watch needs a token that reads.
     pub reads_closed: bool,
+    /// `BAKER_TLS_CERT` and `BAKER_TLS_KEY`: serve HTTPS only, with these files.
+    pub tls: Option<crate::tls::Files>,
     /// `BAKER_DATA`: the directory holding the routes, created if missing.
     pub data: PathBuf,
     /// `BAKER_STORE`: where the table lives; in etcd, `data` is not used.
@@ -153,6 +156,7 @@ impl Default for Config {
             watch_token: None,
             tokens: None,
             reads_closed: false,
+            tls: None,
             data: PathBuf::from(DEFAULT_DATA),
             store: StoreMode::Memory,
             docker: DockerMode::Auto,
@@ -197,8 +201,64 @@ impl Config {
                 "token needs BAKER_TOKEN or BAKER_TOKENS: no token could read",
             );
         }
+        let tls_cert = r.parse(ENV_TLS_CERT, |s| Ok::<_, String>(PathBuf::from(s)));
+        let tls_key = r.parse(ENV_TLS_KEY, |s| Ok::<_, String>(PathBuf::from(s)));
+        let tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::Files { cert, key }),
+            (Some(_), None) => {
+                r.push(
+                    ENV_TLS_KEY,
+                    "must be set with BAKER_TLS_CERT: the certificate's key",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                r.push(
+                    ENV_TLS_CERT,
+                    "must be set with BAKER_TLS_KEY: the certificate that key goes with",
+                );
+                None
+            }
+            (None, None) => None,
+        };
         let data = r.parse(ENV_DATA, |s| Ok::<_, String>(PathBuf::from(s)));
-        let store = r.parse(ENV_STORE, str::parse::<StoreMode>);
+        let mut store = r.parse(ENV_STORE, str::parse::<StoreMode>);
+        let etcd_ca = r
+            .parse(ENV_ETCD_CA, baker_client::tls::parse_bundle_path)
+            .or_else(|| r.parse(ENV_CA, baker_client::tls::parse_bundle_path));
+        let etcd_cert = r.parse(ENV_ETCD_CERT, |s| Ok::<_, String>(PathBuf::from(s)));
+        let etcd_key = r.parse(ENV_ETCD_KEY, |s| Ok::<_, String>(PathBuf::from(s)));
+        if etcd_cert.is_some() != etcd_key.is_some() {
+            r.push(
+                if etcd_cert.is_some() {
+                    ENV_ETCD_KEY
+                } else {
+                    ENV_ETCD_CERT
+                },
+                "BAKER_ETCD_CERT and BAKER_ETCD_KEY go together: set both or neither",
+            );
+        }
+        if let Some(StoreMode::Etcd(url)) = &mut store {
+            match &mut url.tls {
+                Some(tls) => {
+                    if etcd_ca.is_none() {
+                        r.push(
+                            ENV_STORE,
+                            "etcds:// needs BAKER_ETCD_CA (or BAKER_CA): the CA bundle that \
+                             signed the members' certificates",
+                        );
+                    }
+                    tls.ca = etcd_ca;
+                    tls.identity = etcd_cert.zip(etcd_key);
+                }
+                None if etcd_cert.is_some() || r.is_set(ENV_ETCD_CA) => r.push(
+                    ENV_STORE,
+                    "BAKER_ETCD_CA and BAKER_ETCD_CERT are for TLS: name the members with \
+                     etcds:// instead of etcd://",
+                ),
+                None => {}
+            }
+        }
         let docker = r.value(ENV_DOCKER, DockerMode::Auto);
         let docker_network = r.parse(ENV_DOCKER_NETWORK, parse_network);
         let node = r.parse(ENV_NODE, |s| {
@@ -241,6 +301,7 @@ impl Config {
             watch_token,
             tokens,
             reads_closed,
+            tls,
             data: data.unwrap_or(defaults.data),
             store: store.unwrap_or_default(),
             docker,

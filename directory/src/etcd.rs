@@ -39,6 +39,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -58,22 +59,66 @@ pub const DEFAULT_PREFIX: &str = "/baker";
 /// Longest time one etcd request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Where the table lives: `etcd://host:port[,host:port...][/prefix]`.
+/// Where the table lives: `etcd://host:port[,host:port...][/prefix]`, or `etcds://...` for
+/// members that speak TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreUrl {
-    /// `http://host:port` of each member.
+    /// `http://host:port` (`https://` with TLS) of each member.
     pub endpoints: Vec<String>,
     /// The key prefix, starting with `/`, without a trailing `/`.
     pub prefix: String,
+    /// With `etcds://`: how to trust the members, and what to show them.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd's members (`etcds://`): the CA bundle that signed their certificates
+/// (`BAKER_ETCD_CA`, else `BAKER_CA`), and a client certificate for members started with
+/// `--client-cert-auth` (`BAKER_ETCD_CERT` and `BAKER_ETCD_KEY`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: Option<PathBuf>,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// tonic's settings for these files, read now.
+    fn options(&self) -> Result<etcd_client::TlsOptions, EtcdError> {
+        let read = |what: &'static str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| EtcdError::Tls(format!("cannot read {what} {}: {e}", path.display())))
+        };
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            EtcdError::Tls("etcds:// needs BAKER_ETCD_CA (or BAKER_CA): the CA bundle that signed the members' certificates".to_owned())
+        })?;
+        let mut options = etcd_client::TlsOptions::new().ca_certificate(
+            etcd_client::Certificate::from_pem(read("the CA bundle", ca)?),
+        );
+        if let Some((cert, key)) = &self.identity {
+            options = options.identity(etcd_client::Identity::from_pem(
+                read("the client certificate", cert)?,
+                read("the client key", key)?,
+            ));
+        }
+        Ok(options)
+    }
 }
 
 impl FromStr for StoreUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s
-            .strip_prefix("etcd://")
-            .ok_or("must be memory or etcd://host:port[,host:port...][/prefix]")?;
+        let (rest, tls) = match (s.strip_prefix("etcd://"), s.strip_prefix("etcds://")) {
+            (Some(rest), _) => (rest, None),
+            (_, Some(rest)) => (rest, Some(EtcdTls::default())),
+            _ => {
+                return Err(
+                    "must be memory, etcd://host:port[,host:port...][/prefix], or \
+                            etcds://... for members that speak TLS"
+                        .into(),
+                )
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let (hosts, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -93,7 +138,7 @@ impl FromStr for StoreUrl {
                     "member {host:?} must be host:port, such as etcd1:2379"
                 ));
             }
-            let endpoint = format!("http://{host}");
+            let endpoint = format!("{scheme}://{host}");
             if endpoints.contains(&endpoint) {
                 return Err(format!("names member {host} twice"));
             }
@@ -113,7 +158,11 @@ impl FromStr for StoreUrl {
                 "prefix {prefix:?} may hold only letters, digits, '/', '_', '-' and '.'"
             ));
         };
-        Ok(StoreUrl { endpoints, prefix })
+        Ok(StoreUrl {
+            endpoints,
+            prefix,
+            tls,
+        })
     }
 }
 
@@ -122,9 +171,10 @@ impl fmt::Display for StoreUrl {
         let hosts: Vec<&str> = self
             .endpoints
             .iter()
-            .map(|e| e.trim_start_matches("http://"))
+            .map(|e| e.split_once("://").map_or(e.as_str(), |(_, h)| h))
             .collect();
-        write!(f, "etcd://{}{}", hosts.join(","), self.prefix)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        write!(f, "{scheme}://{}{}", hosts.join(","), self.prefix)
     }
 }
 
@@ -152,6 +202,9 @@ pub enum EtcdError {
     /// space left): trying again would get the same answer.
     #[error("etcd refused the request")]
     Refused(#[source] etcd_client::Error),
+    /// The TLS settings for `etcds://` cannot be used.
+    #[error("{0}")]
+    Tls(String),
     #[error("etcd's watch was cancelled: {0}")]
     WatchCancelled(String),
     /// etcd committed the change, but this replica's mirror has not applied it in time.
@@ -570,12 +623,15 @@ impl Etcd {
     /// Connects to the members of `url`, a client for each. Does not wait for any of them to
     /// answer: a replica starts, and serves what it has, while etcd is away.
     pub async fn connect(url: &StoreUrl) -> Result<Etcd, EtcdError> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        if let Some(tls) = &url.tls {
+            options = options.with_tls(tls.options()?);
+        }
         let mut clients = Vec::with_capacity(url.endpoints.len());
         for endpoint in &url.endpoints {
             clients.push(timed(Client::connect([endpoint], Some(options.clone()))).await?);

@@ -45,6 +45,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod supervise;
+pub mod tls;
 pub mod tokens;
 pub mod ui;
 pub mod watch;
@@ -68,6 +69,8 @@ pub enum Error {
     Etcd(#[from] etcd::EtcdError),
     #[error("{0}")]
     Tokens(String),
+    #[error("cannot serve HTTPS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Runs the directory on `listener` until `shutdown` is cancelled.
@@ -83,6 +86,19 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    // A certificate that cannot be served stops the start, before anything else happens.
+    let tls = match &config.tls {
+        Some(files) => {
+            let reloading = tls::Reloading::new(files.clone())?;
+            tracing::info!(
+                cert = %files.cert.display(),
+                "serving HTTPS only; the certificate and key are reloaded when they change"
+            );
+            tokio::spawn(reloading.clone().watch(shutdown.clone()));
+            Some(reloading)
+        }
+        None => None,
+    };
     let auth = Arc::new(api::Auth {
         tokens: Arc::new(
             tokens::Tokens::load(
@@ -221,7 +237,7 @@ pub async fn run(
         write_stall: config.write_stall,
         grace: config.shutdown_grace,
     };
-    server::serve(listener, app, limits, metrics, shutdown.clone()).await;
+    server::serve(listener, app, limits, tls, metrics, shutdown.clone()).await;
     shutdown.cancel();
     let _ = expiry.await;
     if let Some(discovery) = discovery {

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub watches_refused: Counter,
     /// Connections closed because their writes made no progress (the client read nothing).
     pub connections_stalled: Counter,
+    /// TLS handshakes that failed or timed out (HTTPS only).
+    pub tls_handshakes_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -100,6 +102,7 @@ impl Metrics {
             quota_refusals: Family::default(),
             watches_refused: Counter::default(),
             connections_stalled: Counter::default(),
+            tls_handshakes_failed: Counter::default(),
             registry: Registry::default(),
         };
         let registry = baker_client::metrics_registry!("baker_directory", m, {
@@ -122,6 +125,7 @@ impl Metrics {
             watches_refused: "Watch requests refused because BAKER_MAX_WATCHES streams were open",
             connections_stalled:
                 "Connections closed because their client read nothing for too long",
+            tls_handshakes_failed: "TLS handshakes that failed or took too long (HTTPS only)",
         });
         Metrics { registry, ..m }
     }

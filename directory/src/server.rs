@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::metrics::Metrics;
+use crate::tls;
 
 /// Handed to every request as an extension: who is calling, and a way to close the connection.
 #[derive(Debug, Clone)]
@@ -66,10 +67,13 @@ pub struct Limits {
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then drains the connections
 /// (in-flight requests finish, watch streams end) for at most `limits.grace`, and returns.
+/// With `tls`, every connection is HTTPS (a plain HTTP request is answered 400, telling the
+/// client to use `https://`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<tls::Reloading>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -118,6 +122,7 @@ pub async fn serve(
             info,
             app.clone(),
             limits,
+            tls.as_ref().map(|t| t.acceptor()),
             metrics.clone(),
             shutdown.clone(),
             permit,
@@ -128,19 +133,98 @@ pub async fn serve(
     tracker.wait().await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     stream: TcpStream,
     info: ConnInfo,
     app: Router,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     _slot: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let (peer, close) = (info.peer, info.close.clone());
+    let peer = info.peer;
     let stream = Watched::new(stream);
     let writes = stream.writes.clone();
+    let Some(acceptor) = tls else {
+        return http(stream, writes, info, app, limits, metrics, shutdown).await;
+    };
+    // The handshake shares the request headers' deadline: a client that connects and sends
+    // nothing does not keep its slot.
+    let handshake = async {
+        if !starts_with_handshake(&stream.io).await? {
+            plain_http_refused(stream).await;
+            return Ok(None);
+        }
+        acceptor.accept(stream).await.map(Some)
+    };
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        done = tokio::time::timeout(limits.header_timeout, handshake) => match done {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                metrics.tls_handshakes_failed.inc();
+                tracing::debug!("the TLS handshake with {peer} failed: {e}");
+                return;
+            }
+            Err(_) => {
+                metrics.tls_handshakes_failed.inc();
+                tracing::debug!("the TLS handshake with {peer} took too long");
+                return;
+            }
+        },
+    };
+    http(stream, writes, info, app, limits, metrics, shutdown).await
+}
+
+/// Whether the client's first byte opens a TLS handshake (a record of type 22), without
+/// consuming it.
+async fn starts_with_handshake(stream: &TcpStream) -> io::Result<bool> {
+    let mut first = [0u8; 1];
+    let n = stream.peek(&mut first).await?;
+    Ok(n == 1 && first[0] == 0x16)
+}
+
+/// Answers a plain HTTP request sent to the HTTPS port in words the client can show, and
+/// closes the connection (after reading what the client sent, so that the close is not a
+/// reset that loses the answer).
+async fn plain_http_refused(mut stream: Watched) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: &str = "{\"error\":\"this directory serves HTTPS only: use an https:// URL for it \
+                        (BAKER_DIRECTORY or --directory)\"}";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Until the client closes its side: what it still sends is read and dropped.
+        while stream.read(&mut buf).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Serves HTTP/1.1 on `stream` (plain, or TLS over a [`Watched`] connection) until it ends.
+async fn http<S>(
+    stream: S,
+    writes: Arc<Writes>,
+    info: ConnInfo,
+    app: Router,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (peer, close) = (info.peer, info.close.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(Drained::new);
         req.extensions_mut().insert(info.clone());
@@ -535,6 +619,7 @@ mod tests {
             listener,
             app,
             limits,
+            None,
             metrics.clone(),
             shutdown.clone(),
         ));

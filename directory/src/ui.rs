@@ -250,6 +250,7 @@ mod tests {
                 "https://u:p@w@etcd-2:2379".into(),
             ],
             prefix: "/team".into(),
+            tls: None,
         });
         let about = About::new("dir", "[::]:7700".parse().unwrap(), &store, Path::new("."));
         assert_eq!(about.store, "etcd (etcd-1:2379, etcd-2:2379, prefix /team)");

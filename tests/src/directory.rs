@@ -43,13 +43,15 @@ pub fn on_etcd() -> bool {
 pub struct TestDirectory {
     /// The running process.
     pub proc: Proc,
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when `BAKER_TLS_CERT` is set).
     pub url: String,
     /// The address it listens on.
     pub addr: SocketAddr,
     /// A client of this directory, with the `BAKER_TOKEN` of `extra_env` if one was given.
     pub client: DirectoryClient,
     env: Vec<(String, String)>,
+    /// The `BAKER_CA` of `extra_env`: what this harness's clients trust for HTTPS.
+    ca: Option<std::path::PathBuf>,
     data: tempfile::TempDir,
     running: bool,
     /// The cluster this directory's table lives in, when the harness started one for it.
@@ -87,8 +89,8 @@ impl TestDirectory {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         assert!(
-            env.iter()
-                .any(|(k, v)| *k == "BAKER_STORE" && v.starts_with("etcd://")),
+            env.iter().any(|(k, v)| *k == "BAKER_STORE"
+                && (v.starts_with("etcd://") || v.starts_with("etcds://"))),
             "a replica needs a directory whose BAKER_STORE is etcd"
         );
         let mut d = TestDirectory::start_with(&env).await;
@@ -112,12 +114,16 @@ impl TestDirectory {
         }
         let mut proc = spawn(&env);
         let addr = proc.listen_addr().await;
-        let url = format!("http://{addr}");
-        let token = env
-            .iter()
-            .find(|(k, _)| k == "BAKER_TOKEN")
-            .map(|(_, v)| v.clone());
-        let client = DirectoryClient::new(&url, token).expect("directory client");
+        let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let scheme = if var("BAKER_TLS_CERT").is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{addr}");
+        let ca = var("BAKER_CA").map(std::path::PathBuf::from);
+        let client = DirectoryClient::trusting(&url, var("BAKER_TOKEN"), ca.as_deref())
+            .expect("directory client");
         // From now on the directory comes back on the same address.
         for (k, v) in env.iter_mut() {
             if k == "BAKER_LISTEN" {
@@ -130,6 +136,7 @@ impl TestDirectory {
             addr,
             client,
             env,
+            ca,
             data,
             running: true,
             etcd: None,
@@ -143,7 +150,13 @@ impl TestDirectory {
 
     /// The value of the metric `name` (a line `name value`) on `GET /metrics`, if it has one.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.url))
+        let http = baker_client::tls::builder(self.ca.as_deref())
+            .ok()?
+            .build()
+            .ok()?;
+        let text = http
+            .get(format!("{}/metrics", self.url))
+            .send()
             .await
             .ok()?
             .text()
@@ -155,7 +168,8 @@ impl TestDirectory {
 
     /// A client of this directory with another token (or none).
     pub fn client_with_token(&self, token: Option<&str>) -> DirectoryClient {
-        DirectoryClient::new(&self.url, token.map(str::to_owned)).expect("directory client")
+        DirectoryClient::trusting(&self.url, token.map(str::to_owned), self.ca.as_deref())
+            .expect("directory client")
     }
 
     /// Sends SIGTERM and waits for the directory to exit (it must within 5 s).

@@ -29,6 +29,7 @@ pub mod greeting;
 pub mod load;
 pub mod ports;
 pub mod proxy;
+pub mod tls;
 
 pub use ports::free_port;
 

@@ -492,7 +492,7 @@ async fn unreachable_directory_is_reported_with_its_own_exit_code() {
     assert_eq!(bad.code, 64, "{bad:#?}");
     assert!(
         bad.stderr
-            .contains("--directory / BAKER_DIRECTORY must be an http:// URL"),
+            .contains("--directory / BAKER_DIRECTORY must be an http:// or https:// URL"),
         "{bad:#?}"
     );
 
