@@ -39,8 +39,8 @@ async fn up_until_answered(
 }
 
 /// Asserts that `baker instances greeting` against `directory` lists both instances.
-fn lists_both_instances(directory: &str) {
-    let listed = baker(directory, &["instances", "greeting"]);
+fn lists_both_instances(directory: &str, env: &[(&str, &str)]) {
+    let listed = baker_as(directory, env, &["instances", "greeting"]);
     assert!(
         listed.contains("greeting-1") && listed.contains("greeting-2"),
         "{listed}"
@@ -230,9 +230,15 @@ const HA_PUBLISH_ANY: [(&str, &str); 4] = [
 
 /// The host's `baker` CLI against `directory` (one URL or several), which must succeed.
 fn baker(directory: &str, args: &[&str]) -> String {
+    baker_as(directory, &[], args)
+}
+
+/// `baker args...` against `directory`, with `env` (`BAKER_CA`, `BAKER_TOKEN`) set.
+fn baker_as(directory: &str, env: &[(&str, &str)], args: &[&str]) -> String {
     let out = Command::new(bin("baker"))
         .args(args)
         .env("BAKER_DIRECTORY", directory)
+        .envs(env.iter().copied())
         .output()
         .expect("running baker");
     let text = format!(
@@ -261,10 +267,34 @@ async fn ha_file_keeps_answering_through_a_killed_replica_and_etcd_member() {
     if !require_images() {
         return;
     }
+    // The throwaway CA, certificates and tokens the file runs with.
+    let secrets = tempfile::Builder::new()
+        .prefix("baker-ha-secrets-")
+        .tempdir()
+        .expect("a directory for the secrets");
+    let made = Command::new("bash")
+        .arg(repo_root().join("scripts/ha-secrets"))
+        .arg(secrets.path())
+        .output()
+        .expect("running scripts/ha-secrets");
+    assert!(made.status.success(), "{made:?}");
+    let secrets_dir = secrets.path().to_str().unwrap();
+    let operator = std::fs::read_to_string(secrets.path().join("operator.env")).unwrap();
+    let operator = operator
+        .trim()
+        .trim_start_matches("BAKER_TOKEN=")
+        .to_owned();
+    let ca = secrets.path().join("ca.pem");
+    let cli: [(&str, &str); 2] = [
+        ("BAKER_CA", ca.to_str().unwrap()),
+        ("BAKER_TOKEN", &operator),
+    ];
+    let mut env = HA_PUBLISH_ANY.to_vec();
+    env.push(("BAKER_HA_SECRETS", secrets_dir));
     let project = up_until_answered(
         "ha",
         &["compose/ha.yml"],
-        &HA_PUBLISH_ANY,
+        &env,
         "the HA file's client to be answered by greeting-1 and greeting-2",
         &BOTH_ANSWERED,
     )
@@ -272,13 +302,25 @@ async fn ha_file_keeps_answering_through_a_killed_replica_and_etcd_member() {
     // Until both instances are registered the ambassador may have nothing to route to; from
     // here on, no request may fail.
     let (failed_before, _) = client_counts(&project.logs("client"));
-    let replica_2 = format!("http://{}", project.port("directory-2", 7700));
-    let both = format!("http://{},{replica_2}", project.port("directory-1", 7700));
+    let replica_2 = format!("https://{}", project.port("directory-2", 7700));
+    let both = format!("https://{},{replica_2}", project.port("directory-1", 7700));
+    // Reads are closed, and the registrars' tokens may not route.
+    let closed = Command::new(bin("baker"))
+        .args(["services"])
+        .env("BAKER_DIRECTORY", &replica_2)
+        .env("BAKER_CA", &ca)
+        .env_remove("BAKER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&closed.stderr).contains("(401 Unauthorized)"),
+        "{closed:?}"
+    );
     let ambassador = project.logs("ambassador");
     assert!(
         ambassador
             .lines()
-            .any(|l| l.contains("watching the directory") && l.contains("http://directory-1:7700")),
+            .any(|l| l.contains("watching the directory") && l.contains("https://directory-1:7700")),
         "the ambassador should watch the first replica it lists:\n{ambassador}"
     );
 
@@ -301,11 +343,12 @@ async fn ha_file_keeps_answering_through_a_killed_replica_and_etcd_member() {
     // other replica, which lists both (alone, and as the CLI's fallback).
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed())).await;
     for directory in [&replica_2, &both] {
-        lists_both_instances(directory);
+        lists_both_instances(directory, &cli);
     }
     // A change through the surviving replica reaches the ambassador.
-    let set = baker(
+    let set = baker_as(
         &both,
+        &cli,
         &[
             "route",
             "set",
@@ -322,16 +365,16 @@ async fn ha_file_keeps_answering_through_a_killed_replica_and_etcd_member() {
     // commit and leases are renewed.
     docker_ok(&["kill", &project.container("etcd-1")]);
     let killed = Instant::now();
-    let cleared = baker(&replica_2, &["route", "clear", "greeting"]);
+    let cleared = baker_as(&replica_2, &cli, &["route", "clear", "greeting"]);
     assert!(cleared.contains("greeting"), "{cleared}");
-    let routes = baker(&replica_2, &["route", "list"]);
+    let routes = baker_as(&replica_2, &cli, &["route", "list"]);
     assert!(
         !routes.contains("1=100"),
         "the route was not cleared:\n{routes}"
     );
     let (_, answered_before) = client_counts(&project.logs("client"));
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed())).await;
-    lists_both_instances(&replica_2);
+    lists_both_instances(&replica_2, &cli);
 
     let logs = project.logs("client");
     let (failed, answered) = client_counts(&logs);
