@@ -27,7 +27,7 @@ pub const SECRETS: &[&str] = &[
 ];
 
 /// Shortest secret looked for in the logs.
-pub const MIN_LEN: usize = 5;
+pub const MIN_LEN: usize = 6;
 
 /// Secrets registered while the tests run, beside [`SECRETS`].
 static REGISTERED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
