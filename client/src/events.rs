@@ -401,7 +401,10 @@ mod tests {
         let older: Event = serde_json::from_value(serde_json::json!({"index": 1, "at": 2,
             "service": "web", "id": null, "kind": "route_set", "cause": "set", "origin": null}))
         .unwrap();
-        assert_eq!(older.by, None, "an older directory's event reads without `by`");
+        assert_eq!(
+            older.by, None,
+            "an older directory's event reads without `by`"
+        );
         let unknown: EventKind = serde_json::from_str("\"teleported\"").unwrap();
         assert_eq!(unknown, EventKind::Other);
     }

@@ -1369,7 +1369,11 @@ mod tests {
         let by: StoredBy = serde_json::from_slice(&value).unwrap();
         assert_eq!(by.by.as_deref(), Some("web-reg"));
         let older = serde_json::to_vec(&i).unwrap();
-        assert_eq!(stored(&i, None), older, "no `by`, the value an older replica wrote");
+        assert_eq!(
+            stored(&i, None),
+            older,
+            "no `by`, the value an older replica wrote"
+        );
         assert_eq!(serde_json::from_slice::<StoredBy>(&older).unwrap().by, None);
     }
 }

@@ -952,7 +952,9 @@ impl Registry {
                 id,
                 cause,
                 by,
-            } => self.apply_gone(t, revision, &service, &id, cause, by).is_some(),
+            } => self
+                .apply_gone(t, revision, &service, &id, cause, by)
+                .is_some(),
             Entry::Route { service, record } => self.apply_route(t, revision, &service, record),
             Entry::Drains { service, record } => {
                 t.drain_revisions.insert(service.clone(), revision);

@@ -84,6 +84,13 @@ impl Grant {
     }
 }
 
+/// What ends a stream cleanly: the directory's shutdown, or the revocation of the token the
+/// watch needed.
+struct Ends {
+    shutdown: CancellationToken,
+    grant: Option<Grant>,
+}
+
 /// Waits for `grant` to be revoked; forever without one.
 async fn revoked(grant: &mut Option<Grant>) {
     match grant {
@@ -177,8 +184,7 @@ pub fn open(
             queue,
             limits,
             connection,
-            shutdown,
-            grant,
+            Ends { shutdown, grant },
         )
         .instrument(span),
     );
@@ -198,8 +204,7 @@ async fn forward(
     queue: Queue,
     limits: Limits,
     connection: CancellationToken,
-    shutdown: CancellationToken,
-    mut grant: Option<Grant>,
+    mut ends: Ends,
 ) {
     let metrics = registry.metrics().clone();
     // The index of the last line sent: the next line's `prev`, and a ping's index.
@@ -209,9 +214,9 @@ async fn forward(
     while ok {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
-            _ = revoked(&mut grant) => {
-                let token = grant.as_ref().map_or("", |g| g.token.name.as_str());
+            _ = ends.shutdown.cancelled() => break,
+            _ = revoked(&mut ends.grant) => {
+                let token = ends.grant.as_ref().map_or("", |g| g.token.name.as_str());
                 tracing::info!(token, "ending a watch: its token is no longer in force");
                 break;
             }

@@ -79,9 +79,7 @@ pub fn leak_in<S: AsRef<str>>(secrets: &[String], lines: &[S]) -> Option<(usize,
 /// message names the process and the line.
 pub fn check(name: &str, output: &[impl AsRef<str>]) {
     if let Some((n, line)) = leak_in(&all(), output) {
-        panic!(
-            "{name} printed a token's secret, on line {n} of its output (masked here): {line}"
-        );
+        panic!("{name} printed a token's secret, on line {n} of its output (masked here): {line}");
     }
 }
 

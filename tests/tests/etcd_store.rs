@@ -181,7 +181,9 @@ async fn a_conditional_put_never_takes_an_instance_from_another_lease() {
         Put::Written(_)
     ));
     assert!(matches!(
-        a.put_instance_if(&changed, None, la, Some(la)).await.unwrap(),
+        a.put_instance_if(&changed, None, la, Some(la))
+            .await
+            .unwrap(),
         Put::Written(_)
     ));
     // Expecting the holder it has, another lease takes it over (a registration Docker

@@ -351,25 +351,41 @@ async fn every_change_names_its_maker(dir: &TestDirectory, watcher: &TestDirecto
     let put = |path: &'static str, token: &'static str, body: String| {
         let c = c.clone();
         async move {
-            let (status, text) =
-                call(&c, dir, Method::PUT, path, secret(token).or(Some(token)), Some(&body)).await;
+            let (status, text) = call(
+                &c,
+                dir,
+                Method::PUT,
+                path,
+                secret(token).or(Some(token)),
+                Some(&body),
+            )
+            .await;
             assert_eq!(status, StatusCode::OK, "PUT {path}: {text}");
         }
     };
     let delete = |path: &'static str, token: &'static str| {
         let c = c.clone();
         async move {
-            let (status, text) =
-                call(&c, dir, Method::DELETE, path, secret(token), None).await;
+            let (status, text) = call(&c, dir, Method::DELETE, path, secret(token), None).await;
             assert_eq!(status, StatusCode::OK, "DELETE {path}: {text}");
         }
     };
     put("/v1/services/web/instances/a", "reg", instance(9, 60_000)).await;
     put("/v1/services/web/instances/a", "reg", instance(10, 60_000)).await;
-    put("/v1/services/web/instances/c", ADMIN_SECRET, instance(12, 60_000)).await;
+    put(
+        "/v1/services/web/instances/c",
+        ADMIN_SECRET,
+        instance(12, 60_000),
+    )
+    .await;
     delete("/v1/services/web/instances/a", "reg").await;
     put("/v1/routes/web?force=true", "ops", r#"{"1":100}"#.into()).await;
-    put("/v1/maintenance/web/versions/1?force=true", "ops", "{}".into()).await;
+    put(
+        "/v1/maintenance/web/versions/1?force=true",
+        "ops",
+        "{}".into(),
+    )
+    .await;
     delete("/v1/maintenance/web/versions/1", "ops").await;
     delete("/v1/routes/web", "ops").await;
     // Last, as it expires a second later.
@@ -422,8 +438,16 @@ async fn every_change_names_the_token_that_made_it_or_who_else_did() {
         .await
         .ok();
     let header = run.stdout.lines().next().unwrap_or_default().to_owned();
-    assert!(header.contains(" BY ") && header.ends_with("ORIGIN"), "{}", run.stdout);
-    let drained = run.stdout.lines().find(|l| l.contains(" drained ")).unwrap_or_default();
+    assert!(
+        header.contains(" BY ") && header.ends_with("ORIGIN"),
+        "{}",
+        run.stdout
+    );
+    let drained = run
+        .stdout
+        .lines()
+        .find(|l| l.contains(" drained "))
+        .unwrap_or_default();
     assert!(
         drained.contains(" ops ") && drained.contains("with token ops"),
         "{}",
@@ -445,7 +469,15 @@ async fn every_change_names_the_token_that_made_it_or_who_else_did() {
         )
         .await;
         assert_eq!(status, StatusCode::OK);
-        call(&c, &open, Method::DELETE, "/v1/services/web/instances/a", token, None).await;
+        call(
+            &c,
+            &open,
+            Method::DELETE,
+            "/v1/services/web/instances/a",
+            token,
+            None,
+        )
+        .await;
     }
     let got = who(&events(&c, &open, None).await, "web");
     assert_eq!(
@@ -590,7 +622,10 @@ async fn a_process_that_prints_a_secret_fails_its_test() {
     let mut printed = Proc::spawn(
         "leaky",
         "/bin/sh",
-        &["-c", "echo starting; echo 'header: Bearer leaked-secret-12'"],
+        &[
+            "-c",
+            "echo starting; echo 'header: Bearer leaked-secret-12'",
+        ],
         &[],
     );
     printed.wait_exit(Duration::from_secs(10)).await;

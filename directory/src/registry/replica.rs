@@ -749,9 +749,10 @@ mod tests {
             ..Snapshot::default()
         };
         let key = |id: &str| ("web".parse().unwrap(), id.parse().unwrap());
-        snapshot
-            .causes
-            .insert(key("a"), (RemoveCause::Deregistered, Some("web-reg".into()), 10));
+        snapshot.causes.insert(
+            key("a"),
+            (RemoveCause::Deregistered, Some("web-reg".into()), 10),
+        );
         snapshot
             .causes
             .insert(key("c"), (RemoveCause::Deregistered, None, 4));
@@ -761,7 +762,11 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("a".to_owned(), RemoveCause::Deregistered, Some("web-reg".into())),
+                (
+                    "a".to_owned(),
+                    RemoveCause::Deregistered,
+                    Some("web-reg".into())
+                ),
                 ("b".to_owned(), RemoveCause::Expired, Some("expiry".into())),
                 ("c".to_owned(), RemoveCause::Expired, Some("expiry".into())),
             ]
