@@ -645,7 +645,7 @@ impl Registry {
                 .get_or_create(&instance.source.into())
                 .inc();
         }
-        log_upsert(outcome, &instance, by.as_deref());
+        log_upsert(outcome, &instance);
         let change = Change::Upsert {
             index: revision,
             at: instance.last_seen,
@@ -1038,11 +1038,7 @@ impl Registry {
         });
         let by = by.or_else(|| cause.made_by().map(str::to_owned));
         if cause != RemoveCause::Expired {
-            tracing::info!(
-                by = by.as_deref().unwrap_or("-"),
-                "deregistered {service}/{id} ({source}, {})",
-                cause.as_str()
-            );
+            tracing::info!("deregistered {service}/{id} ({source}, {})", cause.as_str());
         }
         self.inner
             .metrics
@@ -1663,8 +1659,7 @@ impl Registry {
             "undrained"
         };
         let (target, origin) = (&action.target, &action.origin);
-        let by = action.by.as_deref().unwrap_or("-");
-        tracing::info!(%service, %target, %origin, by, "{verb} {service} {target}");
+        tracing::info!(%service, %target, %origin, "{verb} {service} {target}");
         let change = Change::Maintenance {
             index: revision,
             at,
@@ -1723,8 +1718,8 @@ fn instance_of(
     }
 }
 
-/// Logs what an upsert did to `instance`, on a call `by`.
-fn log_upsert(outcome: Outcome, instance: &Instance, by: Option<&str>) {
+/// Logs what an upsert did to `instance`.
+fn log_upsert(outcome: Outcome, instance: &Instance) {
     let Instance {
         service,
         id,
@@ -1735,14 +1730,11 @@ fn log_upsert(outcome: Outcome, instance: &Instance, by: Option<&str>) {
         source,
         ..
     } = instance;
-    let by = by.unwrap_or("-");
     match outcome {
         Outcome::Added => tracing::info!(
-            by,
             "registered {service}/{id} at {address}:{port} (version {version}, weight {weight}, {source})"
         ),
         Outcome::Changed => tracing::info!(
-            by,
             "updated {service}/{id}: now at {address}:{port} (version {version}, weight {weight}, {source})"
         ),
     }
