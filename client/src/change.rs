@@ -10,11 +10,42 @@
 //! same in a service of 10,000 instances as in a service of one. A route change carries the
 //! service's whole route, and a maintenance change the service's whole maintenance (its
 //! drains). New kinds of state are new variants.
+//!
+//! Every change names who made it (`by`, see [`by`]): the name of the token of the call that
+//! made it, or a fixed word for the directory's own changes and for calls made without a
+//! token of the file.
 
 use serde::{Deserialize, Serialize};
 
 use crate::maintenance::{Maintenance, Reason, Target};
 use crate::model::{Instance, Route, ServiceName};
+
+/// Who made a change, beside the names of the tokens of `BAKER_TOKENS`: the fixed words the
+/// directory records as a change's `by`. None of them can be a token's name (the tokens file
+/// refuses them), so a `by` always tells a token from the directory's own doing.
+pub mod by {
+    /// A call made with the single admin token of the `BAKER_TOKEN` variable.
+    pub const BAKER_TOKEN: &str = "BAKER_TOKEN";
+    /// A call made with no token the directory knows, while changes need none.
+    pub const ANONYMOUS: &str = "anonymous";
+    /// Docker discovery: a container started, stopped, fell unhealthy or lost its labels.
+    pub const DOCKER: &str = "docker";
+    /// An instance with no heartbeat within its TTL (or whose replica's session ran out).
+    pub const EXPIRY: &str = "expiry";
+    /// The store itself: a record gone from etcd with no record of who removed it (deleted by
+    /// hand, or its lease ran out while the replica was not watching).
+    pub const STORE: &str = "etcd";
+
+    /// Every fixed word, which no token may be named.
+    pub const RESERVED: [&str; 6] = [
+        BAKER_TOKEN,
+        "BAKER_WATCH_TOKEN",
+        ANONYMOUS,
+        DOCKER,
+        EXPIRY,
+        STORE,
+    ];
+}
 
 /// Why an instance was added or changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +83,21 @@ pub enum RemoveCause {
     /// A cause this build does not know (sent by a newer directory).
     #[serde(other)]
     Other,
+}
+
+impl RemoveCause {
+    /// Who makes a removal of this cause when the directory makes it itself: Docker discovery,
+    /// or the expiry; `None` for a call's removal, which names its caller.
+    pub fn made_by(self) -> Option<&'static str> {
+        match self {
+            RemoveCause::Expired => Some(by::EXPIRY),
+            RemoveCause::DockerStopped
+            | RemoveCause::DockerUnhealthy
+            | RemoveCause::DockerLeftOut
+            | RemoveCause::DockerResync => Some(by::DOCKER),
+            RemoveCause::Deregistered | RemoveCause::Other => None,
+        }
+    }
 }
 
 impl UpsertCause {
@@ -96,6 +142,10 @@ pub enum Change {
         at: u64,
         cause: UpsertCause,
         instance: Instance,
+        /// Who made it: the name of the registering call's token, or a fixed word ([`by`]);
+        /// `None` from an older directory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// An instance went away; `instance` is its last value.
     Remove {
@@ -103,6 +153,10 @@ pub enum Change {
         at: u64,
         cause: RemoveCause,
         instance: Instance,
+        /// Who removed it: the name of the deregistering call's token, or a fixed word
+        /// ([`by`]: `docker`, `expiry`); `None` from an older directory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// A service's route was set (`Some`) or cleared (`None`).
     Route {
@@ -117,6 +171,9 @@ pub enum Change {
         /// back (a route it could not save).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         origin: Option<String>,
+        /// Who set or cleared it: the name of the call's token, or a fixed word ([`by`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// An operator drained or undrained instances of a service; `maintenance` is the service's
     /// whole maintenance after it.
@@ -141,6 +198,10 @@ pub struct MaintenanceAction {
     pub reason: Option<Reason>,
     /// Where the call came from.
     pub origin: String,
+    /// Who made it: the name of the call's token, or a fixed word ([`by`]); `None` from an
+    /// older directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 impl Change {
@@ -161,6 +222,17 @@ impl Change {
             | Change::Remove { at, .. }
             | Change::Route { at, .. }
             | Change::Maintenance { at, .. } => *at,
+        }
+    }
+
+    /// Who made it: a token's name or a fixed word ([`by`]); `None` when an older directory
+    /// did not say.
+    pub fn by(&self) -> Option<&str> {
+        match self {
+            Change::Upsert { by, .. } | Change::Remove { by, .. } | Change::Route { by, .. } => {
+                by.as_deref()
+            }
+            Change::Maintenance { action, .. } => action.by.as_deref(),
         }
     }
 

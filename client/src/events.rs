@@ -2,7 +2,8 @@
 //!
 //! The directory keeps the last changes of its table as [`Event`]s, each made from one
 //! [`Change`] of the change feed by [`Event::of`]: the same changes the watch stream sends,
-//! told for people (a kind, a cause in words, the origin of an operator's call).
+//! told for people (a kind, a cause in words, the origin of an operator's call, and who made
+//! it: the name of the call's token, or a fixed word of [`crate::change::by`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,6 +59,12 @@ pub struct Event {
     pub cause: String,
     /// Where an operator's call came from (route and drain changes).
     pub origin: Option<String>,
+    /// Who made it: the name of the token of the call that made it, `BAKER_TOKEN`, or
+    /// `anonymous` (a call with no token while changes need none), `docker` (Docker
+    /// discovery), `expiry` (no heartbeat within the TTL), `etcd` (the store itself); `None`
+    /// from an older directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     /// The instance's version, or the version drained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<Version>,
@@ -83,6 +90,7 @@ impl Event {
             kind,
             cause,
             origin: None,
+            by: change.by().map(str::to_owned),
             version: None,
             address: None,
             route: None,
@@ -340,30 +348,38 @@ mod tests {
             at: 9,
             cause: RemoveCause::Expired,
             instance: i.clone(),
+            by: Some("expiry".into()),
         });
         assert_eq!(
             serde_json::to_value(&expired).unwrap(),
             serde_json::json!({"index": 4, "at": 9, "service": "web", "id": "a",
                 "kind": "expired", "cause": "no heartbeat within its TTL of 6000 ms",
-                "origin": null, "version": "1", "address": "10.0.0.1:8080"})
+                "origin": null, "by": "expiry", "version": "1", "address": "10.0.0.1:8080"})
         );
         let docker = Event::of(&Change::Upsert {
             index: 5,
             at: 9,
             cause: UpsertCause::Docker,
             instance: i.clone(),
+            by: None,
         });
         assert_eq!(docker.kind, EventKind::DockerStarted);
+        assert_eq!(docker.by, None, "an older directory's change names no one");
         let route = Event::of(&Change::Route {
             index: 6,
             at: 9,
             service: "web".parse().unwrap(),
             route: None,
-            origin: Some("cli:alice from 10.0.0.1".into()),
+            origin: Some("cli:alice from 10.0.0.1 with token deploy".into()),
+            by: Some("deploy".into()),
         });
         assert_eq!(
-            (route.kind, route.origin.as_deref()),
-            (EventKind::RouteCleared, Some("cli:alice from 10.0.0.1"))
+            (route.kind, route.origin.as_deref(), route.by.as_deref()),
+            (
+                EventKind::RouteCleared,
+                Some("cli:alice from 10.0.0.1 with token deploy"),
+                Some("deploy")
+            )
         );
         let drained = Event::of(&Change::Maintenance {
             index: 7,
@@ -375,11 +391,20 @@ mod tests {
                 target: Target::Version("2".parse().unwrap()),
                 reason: Some("disk".parse().unwrap()),
                 origin: "ui from 10.0.0.2".into(),
+                by: Some("anonymous".into()),
             },
         });
         assert_eq!(drained.kind, EventKind::Undrained);
+        assert_eq!(drained.by.as_deref(), Some("anonymous"));
         assert_eq!((drained.id, drained.version.unwrap().as_str()), (None, "2"));
         assert_eq!(drained.cause, "version 2 undrained by an operator");
+        let older: Event = serde_json::from_value(serde_json::json!({"index": 1, "at": 2,
+            "service": "web", "id": null, "kind": "route_set", "cause": "set", "origin": null}))
+        .unwrap();
+        assert_eq!(
+            older.by, None,
+            "an older directory's event reads without `by`"
+        );
         let unknown: EventKind = serde_json::from_str("\"teleported\"").unwrap();
         assert_eq!(unknown, EventKind::Other);
     }

@@ -843,6 +843,7 @@ impl WatchEvent {
                 at,
                 cause,
                 instance,
+                ..
             } => WatchEvent::Upsert {
                 index,
                 prev,
@@ -855,6 +856,7 @@ impl WatchEvent {
                 at,
                 cause,
                 instance,
+                ..
             } => WatchEvent::Remove {
                 index,
                 prev,
@@ -1263,12 +1265,14 @@ mod tests {
                 at: 5,
                 cause: UpsertCause::Registered,
                 instance: at("c"),
+                by: None,
             },
             Change::Upsert {
                 index: 3,
                 at: 5,
                 cause: UpsertCause::Registered,
                 instance: at("a"),
+                by: None,
             },
             Change::Upsert {
                 index: 4,
@@ -1278,12 +1282,14 @@ mod tests {
                     port: 81,
                     ..at("b")
                 },
+                by: None,
             },
             Change::Remove {
                 index: 5,
                 at: 6,
                 cause: RemoveCause::Expired,
                 instance: at("c"),
+                by: None,
             },
             Change::Route {
                 index: 6,
@@ -1291,6 +1297,7 @@ mod tests {
                 service: "emitter".parse().unwrap(),
                 route: Some([(Version::default(), 100)].into()),
                 origin: Some("cli from 127.0.0.1".into()),
+                by: None,
             },
         ];
         for (prev, change) in (1..).zip(changes) {
@@ -1360,6 +1367,7 @@ mod tests {
                 target: target.clone(),
                 reason: Some("disk".parse().unwrap()),
                 origin: "ui from 10.0.0.9".into(),
+                by: None,
             },
         };
         let event = WatchEvent::of_change(change(2, drains.clone(), true), 1);

@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use baker_client::api::MAX_WATCH_SERVICES;
+use baker_client::change::by;
 use baker_client::events::{parse_time, EventsResponse};
 use baker_client::maintenance::{
     validate_client, DrainRequest, DrainResponse, MaintenanceResponse, Reason, Target,
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ambassadors::Reports;
 use crate::history::{self, History};
 use crate::quota::Exceeded;
-use crate::registry::{ChangeError, Registry, WriteError};
+use crate::registry::{ChangeError, Origin, Registry, WriteError};
 use crate::server::ConnInfo;
 use crate::tokens::{Role, Token, Tokens};
 use crate::watch;
@@ -320,6 +321,23 @@ impl Auth {
         Ok(caller)
     }
 
+    /// What keeps a watch of `caller` open: when the watch needed a token, that token staying
+    /// in force ([`watch::Grant`]); nothing otherwise.
+    pub(crate) fn watch_grant(&self, caller: Caller) -> Result<Option<watch::Grant>, ApiError> {
+        let closed = self.reads_closed || self.watches_closed;
+        match caller {
+            Some(token) if closed => {
+                let grant = watch::Grant::new(self.tokens.clone(), token);
+                if grant.holds() {
+                    Ok(Some(grant))
+                } else {
+                    Err(ApiError::Unauthorized("wrong bearer token"))
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The caller of an ambassador's report: a token that reads is needed once writes are
     /// closed.
     pub(crate) fn reporter(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
@@ -427,19 +445,33 @@ fn instance_path(service: &str, id: &str) -> Result<(ServiceName, InstanceId), A
     }
 }
 
+/// Who made a change, as its events say: the name of the token the call presented
+/// (`BAKER_TOKEN` for that variable's token), or `anonymous` when it presented none the
+/// directory knows (writes are open then). Never anything of the secret itself.
+fn by_of(caller: &Caller) -> &str {
+    match caller {
+        Some(t) => &t.name,
+        None => by::ANONYMOUS,
+    }
+}
+
 /// Where an operator's call came from: the caller's IP address, after the client it named in
 /// `X-Baker-Origin` (`cli:alice from 10.0.0.5`), which must be a short word, and the name of
 /// the token it presented, when that token comes from `BAKER_TOKENS` (`cli:alice from
-/// 10.0.0.5 with token ops`).
+/// 10.0.0.5 with token ops`); and who made it ([`by_of`]).
 fn origin(
     headers: &HeaderMap,
     conn: Option<&Extension<ConnInfo>>,
     caller: &Caller,
-) -> Result<String, ApiError> {
+) -> Result<Origin, ApiError> {
     let from = origin_of(headers, conn)?;
-    Ok(match caller {
+    let from = match caller {
         Some(t) if t.listed => format!("{from} with token {}", t.name),
         _ => from,
+    };
+    Ok(Origin {
+        from,
+        by: by_of(caller).to_owned(),
     })
 }
 
@@ -560,7 +592,11 @@ async fn put_instance(
         .may(&caller, Role::Register, &service, "register instances of")?;
     let spec: InstanceSpec = read_json(&headers, body).await?;
     let spec = spec.validate().map_err(ApiError::invalid)?;
-    match app.registry.register(&service, &id, spec).await {
+    match app
+        .registry
+        .register_by(&service, &id, spec, by_of(&caller))
+        .await
+    {
         Ok(instance) => Ok(Json(instance)),
         Err(e) => Err(e.into()),
     }
@@ -576,7 +612,11 @@ async fn delete_instance(
     let (service, id) = instance_path(&service, &id)?;
     app.auth
         .may(&caller, Role::Register, &service, "deregister instances of")?;
-    match app.registry.unregister(&service, &id).await {
+    match app
+        .registry
+        .unregister_by(&service, &id, by_of(&caller))
+        .await
+    {
         Ok(Some(instance)) => Ok(Json(instance)),
         Ok(None) => Err(ApiError::NotFound(format!(
             "no instance {id} of service {service}"
@@ -1179,7 +1219,8 @@ async fn watch(
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.auth.watcher(&headers)?;
+    let caller = app.auth.watcher(&headers)?;
+    let grant = app.auth.watch_grant(caller)?;
     let Query(query) = query.map_err(|r| {
         ApiError::BadRequest(format!(
             "bad query: {} (the parameters are v=1|2 and service=NAME[,NAME...])",
@@ -1212,6 +1253,7 @@ async fn watch(
         close,
         app.shutdown.clone(),
         peer,
+        grant,
     );
     // The slot is held as long as the stream is.
     let body = Body::new(crate::server::Holding::new(body, slot));

@@ -2,7 +2,8 @@
 //!
 //! Layout under the prefix (`/baker` unless `BAKER_STORE` names another):
 //!
-//! - `<prefix>/instances/<service>/<id>`: one instance, as the JSON of the API's `Instance`,
+//! - `<prefix>/instances/<service>/<id>`: one instance, as the JSON of the API's `Instance`
+//!   with who registered it (`by`, the name of the registering call's token, or `docker`),
 //!   bound to an etcd lease of its TTL (rounded up to whole seconds, etcd's unit). A heartbeat
 //!   keeps the lease alive; when heartbeats stop, etcd deletes the key once the lease runs out,
 //!   whichever replica took the last heartbeat, and even if that replica is gone.
@@ -18,10 +19,12 @@
 //!   the writing replica's lease, so the key goes once that lease does, and carries the undrain
 //!   to the other replicas meanwhile.
 //! - `<prefix>/causes/<replica>`: why the instances deleted in the same transaction went
-//!   (deregistered, container stopped, ...), as a JSON list, bound to the writing replica's
+//!   (deregistered, container stopped, ...) and who removed them (the name of the
+//!   deregistering call's token, `docker`), as a JSON list, bound to the writing replica's
 //!   own lease and overwritten by its next removal. A replica removes instances only in a
 //!   transaction that also puts this key, so a deleted instance key with no such put in the
-//!   same revision is one whose lease ran out: it expired.
+//!   same revision is one whose lease ran out: it expired (by `expiry`). A heartbeat writes
+//!   nothing at all, so none of this costs a heartbeat anything.
 //!
 //! A replica reads the whole prefix at one revision ([`Etcd::snapshot`], in pages of
 //! [`SNAPSHOT_PAGE`] keys) and then follows every change after it ([`Etcd::watch`]): all
@@ -265,8 +268,13 @@ impl EtcdError {
 /// One change read from etcd.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// An instance was put (new, changed, or put again with another lease).
-    Instance { instance: Instance, lease: i64 },
+    /// An instance was put (new, changed, or put again with another lease), by the caller its
+    /// value names (`None`: written by an older replica).
+    Instance {
+        instance: Instance,
+        lease: i64,
+        by: Option<String>,
+    },
     /// An instance's key was deleted, or its lease ran out.
     InstanceGone {
         service: ServiceName,
@@ -297,6 +305,28 @@ pub struct Removal {
     pub service: ServiceName,
     pub id: InstanceId,
     pub cause: RemoveCause,
+    /// Who removed it: the name of the deregistering call's token, or a fixed word
+    /// ([`baker_client::change::by`]); `None` from an older replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// An instance's value in etcd: the instance, and who registered it. An older replica reads
+/// the instance and ignores `by`.
+#[derive(serde::Serialize)]
+struct StoredInstance<'a> {
+    #[serde(flatten)]
+    instance: &'a Instance,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<&'a str>,
+}
+
+/// Who registered an instance, read from its value apart from the instance (whose own
+/// reading needs no buffering of the fields it does not know).
+#[derive(serde::Deserialize)]
+struct StoredBy {
+    #[serde(default)]
+    by: Option<String>,
 }
 
 /// One service's drains as etcd holds them, and the call that left them so.
@@ -321,6 +351,11 @@ pub struct RouteRecord {
     pub origin: Option<String>,
     /// When, in milliseconds since the Unix epoch.
     pub at: u64,
+    /// Who set or cleared it: the name of the call's token, or a fixed word
+    /// ([`baker_client::change::by`]). (A replica older than this field refuses records that
+    /// carry it, as it refuses any field it does not know.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 impl RouteRecord {
@@ -333,6 +368,7 @@ impl RouteRecord {
                     route: Some(route),
                     origin: Some("etcd".into()),
                     at: 0,
+                    by: None,
                 })
                 .map_err(|_| format!("its value is not a route: {e}"))
         })
@@ -362,16 +398,16 @@ pub enum Put {
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub revision: i64,
-    /// Every instance, with the lease its key is bound to.
-    pub instances: Vec<(Instance, i64)>,
+    /// Every instance, with the lease its key is bound to and who registered it.
+    pub instances: Vec<(Instance, i64, Option<String>)>,
     /// Every route set, with its record.
     pub routes: BTreeMap<ServiceName, RouteRecord>,
     /// Every service's drains key, with the revision it was last written at.
     pub maintenance: BTreeMap<ServiceName, (DrainRecord, i64)>,
-    /// Why the instances named by the causes keys still in etcd were removed, with the
-    /// revision of their removal: a replica whose watch broke tells a deregistration made
+    /// Why the instances named by the causes keys still in etcd were removed, by whom, with
+    /// the revision of their removal: a replica whose watch broke tells a deregistration made
     /// meanwhile from an expiry by these.
-    pub causes: HashMap<(ServiceName, InstanceId), (RemoveCause, i64)>,
+    pub causes: HashMap<(ServiceName, InstanceId), (RemoveCause, Option<String>, i64)>,
 }
 
 /// A connection to the etcd cluster. Cheap to clone.
@@ -718,7 +754,11 @@ impl Etcd {
     /// Adds one key-value read at the snapshot's revision to it.
     fn add_to(&self, snap: &mut Snapshot, kv: &KeyValue) {
         match self.decode(EventType::Put, kv) {
-            Some(Change::Instance { instance, lease }) => snap.instances.push((instance, lease)),
+            Some(Change::Instance {
+                instance,
+                lease,
+                by,
+            }) => snap.instances.push((instance, lease, by)),
             Some(Change::Route { service, record }) if record.route.is_some() => {
                 snap.routes.insert(service, record);
             }
@@ -732,9 +772,9 @@ impl Etcd {
                     let newer = snap
                         .causes
                         .get(&(r.service.clone(), r.id.clone()))
-                        .is_none_or(|(_, seen)| *seen < at);
+                        .is_none_or(|(_, _, seen)| *seen < at);
                     if newer {
-                        snap.causes.insert((r.service, r.id), (r.cause, at));
+                        snap.causes.insert((r.service, r.id), (r.cause, r.by, at));
                     }
                 }
             }
@@ -756,9 +796,13 @@ impl Etcd {
                 if instance.service != service || instance.id != id {
                     return Err("its value names another instance".into());
                 }
+                let by = serde_json::from_slice::<StoredBy>(kv.value())
+                    .ok()
+                    .and_then(|s| s.by);
                 Ok(Change::Instance {
                     instance,
                     lease: kv.lease(),
+                    by,
                 })
             }
             (Key::Route(service), EventType::Delete) => Ok(Change::RouteCleared { service }),
@@ -900,8 +944,7 @@ impl Etcd {
 
     /// Puts `instance` bound to `lease`; returns the revision of the change.
     pub async fn put_instance(&self, instance: &Instance, lease: i64) -> Result<i64, EtcdError> {
-        // An instance holds names, numbers and lists of them: serialization cannot fail.
-        let value = serde_json::to_vec(instance).expect("instances always serialize");
+        let value = stored(instance, None);
         let key = self.instance_key(&instance.service, &instance.id);
         let resp = retried(&self.client, |mut c| {
             let (key, value) = (key.clone(), value.clone());
@@ -920,14 +963,16 @@ impl Etcd {
     /// and the other leaves it alone, instead of taking it over unseen. Retried like any call:
     /// a retry after a commit whose answer was lost finds the key bound to `lease` and
     /// succeeds again.
+    ///
+    /// The value records `by`, who registered it.
     pub async fn put_instance_if(
         &self,
         instance: &Instance,
+        by: Option<&str>,
         lease: i64,
         expected: Option<i64>,
     ) -> Result<Put, EtcdError> {
-        // An instance holds names, numbers and lists of them: serialization cannot fail.
-        let value = serde_json::to_vec(instance).expect("instances always serialize");
+        let value = stored(instance, by);
         let key = self.instance_key(&instance.service, &instance.id);
         let put = TxnOp::put(
             key.clone(),
@@ -1145,6 +1190,12 @@ impl Etcd {
     }
 }
 
+/// The value of an instance's key: the instance and who registered it.
+fn stored(instance: &Instance, by: Option<&str>) -> Vec<u8> {
+    // An instance holds names, numbers and lists of them: serialization cannot fail.
+    serde_json::to_vec(&StoredInstance { instance, by }).expect("instances always serialize")
+}
+
 enum Key {
     Instance(ServiceName, InstanceId),
     Route(ServiceName),
@@ -1343,8 +1394,9 @@ mod tests {
         let route: Route = [("1".parse().unwrap(), 100)].into();
         let record = RouteRecord {
             route: Some(route.clone()),
-            origin: Some("cli:ops from 127.0.0.1".into()),
+            origin: Some("cli:ops from 127.0.0.1 with token ops".into()),
             at: 7,
+            by: Some("ops".into()),
         };
         let bytes = serde_json::to_vec(&record).unwrap();
         assert_eq!(RouteRecord::parse(&bytes).unwrap(), record);
@@ -1360,5 +1412,24 @@ mod tests {
         assert_eq!(old.route, Some(route));
         assert_eq!(old.origin.as_deref(), Some("etcd"));
         assert!(RouteRecord::parse(b"[1]").is_err());
+        // A record of an older replica, without `by`.
+        let older = br#"{"route":{"1":100},"origin":"cli from 127.0.0.1","at":7}"#;
+        assert_eq!(RouteRecord::parse(older).unwrap().by, None);
+    }
+
+    #[test]
+    fn an_instance_value_carries_its_registrant_and_older_ones_still_read() {
+        let i = Instance::sample("web", "a");
+        let value = stored(&i, Some("web-reg"));
+        assert_eq!(serde_json::from_slice::<Instance>(&value).unwrap(), i);
+        let by: StoredBy = serde_json::from_slice(&value).unwrap();
+        assert_eq!(by.by.as_deref(), Some("web-reg"));
+        let older = serde_json::to_vec(&i).unwrap();
+        assert_eq!(
+            stored(&i, None),
+            older,
+            "no `by`, the value an older replica wrote"
+        );
+        assert_eq!(serde_json::from_slice::<StoredBy>(&older).unwrap().by, None);
     }
 }

@@ -237,6 +237,7 @@ mod tests {
                 at: 7,
                 cause: UpsertCause::Registered,
                 instance: Instance::sample(service, "a"),
+                by: None,
             },
             None,
         )

@@ -124,6 +124,7 @@ mod tests {
             kind: EventKind::RouteSet,
             cause: "set".into(),
             origin: None,
+            by: None,
             version: None,
             address: None,
             route: None,
@@ -206,8 +207,19 @@ mod tests {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let got: Vec<_> = h.query(&all).into_iter().map(|e| e.kind).collect();
-        assert_eq!(got, [EventKind::RouteSet, EventKind::Drained]);
+        let got: Vec<_> = h
+            .query(&all)
+            .into_iter()
+            .map(|e| (e.kind, e.by.unwrap_or_default()))
+            .collect();
+        let by = |kind, by: &str| (kind, by.to_owned());
+        assert_eq!(
+            got,
+            [
+                by(EventKind::RouteSet, "anonymous"),
+                by(EventKind::Drained, "anonymous")
+            ]
+        );
         stop.cancel();
         task.await.unwrap();
     }

@@ -28,12 +28,18 @@
 //! short-lived copy would expire and leave the healthy container missing. Docker discovery, the
 //! engine's own account of a running container, takes over an API-registered instance of the
 //! same id instead (logged as a warning); the registrar's next heartbeat is then refused.
+//!
+//! Every change names who made it (its `by`): the name of the token of the call that made it
+//! (`anonymous` without one, while changes need none), `docker` for Docker discovery, `expiry`
+//! for an instance that outlived its TTL ([`baker_client::change::by`]). It travels with the
+//! committed change: in the instance's value and in the removal's causes with etcd, so that
+//! every replica publishes the same `by`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use baker_client::change::{Change, MaintenanceAction, RemoveCause, UpsertCause};
+use baker_client::change::{by, Change, MaintenanceAction, RemoveCause, UpsertCause};
 use baker_client::events::unix_millis;
 use baker_client::maintenance::{
     Drain, DrainResponse, InstanceState, Maintenance, MaintenanceEntry, Reason, Target,
@@ -64,6 +70,34 @@ mod replica;
 use backend::{Backend, CommitError, Committed, Entry, MemoryBackend, Proposal};
 use replica::cleared;
 pub use replica::REPLICA_LEASE;
+
+/// Where an operator's call came from, for the route or drain change it makes: `from` in
+/// words (`cli:alice from 10.0.0.5 with token deploy`), and `by`, the name of its token (or
+/// `BAKER_TOKEN`, `anonymous`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub from: String,
+    pub by: String,
+}
+
+impl From<&str> for Origin {
+    /// A call from `from` with no token.
+    fn from(from: &str) -> Origin {
+        Origin {
+            from: from.to_owned(),
+            by: by::ANONYMOUS.to_owned(),
+        }
+    }
+}
+
+impl From<String> for Origin {
+    fn from(from: String) -> Origin {
+        Origin {
+            from,
+            by: by::ANONYMOUS.to_owned(),
+        }
+    }
+}
 
 /// One NDJSON line of the watch stream, serialized once and shared by every watcher.
 #[derive(Debug, Clone)]
@@ -596,6 +630,7 @@ impl Registry {
         outcome: Outcome,
         revision: u64,
         mut instance: Instance,
+        by: Option<String>,
     ) {
         instance.mark(t.store.maintenance(&instance.service));
         let cause = match (outcome, instance.source) {
@@ -616,6 +651,7 @@ impl Registry {
             at: instance.last_seen,
             cause,
             instance,
+            by,
         };
         self.publish(t, change);
     }
@@ -627,6 +663,7 @@ impl Registry {
         revision: u64,
         mut instance: Instance,
         cause: RemoveCause,
+        by: Option<String>,
     ) {
         instance.mark(t.store.maintenance(&instance.service));
         let change = Change::Remove {
@@ -634,6 +671,7 @@ impl Registry {
             at: unix_millis(),
             cause,
             instance,
+            by,
         };
         self.publish(t, change);
     }
@@ -708,6 +746,18 @@ impl Registry {
         id: &InstanceId,
         spec: ValidSpec,
     ) -> Result<Instance, WriteError> {
+        self.register_by(service, id, spec, by::ANONYMOUS).await
+    }
+
+    /// [`Registry::register`] on a call `by` (its token's name): a new or changed instance
+    /// records it, a heartbeat that changes nothing does not.
+    pub async fn register_by(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        spec: ValidSpec,
+        by: &str,
+    ) -> Result<Instance, WriteError> {
         let backend = &self.inner.backend;
         let mut instance = instance_of(service, id, spec, Source::Registrar);
         let session = backend.session().await?;
@@ -747,6 +797,7 @@ impl Registry {
                 instance: instance.clone(),
                 owner: session,
                 expected: existing.as_ref().and(owner),
+                by: by.to_owned(),
             };
             match backend.commit(self, proposal).await? {
                 Committed::Done { .. } => {
@@ -775,6 +826,16 @@ impl Registry {
         service: &ServiceName,
         id: &InstanceId,
     ) -> Result<Option<Instance>, WriteError> {
+        self.unregister_by(service, id, by::ANONYMOUS).await
+    }
+
+    /// [`Registry::unregister`] on a call `by` (its token's name), which the removal records.
+    pub async fn unregister_by(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        by: &str,
+    ) -> Result<Option<Instance>, WriteError> {
         let existing = {
             let t = self.lock();
             match t.store.instance(service, id) {
@@ -795,6 +856,7 @@ impl Registry {
             service: service.clone(),
             id: id.clone(),
             cause: RemoveCause::Deregistered,
+            by: Some(by.to_owned()),
         }];
         match self
             .inner
@@ -880,10 +942,19 @@ impl Registry {
     /// Whether the table changed.
     fn apply(&self, t: &mut Table, revision: u64, entry: Entry) -> bool {
         match entry {
-            Entry::Put { instance, owner } => self.apply_put(t, revision, instance, owner),
-            Entry::Gone { service, id, cause } => {
-                self.apply_gone(t, revision, &service, &id, cause).is_some()
-            }
+            Entry::Put {
+                instance,
+                owner,
+                by,
+            } => self.apply_put(t, revision, instance, owner, by),
+            Entry::Gone {
+                service,
+                id,
+                cause,
+                by,
+            } => self
+                .apply_gone(t, revision, &service, &id, cause, by)
+                .is_some(),
             Entry::Route { service, record } => self.apply_route(t, revision, &service, record),
             Entry::Drains { service, record } => {
                 t.drain_revisions.insert(service.clone(), revision);
@@ -902,7 +973,14 @@ impl Registry {
     /// Puts `instance`, bound to `owner`, at `revision`. An instance of a registrar bound to
     /// this registry's session gets its TTL deadline here; one bound to another's expires
     /// there (or with that session). A put that changes nothing but `last_seen` is no change.
-    fn apply_put(&self, t: &mut Table, revision: u64, mut instance: Instance, owner: i64) -> bool {
+    fn apply_put(
+        &self,
+        t: &mut Table,
+        revision: u64,
+        mut instance: Instance,
+        owner: i64,
+        by: Option<String>,
+    ) -> bool {
         let (service, id) = (instance.service.clone(), instance.id.clone());
         t.owners.insert((service.clone(), id.clone()), owner);
         t.known.note(&service);
@@ -923,12 +1001,12 @@ impl Registry {
             None => Outcome::Added,
         };
         t.store.put(revision, instance.clone());
-        self.publish_upsert(t, outcome, revision, instance);
+        self.publish_upsert(t, outcome, revision, instance, by);
         true
     }
 
-    /// Removes `service`/`id` at `revision`, for `cause` (`None`: it expired). Returns its
-    /// source, if it was in the table.
+    /// Removes `service`/`id` at `revision`, for `cause` (`None`: it expired), by `by`
+    /// (`None`: the cause's own). Returns its source, if it was in the table.
     fn apply_gone(
         &self,
         t: &mut Table,
@@ -936,6 +1014,7 @@ impl Registry {
         service: &ServiceName,
         id: &InstanceId,
         cause: Option<RemoveCause>,
+        by: Option<String>,
     ) -> Option<Source> {
         let owner = t.owners.get(&(service.clone(), id.clone())).copied();
         let instance = t.take(revision, service, id)?;
@@ -957,6 +1036,7 @@ impl Registry {
             );
             RemoveCause::Expired
         });
+        let by = by.or_else(|| cause.made_by().map(str::to_owned));
         if cause != RemoveCause::Expired {
             tracing::info!("deregistered {service}/{id} ({source}, {})", cause.as_str());
         }
@@ -965,7 +1045,7 @@ impl Registry {
             .deregistrations
             .get_or_create(&source.into())
             .inc();
-        self.publish_remove(t, revision, instance, cause);
+        self.publish_remove(t, revision, instance, cause, by);
         if source == Source::Docker {
             // Another replica's container may have lost its owner: this one may take it.
             self.inner.kick.notify_one();
@@ -1017,6 +1097,7 @@ impl Registry {
                 instance,
                 owner,
                 expected,
+                by: by::DOCKER.to_owned(),
             };
             match self.inner.backend.commit(self, proposal).await {
                 Ok(Committed::Held(holder)) => tracing::debug!(
@@ -1322,14 +1403,14 @@ impl Registry {
         self.set_route_by(service, route, None).await
     }
 
-    /// [`Registry::set_route`], recording where the call came from (`origin`) on the change
-    /// (on disk nothing but the route: a directory that restarts has no origin to give; in
-    /// etcd, with the route).
+    /// [`Registry::set_route`], recording where the call came from and who made it
+    /// (`origin`) on the change (on disk nothing but the route: a directory that restarts has
+    /// no origin to give; in etcd, with the route).
     pub async fn set_route_by(
         &self,
         service: &ServiceName,
         route: Option<Route>,
-        origin: Option<String>,
+        origin: Option<Origin>,
     ) -> Result<Option<RouteResponse>, RouteError> {
         // One change of hard state at a time through this registry: the quota checked here
         // still holds when the route is committed.
@@ -1351,10 +1432,15 @@ impl Registry {
                     .inspect_err(|e| self.refused(e))?;
             }
         }
+        let (origin, by) = match origin {
+            Some(o) => (Some(o.from), Some(o.by)),
+            None => (None, None),
+        };
         let record = RouteRecord {
             route,
             origin,
             at: unix_millis(),
+            by,
         };
         let proposal = Proposal::Route {
             service: service.clone(),
@@ -1400,6 +1486,7 @@ impl Registry {
             service: service.clone(),
             route: record.route,
             origin: record.origin,
+            by: record.by,
         };
         self.publish(t, change);
         true
@@ -1427,7 +1514,7 @@ impl Registry {
         service: &ServiceName,
         target: Target,
         reason: Option<Reason>,
-        origin: String,
+        origin: Origin,
     ) -> Result<DrainResponse, DrainError> {
         let written = self
             .change_drains(service, |t| {
@@ -1447,7 +1534,7 @@ impl Registry {
                 let drain = Drain {
                     reason: reason.clone(),
                     since: unix_millis(),
-                    origin: origin.clone(),
+                    origin: origin.from.clone(),
                 };
                 let entry = MaintenanceEntry::of(service, &target, &drain);
                 next.insert(target.clone(), drain);
@@ -1457,7 +1544,8 @@ impl Registry {
                         drained: true,
                         target: target.clone(),
                         reason: reason.clone(),
-                        origin: origin.clone(),
+                        origin: origin.from.clone(),
+                        by: Some(origin.by.clone()),
                     },
                     entry,
                 })
@@ -1473,7 +1561,7 @@ impl Registry {
         &self,
         service: &ServiceName,
         target: Target,
-        origin: String,
+        origin: Origin,
     ) -> Result<Option<DrainResponse>, DrainError> {
         self.change_drains(service, |t| {
             let mut next = t.store.maintenance(service).cloned().unwrap_or_default();
@@ -1486,7 +1574,8 @@ impl Registry {
                     drained: false,
                     target: target.clone(),
                     reason: old.reason.clone(),
-                    origin: origin.clone(),
+                    origin: origin.from.clone(),
+                    by: Some(origin.by.clone()),
                 },
                 entry: MaintenanceEntry::of(service, &target, &old),
             })

@@ -19,14 +19,20 @@
 //! `BAKER_WATCH_TOKEN` with the role `read`.
 //!
 //! The file is read again when it changes (checked every second): a token removed from it is
-//! refused from then on, and a watch opened with it ends. A file that no longer parses is
+//! refused from then on, and a watch that needed it ends (as does one whose token's line now
+//! holds another secret, or a role that does not read). A file that no longer parses is
 //! reported, line by line, and the tokens read before stay in force.
+//!
+//! A token's name is what the directory records of the changes made with it (their `by`): the
+//! words it records for changes made without one (`anonymous`, `docker`, `expiry`, `etcd`,
+//! `BAKER_TOKEN`, `BAKER_WATCH_TOKEN`) cannot name a token of the file.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use baker_client::change::by;
 use baker_client::model::ServiceName;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -216,6 +222,12 @@ fn parse_line(line: &str) -> Result<Token, String> {
             name.escape_debug()
         ));
     }
+    if by::RESERVED.contains(&name) {
+        return Err(format!(
+            "the name `{name}` is the directory's own word for changes made without a token of \
+             the file; choose another"
+        ));
+    }
     let role: Role = role.parse()?;
     let scope = Scope::parse(scope)?;
     let hex = secret.strip_prefix("sha256:").ok_or_else(|| {
@@ -288,13 +300,16 @@ impl Tokens {
         found
     }
 
-    /// Whether the token named `name` is still in force with a role that reads.
-    pub fn still_reads(&self, name: &str) -> bool {
+    /// Whether `token` is still in force, with the same name and secret, and a role that
+    /// reads: a watch opened with it may go on.
+    pub fn still_reads(&self, token: &Token) -> bool {
         let from_file = self.from_file.read().unwrap_or_else(|p| p.into_inner());
-        self.fixed
-            .iter()
-            .chain(from_file.iter())
-            .any(|t| t.name == name && t.role != Role::Register)
+        let mut found = false;
+        for t in self.fixed.iter().chain(from_file.iter()) {
+            let same = t.name == token.name && bool::from(t.hash.ct_eq(&token.hash));
+            found |= same && t.role != Role::Register;
+        }
+        found
     }
 
     /// A receiver that sees every reload that changed the tokens.
@@ -393,7 +408,7 @@ mod tests {
     fn every_bad_line_is_named() {
         let text = format!(
             "a read *\nb reader * {s}\nc read web,/x {s}\nd read * sha1:00\ne read * {s}\ne read * {s}\n\
-             f\u{e9} read * {s}\n",
+             f\u{e9} read * {s}\ndocker register * {s}\n",
             s = sha("x")
         );
         let errors = parse(&text).unwrap_err();
@@ -404,6 +419,7 @@ mod tests {
             "line 4: the secret must be `sha256:`",
             "line 6: the name `e` is used twice",
             "line 7: the name",
+            "line 8: the name `docker` is the directory's own word",
         ];
         assert_eq!(errors.len(), expected.len(), "{errors:?}");
         for (e, want) in errors.iter().zip(expected) {
@@ -420,14 +436,28 @@ mod tests {
         let mut reloads = tokens.reloads();
         let stop = CancellationToken::new();
         tokio::spawn(tokens.clone().follow(stop.clone()));
-        assert!(tokens.find(b"one").is_some());
+        let a = tokens.find(b"one").unwrap();
+        assert!(tokens.still_reads(&a));
         std::fs::write(&path, format!("b admin * {}\n", sha("two-longer"))).unwrap();
         tokio::time::timeout(Duration::from_secs(5), reloads.changed())
             .await
             .unwrap()
             .unwrap();
-        assert!(tokens.find(b"one").is_none() && !tokens.still_reads("a"));
-        assert_eq!(tokens.find(b"two-longer").unwrap().name, "b");
+        assert!(tokens.find(b"one").is_none());
+        assert!(!tokens.still_reads(&a), "taken out of the file");
+        let b2 = tokens.find(b"two-longer").unwrap();
+        assert_eq!(b2.name, "b");
+        assert!(tokens.still_reads(&b2));
+        // The same name with another secret, then with a role that does not read.
+        std::fs::write(&path, format!("# b\nb admin * {}\n", sha("three-lo"))).unwrap();
+        reloads.changed().await.unwrap();
+        let b3 = tokens.find(b"three-lo").unwrap();
+        assert!(!tokens.still_reads(&b2) && tokens.still_reads(&b3));
+        std::fs::write(&path, format!("b register * {}\n", sha("three-lo"))).unwrap();
+        reloads.changed().await.unwrap();
+        assert!(!tokens.still_reads(&b3), "a register token does not read");
+        std::fs::write(&path, format!("b admin * {}\n", sha("two-longer"))).unwrap();
+        reloads.changed().await.unwrap();
         std::fs::write(&path, "garbage that is not a token line\n").unwrap();
         tokio::time::sleep(RELOAD_EVERY * 3).await;
         assert!(

@@ -8,7 +8,8 @@
 //! task that moves lines from the registry's feed into the watcher's bounded queue without ever
 //! waiting on the watcher: a watcher whose queue overflows (in lines or bytes) is disconnected,
 //! so a slow or stalled reader can neither hold up the others nor make the directory's memory
-//! grow; it reconnects and gets a fresh snapshot. On shutdown every stream ends cleanly.
+//! grow; it reconnects and gets a fresh snapshot. On shutdown every stream ends cleanly, and so
+//! does a stream that needed a token once that token is no longer in force ([`Grant`]).
 //!
 //! [`WatchEvent`]: baker_client::model::WatchEvent
 
@@ -29,6 +30,7 @@ use tracing::Instrument;
 
 use crate::feed::RecvError;
 use crate::registry::{Registry, Subscription};
+use crate::tokens::{Token, Tokens};
 
 /// Content type of the stream.
 pub const CONTENT_TYPE: &str = "application/x-ndjson";
@@ -39,6 +41,62 @@ pub struct Limits {
     pub ping: std::time::Duration,
     pub backlog_lines: usize,
     pub backlog_bytes: usize,
+}
+
+/// The token a watch needed: the stream ends once the token is no longer in force (taken out
+/// of the tokens file, given another secret, or a role that does not read), within a second of
+/// the file's change.
+pub struct Grant {
+    tokens: Arc<Tokens>,
+    token: Token,
+    reloads: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Grant {
+    /// The grant of `token`, checked again on every reload of `tokens` from now on.
+    pub fn new(tokens: Arc<Tokens>, token: Token) -> Grant {
+        let reloads = tokens.reloads();
+        Grant {
+            tokens,
+            token,
+            reloads,
+        }
+    }
+
+    /// Whether the token is in force now (checked once as the watch opens: a reload between
+    /// the call's check and the grant would be missed otherwise).
+    pub fn holds(&self) -> bool {
+        self.tokens.still_reads(&self.token)
+    }
+
+    /// Returns once a reload leaves the token no longer in force. Cancel-safe: nothing is
+    /// checked but on a reload.
+    async fn revoked(&mut self) {
+        loop {
+            if self.reloads.changed().await.is_err() {
+                // The tokens are never read again: the grant holds as long as the stream.
+                std::future::pending::<()>().await;
+            }
+            if !self.holds() {
+                return;
+            }
+        }
+    }
+}
+
+/// What ends a stream cleanly: the directory's shutdown, or the revocation of the token the
+/// watch needed.
+struct Ends {
+    shutdown: CancellationToken,
+    grant: Option<Grant>,
+}
+
+/// Waits for `grant` to be revoked; forever without one.
+async fn revoked(grant: &mut Option<Grant>) {
+    match grant {
+        Some(g) => g.revoked().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What a watcher asked for.
@@ -91,7 +149,8 @@ impl Queue {
 /// Opens a watch stream for `peer`: the response body, fed by a forwarder task.
 ///
 /// `connection` closes the watcher's connection outright (used when it falls behind: ending
-/// the body would wait for the stalled reader); `shutdown` ends the stream cleanly.
+/// the body would wait for the stalled reader); `shutdown` ends the stream cleanly, as does
+/// the revocation of `grant`, the token the watch needed.
 pub fn open(
     registry: &Registry,
     request: Request,
@@ -99,6 +158,7 @@ pub fn open(
     connection: CancellationToken,
     shutdown: CancellationToken,
     peer: String,
+    grant: Option<Grant>,
 ) -> Body {
     let legacy = request.version == Version::V1;
     let subscription = registry.subscribe(request.only, legacy);
@@ -124,7 +184,7 @@ pub fn open(
             queue,
             limits,
             connection,
-            shutdown,
+            Ends { shutdown, grant },
         )
         .instrument(span),
     );
@@ -144,7 +204,7 @@ async fn forward(
     queue: Queue,
     limits: Limits,
     connection: CancellationToken,
-    shutdown: CancellationToken,
+    mut ends: Ends,
 ) {
     let metrics = registry.metrics().clone();
     // The index of the last line sent: the next line's `prev`, and a ping's index.
@@ -154,7 +214,12 @@ async fn forward(
     while ok {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
+            _ = ends.shutdown.cancelled() => break,
+            _ = revoked(&mut ends.grant) => {
+                let token = ends.grant.as_ref().map_or("", |g| g.token.name.as_str());
+                tracing::info!(token, "ending a watch: its token is no longer in force");
+                break;
+            }
             _ = queue.tx.closed() => {
                 tracing::debug!("watcher went away");
                 break;
@@ -268,6 +333,7 @@ mod tests {
             CancellationToken::new(),
             CancellationToken::new(),
             "test".parse().unwrap(),
+            None,
         );
         assert!(matches!(
             next_event(&mut body).await,
@@ -295,6 +361,7 @@ mod tests {
             connection.clone(),
             CancellationToken::new(),
             "slow".into(),
+            None,
         );
         for i in 0..20 {
             r.register(&svc("a"), &iid(&i.to_string()), spec(4))
@@ -325,6 +392,7 @@ mod tests {
             CancellationToken::new(),
             shutdown.clone(),
             "t".parse().unwrap(),
+            None,
         );
         assert!(matches!(
             next_event(&mut body).await,
@@ -352,6 +420,7 @@ mod tests {
             CancellationToken::new(),
             CancellationToken::new(),
             "test".into(),
+            None,
         );
         match next_event(&mut body).await {
             WatchEvent::Snapshot {

@@ -712,7 +712,7 @@ function kindClass(kind) {
   return 'k-remove';
 }
 
-const EVENT_SHOWN_FIELDS = new Set(['index', 'at', 'service', 'id', 'kind', 'cause', 'origin']);
+const EVENT_SHOWN_FIELDS = new Set(['index', 'at', 'service', 'id', 'kind', 'cause', 'origin', 'by']);
 
 /** A route as operators write it: `1=90 2=10`. */
 function routeText(route) {
@@ -728,7 +728,10 @@ function eventItem(e) {
     if (k === 'route' && typeof v === 'object') details.push(`route ${routeText(v)}`);
     else details.push(`${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`);
   }
-  if (e.origin) details.push(`by ${e.origin}`);
+  // Who made it (a token's name, `anonymous`, `docker`, `expiry`), and where an operator's call
+  // came from; an older directory gives the origin alone.
+  if (e.by && e.origin) details.push(`by ${e.by} (${e.origin})`);
+  else if (e.by || e.origin) details.push(`by ${e.by || e.origin}`);
   return el('li', { 'data-index': e.index },
     el('time', { title: new Date(e.at).toString() }, fmtTime(e.at)),
     el('span', { class: `dot ${kindClass(String(e.kind))}` }),

@@ -30,7 +30,8 @@ impl Run {
 }
 
 /// Runs `baker args...` with `BAKER_DIRECTORY=directory` (and `BAKER_TOKEN` when given) and
-/// none of the test's own `BAKER_*` variables.
+/// none of the test's own `BAKER_*` variables. What it printed must show no token's secret
+/// ([`crate::secrets`]).
 pub async fn baker(directory: &str, token: Option<&str>, args: &[&str]) -> Run {
     let mut cmd = tokio::process::Command::new(bin("baker"));
     cmd.args(args).kill_on_drop(true);
@@ -41,15 +42,19 @@ pub async fn baker(directory: &str, token: Option<&str>, args: &[&str]) -> Run {
     }
     cmd.env("BAKER_DIRECTORY", directory);
     if let Some(t) = token {
+        crate::secrets::register(t);
         cmd.env("BAKER_TOKEN", t);
     }
     let out = tokio::time::timeout(DEADLINE, cmd.output())
         .await
         .unwrap_or_else(|_| panic!("baker {args:?} did not finish within {DEADLINE:?}"))
         .expect("running baker");
-    Run {
+    let run = Run {
         code: out.status.code().expect("baker exited by a signal"),
         stdout: String::from_utf8(out.stdout).expect("stdout is UTF-8"),
         stderr: String::from_utf8(out.stderr).expect("stderr is UTF-8"),
-    }
+    };
+    let printed: Vec<&str> = run.stdout.lines().chain(run.stderr.lines()).collect();
+    crate::secrets::check(&format!("baker {}", args.join(" ")), &printed);
+    run
 }

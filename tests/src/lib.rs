@@ -1,7 +1,9 @@
 //! The harness for Baker's end-to-end tests: real binaries as child processes, on ports of
 //! their own, with deadlines instead of sleeps.
 //!
-//! - [`Proc`] runs one of the workspace's binaries, keeps its log, and kills it when dropped.
+//! - [`Proc`] runs one of the workspace's binaries, keeps its log, and kills it when dropped;
+//!   then it checks that the log shows no token's secret ([`secrets`]), failing the test
+//!   otherwise.
 //! - [`eventually`] polls a condition until it holds or a deadline passes.
 //! - [`free_port`] hands out a port no other test of the run gets, for programs that cannot
 //!   bind port 0 and report it (HAProxy, etcd); Baker's daemons bind port 0.
@@ -29,6 +31,7 @@ pub mod greeting;
 pub mod load;
 pub mod ports;
 pub mod proxy;
+pub mod secrets;
 pub mod tls;
 
 pub use ports::free_port;
@@ -217,6 +220,9 @@ impl Proc {
         );
         cmd.env("NO_COLOR", "1");
         for (k, v) in env {
+            if matches!(*k, "BAKER_TOKEN" | "BAKER_WATCH_TOKEN") {
+                secrets::register(v);
+            }
             cmd.env(k, v);
         }
         let mut child = cmd
@@ -368,6 +374,8 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Kills the process, then fails the test if its log shows a token's secret (unless the
+    /// test is failing already: one panic says more than two).
     fn drop(&mut self) {
         if self.group {
             let _ =
@@ -377,5 +385,15 @@ impl Drop for Proc {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        if std::thread::panicking() {
+            return;
+        }
+        // The readers end as the pipes close: the last lines are in the log then (a child of
+        // the process that still holds a pipe is not waited for long).
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        secrets::check(&self.name, &self.log());
     }
 }

@@ -1,5 +1,5 @@
 //! Baker's images on the real Docker engine: discovery by labels (with and without a
-//! HEALTHCHECK), link variables on the default bridge and on a user network, and how the
+//! HEALTHCHECK, its changes named `docker` in the events), link variables on the default bridge and on a user network, and how the
 //! registrar and ambassador containers stop.
 //!
 //! Needs the images from `docker/build.sh`; every container and network has a unique name and
@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use baker_client::events::EventKind;
 use baker_client::model::{InstanceSpec, Source};
 use baker_client::{ClientError, DirectoryClient};
 use baker_tests::directory::TestDirectory;
@@ -114,6 +115,20 @@ async fn labelled_container_is_registered_without_registrar_and_leaves_on_stop()
         },
     )
     .await;
+    // Docker discovery made both changes, and the events say so.
+    let events = dir
+        .client
+        .events(None, None, Some(&service), None)
+        .await
+        .expect("the events");
+    let who: Vec<(EventKind, Option<&str>)> = events
+        .events
+        .iter()
+        .map(|e| (e.kind, e.by.as_deref()))
+        .collect();
+    assert!(who.iter().all(|(_, by)| *by == Some("docker")), "{who:?}");
+    assert_eq!(who.first().map(|w| w.0), Some(EventKind::DockerStarted));
+    assert_eq!(who.last().map(|w| w.0), Some(EventKind::DockerStopped));
 }
 
 #[tokio::test]

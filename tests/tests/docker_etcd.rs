@@ -29,6 +29,7 @@ async fn the_etcd_image_runs_a_member_the_directory_layer_can_use() {
         route: Some(route),
         origin: Some("test".into()),
         at: 1,
+        by: None,
     };
     etcd.set_route(&"emitter".parse().unwrap(), &record, None)
         .await

@@ -44,6 +44,7 @@ fn record_of(route: Option<&Route>) -> RouteRecord {
         route: route.cloned(),
         origin: Some("test".into()),
         at: 1,
+        by: None,
     }
 }
 
@@ -52,7 +53,7 @@ async fn ids(etcd: &Etcd) -> Vec<String> {
     let mut v: Vec<String> = snap
         .instances
         .iter()
-        .map(|(i, _)| i.id.to_string())
+        .map(|(i, _, _)| i.id.to_string())
         .collect();
     v.sort();
     v
@@ -155,18 +156,18 @@ async fn a_conditional_put_never_takes_an_instance_from_another_lease() {
         let etcd = etcd.clone();
         async move {
             let snap = etcd.snapshot().await.unwrap();
-            let (instance, lease) = snap.instances.into_iter().next().expect("the instance");
+            let (instance, lease, _) = snap.instances.into_iter().next().expect("the instance");
             (instance.node.unwrap().to_string(), lease)
         }
     };
 
     // Both saw it absent: the first write wins, the second finds it held.
     assert!(matches!(
-        a.put_instance_if(&i, la, None).await.unwrap(),
+        a.put_instance_if(&i, None, la, None).await.unwrap(),
         Put::Written(_)
     ));
     assert!(matches!(
-        b.put_instance_if(&mine, lb, None).await.unwrap(),
+        b.put_instance_if(&mine, None, lb, None).await.unwrap(),
         Put::Held { holder, .. } if holder == la
     ));
     assert_eq!(held(&b).await, ("node-a".to_owned(), la));
@@ -176,33 +177,35 @@ async fn a_conditional_put_never_takes_an_instance_from_another_lease() {
         ..i.clone()
     };
     assert!(matches!(
-        a.put_instance_if(&changed, la, None).await.unwrap(),
+        a.put_instance_if(&changed, None, la, None).await.unwrap(),
         Put::Written(_)
     ));
     assert!(matches!(
-        a.put_instance_if(&changed, la, Some(la)).await.unwrap(),
+        a.put_instance_if(&changed, None, la, Some(la))
+            .await
+            .unwrap(),
         Put::Written(_)
     ));
     // Expecting the holder it has, another lease takes it over (a registration Docker
     // replaces); expecting another holder, it does not.
     assert!(matches!(
-        b.put_instance_if(&mine, lb, Some(1)).await.unwrap(),
+        b.put_instance_if(&mine, None, lb, Some(1)).await.unwrap(),
         Put::Held { holder, .. } if holder == la
     ));
     assert!(matches!(
-        b.put_instance_if(&mine, lb, Some(la)).await.unwrap(),
+        b.put_instance_if(&mine, None, lb, Some(la)).await.unwrap(),
         Put::Written(_)
     ));
     assert_eq!(held(&a).await, ("node-b".to_owned(), lb));
     assert!(matches!(
-        a.put_instance_if(&i, la, None).await.unwrap(),
+        a.put_instance_if(&i, None, la, None).await.unwrap(),
         Put::Held { holder, .. } if holder == lb
     ));
 
     // Once its holder's lease is gone, the key is absent again and the other one may write it.
     b.revoke(lb).await.unwrap();
     assert!(matches!(
-        a.put_instance_if(&i, la, None).await.unwrap(),
+        a.put_instance_if(&i, None, la, None).await.unwrap(),
         Put::Written(_)
     ));
     assert_eq!(held(&b).await, ("node-a".to_owned(), la));
@@ -359,6 +362,7 @@ async fn a_snapshot_holds_the_removal_causes_and_the_drains_still_in_etcd() {
         service: gone.service.clone(),
         id: gone.id.clone(),
         cause: RemoveCause::Deregistered,
+        by: Some("web-reg".into()),
     };
     let (removed, deleted) = etcd.remove_instances(&[removal], lease).await.unwrap();
     assert_eq!(deleted, 1);
@@ -371,6 +375,7 @@ async fn a_snapshot_holds_the_removal_causes_and_the_drains_still_in_etcd() {
             target: Target::Instance(gone.id.clone()),
             reason: None,
             origin: "test".into(),
+            by: None,
         },
         at: 1,
     };
@@ -391,7 +396,7 @@ async fn a_snapshot_holds_the_removal_causes_and_the_drains_still_in_etcd() {
     assert!(snap.instances.is_empty());
     assert_eq!(
         snap.causes.get(&(gone.service.clone(), gone.id.clone())),
-        Some(&(RemoveCause::Deregistered, removed))
+        Some(&(RemoveCause::Deregistered, Some("web-reg".into()), removed))
     );
     assert_eq!(snap.maintenance[&gone.service], (record, written));
 }
@@ -449,6 +454,7 @@ async fn removing_more_instances_than_one_transaction_takes_goes_through() {
             service: i.service.clone(),
             id: i.id.clone(),
             cause: RemoveCause::DockerStopped,
+            by: None,
         })
         .collect();
     let (_, deleted) = etcd.remove_instances(&removals, lease).await.unwrap();
@@ -518,7 +524,7 @@ async fn a_snapshot_larger_than_a_grpc_message_is_read_in_pages_at_one_revision(
     let mut ids: Vec<String> = snap
         .instances
         .iter()
-        .map(|(i, _)| i.id.to_string())
+        .map(|(i, _, _)| i.id.to_string())
         .collect();
     ids.sort();
     ids.dedup();

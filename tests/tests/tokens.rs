@@ -1,13 +1,16 @@
 //! Named tokens with roles and scopes (`BAKER_TOKENS`) and closed reads (`BAKER_READ=token`):
 //! every endpoint asked with every role, in and out of scope; the file read again while the
-//! directory runs; and the token's name on the changes it made.
+//! directory runs; the token's name on the changes it made (`by`, in memory and through etcd to
+//! another replica); a watch that ends when its token goes; and the harness's check that no
+//! process prints a token's secret.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use baker_client::events::{EventKind, EventsResponse};
 use baker_tests::directory::TestDirectory;
-use baker_tests::eventually;
+use baker_tests::etcd::EtcdCluster;
+use baker_tests::{eventually, require, secrets, Needs, Proc};
 use reqwest::{Method, StatusCode};
-use sha2::{Digest, Sha256};
 
 /// The tokens of the test: name, role, scope, secret.
 const TOKENS: &[(&str, &str, &str, &str)] = &[
@@ -18,8 +21,7 @@ const TOKENS: &[(&str, &str, &str, &str)] = &[
 ];
 
 fn line((name, role, scope, secret): &(&str, &str, &str, &str)) -> String {
-    let hash = hex::encode(Sha256::digest(secret.as_bytes()));
-    format!("{name} {role} {scope} sha256:{hash}\n")
+    secrets::token_line(name, role, scope, secret)
 }
 
 fn secret(name: &str) -> Option<&'static str> {
@@ -301,4 +303,359 @@ async fn a_bad_tokens_file_stops_the_directory_naming_each_bad_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("BAKER_READ"), "{stderr}");
+}
+
+/// The events of `dir`, read with `token`.
+async fn events(c: &reqwest::Client, dir: &TestDirectory, token: Option<&str>) -> EventsResponse {
+    let (status, text) = call(c, dir, Method::GET, "/v1/events", token, None).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(
+        !secrets::all().iter().any(|s| text.contains(s.as_str())),
+        "no secret in the events: {text}"
+    );
+    serde_json::from_str(&text).expect("the events as JSON")
+}
+
+/// (kind, id or version, by) of each event of `service`.
+fn who(events: &EventsResponse, service: &str) -> Vec<(EventKind, String, String)> {
+    events
+        .events
+        .iter()
+        .filter(|e| e.service == service)
+        .map(|e| {
+            let what = match (&e.id, &e.version) {
+                (Some(id), _) => id.to_string(),
+                (None, Some(v)) => format!("version {v}"),
+                (None, None) => "-".to_owned(),
+            };
+            (e.kind, what, e.by.clone().unwrap_or_default())
+        })
+        .collect()
+}
+
+fn row(kind: EventKind, what: &str, by: &str) -> (EventKind, String, String) {
+    (kind, what.to_owned(), by.to_owned())
+}
+
+/// An instance of `port` with a TTL of `ttl_ms`.
+fn instance(port: u16, ttl_ms: u64) -> String {
+    format!(r#"{{"address":"127.0.0.1","port":{port},"version":"1","ttl_ms":{ttl_ms}}}"#)
+}
+
+/// Every kind of change a call makes, made with a token each (a drain and a route with the
+/// operator's, a registration, a change and a deregistration with the registrar's, one with
+/// `BAKER_TOKEN`), one expiry: each event names who made it, on `dir`'s events, as `watcher`
+/// (another replica of the same table, or `dir` itself) tells them.
+async fn every_change_names_its_maker(dir: &TestDirectory, watcher: &TestDirectory) {
+    let c = reqwest::Client::new();
+    let put = |path: &'static str, token: &'static str, body: String| {
+        let c = c.clone();
+        async move {
+            let (status, text) = call(
+                &c,
+                dir,
+                Method::PUT,
+                path,
+                secret(token).or(Some(token)),
+                Some(&body),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "PUT {path}: {text}");
+        }
+    };
+    let delete = |path: &'static str, token: &'static str| {
+        let c = c.clone();
+        async move {
+            let (status, text) = call(&c, dir, Method::DELETE, path, secret(token), None).await;
+            assert_eq!(status, StatusCode::OK, "DELETE {path}: {text}");
+        }
+    };
+    put("/v1/services/web/instances/a", "reg", instance(9, 60_000)).await;
+    put("/v1/services/web/instances/a", "reg", instance(10, 60_000)).await;
+    put(
+        "/v1/services/web/instances/c",
+        ADMIN_SECRET,
+        instance(12, 60_000),
+    )
+    .await;
+    delete("/v1/services/web/instances/a", "reg").await;
+    put("/v1/routes/web?force=true", "ops", r#"{"1":100}"#.into()).await;
+    put(
+        "/v1/maintenance/web/versions/1?force=true",
+        "ops",
+        "{}".into(),
+    )
+    .await;
+    delete("/v1/maintenance/web/versions/1", "ops").await;
+    delete("/v1/routes/web", "ops").await;
+    // Last, as it expires a second later.
+    put("/v1/services/web/instances/b", "root", instance(11, 1_000)).await;
+    let want = vec![
+        row(EventKind::Registered, "a", "reg"),
+        row(EventKind::Changed, "a", "reg"),
+        row(EventKind::Registered, "c", "BAKER_TOKEN"),
+        row(EventKind::Deregistered, "a", "reg"),
+        row(EventKind::RouteSet, "-", "ops"),
+        row(EventKind::Drained, "version 1", "ops"),
+        row(EventKind::Undrained, "version 1", "ops"),
+        row(EventKind::RouteCleared, "-", "ops"),
+        row(EventKind::Registered, "b", "root"),
+        row(EventKind::Expired, "b", "expiry"),
+    ];
+    let got = eventually(
+        Duration::from_secs(15),
+        "every change, b's expiry last, in the events",
+        || async {
+            let got = who(&events(&c, watcher, secret("root")).await, "web");
+            (got.len() == want.len()).then_some(got)
+        },
+    )
+    .await;
+    assert_eq!(got, want);
+}
+
+/// The single admin token of the tests that name one.
+const ADMIN_SECRET: &str = "admin-secret-6";
+
+/// A tokens file of [`TOKENS`].
+fn tokens_file() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let text: String = TOKENS.iter().map(line).collect();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+#[tokio::test]
+async fn every_change_names_the_token_that_made_it_or_who_else_did() {
+    let file = tokens_file();
+    let path = file.path().to_str().unwrap();
+    let env = [("BAKER_TOKENS", path), ("BAKER_TOKEN", ADMIN_SECRET)];
+    let dir = TestDirectory::start(&env).await;
+    every_change_names_its_maker(&dir, &dir).await;
+
+    // `baker events` shows it in a column of its own.
+    let run = baker_tests::cli::baker(&dir.url, secret("root"), &["events", "--service", "web"])
+        .await
+        .ok();
+    let header = run.stdout.lines().next().unwrap_or_default().to_owned();
+    assert!(
+        header.contains(" BY ") && header.ends_with("ORIGIN"),
+        "{}",
+        run.stdout
+    );
+    let drained = run
+        .stdout
+        .lines()
+        .find(|l| l.contains(" drained "))
+        .unwrap_or_default();
+    assert!(
+        drained.contains(" ops ") && drained.contains("with token ops"),
+        "{}",
+        run.stdout
+    );
+
+    // Without any token (changes open): `anonymous`; with a token the directory knows, its
+    // name even then.
+    let open = TestDirectory::start(&[]).await;
+    let c = reqwest::Client::new();
+    for token in [None, Some("whatever-it-is")] {
+        let (status, _) = call(
+            &c,
+            &open,
+            Method::PUT,
+            "/v1/services/web/instances/a",
+            token,
+            Some(&instance(9, 60_000)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        call(
+            &c,
+            &open,
+            Method::DELETE,
+            "/v1/services/web/instances/a",
+            token,
+            None,
+        )
+        .await;
+    }
+    let got = who(&events(&c, &open, None).await, "web");
+    assert_eq!(
+        got,
+        [
+            row(EventKind::Registered, "a", "anonymous"),
+            row(EventKind::Deregistered, "a", "anonymous"),
+            row(EventKind::Registered, "a", "anonymous"),
+            row(EventKind::Deregistered, "a", "anonymous"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn on_etcd_another_replica_names_the_token_of_a_change_it_only_watched() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let cluster = EtcdCluster::start(1).await;
+    let store = cluster.store_url("/baker");
+    let file = tokens_file();
+    let path = file.path().to_str().unwrap();
+    let a = TestDirectory::start(&[
+        ("BAKER_STORE", &store),
+        ("BAKER_TOKENS", path),
+        ("BAKER_TOKEN", ADMIN_SECRET),
+    ])
+    .await;
+    let b = a.replica().await;
+    // Every change made through a, read from b's events.
+    every_change_names_its_maker(&a, &b).await;
+    // And the other way round, as b's own events say it: its watch and its own commits agree.
+    let c = reqwest::Client::new();
+    let mine = who(&events(&c, &a, secret("root")).await, "web");
+    let theirs = who(&events(&c, &b, secret("root")).await, "web");
+    assert_eq!(mine, theirs);
+}
+
+/// Whether the watch `resp` ends within `limit`, reading what it sends meanwhile.
+async fn ends_within(resp: &mut reqwest::Response, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => return false,
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) | Ok(Err(_)) => return true,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_watch_ends_once_its_token_is_removed_or_changed() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let tokens = [
+        ("keeps", "read", "*", "keeps-secret-7"),
+        ("goes", "read", "*", "goes-secret-8"),
+        ("rotated", "read", "*", "rotated-secret-9"),
+        ("demoted", "operate", "web", "demoted-secret-10"),
+    ];
+    let write = |lines: &[(&str, &str, &str, &str)]| {
+        let text: String = lines.iter().map(line).collect();
+        std::fs::write(file.path(), text).unwrap();
+    };
+    write(&tokens);
+    let path = file.path().to_str().unwrap();
+    let dir = TestDirectory::start(&[("BAKER_TOKENS", path), ("BAKER_READ", "token")]).await;
+    let c = reqwest::Client::new();
+    let open = |secret: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/v1/watch?v=2", dir.url);
+        async move {
+            let mut resp = c.get(url).bearer_auth(secret).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.chunk().await.unwrap().expect("the snapshot");
+            resp
+        }
+    };
+    let mut keeps = open("keeps-secret-7").await;
+    let mut goes = open("goes-secret-8").await;
+    let mut rotated = open("rotated-secret-9").await;
+    let mut demoted = open("demoted-secret-10").await;
+
+    // `goes` taken out of the file, `rotated` given another secret, `demoted` a role that does
+    // not read: their watches end within the second the file is checked in, and a little.
+    write(&[
+        tokens[0],
+        ("rotated", "read", "*", "rotated-secret-11"),
+        ("demoted", "register", "web", "demoted-secret-10"),
+    ]);
+    let changed = Instant::now();
+    for (name, resp) in [
+        ("goes", &mut goes),
+        ("rotated", &mut rotated),
+        ("demoted", &mut demoted),
+    ] {
+        assert!(
+            ends_within(resp, Duration::from_millis(2500)).await,
+            "the watch of {name} still runs {:?} after its token changed",
+            changed.elapsed()
+        );
+    }
+    // The watch whose token stays goes on: it gets the next change.
+    let (status, _) = call(
+        &c,
+        &dir,
+        Method::PUT,
+        "/v1/services/web/instances/a",
+        Some("demoted-secret-10"),
+        Some(&instance(9, 60_000)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the demoted token registers");
+    let next = tokio::time::timeout(Duration::from_secs(5), keeps.chunk())
+        .await
+        .expect("a line within 5 s")
+        .expect("the watch goes on")
+        .expect("a line, not the end");
+    let next = String::from_utf8_lossy(&next);
+    assert!(next.contains(r#""type":"upsert""#), "{next}");
+    // A watch with the old secret of `rotated` is refused from the start.
+    let (status, _) = call(
+        &c,
+        &dir,
+        Method::GET,
+        "/v1/watch?v=2",
+        Some("rotated-secret-9"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let log = dir.proc.log_text();
+    assert!(
+        log.contains("ending a watch: its token is no longer in force"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_process_that_prints_a_secret_fails_its_test() {
+    // A secret of a tokens file, registered as its line is written.
+    let _ = secrets::token_line("leaky", "read", "*", "leaked-secret-12");
+    let mut printed = Proc::spawn(
+        "leaky",
+        "/bin/sh",
+        &[
+            "-c",
+            "echo starting; echo 'header: Bearer leaked-secret-12'",
+        ],
+        &[],
+    );
+    printed.wait_exit(Duration::from_secs(10)).await;
+    // A secret given as BAKER_TOKEN, registered as the process starts.
+    let mut echoed = Proc::spawn(
+        "echoes-its-token",
+        "/bin/sh",
+        &["-c", "echo \"token is $BAKER_TOKEN\""],
+        &[("BAKER_TOKEN", "env-secret-13")],
+    );
+    echoed.wait_exit(Duration::from_secs(10)).await;
+    for (proc, says) in [
+        (
+            printed,
+            "leaky printed a token's secret, on line 2 of its output (masked here): header: \
+             Bearer <SECRET>",
+        ),
+        (
+            echoed,
+            "echoes-its-token printed a token's secret, on line 1 of its output (masked here): \
+             token is <SECRET>",
+        ),
+    ] {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(proc)))
+            .expect_err("dropping a process that printed a secret fails the test");
+        let message = caught.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert_eq!(message, says);
+    }
+    // One that printed none passes.
+    let mut quiet = Proc::spawn("quiet", "/bin/sh", &["-c", "echo nothing to see"], &[]);
+    quiet.wait_exit(Duration::from_secs(10)).await;
+    drop(quiet);
 }

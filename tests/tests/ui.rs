@@ -380,7 +380,7 @@ async fn a_drain_clicked_on_the_dashboard_takes_the_instance_out_of_rotation() {
     page.wait_for(
         "(() => { const t = document.getElementById('timeline'); \
          return !document.getElementById('history').hidden && t.innerText.includes('drained') \
-         && t.innerText.includes('kernel upgrade') && t.innerText.includes('by ui from'); })()",
+         && t.innerText.includes('kernel upgrade') && t.innerText.includes('by BAKER_TOKEN (ui from'); })()",
         WAIT,
         "the drain in the history, from the page",
     )
@@ -753,11 +753,7 @@ async fn with_closed_reads_the_page_asks_for_a_token_and_shows_what_it_may_do() 
         return;
     }
     let tokens = tempfile::NamedTempFile::new().unwrap();
-    let line = |name: &str, role: &str, scope: &str, secret: &str| {
-        use sha2::Digest;
-        let hash = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
-        format!("{name} {role} {scope} sha256:{hash}\n")
-    };
+    let line = baker_tests::secrets::token_line;
     let text = line("reader", "read", "*", "reader-ui-1")
         + &line("ops", "operate", "greeting", "ops-ui-2")
         + &line("root", "admin", "*", "root-ui-3");

@@ -144,7 +144,7 @@ pub async fn maintenance(ctx: &Ctx) -> anyhow::Result<()> {
 /// The `baker events` table.
 pub fn events_table(resp: &EventsResponse) -> Table {
     let mut t = Table::new(&[
-        "time", "index", "service", "what", "kind", "cause", "origin",
+        "time", "index", "service", "what", "kind", "cause", "by", "origin",
     ]);
     for e in &resp.events {
         let what = match (&e.id, &e.version) {
@@ -169,6 +169,7 @@ pub fn events_table(resp: &EventsResponse) -> Table {
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             cause,
+            e.by.clone().unwrap_or_else(|| "-".to_owned()),
             e.origin.clone().unwrap_or_else(|| "-".to_owned()),
         ]);
     }

@@ -355,6 +355,7 @@ mod tests {
                     at: 0,
                     cause: UpsertCause::Registered,
                     instance,
+                    by: None,
                 },
                 index - 1,
             )
@@ -371,6 +372,7 @@ mod tests {
                     at: 0,
                     cause: RemoveCause::Expired,
                     instance: inst("a", 50),
+                    by: None,
                 },
                 5,
             ),

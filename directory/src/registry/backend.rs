@@ -29,11 +29,12 @@ use crate::routes::{RouteStore, StoreError};
 #[derive(Debug, Clone)]
 pub(crate) enum Proposal {
     /// Put `instance` bound to `owner`, if its key is held by `expected` (`None`: absent) or
-    /// already by `owner`.
+    /// already by `owner`; `by` registered it (a token's name, or `docker`).
     Put {
         instance: Instance,
         owner: i64,
         expected: Option<i64>,
+        by: String,
     },
     /// Remove these instances, each for its cause.
     Remove { removals: Vec<Removal> },
@@ -58,13 +59,20 @@ pub(crate) enum Proposal {
 /// A committed change, as the table applies it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Entry {
-    /// An instance put (new, changed, or bound to another owner).
-    Put { instance: Instance, owner: i64 },
-    /// An instance removed, for `cause`; `None`: it expired.
+    /// An instance put (new, changed, or bound to another owner), by `by` (`None`: an older
+    /// replica's write, which does not say).
+    Put {
+        instance: Instance,
+        owner: i64,
+        by: Option<String>,
+    },
+    /// An instance removed, for `cause` (`None`: it expired), by `by` (`None`: the cause's
+    /// own, [`RemoveCause::made_by`]).
     Gone {
         service: ServiceName,
         id: InstanceId,
         cause: Option<RemoveCause>,
+        by: Option<String>,
     },
     /// A service's route set or cleared.
     Route {
@@ -203,6 +211,7 @@ impl Backend for MemoryBackend {
                 instance,
                 owner,
                 expected,
+                by,
             } => {
                 let mut t = registry.lock();
                 let (service, id) = (&instance.service, &instance.id);
@@ -233,8 +242,12 @@ impl Backend for MemoryBackend {
                         .map_err(Refused::from)?;
                 }
                 let next = t.store.revision() + 1;
-                let changed =
-                    usize::from(registry.apply(&mut t, next, Entry::Put { instance, owner }));
+                let put = Entry::Put {
+                    instance,
+                    owner,
+                    by: Some(by),
+                };
+                let changed = usize::from(registry.apply(&mut t, next, put));
                 Ok(Committed::Done {
                     revision: t.store.revision(),
                     changed,
@@ -247,6 +260,7 @@ impl Backend for MemoryBackend {
                         service: r.service,
                         id: r.id,
                         cause: Some(r.cause),
+                        by: r.by,
                     }),
                 );
                 Ok(Committed::Done { revision, changed })
@@ -266,6 +280,7 @@ impl Backend for MemoryBackend {
                             service,
                             id,
                             cause: None,
+                            by: None,
                         };
                         changed += usize::from(registry.apply(&mut t, next, gone));
                     }

@@ -155,6 +155,7 @@ impl Discovered {
                 service: service.clone(),
                 id: id.clone(),
                 cause: *cause,
+                by: Some(baker_client::change::by::DOCKER.to_owned()),
             })
             .collect();
         (puts, removals)

@@ -97,6 +97,7 @@ impl Backend for FakeReplica {
                     instance,
                     owner,
                     expected,
+                    by,
                 } => {
                     let key = (instance.service.clone(), instance.id.clone());
                     let held = s.keys.get(&key).copied();
@@ -104,7 +105,11 @@ impl Backend for FakeReplica {
                         return Ok(Committed::Held(held.unwrap_or_default()));
                     }
                     s.keys.insert(key, owner);
-                    Ok(vec![Entry::Put { instance, owner }])
+                    Ok(vec![Entry::Put {
+                        instance,
+                        owner,
+                        by: Some(by),
+                    }])
                 }
                 Proposal::Remove { removals } => Ok(removals
                     .into_iter()
@@ -113,6 +118,7 @@ impl Backend for FakeReplica {
                         service: r.service,
                         id: r.id,
                         cause: Some(r.cause),
+                        by: r.by,
                     })
                     .collect()),
                 Proposal::Expire { due, owner } => {
@@ -129,6 +135,7 @@ impl Backend for FakeReplica {
                             service,
                             id,
                             cause: None,
+                            by: None,
                         })
                         .collect())
                 }

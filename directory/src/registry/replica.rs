@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use baker_client::change::{MaintenanceAction, RemoveCause};
+use baker_client::change::{by, MaintenanceAction, RemoveCause};
 use baker_client::maintenance::Maintenance;
 use baker_client::model::{Instance, InstanceId, ServiceName, Source};
 use futures_util::StreamExt;
@@ -54,9 +54,12 @@ use crate::store::MemoryStore;
 /// to: a replica that dies takes its containers out of the table within this time.
 pub const REPLICA_LEASE: Duration = Duration::from_secs(10);
 
-/// Why the instances deleted at one revision went, as that revision's transaction said: a
-/// deletion with no cause is a lease that ran out.
-type Causes = (u64, HashMap<(ServiceName, InstanceId), RemoveCause>);
+/// Why the instances deleted at one revision went and who removed them, as that revision's
+/// transaction said: a deletion with no cause is a lease that ran out.
+type Causes = (
+    u64,
+    HashMap<(ServiceName, InstanceId), (RemoveCause, Option<String>)>,
+);
 
 /// The table in etcd; the registry's table its mirror.
 pub(super) struct EtcdBackend {
@@ -273,16 +276,27 @@ impl EtcdBackend {
     ) {
         let rev = u64::try_from(revision).unwrap_or_default();
         let entry = match change {
-            Change::Instance { instance, lease } => Some(Entry::Put {
+            Change::Instance {
+                instance,
+                lease,
+                by,
+            } => Some(Entry::Put {
                 instance,
                 owner: lease,
+                by,
             }),
             Change::InstanceGone { service, id } => {
-                let cause = match &*causes {
-                    (r, by_key) if *r == rev => by_key.get(&(service.clone(), id.clone())).copied(),
+                let told = match &*causes {
+                    (r, by_key) if *r == rev => by_key.get(&(service.clone(), id.clone())).cloned(),
                     _ => None,
                 };
-                Some(Entry::Gone { service, id, cause })
+                let (cause, by) = told.map_or((None, None), |(c, by)| (Some(c), by));
+                Some(Entry::Gone {
+                    service,
+                    id,
+                    cause,
+                    by,
+                })
             }
             Change::Route { service, record } => Some(Entry::Route { service, record }),
             Change::RouteCleared { service } => Some(Entry::Route {
@@ -296,7 +310,7 @@ impl EtcdBackend {
                     rev,
                     removals
                         .into_iter()
-                        .map(|r| ((r.service, r.id), r.cause))
+                        .map(|r| ((r.service, r.id), (r.cause, r.by)))
                         .collect(),
                 );
                 None
@@ -313,11 +327,12 @@ impl EtcdBackend {
         let rev = u64::try_from(snapshot.revision).unwrap_or_default();
         {
             let mut t = registry.lock();
-            let mut now: HashMap<(ServiceName, InstanceId), (Instance, i64)> = snapshot
-                .instances
-                .into_iter()
-                .map(|(i, lease)| ((i.service.clone(), i.id.clone()), (i, lease)))
-                .collect();
+            let mut now: HashMap<(ServiceName, InstanceId), (Instance, i64, Option<String>)> =
+                snapshot
+                    .instances
+                    .into_iter()
+                    .map(|(i, lease, by)| ((i.service.clone(), i.id.clone()), (i, lease, by)))
+                    .collect();
             // A removal whose cause etcd still holds, made after the mirror's last change, was
             // made while this replica was not watching: it goes out with its own cause.
             let seen = i64::try_from(t.store.revision()).unwrap_or(i64::MAX);
@@ -334,20 +349,28 @@ impl EtcdBackend {
                     let told = snapshot
                         .causes
                         .get(&key)
-                        .filter(|(_, at)| *at > seen)
-                        .map(|(cause, _)| *cause);
-                    let cause = told.or(match source {
-                        Source::Docker => Some(RemoveCause::DockerResync),
+                        .filter(|(_, _, at)| *at > seen)
+                        .map(|(cause, by, _)| (*cause, by.clone()));
+                    let (cause, by) = match (told, source) {
+                        (Some((cause, by)), _) => (Some(cause), by),
+                        (None, Source::Docker) => (Some(RemoveCause::DockerResync), None),
                         // No cause: its lease ran out.
-                        Source::Registrar => None,
-                    });
-                    registry.apply(&mut t, rev, Entry::Gone { service, id, cause });
+                        (None, Source::Registrar) => (None, None),
+                    };
+                    let gone = Entry::Gone {
+                        service,
+                        id,
+                        cause,
+                        by,
+                    };
+                    registry.apply(&mut t, rev, gone);
                 }
             }
-            for (_, (instance, lease)) in now.drain() {
+            for (_, (instance, lease, by)) in now.drain() {
                 let put = Entry::Put {
                     instance,
                     owner: lease,
+                    by,
                 };
                 registry.apply(&mut t, rev, put);
             }
@@ -418,7 +441,12 @@ impl Backend for EtcdBackend {
                 instance,
                 owner,
                 expected,
-            } => match self.etcd.put_instance_if(&instance, owner, expected).await {
+                by,
+            } => match self
+                .etcd
+                .put_instance_if(&instance, Some(&by), owner, expected)
+                .await
+            {
                 Ok(Put::Written(revision)) => done(self.applied(revision).await?, 1),
                 Ok(Put::Held { holder, revision }) => {
                     // The caller decides again on the mirror, once it shows what etcd held;
@@ -536,6 +564,7 @@ impl Backend for EtcdBackend {
                         service: key.0.clone(),
                         id: key.1.clone(),
                         cause: RemoveCause::Expired,
+                        by: Some(by::EXPIRY.to_owned()),
                     }),
                     Some(Source::Registrar) => registrars += 1,
                     None => {}
@@ -606,6 +635,7 @@ fn route_cleared() -> RouteRecord {
         route: None,
         origin: Some("etcd".into()),
         at: unix_millis(),
+        by: Some(by::STORE.to_owned()),
     }
 }
 
@@ -622,6 +652,7 @@ pub(super) fn cleared(t: &Table, service: &ServiceName) -> Option<DrainRecord> {
             target: first.target()?,
             reason: first.reason,
             origin: "etcd".into(),
+            by: Some(by::STORE.to_owned()),
         },
         at: unix_millis(),
     })
@@ -678,15 +709,18 @@ mod tests {
         )
     }
 
-    /// (id, cause) of each removal published.
-    fn removals(rx: &mut Receiver) -> Vec<(String, RemoveCause)> {
+    /// (id, cause, by) of each removal published.
+    fn removals(rx: &mut Receiver) -> Vec<(String, RemoveCause, Option<String>)> {
         let mut out = Vec::new();
         while let Some(p) = rx.try_recv() {
             if let Published::Remove {
-                cause, instance, ..
+                cause,
+                instance,
+                by,
+                ..
             } = &p.change
             {
-                out.push((instance.id.to_string(), *cause));
+                out.push((instance.id.to_string(), *cause, by.clone()));
             }
         }
         out
@@ -702,6 +736,7 @@ mod tests {
                 Change::Instance {
                     instance: instance(id),
                     lease: 1,
+                    by: None,
                 },
             );
         }
@@ -714,21 +749,26 @@ mod tests {
             ..Snapshot::default()
         };
         let key = |id: &str| ("web".parse().unwrap(), id.parse().unwrap());
+        snapshot.causes.insert(
+            key("a"),
+            (RemoveCause::Deregistered, Some("web-reg".into()), 10),
+        );
         snapshot
             .causes
-            .insert(key("a"), (RemoveCause::Deregistered, 10));
-        snapshot
-            .causes
-            .insert(key("c"), (RemoveCause::Deregistered, 4));
+            .insert(key("c"), (RemoveCause::Deregistered, None, 4));
         etcd(&r).resync(&r, snapshot);
         let mut got = removals(&mut sub.feed);
         got.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(
             got,
             [
-                ("a".to_owned(), RemoveCause::Deregistered),
-                ("b".to_owned(), RemoveCause::Expired),
-                ("c".to_owned(), RemoveCause::Expired),
+                (
+                    "a".to_owned(),
+                    RemoveCause::Deregistered,
+                    Some("web-reg".into())
+                ),
+                ("b".to_owned(), RemoveCause::Expired, Some("expiry".into())),
+                ("c".to_owned(), RemoveCause::Expired, Some("expiry".into())),
             ]
         );
     }
@@ -747,6 +787,7 @@ mod tests {
             Change::Instance {
                 instance: instance("a"),
                 lease: 7,
+                by: None,
             },
         );
         // `b` is bound to another replica's: that one expires it.
@@ -756,6 +797,7 @@ mod tests {
             Change::Instance {
                 instance: instance("b"),
                 lease: 8,
+                by: None,
             },
         );
         let deadline = r.next_deadline().expect("a has a deadline here");
@@ -785,6 +827,7 @@ mod tests {
             Change::Instance {
                 instance: instance("a"),
                 lease: 7,
+                by: None,
             },
         );
         // etcd last confirmed the session more than half a lease ago.
@@ -817,6 +860,7 @@ mod tests {
             Change::Instance {
                 instance: container,
                 lease: 7,
+                by: None,
             },
         );
         assert_eq!(r.services().services["web"].len(), 1);
@@ -830,8 +874,9 @@ mod tests {
         let route: Route = [("1".parse().unwrap(), 100)].into();
         let set = RouteRecord {
             route: Some(route.clone()),
-            origin: Some("cli:ops from 127.0.0.1".into()),
+            origin: Some("cli:ops from 127.0.0.1 with token ops".into()),
             at: 1_700_000_000_000,
+            by: Some("ops".into()),
         };
         watched(
             &r,
@@ -843,8 +888,9 @@ mod tests {
         );
         let cleared = RouteRecord {
             route: None,
-            origin: Some("cli:ops from 127.0.0.1".into()),
+            origin: Some("cli:ops from 127.0.0.1 with token ops".into()),
             at: 1_700_000_000_500,
+            by: Some("ops".into()),
         };
         watched(
             &r,
@@ -869,18 +915,20 @@ mod tests {
                 at,
                 route,
                 origin,
+                by,
                 ..
             } = &p.change
             {
-                got.push((*index, *at, route.is_some(), origin.clone()));
+                got.push((*index, *at, route.is_some(), origin.clone(), by.clone()));
             }
         }
-        let ops = Some("cli:ops from 127.0.0.1".to_owned());
+        let ops = Some("cli:ops from 127.0.0.1 with token ops".to_owned());
+        let by = Some("ops".to_owned());
         assert_eq!(
             got,
             [
-                (5, 1_700_000_000_000, true, ops.clone()),
-                (6, 1_700_000_000_500, false, ops)
+                (5, 1_700_000_000_000, true, ops.clone(), by.clone()),
+                (6, 1_700_000_000_500, false, ops, by)
             ]
         );
     }
