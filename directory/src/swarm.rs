@@ -931,7 +931,7 @@ mod tests {
         );
         let two = [("a", "10.1.0.2"), ("b", "10.2.0.2")];
         let l = listing(
-            &[s.clone()],
+            std::slice::from_ref(&s),
             &[task("t1", "s1", 1, &two), task("t2", "s1", 2, &two)],
             &nodes(),
             None,
@@ -980,7 +980,7 @@ mod tests {
         let mut new = task("t-new", "s1", 1, &[("net", "10.0.1.6")]);
         new.created_at = "2026-01-01T00:00:09Z".into();
         for order in [[old.clone(), new.clone()], [new.clone(), old.clone()]] {
-            let l = listing(&[s.clone()], &order, &nodes(), None, |_| None);
+            let l = listing(std::slice::from_ref(&s), &order, &nodes(), None, |_| None);
             assert_eq!(l.instances.len(), 1);
             assert_eq!(l.instances.values().next().unwrap().task, "t-new");
         }

@@ -242,7 +242,7 @@ async fn scale_up_and_down_are_seen_within_two_seconds() {
         Some(swarm.node())
     );
     // The address is the task's on the overlay.
-    task_container(&name, &net, &first.address.to_string());
+    task_container(&name, &net, first.address.as_str());
 
     docker_ok(&["service", "scale", "--detach", &format!("{name}=3")]);
     let late = converge(&dir.client, &name, &baker, 3).await;
@@ -286,7 +286,7 @@ async fn a_killed_task_leaves_within_two_seconds_and_its_replacement_comes() {
     converge(&dir.client, &name, &baker, 2).await;
     let before = instances(&dir.client, &baker).await;
     let victim = &before[0];
-    let container = task_container(&name, &net, &victim.address.to_string());
+    let container = task_container(&name, &net, victim.address.as_str());
     let killed = Instant::now();
     docker_ok(&["kill", &container]);
     eventually(
