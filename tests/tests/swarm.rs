@@ -4,8 +4,10 @@
 //! run one at a time (their nextest group, `swarm`).
 //!
 //! Measured: a scale up is seen within 2 s of swarm reporting the new task running, a scale
-//! down within 2 s of the command, a killed task leaves within 2 s, and a rolling update of a
-//! replicated service under load through an ambassador loses no request.
+//! down within 2 s of the command, a killed task leaves within 2 s, a drained node's tasks
+//! leave within 2 s and before their containers stop, and neither a rolling update of a
+//! replicated service nor the directory's own task being replaced loses a request through an
+//! ambassador under load.
 
 use std::time::{Duration, Instant};
 
@@ -447,5 +449,173 @@ async fn a_rolling_update_under_load_loses_no_request() {
     assert!(by_instance.len() >= 4, "{by_instance:?}");
     drop(ambassador);
     drop(directory);
+    drop(swarm);
+}
+
+#[tokio::test]
+async fn a_drained_node_s_tasks_leave_the_table_before_their_containers_stop() {
+    if !require_images() {
+        return;
+    }
+    let swarm = Swarm::init();
+    let net = swarm.network("swarm-drain");
+    let dir = TestDirectory::start(&[("BAKER_DOCKER", "swarm"), ("BAKER_STORE", "memory")]).await;
+    let baker = unique("svc");
+    // Each task answers (and runs) 3 s past its SIGTERM.
+    let name = greeting_service(&net, &baker, 2, &["--env", "BAKER_STOP_DELAY=3s"]);
+    converge(&dir.client, &name, &baker, 2).await;
+    let running = || {
+        docker_ok(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={name}"),
+        ])
+        .lines()
+        .count()
+    };
+    assert_eq!(running(), 2);
+    let node = docker_ok(&["info", "--format", "{{.Swarm.NodeID}}"]);
+    let drained = Instant::now();
+    docker_ok(&["node", "update", "--availability", "drain", &node]);
+    eventually(
+        SEEN_WITHIN * 2,
+        "the drained node's tasks to leave the table",
+        || async {
+            instances(&dir.client, &baker)
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let took = drained.elapsed();
+    let still = running();
+    eprintln!("drain: the tasks left the table {took:?} after the command, {still} container(s) still running");
+    assert!(took <= SEEN_WITHIN, "the drained tasks left after {took:?}");
+    assert_eq!(
+        still, 2,
+        "the containers still run when their tasks leave the table"
+    );
+    // Back to active: swarm starts the tasks again, and they are registered again.
+    docker_ok(&["node", "update", "--availability", "active", &node]);
+    converge(&dir.client, &name, &baker, 2).await;
+    drop(dir);
+    drop(swarm);
+}
+
+// Several threads: the load keeps its pace while the test waits on the docker CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_directory_s_task_moved_loses_no_request_and_follows_on() {
+    if !require_images() {
+        return;
+    }
+    let swarm = Swarm::init();
+    let net = swarm.network("swarm-move");
+    let baker = unique("svc");
+    let name = greeting_service(&net, &baker, 2, &[]);
+    // The directory as the stack runs it: a service on a manager, found by DNS (dnsrr).
+    let directory = unique("directory");
+    docker_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "--quiet",
+        "--no-resolve-image",
+        "--name",
+        &directory,
+        "--network",
+        &net,
+        "--endpoint-mode",
+        "dnsrr",
+        "--user",
+        "root",
+        "--mount",
+        "type=bind,source=/var/run/docker.sock,target=/var/run/docker.sock,readonly",
+        "--env",
+        "BAKER_DOCKER=swarm",
+        "--constraint",
+        "node.role==manager",
+        "baker/directory",
+    ]);
+    let ambassador = Container::run(
+        "swarm-ambassador",
+        &[
+            "--network",
+            &net,
+            "-e",
+            &format!("BAKER_DIRECTORY=http://{directory}:7700"),
+            "-e",
+            &format!("BAKER_ROUTES={baker}=8000"),
+            "-p",
+            "127.0.0.1::8000",
+            "baker/ambassador",
+        ],
+    );
+    let port = docker_ok(&["port", &ambassador.name, "8000/tcp"]);
+    let url = format!(
+        "http://{}/greeting",
+        port.lines().next().unwrap_or_default()
+    );
+    let http = reqwest::Client::new();
+    let answering = |n: usize| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                if let Ok(instance) = baker_tests::load::greet(&http, &url).await {
+                    seen.insert(instance);
+                }
+            }
+            (seen.len() == n).then_some(())
+        }
+    };
+    eventually(WAIT, "both tasks answering through the ambassador", || {
+        answering(2)
+    })
+    .await;
+
+    let load = Paced::start(&url, 100.0, 4);
+    let moved = {
+        let directory = directory.clone();
+        tokio::task::spawn_blocking(move || {
+            docker(&[
+                "service",
+                "update",
+                "--force",
+                "--detach=false",
+                "--quiet",
+                &directory,
+            ])
+        })
+    };
+    let out = moved.await.expect("the update's thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let outcome = load.finish().await;
+    eprintln!(
+        "the directory's task replaced: {} answers, {} failed",
+        outcome.answers.len(),
+        outcome.failures.len()
+    );
+    assert!(
+        outcome.failures.is_empty(),
+        "{} requests failed while the directory moved: {:?}",
+        outcome.failures.len(),
+        &outcome.failures[..outcome.failures.len().min(10)]
+    );
+    // The new directory follows the swarm, and the ambassador follows it: a third task serves.
+    docker_ok(&["service", "scale", "--detach", &format!("{name}=3")]);
+    eventually(
+        WAIT,
+        "the third task answering through the ambassador",
+        || answering(3),
+    )
+    .await;
+    drop(ambassador);
     drop(swarm);
 }
