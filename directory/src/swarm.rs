@@ -11,7 +11,8 @@
 //!
 //! The Engine API has no task events, so discovery lists services and tasks every
 //! `BAKER_SWARM_POLL` (500 ms by default), and at once on the events the engine does send:
-//! service and node events, and the events of this node's task containers (a task container
+//! service and node events (then every 100 ms for a second, as swarm changes the tasks a moment
+//! after), and the events of this node's task containers (a task container
 //! sent a stop signal, dying or turning unhealthy leaves the table at that event, before the
 //! container has stopped). A task whose desired state is no longer `running` is not listed
 //! (the listing asks for `desired-state=running` only), so it leaves at the next listing, and
@@ -480,6 +481,12 @@ pub struct Settings {
     pub required: bool,
 }
 
+/// After a service or node event, the directory lists the tasks again this often, so many
+/// times (a second in all), then at `BAKER_SWARM_POLL` again: the orchestrator sets the
+/// tasks' desired state only after the event.
+const FOLLOW_UP: Duration = Duration::from_millis(100);
+const FOLLOW_UPS: u32 = 10;
+
 /// How long to wait before asking an engine that is no swarm manager again.
 const NOT_A_MANAGER_RECHECK: Duration = Duration::from_secs(5);
 
@@ -575,11 +582,17 @@ async fn session(
     );
     synced();
     let mut next = Instant::now() + settings.poll;
+    // Listings left to make at `FOLLOW_UP` intervals: swarm changes its tasks' desired state
+    // a moment after the service or node event that causes it.
+    let mut follow_ups = 0u32;
     loop {
         let mut nodes_changed = false;
+        // Whether to list now: at the deadline, or on an event that can matter (a task
+        // container's health checks alone send several events a second that do not).
+        let mut list = false;
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(true),
-            _ = tokio::time::sleep_until(next) => {}
+            _ = tokio::time::sleep_until(next) => list = true,
             e = events.next() => {
                 // Take every event already there, then list once.
                 let mut batch = vec![e];
@@ -592,9 +605,13 @@ async fn session(
                         Some(Err(e)) => return Err(SessionError::Stream(e)),
                         Some(Ok(e)) => e,
                     };
-                    match classify(&event) {
-                        Action::Ignore => {}
-                        Action::Poll => {}
+                    let action = classify(&event);
+                    list |= action != Action::Ignore;
+                    if matches!(action, Action::Poll | Action::Nodes) {
+                        follow_ups = FOLLOW_UPS;
+                    }
+                    match action {
+                        Action::Ignore | Action::Poll => {}
                         Action::Nodes => nodes_changed = true,
                         Action::Exclude(cid, why) => {
                             tracker.excluded.insert(cid, why);
@@ -608,11 +625,20 @@ async fn session(
                 }
             }
         }
+        if !list {
+            continue;
+        }
         if nodes_changed {
             nodes = read_nodes(&docker).await?;
         }
         poll(&docker, &engine, registry, settings, tracker, &nodes).await?;
-        next = Instant::now() + settings.poll;
+        next = Instant::now()
+            + if follow_ups > 0 {
+                follow_ups -= 1;
+                FOLLOW_UP.min(settings.poll)
+            } else {
+                settings.poll
+            };
     }
 }
 

@@ -25,6 +25,19 @@ const SEEN_WITHIN: Duration = Duration::from_secs(2);
 /// (nextest's timeout) leaves a swarm the next test may recognise and leave.
 const OURS: &str = "baker-test-swarm";
 
+/// The image `baker/<name>` at `BAKER_TEST_IMAGE_TAG` (default `latest`): on an engine other
+/// builds share, `BAKER_IMAGE_TAG=x docker/build.sh` then `BAKER_TEST_IMAGE_TAG=x` pins the
+/// images these tests run to the ones just built.
+fn image(name: &str) -> String {
+    let tag = std::env::var("BAKER_TEST_IMAGE_TAG").unwrap_or_default();
+    let tag = if tag.trim().is_empty() {
+        "latest"
+    } else {
+        tag.trim()
+    };
+    format!("baker/{name}:{tag}")
+}
+
 /// A one-node swarm on this engine, left (with every service and overlay network in it) when
 /// dropped, also on panic.
 struct Swarm;
@@ -134,7 +147,8 @@ fn greeting_service(network: &str, baker: &str, replicas: u32, extra: &[&str]) -
         args.extend(["--label", l.as_str()]);
     }
     args.extend_from_slice(extra);
-    args.push("baker/greeting");
+    let greeting = image("greeting");
+    args.push(&greeting);
     docker_ok(&args);
     name
 }
@@ -354,7 +368,7 @@ async fn a_rolling_update_under_load_loses_no_request() {
             &format!("BAKER_DOCKER_NETWORK={net}"),
             "-p",
             "127.0.0.1::7700",
-            "baker/directory",
+            &image("directory"),
         ],
     );
     let ambassador = Container::run(
@@ -368,7 +382,7 @@ async fn a_rolling_update_under_load_loses_no_request() {
             &format!("BAKER_ROUTES={baker}=8000"),
             "-p",
             "127.0.0.1::8000",
-            "baker/ambassador",
+            &image("ambassador"),
         ],
     );
     let published = |c: &Container, port: &str| {
@@ -536,7 +550,7 @@ async fn the_directory_s_task_moved_loses_no_request_and_follows_on() {
         "BAKER_DOCKER=swarm",
         "--constraint",
         "node.role==manager",
-        "baker/directory",
+        &image("directory"),
     ]);
     let ambassador = Container::run(
         "swarm-ambassador",
@@ -549,7 +563,7 @@ async fn the_directory_s_task_moved_loses_no_request_and_follows_on() {
             &format!("BAKER_ROUTES={baker}=8000"),
             "-p",
             "127.0.0.1::8000",
-            "baker/ambassador",
+            &image("ambassador"),
         ],
     );
     let port = docker_ok(&["port", &ambassador.name, "8000/tcp"]);
