@@ -12,9 +12,9 @@ use baker_client::config::vars::{
     ENV_ETCD_KEY, ENV_HISTORY, ENV_LISTEN, ENV_MAX_AMBASSADORS, ENV_MAX_CONNECTIONS,
     ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES,
     ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_READ, ENV_REQUEST_TIMEOUT, ENV_STORE,
-    ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN, ENV_TOKENS, ENV_WATCH_TOKEN,
+    ENV_SWARM_POLL, ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN, ENV_TOKENS, ENV_WATCH_TOKEN,
 };
-use baker_client::config::{ConfigErrors, Environment, Reader};
+use baker_client::config::{parse_duration, ConfigErrors, Environment, Reader};
 use baker_client::model::NodeName;
 
 use crate::etcd::StoreUrl;
@@ -37,6 +37,9 @@ pub enum DockerMode {
     Auto,
     /// Always on: failing to reach the engine is logged and retried.
     On,
+    /// On, and the engine is meant to be a swarm manager: an engine that is none is warned
+    /// about (with `auto` and `on`, a manager's services are followed too, silently otherwise).
+    Swarm,
     /// Never.
     Off,
 }
@@ -48,8 +51,9 @@ impl FromStr for DockerMode {
         match s.to_ascii_lowercase().as_str() {
             "auto" => Ok(DockerMode::Auto),
             "on" => Ok(DockerMode::On),
+            "swarm" => Ok(DockerMode::Swarm),
             "off" => Ok(DockerMode::Off),
-            _ => Err("must be auto, on or off".into()),
+            _ => Err("must be auto, on, swarm or off".into()),
         }
     }
 }
@@ -59,6 +63,7 @@ impl fmt::Display for DockerMode {
         f.write_str(match self {
             DockerMode::Auto => "auto",
             DockerMode::On => "on",
+            DockerMode::Swarm => "swarm",
             DockerMode::Off => "off",
         })
     }
@@ -119,6 +124,9 @@ pub struct Config {
     /// `BAKER_DOCKER_NETWORK`: used by Docker discovery, the network whose address a discovered
     /// container is registered with (default: the container's first network).
     pub docker_network: Option<String>,
+    /// `BAKER_SWARM_POLL`: how often swarm discovery lists the tasks when no event asks
+    /// sooner (the Engine API has no task events).
+    pub swarm_poll: Duration,
     /// `BAKER_NODE`: the node name Docker discovery gives the containers it finds (default:
     /// the engine's own name, as `docker info` shows it, else the host name).
     pub node: Option<NodeName>,
@@ -161,6 +169,7 @@ impl Default for Config {
             store: StoreMode::Memory,
             docker: DockerMode::Auto,
             docker_network: None,
+            swarm_poll: crate::swarm::DEFAULT_POLL,
             node: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_watches: DEFAULT_MAX_CONNECTIONS / 2,
@@ -261,6 +270,17 @@ impl Config {
         }
         let docker = r.value(ENV_DOCKER, DockerMode::Auto);
         let docker_network = r.parse(ENV_DOCKER_NETWORK, parse_network);
+        let swarm_poll = r
+            .parse(ENV_SWARM_POLL, |s| {
+                parse_duration(s).and_then(|d| {
+                    if (Duration::from_millis(50)..=Duration::from_secs(60)).contains(&d) {
+                        Ok(d)
+                    } else {
+                        Err("must be between 50ms and 1m".to_owned())
+                    }
+                })
+            })
+            .unwrap_or(defaults.swarm_poll);
         let node = r.parse(ENV_NODE, |s| {
             NodeName::parse_as(ENV_NODE, s).map_err(|e| e.message)
         });
@@ -306,6 +326,7 @@ impl Config {
             store: store.unwrap_or_default(),
             docker,
             docker_network,
+            swarm_poll,
             node,
             max_connections,
             max_watches,

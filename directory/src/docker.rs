@@ -62,10 +62,12 @@ pub const BACKUP_LABEL: &str = "baker.backup";
 /// Where the engine listens when `DOCKER_HOST` is not set.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 
-/// Whether discovery runs: `on`, or `auto` with `DOCKER_HOST` set or the socket present.
+/// Whether discovery runs: `on` or `swarm`, or `auto` with `DOCKER_HOST` set or the socket
+/// present. Swarm discovery ([`crate::swarm`]) runs beside it whenever it does, and follows a
+/// swarm while the engine is a manager.
 pub fn enabled(mode: DockerMode) -> bool {
     match mode {
-        DockerMode::On => true,
+        DockerMode::On | DockerMode::Swarm => true,
         DockerMode::Off => false,
         DockerMode::Auto => {
             std::env::var_os("DOCKER_HOST").is_some() || Path::new(DEFAULT_SOCKET).exists()
@@ -169,9 +171,9 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
         .as_ref()
         .and_then(|cfg| cfg.labels.as_ref())
         .unwrap_or(&empty);
-    let Some(service) = labels.get(SERVICE_LABEL) else {
+    if !labels.contains_key(SERVICE_LABEL) {
         return Verdict::Unlabelled;
-    };
+    }
     let instance = match instance_id(
         c.name.as_deref().unwrap_or_default(),
         c.id.as_deref().unwrap_or_default(),
@@ -185,54 +187,10 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
         }
     };
     let id = instance.to_string();
-    let mut problems = Vec::new();
-    let service = ServiceName::parse_as(SERVICE_LABEL, service)
-        .map_err(|e| problems.push(e.to_string()))
-        .ok();
-    let port = match labels.get(PORT_LABEL) {
-        Some(p) => p
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| format!("{PORT_LABEL}: must be a port number, got {p:?}"))
-            .and_then(|p| validate_port(PORT_LABEL, p).map_err(|e| e.to_string())),
-        None => only_exposed_port(c),
+    let labelled = match read_labels(labels, || only_exposed_port(c)) {
+        Ok(l) => l,
+        Err(message) => return Verdict::Invalid { id, message },
     };
-    let port = port.map_err(|e| problems.push(e)).unwrap_or(0);
-    let weight = match labels.get(WEIGHT_LABEL) {
-        Some(w) => match w.trim().parse::<u64>() {
-            Ok(w) => Some(w),
-            Err(_) => {
-                problems.push(format!(
-                    "{WEIGHT_LABEL}: must be a number between 1 and 256, got {w:?}"
-                ));
-                None
-            }
-        },
-        None => None,
-    };
-    let backup = match labels.get(BACKUP_LABEL).map(|v| v.trim()) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => {
-            problems.push(format!(
-                "{BACKUP_LABEL}: must be true or false, got {:?}",
-                printable(other)
-            ));
-            false
-        }
-    };
-    let Some(service) = service else {
-        return Verdict::Invalid {
-            id,
-            message: problems.join("; "),
-        };
-    };
-    if !problems.is_empty() {
-        return Verdict::Invalid {
-            id,
-            message: problems.join("; "),
-        };
-    }
 
     let absent = |reason: String| Verdict::Absent {
         id: id.clone(),
@@ -268,27 +226,103 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
         Err(Problem::OffNetwork(reason)) => return Verdict::OffNetwork { id, reason },
         Err(Problem::Invalid(message)) => return Verdict::Invalid { id, message },
     };
-    let spec = InstanceSpec {
-        address,
-        port: u64::from(port),
-        version: labels.get(VERSION_LABEL).map(|v| v.trim().to_owned()),
-        weight,
-        tags: if backup {
-            vec!["backup".to_owned()]
-        } else {
-            Vec::new()
-        },
-        ttl_ms: None,
-    };
-    match spec.validate() {
+    match labelled.spec(address) {
         Ok(spec) => Verdict::Register {
-            service,
+            service: labelled.service,
             id: instance,
             spec,
         },
-        Err(errors) => Verdict::Invalid {
-            id,
-            message: errors
+        Err(message) => Verdict::Invalid { id, message },
+    }
+}
+
+/// What the `baker.*` labels of a container or a swarm service say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Labelled {
+    pub service: ServiceName,
+    pub port: u16,
+    pub version: Option<String>,
+    pub weight: Option<u64>,
+    pub backup: bool,
+}
+
+/// Reads the `baker.*` labels (`baker.service` must be there); `default_port` gives the port
+/// when `baker.port` is missing. Every bad label is named in the one message returned.
+pub(crate) fn read_labels(
+    labels: &HashMap<String, String>,
+    default_port: impl FnOnce() -> Result<u16, String>,
+) -> Result<Labelled, String> {
+    let mut problems = Vec::new();
+    let service = match labels.get(SERVICE_LABEL) {
+        Some(service) => ServiceName::parse_as(SERVICE_LABEL, service)
+            .map_err(|e| problems.push(e.to_string()))
+            .ok(),
+        None => {
+            problems.push(format!("{SERVICE_LABEL}: missing"));
+            None
+        }
+    };
+    let port = match labels.get(PORT_LABEL) {
+        Some(p) => p
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{PORT_LABEL}: must be a port number, got {p:?}"))
+            .and_then(|p| validate_port(PORT_LABEL, p).map_err(|e| e.to_string())),
+        None => default_port(),
+    };
+    let port = port.map_err(|e| problems.push(e)).unwrap_or(0);
+    let weight = match labels.get(WEIGHT_LABEL) {
+        Some(w) => match w.trim().parse::<u64>() {
+            Ok(w) => Some(w),
+            Err(_) => {
+                problems.push(format!(
+                    "{WEIGHT_LABEL}: must be a number between 1 and 256, got {w:?}"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    let backup = match labels.get(BACKUP_LABEL).map(|v| v.trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            problems.push(format!(
+                "{BACKUP_LABEL}: must be true or false, got {:?}",
+                printable(other)
+            ));
+            false
+        }
+    };
+    match service {
+        Some(service) if problems.is_empty() => Ok(Labelled {
+            service,
+            port,
+            version: labels.get(VERSION_LABEL).map(|v| v.trim().to_owned()),
+            weight,
+            backup,
+        }),
+        _ => Err(problems.join("; ")),
+    }
+}
+
+impl Labelled {
+    /// The instance these labels make at `address`; the message names the bad labels.
+    pub(crate) fn spec(&self, address: String) -> Result<ValidSpec, String> {
+        let spec = InstanceSpec {
+            address,
+            port: u64::from(self.port),
+            version: self.version.clone(),
+            weight: self.weight,
+            tags: if self.backup {
+                vec!["backup".to_owned()]
+            } else {
+                Vec::new()
+            },
+            ttl_ms: None,
+        };
+        spec.validate().map_err(|errors| {
+            errors
                 .iter()
                 .map(|e| match e.field.as_str() {
                     "version" => format!("{VERSION_LABEL}: {}", e.message),
@@ -296,8 +330,8 @@ pub fn verdict(c: &ContainerInspectResponse, default_network: Option<&str>) -> V
                     _ => e.to_string(),
                 })
                 .collect::<Vec<_>>()
-                .join("; "),
-        },
+                .join("; ")
+        })
     }
 }
 

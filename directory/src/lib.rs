@@ -22,6 +22,8 @@
 //! - [`server`]: the accept loop (connection limit, header timeout, graceful shutdown).
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`.
 //! - [`docker`]: discovery of containers labelled `baker.service`, from the Docker API.
+//! - [`swarm`]: discovery of the tasks of swarm services labelled `baker.service`, on a
+//!   manager.
 //! - [`etcd`]: the table in etcd v3 (instances on leases, routes as keys, watches from a
 //!   revision), for replicas that share it (`BAKER_STORE=etcd://...`).
 //! - [`supervise`]: restarts a long-lived task that panics or returns before shutdown.
@@ -45,6 +47,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod supervise;
+pub mod swarm;
 pub mod tls;
 pub mod tokens;
 pub mod ui;
@@ -192,6 +195,19 @@ pub async fn run(
             },
         ))
     });
+    let swarm = docker::enabled(config.docker).then(|| {
+        let settings = swarm::Settings {
+            network: config.docker_network.clone(),
+            poll: config.swarm_poll,
+            required: config.docker == DockerMode::Swarm,
+        };
+        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        tokio::spawn(supervise::supervise(
+            "swarm discovery",
+            shutdown.clone(),
+            move || swarm::run(registry.clone(), settings.clone(), shutdown.clone()),
+        ))
+    });
     if config.token.is_none() && config.tokens.is_none() {
         tracing::info!("no BAKER_TOKEN: mutating calls need no token");
     }
@@ -242,6 +258,9 @@ pub async fn run(
     let _ = expiry.await;
     if let Some(discovery) = discovery {
         let _ = discovery.await;
+    }
+    if let Some(swarm) = swarm {
+        let _ = swarm.await;
     }
     let _ = replica.await;
     tracing::info!("stopped");

@@ -62,6 +62,8 @@ use crate::store::{MemoryStore, Store};
 
 mod backend;
 mod discovered;
+
+pub use discovered::Origin;
 #[cfg(test)]
 mod fake;
 mod known;
@@ -878,6 +880,17 @@ impl Registry {
         id: &InstanceId,
         spec: ValidSpec,
     ) -> Result<Instance, Refused> {
+        self.upsert_from(Origin::Containers, service, id, spec)
+    }
+
+    /// [`Registry::upsert`] for the discovery `origin` (a swarm's tasks, or the containers).
+    pub fn upsert_from(
+        &self,
+        origin: Origin,
+        service: &ServiceName,
+        id: &InstanceId,
+        spec: ValidSpec,
+    ) -> Result<Instance, Refused> {
         let instance = instance_of(service, id, spec, Source::Docker);
         {
             let t = self.lock();
@@ -885,7 +898,7 @@ impl Registry {
             t.admit(&self.inner.quotas, service, id)
                 .inspect_err(|e| self.refused(e))?;
         }
-        self.discovered().want(instance.clone());
+        self.discovered().want(instance.clone(), origin);
         self.inner.kick.notify_one();
         Ok(instance)
     }
@@ -898,9 +911,9 @@ impl Registry {
         was
     }
 
-    /// Makes the instances Docker runs exactly `instances` (service, id, spec); the reconciler
+    /// Makes the containers Docker runs exactly `instances` (service, id, spec); the reconciler
     /// writes those that changed and removes the others. Instances past a quota are left out,
-    /// with one warning.
+    /// with one warning. A swarm's tasks ([`Origin::Swarm`]) are not touched.
     pub fn sync_source(&self, instances: Vec<(ServiceName, InstanceId, ValidSpec)>) {
         let mut wanted = BTreeMap::new();
         let mut over_quota: Option<(Exceeded, usize)> = None;
@@ -926,7 +939,7 @@ impl Registry {
                 "{count} instance(s) not registered, the first because {first}"
             );
         }
-        self.discovered().want_only(wanted);
+        self.discovered().want_only(Origin::Containers, wanted);
         self.inner.kick.notify_one();
     }
 

@@ -35,6 +35,7 @@ mod registrar_file;
 mod replicas;
 mod route_options;
 mod runtime_api;
+mod swarm;
 mod tls;
 mod tokens;
 mod ui;

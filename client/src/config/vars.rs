@@ -80,8 +80,10 @@ pub const ENV_RISE: &str = "BAKER_RISE";
 pub const ENV_ROUTES: &str = "BAKER_ROUTES";
 pub const ENV_RUN_DIR: &str = "BAKER_RUN_DIR";
 pub const ENV_SERVICE: &str = "BAKER_SERVICE";
+pub const ENV_STOP_DELAY: &str = "BAKER_STOP_DELAY";
 pub const ENV_STOP_TIMEOUT: &str = "BAKER_STOP_TIMEOUT";
 pub const ENV_STORE: &str = "BAKER_STORE";
+pub const ENV_SWARM_POLL: &str = "BAKER_SWARM_POLL";
 pub const ENV_TAGS: &str = "BAKER_TAGS";
 pub const ENV_TARGET: &str = "BAKER_TARGET";
 pub const ENV_TEMPLATE: &str = "BAKER_TEMPLATE";
@@ -171,12 +173,17 @@ pub const DIRECTORY: Program = Program {
         var(
             ENV_DOCKER,
             "auto",
-            "discovery of labelled containers: auto, on, off",
+            "discovery of labelled containers and swarm services: auto, on, swarm, off",
         ),
         var(
             ENV_DOCKER_NETWORK,
             "none",
-            "network whose address a discovered container gets",
+            "network whose address a discovered container or swarm task gets",
+        ),
+        var(
+            ENV_SWARM_POLL,
+            "500ms",
+            "how often a swarm manager's tasks are listed when no event comes sooner",
         ),
         var(
             ENV_NODE,
@@ -383,6 +390,11 @@ pub const GREETING: Program = Program {
             ENV_INSTANCE,
             "the host name",
             "the instance reported in every greeting",
+        ),
+        var(
+            ENV_STOP_DELAY,
+            "0s",
+            "how long it keeps answering after SIGTERM before it stops accepting",
         ),
     ],
 };

@@ -27,9 +27,23 @@ pub(super) const STOPPED_ELSEWHERE: Duration = Duration::from_secs(10);
 
 type Key = (ServiceName, InstanceId);
 
+/// Which discovery found an instance: the engine's containers, or a swarm's tasks. Each
+/// resynchronises only its own ([`Registry::sync_source`](super::Registry::sync_source) is the
+/// containers'), so the two run side by side on a manager without undoing each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// Labelled containers of this engine (`docker.rs`).
+    #[default]
+    Containers,
+    /// Tasks of labelled swarm services (`swarm.rs`).
+    Swarm,
+}
+
 #[derive(Default)]
 pub(super) struct Discovered {
     wanted: BTreeMap<Key, Instance>,
+    /// The discovery that wants each key of `wanted`.
+    origins: HashMap<Key, Origin>,
     dropped: HashMap<Key, RemoveCause>,
     /// When each wanted container was last added to `wanted` (a start seen by this engine).
     since: HashMap<Key, Instant>,
@@ -41,10 +55,11 @@ pub(super) struct Discovered {
 }
 
 impl Discovered {
-    /// The engine runs `instance`.
-    pub(super) fn want(&mut self, instance: Instance) {
+    /// The engine runs `instance`, found by `origin`.
+    pub(super) fn want(&mut self, instance: Instance, origin: Origin) {
         let key = (instance.service.clone(), instance.id.clone());
         self.dropped.remove(&key);
+        self.origins.insert(key.clone(), origin);
         if !self.wanted.contains_key(&key) {
             self.since.insert(key.clone(), Instant::now());
         }
@@ -61,21 +76,39 @@ impl Discovered {
         let key = (service.clone(), id.clone());
         let was = self.wanted.remove(&key).is_some();
         self.since.remove(&key);
+        self.origins.remove(&key);
         self.dropped.insert(key, cause);
         was
     }
 
-    /// The engine runs exactly `wanted`; the others went on a resync.
-    pub(super) fn want_only(&mut self, wanted: BTreeMap<Key, Instance>) {
+    /// The engine runs exactly `wanted` of the instances `origin` finds; its others went on a
+    /// resync. Instances of the other origin stay as they are.
+    pub(super) fn want_only(&mut self, origin: Origin, mut wanted: BTreeMap<Key, Instance>) {
         let gone: Vec<Key> = self
             .wanted
             .keys()
-            .filter(|k| !wanted.contains_key(*k))
+            .filter(|k| {
+                !wanted.contains_key(*k)
+                    && self.origins.get(*k).copied().unwrap_or_default() == origin
+            })
             .cloned()
             .collect();
         for key in gone {
             self.since.remove(&key);
+            self.origins.remove(&key);
             self.dropped.insert(key, RemoveCause::DockerResync);
+        }
+        for (key, instance) in &self.wanted {
+            if self.origins.get(key).copied().unwrap_or_default() != origin
+                && !wanted.contains_key(key)
+            {
+                wanted.insert(key.clone(), instance.clone());
+            }
+        }
+        for key in wanted.keys() {
+            if !self.origins.contains_key(key) {
+                self.origins.insert(key.clone(), origin);
+            }
         }
         let now = Instant::now();
         for key in wanted.keys() {
@@ -165,6 +198,60 @@ impl Discovered {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baker_client::model::InstanceSpec;
+
+    fn instance(id: &str) -> Instance {
+        let spec = InstanceSpec {
+            address: "10.0.0.1".into(),
+            port: 80,
+            version: None,
+            weight: None,
+            tags: Vec::new(),
+            ttl_ms: None,
+        }
+        .validate()
+        .unwrap();
+        super::super::instance_of(
+            &"web".parse().unwrap(),
+            &id.parse().unwrap(),
+            spec,
+            Source::Docker,
+        )
+    }
+
+    fn key(id: &str) -> Key {
+        ("web".parse().unwrap(), id.parse().unwrap())
+    }
+
+    #[test]
+    fn a_containers_resync_leaves_the_swarms_tasks_alone() {
+        let mut d = Discovered::default();
+        d.want(instance("task.1"), Origin::Swarm);
+        d.want(instance("c1"), Origin::Containers);
+        d.want(instance("c2"), Origin::Containers);
+        // The containers resync: c2 is gone, c3 came; the swarm's task stays.
+        d.want_only(
+            Origin::Containers,
+            BTreeMap::from([(key("c1"), instance("c1")), (key("c3"), instance("c3"))]),
+        );
+        let wanted: Vec<&str> = d.wanted.keys().map(|k| k.1.as_str()).collect();
+        assert_eq!(wanted, ["c1", "c3", "task.1"]);
+        assert_eq!(
+            d.dropped.keys().map(|k| k.1.as_str()).collect::<Vec<_>>(),
+            ["c2"]
+        );
+        // And a swarm drop leaves the containers alone.
+        assert!(d.drop_one(
+            &key("task.1").0,
+            &key("task.1").1,
+            RemoveCause::DockerStopped
+        ));
+        d.want_only(
+            Origin::Containers,
+            BTreeMap::from([(key("c1"), instance("c1")), (key("c3"), instance("c3"))]),
+        );
+        assert_eq!(d.wanted.len(), 2);
+    }
 
     #[test]
     fn a_container_stopped_elsewhere_waits_for_this_engines_event_unless_it_started_since() {

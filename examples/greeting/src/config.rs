@@ -1,8 +1,10 @@
-//! The greeting's configuration: `BAKER_LISTEN`, `BAKER_VERSION`, `BAKER_INSTANCE`.
+//! The greeting's configuration: `BAKER_LISTEN`, `BAKER_VERSION`, `BAKER_INSTANCE`,
+//! `BAKER_STOP_DELAY`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use baker_client::config::vars::{self, ENV_INSTANCE, ENV_LISTEN, ENV_VERSION};
+use baker_client::config::vars::{self, ENV_INSTANCE, ENV_LISTEN, ENV_STOP_DELAY, ENV_VERSION};
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::Version;
 
@@ -18,6 +20,10 @@ pub struct Config {
     pub version: Version,
     /// The instance name reported in every greeting (`BAKER_INSTANCE`, default the host name).
     pub instance: String,
+    /// How long it keeps answering after it is asked to stop, before it stops accepting
+    /// (`BAKER_STOP_DELAY`, default 0): time for discovery to take it out of rotation first,
+    /// as swarm sends SIGTERM without waiting for anyone.
+    pub stop_delay: Duration,
 }
 
 impl Config {
@@ -38,10 +44,12 @@ impl Config {
                 validate_instance(v).map(|()| v.to_owned())
             })
             .unwrap_or_else(|| hostname.to_owned());
+        let stop_delay = r.duration(ENV_STOP_DELAY, Duration::ZERO);
         r.finish(Config {
             listen,
             version,
             instance,
+            stop_delay,
         })
     }
 }

@@ -41,11 +41,21 @@ pub async fn run(
         shared.version(),
         shared.instance()
     );
-    let serve =
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let stop_delay = config.stop_delay;
+    let stopping = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            if !stop_delay.is_zero() {
+                tracing::info!("asked to stop: answering for {stop_delay:?} more, then stopping");
+                tokio::time::sleep(stop_delay).await;
+            }
+        }
+    };
+    let serve = axum::serve(listener, app).with_graceful_shutdown(stopping);
     tokio::select! {
         res = serve => res?,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(GRACE).await } => {
+        () = async { shutdown.cancelled().await; tokio::time::sleep(stop_delay + GRACE).await } => {
             tracing::warn!("connections still open after {GRACE:?}: closing them");
         }
     }
@@ -68,6 +78,7 @@ mod tests {
             listen: listener.local_addr().unwrap(),
             version: "2".parse().unwrap(),
             instance: "g-1".parse().unwrap(),
+            stop_delay: Duration::ZERO,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(listener, config, shutdown.clone()));
