@@ -63,7 +63,7 @@ use crate::store::{MemoryStore, Store};
 mod backend;
 mod discovered;
 
-pub use discovered::Origin;
+pub use discovered::Finder;
 #[cfg(test)]
 mod fake;
 mod known;
@@ -880,13 +880,13 @@ impl Registry {
         id: &InstanceId,
         spec: ValidSpec,
     ) -> Result<Instance, Refused> {
-        self.upsert_from(Origin::Containers, service, id, spec)
+        self.upsert_from(Finder::Containers, service, id, spec)
     }
 
     /// [`Registry::upsert`] for the discovery `origin` (a swarm's tasks, or the containers).
     pub fn upsert_from(
         &self,
-        origin: Origin,
+        origin: Finder,
         service: &ServiceName,
         id: &InstanceId,
         spec: ValidSpec,
@@ -913,7 +913,7 @@ impl Registry {
 
     /// Makes the containers Docker runs exactly `instances` (service, id, spec); the reconciler
     /// writes those that changed and removes the others. Instances past a quota are left out,
-    /// with one warning. A swarm's tasks ([`Origin::Swarm`]) are not touched.
+    /// with one warning. A swarm's tasks ([`Finder::Swarm`]) are not touched.
     pub fn sync_source(&self, instances: Vec<(ServiceName, InstanceId, ValidSpec)>) {
         let mut wanted = BTreeMap::new();
         let mut over_quota: Option<(Exceeded, usize)> = None;
@@ -939,7 +939,7 @@ impl Registry {
                 "{count} instance(s) not registered, the first because {first}"
             );
         }
-        self.discovered().want_only(Origin::Containers, wanted);
+        self.discovered().want_only(Finder::Containers, wanted);
         self.inner.kick.notify_one();
     }
 

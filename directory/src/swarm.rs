@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::docker::{read_labels, NETWORK_LABEL, SERVICE_LABEL};
-use crate::registry::{Origin, Registry};
+use crate::registry::{Finder, Registry};
 
 /// How often tasks are listed when no event asks for it sooner (`BAKER_SWARM_POLL`).
 pub const DEFAULT_POLL: Duration = Duration::from_millis(500);
@@ -425,7 +425,7 @@ impl Tracker {
                 continue;
             }
             let (service, id) = &key;
-            match registry.upsert_from(Origin::Swarm, service, id, registered.spec.clone()) {
+            match registry.upsert_from(Finder::Swarm, service, id, registered.spec.clone()) {
                 Ok(_) => {
                     tracing::info!(%service, %id, task = %registered.task, "swarm task found");
                     self.registered.insert(key, registered);

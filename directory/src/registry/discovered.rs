@@ -31,7 +31,7 @@ type Key = (ServiceName, InstanceId);
 /// resynchronises only its own ([`Registry::sync_source`](super::Registry::sync_source) is the
 /// containers'), so the two run side by side on a manager without undoing each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Origin {
+pub enum Finder {
     /// Labelled containers of this engine (`docker.rs`).
     #[default]
     Containers,
@@ -43,7 +43,7 @@ pub enum Origin {
 pub(super) struct Discovered {
     wanted: BTreeMap<Key, Instance>,
     /// The discovery that wants each key of `wanted`.
-    origins: HashMap<Key, Origin>,
+    origins: HashMap<Key, Finder>,
     dropped: HashMap<Key, RemoveCause>,
     /// When each wanted container was last added to `wanted` (a start seen by this engine).
     since: HashMap<Key, Instant>,
@@ -56,7 +56,7 @@ pub(super) struct Discovered {
 
 impl Discovered {
     /// The engine runs `instance`, found by `origin`.
-    pub(super) fn want(&mut self, instance: Instance, origin: Origin) {
+    pub(super) fn want(&mut self, instance: Instance, origin: Finder) {
         let key = (instance.service.clone(), instance.id.clone());
         self.dropped.remove(&key);
         self.origins.insert(key.clone(), origin);
@@ -83,7 +83,7 @@ impl Discovered {
 
     /// The engine runs exactly `wanted` of the instances `origin` finds; its others went on a
     /// resync. Instances of the other origin stay as they are.
-    pub(super) fn want_only(&mut self, origin: Origin, mut wanted: BTreeMap<Key, Instance>) {
+    pub(super) fn want_only(&mut self, origin: Finder, mut wanted: BTreeMap<Key, Instance>) {
         let gone: Vec<Key> = self
             .wanted
             .keys()
@@ -226,12 +226,12 @@ mod tests {
     #[test]
     fn a_containers_resync_leaves_the_swarms_tasks_alone() {
         let mut d = Discovered::default();
-        d.want(instance("task.1"), Origin::Swarm);
-        d.want(instance("c1"), Origin::Containers);
-        d.want(instance("c2"), Origin::Containers);
+        d.want(instance("task.1"), Finder::Swarm);
+        d.want(instance("c1"), Finder::Containers);
+        d.want(instance("c2"), Finder::Containers);
         // The containers resync: c2 is gone, c3 came; the swarm's task stays.
         d.want_only(
-            Origin::Containers,
+            Finder::Containers,
             BTreeMap::from([(key("c1"), instance("c1")), (key("c3"), instance("c3"))]),
         );
         let wanted: Vec<&str> = d.wanted.keys().map(|k| k.1.as_str()).collect();
@@ -247,7 +247,7 @@ mod tests {
             RemoveCause::DockerStopped
         ));
         d.want_only(
-            Origin::Containers,
+            Finder::Containers,
             BTreeMap::from([(key("c1"), instance("c1")), (key("c3"), instance("c3"))]),
         );
         assert_eq!(d.wanted.len(), 2);
