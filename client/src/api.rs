@@ -993,12 +993,16 @@ mod tests {
             parse_directories("http://127.0.0.1:7700").unwrap(),
             ["http://127.0.0.1:7700"]
         );
+        assert_eq!(
+            parse_directories("https://d1:7700,http://d2:7700").unwrap(),
+            ["https://d1:7700", "http://d2:7700"]
+        );
         for (bad, says) in [
             ("http://d1:7700,,http://d2:7700", "empty entry"),
             ("http://d1:7700,", "empty entry"),
             ("http://d1:7700,http://d1:7700/", "twice"),
             ("http://d1:7700,d2:7700", "not an http:// URL"),
-            ("https://d1:7700", "not an http:// URL"),
+            ("ftp://d1:7700", "not an http:// or https:// URL"),
         ] {
             let e = parse_directories(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad:?}: {e}");

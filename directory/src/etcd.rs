@@ -1266,8 +1266,13 @@ mod tests {
         assert_eq!(u.to_string(), "etcd://h1:2379,10.0.0.2:2379/team/baker");
         let u: StoreUrl = "etcd://h1:2379".parse().unwrap();
         assert_eq!(u.prefix, DEFAULT_PREFIX);
+        assert_eq!(u.tls, None);
+        let u: StoreUrl = "etcds://h1:2379,h2:2379/x".parse().unwrap();
+        assert_eq!(u.endpoints, ["https://h1:2379", "https://h2:2379"]);
+        assert_eq!(u.tls, Some(EtcdTls::default()));
+        assert_eq!(u.to_string(), "etcds://h1:2379,h2:2379/x");
         for (bad, says) in [
-            ("http://h1:2379", "must be memory or etcd://"),
+            ("http://h1:2379", "must be memory, etcd://"),
             ("etcd://h1", "must be host:port"),
             ("etcd://h1:0", "must be host:port"),
             ("etcd://h1:2379,,h2:2379", "must be host:port"),

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use baker_client::config::vars::{
-    self, ENV_CONFIG, ENV_DIRECTORY, ENV_SERVICE, ENV_TARGET, ENV_TOKEN,
+    self, ENV_CA, ENV_CONFIG, ENV_DIRECTORY, ENV_SERVICE, ENV_TARGET, ENV_TOKEN,
 };
 use baker_client::config::{strays, ConfigErrors, Environment, Reader, Stray, PREFIX};
 use baker_client::model::{printable, InstanceId, ServiceName};
@@ -20,7 +20,7 @@ use baker_client::model::{printable, InstanceId, ServiceName};
 use crate::config::{directory_and_token, Config};
 
 /// Keys of a table that are not service settings: they apply to the whole registrar.
-const SHARED: &[&str] = &[ENV_CONFIG, ENV_DIRECTORY, ENV_TOKEN];
+const SHARED: &[&str] = &[ENV_CONFIG, ENV_DIRECTORY, ENV_TOKEN, ENV_CA];
 /// Keys whose value may be written as a TOML array of strings or numbers.
 const LISTS: &[&str] = &["tags", "check_codes"];
 

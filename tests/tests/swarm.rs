@@ -633,3 +633,77 @@ async fn the_directory_s_task_moved_loses_no_request_and_follows_on() {
     drop(ambassador);
     drop(swarm);
 }
+
+#[tokio::test]
+async fn the_stack_file_runs_secured_and_its_client_is_answered() {
+    if !require_images() {
+        return;
+    }
+    let _swarm = Swarm::init();
+    let root = baker_tests::docker::repo_root();
+    let secrets = tempfile::Builder::new()
+        .prefix("baker-stack-secrets-")
+        .tempdir()
+        .expect("a directory for the secrets");
+    let made = std::process::Command::new("bash")
+        .arg(root.join("scripts/ha-secrets"))
+        .arg(secrets.path())
+        .output()
+        .expect("running scripts/ha-secrets");
+    assert!(made.status.success(), "{made:?}");
+    let stack = unique("stack").replace('-', "");
+    let port = baker_tests::free_port().to_string();
+    let deployed = std::process::Command::new("docker")
+        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+        .arg(root.join("compose/swarm.yml"))
+        .arg(&stack)
+        .env("BAKER_HA_SECRETS", secrets.path())
+        .env("BAKER_GREETING_PUBLISH", &port)
+        .output()
+        .expect("running docker stack deploy");
+    assert!(deployed.status.success(), "{deployed:?}");
+    let client = format!("{stack}_client");
+    eventually(
+        Duration::from_secs(90),
+        "the stack's client to be answered through its ambassador",
+        || async {
+            let logs = docker(&["service", "logs", "--no-task-ids", &client]);
+            String::from_utf8_lossy(&logs.stdout)
+                .contains("answered by")
+                .then_some(())
+        },
+    )
+    .await;
+    // The directory serves HTTPS only and reads need a token: the operator's reads, none fails.
+    let directory = docker_ok(&["ps", "-q", "-f", &format!("name={stack}_directory")]);
+    let operator = std::fs::read_to_string(secrets.path().join("operator.env")).unwrap();
+    let operator = operator.trim();
+    let cli = |token: Option<&str>| {
+        let mut args = vec![
+            "exec",
+            "-e",
+            "BAKER_DIRECTORY=https://localhost:7700",
+            "-e",
+            "BAKER_CA=/run/secrets/baker-ca",
+        ];
+        if let Some(t) = token {
+            args.extend(["-e", t]);
+        }
+        args.extend([directory.as_str(), "baker", "instances", "greeting"]);
+        let out = docker(&args);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let listed = cli(Some(operator));
+    assert!(
+        listed.contains(&format!("{stack}_greeting.1"))
+            && listed.contains(&format!("{stack}_greeting.2")),
+        "{listed}"
+    );
+    let refused = cli(None);
+    assert!(refused.contains("(401 Unauthorized)"), "{refused}");
+    docker_ok(&["stack", "rm", &stack]);
+}
