@@ -635,7 +635,7 @@ async fn the_directory_s_task_moved_loses_no_request_and_follows_on() {
 }
 
 #[tokio::test]
-async fn the_stack_file_runs_secured_and_its_client_is_answered() {
+async fn the_quickstart_stack_runs_secured_and_its_client_is_answered() {
     if !require_images() {
         return;
     }
@@ -653,15 +653,26 @@ async fn the_stack_file_runs_secured_and_its_client_is_answered() {
     assert!(made.status.success(), "{made:?}");
     let stack = unique("stack").replace('-', "");
     let port = baker_tests::free_port().to_string();
-    let deployed = std::process::Command::new("docker")
-        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
-        .arg(root.join("compose/swarm.yml"))
-        .arg(&stack)
-        .env("BAKER_HA_SECRETS", secrets.path())
-        .env("BAKER_GREETING_PUBLISH", &port)
-        .output()
-        .expect("running docker stack deploy");
+    // As the docs say to run it: scripts/quickstart, on the swarm this test made.
+    let quickstart = |args: &[&str]| {
+        std::process::Command::new("bash")
+            .arg(root.join("scripts/quickstart"))
+            .args(args)
+            .env("BAKER_PROJECT", &stack)
+            .env("BAKER_HA_SECRETS", secrets.path())
+            .env("BAKER_GREETING_PUBLISH", &port)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running scripts/quickstart")
+    };
+    let deployed = quickstart(&["--no-build", "swarm", "-d"]);
     assert!(deployed.status.success(), "{deployed:?}");
+    let said = String::from_utf8_lossy(&deployed.stderr);
+    assert!(
+        said.contains(&format!("==> deploying compose/swarm.yml as the stack {stack}"))
+            && !said.contains("making a one-node swarm"),
+        "{said}"
+    );
     let client = format!("{stack}_client");
     eventually(
         Duration::from_secs(90),
@@ -705,5 +716,15 @@ async fn the_stack_file_runs_secured_and_its_client_is_answered() {
     );
     let refused = cli(None);
     assert!(refused.contains("(401 Unauthorized)"), "{refused}");
-    docker_ok(&["stack", "rm", &stack]);
+    // `down` removes the stack and leaves alone the swarm it did not make.
+    let down = quickstart(&["swarm", "down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(
+        !String::from_utf8_lossy(&down.stderr).contains("leaving the one-node swarm"),
+        "{down:?}"
+    );
+    assert_eq!(
+        docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]),
+        "active"
+    );
 }
