@@ -1001,7 +1001,7 @@ mod tests {
             ("http://d1:7700,,http://d2:7700", "empty entry"),
             ("http://d1:7700,", "empty entry"),
             ("http://d1:7700,http://d1:7700/", "twice"),
-            ("http://d1:7700,d2:7700", "not an http:// URL"),
+            ("http://d1:7700,d2:7700", "not an http:// or https:// URL"),
             ("ftp://d1:7700", "not an http:// or https:// URL"),
         ] {
             let e = parse_directories(bad).unwrap_err().to_string();
