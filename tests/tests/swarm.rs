@@ -669,8 +669,9 @@ async fn the_quickstart_stack_runs_secured_and_its_client_is_answered() {
     assert!(deployed.status.success(), "{deployed:?}");
     let said = String::from_utf8_lossy(&deployed.stderr);
     assert!(
-        said.contains(&format!("==> deploying compose/swarm.yml as the stack {stack}"))
-            && !said.contains("making a one-node swarm"),
+        said.contains(&format!(
+            "==> deploying compose/swarm.yml as the stack {stack}"
+        )) && !said.contains("making a one-node swarm"),
         "{said}"
     );
     let client = format!("{stack}_client");
