@@ -479,7 +479,17 @@ async fn every_change_names_the_token_that_made_it_or_who_else_did() {
         )
         .await;
     }
-    let got = who(&events(&c, &open, None).await, "web");
+    // The history follows the change feed: the last change may reach it a moment after its
+    // call answered.
+    let got = eventually(
+        Duration::from_secs(10),
+        "the four changes in the events",
+        || async {
+            let got = who(&events(&c, &open, None).await, "web");
+            (got.len() >= 4).then_some(got)
+        },
+    )
+    .await;
     assert_eq!(
         got,
         [
@@ -511,8 +521,16 @@ async fn on_etcd_another_replica_names_the_token_of_a_change_it_only_watched() {
     every_change_names_its_maker(&a, &b).await;
     // And the other way round, as b's own events say it: its watch and its own commits agree.
     let c = reqwest::Client::new();
-    let mine = who(&events(&c, &a, secret("root")).await, "web");
     let theirs = who(&events(&c, &b, secret("root")).await, "web");
+    let mine = eventually(
+        Duration::from_secs(10),
+        "a's events to hold as many changes as b's",
+        || async {
+            let mine = who(&events(&c, &a, secret("root")).await, "web");
+            (mine.len() >= theirs.len()).then_some(mine)
+        },
+    )
+    .await;
     assert_eq!(mine, theirs);
 }
 
@@ -608,11 +626,18 @@ async fn a_watch_ends_once_its_token_is_removed_or_changed() {
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let log = dir.proc.log_text();
-    assert!(
-        log.contains("ending a watch: its token is no longer in force"),
-        "{log}"
-    );
+    // The directory's log is read by another thread: the line may come a moment later.
+    eventually(
+        Duration::from_secs(5),
+        "the directory to log why the watches ended",
+        || async {
+            dir.proc
+                .log_text()
+                .contains("ending a watch: its token is no longer in force")
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
