@@ -161,6 +161,7 @@ pub fn servers(stats: Vec<ServerStat>, identity: &Identity) -> Vec<ServerReport>
                 requests: s.requests,
                 errors: s.errors,
                 sessions: s.sessions,
+                local: false,
             })
         })
         .collect()
@@ -192,6 +193,7 @@ pub async fn run(
             reloads: metrics.reloads.get(),
             servers: servers(stats, &identity),
             ttl_ms: TTL.as_millis() as u64,
+            locality: None,
         };
         let sent = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -209,6 +209,12 @@ name_type!(
     Tag,
     "tag"
 );
+name_type!(
+    /// The zone (or rack, or host group) an instance or an ambassador runs in: ambassadors
+    /// with a zone prefer the instances of their own.
+    Zone,
+    "zone"
+);
 
 /// Longest node name: a fully qualified host name.
 pub const MAX_NODE_LEN: usize = 253;
@@ -525,6 +531,8 @@ pub struct InstanceSpec {
     pub tags: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// A registration that passed validation, with defaults filled in.
@@ -539,6 +547,8 @@ pub struct ValidSpec {
     /// The node whose Docker engine runs the instance: set by Docker discovery, never by a
     /// registration over the API.
     pub node: Option<NodeName>,
+    /// The zone it runs in, if it was given one.
+    pub zone: Option<Zone>,
 }
 
 impl InstanceSpec {
@@ -576,6 +586,10 @@ impl InstanceSpec {
         if self.tags.len() > 32 {
             errors.push(ValidationError::new("tags", "at most 32 tags are allowed"));
         }
+        let zone = match &self.zone {
+            None => None,
+            Some(z) => z.parse::<Zone>().map_err(|e| errors.push(e)).ok(),
+        };
         let ttl_ms = self.ttl_ms.unwrap_or(DEFAULT_TTL_MS);
         if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
             errors.push(ValidationError::new(
@@ -592,6 +606,7 @@ impl InstanceSpec {
                 tags,
                 ttl_ms,
                 node: None,
+                zone,
             }),
             _ => Err(errors),
         }
@@ -629,6 +644,9 @@ pub struct Instance {
     /// otherwise, and from older directories; older clients ignore it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeName>,
+    /// The zone it runs in (absent when it was given none, and from older directories).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<Zone>,
 }
 
 impl Instance {
@@ -654,6 +672,7 @@ impl Instance {
             state: InstanceState::Up,
             reason: None,
             node: None,
+            zone: None,
         }
     }
 
@@ -1176,6 +1195,7 @@ mod tests {
             weight: Some(0),
             tags: vec!["ok".into(), "Not ok".into()],
             ttl_ms: Some(1),
+            zone: None,
         };
         let errs = spec.validate().unwrap_err();
         let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();

@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Address, InstanceId, ServiceName, ValidationError};
+use crate::model::{Address, InstanceId, ServiceName, ValidationError, Zone};
 
 /// Shortest and longest time a report may ask to be kept without a new one.
 pub const MIN_REPORT_TTL_MS: u64 = 500;
@@ -80,6 +80,28 @@ pub struct ServerReport {
     pub errors: u64,
     /// Sessions open right now.
     pub sessions: u64,
+    /// The instance runs in the ambassador's zone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+}
+
+/// Where an ambassador with a zone sent its requests since its previous report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    /// The ambassador's zone (`BAKER_ZONE`).
+    pub zone: Zone,
+    /// Requests (HTTP) or connections (TCP) its servers got since the previous report.
+    pub requests: u64,
+    /// Those of them that went to instances of its own zone.
+    pub local: u64,
+}
+
+impl Locality {
+    /// The share of the requests that stayed in the zone, in percent (`None` with no request).
+    pub fn local_percent(&self) -> Option<f64> {
+        (self.requests > 0).then(|| self.local as f64 * 100.0 / self.requests as f64)
+    }
 }
 
 /// The body of `PUT /v1/ambassadors/{id}`: an ambassador's account of itself.
@@ -96,6 +118,9 @@ pub struct AmbassadorReport {
     pub servers: Vec<ServerReport>,
     /// How long the directory keeps the report without a new one.
     pub ttl_ms: u64,
+    /// Its zone and where its traffic went, for an ambassador with a zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Locality>,
 }
 
 impl AmbassadorReport {

@@ -271,7 +271,7 @@ proptest! {
         tags in vec(any_text(), 0..4),
         ttl_ms in proptest::option::of(prop_oneof![MIN_TTL_MS..=MAX_TTL_MS, any::<u64>()]),
     ) {
-        let spec = InstanceSpec { address, port, version, weight, tags, ttl_ms };
+        let spec = InstanceSpec { address, port, version, weight, tags, ttl_ms, zone: None };
         let expect_ok = spec.address.parse::<Address>().is_ok()
             && validate_port("port", spec.port).is_ok()
             && spec.version.as_deref().is_none_or(matches_name_pattern)

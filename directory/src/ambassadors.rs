@@ -310,9 +310,11 @@ mod tests {
                     requests: *requests,
                     errors: 1,
                     sessions: 0,
+                    local: false,
                 })
                 .collect(),
             ttl_ms: 1000,
+            locality: None,
         }
     }
 

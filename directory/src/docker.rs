@@ -320,6 +320,7 @@ impl Labelled {
                 Vec::new()
             },
             ttl_ms: None,
+            zone: None,
         };
         spec.validate().map_err(|errors| {
             errors

@@ -313,6 +313,7 @@ mod tests {
                 tags: vec![],
                 ttl_ms: 60_000,
                 node: None,
+                zone: None,
             }
         }
 

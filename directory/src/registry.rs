@@ -311,6 +311,7 @@ fn same_but_last_seen(a: &Instance, b: &Instance) -> bool {
         && a.source == b.source
         && a.ttl_ms == b.ttl_ms
         && a.node == b.node
+        && a.zone == b.zone
 }
 
 impl Table {
@@ -1728,6 +1729,7 @@ fn instance_of(
         state: InstanceState::Up,
         reason: None,
         node: spec.node,
+        zone: spec.zone,
     }
 }
 
@@ -1818,6 +1820,7 @@ pub(crate) mod tests {
             tags: vec![],
             ttl_ms,
             node: None,
+            zone: None,
         }
     }
 

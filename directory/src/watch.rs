@@ -307,6 +307,7 @@ mod tests {
                 .collect(),
             ttl_ms: 60_000,
             node: None,
+            zone: None,
         }
     }
 

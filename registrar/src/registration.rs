@@ -118,6 +118,7 @@ impl Registration {
             weight: Some(u64::from(self.weight)),
             tags: self.tags.iter().map(ToString::to_string).collect(),
             ttl_ms: Some(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)),
+            zone: None,
         }
     }
 

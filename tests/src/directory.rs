@@ -213,6 +213,7 @@ pub fn spec(port: u16, ttl_ms: Option<u64>) -> InstanceSpec {
         weight: None,
         tags: vec![],
         ttl_ms,
+        zone: None,
     }
 }
 

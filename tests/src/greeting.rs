@@ -43,6 +43,7 @@ impl Greeting {
             weight: None,
             tags: vec![],
             ttl_ms: Some(ttl_ms),
+            zone: None,
         }
     }
 

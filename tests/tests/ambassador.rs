@@ -896,6 +896,7 @@ async fn register_at(client: &DirectoryClient, service: &str, id: &str, address:
         weight: None,
         tags: vec![],
         ttl_ms: Some(TTL_MS),
+        zone: None,
     };
     client
         .register(service, id, &spec)

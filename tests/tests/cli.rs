@@ -19,6 +19,7 @@ fn spec(port: u64, version: &str) -> InstanceSpec {
         weight: None,
         tags: vec![],
         ttl_ms: Some(600_000),
+        zone: None,
     }
 }
 

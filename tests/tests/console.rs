@@ -369,6 +369,7 @@ async fn bad_drains_are_refused_and_change_nothing() {
             weight: None,
             tags: vec![],
             ttl_ms: Some(600_000),
+            zone: None,
         };
         dir.client.register("greeting", id, &spec).await.unwrap();
     }
@@ -532,6 +533,7 @@ async fn the_history_records_each_kind_with_its_cause_filters_and_keeps_its_boun
         weight,
         tags: vec![],
         ttl_ms: Some(ttl_ms),
+        zone: None,
     };
     client
         .register("greeting", "g1", &spec(8080, None, 60_000))

@@ -462,6 +462,7 @@ async fn ambassador_reports_need_the_token_and_have_a_quota() {
         reloads: 0,
         servers: vec![],
         ttl_ms: 60_000,
+        locality: None,
     };
     let status = |client: baker_client::DirectoryClient, id: &'static str| {
         let report = report.clone();

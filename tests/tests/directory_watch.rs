@@ -20,6 +20,7 @@ fn spec(port: u64, weight: Option<u64>, ttl_ms: Option<u64>) -> InstanceSpec {
         weight,
         tags: vec![],
         ttl_ms,
+        zone: None,
     }
 }
 

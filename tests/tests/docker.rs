@@ -189,6 +189,7 @@ async fn containers_named_alike_get_their_own_ids_and_the_api_cannot_take_one_ov
         weight: None,
         tags: vec![],
         ttl_ms: Some(200),
+        zone: None,
     };
     match dir.client.register(&service, &lower.name, &spec).await {
         Err(ClientError::Refused { status, message }) => {

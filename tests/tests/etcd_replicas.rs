@@ -30,6 +30,7 @@ fn spec(port: u64, ttl_ms: u64) -> InstanceSpec {
         weight: None,
         tags: vec![],
         ttl_ms: Some(ttl_ms),
+        zone: None,
     }
 }
 

@@ -97,6 +97,7 @@ fn docker_spec(i: usize) -> ValidSpec {
         tags: vec![],
         ttl_ms: 0,
         node: None,
+        zone: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn spec(addr: SocketAddr, weight: Option<u64>) -> InstanceSpec {
         weight,
         tags: vec![],
         ttl_ms: Some(600_000),
+        zone: None,
     }
 }
 

@@ -26,6 +26,7 @@ fn spec(addr: SocketAddr) -> InstanceSpec {
         weight: None,
         tags: vec![],
         ttl_ms: Some(60_000),
+        zone: None,
     }
 }
 

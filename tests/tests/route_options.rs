@@ -32,6 +32,7 @@ async fn register(
         weight: None,
         tags: tags.iter().map(|t| t.to_string()).collect(),
         ttl_ms: Some(60_000),
+        zone: None,
     };
     client
         .register(service, id, &spec)

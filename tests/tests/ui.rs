@@ -494,6 +494,7 @@ fn unserved(port: u64, version: &str, weight: u64, tags: &[&str]) -> InstanceSpe
         weight: Some(weight),
         tags: tags.iter().map(|t| t.to_string()).collect(),
         ttl_ms: Some(120_000),
+        zone: None,
     }
 }
 

@@ -68,6 +68,7 @@ pub async fn churn(
         weight: None,
         tags: Vec::new(),
         ttl_ms: Some(10_000),
+        zone: None,
     };
     let id = |i: usize| format!("i{i:02}");
     // Even instances start up, odd ones down, so that about half are up at every moment.

@@ -49,6 +49,7 @@ pub(crate) fn spec_body(i: usize, ttl_ms: u64) -> Bytes {
         weight: None,
         tags: Vec::new(),
         ttl_ms: Some(ttl_ms),
+        zone: None,
     };
     Bytes::from(serde_json::to_vec(&spec).expect("a spec serializes"))
 }
@@ -406,6 +407,7 @@ impl ProbeStep for ApiProbe {
             weight: None,
             tags: Vec::new(),
             ttl_ms: Some(600_000),
+            zone: None,
         };
         let mut ok = self
             .0

@@ -16,6 +16,7 @@ pub fn build_spec(args: &RegisterArgs) -> Result<InstanceSpec, Failure> {
         weight: args.weight,
         tags: args.tags.clone(),
         ttl_ms: args.ttl,
+        zone: None,
     };
     match spec.validate() {
         Ok(_) => Ok(spec),

@@ -208,6 +208,7 @@ mod tests {
             weight: None,
             tags: Vec::new(),
             ttl_ms: None,
+            zone: None,
         }
         .validate()
         .unwrap();

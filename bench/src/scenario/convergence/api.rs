@@ -120,6 +120,7 @@ fn spec(app: SocketAddr, version: &str) -> InstanceSpec {
         weight: None,
         tags: vec![],
         ttl_ms: Some(600_000),
+        zone: None,
     }
 }
 
