@@ -8,12 +8,14 @@ use baker_client::api::parse_token;
 use baker_client::config::vars::{
     self, ENV_ADMIN, ENV_BENCH_FORCE_RELOAD, ENV_BIND, ENV_CHECKS, ENV_DIRECTORY,
     ENV_DRAIN_TIMEOUT, ENV_GRACE, ENV_HAPROXY, ENV_HTTP_PORT, ENV_ID, ENV_ROUTES, ENV_RUN_DIR,
-    ENV_STOP_TIMEOUT, ENV_TEMPLATE, ENV_TOKEN, ENV_WATCH_TOKEN,
+    ENV_STOP_TIMEOUT, ENV_TEMPLATE, ENV_TOKEN, ENV_WATCH_TOKEN, ENV_ZONE, ENV_ZONE_OVERPROVISION,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::{
-    generated_id_hint, is_generated_hostname, Address, InstanceId, ServiceName,
+    generated_id_hint, is_generated_hostname, Address, InstanceId, ServiceName, Zone,
 };
+
+use crate::locality::{Locality, DEFAULT_OVERPROVISION, OVERPROVISION_RANGE};
 
 /// Default admin port: HAProxy's stats page, its Prometheus exporter and the ambassador's own
 /// metrics.
@@ -278,6 +280,8 @@ pub struct Config {
     pub id: InstanceId,
     /// Said at start when the id was made from a hostname Docker generated.
     pub id_hint: Option<String>,
+    /// `BAKER_ZONE` and `BAKER_ZONE_OVERPROVISION`: the zone whose instances it prefers.
+    pub locality: Option<Locality>,
     /// The host it reports running on.
     pub host: Address,
 }
@@ -305,6 +309,7 @@ impl Config {
             id: default_id(&hostname(), services_port(&[], None)),
             id_hint: None,
             host: host_address(&hostname()),
+            locality: None,
         }
     }
 
@@ -388,6 +393,29 @@ impl Config {
         let stop_timeout = r.duration(ENV_STOP_TIMEOUT, DEFAULT_STOP_TIMEOUT);
         let grace = r.duration(ENV_GRACE, DEFAULT_GRACE);
         let force_reload = r.parse(ENV_BENCH_FORCE_RELOAD, parse_bool).unwrap_or(false);
+        let zone = r.parse(ENV_ZONE, |v| {
+            v.trim().parse::<Zone>().map_err(|e| e.message)
+        });
+        let overprovision = r.parse(ENV_ZONE_OVERPROVISION, |v| {
+            let (min, max) = (OVERPROVISION_RANGE.start(), OVERPROVISION_RANGE.end());
+            match v.trim().trim_end_matches('%').parse::<u32>() {
+                Ok(n) if OVERPROVISION_RANGE.contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "must be a percentage between {min} and {max}, such as 140, got {:?}",
+                    baker_client::model::printable(v)
+                )),
+            }
+        });
+        if overprovision.is_some() && !r.is_set(ENV_ZONE) {
+            r.push(
+                ENV_ZONE_OVERPROVISION,
+                "applies only to an ambassador with a zone: set BAKER_ZONE too",
+            );
+        }
+        let locality = zone.map(|zone| Locality {
+            zone,
+            overprovision: overprovision.unwrap_or(DEFAULT_OVERPROVISION),
+        });
 
         let mut ports: Vec<(u16, String)> = services
             .iter()
@@ -431,6 +459,7 @@ impl Config {
             stop_timeout,
             grace,
             force_reload,
+            locality,
         })
     }
 }
@@ -839,6 +868,44 @@ mod tests {
         ] {
             assert!(vars.contains(&v), "{v} missing from {e}");
         }
+    }
+
+    #[test]
+    fn a_zone_and_its_overprovisioning() {
+        let base = [
+            ("BAKER_ROUTES", "a=8000"),
+            ("BAKER_HAPROXY", "/bin/sh"),
+            ("BAKER_RUN_DIR", "/tmp/x"),
+        ];
+        let with = |pairs: &[(&str, &str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(pairs);
+            Config::from_env(&env(&all))
+        };
+        assert_eq!(with(&[]).unwrap().locality, None);
+        let l = with(&[("BAKER_ZONE", "eu-west-1a")])
+            .unwrap()
+            .locality
+            .unwrap();
+        assert_eq!((l.zone.as_str(), l.overprovision), ("eu-west-1a", 140));
+        let l = with(&[("BAKER_ZONE", "a"), ("BAKER_ZONE_OVERPROVISION", "200%")])
+            .unwrap()
+            .locality
+            .unwrap();
+        assert_eq!(l.overprovision, 200);
+        let e = with(&[("BAKER_ZONE", "Zone A"), ("BAKER_ZONE_OVERPROVISION", "90")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("BAKER_ZONE: must start with a lowercase letter or digit, got 'Z'"),
+            "{e}"
+        );
+        assert!(
+            e.contains("BAKER_ZONE_OVERPROVISION: must be a percentage between 100 and 1000"),
+            "{e}"
+        );
+        let e = with(&[("BAKER_ZONE_OVERPROVISION", "150")]).unwrap_err();
+        assert!(e.to_string().contains("set BAKER_ZONE too"), "{e}");
     }
 
     #[test]

@@ -570,7 +570,7 @@ mod tests {
                 mode: Mode::Http,
                 options: Default::default(),
             }];
-            let desired = plan(&state, &services);
+            let desired = plan(&state, &services, None);
             assert_eq!(desired["be"]["a"].address.as_str(), "fd00::1", "{written}");
             let mut h = have("a", 80, 100);
             h.address = "fd00::1".into();

@@ -10,6 +10,7 @@
 //! Modules:
 //! - [`config`]: the `BAKER_*` variables.
 //! - [`plan`]: which servers each backend should have, at which weight (canary splits).
+//! - [`locality`]: the zone rule: traffic stays in the ambassador's zone while it can serve.
 //! - [`diff`]: the runtime commands that turn the running servers into the planned ones.
 //! - [`render`]: the Tera template and its context.
 //! - [`runtime_api`]: HAProxy's CLI sockets and the parsers of their answers.
@@ -30,6 +31,7 @@ pub mod diff;
 pub mod haproxy;
 pub mod hung;
 pub mod listeners;
+pub mod locality;
 pub mod metrics;
 pub mod plan;
 pub mod reaper;
@@ -87,7 +89,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     let reaper = reaper::Reaper::start()?;
     std::fs::create_dir_all(&config.run_dir)?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let initial = plan::plan(&State::default(), &config.services);
+    let initial = plan::plan(
+        &State::default(),
+        &config.services,
+        config.locality.as_ref(),
+    );
     // The watch publishes plans; the resolver turns their DNS names into addresses for the
     // owner of HAProxy.
     let (plan_tx, plan_rx) = channel::channel(initial.clone());
@@ -114,14 +120,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Run
     }
     tasks.spawn(report::run(
         client.clone(),
-        report::Identity::new(config.id.clone(), config.host.clone(), &config.services),
+        report::Identity::new(
+            config.id.clone(),
+            config.host.clone(),
+            &config.services,
+            config.locality.as_ref().map(|l| l.zone.clone()),
+        ),
         runtime_api::Socket::new(config.run_dir.join("admin.sock")),
+        plan_rx.clone(),
         metrics.clone(),
         inner.clone(),
     ));
     tasks.spawn(watch::run(
         client,
         config.services.clone(),
+        config.locality.clone(),
         config.grace,
         plan_tx,
         metrics.clone(),

@@ -14,6 +14,11 @@
 //! marked to drain: it takes no new requests, and the weights above are shared among the
 //! others, so a route's split holds while one of its instances is out.
 //!
+//! With a zone (`BAKER_ZONE`), each share is split again between the instances of the
+//! ambassador's zone and the others by the rule in [`crate::locality`], and every instance of
+//! another zone also has a backup twin (`failover:service:id`) that takes the traffic the
+//! moment the zone's last server is down, before the directory says so.
+//!
 //! A route whose targets all lack live instances would leave no server with a weight: the
 //! service then falls back to all its own live instances by their own weights, as with no
 //! route ([`route_falls_back`]), until an instance of a target appears. [`fallbacks`] says
@@ -31,6 +36,7 @@ use baker_client::model::{
 use serde::Serialize;
 
 use crate::config::ServiceRoute;
+use crate::locality::{self, Locality};
 
 /// The tag that makes an instance a backup: it serves only while no other server of its
 /// backend is up.
@@ -38,7 +44,8 @@ pub const BACKUP_TAG: &str = "backup";
 
 /// HAProxy's name of a server, unique in its backend: the instance id for an instance of the
 /// backend's own service, `service:id` for an instance of another service (a route's share),
-/// and `backup:service:id` for a backup instance. Names cannot hold `:`, so the three forms
+/// `backup:service:id` for a backup instance, and `failover:service:id` for the backup twin of
+/// an instance of another zone. Names cannot hold `:`, so the three forms
 /// never collide; and since HAProxy cannot turn a server into a backup at run time, an
 /// instance that becomes one is a new server (added first, the old one drained).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -57,9 +64,26 @@ impl ServerName {
         }
     }
 
+    /// The backup twin of `instance`, an instance of another zone than the ambassador's.
+    pub fn failover_of(instance: &Instance) -> ServerName {
+        ServerName(format!(
+            "{FAILOVER_PREFIX}{}:{}",
+            instance.service, instance.id
+        ))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// How the names of failover twins start.
+const FAILOVER_PREFIX: &str = "failover:";
+
+/// The instance (`service`, `id`) the server named `name` is the failover twin of, when it is
+/// one.
+pub fn failover_instance(name: &str) -> Option<(&str, &str)> {
+    name.strip_prefix(FAILOVER_PREFIX)?.split_once(':')
 }
 
 impl From<InstanceId> for ServerName {
@@ -114,6 +138,8 @@ pub struct DesiredServer {
     pub backup: bool,
     /// Drained by an operator: kept, but HAProxy sends it no new request (`state drain`).
     pub drain: bool,
+    /// The instance runs in the ambassador's zone.
+    pub local: bool,
 }
 
 #[cfg(test)]
@@ -129,6 +155,7 @@ impl DesiredServer {
             version: "1".parse().unwrap(),
             backup: false,
             drain: false,
+            local: false,
         }
     }
 }
@@ -139,8 +166,9 @@ pub type Backend = BTreeMap<ServerName, DesiredServer>;
 /// Every configured service's backend, by service name.
 pub type Desired = BTreeMap<ServiceName, Backend>;
 
-/// Plans every configured service's servers from the directory's state.
-pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
+/// Plans every configured service's servers from the directory's state, preferring the
+/// instances of `locality`'s zone when the ambassador has one.
+pub fn plan(state: &State, services: &[ServiceRoute], locality: Option<&Locality>) -> Desired {
     let mut desired = Desired::new();
     for svc in services {
         let route = state.routes.get(&svc.name);
@@ -148,28 +176,47 @@ pub fn plan(state: &State, services: &[ServiceRoute]) -> Desired {
             candidates(state, &svc.name, route)
                 .into_iter()
                 .partition(|i| i.state.is_up());
-        let weights = weights(&svc.name, &serving, route);
-        let backend = serving
-            .iter()
-            .zip(weights)
-            .chain(drained.iter().map(|i| (i, 0)))
-            .map(|(i, w)| {
-                let name = ServerName::of(&svc.name, i);
-                (
-                    name.clone(),
-                    DesiredServer {
-                        name,
-                        service: i.service.clone(),
-                        address: i.address.clone(),
-                        port: i.port,
-                        weight: w,
-                        version: i.version.clone(),
-                        backup: is_backup(i),
-                        drain: !i.state.is_up(),
-                    },
-                )
-            })
-            .collect();
+        let (active, failover) = match locality {
+            None => (weights(&svc.name, &serving, route), None),
+            Some(l) => {
+                let w = locality::weights(l, &svc.name, &serving, route);
+                (w.active, Some(w.failover))
+            }
+        };
+        let mut backend = Backend::new();
+        let mut add = |name: ServerName, i: &Instance, weight: u16, backup: bool| {
+            let server = DesiredServer {
+                name: name.clone(),
+                service: i.service.clone(),
+                address: i.address.clone(),
+                port: i.port,
+                weight,
+                version: i.version.clone(),
+                backup,
+                drain: !i.state.is_up(),
+                local: locality.is_some_and(|l| l.is_local(i)),
+            };
+            backend.insert(name, server);
+        };
+        let all = serving.iter().enumerate().map(|(pos, i)| {
+            let twin = failover.as_ref().map(|f| f[pos]);
+            (*i, active[pos], twin)
+        });
+        let all = all.chain(
+            drained
+                .iter()
+                .map(|i| (*i, 0, failover.as_ref().map(|_| 0))),
+        );
+        for (i, weight, twin) in all {
+            add(ServerName::of(&svc.name, i), i, weight, is_backup(i));
+            // Every instance of another zone waits as a backup too, for the moment its zone
+            // has no server left (a backup-tagged one is a backup already).
+            if let (Some(w), Some(l)) = (twin, locality) {
+                if !l.is_local(i) && !is_backup(i) {
+                    add(ServerName::failover_of(i), i, w, true);
+                }
+            }
+        }
         desired.insert(svc.name.clone(), backend);
     }
     desired
@@ -238,9 +285,9 @@ fn usable<'a>(state: &'a State, service: &ServiceName) -> Vec<&'a Instance> {
 /// if there is one and it does not fall back. Instances of other services are those of the
 /// route's targets; with no route to follow they get weight 0.
 pub fn weights(routed: &ServiceName, instances: &[&Instance], route: Option<&Route>) -> Vec<u16> {
-    let route = route.filter(|r| !route_falls_back(r, routed, instances.iter().copied()));
-    let Some(route) = route else {
-        return instances
+    match groups(routed, instances, route) {
+        Some(groups) => scale(instances, &groups),
+        None => instances
             .iter()
             .map(|i| {
                 if i.service == *routed {
@@ -249,10 +296,24 @@ pub fn weights(routed: &ServiceName, instances: &[&Instance], route: Option<&Rou
                     0
                 }
             })
-            .collect();
-    };
-    // Each live target's share, renormalised over the targets that have instances.
-    let mut live: BTreeMap<&Target, (f64, Vec<usize>)> = BTreeMap::new();
+            .collect(),
+    }
+}
+
+/// A share of a backend's traffic and the instances (positions in the planned list) that
+/// carry it, by their weights.
+pub(crate) type Group = (f64, Vec<usize>);
+
+/// The groups a route splits `instances` into: each target with live instances, its
+/// percentage and its instances. `None` when there is no route to follow (none, or one that
+/// falls back): then the service's own instances share the traffic by their weights.
+pub(crate) fn groups(
+    routed: &ServiceName,
+    instances: &[&Instance],
+    route: Option<&Route>,
+) -> Option<Vec<Group>> {
+    let route = route.filter(|r| !route_falls_back(r, routed, instances.iter().copied()))?;
+    let mut live: BTreeMap<&Target, Group> = BTreeMap::new();
     for (idx, i) in instances.iter().enumerate() {
         if let Some((target, pct)) = route.target_of(routed, i) {
             if pct > 0 {
@@ -263,14 +324,20 @@ pub fn weights(routed: &ServiceName, instances: &[&Instance], route: Option<&Rou
             }
         }
     }
+    Some(live.into_values().collect())
+}
+
+/// HAProxy weights that give each group its share of the traffic (renormalised over the
+/// groups), shared among its instances by their own weights; instances in no group get 0.
+pub(crate) fn scale(instances: &[&Instance], groups: &[Group]) -> Vec<u16> {
     let mut out = vec![0u16; instances.len()];
-    let total_pct: f64 = live.values().map(|(p, _)| p).sum();
+    let total_pct: f64 = groups.iter().map(|(p, _)| p).sum();
     if total_pct <= 0.0 {
         return out;
     }
     // The real-valued weight of each instance (all of them sum to 1).
     let mut real = vec![0f64; instances.len()];
-    for (pct, members) in live.values() {
+    for (pct, members) in groups {
         let share = pct / total_pct;
         let sum_w: f64 = members
             .iter()
@@ -283,9 +350,9 @@ pub fn weights(routed: &ServiceName, instances: &[&Instance], route: Option<&Rou
     // Scale so the heaviest instance gets the maximum weight: the most resolution HAProxy has.
     let max = real.iter().cloned().fold(0f64, f64::max);
     let k = f64::from(MAX_WEIGHT) / max;
-    for (pct, members) in live.values() {
-        // Round each version's total first, then split it among its instances by largest
-        // remainder, so that rounding errors do not add up across a version's instances.
+    for (pct, members) in groups {
+        // Round each group's total first, then split it among its instances by largest
+        // remainder, so that rounding errors do not add up across a group's instances.
         let share = pct / total_pct;
         let target = (share * k).round().max(members.len() as f64);
         let exact: Vec<f64> = {
@@ -511,7 +578,7 @@ mod tests {
         state
             .routes
             .insert("svc".parse().unwrap(), flat(&[("1", 90), ("barker@2", 10)]));
-        let d = plan(&state, &[svc_route("svc")]);
+        let d = plan(&state, &[svc_route("svc")], None);
         let names: Vec<_> = d["svc"].keys().map(ServerName::as_str).collect();
         assert_eq!(
             names,
@@ -558,7 +625,7 @@ mod tests {
             .services
             .insert("barker".parse().unwrap(), vec![of("barker", "x", "1", 100)]);
         assert!(!fallbacks(&state, &[svc_route("svc")])["svc"]);
-        let d = plan(&state, &[svc_route("svc")]);
+        let d = plan(&state, &[svc_route("svc")], None);
         assert_eq!(
             (d["svc"]["o"].weight, d["svc"]["barker:x"].weight),
             (0, 256)
@@ -597,7 +664,7 @@ mod tests {
             f.into_iter().filter(|(_, on)| *on).collect::<Vec<_>>(),
             [("svc".to_owned(), true)]
         );
-        assert_eq!(plan(&state, &services)["svc"]["a"].weight, 100);
+        assert_eq!(plan(&state, &services, None)["svc"]["a"].weight, 100);
     }
 
     #[test]
@@ -630,11 +697,57 @@ mod tests {
                 options: Default::default(),
             },
         ];
-        let d = plan(&state, &services);
+        let d = plan(&state, &services, None);
         assert_eq!(d.len(), 2);
         assert_eq!(d["svc"].keys().collect::<Vec<_>>(), ["a"], "port 0 skipped");
         assert_eq!(d["svc"]["a"].weight, 100);
         assert!(d["none"].is_empty());
+    }
+
+    #[test]
+    fn with_a_zone_the_other_zones_instances_have_failover_twins() {
+        use crate::locality::Locality;
+        let zoned = |id: &str, zone: &str| Instance {
+            zone: Some(zone.parse().unwrap()),
+            ..inst(id, "1", 100)
+        };
+        let mut state = State::default();
+        state.services.insert(
+            "svc".parse().unwrap(),
+            vec![
+                zoned("a1", "a"),
+                zoned("b1", "b"),
+                Instance {
+                    tags: vec!["backup".parse().unwrap()],
+                    ..zoned("b2", "b")
+                },
+                Instance {
+                    state: baker_client::maintenance::InstanceState::Draining,
+                    ..zoned("b3", "b")
+                },
+            ],
+        );
+        let l = Locality::new("a".parse().unwrap());
+        let d = &plan(&state, &[svc_route("svc")], Some(&l))["svc"];
+        let got: Vec<(&str, u16, bool, bool, bool)> = d
+            .values()
+            .map(|s| (s.name.as_str(), s.weight, s.backup, s.drain, s.local))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a1", 256, false, false, true),
+                ("b1", 0, false, false, false),
+                ("b3", 0, false, true, false),
+                ("backup:svc:b2", 256, true, false, false),
+                ("failover:svc:b1", 256, true, false, false),
+                ("failover:svc:b3", 0, true, true, false),
+            ]
+        );
+        assert_eq!(failover_instance("failover:svc:b1"), Some(("svc", "b1")));
+        assert_eq!(failover_instance("b1"), None);
+        // Without a zone, no twin.
+        assert_eq!(plan(&state, &[svc_route("svc")], None)["svc"].len(), 4);
     }
 
     #[test]
@@ -664,7 +777,7 @@ mod tests {
             mode: Mode::Http,
             options: Default::default(),
         }];
-        let d = &plan(&state, &services)["svc"];
+        let d = &plan(&state, &services, None)["svc"];
         let got: Vec<(&str, u16, bool)> = d
             .values()
             .map(|s| (s.name.as_str(), s.weight, s.drain))

@@ -97,12 +97,17 @@ pub struct ServiceContext {
     pub retries: u32,
     /// The stickiness cookie's name, when the route is `sticky`.
     pub sticky_cookie: Option<String>,
+    /// Whether all backup servers share the traffic while every other server is down
+    /// (`option allbackups`): with a zone, the failover twins of the other zones' instances
+    /// do; without one, only the first backup serves.
+    pub all_backups: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerContext {
     /// Unique in the backend: the instance id, `service:id` for an instance of another
-    /// service, `backup:service:id` for a backup.
+    /// service, `backup:service:id` for a backup, `failover:service:id` for the failover twin
+    /// of an instance of another zone.
     pub name: ServerName,
     /// The service the instance belongs to (another one than the backend's when a route sends
     /// it a share).
@@ -251,6 +256,7 @@ pub fn context(config: &Config, desired: &Desired, fds: &Fds) -> Context {
             timeout_get: haproxy_duration(s.options.get_timeout),
             retries: s.options.retries,
             sticky_cookie: s.options.sticky.then(|| sticky_cookie(&s.name)),
+            all_backups: config.locality.is_some(),
         })
         .collect();
     let path = |name: &str| config.run_dir.join(name).display().to_string();
@@ -410,15 +416,49 @@ pub(crate) mod tests {
 
     #[test]
     fn golden_file_is_valid_haproxy_configuration() {
+        let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/default.cfg");
+        assert_valid(&std::fs::read_to_string(golden).unwrap());
+    }
+
+    #[test]
+    fn with_a_zone_all_backups_share_and_failover_twins_are_backups() {
+        let (mut c, mut d) = sample();
+        c.locality = Some(crate::locality::Locality::new("a".parse().unwrap()));
+        let other = baker_client::Instance {
+            port: 8082,
+            zone: Some("b".parse().unwrap()),
+            ..baker_client::Instance::sample("emitter", "c")
+        };
+        let twin = DesiredServer {
+            name: crate::plan::ServerName::failover_of(&other),
+            service: other.service.clone(),
+            backup: true,
+            ..DesiredServer::sample("c", "10.0.0.1", 8082, 256)
+        };
+        d.get_mut("emitter")
+            .unwrap()
+            .insert(twin.name.clone(), twin);
+        let out = Renderer::new(DEFAULT_TEMPLATE)
+            .unwrap()
+            .render(&context(&c, &d, &fds()))
+            .unwrap();
+        assert_eq!(out.matches("\n    option allbackups\n").count(), 3, "{out}");
+        assert!(
+            out.contains("\n    server failover:emitter:c 10.0.0.1:8082 weight 256 backup "),
+            "{out}"
+        );
+        assert_valid(&out);
+    }
+
+    /// Checks a rendered configuration with `haproxy -c`.
+    fn assert_valid(rendered: &str) {
         let bin = crate::config::default_haproxy();
         if !bin.exists() {
             panic!("this test needs HAProxy at {}", bin.display());
         }
-        let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/default.cfg");
         let dir = tempfile::tempdir().unwrap();
         // `haproxy -c` does not look at inherited descriptors: check the file with addresses.
-        let text = std::fs::read_to_string(golden)
-            .unwrap()
+        let text = rendered
             .replace("/run/baker/", &format!("{}/", dir.path().display()))
             .replace("bind fd@3", "bind 0.0.0.0:8000")
             .replace("bind fd@4", "bind 127.0.0.1:8404");

@@ -18,20 +18,22 @@
 //! [`run`] sends a report every [`INTERVAL`], and at once (at most every [`MIN_GAP`]) after
 //! the owner applied a plan, so that `baker route set --wait` returns quickly.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use baker_client::errors::chain;
-use baker_client::model::{Address, InstanceId};
-use baker_client::ops::{AmbassadorReport, Mode, Served, ServerReport};
+use baker_client::model::{Address, InstanceId, Zone};
+use baker_client::ops::{AmbassadorReport, Locality, Mode, Served, ServerReport};
 use baker_client::DirectoryClient;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ServiceRoute};
 use crate::metrics::Metrics;
+use crate::plan::{failover_instance, Desired};
 use crate::runtime_api::{ServerStat, Socket};
 
 /// Time between two reports when nothing changes.
@@ -121,10 +123,17 @@ pub struct Identity {
     pub id: InstanceId,
     pub host: Address,
     pub services: Vec<Served>,
+    /// Its zone (`BAKER_ZONE`), if it has one.
+    pub zone: Option<Zone>,
 }
 
 impl Identity {
-    pub fn new(id: InstanceId, host: Address, services: &[ServiceRoute]) -> Identity {
+    pub fn new(
+        id: InstanceId,
+        host: Address,
+        services: &[ServiceRoute],
+        zone: Option<Zone>,
+    ) -> Identity {
         let services = services
             .iter()
             .map(|s| Served {
@@ -136,23 +145,30 @@ impl Identity {
                 },
             })
             .collect();
-        Identity { id, host, services }
+        Identity {
+            id,
+            host,
+            services,
+            zone,
+        }
     }
 }
 
-/// The report's servers from `show stat`, keeping the configured services' backends only.
-pub fn servers(stats: Vec<ServerStat>, identity: &Identity) -> Vec<ServerReport> {
-    stats
-        .into_iter()
+/// The report's servers from `show stat`, keeping the configured services' backends only. A
+/// failover twin's counters are added to its instance's: they are the same instance's
+/// traffic. `plan` says which servers are of the ambassador's zone.
+pub fn servers(stats: &[ServerStat], identity: &Identity, plan: &Desired) -> Vec<ServerReport> {
+    let serves = |backend: &str| identity.services.iter().find(|x| x.service == backend);
+    let mut out: Vec<ServerReport> = stats
+        .iter()
         .filter_map(|s| {
-            let service = identity
-                .services
-                .iter()
-                .find(|x| x.service == s.backend.as_str())?
-                .service
-                .clone();
+            let service = serves(&s.backend)?.service.clone();
             // Servers are named by instance id; anything else is not one of the directory's.
             let id = s.server.parse().ok()?;
+            let local = plan
+                .get(s.backend.as_str())
+                .and_then(|b| b.get(s.server.as_str()))
+                .is_some_and(|d| d.local);
             Some(ServerReport {
                 service,
                 id,
@@ -161,10 +177,60 @@ pub fn servers(stats: Vec<ServerStat>, identity: &Identity) -> Vec<ServerReport>
                 requests: s.requests,
                 errors: s.errors,
                 sessions: s.sessions,
-                local: false,
+                local,
             })
         })
-        .collect()
+        .collect();
+    for s in stats {
+        let Some((service, id)) = failover_instance(&s.server) else {
+            continue;
+        };
+        if service != s.backend || serves(&s.backend).is_none() {
+            continue;
+        }
+        if let Some(r) = out.iter_mut().find(|r| r.service == service && r.id == id) {
+            r.requests += s.requests;
+            r.errors += s.errors;
+            r.sessions += s.sessions;
+        }
+    }
+    out
+}
+
+/// Where the requests went between two reports, from the counters of `show stat`.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Each server's request counter at the previous count, by backend and server.
+    seen: HashMap<(String, String), u64>,
+}
+
+impl Tally {
+    /// The requests the configured backends' servers got since the previous call, and those
+    /// that went to servers of `zone` (by `plan`). A counter lower than before belongs to a
+    /// new HAProxy worker (a reload starts them again from zero) and counts whole.
+    pub fn count(&mut self, zone: &Zone, stats: &[ServerStat], plan: &Desired) -> Locality {
+        let (mut requests, mut local) = (0, 0);
+        let mut seen = HashMap::with_capacity(stats.len());
+        for s in stats {
+            let Some(backend) = plan.get(s.backend.as_str()) else {
+                continue;
+            };
+            let key = (s.backend.clone(), s.server.clone());
+            let before = self.seen.get(&key).copied().unwrap_or(0);
+            let delta = s.requests.checked_sub(before).unwrap_or(s.requests);
+            requests += delta;
+            if backend.get(s.server.as_str()).is_some_and(|d| d.local) {
+                local += delta;
+            }
+            seen.insert(key, s.requests);
+        }
+        self.seen = seen;
+        Locality {
+            zone: zone.clone(),
+            requests,
+            local,
+        }
+    }
 }
 
 /// Reports to the directory until `shutdown`, then signs off.
@@ -172,11 +238,13 @@ pub async fn run(
     client: DirectoryClient,
     identity: Identity,
     admin: Socket,
+    plan: watch::Receiver<Desired>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let progress = &metrics.progress;
     let mut failing = false;
+    let mut tally = Tally::default();
     loop {
         let stats = match admin.server_stats().await {
             Ok(s) => s,
@@ -186,14 +254,22 @@ pub async fn run(
             }
         };
         let applied_index = progress.applied_index();
+        let (servers, locality) = {
+            let plan = plan.borrow();
+            let locality = identity
+                .zone
+                .as_ref()
+                .map(|zone| tally.count(zone, &stats, &plan));
+            (servers(&stats, &identity, &plan), locality)
+        };
         let report = AmbassadorReport {
             host: identity.host.clone(),
             services: identity.services.clone(),
             applied_index,
             reloads: metrics.reloads.get(),
-            servers: servers(stats, &identity),
+            servers,
             ttl_ms: TTL.as_millis() as u64,
-            locality: None,
+            locality,
         };
         let sent = tokio::select! {
             _ = shutdown.cancelled() => break,

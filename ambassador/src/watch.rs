@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServiceRoute;
+use crate::locality::Locality;
 use crate::metrics::Metrics;
 use crate::plan::{fallbacks, plan, Desired};
 
@@ -242,6 +243,7 @@ impl Tracker {
 pub async fn run(
     client: DirectoryClient,
     services: Vec<ServiceRoute>,
+    locality: Option<Locality>,
     grace_cap: Duration,
     desired: watch::Sender<Desired>,
     metrics: Arc<Metrics>,
@@ -253,7 +255,7 @@ pub async fn run(
     // the directory answered.
     let publish = |tracker: &mut Tracker, snapshot: bool| {
         let view = tracker.view(Instant::now());
-        let d = plan(&view, &services);
+        let d = plan(&view, &services, locality.as_ref());
         metrics.note_fallbacks(&fallbacks(&view, &services));
         if snapshot || *desired.borrow() != d {
             tracing::debug!(index = tracker.index(), "planned the servers");

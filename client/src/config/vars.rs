@@ -74,6 +74,8 @@ pub const ENV_MAX_ROUTES: &str = "BAKER_MAX_ROUTES";
 pub const ENV_MAX_SERVICES: &str = "BAKER_MAX_SERVICES";
 pub const ENV_MAX_WATCHES: &str = "BAKER_MAX_WATCHES";
 pub const ENV_NODE: &str = "BAKER_NODE";
+pub const ENV_ZONE: &str = "BAKER_ZONE";
+pub const ENV_ZONE_OVERPROVISION: &str = "BAKER_ZONE_OVERPROVISION";
 pub const ENV_PATH: &str = "BAKER_PATH";
 pub const ENV_REQUEST_TIMEOUT: &str = "BAKER_REQUEST_TIMEOUT";
 pub const ENV_RISE: &str = "BAKER_RISE";
@@ -337,6 +339,16 @@ pub const AMBASSADOR: Program = Program {
             "stats, metrics and status: a port (on loopback), ip:port, or off",
         ),
         var(ENV_BIND, "0.0.0.0", "address the service ports bind"),
+        var(
+            ENV_ZONE,
+            "none",
+            "its zone: instances of this zone are preferred",
+        ),
+        var(
+            ENV_ZONE_OVERPROVISION,
+            "140",
+            "percent: a zone keeps all traffic down to 1/1.4 of an even share",
+        ),
         var(
             ENV_TEMPLATE,
             "embedded",
