@@ -16,7 +16,13 @@ pub fn build_spec(args: &RegisterArgs) -> Result<InstanceSpec, Failure> {
         weight: args.weight,
         tags: args.tags.clone(),
         ttl_ms: args.ttl,
-        zone: args.zone.clone(),
+        // An empty BAKER_ZONE counts as unset, as every empty variable does.
+        zone: args
+            .zone
+            .as_deref()
+            .map(str::trim)
+            .filter(|z| !z.is_empty())
+            .map(str::to_owned),
     };
     match spec.validate() {
         Ok(_) => Ok(spec),
@@ -103,6 +109,8 @@ mod tests {
         let mut a = args();
         a.zone = Some("eu-1a".into());
         assert_eq!(build_spec(&a).unwrap().zone.as_deref(), Some("eu-1a"));
+        a.zone = Some(" ".into());
+        assert_eq!(build_spec(&a).unwrap().zone, None, "empty counts as unset");
     }
 
     #[test]
