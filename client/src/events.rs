@@ -117,7 +117,7 @@ impl Event {
                     UpsertCause::Registered => (EventKind::Registered, "registered over the API"),
                     UpsertCause::Changed => (
                         EventKind::Changed,
-                        "registered again with another address, port, version, weight, tags or TTL",
+                        "registered again with another address, port, version, weight, tags, zone or TTL",
                     ),
                     UpsertCause::Docker => (
                         EventKind::DockerStarted,

@@ -12,10 +12,10 @@ use baker_client::config::vars::{
     ENV_ETCD_KEY, ENV_HISTORY, ENV_LISTEN, ENV_MAX_AMBASSADORS, ENV_MAX_CONNECTIONS,
     ENV_MAX_DRAINS, ENV_MAX_INSTANCES, ENV_MAX_INSTANCES_PER_SERVICE, ENV_MAX_ROUTES,
     ENV_MAX_SERVICES, ENV_MAX_WATCHES, ENV_NODE, ENV_READ, ENV_REQUEST_TIMEOUT, ENV_STORE,
-    ENV_SWARM_POLL, ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN, ENV_TOKENS, ENV_WATCH_TOKEN,
+    ENV_SWARM_POLL, ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN, ENV_TOKENS, ENV_WATCH_TOKEN, ENV_ZONE,
 };
 use baker_client::config::{parse_duration, ConfigErrors, Environment, Reader};
-use baker_client::model::NodeName;
+use baker_client::model::{NodeName, Zone};
 
 use crate::etcd::StoreUrl;
 use crate::quota::Quotas;
@@ -130,6 +130,10 @@ pub struct Config {
     /// `BAKER_NODE`: the node name Docker discovery gives the containers it finds (default:
     /// the engine's own name, as `docker info` shows it, else the host name).
     pub node: Option<NodeName>,
+    /// `BAKER_ZONE`: the zone Docker discovery gives the containers it finds on this engine
+    /// when they have no `baker.zone` label (default: none). Swarm tasks run on other nodes,
+    /// so it is not theirs.
+    pub zone: Option<Zone>,
     /// `BAKER_MAX_CONNECTIONS`: open connections beyond this wait in the kernel's accept queue.
     pub max_connections: usize,
     /// `BAKER_MAX_WATCHES`: open watch streams at most, fewer than `max_connections`, so that
@@ -171,6 +175,7 @@ impl Default for Config {
             docker_network: None,
             swarm_poll: crate::swarm::DEFAULT_POLL,
             node: None,
+            zone: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_watches: DEFAULT_MAX_CONNECTIONS / 2,
             quotas: Quotas::default(),
@@ -284,6 +289,7 @@ impl Config {
         let node = r.parse(ENV_NODE, |s| {
             NodeName::parse_as(ENV_NODE, s).map_err(|e| e.message)
         });
+        let zone = r.parse(ENV_ZONE, |s| s.parse::<Zone>().map_err(|e| e.message));
         let max_connections = r.parse(ENV_MAX_CONNECTIONS, |s| match s.parse::<usize>() {
             Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
             _ => Err("must be a number between 1 and 1000000"),
@@ -328,6 +334,7 @@ impl Config {
             docker_network,
             swarm_poll,
             node,
+            zone,
             max_connections,
             max_watches,
             quotas,
@@ -377,6 +384,7 @@ mod tests {
         assert_eq!(c.token, None);
         assert_eq!(c.docker_network, None);
         assert_eq!(c.node, None);
+        assert_eq!(c.zone, None);
     }
 
     #[test]
@@ -389,6 +397,7 @@ mod tests {
             ("BAKER_STORE", "etcd://e1:2379,e2:2379/team"),
             ("BAKER_DOCKER_NETWORK", "baker_net"),
             ("BAKER_NODE", "Host-1.example"),
+            ("BAKER_ZONE", "eu-west-1a"),
             ("BAKER_MAX_CONNECTIONS", "10"),
             ("BAKER_MAX_WATCHES", "9"),
             ("BAKER_WATCH_TOKEN", "w4tch"),
@@ -424,6 +433,7 @@ mod tests {
             c.node.as_ref().map(NodeName::as_str),
             Some("Host-1.example")
         );
+        assert_eq!(c.zone.as_ref().map(Zone::as_str), Some("eu-west-1a"));
         assert_eq!(c.max_connections, 10);
         assert_eq!(c.request_timeout, Duration::from_secs(2));
         let empty = Config::from_env(&env(&[("BAKER_TOKEN", ""), ("BAKER_DATA", " ")])).unwrap();
@@ -496,6 +506,7 @@ mod tests {
             ("BAKER_DOCKER", "maybe"),
             ("BAKER_DOCKER_NETWORK", "bad/net"),
             ("BAKER_NODE", "my host"),
+            ("BAKER_ZONE", "Zone A"),
             ("BAKER_MAX_CONNECTIONS", "0"),
             ("BAKER_MAX_WATCHES", "x"),
             ("BAKER_MAX_ROUTES", "0"),
@@ -513,6 +524,7 @@ mod tests {
                 "BAKER_DOCKER",
                 "BAKER_DOCKER_NETWORK",
                 "BAKER_NODE",
+                "BAKER_ZONE",
                 "BAKER_MAX_CONNECTIONS",
                 "BAKER_MAX_WATCHES",
                 "BAKER_MAX_ROUTES",
@@ -523,6 +535,10 @@ mod tests {
         assert_eq!(
             errs.0[5].1,
             "may contain only letters, digits, '.', '_' and '-', got ' ' (got \"my host\")"
+        );
+        assert_eq!(
+            errs.0[6].1,
+            "must start with a lowercase letter or digit, got 'Z' (got \"Zone A\")"
         );
         assert_eq!(
             errs.0.last().unwrap().1,

@@ -10,7 +10,8 @@
 //! Labels: `baker.service` (required), `baker.port` (default: the only exposed TCP port),
 //! `baker.version` (default `1`), `baker.weight` (1-256, default 100), `baker.network` (whose
 //! address to register; default `BAKER_DOCKER_NETWORK`, else the container's only network),
-//! `baker.backup` (`true`: registered with the tag `backup`).
+//! `baker.backup` (`true`: registered with the tag `backup`), `baker.zone` (the zone it runs
+//! in; default `BAKER_ZONE`, else none).
 //! A container with a bad label is logged once, naming the label, and left out; nothing
 //! crashes. The instance id is the container's name, made unique when it has to be lower-cased
 //! or shortened ([`instance_id`]).
@@ -35,7 +36,7 @@ use baker_client::change::RemoveCause;
 use baker_client::errors::chain;
 use baker_client::model::{
     printable, validate_port, InstanceId, InstanceSpec, NodeName, ServiceName, ValidSpec,
-    ValidationError, MAX_NAME_LEN,
+    ValidationError, Zone, MAX_NAME_LEN,
 };
 use bollard::errors::Error as DockerError;
 use bollard::models::{
@@ -58,6 +59,9 @@ pub const NETWORK_LABEL: &str = "baker.network";
 /// `true` registers the container with the tag `backup`: the ambassadors send it traffic only
 /// while no other instance of its service is up.
 pub const BACKUP_LABEL: &str = "baker.backup";
+/// The zone the instance runs in: a container's wins over the directory's `BAKER_ZONE`, a
+/// swarm service's over its node's label of the same name.
+pub const ZONE_LABEL: &str = "baker.zone";
 
 /// Where the engine listens when `DOCKER_HOST` is not set.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
@@ -244,6 +248,7 @@ pub(crate) struct Labelled {
     pub version: Option<String>,
     pub weight: Option<u64>,
     pub backup: bool,
+    pub zone: Option<String>,
 }
 
 /// Reads the `baker.*` labels (`baker.service` must be there); `default_port` gives the port
@@ -301,6 +306,7 @@ pub(crate) fn read_labels(
             version: labels.get(VERSION_LABEL).map(|v| v.trim().to_owned()),
             weight,
             backup,
+            zone: labels.get(ZONE_LABEL).map(|z| z.trim().to_owned()),
         }),
         _ => Err(problems.join("; ")),
     }
@@ -320,7 +326,7 @@ impl Labelled {
                 Vec::new()
             },
             ttl_ms: None,
-            zone: None,
+            zone: self.zone.clone(),
         };
         spec.validate().map_err(|errors| {
             errors
@@ -328,6 +334,7 @@ impl Labelled {
                 .map(|e| match e.field.as_str() {
                     "version" => format!("{VERSION_LABEL}: {}", e.message),
                     "weight" => format!("{WEIGHT_LABEL}: {}", e.message),
+                    "zone" => format!("{ZONE_LABEL}: {}", e.message),
                     _ => e.to_string(),
                 })
                 .collect::<Vec<_>>()
@@ -500,6 +507,8 @@ struct Tracker {
     noted: HashMap<String, String>,
     /// The node every instance registered is given.
     node: Option<NodeName>,
+    /// The zone an instance registered is given when its container has no `baker.zone`.
+    zone: Option<Zone>,
 }
 
 impl Tracker {
@@ -516,6 +525,14 @@ impl Tracker {
         }
         self.noted.insert(container.to_owned(), text);
         true
+    }
+
+    /// Gives a container's instance this engine's node, and its zone unless a label gave one.
+    fn place(&self, spec: &mut ValidSpec) {
+        spec.node = self.node.clone();
+        if spec.zone.is_none() {
+            spec.zone = self.zone.clone();
+        }
     }
 
     fn forget(&mut self, container: &str) {
@@ -549,7 +566,7 @@ impl Tracker {
                     self.labelled.insert(cid.clone());
                     self.noted.remove(&cid);
                     registered.insert(cid, (service.clone(), id.clone()));
-                    spec.node = self.node.clone();
+                    self.place(&mut spec);
                     desired.push((service, id, spec));
                 }
                 Verdict::Register { .. } => {}
@@ -577,7 +594,7 @@ impl Tracker {
                 id,
                 mut spec,
             } => {
-                spec.node = self.node.clone();
+                self.place(&mut spec);
                 self.labelled.insert(container.to_owned());
                 if self.stopping.contains(container) {
                     return;
@@ -673,15 +690,20 @@ pub fn permission_denied(err: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Follows the Docker engine until `shutdown`, keeping the registry's Docker-sourced instances
 /// equal to the labelled containers that count; reconnects and resyncs after any failure.
-/// Instances get the node `node` (`BAKER_NODE`), or when it is `None`, [`default_node`].
+/// Instances get the node `node` (`BAKER_NODE`), or when it is `None`, [`default_node`]; and
+/// the zone `zone` (`BAKER_ZONE`) unless their `baker.zone` label names one.
 pub async fn run(
     registry: Registry,
     network: Option<String>,
     node: Option<NodeName>,
+    zone: Option<Zone>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-    let mut tracker = Tracker::default();
+    let mut tracker = Tracker {
+        zone,
+        ..Tracker::default()
+    };
     let mut failures = 0u32;
     loop {
         let result = session(
@@ -968,6 +990,29 @@ mod tests {
     }
 
     #[test]
+    fn the_zone_label_names_the_zone() {
+        let c = container(
+            &[("baker.service", "db"), ("baker.zone", " eu-west-1a ")],
+            &[("bridge", "172.17.0.3")],
+        );
+        let (_, _, spec) = registered(verdict(&c, None));
+        assert_eq!(spec.zone.as_ref().map(Zone::as_str), Some("eu-west-1a"));
+        let c = container(&[("baker.service", "db")], &[("bridge", "172.17.0.3")]);
+        assert_eq!(registered(verdict(&c, None)).2.zone, None);
+        let c = container(
+            &[("baker.service", "db"), ("baker.zone", "EU West")],
+            &[("bridge", "172.17.0.3")],
+        );
+        let Verdict::Invalid { message, .. } = verdict(&c, None) else {
+            panic!("expected invalid");
+        };
+        assert_eq!(
+            message,
+            "baker.zone: must start with a lowercase letter or digit, got 'E'"
+        );
+    }
+
+    #[test]
     fn unlabelled_containers_are_not_ours() {
         let c = container(&[("other", "x")], &[("bridge", "172.17.0.3")]);
         assert_eq!(verdict(&c, None), Verdict::Unlabelled);
@@ -1222,6 +1267,29 @@ mod tests {
             .map(|i| i.node.as_ref().map(ToString::to_string))
             .collect();
         assert_eq!(nodes, [Some("node-a".into()), Some("node-a".into())]);
+    }
+
+    #[tokio::test]
+    async fn discovered_instances_get_the_directorys_zone_unless_labelled() {
+        let (registry, _dir) = test_registry();
+        let mut tracker = Tracker {
+            zone: Some("zone-a".parse().unwrap()),
+            ..Tracker::default()
+        };
+        let c = container(&[("baker.service", "orders")], &[("bridge", "172.17.0.3")]);
+        let mut labelled = container(
+            &[("baker.service", "orders"), ("baker.zone", "zone-b")],
+            &[("bridge", "172.17.0.4")],
+        );
+        labelled.name = Some("/orders_2".into());
+        tracker.resync(&registry, vec![("c1".into(), verdict(&c, None))]);
+        tracker.apply(&registry, "c2", verdict(&labelled, None));
+        registry.reconcile_once().await.unwrap();
+        let zones: Vec<Option<String>> = registry.services().services["orders"]
+            .iter()
+            .map(|i| i.zone.as_ref().map(ToString::to_string))
+            .collect();
+        assert_eq!(zones, [Some("zone-a".into()), Some("zone-b".into())]);
     }
 
     /// The error bollard reports when connecting fails with `kind`, made the way bollard makes

@@ -176,10 +176,11 @@ pub async fn run(
     };
     registry.first_snapshot(etcd::REQUEST_TIMEOUT).await;
     let discovery = docker::enabled(config.docker).then(|| {
-        let (registry, network, node, shutdown) = (
+        let (registry, network, node, zone, shutdown) = (
             registry.clone(),
             config.docker_network.clone(),
             config.node.clone(),
+            config.zone.clone(),
             shutdown.clone(),
         );
         tokio::spawn(supervise::supervise(
@@ -190,6 +191,7 @@ pub async fn run(
                     registry.clone(),
                     network.clone(),
                     node.clone(),
+                    zone.clone(),
                     shutdown.clone(),
                 )
             },

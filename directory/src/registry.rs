@@ -1917,6 +1917,31 @@ pub(crate) mod tests {
         assert_eq!(r.services().services["emitter"][0].weight, 50);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_new_zone_is_a_change_and_the_same_zone_a_heartbeat() {
+        let (r, _dir) = registry();
+        let mut sub = r.subscribe(None, false);
+        let zoned = |zone: Option<&str>| ValidSpec {
+            zone: zone.map(|z| z.parse().unwrap()),
+            ..spec(80, 1000)
+        };
+        for zone in [Some("zone-a"), Some("zone-a"), Some("zone-b"), None] {
+            r.register(&svc("emitter"), &iid("a"), zoned(zone))
+                .await
+                .unwrap();
+        }
+        let got: Vec<_> = events(&mut sub.feed).iter().map(ids).collect();
+        assert_eq!(
+            got,
+            [
+                id4(1, "registered", "emitter", "a"),
+                id4(2, "changed", "emitter", "a"),
+                id4(3, "changed", "emitter", "a"),
+            ]
+        );
+        assert_eq!(r.services().services["emitter"][0].zone, None);
+    }
+
     #[tokio::test]
     async fn an_instance_keeps_when_it_joined_through_heartbeats_and_changes() {
         let (r, _dir) = registry();

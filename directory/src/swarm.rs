@@ -3,11 +3,13 @@
 //!
 //! The labels are the service's own (`deploy.labels` in a stack file), the same as container
 //! discovery reads ([`crate::docker`]): `baker.service`, `baker.port`, `baker.version`,
-//! `baker.weight`, `baker.network`, `baker.backup`. Each task whose desired state is `running`
+//! `baker.weight`, `baker.network`, `baker.backup`, `baker.zone`. Each task whose desired state is `running`
 //! and whose state is `running` is an instance: its address on the overlay network it shares
 //! with the ambassadors ([`task_address`]), `node` the host name of the node that runs it, and an
 //! id naming the task ([`task_instance_id`]): `<service>.<slot>` for a replicated service,
-//! `<service>.<node>` for a global one.
+//! `<service>.<node>` for a global one. Its zone is the service's `baker.zone` label, else the
+//! `baker.zone` label of the node that runs it (`docker node update --label-add
+//! baker.zone=eu-1a NODE`), else none; the nodes are read again whenever one changes.
 //!
 //! The Engine API has no task events, so discovery lists services and tasks every
 //! `BAKER_SWARM_POLL` (500 ms by default), and at once on the events the engine does send:
@@ -31,7 +33,7 @@ use std::time::Duration;
 use baker_client::backoff::Backoff;
 use baker_client::change::RemoveCause;
 use baker_client::errors::chain;
-use baker_client::model::{InstanceId, NodeName, ServiceName, ValidSpec, MAX_NAME_LEN};
+use baker_client::model::{InstanceId, NodeName, ServiceName, ValidSpec, Zone, MAX_NAME_LEN};
 use bollard::models::{EventMessage, EventMessageTypeEnum};
 use bollard::query_parameters::{
     EventsOptionsBuilder, ListNodesOptionsBuilder, ListServicesOptionsBuilder,
@@ -41,7 +43,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::docker::{read_labels, NETWORK_LABEL, SERVICE_LABEL};
+use crate::docker::{read_labels, NETWORK_LABEL, SERVICE_LABEL, ZONE_LABEL};
 use crate::registry::{Finder, Registry};
 
 /// How often tasks are listed when no event asks for it sooner (`BAKER_SWARM_POLL`).
@@ -62,6 +64,15 @@ pub struct Service {
     pub global: bool,
     /// The target ports the service publishes (the default of `baker.port` when there is one).
     pub target_ports: Vec<u16>,
+}
+
+/// A swarm node, as discovery reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    /// Its host name, when it reports one.
+    pub host: Option<String>,
+    /// Its `baker.zone` label as written (checked where a task uses it), when it has one.
+    pub zone: Option<String>,
 }
 
 /// One network a task is attached to, and its address there.
@@ -214,12 +225,12 @@ pub fn task_address(
 
 /// What the registry should hold for this listing of the swarm: every running task of a
 /// labelled service, not `excluded`, with an address on the chosen network. `nodes` maps node
-/// ids to their host names. When two running tasks share an id (a `start-first` update
+/// ids to their host names and zone labels. When two running tasks share an id (a `start-first` update
 /// replacing a slot), the newer one is registered.
 pub fn listing(
     services: &[Service],
     tasks: &[Task],
-    nodes: &HashMap<String, String>,
+    nodes: &HashMap<String, Node>,
     default_network: Option<&str>,
     excluded: impl Fn(&str) -> Option<Excluded>,
 ) -> Listing {
@@ -275,7 +286,7 @@ pub fn listing(
         {
             continue;
         }
-        let node = nodes.get(&task.node_id).map(String::as_str);
+        let node = nodes.get(&task.node_id).and_then(|n| n.host.as_deref());
         let slot = if service.global { None } else { task.slot };
         let id = match task_instance_id(&service.name, slot, node.unwrap_or(&task.node_id)) {
             Ok(id) => id,
@@ -321,6 +332,9 @@ pub fn listing(
         spec.node = node
             .or(Some(task.node_id.as_str()))
             .and_then(|n| n.parse::<NodeName>().ok());
+        if spec.zone.is_none() {
+            spec.zone = node_zone(nodes, &task.node_id, &mut out.notes);
+        }
         let key = (labels.service.clone(), id);
         if let Some(other) = created.get(&key) {
             // The older task of a slot being replaced: the newer one serves from now on.
@@ -340,6 +354,32 @@ pub fn listing(
         );
     }
     out
+}
+
+/// The zone the `baker.zone` label of node `id` names, if it has a valid one; a bad one is
+/// noted (its tasks are registered without a zone: the label belongs to the node, not to the
+/// services it runs).
+fn node_zone(
+    nodes: &HashMap<String, Node>,
+    id: &str,
+    notes: &mut BTreeMap<String, String>,
+) -> Option<Zone> {
+    let node = nodes.get(id)?;
+    let label = node.zone.as_deref()?;
+    match label.trim().parse::<Zone>() {
+        Ok(zone) => Some(zone),
+        Err(e) => {
+            notes.insert(
+                format!("node/{id}/zone"),
+                format!(
+                    "swarm node {} has a bad {ZONE_LABEL} label, so its tasks carry no zone: {}",
+                    node.host.as_deref().unwrap_or(id),
+                    e.message
+                ),
+            );
+            None
+        }
+    }
 }
 
 /// What an engine event asks of swarm discovery.
@@ -642,8 +682,8 @@ async fn session(
     }
 }
 
-/// Node ids → host names.
-async fn read_nodes(docker: &Docker) -> Result<HashMap<String, String>, SessionError> {
+/// Node ids → host names and zone labels.
+async fn read_nodes(docker: &Docker) -> Result<HashMap<String, Node>, SessionError> {
     let nodes = docker
         .list_nodes(Some(ListNodesOptionsBuilder::new().build()))
         .await
@@ -651,8 +691,14 @@ async fn read_nodes(docker: &Docker) -> Result<HashMap<String, String>, SessionE
     Ok(nodes
         .into_iter()
         .filter_map(|n| {
-            let host = n.description.and_then(|d| d.hostname)?;
-            Some((n.id?, host))
+            let node = Node {
+                host: n.description.and_then(|d| d.hostname),
+                zone: n
+                    .spec
+                    .and_then(|s| s.labels)
+                    .and_then(|mut l| l.remove(ZONE_LABEL)),
+            };
+            Some((n.id?, node))
         })
         .collect())
 }
@@ -665,7 +711,7 @@ async fn poll(
     registry: &Registry,
     settings: &Settings,
     tracker: &mut Tracker,
-    nodes: &HashMap<String, String>,
+    nodes: &HashMap<String, Node>,
 ) -> Result<usize, SessionError> {
     let label_filter = HashMap::from([("label", vec![SERVICE_LABEL])]);
     let services: Vec<Service> = docker
@@ -757,8 +803,14 @@ mod tests {
         }
     }
 
-    fn nodes() -> HashMap<String, String> {
-        HashMap::from([("n1".to_owned(), "host-a".to_owned())])
+    fn nodes() -> HashMap<String, Node> {
+        HashMap::from([(
+            "n1".to_owned(),
+            Node {
+                host: Some("host-a".to_owned()),
+                zone: None,
+            },
+        )])
     }
 
     fn ids(l: &Listing) -> Vec<String> {
@@ -810,6 +862,96 @@ mod tests {
         assert_eq!(r.spec.tags.len(), 1);
         assert_eq!(r.spec.node.as_ref().map(NodeName::as_str), Some("host-a"));
         assert!(l.notes.is_empty(), "{:?}", l.notes);
+    }
+
+    #[test]
+    fn the_zone_is_the_services_label_else_the_nodes_label() {
+        let nodes = HashMap::from([
+            (
+                "n1".to_owned(),
+                Node {
+                    host: Some("host-a".to_owned()),
+                    zone: Some("zone-a".to_owned()),
+                },
+            ),
+            (
+                "n2".to_owned(),
+                Node {
+                    host: Some("host-b".to_owned()),
+                    zone: None,
+                },
+            ),
+            (
+                "n3".to_owned(),
+                Node {
+                    host: Some("host-c".to_owned()),
+                    zone: Some("Zone C".to_owned()),
+                },
+            ),
+        ]);
+        let on = |node: &str, id: &str, service: &str, slot| Task {
+            node_id: node.into(),
+            ..task(id, service, slot, &[("baker", "10.0.1.5")])
+        };
+        let tasks = [
+            on("n1", "t1", "s1", 1),
+            on("n2", "t2", "s1", 2),
+            on("n3", "t3", "s1", 3),
+            on("n1", "t4", "s2", 1),
+        ];
+        let services = [
+            service(
+                "s1",
+                "web",
+                &[("baker.service", "web"), ("baker.port", "80")],
+            ),
+            service(
+                "s2",
+                "db",
+                &[
+                    ("baker.service", "db"),
+                    ("baker.port", "5432"),
+                    ("baker.zone", "zone-z"),
+                ],
+            ),
+        ];
+        let l = listing(&services, &tasks, &nodes, None, |_| None);
+        let zones: Vec<(String, Option<&str>)> = l
+            .instances
+            .iter()
+            .map(|((s, i), r)| (format!("{s}/{i}"), r.spec.zone.as_ref().map(Zone::as_str)))
+            .collect();
+        assert_eq!(
+            zones,
+            [
+                ("db/db.1".to_owned(), Some("zone-z")),
+                ("web/web.1".to_owned(), Some("zone-a")),
+                ("web/web.2".to_owned(), None),
+                ("web/web.3".to_owned(), None),
+            ]
+        );
+        // The bad node label is told, once for the node; its task is still served.
+        assert_eq!(
+            l.notes.values().collect::<Vec<_>>(),
+            [
+                "swarm node host-c has a bad baker.zone label, so its tasks carry no zone: must \
+              start with a lowercase letter or digit, got 'Z'"
+            ]
+        );
+
+        // A bad service label leaves the service out, as any bad label does.
+        let bad = service(
+            "s3",
+            "api",
+            &[
+                ("baker.service", "api"),
+                ("baker.port", "80"),
+                ("baker.zone", "a b"),
+            ],
+        );
+        let l = listing(&[bad], &[on("n1", "t5", "s3", 1)], &nodes, None, |_| None);
+        assert!(l.instances.is_empty());
+        assert!(l.notes["s3"].contains("baker.zone: "), "{:?}", l.notes);
     }
 
     #[test]

@@ -590,13 +590,18 @@ function fillCard(card, name) {
 const AGE_MEANS = 'how long it has been in the directory (since its first registration, or since its '
   + 'container was found); the CLI\'s SEEN is when the directory last heard of it';
 
+const ZONE_MEANS = 'the zone it runs in: its registrar\'s BAKER_ZONE, its container\'s or swarm '
+  + 'service\'s baker.zone label, its swarm node\'s baker.zone label, or the BAKER_ZONE of the '
+  + 'directory that found its container';
+
 function instanceTable(maintenance) {
   return el('div', { class: 'scroll' }, el('table', { class: 'stack' },
     el('thead', {}, el('tr', {},
       el('th', {}, 'Instance'), el('th', {}, 'Version'), el('th', { class: 'num' }, 'Weight'),
       el('th', {}, 'State'), el('th', {}, 'Health (ambassadors)'),
       el('th', { class: 'num' }, 'Requests'), el('th', { class: 'num' }, 'Errors'),
-      el('th', {}, 'Source'), el('th', { class: 'num', title: AGE_MEANS }, 'Age'),
+      el('th', {}, 'Source'), el('th', { title: ZONE_MEANS }, 'Zone'),
+      el('th', { class: 'num', title: AGE_MEANS }, 'Age'),
       maintenance ? el('th', {}, '') : null)),
     el('tbody')));
 }
@@ -649,6 +654,7 @@ function instanceRow(service, inst, maintenance) {
     el('td', { class: `num${traffic && traffic.errors ? ' errors' : ''}`, 'data-label': 'Errors' },
       traffic ? fmtCount(traffic.errors) : '-'),
     el('td', { class: 'muted', 'data-label': 'Source' }, inst.source),
+    el('td', { class: 'muted', 'data-label': 'Zone' }, inst.zone || '-'),
     el('td', { class: 'num muted age', 'data-label': 'Age', 'data-since': since, title: AGE_MEANS }, since ? null : '-'),
     action);
 }

@@ -7,12 +7,12 @@ use baker_client::api::{parse_token, DEFAULT_DIRECTORY};
 use baker_client::config::vars::{
     self, ENV_ADVERTISE, ENV_CA, ENV_CHECK, ENV_CHECK_BODY, ENV_CHECK_CODES, ENV_DIRECTORY,
     ENV_FALL, ENV_ID, ENV_INTERVAL, ENV_RISE, ENV_SERVICE, ENV_TAGS, ENV_TARGET, ENV_TIMEOUT,
-    ENV_TOKEN, ENV_VERSION, ENV_WEIGHT,
+    ENV_TOKEN, ENV_VERSION, ENV_WEIGHT, ENV_ZONE,
 };
 use baker_client::config::{ConfigErrors, Environment, Reader};
 use baker_client::model::{
     generated_id_hint, is_generated_hostname, printable, validate_weight, InstanceId, ServiceName,
-    Tag, ValidationError, Version, DEFAULT_WEIGHT, MAX_NAME_LEN,
+    Tag, ValidationError, Version, Zone, DEFAULT_WEIGHT, MAX_NAME_LEN,
 };
 use baker_client::DirectoryClient;
 
@@ -60,6 +60,9 @@ pub struct Config {
     pub version: Version,
     pub weight: u16,
     pub tags: Vec<Tag>,
+    /// The zone registered with the instance (`BAKER_ZONE`): one per registrar, shared by
+    /// every service it announces.
+    pub zone: Option<Zone>,
     /// Said at start when the id was made from a hostname Docker generated.
     pub id_hint: Option<String>,
 }
@@ -188,6 +191,7 @@ impl Config {
             })
             .unwrap_or(DEFAULT_WEIGHT);
         let tags = r.parse(ENV_TAGS, parse_tags).unwrap_or_default();
+        let zone = parse_zone(&mut r);
 
         let id = if r.is_set(ENV_ID) {
             r.parse(ENV_ID, |v| v.parse::<InstanceId>().map_err(|e| e.message))
@@ -222,6 +226,7 @@ impl Config {
                 version,
                 weight,
                 tags,
+                zone,
                 id_hint,
             }),
             // The reason there is no service, id, target or address to advertise is recorded
@@ -255,6 +260,11 @@ pub fn directory_and_token(r: &mut Reader<'_>) -> (String, Option<String>, Optio
     let token = r.parse_secret(ENV_TOKEN, parse_token);
     let ca = r.parse(ENV_CA, baker_client::tls::parse_bundle_path);
     (directory, token, ca)
+}
+
+/// `BAKER_ZONE`, which every service of one registrar shares.
+pub fn parse_zone(r: &mut Reader<'_>) -> Option<Zone> {
+    r.parse(ENV_ZONE, |v| v.parse::<Zone>().map_err(|e| e.message))
 }
 
 /// `BAKER_TAGS`: a comma-separated list of names.
@@ -424,6 +434,20 @@ mod tests {
         assert_eq!((c.version.as_str(), c.weight, c.tags.len()), ("1", 100, 0));
         assert_eq!(c.ttl(), Duration::from_secs(6));
         assert_eq!(c.token, None);
+        assert_eq!(c.zone, None);
+    }
+
+    #[test]
+    fn a_bad_zone_is_refused_with_its_variable() {
+        let errs = parse(&[
+            ("BAKER_SERVICE", "emitter"),
+            ("BAKER_TARGET", "http://10.0.0.5:8080"),
+            ("BAKER_ZONE", "eu west"),
+        ])
+        .unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].0, "BAKER_ZONE");
+        assert!(errs.to_string().contains("BAKER_ZONE: "), "{errs}");
     }
 
     #[test]
@@ -445,6 +469,7 @@ mod tests {
             ("BAKER_VERSION", "2"),
             ("BAKER_WEIGHT", "50"),
             ("BAKER_TAGS", "canary, eu-west"),
+            ("BAKER_ZONE", "eu-west-1a"),
         ])
         .unwrap();
         assert_eq!(c.directory, "http://directory:7700");
@@ -469,6 +494,7 @@ mod tests {
         );
         assert_eq!((c.rise, c.fall, c.weight), (3, 1, 50));
         assert_eq!(c.tags, ["canary", "eu-west"]);
+        assert_eq!(c.zone.as_ref().map(Zone::as_str), Some("eu-west-1a"));
         assert_eq!(c.ttl(), Duration::from_millis(1500));
     }
 
@@ -544,6 +570,7 @@ mod tests {
             ("BAKER_VERSION", "V2"),
             ("BAKER_WEIGHT", "300"),
             ("BAKER_TAGS", "ok,Not Ok"),
+            ("BAKER_ZONE", "EU West"),
         ])
         .unwrap_err();
         let vars: Vec<_> = errs.0.iter().map(|(v, _)| v.as_str()).collect();
@@ -563,6 +590,7 @@ mod tests {
                 "BAKER_VERSION",
                 "BAKER_WEIGHT",
                 "BAKER_TAGS",
+                "BAKER_ZONE",
                 "BAKER_ID",
             ]
         );

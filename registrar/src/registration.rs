@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use baker_client::backoff::Backoff;
-use baker_client::model::{InstanceId, InstanceSpec, ServiceName, Tag, Version};
+use baker_client::model::{InstanceId, InstanceSpec, ServiceName, Tag, Version, Zone};
 use baker_client::{ClientError, DirectoryClient};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -34,6 +34,7 @@ pub struct Registration {
     version: Version,
     weight: u16,
     tags: Vec<Tag>,
+    zone: Option<Zone>,
     ttl: Duration,
     interval: Duration,
     request_timeout: Duration,
@@ -53,6 +54,7 @@ impl Registration {
             version: config.version.clone(),
             weight: config.weight,
             tags: config.tags.clone(),
+            zone: config.zone.clone(),
             ttl: config.ttl(),
             interval: config.interval,
             request_timeout: config
@@ -118,7 +120,7 @@ impl Registration {
             weight: Some(u64::from(self.weight)),
             tags: self.tags.iter().map(ToString::to_string).collect(),
             ttl_ms: Some(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)),
-            zone: None,
+            zone: self.zone.as_ref().map(ToString::to_string),
         }
     }
 
@@ -199,10 +201,11 @@ impl Registration {
                             outage.recovered(directory);
                             if registered.as_deref() != Some(address.as_str()) {
                                 tracing::info!(
-                                    "registered {name} at {} with {directory} (version {}, weight {}, ttl {:?})",
+                                    "registered {name} at {} with {directory} (version {}, weight {}, {}ttl {:?})",
                                     authority(&address, self.advertise.port),
                                     self.version,
                                     self.weight,
+                                    self.zone.as_ref().map(|z| format!("zone {z}, ")).unwrap_or_default(),
                                     self.ttl
                                 );
                             }

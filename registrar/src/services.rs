@@ -5,22 +5,22 @@
 //! without the prefix and in lower case (`target`, `check`, `interval`, `rise`, ...), and goes
 //! through the same parsing and validation as those variables: the table is turned into the
 //! environment a one-service registrar would have had, and each problem found there is named
-//! by the file, the table and the key. `BAKER_DIRECTORY` and `BAKER_TOKEN` apply to every
-//! service.
+//! by the file, the table and the key. `BAKER_DIRECTORY`, `BAKER_TOKEN`, `BAKER_CA` and
+//! `BAKER_ZONE` apply to every service: one registrar runs on one host, in one zone.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use baker_client::config::vars::{
-    self, ENV_CA, ENV_CONFIG, ENV_DIRECTORY, ENV_SERVICE, ENV_TARGET, ENV_TOKEN,
+    self, ENV_CA, ENV_CONFIG, ENV_DIRECTORY, ENV_SERVICE, ENV_TARGET, ENV_TOKEN, ENV_ZONE,
 };
 use baker_client::config::{strays, ConfigErrors, Environment, Reader, Stray, PREFIX};
 use baker_client::model::{printable, InstanceId, ServiceName};
 
-use crate::config::{directory_and_token, Config};
+use crate::config::{directory_and_token, parse_zone, Config};
 
 /// Keys of a table that are not service settings: they apply to the whole registrar.
-const SHARED: &[&str] = &[ENV_CONFIG, ENV_DIRECTORY, ENV_TOKEN, ENV_CA];
+const SHARED: &[&str] = &[ENV_CONFIG, ENV_DIRECTORY, ENV_TOKEN, ENV_CA, ENV_ZONE];
 /// Keys whose value may be written as a TOML array of strings or numbers.
 const LISTS: &[&str] = &["tags", "check_codes"];
 
@@ -38,6 +38,7 @@ pub fn from_env(
     let mut r = Reader::new(&vars::REGISTRAR, env);
     let path = r.get(ENV_CONFIG).map(|p| p.trim().to_owned());
     let (directory, token, ca) = directory_and_token(&mut r);
+    let zone = parse_zone(&mut r);
     let Some(path) = path else {
         // Config::from_env checks the names of the variables, once.
         let mut errs = r.value_errors();
@@ -116,6 +117,7 @@ pub fn from_env(
                 config.directory.clone_from(&directory);
                 config.token.clone_from(&token);
                 config.ca.clone_from(&ca);
+                config.zone.clone_from(&zone);
                 config.target_from = format!("{path} [{table}]");
                 configs.push(config);
             }
@@ -527,6 +529,42 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected:?} not in:\n{text}");
         }
+    }
+
+    #[test]
+    fn the_zone_is_the_registrars_for_every_service() {
+        let configs = parse(
+            &[
+                ("BAKER_ZONE", "rack-2"),
+                ("BAKER_SERVICE", "emitter"),
+                ("BAKER_TARGET", "http://10.0.0.5:8080"),
+            ],
+            "[db]\ntarget = \"tcp://127.0.0.1:5432\"\n",
+        )
+        .unwrap();
+        let zones: Vec<_> = configs
+            .iter()
+            .map(|c| c.zone.as_ref().map(|z| z.as_str()))
+            .collect();
+        assert_eq!(zones, [Some("rack-2"), Some("rack-2")]);
+
+        let errs = parse(
+            &[("BAKER_ZONE", "Rack 2")],
+            "[db]\ntarget = \"tcp://127.0.0.1:5432\"\nzone = \"rack-3\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            places(&errs),
+            ["BAKER_ZONE", "/etc/baker/registrar.toml [db] zone"],
+            "{errs}"
+        );
+        assert!(
+            errs.to_string().contains(
+                "[db] zone: is shared by every service: set BAKER_ZONE in the registrar's \
+                 environment"
+            ),
+            "{errs}"
+        );
     }
 
     #[test]

@@ -501,6 +501,63 @@ async fn unreachable_directory_is_reported_with_its_own_exit_code() {
     assert_eq!(usage.code, 2, "{usage:#?}");
 }
 
+/// `baker register emitter <id> ...` with `BAKER_ZONE=zone` in its environment, and `args`.
+async fn register_in_zone(dir: &TestDirectory, id: &str, zone: &str, args: &[&str]) {
+    let mut cmd = tokio::process::Command::new(bin("baker"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("BAKER_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .args([
+            "register",
+            "emitter",
+            id,
+            "--address",
+            "10.0.0.1",
+            "--port",
+            "80",
+        ])
+        .args(args)
+        .env("BAKER_DIRECTORY", &dir.url)
+        .env("BAKER_ZONE", zone)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, out)
+        .await
+        .expect("baker register finishes")
+        .expect("running baker");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test]
+async fn register_takes_the_zone_from_baker_zone_and_the_flag_wins() {
+    let dir = TestDirectory::start(&[]).await;
+    register_in_zone(&dir, "a", "zone-env", &[]).await;
+    register_in_zone(&dir, "b", "zone-env", &["--zone", "zone-flag"]).await;
+    register_in_zone(&dir, "c", "", &[]).await;
+    let mut zones: Vec<(String, Option<String>)> = dir
+        .client
+        .service("emitter")
+        .await
+        .expect("emitter")
+        .instances
+        .iter()
+        .map(|i| (i.id.to_string(), i.zone.as_ref().map(ToString::to_string)))
+        .collect();
+    zones.sort();
+    assert_eq!(
+        zones,
+        [
+            ("a".to_owned(), Some("zone-env".to_owned())),
+            ("b".to_owned(), Some("zone-flag".to_owned())),
+            ("c".to_owned(), None),
+        ],
+        "an empty BAKER_ZONE counts as unset"
+    );
+}
+
 #[tokio::test]
 async fn a_token_that_cannot_be_sent_is_bad_configuration() {
     // Nothing listens there: the token is refused before any request is tried.

@@ -1,5 +1,6 @@
 //! Baker's images on the real Docker engine: discovery by labels (with and without a
-//! HEALTHCHECK, its changes named `docker` in the events), link variables on the default bridge and on a user network, and how the
+//! HEALTHCHECK, its changes named `docker` in the events, zones from labels and from the
+//! directory's `BAKER_ZONE`), link variables on the default bridge and on a user network, and how the
 //! registrar and ambassador containers stop.
 //!
 //! Needs the images from `docker/build.sh`; every container and network has a unique name and
@@ -10,6 +11,7 @@ use std::time::Duration;
 use baker_client::events::EventKind;
 use baker_client::model::{InstanceSpec, Source};
 use baker_client::{ClientError, DirectoryClient};
+use baker_tests::cli::baker;
 use baker_tests::directory::TestDirectory;
 use baker_tests::docker::{docker_ok, engine_major, require_images, unique, Container, Network};
 use baker_tests::{bin, eventually};
@@ -221,6 +223,100 @@ async fn containers_named_alike_get_their_own_ids_and_the_api_cannot_take_one_ov
         instance_ids(&dir.client, &service).await,
         std::slice::from_ref(&lower.name)
     );
+}
+
+#[tokio::test]
+async fn a_container_is_in_its_labels_zone_else_the_directorys_and_a_bad_zone_is_left_out() {
+    if !require_images() {
+        return;
+    }
+    let net = Network::create("zones");
+    let mut dir = TestDirectory::start(&[
+        ("BAKER_DOCKER", "on"),
+        ("BAKER_DOCKER_NETWORK", &net.name),
+        ("BAKER_ZONE", "zone-dir"),
+    ])
+    .await;
+    let service = unique("svc");
+    let run = |prefix: &str, zone: Option<&str>| {
+        let service_label = format!("baker.service={service}");
+        let zone_label = zone.map(|z| format!("baker.zone={z}"));
+        let mut args = vec![
+            "--network",
+            &net.name,
+            "--label",
+            &service_label,
+            "--label",
+            "baker.port=8080",
+            "--health-interval",
+            "300ms",
+        ];
+        if let Some(z) = &zone_label {
+            args.extend(["--label", z.as_str()]);
+        }
+        args.push("baker/greeting");
+        Container::run(prefix, &args)
+    };
+    let labelled = run("zoned", Some("zone-x"));
+    let plain = run("unzoned", None);
+    let zones = eventually(WAIT, "both containers in the directory", || async {
+        let instances = dir.client.service(&service).await.ok()?.instances;
+        let mut zones: Vec<(String, Option<String>)> = instances
+            .iter()
+            .map(|i| (i.id.to_string(), i.zone.as_ref().map(|z| z.to_string())))
+            .collect();
+        zones.sort();
+        (zones.len() == 2).then_some(zones)
+    })
+    .await;
+    let mut expected = vec![
+        (instance_id(&labelled.name), Some("zone-x".to_owned())),
+        (instance_id(&plain.name), Some("zone-dir".to_owned())),
+    ];
+    expected.sort();
+    assert_eq!(zones, expected);
+    let table = baker(&dir.url, None, &["instances", &service]).await.ok();
+    let header: Vec<&str> = table
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "ID", "ADDRESS", "VERSION", "WEIGHT", "STATE", "SOURCE", "NODE", "ZONE", "TAGS", "TTL",
+            "SEEN"
+        ],
+        "{}",
+        table.stdout
+    );
+    let line = table
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&instance_id(&labelled.name)))
+        .unwrap_or_else(|| panic!("{} listed: {}", labelled.name, table.stdout));
+    assert_eq!(line.split_whitespace().nth(7), Some("zone-x"), "{line}");
+
+    // A bad zone is a bad label: the container is left out, with a warning naming the label.
+    let bad = run("badzone", Some("Zone X"));
+    let line = dir
+        .proc
+        .wait_for_log(
+            &format!(
+                "container {} has bad labels and is left out",
+                instance_id(&bad.name)
+            ),
+            WAIT,
+        )
+        .await;
+    assert!(
+        line.contains("WARN")
+            && line.contains("baker.zone: must start with a lowercase letter or digit, got 'Z'"),
+        "{line}"
+    );
+    assert_eq!(instance_ids(&dir.client, &service).await.len(), 2);
 }
 
 #[tokio::test]

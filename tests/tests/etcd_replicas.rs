@@ -5,11 +5,12 @@
 //! lost quorum refuses writes with the reason while reads go on, until it returns. A drain taken
 //! by one replica shows on the others (API, watch stream, instance state, their ambassadors'
 //! servers) and outlives them all; drains of one service through two replicas at once are all
-//! kept.
+//! kept. An instance's zone is kept in etcd, and a new zone is a change on every replica.
 
 use std::time::{Duration, Instant};
 
 use baker_client::change::RemoveCause;
+use baker_client::events::EventKind;
 use baker_client::maintenance::{InstanceState, Target};
 use baker_client::model::{InstanceSpec, ServiceResponse, WatchEvent};
 use baker_client::ClientError;
@@ -207,6 +208,65 @@ async fn replicas_serve_one_table_and_stream_the_same_changes() {
         );
         assert!(pair[1].0 > pair[0].0);
     }
+}
+
+#[tokio::test]
+async fn a_zone_is_kept_in_the_store_and_a_new_zone_is_a_change_everywhere() {
+    if !require(Needs::Etcd) {
+        return;
+    }
+    let (_cluster, a, b) = cluster_and_replicas().await;
+    let mut wb = Box::pin(b.client.watch().await.unwrap());
+    wb.next().await.unwrap().unwrap();
+    let zoned = |zone: &str| InstanceSpec {
+        zone: Some(zone.into()),
+        ..spec(8001, 60_000)
+    };
+    a.client
+        .register("emitter", "one", &zoned("zone-a"))
+        .await
+        .unwrap();
+    // A heartbeat with the same zone changes nothing; another zone is a change.
+    a.client
+        .register("emitter", "one", &zoned("zone-a"))
+        .await
+        .unwrap();
+    let moved = a
+        .client
+        .register("emitter", "one", &zoned("zone-b"))
+        .await
+        .unwrap();
+    assert_eq!(moved.zone.as_ref().map(|z| z.as_str()), Some("zone-b"));
+    let in_b = |e: &WatchEvent| {
+        matches!(e, WatchEvent::Upsert { instance, .. }
+            if instance.zone.as_ref().map(|z| z.as_str()) == Some("zone-b"))
+    };
+    let seen = changes_until(&mut wb, in_b).await;
+    let whats: Vec<&str> = seen.iter().map(|(_, _, w)| w.as_str()).collect();
+    assert_eq!(whats, ["upsert one registered", "upsert one changed"]);
+    let listed = b.client.service("emitter").await.unwrap().instances;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|i| i.zone.as_ref().map(|z| z.to_string()))
+            .collect::<Vec<_>>(),
+        [Some("zone-b".to_owned())],
+        "the replica that did not take the write reads the zone from etcd"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "b's history tells the change",
+        || async {
+            let events = b
+                .client
+                .events(None, None, Some("emitter"), None)
+                .await
+                .ok()?;
+            let kinds: Vec<EventKind> = events.events.iter().map(|e| e.kind).collect();
+            (kinds == [EventKind::Registered, EventKind::Changed]).then_some(())
+        },
+    )
+    .await;
 }
 
 /// The etcd cluster's revision now: it moves with every write, and only with writes.

@@ -1,12 +1,13 @@
 //! The registrar against a real directory and a real greeting app: registration after `rise`
 //! passes, deregistration after `fall` failures, hangs, kills, signals, directory restarts,
-//! link variables, and bad configuration.
+//! link variables, zones, and bad configuration.
 
 use std::time::{Duration, Instant};
 
 use baker_client::change::RemoveCause;
 use baker_client::model::Instance;
 use baker_client::WatchEvent;
+use baker_tests::cli::baker;
 use baker_tests::directory::TestDirectory;
 use baker_tests::greeting::Greeting;
 use baker_tests::{eventually, Proc};
@@ -340,6 +341,80 @@ async fn a_token_is_sent_as_bearer() {
         wrong.try_status().is_none(),
         "a refused registrar keeps retrying"
     );
+}
+
+#[tokio::test]
+async fn the_zone_of_the_registrar_is_registered_and_shown_by_baker_instances() {
+    let dir = TestDirectory::start(&[]).await;
+    let app = Greeting::start("1", "a").await;
+    let mut reg = registrar(&dir, "vm101", Some(&app), &[("BAKER_ZONE", "eu-west-1a")]);
+    let other = Greeting::start("1", "b").await;
+    let _plain = registrar(&dir, "vm102", Some(&other), &[]);
+
+    let inst = registered(&dir, "vm101").await;
+    assert_eq!(inst.zone.as_ref().map(|z| z.as_str()), Some("eu-west-1a"));
+    assert_eq!(registered(&dir, "vm102").await.zone, None);
+    reg.wait_for_log("(version 1, weight 100, zone eu-west-1a, ttl 600ms)", WAIT)
+        .await;
+
+    let table = baker(&dir.url, None, &["instances", "emitter"]).await.ok();
+    let lines: Vec<Vec<&str>> = table
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["ID", "ADDRESS", "VERSION", "WEIGHT", "STATE", "SOURCE", "ZONE", "TAGS", "TTL", "SEEN"],
+        "{}",
+        table.stdout
+    );
+    assert_eq!(
+        lines[1..].iter().map(|l| (l[0], l[6])).collect::<Vec<_>>(),
+        [("vm101", "eu-west-1a"), ("vm102", "-")],
+        "{}",
+        table.stdout
+    );
+    let json: serde_json::Value = baker(&dir.url, None, &["instances", "emitter", "--json"])
+        .await
+        .ok()
+        .json();
+    let mut zones: Vec<(String, serde_json::Value)> = json["instances"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a list of instances: {json}"))
+        .iter()
+        .map(|i| (i["id"].to_string(), i["zone"].clone()))
+        .collect();
+    zones.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        zones,
+        [
+            ("\"vm101\"".to_owned(), serde_json::json!("eu-west-1a")),
+            ("\"vm102\"".to_owned(), serde_json::Value::Null)
+        ],
+        "{json}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_zone_is_refused_at_start_with_64_and_registers_nothing() {
+    let dir = TestDirectory::start(&[]).await;
+    let app = Greeting::start("1", "a").await;
+    let mut reg = registrar(&dir, "vm101", Some(&app), &[("BAKER_ZONE", "EU West")]);
+    let status = reg.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(64), "{}", reg.log_text());
+    let text = eventually(Duration::from_secs(2), "the error message", || {
+        let text = reg.log_text();
+        async move { text.contains("BAKER_ZONE").then_some(text) }
+    })
+    .await;
+    assert!(
+        text.contains(
+            "BAKER_ZONE: must start with a lowercase letter or digit, got 'E' (got \"EU West\")"
+        ),
+        "{text}"
+    );
+    assert!(dir.client.services().await.unwrap().services.is_empty());
 }
 
 #[tokio::test]

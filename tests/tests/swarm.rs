@@ -7,12 +7,14 @@
 //! down within 2 s of the command, a killed task leaves within 2 s, a drained node's tasks
 //! leave within 2 s and before their containers stop, and neither a rolling update of a
 //! replicated service nor the directory's own task being replaced loses a request through an
-//! ambassador under load.
+//! ambassador under load. A task's zone is its service's `baker.zone` label, else its node's,
+//! and follows a new node label.
 
 use std::time::{Duration, Instant};
 
 use baker_client::model::Instance;
 use baker_client::DirectoryClient;
+use baker_tests::cli::baker;
 use baker_tests::directory::TestDirectory;
 use baker_tests::docker::{docker, docker_ok, require_images, unique, Container};
 use baker_tests::eventually;
@@ -285,6 +287,76 @@ async fn scale_up_and_down_are_seen_within_two_seconds() {
     let took = asked.elapsed();
     eprintln!("scale 3 -> 1: the directory lists one task {took:?} after the command");
     assert!(took <= SEEN_WITHIN, "scale down seen after {took:?}");
+    drop(dir);
+    drop(swarm);
+}
+
+/// The zone the directory gives the only instance of `service`, once it lists one.
+async fn zone_of(client: &DirectoryClient, service: &str) -> Option<String> {
+    instances(client, service)
+        .await
+        .first()
+        .and_then(|i| i.zone.as_ref().map(ToString::to_string))
+}
+
+#[tokio::test]
+async fn a_task_is_in_its_services_zone_else_its_nodes_and_follows_the_node_label() {
+    if !require_images() {
+        return;
+    }
+    let swarm = Swarm::init();
+    let net = swarm.network("swarm-zone");
+    let node = docker_ok(&["info", "--format", "{{.Swarm.NodeID}}"]);
+    docker_ok(&["node", "update", "--label-add", "baker.zone=zone-a", &node]);
+    // The directory's own zone is its engine's containers', not the swarm's tasks'.
+    let dir = TestDirectory::start(&[
+        ("BAKER_DOCKER", "swarm"),
+        ("BAKER_STORE", "memory"),
+        ("BAKER_ZONE", "zone-dir"),
+    ])
+    .await;
+    let by_node = unique("svc");
+    let by_node_name = greeting_service(&net, &by_node, 1, &[]);
+    let by_label = unique("svc");
+    let by_label_name = greeting_service(&net, &by_label, 1, &["--label", "baker.zone=zone-s"]);
+    converge(&dir.client, &by_node_name, &by_node, 1).await;
+    converge(&dir.client, &by_label_name, &by_label, 1).await;
+    assert_eq!(
+        zone_of(&dir.client, &by_node).await.as_deref(),
+        Some("zone-a")
+    );
+    assert_eq!(
+        zone_of(&dir.client, &by_label).await.as_deref(),
+        Some("zone-s")
+    );
+
+    // A new node label is a node event: the task takes the new zone; the service's stays.
+    docker_ok(&["node", "update", "--label-add", "baker.zone=zone-b", &node]);
+    eventually(WAIT, "the task in the node's new zone", || async {
+        (zone_of(&dir.client, &by_node).await.as_deref() == Some("zone-b")).then_some(())
+    })
+    .await;
+    docker_ok(&["node", "update", "--label-rm", "baker.zone", &node]);
+    eventually(
+        WAIT,
+        "the task in no zone once the node has none",
+        || async { zone_of(&dir.client, &by_node).await.is_none().then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        zone_of(&dir.client, &by_label).await.as_deref(),
+        Some("zone-s")
+    );
+    let table = baker(&dir.url, None, &["instances"]).await.ok();
+    assert!(
+        table
+            .stdout
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains(" ZONE ")),
+        "{}",
+        table.stdout
+    );
     drop(dir);
     drop(swarm);
 }

@@ -502,8 +502,9 @@ fn unserved(port: u64, version: &str, weight: u64, tags: &[&str]) -> InstanceSpe
 const LONG_ID: &str = "greeting_canary_eu_west_1a_7f9c6d5b4_xk2pq_replica_0042_abcdef";
 
 /// The columns of an instance's row, as `data-label` names them.
-const COLUMNS: [&str; 9] = [
-    "Instance", "Version", "Weight", "State", "Health", "Requests", "Errors", "Source", "Age",
+const COLUMNS: [&str; 10] = [
+    "Instance", "Version", "Weight", "State", "Health", "Requests", "Errors", "Source", "Zone",
+    "Age",
 ];
 
 /// What in the page lies outside the window's width: the page itself if it overflows, and
@@ -538,9 +539,16 @@ async fn on_a_phone_every_column_and_the_drain_button_are_in_reach() {
     }
     let dir = TestDirectory::start(&[("BAKER_TOKEN", TOKEN)]).await;
     let tags = ["blue", "eu-west-1a", "canary_build_2024_11_05_rc3"];
-    for (id, port, version) in [(LONG_ID, 9001, "1"), ("greeting-2", 9002, "2")] {
+    for (id, port, version, zone) in [
+        (LONG_ID, 9001, "1", Some("eu-west-1a-rack-17")),
+        ("greeting-2", 9002, "2", None),
+    ] {
+        let spec = InstanceSpec {
+            zone: zone.map(str::to_owned),
+            ..unserved(port, version, 100, &tags)
+        };
         dir.client
-            .register("greeting", id, &unserved(port, version, 100, &tags))
+            .register("greeting", id, &spec)
             .await
             .unwrap_or_else(|e| panic!("registering greeting/{id}: {e}"));
     }
@@ -549,6 +557,13 @@ async fn on_a_phone_every_column_and_the_drain_button_are_in_reach() {
     page.resize(375, 800).await;
     wait_for_row(&page, LONG_ID, "the instances").await;
     wait_for_row(&page, "greeting-2", "the instances").await;
+    for (id, zone) in [(LONG_ID, "eu-west-1a-rack-17"), ("greeting-2", "-")] {
+        let cell = format!(
+            "document.querySelector('{} td[data-label=Zone]').textContent",
+            row(id)
+        );
+        assert_eq!(page.eval(&cell).await, zone, "the zone of {id}");
+    }
     let drain = format!("button[data-action=drain][data-id=\"{LONG_ID}\"]");
     page.wait_for(
         &format!("document.querySelector('{drain}')"),
@@ -736,7 +751,10 @@ async fn the_page_names_its_replica_and_store_ages_instances_and_explains_dead_s
     assert!(shown[0] >= 2, "greeting-1's age reset: {shown:?}");
     assert!(shown[1] <= 1, "greeting-2 is new: {shown:?}");
     let title = page
-        .eval("document.querySelector('[data-service=\"greeting\"] th[title]').title")
+        .eval(
+            "[...document.querySelectorAll('[data-service=\"greeting\"] th[title]')]\
+             .find((th) => th.textContent === 'Age').title",
+        )
         .await;
     assert!(
         title

@@ -320,6 +320,9 @@ pub struct RegisterArgs {
     /// How long the registration lives without being renewed, e.g. 30s, 5m, 1h [default: 6s].
     #[arg(long, value_parser = ttl, value_name = "DURATION")]
     pub ttl: Option<u64>,
+    /// The zone the instance runs in, such as eu-west-1a (empty means none) [default: none].
+    #[arg(long, env = "BAKER_ZONE")]
+    pub zone: Option<String>,
 }
 
 /// One `ALIAS=HOST:PORT[/PROTO]` of `baker links`.

@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baker_client::maintenance::describe_state;
-use baker_client::model::{Instance, Route, ServiceName, Source, Tag, Target, Version};
+use baker_client::model::{Instance, Route, ServiceName, Source, Tag, Target, Version, Zone};
 
 /// `address:port`, with an IPv6 address in brackets.
 pub fn authority(address: &str, port: u16) -> String {
@@ -15,7 +15,8 @@ pub fn authority(address: &str, port: u16) -> String {
     }
 }
 
-/// `emitter/a 10.0.0.1:8080 v1 w100`, then `[tag,tag]` and `(docker)` when they apply.
+/// `emitter/a 10.0.0.1:8080 v1 w100`, then `[tag,tag]`, `zone Z` and `(docker)` when they
+/// apply.
 pub fn instance_line(i: &Instance) -> String {
     let mut line = format!(
         "{}/{} {} v{} w{}",
@@ -27,6 +28,9 @@ pub fn instance_line(i: &Instance) -> String {
     );
     if !i.tags.is_empty() {
         line.push_str(&format!(" [{}]", i.tags.join(",")));
+    }
+    if let Some(zone) = &i.zone {
+        line.push_str(&format!(" zone {zone}"));
     }
     if i.source == Source::Docker {
         line.push_str(" (docker)");
@@ -53,6 +57,7 @@ pub fn instance_changes(old: &Instance, new: &Instance) -> Vec<String> {
     note("version", old.version.to_string(), new.version.to_string());
     note("weight", old.weight.to_string(), new.weight.to_string());
     note("tags", tags(&old.tags), tags(&new.tags));
+    note("zone", zone(old.zone.as_ref()), zone(new.zone.as_ref()));
     note("source", old.source.to_string(), new.source.to_string());
     note("ttl", ms(old.ttl_ms), ms(new.ttl_ms));
     note(
@@ -61,6 +66,10 @@ pub fn instance_changes(old: &Instance, new: &Instance) -> Vec<String> {
         describe_state(new.state, new.reason.as_ref()),
     );
     changes
+}
+
+fn zone(zone: Option<&Zone>) -> String {
+    zone.map_or_else(|| "-".to_owned(), ToString::to_string)
 }
 
 fn tags(tags: &[Tag]) -> String {
@@ -163,6 +172,11 @@ mod tests {
             instance_line(&i),
             "emitter/a [fd00::1]:8080 v1 w100 [blue,eu] (docker)"
         );
+        i.zone = Some("eu-1a".parse().unwrap());
+        assert_eq!(
+            instance_line(&i),
+            "emitter/a [fd00::1]:8080 v1 w100 [blue,eu] zone eu-1a (docker)"
+        );
     }
 
     #[test]
@@ -175,6 +189,9 @@ mod tests {
             instance_changes(&inst(), &new),
             ["address 10.0.0.1:8080 → 10.0.0.1:9090", "weight 100 → 50"]
         );
+        let mut moved = inst();
+        moved.zone = Some("eu-1b".parse().unwrap());
+        assert_eq!(instance_changes(&inst(), &moved), ["zone - → eu-1b"]);
         let mut heartbeat = inst();
         heartbeat.last_seen = 5;
         assert!(instance_changes(&inst(), &heartbeat).is_empty());

@@ -16,7 +16,13 @@ pub fn build_spec(args: &RegisterArgs) -> Result<InstanceSpec, Failure> {
         weight: args.weight,
         tags: args.tags.clone(),
         ttl_ms: args.ttl,
-        zone: None,
+        // An empty BAKER_ZONE counts as unset, as every empty variable does.
+        zone: args
+            .zone
+            .as_deref()
+            .map(str::trim)
+            .filter(|z| !z.is_empty())
+            .map(str::to_owned),
     };
     match spec.validate() {
         Ok(_) => Ok(spec),
@@ -88,6 +94,7 @@ mod tests {
             weight: None,
             tags: vec![],
             ttl: None,
+            zone: None,
         }
     }
 
@@ -98,12 +105,22 @@ mod tests {
     }
 
     #[test]
+    fn the_zone_is_sent_as_given() {
+        let mut a = args();
+        a.zone = Some("eu-1a".into());
+        assert_eq!(build_spec(&a).unwrap().zone.as_deref(), Some("eu-1a"));
+        a.zone = Some(" ".into());
+        assert_eq!(build_spec(&a).unwrap().zone, None, "empty counts as unset");
+    }
+
+    #[test]
     fn names_every_bad_flag() {
         let mut a = args();
         a.address = "not an address".into();
         a.port = 70000;
         a.weight = Some(0);
         a.ttl = Some(10);
+        a.zone = Some("EU 1".into());
         let err = build_spec(&a).unwrap_err().to_string();
         assert!(
             err.starts_with("cannot register emitter/a: --address: "),
@@ -118,5 +135,6 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("--ttl: must be between 100 and"), "{err}");
+        assert!(err.contains("--zone: "), "{err}");
     }
 }

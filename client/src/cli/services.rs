@@ -91,7 +91,8 @@ pub async fn services(ctx: &Ctx) -> anyhow::Result<()> {
 }
 
 /// The `baker instances` table; with `with_service`, a SERVICE column comes first. A NODE
-/// column follows SOURCE when an instance listed carries a node (Docker discovery's).
+/// column follows SOURCE when an instance listed carries a node (Docker discovery's), and a
+/// ZONE column follows when one carries a zone; `-` in either for an instance without.
 pub fn instances_table<'a>(
     instances: impl IntoIterator<Item = &'a Instance>,
     with_service: bool,
@@ -100,12 +101,15 @@ pub fn instances_table<'a>(
     let mut instances: Vec<&Instance> = instances.into_iter().collect();
     instances.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
     let with_node = instances.iter().any(|i| i.node.is_some());
-    let mut headers = vec![
-        "id", "address", "version", "weight", "state", "source", "tags", "ttl", "seen",
-    ];
+    let with_zone = instances.iter().any(|i| i.zone.is_some());
+    let mut headers = vec!["id", "address", "version", "weight", "state", "source"];
     if with_node {
-        headers.insert(6, "node");
+        headers.push("node");
     }
+    if with_zone {
+        headers.push("zone");
+    }
+    headers.extend(["tags", "ttl", "seen"]);
     if with_service {
         headers.insert(0, "service");
     }
@@ -118,18 +122,22 @@ pub fn instances_table<'a>(
             i.weight.to_string(),
             describe_state(i.state, i.reason.as_ref()),
             i.source.to_string(),
-            i.tags.join(","),
-            ttl(i),
-            ago(i.last_seen, now),
         ];
         if with_node {
-            row.insert(
-                6,
+            row.push(
                 i.node
                     .as_ref()
                     .map_or_else(String::new, ToString::to_string),
             );
         }
+        if with_zone {
+            row.push(
+                i.zone
+                    .as_ref()
+                    .map_or_else(String::new, ToString::to_string),
+            );
+        }
+        row.extend([i.tags.join(","), ttl(i), ago(i.last_seen, now)]);
         if with_service {
             row.insert(0, i.service.to_string());
         }
@@ -280,6 +288,30 @@ mod tests {
             "SERVICE   ID   ADDRESS         VERSION   WEIGHT   STATE   SOURCE      NODE     TAGS   TTL   SEEN\n\
              emitter   a    10.0.0.1:8080   1         100      up      registrar   -        -      6s    3s ago\n\
              emitter   d    10.0.0.1:8080   1         100      up      docker      host-1   -      -     3s ago\n"
+        );
+    }
+
+    #[test]
+    fn the_zone_column_shows_when_an_instance_has_a_zone() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_003_000);
+        let mut d = inst("emitter", "d", "1");
+        d.source = Source::Docker;
+        d.node = Some("host-1".parse().unwrap());
+        d.zone = Some("eu-1a".parse().unwrap());
+        let mut b = inst("emitter", "b", "1");
+        b.zone = Some("eu-1b".parse().unwrap());
+        let list = [inst("emitter", "a", "1"), b.clone(), d];
+        assert_eq!(
+            instances_table(&list, false, now).render(true),
+            "ID   ADDRESS         VERSION   WEIGHT   STATE   SOURCE      NODE     ZONE    TAGS   TTL   SEEN\n\
+             a    10.0.0.1:8080   1         100      up      registrar   -        -       -      6s    3s ago\n\
+             b    10.0.0.1:8080   1         100      up      registrar   -        eu-1b   -      6s    3s ago\n\
+             d    10.0.0.1:8080   1         100      up      docker      host-1   eu-1a   -      -     3s ago\n"
+        );
+        assert_eq!(
+            instances_table(&[b], true, now).render(true),
+            "SERVICE   ID   ADDRESS         VERSION   WEIGHT   STATE   SOURCE      ZONE    TAGS   TTL   SEEN\n\
+             emitter   b    10.0.0.1:8080   1         100      up      registrar   eu-1b   -      6s    3s ago\n"
         );
     }
 }

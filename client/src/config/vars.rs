@@ -102,6 +102,7 @@ pub const ENV_READ: &str = "BAKER_READ";
 pub const ENV_VERSION: &str = "BAKER_VERSION";
 pub const ENV_WATCH_TOKEN: &str = "BAKER_WATCH_TOKEN";
 pub const ENV_WEIGHT: &str = "BAKER_WEIGHT";
+pub const ENV_ZONE: &str = "BAKER_ZONE";
 
 const fn var(name: &'static str, default: &'static str, help: &'static str) -> Var {
     Var {
@@ -191,6 +192,11 @@ pub const DIRECTORY: Program = Program {
             ENV_NODE,
             "the Docker engine's name, else the host name",
             "node name shown with the containers discovered here",
+        ),
+        var(
+            ENV_ZONE,
+            "none",
+            "zone of the containers discovered here that have no baker.zone label",
         ),
         var(
             ENV_MAX_CONNECTIONS,
@@ -295,6 +301,11 @@ pub const REGISTRAR: Program = Program {
         var(ENV_VERSION, "1", "the version registered"),
         var(ENV_WEIGHT, "100", "the weight registered (1-256)"),
         var(ENV_TAGS, "none", "comma-separated tags registered"),
+        var(
+            ENV_ZONE,
+            "none",
+            "the zone registered with every service of this registrar",
+        ),
     ],
 };
 
@@ -450,6 +461,11 @@ pub const CLI: Program = Program {
             ENV_WATCH_TOKEN,
             "BAKER_TOKEN",
             "the token `baker watch` sends (--watch-token)",
+        ),
+        var(
+            ENV_ZONE,
+            "none",
+            "the zone `baker register` registers the instance in (--zone)",
         ),
     ],
 };
