@@ -74,7 +74,6 @@ pub const ENV_MAX_ROUTES: &str = "BAKER_MAX_ROUTES";
 pub const ENV_MAX_SERVICES: &str = "BAKER_MAX_SERVICES";
 pub const ENV_MAX_WATCHES: &str = "BAKER_MAX_WATCHES";
 pub const ENV_NODE: &str = "BAKER_NODE";
-pub const ENV_ZONE: &str = "BAKER_ZONE";
 pub const ENV_ZONE_OVERPROVISION: &str = "BAKER_ZONE_OVERPROVISION";
 pub const ENV_PATH: &str = "BAKER_PATH";
 pub const ENV_REQUEST_TIMEOUT: &str = "BAKER_REQUEST_TIMEOUT";
