@@ -348,7 +348,9 @@ impl Config {
                 }
             },
         };
-        let bind: IpAddr = r.value(ENV_BIND, IpAddr::from([0, 0, 0, 0]));
+        let bind = r
+            .parse(ENV_BIND, parse_bind)
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let admin = match r.get(ENV_ADMIN).map(str::trim) {
             None => Some(SocketAddr::new(DEFAULT_ADMIN_IP, DEFAULT_ADMIN_PORT)),
             Some("off") => None,
@@ -603,6 +605,27 @@ fn parse_port(v: &str) -> Result<u16, String> {
     match v.parse::<u16>() {
         Ok(p) if p != 0 => Ok(p),
         _ => Err("must be a port between 1 and 65535".into()),
+    }
+}
+
+/// `BAKER_BIND`: an IP address, IPv6 with or without brackets (`0.0.0.0`, `::`, `[::1]`).
+fn parse_bind(v: &str) -> Result<IpAddr, String> {
+    let v = v.trim();
+    let bare = v
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(v);
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) if bare != v => Err(format!(
+            "brackets are for IPv6 addresses only, got {:?}",
+            baker_client::model::printable(v)
+        )),
+        Ok(ip) => Ok(ip),
+        Err(_) => Err(format!(
+            "must be an IP address to listen on (0.0.0.0, 127.0.0.1, ::, [::1]; no port, no \
+             name), got {:?}",
+            baker_client::model::printable(v)
+        )),
     }
 }
 
@@ -962,5 +985,42 @@ mod tests {
             Some("[::]:9000".parse().unwrap())
         );
         assert_eq!(admin(&[("BAKER_ADMIN", "off")]), None);
+    }
+
+    #[test]
+    fn the_service_ports_bind_ipv6_with_or_without_brackets() {
+        let bind = |v: &str| {
+            Config::from_env(&env(&[
+                ("BAKER_ROUTES", "a=8000"),
+                ("BAKER_HAPROXY", "/bin/sh"),
+                ("BAKER_RUN_DIR", "/tmp/x"),
+                ("BAKER_BIND", v),
+            ]))
+            .map(|c| c.bind)
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (written, meant) in [
+            ("0.0.0.0", "0.0.0.0"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("::", "::"),
+            ("[::]", "::"),
+            ("::1", "::1"),
+            (" [::1] ", "::1"),
+            ("[fd00:0::5]", "fd00::5"),
+        ] {
+            assert_eq!(bind(written).unwrap(), ip(meant), "{written}");
+        }
+        for bad in [
+            "[127.0.0.1]",
+            "[::1",
+            "::1]",
+            "[::1]:8000",
+            "localhost",
+            "0.0.0.0:80",
+        ] {
+            let e = bind(bad).unwrap_err().to_string();
+            assert!(e.contains("BAKER_BIND"), "{bad}: {e}");
+            assert!(e.contains("IP address") || e.contains("IPv6"), "{bad}: {e}");
+        }
     }
 }

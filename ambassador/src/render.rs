@@ -477,6 +477,66 @@ pub(crate) mod tests {
         );
     }
 
+    /// `haproxy -c` of `text`, with the run directory's paths moved to a temporary one.
+    fn haproxy_check(text: &str) -> Result<(), String> {
+        let bin = crate::config::default_haproxy();
+        if !bin.exists() {
+            panic!("this test needs HAProxy at {}", bin.display());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("haproxy.cfg");
+        let text = text.replace("/run/baker/", &format!("{}/", dir.path().display()));
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new(bin)
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    #[test]
+    fn ipv6_binds_and_servers_are_written_as_haproxy_reads_them() {
+        let (mut c, mut d) = sample();
+        c.bind = "::1".parse().unwrap();
+        c.admin = Some("[::]:8404".parse().unwrap());
+        let emitter = d
+            .get_mut(&"emitter".parse::<ServiceName>().unwrap())
+            .unwrap();
+        for (server, address) in emitter.values_mut().zip(["fd00:0::5", "::ffff:10.0.0.9"]) {
+            server.address = address.parse().unwrap();
+        }
+        let out = Renderer::new(DEFAULT_TEMPLATE)
+            .unwrap()
+            .render(&context(&c, &d, &Fds::new()))
+            .unwrap();
+        for line in [
+            "bind ::1:8000",
+            "bind ::1:8080",
+            "bind :::8404",
+            "server a fd00::5:8080 weight 231 ",
+            "server b ::ffff:10.0.0.9:8081 weight 26 ",
+        ] {
+            assert!(out.contains(line), "{line:?} missing from:\n{out}");
+        }
+        let addressed = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("bind ") || l.starts_with("server "));
+        for line in addressed {
+            assert!(
+                !line.contains('['),
+                "HAProxy's spelling has no brackets: {line}"
+            );
+        }
+        haproxy_check(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
+    }
+
     #[test]
     fn bad_templates_are_reported() {
         assert!(matches!(

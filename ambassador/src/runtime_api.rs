@@ -832,6 +832,38 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_addresses_are_written_without_brackets() {
+        let address: IpAddr = "fd00:0::5".parse().unwrap();
+        let add = ApiCommand::AddServer {
+            backend: "be".into(),
+            server: "a".into(),
+            address,
+            port: 8080,
+            weight: 10,
+            options: "check".into(),
+        };
+        assert_eq!(
+            add.line().unwrap(),
+            "add server be/a fd00::5:8080 weight 10 check"
+        );
+        let set = ApiCommand::SetAddr {
+            backend: "be".into(),
+            server: "a".into(),
+            address,
+            port: 8081,
+        };
+        assert_eq!(
+            set.line().unwrap(),
+            "set server be/a addr fd00::5 port 8081"
+        );
+        // HAProxy 2.6's answers to both.
+        assert!(add.succeeded("New server registered."));
+        assert!(set.succeeded(
+            "IP changed from '::1' to 'fd00::5', port changed from '8080' to '8081' by 'stats socket command'"
+        ));
+    }
+
+    #[test]
     fn lines_with_a_separator_are_refused() {
         let cmd = |server: &str| ApiCommand::SetWeight {
             backend: "be".into(),

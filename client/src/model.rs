@@ -332,6 +332,16 @@ impl Address {
         if let Ok(ip) = value.parse::<IpAddr>() {
             return Ok(Address::from(ip));
         }
+        if let Some(v6) = value
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .and_then(|v| v.parse::<std::net::Ipv6Addr>().ok())
+        {
+            return Err(ValidationError::new(
+                field,
+                format!("must be an IP address without brackets, e.g. {v6}, got {value:?}"),
+            ));
+        }
         if value.len() > MAX_ADDRESS_LEN {
             return Err(ValidationError::new(
                 field,
@@ -1077,6 +1087,9 @@ mod tests {
             let e = bad.parse::<Address>().unwrap_err();
             assert_eq!(e.field, "address", "{bad}");
         }
+        // A URL's bracketed IPv6 host is refused with the spelling to use instead.
+        let e = "[FD00:0::1]".parse::<Address>().unwrap_err();
+        assert!(e.message.contains("without brackets, e.g. fd00::1"), "{e}");
     }
 
     #[test]

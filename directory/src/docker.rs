@@ -371,7 +371,14 @@ fn only_exposed_port(c: &ContainerInspectResponse) -> Result<u16, String> {
     }
 }
 
-/// The container's address on the chosen network.
+/// The container's address on the chosen network: its IPv4 address (`IPAddress`) when it has
+/// one, else its global IPv6 address (`GlobalIPv6Address`).
+///
+/// On a network with IPv6 (`docker network create --ipv6`) a container has both, and the IPv4
+/// one is registered: every container on the network can dial it, and so can an app that
+/// listens on `0.0.0.0` only, the usual default, which would refuse connections on its IPv6
+/// address. A container with no IPv4 address (a network created with `--ipv4=false`, Engine
+/// 27 and later) is registered by its IPv6 address.
 fn address(
     c: &ContainerInspectResponse,
     label: Option<&str>,
@@ -1114,6 +1121,68 @@ mod tests {
         );
         let host = container(&[("baker.service", "orders")], &[("host", "")]);
         assert!(matches!(verdict(&host, None), Verdict::Absent { .. }));
+    }
+
+    /// What Engine 20.10 says of a labelled greeting on a network created with `docker network
+    /// create --ipv6 --subnet fd00:ba6e:77::/64` (`docker inspect`, trimmed to what Baker reads).
+    const INSPECT_DUAL_STACK: &str = r#"{
+ "Id": "8d07fe7cec86ac9a440293ea37dd149fd0479e7a0f843cb71b5a839f0c34c697",
+ "Name": "/orders-1",
+ "Config": {
+  "Labels": {"baker.port": "8080", "baker.service": "orders"},
+  "ExposedPorts": {"8080/tcp": {}}
+ },
+ "State": {
+  "Status": "running", "Running": true, "Paused": false, "Restarting": false,
+  "Health": {"Status": "healthy", "FailingStreak": 0, "Log": []}
+ },
+ "NetworkSettings": {
+  "Networks": {
+   "shop": {
+    "IPAMConfig": null, "Links": null, "Aliases": ["8d07fe7cec86"],
+    "NetworkID": "d65982094d38d1aa8dd747473504118fd20ebaf854a933639dd9fd5b124e20e5",
+    "EndpointID": "2d3aa093ee11c4031c802b1e0bebcae0aa8c12ddd8b83449d1cb49d90f2dca35",
+    "Gateway": "172.22.0.1", "IPAddress": "172.22.0.2", "IPPrefixLen": 16,
+    "IPv6Gateway": "fd00:ba6e:77::1", "GlobalIPv6Address": "fd00:ba6e:77::2",
+    "GlobalIPv6PrefixLen": 64, "MacAddress": "02:42:ac:16:00:02", "DriverOpts": null
+   }
+  }
+ }
+}"#;
+
+    #[test]
+    fn on_a_network_with_ipv6_the_ipv4_address_is_registered_and_else_the_ipv6_one() {
+        let dual: ContainerInspectResponse = serde_json::from_str(INSPECT_DUAL_STACK).unwrap();
+        let (_, id, spec) = registered(verdict(&dual, Some("shop")));
+        assert_eq!(id.as_str(), "orders-1");
+        assert_eq!((spec.address.as_str(), spec.port), ("172.22.0.2", 8080));
+        assert_eq!(
+            registered(verdict(&dual, None)).2.address.as_str(),
+            "172.22.0.2"
+        );
+
+        // An IPv6-only network (`--ipv4=false`, Engine 27 and later) leaves IPAddress empty.
+        let v6_only = INSPECT_DUAL_STACK.replace(
+            r#""Gateway": "172.22.0.1", "IPAddress": "172.22.0.2", "IPPrefixLen": 16"#,
+            r#""Gateway": "", "IPAddress": "", "IPPrefixLen": 0"#,
+        );
+        assert_ne!(v6_only, INSPECT_DUAL_STACK);
+        let v6_only: ContainerInspectResponse = serde_json::from_str(&v6_only).unwrap();
+        let spec = registered(verdict(&v6_only, Some("shop"))).2;
+        assert_eq!(spec.address.as_str(), "fd00:ba6e:77::2");
+        assert_eq!(spec.address.ip(), Some("fd00:ba6e:77::2".parse().unwrap()));
+
+        // Neither yet (the container is still connecting): not registered.
+        let none = INSPECT_DUAL_STACK
+            .replace(r#""IPAddress": "172.22.0.2""#, r#""IPAddress": """#)
+            .replace(
+                r#""GlobalIPv6Address": "fd00:ba6e:77::2""#,
+                r#""GlobalIPv6Address": """#,
+            );
+        let none: ContainerInspectResponse = serde_json::from_str(&none).unwrap();
+        assert!(
+            matches!(verdict(&none, Some("shop")), Verdict::Absent { reason, .. } if reason.contains("no address on network \"shop\""))
+        );
     }
 
     #[test]

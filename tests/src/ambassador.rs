@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -147,14 +147,36 @@ impl TestAmbassador {
         self.admin = admin;
     }
 
-    /// `http://127.0.0.1:<port>` of a service's own port.
+    /// `http://<host>:<port>` of a service's own port, where `host` is the address the service
+    /// ports bind (`BAKER_BIND`, default here `127.0.0.1`), loopback for a wildcard address,
+    /// IPv6 in brackets (`http://[::1]:<port>`).
     pub fn url(&self, service: &str) -> String {
-        format!("http://127.0.0.1:{}", self.ports[service])
+        format!("http://{}", self.client_addr(self.ports[service]))
     }
 
-    /// `http://127.0.0.1:<shared http port>`.
+    /// `http://<host>:<shared http port>`, `host` as in [`url`](Self::url).
     pub fn http_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        format!("http://{}", self.client_addr(self.http_port))
+    }
+
+    /// Where a client on this machine reaches `port` of the service ports (`BAKER_BIND`).
+    pub fn client_addr(&self, port: u16) -> SocketAddr {
+        let bind = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "BAKER_BIND")
+            .map(|(_, v)| v.trim().trim_start_matches('[').trim_end_matches(']'))
+            .unwrap_or("127.0.0.1");
+        let ip: IpAddr = bind
+            .parse()
+            .unwrap_or_else(|_| panic!("BAKER_BIND={bind:?} is not an IP address"));
+        let ip = match ip {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::from(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::from(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        SocketAddr::new(ip, port)
     }
 
     pub fn run_dir(&self) -> &Path {

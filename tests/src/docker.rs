@@ -33,10 +33,17 @@ pub fn repo_root() -> PathBuf {
 ///
 /// Returns `false` only when the user opted out of Docker tests (`BAKER_TEST_SKIP=docker`).
 pub fn require_images() -> bool {
+    require_images_of(&IMAGES)
+}
+
+/// [`require`]s Docker, then checks that every image of `images` (some of [`IMAGES`]) exists.
+///
+/// Returns `false` only when the user opted out of Docker tests (`BAKER_TEST_SKIP=docker`).
+pub fn require_images_of(images: &[&str]) -> bool {
     if !require(Needs::Docker) {
         return false;
     }
-    let missing: Vec<&str> = IMAGES
+    let missing: Vec<&str> = images
         .iter()
         .copied()
         .filter(|image| {
@@ -129,6 +136,19 @@ impl Container {
         ip
     }
 
+    /// The container's global IPv6 address on `network` (a network with IPv6).
+    pub fn ipv6(&self, network: &str) -> String {
+        let ip = self.inspect(&format!(
+            "{{{{with index .NetworkSettings.Networks {network:?}}}}}{{{{.GlobalIPv6Address}}}}{{{{end}}}}"
+        ));
+        assert!(
+            !ip.is_empty(),
+            "{} has no IPv6 address on {network}",
+            self.name
+        );
+        ip
+    }
+
     /// Whether the container is running.
     pub fn running(&self) -> bool {
         docker(&["inspect", "--format", "{{.State.Running}}", &self.name])
@@ -199,6 +219,39 @@ impl Network {
         let name = unique(prefix);
         docker_ok(&["network", "create", &name]);
         Network { name }
+    }
+
+    /// A network with IPv6 as well as IPv4 (`docker network create --ipv6 --subnet
+    /// fd00:ba6e:X:Y::/64`), on a unique-local subnet of its own.
+    pub fn create_ipv6(prefix: &str) -> Network {
+        let name = unique(prefix);
+        let mut tried = Vec::new();
+        // Another test's network may hold a subnet already: try a few.
+        for attempt in 0..8u32 {
+            let seed = std::process::id()
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(attempt.wrapping_mul(40_503))
+                .wrapping_add(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.subsec_nanos())
+                        .unwrap_or(0),
+                );
+            let subnet = format!("fd00:ba6e:{:x}:{:x}::/64", seed >> 16, seed & 0xffff);
+            let out = docker(&["network", "create", "--ipv6", "--subnet", &subnet, &name]);
+            if out.status.success() {
+                return Network { name };
+            }
+            tried.push(format!(
+                "{subnet}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        panic!(
+            "this Docker engine cannot create a network with IPv6 ({}); tried:\n{}",
+            "docker network create --ipv6 --subnet fd00:ba6e:X:Y::/64",
+            tried.join("\n")
+        )
     }
 }
 

@@ -30,6 +30,7 @@ mod etcd_store;
 mod haproxy_crash;
 mod host;
 mod hung_instance;
+mod ipv6;
 mod locality;
 mod registrar;
 mod registrar_file;
