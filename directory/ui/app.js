@@ -665,6 +665,22 @@ function versionChip(v) {
   return chip;
 }
 
+/**
+ * An ambassador's zone (BAKER_ZONE) and the share of the requests it sent between its last two
+ * reports that stayed in the zone; nothing for an ambassador without a zone.
+ */
+function zoneOf(locality) {
+  if (!locality) return '';
+  const share = locality.requests > 0
+    ? `${Math.round((locality.local * 100) / locality.requests)}% local`
+    : 'no requests';
+  return el('span', {
+    class: 'tag',
+    'data-zone': locality.zone,
+    title: `zone ${locality.zone}: ${locality.local} of the ${locality.requests} requests since its previous report stayed in the zone`,
+  }, `zone ${locality.zone} · ${share}`);
+}
+
 function drawAmbassadors() {
   const box = $('ambassadors');
   if (!S.ambassadors.length) {
@@ -683,7 +699,7 @@ function drawAmbassadors() {
   }]);
   patch(box.querySelector('tbody'), S.ambassadors.map((a) => {
     const r = a.report;
-    const shown = [a.id, a.live, a.caught_up, a.wanted_index, r.host, r.services, r.applied_index, r.reloads];
+    const shown = [a.id, a.live, a.caught_up, a.wanted_index, r.host, r.services, r.applied_index, r.reloads, r.locality];
     return {
       key: a.id,
       sig: JSON.stringify(shown),
@@ -694,7 +710,7 @@ function drawAmbassadors() {
         else pill = el('span', { class: 'pill pill-warn' }, `behind (${r.applied_index} < ${a.wanted_index})`);
         return el('tr', { 'data-ambassador': a.id },
           el('td', { class: 'name', 'data-label': 'Ambassador' }, el('strong', {}, a.id), ' ',
-            el('span', { class: 'mono muted' }, r.host)),
+            el('span', { class: 'mono muted' }, r.host), zoneOf(r.locality)),
           el('td', { 'data-label': 'Serves' },
             (r.services || []).map((s) => el('span', { class: 'tag' }, s.port ? `${s.service}:${s.port}` : s.service))),
           el('td', { 'data-label': 'Applied' }, pill),

@@ -114,7 +114,13 @@ impl Fleet {
         for (&(id, version), g) in INSTANCES.iter().zip(&greetings).take(registered) {
             register(&dir.client, id, version, g).await;
         }
-        let amb = TestAmbassador::start(&dir.url, &["greeting"], &[("BAKER_TOKEN", TOKEN)]).await;
+        // In a zone none of the instances is in: every request leaves it.
+        let amb = TestAmbassador::start(
+            &dir.url,
+            &["greeting"],
+            &[("BAKER_TOKEN", TOKEN), ("BAKER_ZONE", "z1")],
+        )
+        .await;
         let url = format!("{}/greeting", amb.url("greeting"));
         let serving: Vec<&str> = INSTANCES[..registered].iter().map(|i| i.0).collect();
         wait_served_by(&url, &serving, "the ambassador to serve").await;
@@ -270,12 +276,14 @@ async fn the_dashboard_follows_the_table_and_changes_routes_with_the_token() {
     )
     .await;
 
-    // The ambassador, caught up, and the traffic it reports per instance.
+    // The ambassador, caught up, its zone with none of its requests in it, and the traffic it
+    // reports per instance.
     page.wait_for(
         "(() => { const a = document.querySelector('#ambassadors tr[data-ambassador]'); \
-         return a && a.innerText.includes('caught up'); })()",
+         return a && a.innerText.includes('caught up') \
+         && /^zone z1 · (0% local|no requests)$/.test(a.querySelector('[data-zone=z1]')?.innerText); })()",
         WAIT,
-        "the ambassador, caught up",
+        "the ambassador, caught up, in zone z1 with none of its requests local",
     )
     .await;
     page.wait_for(

@@ -13,11 +13,19 @@ use super::{Ctx, Failure};
 /// How often `--wait` asks the directory.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
-/// The `baker ambassadors` table.
+/// The `baker ambassadors` table. When an ambassador has a zone, ZONE and LOCAL columns
+/// follow SERVERS: its zone, and the share of the requests it sent between its last two
+/// reports that stayed in the zone (`-` without a zone or without requests).
 pub fn ambassadors_table(resp: &AmbassadorsResponse, now: SystemTime) -> Table {
-    let mut t = Table::new(&[
-        "id", "host", "services", "applied", "state", "reloads", "servers", "seen",
-    ]);
+    let with_zone = resp.ambassadors.iter().any(|a| a.report.locality.is_some());
+    let mut headers = vec![
+        "id", "host", "services", "applied", "state", "reloads", "servers",
+    ];
+    if with_zone {
+        headers.extend(["zone", "local"]);
+    }
+    headers.push("seen");
+    let mut t = Table::new(&headers);
     for a in &resp.ambassadors {
         let services: Vec<String> = a
             .report
@@ -35,7 +43,7 @@ pub fn ambassadors_table(resp: &AmbassadorsResponse, now: SystemTime) -> Table {
         } else {
             "behind"
         };
-        t.row(vec![
+        let mut row = vec![
             a.id.to_string(),
             a.report.host.to_string(),
             services.join(","),
@@ -43,8 +51,18 @@ pub fn ambassadors_table(resp: &AmbassadorsResponse, now: SystemTime) -> Table {
             state.to_owned(),
             a.report.reloads.to_string(),
             a.report.servers.len().to_string(),
-            ago(a.last_seen, now),
-        ]);
+        ];
+        if with_zone {
+            let locality = a.report.locality.as_ref();
+            row.push(locality.map_or("-".to_owned(), |l| l.zone.to_string()));
+            row.push(
+                locality
+                    .and_then(|l| l.local_percent())
+                    .map_or("-".to_owned(), |p| format!("{p:.0}%")),
+            );
+        }
+        row.push(ago(a.last_seen, now));
+        t.row(row);
     }
     t
 }
@@ -149,5 +167,68 @@ pub async fn wait_applied(
             );
         }
         tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baker_client::ops::{AmbassadorReport, AmbassadorStatus, Locality};
+
+    fn status(id: &str, locality: Option<Locality>) -> AmbassadorStatus {
+        AmbassadorStatus {
+            id: id.parse().unwrap(),
+            live: true,
+            caught_up: true,
+            wanted_index: 3,
+            age_ms: 500,
+            last_seen: 0,
+            peer: "127.0.0.1".into(),
+            report: AmbassadorReport {
+                host: "host-1".parse().unwrap(),
+                services: vec![],
+                applied_index: 3,
+                reloads: 0,
+                servers: vec![],
+                ttl_ms: 7000,
+                locality,
+            },
+        }
+    }
+
+    #[test]
+    fn zone_and_local_share_show_when_an_ambassador_has_a_zone() {
+        let mut resp = AmbassadorsResponse {
+            index: 3,
+            ambassadors: vec![status("amb-1", None)],
+            traffic: Default::default(),
+        };
+        let plain = ambassadors_table(&resp, SystemTime::UNIX_EPOCH).render(true);
+        assert!(!plain.contains("ZONE"), "{plain}");
+        resp.ambassadors.push(status(
+            "amb-2",
+            Some(Locality {
+                zone: "eu-1a".parse().unwrap(),
+                requests: 200,
+                local: 187,
+            }),
+        ));
+        resp.ambassadors.push(status(
+            "amb-3",
+            Some(Locality {
+                zone: "eu-1b".parse().unwrap(),
+                requests: 0,
+                local: 0,
+            }),
+        ));
+        let zoned = ambassadors_table(&resp, SystemTime::UNIX_EPOCH).render(true);
+        let cells: Vec<Vec<&str>> = zoned
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(cells[0][7..], ["ZONE", "LOCAL", "SEEN"], "{zoned}");
+        assert_eq!(cells[1][7..9], ["-", "-"], "{zoned}");
+        assert_eq!(cells[2][7..9], ["eu-1a", "94%"], "{zoned}");
+        assert_eq!(cells[3][7..9], ["eu-1b", "-"], "{zoned}");
     }
 }
