@@ -137,6 +137,21 @@ pub fn registrar(
     app: SocketAddr,
     probe: Probe,
 ) -> anyhow::Result<Proc> {
+    registrar_with(bins, directory, service, id, version, app, probe, &[])
+}
+
+/// Like [`registrar`], with extra variables (`BAKER_ZONE`, ...).
+#[allow(clippy::too_many_arguments)]
+pub fn registrar_with(
+    bins: &Bins,
+    directory: &str,
+    service: &str,
+    id: &str,
+    version: &str,
+    app: SocketAddr,
+    probe: Probe,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let target = format!("http://{app}");
     let interval = format!("{}ms", probe.interval.as_millis());
     let (rise, fall) = (probe.rise.to_string(), probe.fall.to_string());
@@ -156,7 +171,10 @@ pub fn registrar(
             ("BAKER_INTERVAL", &interval),
             ("BAKER_RISE", &rise),
             ("BAKER_FALL", &fall),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     ))
 }
 

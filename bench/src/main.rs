@@ -11,7 +11,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks Baker's release binaries on loopback")]
 struct Args {
-    /// Scenario to run: request-path, convergence, churn, rolling, directory, directory-100k,
+    /// Scenario to run: request-path, convergence, churn, rolling, locality, directory, directory-100k,
     /// directory-restart,
     /// footprint, or all.
     scenario: String,

@@ -14,6 +14,7 @@ pub mod directory_scale;
 pub mod docker;
 pub mod fleet;
 pub mod footprint;
+pub mod locality;
 pub mod request_path;
 pub mod rolling;
 
@@ -83,6 +84,7 @@ pub enum Scenario {
     Convergence,
     Churn,
     Rolling,
+    Locality,
     Directory,
     DirectoryLarge,
     DirectoryRestart,
@@ -90,11 +92,12 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::RequestPath,
         Scenario::Convergence,
         Scenario::Churn,
         Scenario::Rolling,
+        Scenario::Locality,
         Scenario::Directory,
         Scenario::DirectoryLarge,
         Scenario::DirectoryRestart,
@@ -107,6 +110,7 @@ impl Scenario {
             Scenario::Convergence => "convergence",
             Scenario::Churn => "churn",
             Scenario::Rolling => "rolling",
+            Scenario::Locality => "locality",
             Scenario::Directory => "directory",
             Scenario::DirectoryLarge => "directory-100k",
             Scenario::DirectoryRestart => "directory-restart",
@@ -124,6 +128,7 @@ impl Scenario {
             Scenario::Convergence => convergence::run(ctx).await,
             Scenario::Churn => churn::run(ctx).await,
             Scenario::Rolling => rolling::run(ctx).await,
+            Scenario::Locality => locality::run(ctx).await,
             Scenario::Directory => match ctx.directory.store {
                 Store::Memory => directory_scale::run(ctx).await,
                 Store::Etcd => directory_etcd::run(ctx).await,
