@@ -236,6 +236,38 @@ mod tests {
     }
 
     #[test]
+    fn a_route_to_another_service_keeps_its_share_in_the_zone_too() {
+        let route = baker_client::model::validate_route_of(
+            &"svc".parse().unwrap(),
+            &[("svc@*".to_owned(), 70), ("barker@*".to_owned(), 30)]
+                .into_iter()
+                .collect(),
+        )
+        .unwrap();
+        let barker = |id: &str, zone: &str| Instance {
+            zone: Some(zone.parse().unwrap()),
+            ..Instance::sample("barker", id)
+        };
+        let v = [
+            at("a-svc", Some("a"), "1", 100),
+            at("b-svc", Some("b"), "1", 100),
+            barker("a-barker", "a"),
+            barker("b-barker", "b"),
+        ];
+        let w = run(&v, Some(&route));
+        assert_eq!((w.active[1], w.active[3]), (0, 0), "{w:?}");
+        assert!(
+            (share(&v, &w.active, "a-barker") - 30.0).abs() <= 1.0,
+            "{w:?}"
+        );
+        assert_eq!((w.failover[0], w.failover[2]), (0, 0), "{w:?}");
+        assert!(
+            (share(&v, &w.failover, "b-barker") - 30.0).abs() <= 1.0,
+            "{w:?}"
+        );
+    }
+
+    #[test]
     fn a_canary_split_holds_inside_the_zone() {
         let route: Route = [("1".parse().unwrap(), 90u8), ("2".parse().unwrap(), 10u8)]
             .into_iter()

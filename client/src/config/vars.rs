@@ -348,7 +348,11 @@ pub const AMBASSADOR: Program = Program {
             "127.0.0.1:8404",
             "stats, metrics and status: a port (on loopback), ip:port, or off",
         ),
-        var(ENV_BIND, "0.0.0.0", "address the service ports bind"),
+        var(
+            ENV_BIND,
+            "0.0.0.0",
+            "address the service ports bind (IPv6 too: ::, [::1])",
+        ),
         var(
             ENV_ZONE,
             "none",
