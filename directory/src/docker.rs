@@ -871,7 +871,7 @@ async fn session(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bollard::models::{
         ContainerConfig, ContainerState, EndpointSettings, EventActor, Health, NetworkSettings,
@@ -1405,7 +1405,7 @@ mod tests {
         assert_eq!(advice(&SessionError::StreamEnded), None);
     }
 
-    fn event(
+    pub(crate) fn event(
         typ: EventMessageTypeEnum,
         action: &str,
         id: &str,

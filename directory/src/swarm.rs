@@ -768,7 +768,6 @@ fn service_of(s: bollard::models::Service) -> Option<Service> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bollard::models::EventActor;
 
     fn service(id: &str, name: &str, labels: &[(&str, &str)]) -> Service {
         Service {
@@ -1155,20 +1154,7 @@ mod tests {
     }
 
     fn event(typ: EventMessageTypeEnum, action: &str, attrs: &[(&str, &str)]) -> EventMessage {
-        EventMessage {
-            typ: Some(typ),
-            action: Some(action.into()),
-            actor: Some(EventActor {
-                id: Some("c1".into()),
-                attributes: Some(
-                    attrs
-                        .iter()
-                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                        .collect(),
-                ),
-            }),
-            ..Default::default()
-        }
+        crate::docker::tests::event(typ, action, "c1", attrs)
     }
 
     #[test]
