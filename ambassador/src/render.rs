@@ -452,29 +452,13 @@ pub(crate) mod tests {
 
     /// Checks a rendered configuration with `haproxy -c`.
     fn assert_valid(rendered: &str) {
-        let bin = crate::config::default_haproxy();
-        if !bin.exists() {
-            panic!("this test needs HAProxy at {}", bin.display());
-        }
-        let dir = tempfile::tempdir().unwrap();
         // `haproxy -c` does not look at inherited descriptors: check the file with addresses.
         let text = rendered
-            .replace("/run/baker/", &format!("{}/", dir.path().display()))
             .replace("bind fd@3", "bind 0.0.0.0:8000")
             .replace("bind fd@4", "bind 127.0.0.1:8404");
-        let cfg = dir.path().join("haproxy.cfg");
-        std::fs::write(&cfg, text).unwrap();
-        let out = std::process::Command::new(bin)
-            .arg("-c")
-            .arg("-f")
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(stderr) = haproxy_check(&text) {
+            panic!("{stderr}");
+        }
     }
 
     /// `haproxy -c` of `text`, with the run directory's paths moved to a temporary one.
