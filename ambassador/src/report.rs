@@ -181,6 +181,11 @@ pub fn servers(stats: &[ServerStat], identity: &Identity, plan: &Desired) -> Vec
             })
         })
         .collect();
+    let at: HashMap<(String, String), usize> = out
+        .iter()
+        .enumerate()
+        .map(|(n, r)| ((r.service.to_string(), r.id.to_string()), n))
+        .collect();
     for s in stats {
         let Some((service, id)) = failover_instance(&s.server) else {
             continue;
@@ -188,7 +193,8 @@ pub fn servers(stats: &[ServerStat], identity: &Identity, plan: &Desired) -> Vec
         if service != s.backend || serves(&s.backend).is_none() {
             continue;
         }
-        if let Some(r) = out.iter_mut().find(|r| r.service == service && r.id == id) {
+        let key = (service.to_owned(), id.to_owned());
+        if let Some(r) = at.get(&key).map(|&n| &mut out[n]) {
             r.requests += s.requests;
             r.errors += s.errors;
             r.sessions += s.sessions;
@@ -320,6 +326,78 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{Backend, DesiredServer, ServerName};
+    use baker_client::ops::ServerState;
+
+    fn stat(server: &str, requests: u64) -> ServerStat {
+        ServerStat {
+            backend: "svc".into(),
+            server: server.into(),
+            state: ServerState::Up,
+            weight: 1,
+            requests,
+            errors: 1,
+            sessions: 0,
+        }
+    }
+
+    /// `svc` with a1 in the zone, b1 elsewhere and b1's failover twin.
+    fn zoned_plan() -> Desired {
+        let a1 = DesiredServer {
+            local: true,
+            ..DesiredServer::sample("a1", "10.0.0.1", 80, 256)
+        };
+        let b1 = DesiredServer::sample("b1", "10.0.0.2", 80, 0);
+        let twin = DesiredServer {
+            name: ServerName::failover_of(&baker_client::Instance::sample("svc", "b1")),
+            backup: true,
+            ..DesiredServer::sample("b1", "10.0.0.2", 80, 256)
+        };
+        let backend: Backend = [a1, b1, twin]
+            .into_iter()
+            .map(|d| (d.name.clone(), d))
+            .collect();
+        [("svc".parse().unwrap(), backend)].into_iter().collect()
+    }
+
+    #[test]
+    fn a_twins_counters_are_its_instances_and_local_servers_are_marked() {
+        let identity = Identity::new(
+            "amb".parse().unwrap(),
+            "host".parse().unwrap(),
+            &[ServiceRoute {
+                name: "svc".parse().unwrap(),
+                port: Some(8000),
+                mode: config::Mode::Http,
+                options: Default::default(),
+            }],
+            Some("a".parse().unwrap()),
+        );
+        let stats = [stat("a1", 10), stat("b1", 2), stat("failover:svc:b1", 5)];
+        let got: Vec<(String, u64, u64, bool)> = servers(&stats, &identity, &zoned_plan())
+            .into_iter()
+            .map(|r| (r.id.to_string(), r.requests, r.errors, r.local))
+            .collect();
+        assert_eq!(
+            got,
+            [("a1".into(), 10, 1, true), ("b1".into(), 7, 2, false)]
+        );
+    }
+
+    #[test]
+    fn the_tally_counts_the_requests_since_the_last_count_and_a_reset_whole() {
+        let zone: Zone = "a".parse().unwrap();
+        let plan = zoned_plan();
+        let mut tally = Tally::default();
+        let first = tally.count(&zone, &[stat("a1", 10), stat("failover:svc:b1", 5)], &plan);
+        assert_eq!((first.requests, first.local), (15, 10));
+        let next = tally.count(&zone, &[stat("a1", 16), stat("failover:svc:b1", 9)], &plan);
+        assert_eq!((next.requests, next.local), (10, 6));
+        // A reload started the counters again.
+        let reset = tally.count(&zone, &[stat("a1", 3), stat("failover:svc:b1", 1)], &plan);
+        assert_eq!((reset.requests, reset.local), (4, 3));
+        assert_eq!(reset.zone, zone);
+    }
 
     #[test]
     fn the_applied_index_waits_for_every_stage() {
